@@ -1,0 +1,39 @@
+# Two commands for a fresh machine:
+#   make demo   install into .venv and run the main job
+#   make test   install into .venv and run ruff, mypy and the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mlcweb-installed
+PLUGINS := $(wildcard examples/*/pyproject.toml)
+
+.PHONY: demo test install lint typecheck pytest clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(PLUGINS) Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch first, pinned, so nothing pulls a CUDA build from the registry.
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	$(foreach p,$(PLUGINS),$(PY) -m pip install --no-deps -e $(dir $(p)) &&) true
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m mlcweb.demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	$(VENV)/bin/pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,57 @@
+"""mlcweb_passes: Relax passes and a pipeline for compiling models with Apache TVM.
+
+Standalone: it imports TVM and nothing of ``mlcweb``, so any TVM project can use it::
+
+    import mlcweb_passes
+    mod, params = mlcweb_passes.detach_params(mod)
+    lifted = mlcweb_passes.split_transform_params(mod)
+    exe = tvm.compile(lifted.deploy, target, relax_pipeline=mlcweb_passes.pipeline(target))
+
+One pass per module; see ``docs/passes.md``.
+"""
+
+from .apply_database import ApplyDatabase, ScheduleReport, load_database, schedule_report
+from .default_schedule import CPUParallel, DefaultSchedule, default_rules, is_gpu_target
+from .detach_params import ParamNameError, detach_params, param_names
+from .fuse_attention import ATTENTION_COMPOSITE, FuseAttention, attention_patterns
+from .fuse_ops import FuseOperators, count_kernels
+from .lift_transform_params import LiftedModules, apply_transform_params, split_transform_params
+from .memory_plan import FunctionMemory, StaticMemoryPlan, memory_report
+from .mixed_precision import MixedPrecision
+from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
+from .pipeline import PipelineOptions, lowering_passes, pipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATTENTION_COMPOSITE",
+    "ApplyDatabase",
+    "CPUParallel",
+    "DefaultSchedule",
+    "FunctionMemory",
+    "FunctionNameClashError",
+    "FuseAttention",
+    "FuseOperators",
+    "LiftedModules",
+    "MixedPrecision",
+    "ParamNameError",
+    "PipelineOptions",
+    "RemoveUnusedFunctions",
+    "ScheduleReport",
+    "StaticMemoryPlan",
+    "apply_transform_params",
+    "attention_patterns",
+    "count_kernels",
+    "default_rules",
+    "detach_params",
+    "is_gpu_target",
+    "load_database",
+    "lowering_passes",
+    "memory_report",
+    "merge_modules",
+    "param_names",
+    "pipeline",
+    "reachable_functions",
+    "schedule_report",
+    "split_transform_params",
+]

@@ -1,0 +1,99 @@
+"""MetaSchedule database application with a default-schedule fallback, and a report of which was used.
+
+A tuning run (``tvm.s_tir.meta_schedule``) records, per PrimFunc workload, the best schedule it
+measured. At build time the schedules must be applied where a record matches (same workload, same
+target) and every other PrimFunc still needs *a* schedule: GPU code without thread bindings does not
+build, and unscheduled CPU code runs on one core. :class:`ApplyDatabase` runs
+``relax.transform.MetaScheduleApplyDatabase`` under the database and target, marks what it scheduled
+``mlcweb.schedule = "tuned"``, then schedules the rest with
+:class:`~mlcweb_passes.default_schedule.DefaultSchedule`. :func:`schedule_report` tells which was which.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import meta_schedule as ms
+from tvm.target import Target
+
+from ._base import ModulePassBase
+from .default_schedule import SCHEDULED_ATTR, SOURCE_ATTR, DefaultSchedule
+
+__all__ = ["ApplyDatabase", "ScheduleReport", "load_database", "schedule_report"]
+
+
+def load_database(database: ms.Database | str | os.PathLike[str]) -> ms.Database:
+    """A MetaSchedule database, or a directory holding ``database_workload.json`` and
+    ``database_tuning_record.json`` (the layout ``ms.tune_tir`` and ``mlcweb tune`` write)."""
+    if isinstance(database, ms.Database):
+        return database
+    path = os.fspath(database)
+    workload = os.path.join(path, "database_workload.json")
+    records = os.path.join(path, "database_tuning_record.json")
+    missing = [p for p in (workload, records) if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"{path!r} is not a MetaSchedule JSON database: missing {', '.join(missing)}; "
+            "pass the directory a tuning run wrote (its work_dir)"
+        )
+    return ms.database.JSONDatabase(path_workload=workload, path_tuning_record=records, allow_missing=False)
+
+
+@dataclass(frozen=True)
+class ScheduleReport:
+    """PrimFunc names by where their schedule came from."""
+
+    tuned: tuple[str, ...]
+    default: tuple[str, ...]
+    unscheduled: tuple[str, ...]
+
+    def summary(self) -> str:
+        return f"{len(self.tuned)} tuned, {len(self.default)} default, {len(self.unscheduled)} unscheduled"
+
+
+@tvm.transform.module_pass(opt_level=0, name="mlcweb.ApplyDatabase")
+class ApplyDatabase(ModulePassBase):
+    """Apply ``database`` where it has records, default schedules elsewhere (``database=None``: only
+    the default schedules)."""
+
+    def __init__(self, target: Target, database: ms.Database | str | os.PathLike[str] | None = None) -> None:
+        self.target = target
+        self.database = load_database(database) if database is not None else None
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with self.target:
+            if self.database is not None:
+                before = {gv.name_hint for gv, f in mod.functions_items() if _scheduled(f)}
+                with self.database:
+                    mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+                for gv, func in list(mod.functions_items()):
+                    if _scheduled(func) and gv.name_hint not in before:
+                        mod[gv] = func.with_attr(SOURCE_ATTR, "tuned")
+            return DefaultSchedule(self.target)(mod)
+
+
+def _scheduled(func: tvm.ir.BaseFunc) -> bool:
+    return (
+        isinstance(func, tirx.PrimFunc)
+        and func.attrs is not None
+        and SCHEDULED_ATTR in func.attrs
+        and bool(func.attrs[SCHEDULED_ATTR])
+    )
+
+
+def schedule_report(mod: tvm.IRModule) -> ScheduleReport:
+    """Which PrimFuncs of ``mod`` were tuned, got a default schedule, or have none."""
+    tuned: list[str] = []
+    default: list[str] = []
+    none: list[str] = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        source = (
+            str(func.attrs[SOURCE_ATTR]) if func.attrs is not None and SOURCE_ATTR in func.attrs else None
+        )
+        {"tuned": tuned, "default": default}.get(source or "", none).append(gv.name_hint)
+    return ScheduleReport(tuple(sorted(tuned)), tuple(sorted(default)), tuple(sorted(none)))

@@ -1,0 +1,131 @@
+"""Default schedules: give every PrimFunc a schedule fit for its target without tuning.
+
+Legalized TIR is a plain loop nest: on a GPU it does not even build (nothing is bound to threads),
+and on the CPU it runs on one core with the reduction innermost. This pass schedules each PrimFunc
+that is not already scheduled (``tirx.is_scheduled``) with
+
+- GPU targets: the ``tvm.s_tir.dlight`` default GPU rules (Matmul, GEMV, Reduction,
+  GeneralReduction, Fallback), as ``relax.get_default_pipeline`` would;
+- ``llvm``: :class:`CPUParallel`, a rule of ours that inlines elementwise producers, runs the
+  spatial loops in parallel and, for matmul- and conv-shaped reductions, moves the reduction
+  outside the contiguous output axis so LLVM can vectorise it.
+
+Functions it schedules get the attribute ``mlcweb.schedule = "default"``.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
+from tvm.target import Target
+
+from ._base import ModulePassBase
+
+__all__ = ["CPUParallel", "DefaultSchedule", "default_rules", "is_gpu_target"]
+
+SCHEDULED_ATTR = "tirx.is_scheduled"
+SOURCE_ATTR = "mlcweb.schedule"
+_GPU_KINDS = {"cuda", "rocm", "metal", "vulkan", "webgpu", "opencl"}
+
+
+def is_gpu_target(target: Target) -> bool:
+    return target.kind.name in _GPU_KINDS
+
+
+def _uses(expr: tirx.PrimExpr, var: tirx.Var) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
+
+
+class CPUParallel(dl.ScheduleRule):
+    """Parallel loops and a vectorisable inner axis for any PrimFunc on ``llvm``."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline(sch, infos)
+        reductions = []
+        for info in infos:
+            block = info.block_rv
+            loops = sch.get_loops(block)
+            kinds = info.dom_kind()
+            if not loops or len(loops) != len(kinds) or "O" in kinds:
+                continue
+            s_loops = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
+            r_loops = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
+            inner: list[s_tir.schedule.LoopRV] = []
+            if r_loops and len(s_loops) >= 2 and self._contiguous_last_axis(sch.get(block), kinds):
+                inner = [s_loops.pop()]
+            sch.reorder(*s_loops, *r_loops, *inner)
+            if s_loops:
+                sch.parallel(sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0])
+            if r_loops:
+                reductions.append((block, r_loops[0]))
+        for block, r_loop in reductions:
+            sch.decompose_reduction(block, r_loop)
+        return sch
+
+    @staticmethod
+    def _contiguous_last_axis(block: s_tir.SBlock, kinds: str) -> bool:
+        """True when the last spatial axis is the last index of the output and of some input."""
+        spatial = [iv.var for iv, k in zip(block.iter_vars, kinds, strict=False) if k == "S"]
+        if not spatial or len(block.writes) != 1:
+            return False
+        last = spatial[-1]
+        out_region = block.writes[0].region
+        if not out_region or not _uses(out_region[-1].min, last):
+            return False
+        return any(r.region and _uses(r.region[-1].min, last) for r in block.reads)
+
+
+def default_rules(target: Target) -> list[dl.ScheduleRule]:
+    """The rules :class:`DefaultSchedule` applies for ``target``, in priority order."""
+    if is_gpu_target(target):
+        return [
+            dl.gpu.Matmul(),
+            dl.gpu.GEMV(),
+            dl.gpu.Reduction(),
+            dl.gpu.GeneralReduction(),
+            dl.gpu.Fallback(),
+        ]
+    if target.kind.name == "llvm":
+        return [CPUParallel()]
+    raise ValueError(f"no default schedule rules for target kind {target.kind.name!r}")
+
+
+@tvm.transform.module_pass(opt_level=0, name="mlcweb.DefaultSchedule")
+class DefaultSchedule(ModulePassBase):
+    """Schedule every not-yet-scheduled PrimFunc with :func:`default_rules` for ``target``."""
+
+    def __init__(self, target: Target | None = None) -> None:
+        self.target = target
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        target = self.target or Target.current(allow_none=False)
+        rules = default_rules(target)
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            sch = None
+            for rule in rules:
+                space = rule.apply(func, target, False)
+                if space is not None:
+                    sch = space[0] if isinstance(space, list) else space
+                    break
+            if sch is None:
+                continue
+            updates[gv] = sch.mod["main"].with_attr(SCHEDULED_ATTR, True).with_attr(SOURCE_ATTR, "default")
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    return func.attrs is not None and SCHEDULED_ATTR in func.attrs and bool(func.attrs[SCHEDULED_ATTR])

@@ -1,0 +1,113 @@
+"""The mlcweb compilation pipeline: every pass of this package in the order a build needs.
+
+``pipeline(target)`` returns one ``tvm.transform.Pass`` that takes an imported Relax module to a module
+the Relax VM can run, and can be handed to TVM directly::
+
+    exe = tvm.compile(mod, target, relax_pipeline=mlcweb_passes.pipeline(target, database="db/"))
+
+Order (each step is a module of this package):
+
+1. ``MixedPrecision`` (only with ``mixed_precision=...``): float16 compute, chosen accumulators.
+2. TVM's library dispatch for the target (sort / scan / sampling kernels).
+3. ``FuseAttention``: attention patterns become one composite each.
+4. ``FuseOperators``: legalize to TIR, fuse elementwise chains, merge composites into one PrimFunc.
+5. ``ApplyDatabase``: tuned schedules from ``database`` where recorded, default schedules elsewhere.
+6. ``StaticMemoryPlan``: explicit allocations, planned statically (``memory_report`` reads it).
+7. TVM's VM finalisation (``RewriteCUDAGraph`` where enabled, ``LowerAllocTensor``, ``KillAfterLastUse``,
+   ``LowerRuntimeBuiltin``, ``ComputePrimValue``, ``VMShapeLower``, ``AttachGlobalSymbol``).
+
+Weight lifting (:func:`~mlcweb_passes.split_transform_params`) is not part of it: it changes the
+function signatures, so it runs before, on the imported module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+from tvm.target import Target
+
+from .apply_database import ApplyDatabase
+from .fuse_attention import FuseAttention
+from .fuse_ops import FuseOperators
+from .memory_plan import StaticMemoryPlan
+from .mixed_precision import MixedPrecision
+
+__all__ = ["PipelineOptions", "lowering_passes", "pipeline"]
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Switches of :func:`pipeline`.
+
+    ``mixed_precision``: ``None`` keeps the module's dtypes, ``"float32"`` or ``"float16"`` converts
+    compute to float16 with that accumulator. ``fuse_attention``: run attention pattern fusion.
+    ``extra_passes``: run after fusion and before scheduling (a plugin's rewrites of fused TIR).
+    """
+
+    mixed_precision: str | None = None
+    fuse_attention: bool = True
+    extra_passes: Sequence[tvm.transform.Pass] = field(default_factory=tuple)
+
+
+def lowering_passes(
+    target: Target,
+    database: ms.Database | str | os.PathLike[str] | None = None,
+    options: PipelineOptions | None = None,
+) -> list[tvm.transform.Pass]:
+    """The passes of :func:`pipeline` as a list, for callers that want to insert their own."""
+    opts = options or PipelineOptions()
+    passes: list[tvm.transform.Pass] = []
+    if opts.mixed_precision is not None:
+        passes.append(MixedPrecision(opts.mixed_precision))
+    passes.extend(_library_dispatch(target))
+    if opts.fuse_attention:
+        passes.append(FuseAttention())
+    passes.append(FuseOperators())
+    passes.extend(opts.extra_passes)
+    passes.append(ApplyDatabase(target, database))
+    passes.append(StaticMemoryPlan())
+    passes.extend(
+        [
+            relax.transform.RewriteCUDAGraph(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ]
+    )
+    return passes
+
+
+def pipeline(
+    target: Target | str | dict[str, object],
+    database: ms.Database | str | os.PathLike[str] | None = None,
+    *,
+    mixed_precision: str | None = None,
+    fuse_attention: bool = True,
+    extra_passes: Sequence[tvm.transform.Pass] = (),
+) -> tvm.transform.Pass:
+    """One pass that compiles an imported Relax module for ``target`` (see the module docstring)."""
+    tgt = target if isinstance(target, Target) else Target(target)
+    options = PipelineOptions(mixed_precision, fuse_attention, tuple(extra_passes))
+    passes = lowering_passes(tgt, database, options)
+
+    @tvm.transform.module_pass(opt_level=0, name="mlcweb.pipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with tgt:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def _library_dispatch(target: Target) -> list[tvm.transform.Pass]:
+    try:
+        return list(relax.pipeline.library_dispatch_passes(target))
+    except ValueError:
+        return []

@@ -1,0 +1,56 @@
+"""Helpers shared by the tests: import small torch models into Relax, compile and run them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+
+import mlcweb_passes as mp
+
+
+def import_torch(model: torch.nn.Module, args: Sequence[torch.Tensor]) -> tvm.IRModule:
+    """torch.export + from_exported_program with the weights as trailing inputs."""
+    exported = torch.export.export(model.eval(), tuple(args))
+    return from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+
+
+def build(mod: tvm.IRModule, target: str = "llvm", **pipeline_kwargs: object) -> relax.VirtualMachine:
+    tgt = tvm.target.Target(target)
+    exe = tvm.compile(mod, tgt, relax_pipeline=mp.pipeline(tgt, **pipeline_kwargs))  # type: ignore[arg-type]
+    return relax.VirtualMachine(exe, tvm.cpu())
+
+
+def to_tvm(*arrays: np.ndarray | torch.Tensor) -> list[tvm.runtime.Tensor]:
+    out = []
+    for a in arrays:
+        arr = a.detach().numpy() if isinstance(a, torch.Tensor) else a
+        out.append(tvm.runtime.tensor(np.ascontiguousarray(arr), tvm.cpu()))
+    return out
+
+
+def as_numpy(result: object) -> list[np.ndarray]:
+    """A VM result (tensor or tuple of tensors) as a list of numpy arrays."""
+    if isinstance(result, tvm.runtime.Tensor):
+        return [result.numpy()]
+    return [r.numpy() for r in result]  # type: ignore[attr-defined]
+
+
+def op_names(mod: tvm.IRModule, func: str = "main") -> list[str]:
+    """Names of the Relax operators called in ``func``, in order."""
+    names: list[str] = []
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            names.append(expr.op.name)
+
+    relax.analysis.post_order_visit(mod[func].body, visit)
+    return names
+
+
+def function_names(mod: tvm.IRModule) -> list[str]:
+    return sorted(gv.name_hint for gv in mod.get_global_vars())
