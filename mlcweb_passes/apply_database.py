@@ -92,8 +92,6 @@ def schedule_report(mod: tvm.IRModule) -> ScheduleReport:
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
-        source = (
-            str(func.attrs[SOURCE_ATTR]) if func.attrs is not None and SOURCE_ATTR in func.attrs else None
-        )
+        source = str(func.attrs[SOURCE_ATTR]) if func.attrs is not None and SOURCE_ATTR in func.attrs else None
         {"tuned": tuned, "default": default}.get(source or "", none).append(gv.name_hint)
     return ScheduleReport(tuple(sorted(tuned)), tuple(sorted(default)), tuple(sorted(none)))

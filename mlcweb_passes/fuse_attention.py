@@ -61,6 +61,4 @@ class FuseAttention(ModulePassBase):
     """Wrap every ``matmul -> [scale] -> [mask] -> softmax -> matmul`` chain into one composite function."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return relax.transform.FuseOpsByPattern(
-            attention_patterns(), bind_constants=True, annotate_codegen=False
-        )(mod)
+        return relax.transform.FuseOpsByPattern(attention_patterns(), bind_constants=True, annotate_codegen=False)(mod)

@@ -55,9 +55,7 @@ def split_transform_params(mod: tvm.IRModule) -> LiftedModules:
         )
     deploy_names = [n for n in names if n not in transform_names]
     transform = RemoveUnusedFunctions(transform_names)(lifted)
-    deploy_entries = [
-        n for n in deploy_names if isinstance(lifted[n], relax.Function) and _is_public(lifted[n])
-    ]
+    deploy_entries = [n for n in deploy_names if isinstance(lifted[n], relax.Function) and _is_public(lifted[n])]
     deploy = RemoveUnusedFunctions(deploy_entries)(_without(lifted, transform_names))
     return LiftedModules(transform=transform, deploy=deploy)
 
@@ -89,7 +87,5 @@ def _is_public(func: relax.Function) -> bool:
 
 
 def _without(mod: tvm.IRModule, names: Sequence[str]) -> tvm.IRModule:
-    out = tvm.IRModule(
-        {gv: f for gv, f in mod.functions.items() if gv.name_hint not in names}, attrs=mod.attrs
-    )
+    out = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint not in names}, attrs=mod.attrs)
     return out

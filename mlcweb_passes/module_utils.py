@@ -57,10 +57,7 @@ def merge_modules(*modules: tvm.IRModule, names: Sequence[str] | None = None) ->
     canonical = {name: gv for name, (gv, _) in funcs.items()}
     rebind = _GlobalVarRebinder(canonical)
     merged = tvm.IRModule(
-        {
-            gv: rebind.visit_expr(func) if isinstance(func, relax.Function) else func
-            for gv, func in funcs.values()
-        }
+        {gv: rebind.visit_expr(func) if isinstance(func, relax.Function) else func for gv, func in funcs.values()}
     )
     return merged.with_attrs(attrs) if attrs else merged
 
@@ -101,9 +98,7 @@ def reachable_functions(mod: tvm.IRModule, entries: Iterable[str]) -> set[str]:
 
 
 def _public_functions(mod: tvm.IRModule) -> list[str]:
-    return [
-        gv.name_hint for gv, f in mod.functions.items() if f.attrs is not None and "global_symbol" in f.attrs
-    ]
+    return [gv.name_hint for gv, f in mod.functions.items() if f.attrs is not None and "global_symbol" in f.attrs]
 
 
 @tvm.transform.module_pass(opt_level=0, name="mlcweb.RemoveUnusedFunctions")

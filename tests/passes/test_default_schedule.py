@@ -9,9 +9,7 @@ import mlcweb_passes as mp
 @I.ir_module
 class Small:
     @R.function
-    def main(x: R.Tensor((64, 64), "float32"), w: R.Tensor((64, 64), "float32")) -> R.Tensor(
-        (64, 64), "float32"
-    ):
+    def main(x: R.Tensor((64, 64), "float32"), w: R.Tensor((64, 64), "float32")) -> R.Tensor((64, 64), "float32"):
         with R.dataflow():
             y = R.matmul(x, w)
             z = R.nn.softmax(y, axis=-1)

@@ -1,0 +1,233 @@
+"""The build driver: import -> mlcweb_passes pipeline (+ plugin passes) -> compile -> artifacts.
+
+``build(host, model, options)`` writes into a temporary directory beside ``options.out`` and renames it
+into place at the end, so a failed or killed build leaves no half-written output. The artifacts:
+
+- ``<model>-<target><suffix>``: the compiled library (Relax VM executable);
+- ``tensor-cache.json`` + ``params_shard_<i>.bin``: the deploy weights (after weight lifting);
+- whatever the plugin's ``mlcweb_write_assets`` writes;
+- ``manifest.json``: every file with size and sha256, the model, target, dtype, functions and versions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tqdm import tqdm
+from tvm import relax
+
+import mlcweb_passes as mp
+
+from .errors import MlcwebError
+from .import_cache import ImportCache, cache_key
+from .manifest import MANIFEST, write_manifest
+from .model import DTYPES, BuildOptions, ImportedModel, ImportOptions
+from .plugins import PluginHost
+from .targets import TargetInfo, resolve_target
+from .tensor_cache import write_tensor_cache
+
+__all__ = ["BuildResult", "build"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict[str, Any]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    kernels: int = 0
+    memory: dict[str, mp.FunctionMemory] = field(default_factory=dict)
+    schedules: mp.ScheduleReport | None = None
+    from_cache: bool = False
+
+    def summary(self) -> str:
+        lines = [
+            f"built {self.manifest['model']} for {self.manifest['target']} ({self.manifest['dtype']}) in {self.out}"
+        ]
+        for stage, secs in self.stage_seconds.items():
+            lines.append(
+                f"  {stage:<10} {secs:7.1f} s"
+                + ("  (import cache hit)" if stage == "import" and self.from_cache else "")
+            )
+        lines.append(f"  kernels    {self.kernels}" + (f"  ({self.schedules.summary()})" if self.schedules else ""))
+        for name, mem in self.memory.items():
+            if mem.storages:
+                planned, largest = mem.planned_bytes / 2**20, mem.largest_bytes / 2**20
+                lines.append(f"  memory     {name}: {planned:.1f} MiB planned, largest block {largest:.1f} MiB")
+        for entry in self.manifest["files"]:
+            lines.append(f"  {entry['path']:<40} {entry['size'] / 2**20:9.2f} MiB")
+        return "\n".join(lines)
+
+
+class _Stages:
+    """Times named stages and shows them on one progress bar."""
+
+    def __init__(self, names: list[str], show: bool) -> None:
+        self.seconds: dict[str, float] = {}
+        self.bar = tqdm(total=len(names), desc="build", unit="stage", disable=not show, leave=False)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.bar.set_description(f"build: {name}")
+        start = time.perf_counter()
+        log.info("stage %s", name)
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _import(host: PluginHost, model: str, options: BuildOptions, use_cache: bool) -> tuple[ImportedModel, bool]:
+    spec = host.model(model).spec
+    config = {**spec.default_config, **options.config}
+    import_options = ImportOptions(model_path=options.model_path, dtype=options.dtype, config=config)
+    if options.model_path is not None and not options.model_path.exists():
+        raise MlcwebError(f"model folder {options.model_path} does not exist; pass --model with an existing folder")
+    cache = ImportCache()
+    key = cache_key(model, config, import_options)
+    if use_cache:
+        cached = cache.load(key)
+        if cached is not None:
+            log.info("import cache hit %s", key)
+            return cached, True
+    imported = host.import_model(model, import_options)
+    if use_cache:
+        cache.store(key, imported)
+    return imported, False
+
+
+def _lift(imported: ImportedModel, dtype: str) -> tuple[tvm.IRModule, dict[str, OrderedDict[str, tvm.runtime.Tensor]]]:
+    mod = imported.mod
+    if dtype == "float16":
+        mod = mp.MixedPrecision("float32")(mod)
+    lifted = mp.split_transform_params(mod)
+    weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]] = {}
+    for func, params in imported.params.items():
+        values = mp.apply_transform_params(lifted.transform, params, func)
+        names = mp.param_names(lifted.deploy[func])
+        weights[func] = OrderedDict(zip(names, values, strict=True))
+    return lifted.deploy, weights
+
+
+def _lower(
+    mod: tvm.IRModule, target: tvm.target.Target, options: BuildOptions, extra: list[Any]
+) -> tuple[tvm.IRModule, int, mp.ScheduleReport, dict[str, mp.FunctionMemory]]:
+    passes = mp.lowering_passes(target, options.database, mp.PipelineOptions(extra_passes=tuple(extra)))
+    split = next(i for i, p in enumerate(passes) if p.info.name == "mlcweb.StaticMemoryPlan") + 1
+    with target:
+        planned = tvm.transform.Sequential(passes[:split])(mod)
+        report = mp.schedule_report(planned)
+        memory = mp.memory_report(planned)
+        lowered = tvm.transform.Sequential(passes[split:])(planned)
+    return lowered, mp.count_kernels(lowered), report, memory
+
+
+def _functions_info(deploy: tvm.IRModule, weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]]) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    for func in sorted(weights):
+        f = deploy[func]
+        n_in = int(f.attrs["num_input"])
+        info[func] = {
+            "inputs": [
+                {"name": p.name, "shape": [int(d) for d in p.ty.shape], "dtype": str(p.ty.dtype)}
+                for p in f.params[:n_in]
+            ],
+            "params": [f"{func}/{name}" for name in weights[func]],
+        }
+    return info
+
+
+def _export(exe: relax.VMExecutable, path: Path, target: TargetInfo) -> None:
+    if target.name == "webgpu":
+        from tvm.contrib import tvmjs
+
+        exe.export_library(str(path), fcompile=tvmjs.create_tvmjs_wasm)
+    else:
+        exe.export_library(str(path))
+
+
+def build(
+    host: PluginHost,
+    model: str,
+    options: BuildOptions,
+    *,
+    progress: bool = True,
+    before_rename: Callable[[Path], None] | None = None,
+) -> BuildResult:
+    """Build ``model`` as ``options`` say; see the module docstring for what lands in ``options.out``."""
+    if options.dtype not in DTYPES:
+        raise MlcwebError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
+    spec = host.model(model).spec
+    target_info = resolve_target(options.target, arch=options.arch)
+    target = target_info.tvm_target()
+    out = options.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    stages = _Stages(["import", "lift", "lower", "compile", "weights", "assets", "manifest"], progress)
+    try:
+        with stages.stage("import"):
+            imported, from_cache = _import(host, model, options, options.use_cache)
+        with stages.stage("lift"):
+            deploy, weights = _lift(imported, options.dtype)
+        with stages.stage("lower"):
+            extra = host.pipeline_passes(model, target=target, options=options)
+            lowered, kernels, schedules, memory = _lower(deploy, target, options, extra)
+        with stages.stage("compile"):
+            exe = tvm.compile(lowered, target, relax_pipeline=None)
+            library = f"{model}-{target_info.name}{target_info.library_suffix}"
+            _export(exe, tmp / library, target_info)
+        with stages.stage("weights"):
+            flat = {f"{func}/{name}": t for func, ws in weights.items() for name, t in ws.items()}
+            files = [library, *write_tensor_cache(flat, tmp, encoding=options.weight_encoding)]
+        with stages.stage("assets"):
+            files += host.write_assets(model, out_dir=tmp, target=target, options=options, imported=imported)
+        with stages.stage("manifest"):
+            info = {
+                "model": model,
+                "plugin": host.model(model).plugin,
+                "config": {**spec.default_config, **options.config},
+                "target": target_info.name,
+                "tvm_target": str(target.export()) if hasattr(target, "export") else str(target),
+                "device": target_info.device,
+                "dtype": options.dtype,
+                "weight_encoding": options.weight_encoding,
+                "library": library,
+                "functions": _functions_info(deploy, weights),
+                "metadata": imported.metadata,
+            }
+            write_manifest(tmp, files, info)
+        if before_rename is not None:
+            before_rename(tmp)
+        _replace_dir(tmp, out)
+    finally:
+        stages.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    manifest = json.loads((out / MANIFEST).read_text())
+    return BuildResult(out, manifest, stages.seconds, kernels, memory, schedules, from_cache)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move ``tmp`` to ``out``, replacing an existing ``out`` only once ``tmp`` is complete."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -1,0 +1,173 @@
+"""The ``mlcweb`` command line: list, build, run, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from .errors import MlcwebError
+from .model import DTYPES, BuildOptions
+from .targets import TARGETS
+from .tensor_cache import ENCODINGS
+
+__all__ = ["main"]
+
+log = logging.getLogger("mlcweb")
+
+
+def _parse_set(values: Sequence[str]) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise MlcwebError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            config[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            config[key] = raw
+    return config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlcweb", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every stage (DEBUG logging)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="models from installed plugins")
+
+    b = sub.add_parser("build", help="compile a model into an artifact directory")
+    b.add_argument("model", help="model name (see `mlcweb list`)")
+    b.add_argument("--target", default="llvm", help=f"one of {', '.join(TARGETS)} (default llvm)")
+    b.add_argument("--out", type=Path, help="output directory (default dist/<model>-<target>)")
+    b.add_argument(
+        "--model", dest="model_path", type=Path, help="local model folder (default: the plugin's tiny model)"
+    )
+    b.add_argument("--dtype", choices=DTYPES, default="float32")
+    b.add_argument("--db", type=Path, help="MetaSchedule database directory to apply")
+    b.add_argument("--arch", help="GPU architecture for cuda (default sm_90)")
+    b.add_argument("--weight-encoding", choices=ENCODINGS, default="raw", help="f32-to-bf16 halves float32 weights")
+    b.add_argument("--no-cache", action="store_true", help="re-import instead of using the import cache")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plugin config value")
+
+    r = sub.add_parser("run", help="run a built function natively")
+    r.add_argument("artifacts", type=Path)
+    r.add_argument("--function", default=None, help="function to call (default: the first)")
+    r.add_argument("--inputs", type=Path, help=".npz with one array per input, by name (default: random)")
+    r.add_argument("--output", type=Path, help="write the outputs to this .npz")
+    r.add_argument("--device", help="override the device (cpu, cuda)")
+    r.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("serve", help="serve an artifact directory or web bundle on 127.0.0.1")
+    s.add_argument("directory", type=Path)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    return parser
+
+
+def _cmd_list() -> int:
+    from .plugins import PluginHost
+
+    host = PluginHost()
+    if not host.models:
+        print("no models: install a plugin package, e.g. pip install -e examples/stable_diffusion")
+        return 0
+    for name, reg in sorted(host.models.items()):
+        print(f"{name:<24} {reg.spec.description}  [plugin {reg.plugin}; components {', '.join(reg.spec.components)}]")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .build import build
+    from .plugins import PluginHost
+
+    options = BuildOptions(
+        target=args.target,
+        out=args.out or Path("dist") / f"{args.model}-{args.target}",
+        model_path=args.model_path,
+        dtype=args.dtype,
+        database=args.db,
+        weight_encoding=args.weight_encoding,
+        use_cache=not args.no_cache,
+        config=_parse_set(args.set),
+        arch=args.arch,
+    )
+    result = build(PluginHost(), args.model, options, progress=sys.stderr.isatty())
+    print(result.summary())
+    return 0
+
+
+def _random_input(spec: dict[str, Any], rng: Any) -> Any:
+
+    if spec["dtype"].startswith("int"):
+        return rng.integers(0, 100, size=spec["shape"]).astype(spec["dtype"])
+    return rng.standard_normal(spec["shape"]).astype(spec["dtype"])
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .runtime import load, outputs_to_numpy
+
+    arts = load(args.artifacts, args.device)
+    func = args.function or arts.functions[0]
+    specs = arts.input_specs(func)
+    if args.inputs:
+        data = np.load(args.inputs)
+        missing = [s["name"] for s in specs if s["name"] not in data]
+        if missing:
+            raise MlcwebError(f"{args.inputs} lacks inputs {missing}; it has {list(data.keys())}")
+        inputs = [data[s["name"]] for s in specs]
+    else:
+        rng = np.random.default_rng(args.seed)
+        inputs = [_random_input(s, rng) for s in specs]
+    start = time.perf_counter()
+    outputs = outputs_to_numpy(arts(func, *inputs))
+    elapsed = time.perf_counter() - start
+    for name, array in outputs.items():
+        print(f"{name}: {array.dtype}{list(array.shape)} mean {float(array.mean()):.6g} std {float(array.std()):.6g}")
+    print(f"{func} ran in {elapsed * 1000:.1f} ms on {arts.device}")
+    if args.output:
+        cast(Any, np.savez)(args.output, **outputs)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import make_server
+
+    server = make_server(args.directory, args.host, args.port)
+    print(f"serving {args.directory} at http://{args.host}:{server.server_address[1]}/ (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "list":
+            return _cmd_list()
+        if args.command == "build":
+            return _cmd_build(args)
+        if args.command == "run":
+            return _cmd_run(args)
+        return _cmd_serve(args)
+    except (MlcwebError, FileNotFoundError) as err:
+        print(f"mlcweb: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""A cache of imported models, so building a second target does not re-trace the model.
+
+Keyed by the model name, its configuration, the model folder (paths, sizes and modification times of
+its files) and the versions of the packages that shape the import. Entries are written to a temporary
+directory and renamed into place, so an interrupted write is never read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from .manifest import versions
+from .model import ImportedModel, ImportOptions
+from .tensor_cache import read_tensor_cache, write_tensor_cache
+
+__all__ = ["ImportCache", "cache_key", "default_cache_dir"]
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MLCWEB_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlcweb"
+
+
+def _folder_fingerprint(path: Path | None) -> list[tuple[str, int, int]]:
+    if path is None:
+        return []
+    return sorted(
+        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()
+    )
+
+
+def cache_key(model: str, config: dict[str, Any], options: ImportOptions) -> str:
+    blob = json.dumps(
+        {
+            "model": model,
+            "config": config,
+            "dtype": options.dtype,
+            "model_path": str(options.model_path.resolve()) if options.model_path else None,
+            "files": _folder_fingerprint(options.model_path),
+            "versions": versions(),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+class ImportCache:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = (root or default_cache_dir()) / "imports"
+
+    def load(self, key: str) -> ImportedModel | None:
+        entry = self.root / key
+        if not (entry / "done").is_file():
+            return None
+        try:
+            mod = tvm.ir.load_json((entry / "mod.json").read_text())
+            layout = json.loads((entry / "layout.json").read_text())
+            tensors, _ = read_tensor_cache(entry / "params")
+        except Exception as err:  # a damaged entry is rebuilt, never trusted
+            log.warning("ignoring damaged import cache entry %s: %s", entry, err)
+            return None
+        params = {
+            func: OrderedDict((name, tensors[f"{func}/{name}"]) for name in names)
+            for func, names in layout["params"].items()
+        }
+        return ImportedModel(mod=mod, params=params, metadata=layout["metadata"])
+
+    def store(self, key: str, imported: ImportedModel) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
+        try:
+            (tmp / "mod.json").write_text(tvm.ir.save_json(imported.mod))
+            flat = {f"{func}/{name}": t for func, ps in imported.params.items() for name, t in ps.items()}
+            write_tensor_cache(flat, tmp / "params")
+            layout = {
+                "params": {f: list(ps) for f, ps in imported.params.items()},
+                "metadata": imported.metadata,
+            }
+            (tmp / "layout.json").write_text(json.dumps(layout, sort_keys=True))
+            (tmp / "done").write_text("")
+            final = self.root / key
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""Data passed between the host and model plugins."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+__all__ = ["BuildOptions", "ImportOptions", "ImportedModel", "ModelSpec"]
+
+DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model a plugin provides.
+
+    ``name`` is what users type (``mlcweb build NAME``); ``components`` names the Relax functions the
+    import produces (for example ``("clip", "unet", "vae")``); ``default_config`` is the plugin's
+    own configuration (JSON-serialisable: it is part of the import cache key and the manifest).
+    """
+
+    name: str
+    description: str
+    components: tuple[str, ...] = ("main",)
+    default_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """What the user asked for at import time."""
+
+    model_path: Path | None = None
+    dtype: str = "float32"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ImportedModel:
+    """A model imported into Relax.
+
+    ``mod``: functions whose trailing arguments (after their ``num_input`` attribute) are weights and
+    that carry no ``params`` attribute; ``params``: per function, its weights in argument order
+    (``mlcweb_passes.detach_params`` gives both); ``metadata``: JSON-serialisable facts for runtimes
+    (written into the manifest).
+    """
+
+    mod: tvm.IRModule
+    params: dict[str, OrderedDict[str, tvm.runtime.Tensor]]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        names = {gv.name_hint for gv in self.mod.get_global_vars()}
+        missing = sorted(set(self.params) - names)
+        if missing:
+            raise ValueError(f"params given for functions the module does not define: {missing}")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What ``mlcweb build`` was asked to do."""
+
+    target: str
+    out: Path
+    model_path: Path | None = None
+    dtype: str = "float32"
+    database: Path | None = None
+    weight_encoding: str = "raw"
+    use_cache: bool = True
+    config: dict[str, Any] = field(default_factory=dict)
+    arch: str | None = None

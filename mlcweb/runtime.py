@@ -1,0 +1,91 @@
+"""Load an artifact directory natively and call its functions from Python."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .errors import CorruptArtifactError, MlcwebError
+from .manifest import read_manifest, verify_files
+from .tensor_cache import read_tensor_cache
+
+__all__ = ["Artifacts", "load"]
+
+
+class Artifacts:
+    """A built model on a device: ``artifacts("main", x)`` runs ``main`` with its weights appended."""
+
+    def __init__(self, root: str | Path, device: str | None = None, *, verify: bool = True) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise MlcwebError(f"artifact directory {self.root} does not exist; build it with `mlcweb build`")
+        self.manifest: dict[str, Any] = read_manifest(self.root)
+        if verify:
+            verify_files(self.root, self.manifest)
+        if self.manifest["target"] == "webgpu":
+            raise MlcwebError(
+                f"{self.root} was built for webgpu and runs in a browser: serve it with `mlcweb serve {self.root}`"
+            )
+        self.device = tvm.device(device or self.manifest["device"])
+        if not self.device.exist:
+            raise MlcwebError(f"device {self.device} is not available on this machine")
+        lib = tvm.runtime.load_module(str(self.root / self.manifest["library"]))
+        self.vm = relax.VirtualMachine(lib, self.device)
+        tensors, _ = read_tensor_cache(self.root, self.device)
+        self.params: dict[str, list[tvm.runtime.Tensor]] = {}
+        for func, info in self.manifest["functions"].items():
+            missing = [n for n in info["params"] if n not in tensors]
+            if missing:
+                raise CorruptArtifactError(f"weights {missing[:3]} of {func!r} are not in the tensor cache")
+            self.params[func] = [tensors[n] for n in info["params"]]
+
+    @property
+    def functions(self) -> list[str]:
+        return list(self.manifest["functions"])
+
+    def input_specs(self, func: str = "main") -> list[dict[str, Any]]:
+        return list(self.manifest["functions"][func]["inputs"])
+
+    def __call__(self, func: str, *inputs: np.ndarray | tvm.runtime.Tensor) -> Any:
+        if func not in self.params:
+            raise MlcwebError(f"no function {func!r} in {self.root}; it has {', '.join(self.functions)}")
+        specs = self.input_specs(func)
+        if len(inputs) != len(specs):
+            raise MlcwebError(f"{func!r} takes {len(specs)} inputs ({[s['name'] for s in specs]}), got {len(inputs)}")
+        args = [self._tensor(x, s) for x, s in zip(inputs, specs, strict=True)]
+        return self.vm[func](*args, *self.params[func])
+
+    def _tensor(self, value: np.ndarray | tvm.runtime.Tensor, spec: dict[str, Any]) -> tvm.runtime.Tensor:
+        if isinstance(value, tvm.runtime.Tensor):
+            return value
+        array = np.asarray(value)
+        if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
+            raise MlcwebError(
+                f"input {spec['name']!r} must be {spec['dtype']}{spec['shape']}, got {array.dtype}{list(array.shape)}"
+            )
+        return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+
+
+def load(root: str | Path, device: str | None = None, *, verify: bool = True) -> Artifacts:
+    return Artifacts(root, device, verify=verify)
+
+
+def outputs_to_numpy(result: Any) -> OrderedDict[str, np.ndarray]:
+    """A VM result (tensor or nested tuple) as ``{"output0": array, ...}``."""
+    flat: list[np.ndarray] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, tvm.runtime.Tensor):
+            flat.append(x.numpy())
+        elif isinstance(x, Sequence) or hasattr(x, "__len__"):
+            for item in x:
+                walk(item)
+
+    walk(result)
+    return OrderedDict((f"output{i}", a) for i, a in enumerate(flat))

@@ -1,0 +1,123 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiny_bert_plugin
+import torch
+
+from mlcweb import BuildOptions, MlcwebError
+from mlcweb.build import build
+from mlcweb.cli import main as cli_main
+from mlcweb.errors import CorruptArtifactError, TargetUnavailableError
+from mlcweb.plugins import PluginHost
+from mlcweb.runtime import load
+
+IDS = np.array([[101, 7, 42, 99, 3, 5, 8, 13, 21, 34, 55, 89, 1, 2, 102, 0]], dtype="int32")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import os
+
+    os.environ["MLCWEB_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    host = PluginHost([("tiny_bert", tiny_bert_plugin)], entry_points=False)
+    out = tmp_path_factory.mktemp("dist") / "tiny-bert-llvm"
+    build(host, "tiny-bert", BuildOptions(target="llvm", out=out), progress=False)
+    return out
+
+
+def test_build_writes_library_weights_assets_and_manifest(built: Path) -> None:
+    manifest = json.loads((built / "manifest.json").read_text())
+    listed = {f["path"] for f in manifest["files"]}
+    on_disk = {p.name for p in built.iterdir()} - {"manifest.json"}
+    assert listed == on_disk
+    assert {"tiny-bert-llvm.so", "tensor-cache.json", "params_shard_0.bin", "bert-config.json"} <= listed
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in manifest["files"])
+    assert manifest["model"] == "tiny-bert" and manifest["target"] == "llvm" and manifest["dtype"] == "float32"
+    assert manifest["versions"]["apache-tvm"].startswith("0.27")
+    assert manifest["functions"]["main"]["inputs"] == [{"name": "input_ids", "shape": [1, 16], "dtype": "int32"}]
+
+
+def test_built_model_matches_pytorch(built: Path) -> None:
+    reference = tiny_bert_plugin.reference_model(tiny_bert_plugin.DEFAULT_CONFIG)
+    expected = reference(torch.from_numpy(IDS)).detach().numpy()
+    got = load(built)("main", IDS).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_float16_build_matches_pytorch_within_tolerance(tmp_path: Path, host: PluginHost) -> None:
+    out = tmp_path / "fp16"
+    build(host, "tiny-bert", BuildOptions(target="llvm", out=out, dtype="float16"), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    cache = json.loads((out / "tensor-cache.json").read_text())
+    dtypes = {r["dtype"] for shard in cache["records"] for r in shard["records"]}
+    assert "float16" in dtypes and manifest["dtype"] == "float16"
+    reference = tiny_bert_plugin.reference_model(tiny_bert_plugin.DEFAULT_CONFIG)
+    expected = reference(torch.from_numpy(IDS)).detach().numpy()
+    got = load(out)("main", IDS).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-2)  # layer-normed activations, |x| ~ 1
+
+
+def test_same_inputs_give_identical_artifacts(built: Path, tmp_path: Path, host: PluginHost) -> None:
+    again = tmp_path / "again"
+    build(host, "tiny-bert", BuildOptions(target="llvm", out=again, use_cache=False), progress=False)
+    assert (again / "manifest.json").read_bytes() == (built / "manifest.json").read_bytes()
+
+
+def test_second_build_uses_the_import_cache(tmp_path: Path, host: PluginHost) -> None:
+    first = build(host, "tiny-bert", BuildOptions(target="llvm", out=tmp_path / "a"), progress=False)
+    second = build(host, "tiny-bert", BuildOptions(target="llvm", out=tmp_path / "b"), progress=False)
+    assert not first.from_cache and second.from_cache
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path: Path, host: PluginHost) -> None:
+    out = tmp_path / "out"
+
+    def die(partial: Path) -> None:
+        assert (partial / "manifest.json").is_file()  # everything was written, then the build is killed
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build(host, "tiny-bert", BuildOptions(target="llvm", out=out), progress=False, before_rename=die)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rebuild_keeps_the_previous_artifacts(built: Path, host: PluginHost) -> None:
+    before = (built / "manifest.json").read_bytes()
+    with pytest.raises(MlcwebError, match="does not exist"):
+        build(
+            host, "tiny-bert", BuildOptions(target="llvm", out=built, model_path=Path("/nonexistent")), progress=False
+        )
+    assert (built / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in built.parent.iterdir()) == [built.name]
+
+
+def test_corrupt_byte_is_detected_on_load(built: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    shard = copy / "params_shard_0.bin"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifactError, match=r"params_shard_0\.bin does not match its sha256"):
+        load(copy)
+
+
+def test_unknown_and_unbuildable_targets_are_clear_errors(tmp_path: Path, host: PluginHost) -> None:
+    with pytest.raises(TargetUnavailableError, match="unknown target 'tpu'"):
+        build(host, "tiny-bert", BuildOptions(target="tpu", out=tmp_path / "x"), progress=False)
+    with pytest.raises(TargetUnavailableError, match="cannot build for 'vulkan'"):
+        build(host, "tiny-bert", BuildOptions(target="vulkan", out=tmp_path / "x"), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_run_writes_outputs(built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.savez(tmp_path / "in.npz", input_ids=IDS)
+    assert cli_main(["run", str(built), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "o.npz")]) == 0
+    assert "output0: float32[1, 16, 32]" in capsys.readouterr().out
+    expected = load(built)("main", IDS).numpy()
+    np.testing.assert_array_equal(np.load(tmp_path / "o.npz")["output0"], expected)
