@@ -68,6 +68,11 @@ def resolve_target(name: str, *, arch: str | None = None) -> TargetInfo:
             f"{', '.join(n for n in TARGETS if tvm.get_global_func(_CODEGEN[n], allow_missing=True))}, "
             f"or install a TVM built with the {name} backend enabled"
         )
+    if name == "webgpu" and shutil.which("emcc") is None:
+        raise TargetUnavailableError(
+            "building for 'webgpu' links the model into a wasm with emscripten, and emcc is not on PATH; "
+            "install it (apt-get install emscripten) or build for llvm / cuda"
+        )
     if name == "cuda" and shutil.which("nvcc") is None:
         raise TargetUnavailableError("building for 'cuda' needs nvcc on PATH (the CUDA toolkit); install it")
     if arch is not None:

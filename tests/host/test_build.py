@@ -121,3 +121,22 @@ def test_cli_run_writes_outputs(built: Path, tmp_path: Path, capsys: pytest.Capt
     assert "output0: float32[1, 16, 32]" in capsys.readouterr().out
     expected = load(built)("main", IDS).numpy()
     np.testing.assert_array_equal(np.load(tmp_path / "o.npz")["output0"], expected)
+
+
+def test_cli_build_prints_a_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mlcweb.plugins
+
+    monkeypatch.setattr(
+        mlcweb.plugins,
+        "PluginHost",
+        lambda: PluginHost([("tiny_bert", tiny_bert_plugin)], entry_points=False),
+    )
+    out = tmp_path / "cli-out"
+    assert cli_main(["build", "tiny-bert", "--target", "llvm", "--out", str(out), "--set", "seed=0"]) == 0
+    text = capsys.readouterr().out
+    assert f"built tiny-bert for llvm (float32) in {out}" in text
+    assert "kernels" in text and "tiny-bert-llvm.so" in text
+    assert (out / "manifest.json").is_file()
+    assert cli_main(["build", "tiny-bert", "--out", str(out), "--set", "oops"]) == 2
