@@ -111,13 +111,29 @@ def _import(host: PluginHost, model: str, options: BuildOptions, use_cache: bool
     return imported, False
 
 
+def _entry_functions(mod: tvm.IRModule) -> list[str]:
+    """Public Relax functions with a ``num_input`` attribute: what the artifacts expose."""
+    return sorted(
+        gv.name_hint
+        for gv, f in mod.functions_items()
+        if isinstance(f, relax.Function)
+        and f.attrs is not None
+        and "num_input" in f.attrs
+        and "global_symbol" in f.attrs
+    )
+
+
 def _lift(imported: ImportedModel, dtype: str) -> tuple[tvm.IRModule, dict[str, OrderedDict[str, tvm.runtime.Tensor]]]:
     mod = imported.mod
     if dtype == "float16":
         mod = mp.MixedPrecision("float32")(mod)
     lifted = mp.split_transform_params(mod)
     weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]] = {}
-    for func, params in imported.params.items():
+    for func in _entry_functions(lifted.deploy):
+        params = imported.params.get(func)
+        if not params:
+            weights[func] = OrderedDict()
+            continue
         values = mp.apply_transform_params(lifted.transform, params, func)
         names = mp.param_names(lifted.deploy[func])
         weights[func] = OrderedDict(zip(names, values, strict=True))

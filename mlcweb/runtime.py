@@ -69,7 +69,7 @@ class Artifacts:
             raise MlcwebError(
                 f"input {spec['name']!r} must be {spec['dtype']}{spec['shape']}, got {array.dtype}{list(array.shape)}"
             )
-        return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+        return tvm.runtime.tensor(np.require(array, requirements="C"), self.device)
 
 
 def load(root: str | Path, device: str | None = None, *, verify: bool = True) -> Artifacts:

@@ -31,7 +31,7 @@ ENCODINGS = ("raw", "f32-to-bf16")
 
 def _to_numpy(value: tvm.runtime.Tensor | np.ndarray) -> tuple[np.ndarray, str]:
     if isinstance(value, np.ndarray):
-        return np.ascontiguousarray(value), str(value.dtype)
+        return np.require(value, requirements="C"), str(value.dtype)
     return value.numpy(), str(value.dtype)
 
 

@@ -29,7 +29,7 @@ def to_tvm(*arrays: np.ndarray | torch.Tensor) -> list[tvm.runtime.Tensor]:
     out = []
     for a in arrays:
         arr = a.detach().numpy() if isinstance(a, torch.Tensor) else a
-        out.append(tvm.runtime.tensor(np.ascontiguousarray(arr), tvm.cpu()))
+        out.append(tvm.runtime.tensor(np.require(arr, requirements="C"), tvm.cpu()))
     return out
 
 

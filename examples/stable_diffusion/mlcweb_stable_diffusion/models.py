@@ -1,0 +1,218 @@
+"""The three networks of Stable Diffusion v1.5 and the torch wrappers that are exported to Relax.
+
+``size="tiny"`` builds seeded random-weight models from small configs with the same classes as SD1.5
+(diffusers ``UNet2DConditionModel``, ``AutoencoderKL``, transformers ``CLIPTextModel``), so the whole
+pipeline compiles and runs in minutes on a CPU; ``size="full"`` builds the SD1.5 architecture with random
+weights (512x512 images); a diffusers folder (``--model PATH``) gives the real weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from mlcweb.errors import MlcwebError
+
+__all__ = ["CLIPStage", "Networks", "UNetStage", "VAEStage", "load_networks"]
+
+_TINY_UNET: dict[str, Any] = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+_TINY_VAE: dict[str, Any] = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=32,
+    sample_size=32,
+)
+_TINY_CLIP: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    vocab_size=49408,
+)
+# The SD1.5 architecture (runwayml/stable-diffusion-v1-5 configs).
+_FULL_UNET: dict[str, Any] = dict(
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+_FULL_VAE: dict[str, Any] = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=512,
+)
+_FULL_CLIP: dict[str, Any] = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    vocab_size=49408,
+    projection_dim=768,
+)
+_SUBFOLDERS = {
+    "unet": "UNet2DConditionModel",
+    "vae": "AutoencoderKL",
+    "text_encoder": "CLIPTextModel",
+    "tokenizer": None,
+    "scheduler": None,
+}
+
+
+@dataclass
+class Networks:
+    clip: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler_config: dict[str, Any]
+    tokenizer_dir: Path | None
+
+    @property
+    def latent_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+# SD1.5's scheduler/scheduler_config.json (PNDM), from which the pipelines derive the others.
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
+
+
+def _check_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise MlcwebError(f"model folder {path} does not exist; pass --model with a diffusers Stable Diffusion folder")
+    missing = [sub for sub in _SUBFOLDERS if not (path / sub).is_dir()]
+    if missing:
+        raise MlcwebError(
+            f"{path} is not a diffusers Stable Diffusion folder: missing {', '.join(f'{m}/' for m in missing)} "
+            "(expected unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+    import json
+
+    for sub, cls in _SUBFOLDERS.items():
+        if cls is None:
+            continue
+        config = path / sub / "config.json"
+        if not config.is_file():
+            raise MlcwebError(f"{path / sub} has no config.json")
+        found = (
+            json.loads(config.read_text()).get("_class_name")
+            or json.loads(config.read_text()).get("architectures", [None])[0]
+        )
+        if found != cls:
+            raise MlcwebError(f"{path / sub} holds a {found}, not the {cls} Stable Diffusion v1.5 needs")
+
+
+def load_networks(size: str = "tiny", model_path: Path | None = None, seed: int = 0) -> Networks:
+    """The three networks in float32 eval mode, from ``model_path`` or built from configs (seeded)."""
+    if model_path is not None:
+        _check_folder(model_path)
+        import json
+
+        clip = CLIPTextModel.from_pretrained(model_path / "text_encoder", attn_implementation="eager")
+        unet = UNet2DConditionModel.from_pretrained(model_path / "unet")
+        vae = AutoencoderKL.from_pretrained(model_path / "vae")
+        sched = json.loads((model_path / "scheduler" / "scheduler_config.json").read_text())
+        nets = Networks(clip, unet, vae, sched, model_path / "tokenizer")
+    elif size in ("tiny", "full"):
+        torch.manual_seed(seed)
+        unet_cfg, vae_cfg, clip_cfg = (
+            (_TINY_UNET, _TINY_VAE, _TINY_CLIP) if size == "tiny" else (_FULL_UNET, _FULL_VAE, _FULL_CLIP)
+        )
+        clip = CLIPTextModel(CLIPTextConfig(**clip_cfg, attn_implementation="eager"))
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        nets = Networks(clip, unet, vae, dict(SD15_SCHEDULER_CONFIG), None)
+    else:
+        raise MlcwebError(f"unknown size {size!r}: use 'tiny' or 'full', or pass --model PATH")
+    for net in (nets.clip, nets.unet, nets.vae):
+        net.eval().float()
+    return nets
+
+
+class CLIPStage(torch.nn.Module):
+    """int32 token ids (1, 77) -> text embeddings (1, 77, hidden)."""
+
+    def __init__(self, clip: CLIPTextModel) -> None:
+        super().__init__()
+        self.clip = clip
+        # WebGPU has no 64-bit integers: keep the position ids buffer in int32.
+        emb = getattr(clip, "text_model", clip).embeddings
+        emb.register_buffer("position_ids", emb.position_ids.to(torch.int32), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.clip(input_ids=input_ids)[0]
+
+
+class UNetStage(torch.nn.Module):
+    """Classifier-free guidance around the UNet: latents doubled, noise prediction split and mixed."""
+
+    def __init__(self, unet: UNet2DConditionModel) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor, guidance: torch.Tensor
+    ) -> torch.Tensor:
+        doubled = torch.cat([latents, latents], dim=0)
+        noise = self.unet(doubled, timestep, encoder_hidden_states=embeddings).sample
+        uncond, cond = noise.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+
+class VAEStage(torch.nn.Module):
+    """Latents -> RGBA uint8 image (H, W, 4): 1/scaling_factor, decode, [-1, 1] -> [0, 255]."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv
+        self.decoder = vae.decoder
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        image = self.decoder(self.post_quant_conv(latents / self.scaling_factor))
+        image = (image / 2 + 0.5).clamp(0, 1)
+        rgb = (image[0].permute(1, 2, 0) * 255).round()
+        alpha = torch.full_like(rgb[:, :, :1], 255.0)
+        return torch.cat([rgb, alpha], dim=-1).to(torch.uint8)

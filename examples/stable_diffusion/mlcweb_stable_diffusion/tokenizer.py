@@ -1,0 +1,90 @@
+"""The CLIP BPE tokenizer, offline.
+
+With a diffusers model folder, its ``tokenizer/`` (vocab.json + merges.txt) is used. Without one, the
+vocabulary is built from the BPE merges that ship inside the ``open-clip-torch`` package (the same
+49408-token vocabulary as SD1.5's), written as vocab.json + merges.txt so the web app can load the very
+same files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from transformers import CLIPTokenizer
+
+from mlcweb.errors import MlcwebError
+
+__all__ = ["MAX_LENGTH", "Tokenizer", "write_clip_vocab"]
+
+MAX_LENGTH = 77
+_NUM_MERGES = 49152 - 256 - 2
+log = logging.getLogger(__name__)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def _open_clip_merges() -> Path:
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise MlcwebError(
+            "no CLIP vocabulary: pass --model with a diffusers folder (it has tokenizer/), or install "
+            "open-clip-torch (pip install --no-deps open-clip-torch), which ships the BPE merges"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise MlcwebError(f"open-clip-torch is installed but {path} is missing; reinstall it")
+    return path
+
+
+def write_clip_vocab(out_dir: Path) -> tuple[Path, Path]:
+    """Write the CLIP vocab.json and merges.txt built from open-clip-torch's merges into ``out_dir``."""
+    with gzip.open(_open_clip_merges()) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = lines[1 : _NUM_MERGES + 1]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_path, merges_path = out_dir / "vocab.json", out_dir / "merges.txt"
+    vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False) + "\n")
+    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab_path, merges_path
+
+
+class Tokenizer:
+    """Prompt -> 77 int32 token ids (start, BPE tokens, end, padded with end-of-text)."""
+
+    def __init__(self, files_dir: Path) -> None:
+        vocab, merges = files_dir / "vocab.json", files_dir / "merges.txt"
+        missing = [p.name for p in (vocab, merges) if not p.is_file()]
+        if missing:
+            raise MlcwebError(f"tokenizer folder {files_dir} lacks {', '.join(missing)}")
+        self.files_dir = files_dir
+        self.hf = CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>", model_max_length=MAX_LENGTH)
+
+    def __call__(self, prompt: str) -> np.ndarray:
+        ids = self.hf(prompt, truncation=False)["input_ids"]
+        if len(ids) > MAX_LENGTH:
+            log.warning(
+                "prompt is %d tokens; CLIP reads %d, so it is truncated to: %r",
+                len(ids),
+                MAX_LENGTH,
+                self.hf.decode(ids[1 : MAX_LENGTH - 1]),
+            )
+        out = self.hf(prompt, padding="max_length", max_length=MAX_LENGTH, truncation=True)["input_ids"]
+        return np.asarray(out, dtype=np.int32)[None, :]
