@@ -135,7 +135,7 @@ def _lift(imported: ImportedModel, dtype: str) -> tuple[tvm.IRModule, dict[str, 
             weights[func] = OrderedDict()
             continue
         values = mp.apply_transform_params(lifted.transform, params, func)
-        names = mp.param_names(lifted.deploy[func])
+        names = mp.unique_param_names(lifted.deploy[func])
         weights[func] = OrderedDict(zip(names, values, strict=True))
     return lifted.deploy, weights
 

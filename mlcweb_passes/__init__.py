@@ -12,7 +12,7 @@ One pass per module; see ``docs/passes.md``.
 
 from .apply_database import ApplyDatabase, ScheduleReport, load_database, schedule_report
 from .default_schedule import CPUParallel, DefaultSchedule, default_rules, is_gpu_target
-from .detach_params import ParamNameError, detach_params, param_names
+from .detach_params import ParamNameError, detach_params, param_names, unique_param_names
 from .fuse_attention import ATTENTION_COMPOSITE, FuseAttention, attention_patterns
 from .fuse_ops import FuseOperators, count_kernels
 from .lift_transform_params import LiftedModules, apply_transform_params, split_transform_params
@@ -54,4 +54,5 @@ __all__ = [
     "reachable_functions",
     "schedule_report",
     "split_transform_params",
+    "unique_param_names",
 ]

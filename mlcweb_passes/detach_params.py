@@ -16,7 +16,7 @@ from collections import OrderedDict
 import tvm
 from tvm import relax
 
-__all__ = ["ParamNameError", "detach_params", "param_names"]
+__all__ = ["ParamNameError", "detach_params", "param_names", "unique_param_names"]
 
 _VALID = re.compile(r"[^0-9A-Za-z_.]")
 
@@ -37,6 +37,26 @@ def param_names(func: relax.Function) -> list[str]:
                 "rename the module's weights so every name is unique"
             )
         seen[name] = i
+    return names
+
+
+def unique_param_names(func: relax.Function) -> list[str]:
+    """Like :func:`param_names`, but repeated names get ``_1``, ``_2``... in argument order.
+
+    For functions made by passes (``LiftTransformParams`` after ``ToMixedPrecision`` can give two lifted
+    weights the same binding name); deterministic, so artifact names stay reproducible.
+    """
+    num_input = func.attrs["num_input"] if func.attrs and "num_input" in func.attrs else len(func.params)
+    names: list[str] = []
+    seen: set[str] = set()
+    for p in func.params[int(num_input) :]:
+        base = name = _VALID.sub("_", p.name)
+        k = 0
+        while name in seen:
+            k += 1
+            name = f"{base}_{k}"
+        seen.add(name)
+        names.append(name)
     return names
 
 

@@ -65,3 +65,15 @@ def test_duplicate_parameter_names_are_refused() -> None:
         bb.emit_func_output(out)
     with pytest.raises(mp.ParamNameError, match="both named 'w'"):
         mp.param_names(bb.get()["main"])
+
+
+def test_unique_param_names_suffixes_repeats_in_order() -> None:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2,), "float32"))
+    ws = [relax.Var(n, relax.TensorType((2,), "float32")) for n in ("w", "b", "w", "w")]
+    with bb.function("main", [x, *ws], attrs={"num_input": 1}):
+        out = x
+        for w in ws:
+            out = bb.emit(relax.op.add(out, w))
+        bb.emit_func_output(out)
+    assert mp.unique_param_names(bb.get()["main"]) == ["w", "b", "w_1", "w_2"]
