@@ -37,5 +37,5 @@ def test_long_prompt_is_truncated_with_a_warning(tokenizer: Tokenizer, caplog: p
 
 
 def test_folder_without_vocab_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(MlcwebError, match="lacks vocab.json, merges.txt"):
+    with pytest.raises(MlcwebError, match=r"lacks vocab\.json, merges\.txt"):
         Tokenizer(tmp_path)
