@@ -17,11 +17,18 @@ $(STAMP): pyproject.toml $(PLUGINS) Makefile
 	# torch first, pinned, so nothing pulls a CUDA build from the registry.
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
+	# The CLIP BPE vocabulary ships inside open-clip-torch; its torchvision requirement would pull a
+	# CUDA torch, so it is installed without dependencies (only the vocabulary file is used).
+	$(PY) -m pip install --no-deps open-clip-torch==3.3.0
 	$(foreach p,$(PLUGINS),$(PY) -m pip install --no-deps -e $(dir $(p)) &&) true
 	touch $(STAMP)
 
+PROMPT ?= a lighthouse on a cliff at dusk, oil painting
+
 demo: install
-	$(PY) -m mlcweb.demo
+	$(PY) examples/stable_diffusion/build.py --target llvm --out dist/llvm
+	$(PY) examples/stable_diffusion/deploy.py --artifacts dist/llvm --prompt "$(PROMPT)" --output dist/demo.png
+	@echo "image: dist/demo.png; artifacts: dist/llvm (manifest.json lists every file)"
 
 lint: install
 	$(VENV)/bin/ruff check .

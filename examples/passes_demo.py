@@ -1,7 +1,7 @@
 """Smoke demo: compile a small conv + attention block through the mlcweb_passes pipeline on the CPU.
 
 Prints what each stage did (weights detached, work lifted, kernels fused, schedules, planned memory)
-and checks the compiled output against PyTorch. Run with ``python -m mlcweb.demo``.
+and checks the compiled output against PyTorch. Run with ``python examples/passes_demo.py``.
 """
 
 from __future__ import annotations
