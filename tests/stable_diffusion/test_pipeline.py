@@ -50,6 +50,17 @@ def _diffusers_image(
     return (out * 255).round().astype(np.uint8)
 
 
+def _unet_step(sd: StableDiffusion, nets: Networks) -> tuple[np.ndarray, np.ndarray]:
+    """One guided UNet step, compiled and in PyTorch, on the same random latents and embeddings."""
+    rng = np.random.default_rng(1)
+    latents = rng.standard_normal(sd.meta["latent_shape"]).astype(np.float32)
+    emb = rng.standard_normal((2, 77, sd.meta["hidden_size"])).astype(np.float32)
+    inputs = (latents, np.array(801, dtype=np.int32), emb, np.array(7.5, dtype=np.float32))
+    expected = UNetStage(nets.unet)(*(torch.from_numpy(x) for x in inputs)).detach().numpy()
+    got = sd._call("unet", *(sd._tensor(x) for x in inputs)).numpy()
+    return got, expected
+
+
 def test_clip_matches_transformers(sd_llvm: Path, nets: Networks) -> None:
     sd = StableDiffusion(load(sd_llvm))
     ids = sd.tokenizer(PROMPT)
@@ -60,12 +71,7 @@ def test_clip_matches_transformers(sd_llvm: Path, nets: Networks) -> None:
 
 def test_one_guided_unet_step_matches_diffusers(sd_llvm: Path, nets: Networks) -> None:
     sd = StableDiffusion(load(sd_llvm))
-    rng = np.random.default_rng(1)
-    latents = rng.standard_normal(sd.meta["latent_shape"]).astype(np.float32)
-    emb = rng.standard_normal((2, 77, sd.meta["hidden_size"])).astype(np.float32)
-    t, g = np.array(801, dtype=np.int32), np.array(7.5, dtype=np.float32)
-    expected = UNetStage(nets.unet)(*(torch.from_numpy(x) for x in (latents, t, emb, g))).detach().numpy()
-    got = sd._call("unet", *(sd._tensor(x) for x in (latents, t, emb, g))).numpy()
+    got, expected = _unet_step(sd, nets)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
@@ -123,12 +129,7 @@ def test_float16_components_within_tolerance(sd_llvm_fp16: Path, nets: Networks)
     ids = sd.tokenizer(PROMPT)
     expected = CLIPStage(nets.clip)(torch.from_numpy(ids)).detach().numpy()
     np.testing.assert_allclose(sd._call("clip", sd._tensor(ids)).numpy(), expected, rtol=0, atol=2e-2)
-    rng = np.random.default_rng(1)
-    latents = rng.standard_normal(sd.meta["latent_shape"]).astype(np.float32)
-    emb = rng.standard_normal((2, 77, sd.meta["hidden_size"])).astype(np.float32)
-    t, g = np.array(801, dtype=np.int32), np.array(7.5, dtype=np.float32)
-    expected = UNetStage(nets.unet)(*(torch.from_numpy(x) for x in (latents, t, emb, g))).detach().numpy()
-    got = sd._call("unet", *(sd._tensor(x) for x in (latents, t, emb, g))).numpy()
+    got, expected = _unet_step(sd, nets)
     # guidance 7.5 amplifies the float16 error of (cond - uncond) 7.5 times
     np.testing.assert_allclose(got, expected, rtol=0, atol=5e-2)
 

@@ -8,6 +8,7 @@ weights (512x512 images); a diffusers folder (``--model PATH``) gives the real w
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,18 +129,14 @@ def _check_folder(path: Path) -> None:
             f"{path} is not a diffusers Stable Diffusion folder: missing {', '.join(f'{m}/' for m in missing)} "
             "(expected unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
-    import json
-
     for sub, cls in _SUBFOLDERS.items():
         if cls is None:
             continue
         config = path / sub / "config.json"
         if not config.is_file():
             raise MlcwebError(f"{path / sub} has no config.json")
-        found = (
-            json.loads(config.read_text()).get("_class_name")
-            or json.loads(config.read_text()).get("architectures", [None])[0]
-        )
+        data = json.loads(config.read_text())
+        found = data.get("_class_name") or (data.get("architectures") or [None])[0]
         if found != cls:
             raise MlcwebError(f"{path / sub} holds a {found}, not the {cls} Stable Diffusion v1.5 needs")
 
@@ -148,8 +145,6 @@ def load_networks(size: str = "tiny", model_path: Path | None = None, seed: int 
     """The three networks in float32 eval mode, from ``model_path`` or built from configs (seeded)."""
     if model_path is not None:
         _check_folder(model_path)
-        import json
-
         clip = CLIPTextModel.from_pretrained(model_path / "text_encoder", attn_implementation="eager")
         unet = UNet2DConditionModel.from_pretrained(model_path / "unet")
         vae = AutoencoderKL.from_pretrained(model_path / "vae")

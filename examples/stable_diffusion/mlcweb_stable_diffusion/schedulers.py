@@ -50,6 +50,18 @@ class Scheduler:
     def constants(self, num_steps: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _constants(self, sched: Any, num_steps: int, rows: list[list[float]], **extra: Any) -> dict[str, Any]:
+        """The JSON a host loop needs: timesteps, one coefficient row per step, and ``extra``."""
+        return {
+            "scheduler": self.name,
+            "function": self.function,
+            "num_steps": num_steps,
+            "timesteps": [int(t) for t in sched.timesteps],
+            "coeffs": rows,
+            "init_noise_sigma": float(sched.init_noise_sigma),
+            **extra,
+        }
+
     def _signature(self, shape: tuple[int, ...]) -> tuple[relax.Var, relax.Var, list[relax.Var], relax.Var]:
         ty = relax.TensorType(shape, "float32")
         sample, eps = relax.Var("sample", ty), relax.Var("eps", ty)
@@ -128,14 +140,7 @@ class DPMSolver(Scheduler):
                 b, c = -e - 0.5 * e / r0, 0.5 * e / r0
             rows.append([float(sigma_s), float(1.0 / alpha_s), float(a), float(b), float(c)])
             lower_order_nums = min(lower_order_nums + 1, cfg.solver_order)
-        return {
-            "scheduler": self.name,
-            "function": self.function,
-            "num_steps": num_steps,
-            "timesteps": [int(t) for t in sched.timesteps],
-            "coeffs": rows,
-            "init_noise_sigma": float(sched.init_noise_sigma),
-        }
+        return self._constants(sched, num_steps, rows)
 
 
 class PNDM(Scheduler):
@@ -200,15 +205,7 @@ class PNDM(Scheduler):
             rows.append([*w, float(sample_coeff), float((alpha_prev - alpha_t) / denom)])
             flags.append({"push_eps": push, "save_sample": counter == 0, "use_saved_sample": counter == 1})
             stored = stored_after
-        return {
-            "scheduler": self.name,
-            "function": self.function,
-            "num_steps": num_steps,
-            "timesteps": [int(t) for t in sched.timesteps],
-            "coeffs": rows,
-            "flags": flags,
-            "init_noise_sigma": float(sched.init_noise_sigma),
-        }
+        return self._constants(sched, num_steps, rows, flags=flags)
 
 
 SCHEDULERS: dict[str, type[Scheduler]] = {"dpm": DPMSolver, "pndm": PNDM}
