@@ -4,11 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PLUGINS
 
 from mlcweb import ModelSpec, hookimpl
 from mlcweb.errors import ModelNotFoundError, PluginConflictError
 from mlcweb.plugins import PluginHost
+
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 
 
 def _fake_distribution(root: Path) -> None:
