@@ -218,7 +218,7 @@ def build(
                 "plugin": host.model(model).plugin,
                 "config": {**spec.default_config, **options.config},
                 "target": target_info.name,
-                "tvm_target": str(target.export()) if hasattr(target, "export") else str(target),
+                "tvm_target": {"target": target_info.kind, "host": target_info.host},
                 "device": target_info.device,
                 "dtype": options.dtype,
                 "weight_encoding": options.weight_encoding,

@@ -18,12 +18,11 @@ IDS = np.array([[101, 7, 42, 99, 3, 5, 8, 13, 21, 34, 55, 89, 1, 2, 102, 0]], dt
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import os
-
-    os.environ["MLCWEB_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     host = PluginHost([("tiny_bert", tiny_bert_plugin)], entry_points=False)
     out = tmp_path_factory.mktemp("dist") / "tiny-bert-llvm"
-    build(host, "tiny-bert", BuildOptions(target="llvm", out=out), progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLCWEB_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        build(host, "tiny-bert", BuildOptions(target="llvm", out=out), progress=False)
     return out
 
 

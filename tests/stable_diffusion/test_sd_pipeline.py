@@ -1,8 +1,9 @@
 """The compiled tiny Stable Diffusion against PyTorch / diffusers on the same weights and inputs.
 
-Tolerances (float32 build): CLIP and UNet outputs within 1e-4 absolute (values of order 1), one scheduler
-step within 1e-5, VAE and the final image within 1 of 255 per channel (rounding of values that land on
-.5). float16 build: see test_float16_*.
+Tolerances (float32 build): CLIP and UNet outputs within 1e-4 absolute (values of order 1; measured
+1.1e-6 and 2.0e-5), one scheduler step within 1e-5, VAE and the final image within 1 of 255 per channel
+(measured: identical). float16 build: CLIP within 2e-2 (measured 2.7e-3), guided UNet within 5e-2
+(measured 1.4e-2), image within 4 of 255 and mean under 0.5 (measured max 1, mean 0.05).
 """
 
 from pathlib import Path
@@ -134,10 +135,12 @@ def test_float16_components_within_tolerance(sd_llvm_fp16: Path, nets: Networks)
     np.testing.assert_allclose(got, expected, rtol=0, atol=5e-2)
 
 
-def test_float16_image_close_to_diffusers(sd_llvm_fp16: Path, nets: Networks) -> None:
+@pytest.mark.parametrize("scheduler", ["dpm", "pndm"])
+def test_float16_image_close_to_diffusers(sd_llvm_fp16: Path, nets: Networks, scheduler: str) -> None:
+    # Measured on the tiny model: max 1, mean 0.05 of 255; the bound leaves room for other CPUs.
     sd = StableDiffusion(load(sd_llvm_fp16))
     latents = initial_latents(sd.meta["latent_shape"], seed=7)
-    expected = _diffusers_image(nets, sd, "dpm", 10, latents)
-    got = sd.generate(PROMPT, NEGATIVE, steps=10, scheduler="dpm", latents=latents).image
+    expected = _diffusers_image(nets, sd, scheduler, 10, latents)
+    got = sd.generate(PROMPT, NEGATIVE, steps=10, scheduler=scheduler, latents=latents).image
     diff = np.abs(got[..., :3].astype(int) - expected.astype(int))
-    assert diff.mean() < 2.0 and diff.max() <= 16, f"max {diff.max()}, mean {diff.mean():.3f}"
+    assert diff.mean() < 0.5 and diff.max() <= 4, f"max {diff.max()}, mean {diff.mean():.3f}"
