@@ -47,6 +47,7 @@ TARGETS: dict[str, TargetInfo] = {
     ]
 }
 
+_WASM_RUNTIME = ("wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc")
 _CODEGEN = {
     "llvm": "target.build.llvm",
     "cuda": "target.build.cuda",
@@ -73,6 +74,16 @@ def resolve_target(name: str, *, arch: str | None = None) -> TargetInfo:
             "building for 'webgpu' links the model into a wasm with emscripten, and emcc is not on PATH; "
             "install it (apt-get install emscripten) or build for llvm / cuda"
         )
+    if name == "webgpu":
+        from tvm.support.emcc import find_wasm_lib
+
+        missing = [lib for lib in _WASM_RUNTIME if find_wasm_lib(lib, optional=True) is None]
+        if missing:
+            raise TargetUnavailableError(
+                f"building for 'webgpu' links TVM's web runtime objects, and {', '.join(missing)} were not "
+                "found under $TVM_HOME/web/dist/wasm (the apache-tvm wheel does not ship them); build them "
+                "with emcc from TVM's web/ sources and set TVM_HOME, or build for llvm / cuda"
+            )
     if name == "cuda" and shutil.which("nvcc") is None:
         raise TargetUnavailableError("building for 'cuda' needs nvcc on PATH (the CUDA toolkit); install it")
     if arch is not None:

@@ -114,6 +114,15 @@ def test_unknown_and_unbuildable_targets_are_clear_errors(tmp_path: Path, host: 
     assert not (tmp_path / "x").exists()
 
 
+def test_webgpu_without_the_web_runtime_is_a_clear_error(
+    tmp_path: Path, host: PluginHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TVM_HOME", str(tmp_path / "no-tvm-home"))  # nowhere to find the runtime objects
+    with pytest.raises(TargetUnavailableError, match=r"'webgpu'.*(emcc|wasm_runtime\.bc)"):
+        build(host, "tiny-bert", BuildOptions(target="webgpu", out=tmp_path / "w"), progress=False)
+    assert not (tmp_path / "w").exists()
+
+
 def test_cli_run_writes_outputs(built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     np.savez(tmp_path / "in.npz", input_ids=IDS)
     assert cli_main(["run", str(built), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "o.npz")]) == 0
