@@ -92,7 +92,7 @@ class _Stages:
         self.bar.close()
 
 
-def _import(host: PluginHost, model: str, options: BuildOptions, use_cache: bool) -> tuple[ImportedModel, bool]:
+def _import(host: PluginHost, model: str, options: BuildOptions) -> tuple[ImportedModel, bool]:
     spec = host.model(model).spec
     config = {**spec.default_config, **options.config}
     import_options = ImportOptions(model_path=options.model_path, dtype=options.dtype, config=config)
@@ -100,13 +100,13 @@ def _import(host: PluginHost, model: str, options: BuildOptions, use_cache: bool
         raise MlcwebError(f"model folder {options.model_path} does not exist; pass --model with an existing folder")
     cache = ImportCache()
     key = cache_key(model, config, import_options)
-    if use_cache:
+    if options.use_cache:
         cached = cache.load(key)
         if cached is not None:
             log.info("import cache hit %s", key)
             return cached, True
     imported = host.import_model(model, import_options)
-    if use_cache:
+    if options.use_cache:
         cache.store(key, imported)
     return imported, False
 
@@ -197,7 +197,7 @@ def build(
     stages = _Stages(["import", "lift", "lower", "compile", "weights", "assets", "manifest"], progress)
     try:
         with stages.stage("import"):
-            imported, from_cache = _import(host, model, options, options.use_cache)
+            imported, from_cache = _import(host, model, options)
         with stages.stage("lift"):
             deploy, weights = _lift(imported, options.dtype)
         with stages.stage("lower"):
