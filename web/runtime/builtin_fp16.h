@@ -9,22 +9,28 @@
 #include <cstdint>
 #include <cstring>
 
+/* Bit layout of an IEEE-754 binary format stored in REP_T with SIG_BITS significand bits. */
+template <typename REP_T, int SIG_BITS>
+struct MlcwebFloatLayout {
+  static constexpr int kBits = sizeof(REP_T) * 8;
+  static constexpr int kExpBits = kBits - SIG_BITS - 1;
+  static constexpr int kInf = (1 << kExpBits) - 1;  // biased exponent of infinities and NaNs
+  static constexpr int kBias = kInf >> 1;
+  static constexpr REP_T kSigMask = (static_cast<REP_T>(1) << SIG_BITS) - 1;
+};
+
 template <typename SRC_T, typename SRC_REP_T, int SRC_SIG_BITS, typename DST_T, typename DST_REP_T,
           int DST_SIG_BITS>
 static inline DST_T __extendXfYf2__(SRC_T a) {
-  constexpr int kSrcBits = sizeof(SRC_REP_T) * 8;
-  constexpr int kSrcExpBits = kSrcBits - SRC_SIG_BITS - 1;
-  constexpr int kSrcInf = (1 << kSrcExpBits) - 1;
-  constexpr int kSrcBias = kSrcInf >> 1;
-  constexpr int kDstBits = sizeof(DST_REP_T) * 8;
-  constexpr int kDstExpBits = kDstBits - DST_SIG_BITS - 1;
-  constexpr int kDstInf = (1 << kDstExpBits) - 1;
-  constexpr int kDstBias = kDstInf >> 1;
+  using Src = MlcwebFloatLayout<SRC_REP_T, SRC_SIG_BITS>;
+  using Dst = MlcwebFloatLayout<DST_REP_T, DST_SIG_BITS>;
+  constexpr int kSrcBits = Src::kBits, kSrcInf = Src::kInf, kSrcBias = Src::kBias;
+  constexpr int kDstBits = Dst::kBits, kDstInf = Dst::kInf, kDstBias = Dst::kBias;
   SRC_REP_T bits;
   std::memcpy(&bits, &a, sizeof(bits));
   const DST_REP_T sign = static_cast<DST_REP_T>((bits >> (kSrcBits - 1)) & 1) << (kDstBits - 1);
   const int exp = static_cast<int>((bits >> SRC_SIG_BITS) & kSrcInf);
-  DST_REP_T sig = static_cast<DST_REP_T>(bits & ((static_cast<SRC_REP_T>(1) << SRC_SIG_BITS) - 1));
+  DST_REP_T sig = static_cast<DST_REP_T>(bits & Src::kSigMask);
   DST_REP_T out;
   if (exp == kSrcInf) {
     out = (static_cast<DST_REP_T>(kDstInf) << DST_SIG_BITS) | (sig << (DST_SIG_BITS - SRC_SIG_BITS));
@@ -54,20 +60,15 @@ static inline DST_T __extendXfYf2__(SRC_T a) {
 template <typename SRC_T, typename SRC_REP_T, int SRC_SIG_BITS, typename DST_T, typename DST_REP_T,
           int DST_SIG_BITS>
 static inline DST_T __truncXfYf2__(SRC_T a) {
-  constexpr int kSrcBits = sizeof(SRC_REP_T) * 8;
-  constexpr int kSrcExpBits = kSrcBits - SRC_SIG_BITS - 1;
-  constexpr int kSrcInf = (1 << kSrcExpBits) - 1;
-  constexpr int kSrcBias = kSrcInf >> 1;
-  constexpr int kDstBits = sizeof(DST_REP_T) * 8;
-  constexpr int kDstExpBits = kDstBits - DST_SIG_BITS - 1;
-  constexpr int kDstInf = (1 << kDstExpBits) - 1;
-  constexpr int kDstBias = kDstInf >> 1;
-  constexpr SRC_REP_T kSigMask = (static_cast<SRC_REP_T>(1) << SRC_SIG_BITS) - 1;
+  using Src = MlcwebFloatLayout<SRC_REP_T, SRC_SIG_BITS>;
+  using Dst = MlcwebFloatLayout<DST_REP_T, DST_SIG_BITS>;
+  constexpr int kSrcBits = Src::kBits, kSrcInf = Src::kInf, kSrcBias = Src::kBias;
+  constexpr int kDstBits = Dst::kBits, kDstInf = Dst::kInf, kDstBias = Dst::kBias;
   SRC_REP_T bits;
   std::memcpy(&bits, &a, sizeof(bits));
   const DST_REP_T sign = static_cast<DST_REP_T>((bits >> (kSrcBits - 1)) & 1) << (kDstBits - 1);
   const int exp = static_cast<int>((bits >> SRC_SIG_BITS) & kSrcInf);
-  const SRC_REP_T sig = bits & kSigMask;
+  const SRC_REP_T sig = bits & Src::kSigMask;
   DST_REP_T out;
   if (exp == kSrcInf) {
     out = static_cast<DST_REP_T>(kDstInf) << DST_SIG_BITS;
