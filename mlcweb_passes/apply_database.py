@@ -20,7 +20,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from ._base import ModulePassBase
-from .default_schedule import SCHEDULED_ATTR, SOURCE_ATTR, DefaultSchedule
+from .default_schedule import SOURCE_ATTR, DefaultSchedule, is_scheduled
 
 __all__ = ["ApplyDatabase", "ScheduleReport", "load_database", "schedule_report"]
 
@@ -66,22 +66,13 @@ class ApplyDatabase(ModulePassBase):
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with self.target:
             if self.database is not None:
-                before = {gv.name_hint for gv, f in mod.functions_items() if _scheduled(f)}
+                before = {gv.name_hint for gv, f in mod.functions_items() if is_scheduled(f)}
                 with self.database:
                     mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
                 for gv, func in list(mod.functions_items()):
-                    if _scheduled(func) and gv.name_hint not in before:
+                    if is_scheduled(func) and gv.name_hint not in before:
                         mod[gv] = func.with_attr(SOURCE_ATTR, "tuned")
             return DefaultSchedule(self.target)(mod)
-
-
-def _scheduled(func: tvm.ir.BaseFunc) -> bool:
-    return (
-        isinstance(func, tirx.PrimFunc)
-        and func.attrs is not None
-        and SCHEDULED_ATTR in func.attrs
-        and bool(func.attrs[SCHEDULED_ATTR])
-    )
 
 
 def schedule_report(mod: tvm.IRModule) -> ScheduleReport:

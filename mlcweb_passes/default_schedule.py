@@ -24,7 +24,7 @@ from tvm.target import Target
 
 from ._base import ModulePassBase
 
-__all__ = ["CPUParallel", "DefaultSchedule", "default_rules", "is_gpu_target"]
+__all__ = ["CPUParallel", "DefaultSchedule", "default_rules", "is_gpu_target", "is_scheduled"]
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
 SOURCE_ATTR = "mlcweb.schedule"
@@ -111,7 +111,7 @@ class DefaultSchedule(ModulePassBase):
         rules = default_rules(target)
         updates = {}
         for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             sch = None
             for rule in rules:
@@ -127,5 +127,11 @@ class DefaultSchedule(ModulePassBase):
         return mod
 
 
-def _is_scheduled(func: tirx.PrimFunc) -> bool:
-    return func.attrs is not None and SCHEDULED_ATTR in func.attrs and bool(func.attrs[SCHEDULED_ATTR])
+def is_scheduled(func: tvm.ir.BaseFunc) -> bool:
+    """True for a PrimFunc marked ``tirx.is_scheduled`` (by dlight, MetaSchedule or this pass)."""
+    return (
+        isinstance(func, tirx.PrimFunc)
+        and func.attrs is not None
+        and SCHEDULED_ATTR in func.attrs
+        and bool(func.attrs[SCHEDULED_ATTR])
+    )
