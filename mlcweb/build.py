@@ -128,13 +128,14 @@ def _lift(imported: ImportedModel, dtype: str) -> tuple[tvm.IRModule, dict[str, 
     if dtype == "float16":
         mod = mp.MixedPrecision("float32")(mod)
     lifted = mp.split_transform_params(mod)
+    transform_vm = mp.compile_transform(lifted.transform)  # once, shared by every function's weights
     weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]] = {}
     for func in _entry_functions(lifted.deploy):
         params = imported.params.get(func)
         if not params:
             weights[func] = OrderedDict()
             continue
-        values = mp.apply_transform_params(lifted.transform, params, func)
+        values = mp.apply_transform_params(transform_vm, params, func)
         names = mp.unique_param_names(lifted.deploy[func])
         weights[func] = OrderedDict(zip(names, values, strict=True))
     return lifted.deploy, weights

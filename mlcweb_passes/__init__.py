@@ -15,7 +15,7 @@ from .default_schedule import CPUParallel, DefaultSchedule, default_rules, is_gp
 from .detach_params import ParamNameError, detach_params, param_names, unique_param_names
 from .fuse_attention import ATTENTION_COMPOSITE, FuseAttention, attention_patterns
 from .fuse_ops import FuseOperators, count_kernels
-from .lift_transform_params import LiftedModules, apply_transform_params, split_transform_params
+from .lift_transform_params import LiftedModules, apply_transform_params, compile_transform, split_transform_params
 from .memory_plan import FunctionMemory, StaticMemoryPlan, memory_report
 from .mixed_precision import MixedPrecision
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
@@ -41,6 +41,7 @@ __all__ = [
     "StaticMemoryPlan",
     "apply_transform_params",
     "attention_patterns",
+    "compile_transform",
     "count_kernels",
     "default_rules",
     "detach_params",

@@ -19,7 +19,7 @@ from tvm import relax
 
 from .module_utils import RemoveUnusedFunctions
 
-__all__ = ["LiftedModules", "apply_transform_params", "split_transform_params"]
+__all__ = ["LiftedModules", "apply_transform_params", "compile_transform", "split_transform_params"]
 
 TRANSFORM_SUFFIX = "_transform_params"
 
@@ -60,24 +60,30 @@ def split_transform_params(mod: tvm.IRModule) -> LiftedModules:
     return LiftedModules(transform=transform, deploy=deploy)
 
 
+def compile_transform(transform: tvm.IRModule, *, target: str = "llvm") -> relax.VirtualMachine:
+    """Compile the transform module for the CPU once; pass the result to :func:`apply_transform_params`
+    for each lifted function instead of recompiling the module per function."""
+    # Imported here: pipeline imports this package's passes, which import this module.
+    from .pipeline import pipeline
+
+    tgt = tvm.target.Target(target)
+    exe = tvm.compile(transform, tgt, relax_pipeline=pipeline(tgt))
+    return relax.VirtualMachine(exe, tvm.cpu())
+
+
 def apply_transform_params(
-    transform: tvm.IRModule,
+    transform: tvm.IRModule | relax.VirtualMachine,
     params: Sequence[tvm.runtime.Tensor] | OrderedDict[str, tvm.runtime.Tensor],
     func_name: str = "main",
     *,
     target: str = "llvm",
 ) -> list[tvm.runtime.Tensor]:
-    """Compile ``transform`` for the CPU and run ``<func_name>_transform_params`` on ``params``.
+    """Run ``<func_name>_transform_params`` on ``params``, compiling ``transform`` first if it is a module.
 
     Returns the deploy weights, ready to pass after the user inputs of the deploy function.
     """
-    # Imported here: pipeline imports this package's passes, which import this module.
-    from .pipeline import pipeline
-
     values = list(params.values()) if isinstance(params, OrderedDict) else list(params)
-    tgt = tvm.target.Target(target)
-    exe = tvm.compile(transform, tgt, relax_pipeline=pipeline(tgt))
-    vm = relax.VirtualMachine(exe, tvm.cpu())
+    vm = transform if isinstance(transform, relax.VirtualMachine) else compile_transform(transform, target=target)
     out = vm[func_name + TRANSFORM_SUFFIX](values)
     return [out[i] for i in range(len(out))]
 

@@ -65,3 +65,16 @@ def test_split_keeps_deploy_and_transform_disjoint() -> None:
     lifted = mp.split_transform_params(Linear)
     assert not set(function_names(lifted.transform)) & set(function_names(lifted.deploy))
     assert isinstance(lifted.deploy, tvm.IRModule)
+
+
+def test_a_compiled_transform_can_be_reused() -> None:
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((16, 8), dtype=np.float32)
+    b = rng.standard_normal(16, dtype=np.float32)
+    lifted = mp.split_transform_params(Linear)
+    vm = mp.compile_transform(lifted.transform)
+    from_vm = mp.apply_transform_params(vm, to_tvm(w, b))
+    from_module = mp.apply_transform_params(lifted.transform, to_tvm(w, b))
+    assert len(from_vm) == len(from_module) == 2
+    for a, c in zip(from_vm, from_module, strict=True):
+        np.testing.assert_array_equal(a.numpy(), c.numpy())
