@@ -37,6 +37,8 @@ from .model import DTYPES, BuildOptions, ImportedModel, ImportOptions
 from .plugins import PluginHost
 from .targets import TargetInfo, resolve_target
 from .tensor_cache import write_tensor_cache
+from .wasm_runtime import link_wasm
+from .web import write_web_runtime
 
 __all__ = ["BuildResult", "build"]
 
@@ -99,7 +101,7 @@ def _import(host: PluginHost, model: str, options: BuildOptions) -> tuple[Import
     if options.model_path is not None and not options.model_path.exists():
         raise MlcwebError(f"model folder {options.model_path} does not exist; pass --model with an existing folder")
     cache = ImportCache()
-    key = cache_key(model, config, import_options)
+    key = cache_key(model, config, import_options, host.source_digest(host.model(model).plugin))
     if options.use_cache:
         cached = cache.load(key)
         if cached is not None:
@@ -171,9 +173,7 @@ def _functions_info(deploy: tvm.IRModule, weights: dict[str, OrderedDict[str, tv
 
 def _export(exe: relax.VMExecutable, path: Path, target: TargetInfo) -> None:
     if target.name == "webgpu":
-        from tvm.contrib import tvmjs
-
-        exe.export_library(str(path), fcompile=tvmjs.create_tvmjs_wasm)
+        exe.export_library(str(path), fcompile=link_wasm)
     else:
         exe.export_library(str(path))
 
@@ -213,6 +213,8 @@ def build(
             files = [library, *write_tensor_cache(flat, tmp, encoding=options.weight_encoding)]
         with stages.stage("assets"):
             files += host.write_assets(model, out_dir=tmp, target=target, options=options, imported=imported)
+            if target_info.name == "webgpu":
+                files += write_web_runtime(tmp)
         with stages.stage("manifest"):
             info = {
                 "model": model,

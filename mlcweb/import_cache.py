@@ -1,8 +1,8 @@
 """A cache of imported models, so building a second target does not re-trace the model.
 
-Keyed by the model name, its configuration, the model folder (paths, sizes and modification times of
-its files) and the versions of the packages that shape the import. Entries are written to a temporary
-directory and renamed into place, so an interrupted write is never read back.
+Keyed by the model name, the plugin's source files, its configuration, the model folder (paths, sizes
+and modification times of its files) and the versions of the packages that shape the import. Entries
+are written to a temporary directory and renamed into place, so an interrupted write is never read back.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ def _folder_fingerprint(path: Path | None) -> list[tuple[str, int, int]]:
     )
 
 
-def cache_key(model: str, config: dict[str, Any], options: ImportOptions) -> str:
+def cache_key(model: str, config: dict[str, Any], options: ImportOptions, plugin_digest: str = "") -> str:
     blob = json.dumps(
         {
             "model": model,
+            "plugin_sources": plugin_digest,
             "config": config,
             "dtype": options.dtype,
             "model_path": str(options.model_path.resolve()) if options.model_path else None,

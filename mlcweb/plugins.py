@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import sys
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 import pluggy
@@ -52,6 +57,22 @@ class PluginHost:
                     )
                 models[spec.name] = RegisteredModel(spec, impl.plugin_name)
         return models
+
+    def source_digest(self, plugin: str) -> str:
+        """sha256 of the Python sources of the package that holds ``plugin``: part of the import cache
+        key, so editing a plugin's model code invalidates the models it imported before."""
+        obj = self.pm.get_plugin(plugin)
+        module = obj if isinstance(obj, types.ModuleType) else inspect.getmodule(obj)
+        if module is None or not getattr(module, "__file__", None):
+            return ""
+        top = sys.modules.get(module.__name__.split(".")[0], module)
+        root = Path(top.__file__ or "").parent if hasattr(top, "__path__") else Path(module.__file__ or "")
+        files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(str(path.relative_to(root) if root.is_dir() else path.name).encode())
+            digest.update(path.read_bytes())
+        return digest.hexdigest()
 
     def model(self, name: str) -> RegisteredModel:
         if name not in self.models:

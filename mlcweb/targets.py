@@ -47,7 +47,6 @@ TARGETS: dict[str, TargetInfo] = {
     ]
 }
 
-_WASM_RUNTIME = ("wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc")
 _CODEGEN = {
     "llvm": "target.build.llvm",
     "cuda": "target.build.cuda",
@@ -69,21 +68,10 @@ def resolve_target(name: str, *, arch: str | None = None) -> TargetInfo:
             f"{', '.join(n for n in TARGETS if tvm.get_global_func(_CODEGEN[n], allow_missing=True))}, "
             f"or install a TVM built with the {name} backend enabled"
         )
-    if name == "webgpu" and shutil.which("emcc") is None:
-        raise TargetUnavailableError(
-            "building for 'webgpu' links the model into a wasm with emscripten, and emcc is not on PATH; "
-            "install it (apt-get install emscripten) or build for llvm / cuda"
-        )
     if name == "webgpu":
-        from tvm.support.emcc import find_wasm_lib
+        from .web import check_web_toolchain
 
-        missing = [lib for lib in _WASM_RUNTIME if find_wasm_lib(lib, optional=True) is None]
-        if missing:
-            raise TargetUnavailableError(
-                f"building for 'webgpu' links TVM's web runtime objects, and {', '.join(missing)} were not "
-                "found under $TVM_HOME/web/dist/wasm (the apache-tvm wheel does not ship them); build them "
-                "with emcc from TVM's web/ sources and set TVM_HOME, or build for llvm / cuda"
-            )
+        check_web_toolchain()
     if name == "cuda" and shutil.which("nvcc") is None:
         raise TargetUnavailableError("building for 'cuda' needs nvcc on PATH (the CUDA toolkit); install it")
     if arch is not None:

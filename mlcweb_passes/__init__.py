@@ -13,8 +13,10 @@ One pass per module; see ``docs/passes.md``.
 from .apply_database import ApplyDatabase, ScheduleReport, load_database, schedule_report
 from .default_schedule import CPUParallel, DefaultSchedule, default_rules, is_gpu_target
 from .detach_params import ParamNameError, detach_params, param_names, unique_param_names
+from .finite_literals import FiniteFloatLiterals
 from .fuse_attention import ATTENTION_COMPOSITE, FuseAttention, attention_patterns
 from .fuse_ops import FuseOperators, count_kernels
+from .int32_tensors import Int32Tensors, narrow_integer_tensors
 from .lift_transform_params import LiftedModules, apply_transform_params, compile_transform, split_transform_params
 from .memory_plan import FunctionMemory, StaticMemoryPlan, memory_report
 from .mixed_precision import MixedPrecision
@@ -28,10 +30,12 @@ __all__ = [
     "ApplyDatabase",
     "CPUParallel",
     "DefaultSchedule",
+    "FiniteFloatLiterals",
     "FunctionMemory",
     "FunctionNameClashError",
     "FuseAttention",
     "FuseOperators",
+    "Int32Tensors",
     "LiftedModules",
     "MixedPrecision",
     "ParamNameError",
@@ -50,6 +54,7 @@ __all__ = [
     "lowering_passes",
     "memory_report",
     "merge_modules",
+    "narrow_integer_tensors",
     "param_names",
     "pipeline",
     "reachable_functions",

@@ -8,12 +8,14 @@ the Relax VM can run, and can be handed to TVM directly::
 Order (each step is a module of this package):
 
 1. ``MixedPrecision`` (only with ``mixed_precision=...``): float16 compute, chosen accumulators.
-2. TVM's library dispatch for the target (sort / scan / sampling kernels).
-3. ``FuseAttention``: attention patterns become one composite each.
-4. ``FuseOperators``: legalize to TIR, fuse elementwise chains, merge composites into one PrimFunc.
-5. ``ApplyDatabase``: tuned schedules from ``database`` where recorded, default schedules elsewhere.
-6. ``StaticMemoryPlan``: explicit allocations, planned statically (``memory_report`` reads it).
-7. TVM's VM finalisation (``RewriteCUDAGraph`` where enabled, ``LowerAllocTensor``, ``KillAfterLastUse``,
+2. ``Int32Tensors`` and ``FiniteFloatLiterals`` (WebGPU only): integer tensors WGSL lacks become
+   int32, and infinite constants, which WGSL cannot spell, finite ones.
+3. TVM's library dispatch for the target (sort / scan / sampling kernels).
+4. ``FuseAttention``: attention patterns become one composite each.
+5. ``FuseOperators``: legalize to TIR, fuse elementwise chains, merge composites into one PrimFunc.
+6. ``ApplyDatabase``: tuned schedules from ``database`` where recorded, default schedules elsewhere.
+7. ``StaticMemoryPlan``: explicit allocations, planned statically (``memory_report`` reads it).
+8. TVM's VM finalisation (``RewriteCUDAGraph`` where enabled, ``LowerAllocTensor``, ``KillAfterLastUse``,
    ``LowerRuntimeBuiltin``, ``ComputePrimValue``, ``VMShapeLower``, ``AttachGlobalSymbol``).
 
 Weight lifting (:func:`~mlcweb_passes.split_transform_params`) is not part of it: it changes the
@@ -32,8 +34,10 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from .apply_database import ApplyDatabase
+from .finite_literals import FiniteFloatLiterals
 from .fuse_attention import FuseAttention
 from .fuse_ops import FuseOperators
+from .int32_tensors import Int32Tensors
 from .memory_plan import StaticMemoryPlan
 from .mixed_precision import MixedPrecision
 
@@ -64,6 +68,8 @@ def lowering_passes(
     passes: list[tvm.transform.Pass] = []
     if opts.mixed_precision is not None:
         passes.append(MixedPrecision(opts.mixed_precision))
+    if target.kind.name == "webgpu":
+        passes.extend([Int32Tensors(), FiniteFloatLiterals()])
     passes.extend(_library_dispatch(target))
     if opts.fuse_attention:
         passes.append(FuseAttention())

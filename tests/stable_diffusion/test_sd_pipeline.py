@@ -96,8 +96,9 @@ def test_vae_matches_diffusers_decode(sd_llvm: Path, nets: Networks) -> None:
     with torch.no_grad():
         image = nets.vae.decode(torch.from_numpy(latents) / nets.vae.config.scaling_factor).sample
     expected = ((image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    got = sd._call("vae", sd._tensor(latents)).numpy()
-    assert got.shape == (*expected.shape[:2], 4) and got.dtype == np.uint8
+    raw = sd._call("vae", sd._tensor(latents)).numpy()
+    assert raw.shape == (*expected.shape[:2], 4) and np.array_equal(raw, np.round(raw))  # whole numbers
+    got = raw.astype(np.uint8)
     assert (got[..., 3] == 255).all()
     assert np.abs(got[..., :3].astype(int) - expected.astype(int)).max() <= 1
     np.testing.assert_allclose(VAEStage(nets.vae)(torch.from_numpy(latents)).numpy()[..., :3], expected, atol=1)

@@ -197,7 +197,12 @@ class UNetStage(torch.nn.Module):
 
 
 class VAEStage(torch.nn.Module):
-    """Latents -> RGBA uint8 image (H, W, 4): 1/scaling_factor, decode, [-1, 1] -> [0, 255]."""
+    """Latents -> RGBA image (H, W, 4): 1/scaling_factor, decode, [-1, 1] -> [0, 255].
+
+    The values are whole numbers 0..255 (alpha 255) held in float32, not uint8: WGSL has no 8-bit
+    types, so a uint8 output buffer cannot exist on WebGPU. Hosts convert with ``astype(uint8)``
+    (exact) or ``Uint8ClampedArray``.
+    """
 
     def __init__(self, vae: AutoencoderKL) -> None:
         super().__init__()
@@ -210,4 +215,4 @@ class VAEStage(torch.nn.Module):
         image = (image / 2 + 0.5).clamp(0, 1)
         rgb = (image[0].permute(1, 2, 0) * 255).round()
         alpha = torch.full_like(rgb[:, :, :1], 255.0)
-        return torch.cat([rgb, alpha], dim=-1).to(torch.uint8)
+        return torch.cat([rgb, alpha], dim=-1)

@@ -6,12 +6,13 @@ Functions of the module (each a Relax function; weights are the trailing argumen
 - ``concat_embeddings(uncond, cond) -> float32[2, 77, d]`` (unconditional first, as the UNet expects)
 - ``unet(latents[1, 4, h, w], timestep: int32[], embeddings[2, 77, d], guidance: float32[]) -> eps``
 - ``dpm_solver_step`` and ``pndm_step`` (see :mod:`.schedulers`)
-- ``vae(latents) -> uint8[H, W, 4]`` (RGBA)
+- ``vae(latents) -> float32[H, W, 4]`` (RGBA, whole numbers 0..255; WGSL has no uint8)
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ from tvm.relax.frontend.torch import from_exported_program
 
 import mlcweb_passes as mp
 from mlcweb import BuildOptions, ImportedModel, ImportOptions, ModelSpec, hookimpl
+from mlcweb.web import web_dir
 
 from . import MODEL_NAME
 from .models import CLIPStage, Networks, UNetStage, VAEStage, load_networks
 from .schedulers import SCHEDULERS
-from .tokenizer import MAX_LENGTH, write_clip_vocab
+from .tokenizer import MAX_LENGTH, write_clip_vocab, write_tokenizer_json
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "size": "tiny",
@@ -132,4 +134,17 @@ def mlcweb_write_assets(
         write_clip_vocab(tokenizer_dir)
     written = ["tokenizer/vocab.json", "tokenizer/merges.txt"]
     written += write_scheduler_constants(out_dir, imported.metadata["scheduler_config"], config["steps"])
+    if target.kind.name == "webgpu":
+        written += write_web_page(out_dir)
+    return written
+
+
+def write_web_page(out_dir: Path) -> list[str]:
+    """The browser page (web/stable_diffusion/) and the tokenizer.json its JS tokenizer reads."""
+    write_tokenizer_json(out_dir / "tokenizer")
+    written = ["tokenizer/tokenizer.json"]
+    for src in sorted((web_dir() / "stable_diffusion").iterdir()):
+        if src.is_file():
+            shutil.copyfile(src, out_dir / src.name)
+            written.append(src.name)
     return written

@@ -110,6 +110,6 @@ class StableDiffusion:
         seconds["per step"] = seconds["unet+scheduler"] / len(consts["timesteps"])
 
         start = time.perf_counter()
-        image = self._call("vae", sample).numpy()
+        image = self._call("vae", sample).numpy().astype(np.uint8)  # whole numbers 0..255 in float32
         seconds["vae"] = time.perf_counter() - start
         return Generation(image, seconds)

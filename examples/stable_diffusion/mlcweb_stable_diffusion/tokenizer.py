@@ -19,7 +19,7 @@ from transformers import CLIPTokenizer
 
 from mlcweb.errors import MlcwebError
 
-__all__ = ["MAX_LENGTH", "Tokenizer", "write_clip_vocab"]
+__all__ = ["MAX_LENGTH", "Tokenizer", "write_clip_vocab", "write_tokenizer_json"]
 
 MAX_LENGTH = 77
 _NUM_MERGES = 49152 - 256 - 2
@@ -64,6 +64,24 @@ def write_clip_vocab(out_dir: Path) -> tuple[Path, Path]:
     vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False) + "\n")
     merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return vocab_path, merges_path
+
+
+def write_tokenizer_json(files_dir: Path) -> Path:
+    """Write ``tokenizer.json`` (the Hugging Face fast-tokenizer format the web page's JS tokenizer reads)
+    next to vocab.json and merges.txt, converted from them by transformers' CLIPTokenizerFast."""
+    from transformers import CLIPTokenizerFast
+
+    fast = CLIPTokenizerFast(
+        str(files_dir / "vocab.json"),
+        str(files_dir / "merges.txt"),
+        pad_token="<|endoftext|>",
+        model_max_length=MAX_LENGTH,
+    )
+    path = files_dir / "tokenizer.json"
+    # sort_keys keeps the file byte-identical across runs (reproducible builds).
+    data = json.loads(fast.backend_tokenizer.to_str())
+    path.write_text(json.dumps(data, ensure_ascii=False, sort_keys=True) + "\n")
+    return path
 
 
 class Tokenizer:

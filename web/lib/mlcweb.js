@@ -1,0 +1,239 @@
+// mlcweb.js: load an mlcweb webgpu build in a page.
+//
+// A build folder holds manifest.json (every file with its sha256), the model library
+// (<model>-webgpu.wasm), the tensor cache (tensor-cache.json + params_shard_*.bin) and this file.
+// loadModel() checks WebGPU, downloads the weights into the Cache API (checking each shard's
+// sha256 against the manifest, so a corrupt or stale cache entry is refetched), instantiates the
+// wasm with TVM's JS runtime (tvmjs.bundle.js, loaded as a classic script that defines `tvmjs`)
+// and returns a Model whose call(name, ...inputs) runs a compiled function with its weights.
+
+const CACHE_PREFIX = "mlcweb-weights";
+
+/** An error meant for the page's user: `message` says what is wrong, `fix` what to do. */
+export class MlcwebError extends Error {
+  constructor(message, fix = "") {
+    super(fix ? `${message} ${fix}` : message);
+    this.name = "MlcwebError";
+    this.fix = fix;
+  }
+}
+
+function mib(bytes) {
+  return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+}
+
+/**
+ * Check WebGPU before downloading anything. Returns { adapter, info, hasF16, limits } or throws
+ * MlcwebError in plain words: no WebGPU in this browser, no adapter, or limits the model exceeds.
+ * `needs` = { maxBufferBytes } is the largest buffer the model binds.
+ */
+export async function checkWebGPU(needs = {}) {
+  if (typeof navigator === "undefined" || !navigator.gpu) {
+    throw new MlcwebError(
+      "This browser does not offer WebGPU, which this page needs to run the model on your GPU.",
+      "Use a recent Chrome or Edge (113+) on a machine with a GPU, or enable WebGPU in your browser's settings (chrome://flags/#enable-unsafe-webgpu); on Linux start Chrome with --enable-unsafe-webgpu.",
+    );
+  }
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) {
+    throw new MlcwebError(
+      "WebGPU is available but found no usable GPU adapter.",
+      "Check that your GPU driver is installed and that hardware acceleration is on in the browser settings.",
+    );
+  }
+  const limits = adapter.limits;
+  const need = needs.maxBufferBytes || 0;
+  const binding = Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
+  if (need > binding) {
+    throw new MlcwebError(
+      `This GPU lets a page bind buffers of at most ${mib(binding)}, and the model needs ${mib(need)}.`,
+      "Try a machine with a larger GPU, or a smaller build of the model (float16 halves the buffers).",
+    );
+  }
+  if (limits.maxStorageBuffersPerShaderStage < 10) {
+    throw new MlcwebError(
+      `This GPU allows ${limits.maxStorageBuffersPerShaderStage} storage buffers per shader, and TVM's kernels need 10.`,
+      "Try a different browser or GPU.",
+    );
+  }
+  const info = adapter.info || {};
+  return { adapter, info, hasF16: adapter.features.has("shader-f16"), limits };
+}
+
+async function sha256Hex(buffer) {
+  const digest = await crypto.subtle.digest("SHA-256", buffer);
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function fileEntry(manifest, path) {
+  const entry = manifest.files.find((f) => f.path === path);
+  if (!entry) {
+    throw new MlcwebError(`${path} is not listed in manifest.json; the build folder is incomplete.`, "Rebuild it.");
+  }
+  return entry;
+}
+
+/**
+ * Fetch `path` (relative to `base`) through the Cache API and check it against the manifest's sha256.
+ * onBytes(n) is called as bytes arrive. Returns { bytes: ArrayBuffer, cached: boolean }.
+ */
+export async function fetchChecked(base, manifest, path, { cache = null, onBytes = () => {} } = {}) {
+  const entry = fileEntry(manifest, path);
+  const url = new URL(path, base).href;
+  if (cache) {
+    const hit = await cache.match(url);
+    if (hit) {
+      const bytes = await hit.arrayBuffer();
+      if ((await sha256Hex(bytes)) === entry.sha256) {
+        onBytes(bytes.byteLength);
+        return { bytes, cached: true };
+      }
+      await cache.delete(url); // stale or corrupt: fetch again
+    }
+  }
+  const response = await fetch(url, { cache: "no-cache" });
+  if (!response.ok) {
+    throw new MlcwebError(`Could not download ${path} (HTTP ${response.status}).`, "Check that the server is running and the build folder is complete.");
+  }
+  const reader = response.body.getReader();
+  const chunks = [];
+  let received = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    chunks.push(value);
+    received += value.byteLength;
+    onBytes(value.byteLength);
+  }
+  const bytes = new Uint8Array(received);
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  if ((await sha256Hex(bytes.buffer)) !== entry.sha256) {
+    throw new MlcwebError(`${path} does not match the sha256 in manifest.json (corrupt or partial download).`, "Reload the page; if it persists, rebuild the model.");
+  }
+  if (cache) await cache.put(url, new Response(bytes.buffer.slice(0)));
+  return { bytes: bytes.buffer, cached: false };
+}
+
+function bf16ToF32(bytes) {
+  const half = new Uint16Array(bytes);
+  const out = new Uint32Array(half.length);
+  for (let i = 0; i < half.length; ++i) out[i] = half[i] << 16;
+  return new Uint8Array(out.buffer);
+}
+
+/** A compiled model on a WebGPU device. */
+export class Model {
+  constructor(tvm, vm, device, manifest, info) {
+    this.tvm = tvm;
+    this.vm = vm;
+    this.device = device;
+    this.manifest = manifest;
+    this.info = info; // { adapter, hasF16, dtype, message }
+    this.functions = new Map();
+    this.params = new Map();
+  }
+
+  /** Run compiled function `name` on GPU tensors `inputs`, with its weights appended. */
+  call(name, ...inputs) {
+    const spec = this.manifest.functions[name];
+    if (!spec) throw new MlcwebError(`The build has no function ${name}.`);
+    if (!this.functions.has(name)) {
+      this.functions.set(name, this.tvm.detachFromCurrentScope(this.vm.getFunction(name)));
+      const weights = spec.params.map((p) => this.tvm.tensorCacheGet(p));
+      this.params.set(name, weights);
+    }
+    return this.functions.get(name)(...inputs, ...this.params.get(name));
+  }
+
+  /** A GPU tensor holding `values` (a typed array) with the given shape and dtype. */
+  tensor(values, shape, dtype) {
+    const cpu = this.tvm.empty(shape, dtype, this.tvm.cpu());
+    cpu.copyFrom(values);
+    const gpu = this.tvm.empty(shape, dtype, this.device);
+    gpu.copyFrom(cpu);
+    return gpu;
+  }
+
+  /** Copy a GPU tensor to the CPU and return its values as a typed array. */
+  async read(tensor) {
+    const cpu = this.tvm.empty(tensor.shape, tensor.dtype, this.tvm.cpu());
+    cpu.copyFrom(tensor);
+    await this.device.sync();
+    return cpu.toArray();
+  }
+
+  sync() {
+    return this.device.sync();
+  }
+}
+
+/**
+ * Load the build at `base` (a URL ending in "/"). onProgress({ stage, loaded, total, cached, text })
+ * reports the weight download. Returns a Model. Throws MlcwebError with a plain-words message.
+ */
+export async function loadModel(base, { onProgress = () => {}, log = () => {} } = {}) {
+  if (typeof tvmjs === "undefined") {
+    throw new MlcwebError("tvmjs.bundle.js was not loaded.", "Load it with a <script> tag before this module.");
+  }
+  const manifest = await (await fetch(new URL("manifest.json", base), { cache: "no-cache" })).json();
+  if (manifest.target !== "webgpu") {
+    throw new MlcwebError(`This folder holds a ${manifest.target} build, not a webgpu one.`, "Build with --target webgpu.");
+  }
+  const cacheMeta = await (await fetch(new URL("tensor-cache.json", base), { cache: "no-cache" })).json();
+  let maxBufferBytes = 0;
+  for (const shard of cacheMeta.records) for (const r of shard.records) maxBufferBytes = Math.max(maxBufferBytes, r.nbytes);
+  const gpu = await checkWebGPU({ maxBufferBytes });
+  const dtype = manifest.dtype;
+  if (dtype === "float16" && !gpu.hasF16) {
+    throw new MlcwebError(
+      "This build computes in float16, and this GPU's WebGPU adapter lacks the shader-f16 feature.",
+      "Open the float32 build instead (mlcweb build ... --target webgpu --dtype float32).",
+    );
+  }
+  const message = gpu.hasF16
+    ? `WebGPU adapter has shader-f16; running the ${dtype} build.`
+    : `WebGPU adapter has no shader-f16; running the ${dtype} build in float32 kernels.`;
+  log(message);
+
+  const wasm = await fetchChecked(base, manifest, manifest.library);
+  const tvm = await tvmjs.instantiate(wasm.bytes, tvmjs.createPolyfillWASI(), log);
+  const detected = await tvmjs.detectGPUDevice();
+  if (!detected) throw new MlcwebError("WebGPU adapter disappeared while loading.", "Reload the page.");
+  tvm.initWebGPU(detected.device);
+  const device = tvm.webgpu();
+  tvm.beginScope();
+  const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(device));
+  await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
+
+  const total = cacheMeta.records.reduce((n, s) => n + s.nbytes, 0);
+  let loaded = 0;
+  let allCached = true;
+  const cache = typeof caches !== "undefined" ? await caches.open(`${CACHE_PREFIX}-${manifest.model}`) : null;
+  for (const shard of cacheMeta.records) {
+    const { bytes, cached } = await fetchChecked(base, manifest, shard.dataPath, {
+      cache,
+      onBytes: (n) => {
+        loaded += n;
+        onProgress({ stage: "weights", loaded, total, cached: allCached, text: `${mib(loaded)} / ${mib(total)}` });
+      },
+    });
+    allCached = allCached && cached;
+    for (const rec of shard.records) {
+      let raw = new Uint8Array(bytes, rec.byteOffset, rec.nbytes);
+      if (rec.format === "f32-to-bf16") raw = bf16ToF32(raw.slice().buffer);
+      const cpu = tvm.empty(rec.shape, rec.dtype, tvm.cpu());
+      cpu.copyFromRawBytes(raw);
+      const weight = tvm.detachFromCurrentScope(tvm.empty(rec.shape, rec.dtype, device));
+      weight.copyFrom(cpu);
+      tvm.tensorCacheUpdate(rec.name, weight);
+    }
+    await device.sync();
+  }
+  tvm.endScope();
+  onProgress({ stage: "weights", loaded: total, total, cached: allCached, text: `${mib(total)} ${allCached ? "(from browser cache)" : "(downloaded)"}` });
+  return new Model(tvm, vm, device, manifest, { adapter: gpu.info, hasF16: gpu.hasF16, dtype, message });
+}
