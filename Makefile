@@ -7,9 +7,28 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mlcweb-installed
 PLUGINS := $(wildcard examples/*/pyproject.toml)
 
-.PHONY: demo test install lint typecheck pytest clean
+# command:Debian package, for what the webgpu build (emcc), the web bundle (npm) and the browser test
+# (chromium) need; installed with apt-get when the command is missing.
+SYSTEM_TOOLS := emcc:emscripten chromium:chromium node:nodejs npm:npm
+WEB_MODULES := web/node_modules/.package-lock.json
 
-install: $(STAMP)
+.PHONY: demo test install system-deps lint typecheck pytest clean
+
+install: system-deps $(STAMP) $(WEB_MODULES)
+
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y $$missing; \
+	fi
+
+# TVM's JS runtime and the tokenizer, pinned by web/package-lock.json.
+$(WEB_MODULES): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund
+	touch $@
 
 $(STAMP): pyproject.toml $(PLUGINS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +47,9 @@ PROMPT ?= a lighthouse on a cliff at dusk, oil painting
 demo: install
 	$(PY) examples/stable_diffusion/build.py --target llvm --out dist/llvm
 	$(PY) examples/stable_diffusion/deploy.py --artifacts dist/llvm --prompt "$(PROMPT)" --output dist/demo.png
+	$(PY) examples/stable_diffusion/build.py --target webgpu --dtype float16 --out dist/web
 	@echo "image: dist/demo.png; artifacts: dist/llvm (manifest.json lists every file)"
+	@echo "web bundle: dist/web; open it in a WebGPU browser with:  $(VENV)/bin/mlcweb serve dist/web"
 
 lint: install
 	$(VENV)/bin/ruff check .

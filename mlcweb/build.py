@@ -11,6 +11,7 @@ into place at the end, so a failed or killed build leaves no half-written output
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ from .web import write_web_runtime
 __all__ = ["BuildResult", "build"]
 
 log = logging.getLogger(__name__)
+
+FLOAT32_VARIANT = "float32"
 
 
 @dataclass
@@ -195,7 +198,10 @@ def build(
     out = options.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    stages = _Stages(["import", "lift", "lower", "compile", "weights", "assets", "manifest"], progress)
+    names = ["import", "lift", "lower", "compile", "weights", "assets", "manifest"]
+    if target_info.name == "webgpu" and options.dtype == "float16" and options.webgpu_fallback:
+        names.insert(-1, "float32 variant")
+    stages = _Stages(names, progress)
     try:
         with stages.stage("import"):
             imported, from_cache = _import(host, model, options)
@@ -215,6 +221,11 @@ def build(
             files += host.write_assets(model, out_dir=tmp, target=target, options=options, imported=imported)
             if target_info.name == "webgpu":
                 files += write_web_runtime(tmp)
+        variants = {}
+        if target_info.name == "webgpu" and options.dtype == "float16" and options.webgpu_fallback:
+            with stages.stage("float32 variant"):
+                files += _float32_variant(host, model, options, tmp)
+                variants["float32"] = f"{FLOAT32_VARIANT}/"
         with stages.stage("manifest"):
             info = {
                 "model": model,
@@ -228,6 +239,7 @@ def build(
                 "library": library,
                 "functions": _functions_info(deploy, weights),
                 "metadata": imported.metadata,
+                "variants": variants,
             }
             write_manifest(tmp, files, info)
         if before_rename is not None:
@@ -239,6 +251,16 @@ def build(
             shutil.rmtree(tmp, ignore_errors=True)
     manifest = json.loads((out / MANIFEST).read_text())
     return BuildResult(out, manifest, stages.seconds, kernels, memory, schedules, from_cache)
+
+
+def _float32_variant(host: PluginHost, model: str, options: BuildOptions, tmp: Path) -> list[str]:
+    """Build the float32 variant of a webgpu float16 build into ``tmp/float32``: the page loads it when
+    the adapter lacks shader-f16. Returns its files relative to ``tmp``, for the outer manifest."""
+    inner = dataclasses.replace(options, dtype="float32", out=tmp / FLOAT32_VARIANT, webgpu_fallback=False)
+    result = build(host, model, inner, progress=False)
+    return [f"{FLOAT32_VARIANT}/{entry['path']}" for entry in result.manifest["files"]] + [
+        f"{FLOAT32_VARIANT}/{MANIFEST}"
+    ]
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

@@ -72,3 +72,5 @@ class BuildOptions:
     use_cache: bool = True
     config: dict[str, Any] = field(default_factory=dict)
     arch: str | None = None
+    # webgpu + float16 only: also build a float32 variant in <out>/float32/ for adapters without shader-f16
+    webgpu_fallback: bool = True

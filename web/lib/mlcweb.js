@@ -37,8 +37,8 @@ export async function checkWebGPU(needs = {}) {
   const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
   if (!adapter) {
     throw new MlcwebError(
-      "WebGPU is available but found no usable GPU adapter.",
-      "Check that your GPU driver is installed and that hardware acceleration is on in the browser settings.",
+      "This browser has WebGPU turned off, or found no GPU it can use for it.",
+      "Turn on hardware acceleration in the browser settings and check that your GPU driver is installed; on Linux, Chrome needs WebGPU switched on (start it with --enable-unsafe-webgpu, or chrome://flags/#enable-unsafe-webgpu).",
     );
   }
   const limits = adapter.limits;
@@ -189,14 +189,22 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   const gpu = await checkWebGPU({ maxBufferBytes });
   const dtype = manifest.dtype;
   if (dtype === "float16" && !gpu.hasF16) {
-    throw new MlcwebError(
-      "This build computes in float16, and this GPU's WebGPU adapter lacks the shader-f16 feature.",
-      "Open the float32 build instead (mlcweb build ... --target webgpu --dtype float32).",
-    );
+    const fallback = (manifest.variants || {}).float32;
+    if (!fallback) {
+      throw new MlcwebError(
+        "This build computes in float16, and this GPU's WebGPU adapter lacks the shader-f16 feature.",
+        "Open a float32 build instead (mlcweb build ... --target webgpu --dtype float32).",
+      );
+    }
+    log("WebGPU adapter has no shader-f16: loading the float32 variant of this build.");
+    const model = await loadModel(new URL(fallback, base), { onProgress, log });
+    model.info.message = "This GPU's WebGPU adapter has no shader-f16, so the page runs the float32 build (float32 weights and kernels).";
+    return model;
   }
-  const message = gpu.hasF16
-    ? `WebGPU adapter has shader-f16; running the ${dtype} build.`
-    : `WebGPU adapter has no shader-f16; running the ${dtype} build in float32 kernels.`;
+  const message =
+    dtype === "float16"
+      ? "This GPU's WebGPU adapter has shader-f16, so the page runs the float16 build (float16 weights and kernels)."
+      : `The page runs the float32 build (float32 weights and kernels)${gpu.hasF16 ? "; this adapter also has shader-f16, so a float16 build would be smaller and faster" : ""}.`;
   log(message);
 
   const wasm = await fetchChecked(base, manifest, manifest.library);

@@ -8,9 +8,8 @@
 // carry `latents` (a Float32Array) to start from given noise instead of the seeded generator.
 
 import { loadModel, MlcwebError, checkWebGPU } from "./mlcweb.js";
-import { Tokenizer } from "./tokenizers.mjs";
+import { ClipTokenizer, MAX_LENGTH } from "./clip_tokenizer.js";
 
-const MAX_LENGTH = 77;
 const $ = (id) => document.getElementById(id);
 
 function showError(err) {
@@ -20,25 +19,6 @@ function showError(err) {
   $("error").classList.add("shown");
   document.body.dataset.state = "error";
   console.error(err);
-}
-
-/** CLIP ids for a prompt: start token, BPE tokens, end token, padded with end-of-text to 77. */
-export class ClipTokenizer {
-  constructor(tokenizerJson) {
-    this.tok = new Tokenizer(tokenizerJson, {});
-    this.end = this.tok.encode("").ids.at(-1);
-  }
-
-  encode(prompt) {
-    let ids = this.tok.encode(prompt).ids;
-    if (ids.length > MAX_LENGTH) {
-      console.warn(`prompt is ${ids.length} tokens; CLIP reads ${MAX_LENGTH}, so it is truncated`);
-      ids = ids.slice(0, MAX_LENGTH - 1).concat([this.end]);
-    }
-    const out = new Int32Array(MAX_LENGTH).fill(this.end);
-    out.set(ids);
-    return out;
-  }
 }
 
 /** Standard normal samples from a seeded generator (mulberry32 + Box-Muller; not torch.randn's stream). */
@@ -89,15 +69,20 @@ class StableDiffusion {
     return this.constants.get(path);
   }
 
+  /** RGBA bytes of the `vae` output (float32 whole numbers 0..255; WGSL has no uint8). */
+  async readImage(tensor) {
+    return Uint8ClampedArray.from(await this.model.read(tensor));
+  }
+
   drawImage(pixels) {
     const [h, w] = this.meta.image_shape;
     const canvas = $("canvas");
     canvas.width = w;
     canvas.height = h;
-    canvas.getContext("2d").putImageData(new ImageData(new Uint8ClampedArray(pixels.buffer, pixels.byteOffset, pixels.length), w, h), 0, 0);
+    canvas.getContext("2d").putImageData(new ImageData(pixels, w, h), 0, 0);
   }
 
-  /** Generate one image; returns { pixels: Uint8Array (H*W*4), seconds: {...} }. */
+  /** Generate one image; returns { pixels: Uint8ClampedArray (H*W*4 RGBA), seconds, stepTimes }. */
   async generate({ prompt = "", negative = "", scheduler = "dpm", steps = 20, guidance = 7.5, seed = 0, latents = null, previewEvery = 0, onStep = () => {} } = {}) {
     const m = this.model;
     const tvm = m.tvm;
@@ -145,14 +130,14 @@ class StableDiffusion {
         await m.sync();
         stepTimes.push((performance.now() - stepStart) / 1000);
         if (previewEvery > 0 && (i + 1) % previewEvery === 0 && i + 1 < consts.timesteps.length) {
-          this.drawImage(await m.read(m.call("vae", sample)));
+          this.drawImage(await this.readImage(m.call("vae", sample)));
         }
         onStep(i + 1, consts.timesteps.length, stepTimes[i]);
       }
       seconds["unet+scheduler"] = (performance.now() - start) / 1000;
       seconds["per step"] = seconds["unet+scheduler"] / consts.timesteps.length;
       start = performance.now();
-      const pixels = await m.read(m.call("vae", sample));
+      const pixels = await this.readImage(m.call("vae", sample));
       seconds.vae = (performance.now() - start) / 1000;
       this.drawImage(pixels);
       return { pixels, seconds, stepTimes };

@@ -1,0 +1,168 @@
+"""The webgpu build in a real browser: Debian's chromium, driven by playwright, WebGPU on SwiftShader.
+
+SwiftShader runs WebGPU on the CPU and has no shader-f16, so the float16 bundle must fall back to its
+float32 variant; the image it makes must match the native llvm run of the same model, weights and
+latents. The page is saved as a screenshot under dist/test-artifacts/ for people to look at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from mlcweb_stable_diffusion.runner import StableDiffusion, initial_latents
+
+from mlcweb.runtime import load
+from mlcweb.serve import make_server
+
+CHROMIUM = os.environ.get("MLCWEB_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(
+    os.environ.get("MLCWEB_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "dist" / "test-artifacts")
+)
+PROMPT = "a photograph of an astronaut riding a horse"
+# SwiftShader and LLVM evaluate the same float32 kernels with different instruction orders (fused
+# multiply-adds, reduction order); after 10 denoising steps and the VAE that moves a few pixels by one
+# level of 255 where the value sits near a rounding boundary.
+MAX_LEVELS, MEAN_LEVELS = 2, 0.25
+
+
+@pytest.fixture(scope="module")
+def server(sd_webgpu: Path) -> Iterator[str]:
+    srv = make_server(sd_webgpu, port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/"
+    srv.shutdown()
+
+
+def _launch(playwright: Any, webgpu: bool) -> Any:
+    args = ["--no-sandbox"] + (["--enable-unsafe-webgpu"] if webgpu else ["--disable-webgpu"])
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Any]:
+    if not Path(CHROMIUM).is_file():
+        raise FileNotFoundError(
+            f"{CHROMIUM} not found: `make install` installs Debian's chromium (or set MLCWEB_CHROMIUM)"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        yield p
+
+
+def _wait_for(page: Any, states: list[str], timeout_s: float) -> str:
+    page.wait_for_function(
+        f"{json.dumps(states)}.includes(document.body.dataset.state)", timeout=int(timeout_s * 1000), polling=500
+    )
+    state: str = page.evaluate("document.body.dataset.state")
+    return state
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_webgpu_bundle_is_complete(sd_webgpu: Path) -> None:
+    manifest = json.loads((sd_webgpu / "manifest.json").read_text())
+    names = {entry["path"] for entry in manifest["files"]}
+    for required in ["stable-diffusion-webgpu.wasm", "index.html", "sd.js", "clip_tokenizer.js", "mlcweb.js"]:
+        assert required in names
+    assert {"tvmjs.bundle.js", "tokenizers.mjs", "tokenizer/tokenizer.json", "tensor-cache.json"} <= names
+    assert manifest["dtype"] == "float16" and manifest["variants"] == {"float32": "float32/"}
+    assert "float32/stable-diffusion-webgpu.wasm" in names and "float32/manifest.json" in names
+    inner = json.loads((sd_webgpu / "float32" / "manifest.json").read_text())
+    assert inner["dtype"] == "float32" and inner["target"] == "webgpu"
+    # The wasm imports only WASI / emscripten / tvmjs functions: a C++ (mangled) import would be a
+    # runtime symbol missing from the link, and the page would fail to instantiate it.
+    script = (
+        "const m = new WebAssembly.Module(require('fs').readFileSync(process.argv[1]));"
+        "console.log(JSON.stringify(WebAssembly.Module.imports(m).map((i) => i.name)));"
+    )
+    for wasm in (sd_webgpu / "stable-diffusion-webgpu.wasm", sd_webgpu / "float32" / "stable-diffusion-webgpu.wasm"):
+        out = subprocess.run(["node", "-e", script, str(wasm)], capture_output=True, text=True, check=True)
+        imports = json.loads(out.stdout)
+        assert "fd_write" in imports and not [name for name in imports if name.startswith("_Z")], imports
+
+
+def test_page_matches_native_llvm(playwright: Any, server: str, sd_webgpu: Path, sd_llvm: Path) -> None:
+    # Same weights: the float32 variant's tensor cache is byte-identical to the llvm build's.
+    shards = sorted(p.name for p in (sd_llvm).glob("params_shard_*.bin"))
+    assert shards and all(_sha(sd_llvm / s) == _sha(sd_webgpu / "float32" / s) for s in shards)
+
+    native = StableDiffusion(load(sd_llvm))
+    consts = native.scheduler_constants("dpm", 10)
+    latents = initial_latents(native.meta["latent_shape"], 0, consts["init_noise_sigma"])
+    expected = native.generate(PROMPT, steps=10, scheduler="dpm", guidance=7.5, latents=latents).image
+
+    browser = _launch(playwright, webgpu=True)
+    try:
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server + "index.html")
+        state = _wait_for(page, ["ready", "error"], 600)
+        assert state == "ready", page.inner_text("#error")
+        gpu_text = page.inner_text("#gpu")
+        assert "no shader-f16" in gpu_text and "float32 build" in gpu_text, gpu_text
+        result = page.evaluate(
+            """async (args) => {
+                const r = await window.mlcwebSD.generate({ ...args, latents: Float32Array.from(args.latents) });
+                return { pixels: Array.from(r.pixels), seconds: r.seconds, stepTimes: r.stepTimes,
+                         load: window.mlcwebSD.loadSeconds };
+            }""",
+            {
+                "prompt": PROMPT,
+                "negative": "",
+                "scheduler": "dpm",
+                "steps": 10,
+                "guidance": 7.5,
+                "latents": latents.reshape(-1).tolist(),
+            },
+        )
+        assert _wait_for(page, ["done"], 10) == "done"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser-stable-diffusion.png"), full_page=True, timeout=120_000)
+        assert not errors, errors
+    finally:
+        browser.close()
+
+    got = np.asarray(result["pixels"], dtype=np.uint8).reshape(expected.shape)
+    diff = np.abs(got.astype(int) - expected.astype(int))
+    report = {
+        "max_abs_diff_levels": int(diff.max()),
+        "mean_abs_diff_levels": float(diff.mean()),
+        "pixels_differing": int((diff > 0).sum()),
+        "page_seconds": result["seconds"],
+        "page_load_seconds": result["load"],
+        "step_seconds": result["stepTimes"],
+    }
+    (ARTIFACTS / "browser-stable-diffusion.json").write_text(json.dumps(report, indent=1) + "\n")
+    shutil.copy(sd_webgpu / "manifest.json", ARTIFACTS / "browser-stable-diffusion-manifest.json")
+    assert (got[..., 3] == 255).all()
+    assert diff.max() <= MAX_LEVELS and diff.mean() <= MEAN_LEVELS, report
+
+
+def test_page_without_webgpu_says_so(playwright: Any, server: str) -> None:
+    browser = _launch(playwright, webgpu=False)
+    try:
+        page = browser.new_page()
+        page.goto(server + "index.html")
+        assert _wait_for(page, ["ready", "error"], 60) == "error"
+        message = page.inner_text("#error")
+        assert "WebGPU" in message and ("Chrome" in message or "driver" in message), message
+        assert page.is_disabled("#generate")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser-no-webgpu.png"))
+    finally:
+        browser.close()
