@@ -31,6 +31,7 @@ from tvm import relax
 
 import mlcweb_passes as mp
 
+from .databases import shipped_database
 from .errors import MlcwebError
 from .import_cache import ImportCache, cache_key
 from .manifest import MANIFEST, write_manifest
@@ -41,7 +42,7 @@ from .tensor_cache import write_tensor_cache
 from .wasm_runtime import link_wasm
 from .web import write_web_runtime
 
-__all__ = ["BuildResult", "build"]
+__all__ = ["BuildResult", "build", "import_and_lift", "pre_schedule_passes"]
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,21 @@ def _lift(imported: ImportedModel, dtype: str) -> tuple[tvm.IRModule, dict[str, 
     return lifted.deploy, weights
 
 
+def import_and_lift(
+    host: PluginHost, model: str, options: BuildOptions
+) -> tuple[tvm.IRModule, dict[str, OrderedDict[str, tvm.runtime.Tensor]], ImportedModel]:
+    """The build's first two stages: the deploy module, its weights per function, and the import."""
+    imported, _ = _import(host, model, options)
+    deploy, weights = _lift(imported, options.dtype)
+    return deploy, weights, imported
+
+
+def pre_schedule_passes(target: tvm.target.Target, extra: list[Any]) -> list[tvm.transform.Pass]:
+    """The build's lowering passes before scheduling: what ``mlcweb tune`` extracts kernels after."""
+    passes = mp.lowering_passes(target, None, mp.PipelineOptions(extra_passes=tuple(extra)))
+    return passes[: next(i for i, p in enumerate(passes) if p.info.name == "mlcweb.ApplyDatabase")]
+
+
 def _lower(
     mod: tvm.IRModule, target: tvm.target.Target, options: BuildOptions, extra: list[Any]
 ) -> tuple[tvm.IRModule, int, mp.ScheduleReport, dict[str, mp.FunctionMemory]]:
@@ -195,6 +211,13 @@ def build(
     spec = host.model(model).spec
     target_info = resolve_target(options.target, arch=options.arch)
     target = target_info.tvm_target()
+    database_note: str | None = "--db" if options.database is not None else None
+    if options.database is None and options.use_shipped_database:
+        shipped = shipped_database(target_info)
+        if shipped is not None:
+            options = dataclasses.replace(options, database=shipped)
+            database_note = f"shipped:{shipped.name}"
+            log.info("applying the shipped database %s", shipped.name)
     out = options.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -240,6 +263,7 @@ def build(
                 "functions": _functions_info(deploy, weights),
                 "metadata": imported.metadata,
                 "variants": variants,
+                "database": database_note,
             }
             write_manifest(tmp, files, info)
         if before_rename is not None:

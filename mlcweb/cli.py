@@ -1,4 +1,4 @@
-"""The ``mlcweb`` command line: list, build, run, serve."""
+"""The ``mlcweb`` command line: list, build, tune, run, serve."""
 
 from __future__ import annotations
 
@@ -49,11 +49,32 @@ def _parser() -> argparse.ArgumentParser:
         "--model", dest="model_path", type=Path, help="local model folder (default: the plugin's tiny model)"
     )
     b.add_argument("--dtype", choices=DTYPES, default="float32")
-    b.add_argument("--db", type=Path, help="MetaSchedule database directory to apply")
+    b.add_argument("--db", type=Path, help="MetaSchedule database directory to apply (default: the shipped one)")
+    b.add_argument("--no-db", action="store_true", help="apply no database: default schedules everywhere")
     b.add_argument("--arch", help="GPU architecture for cuda (default sm_90)")
     b.add_argument("--weight-encoding", choices=ENCODINGS, default="raw", help="f32-to-bf16 halves float32 weights")
     b.add_argument("--no-cache", action="store_true", help="re-import instead of using the import cache")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plugin config value")
+
+    t = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule into a database")
+    t.add_argument("model", help="model name (see `mlcweb list`)")
+    t.add_argument("--target", default="llvm", help=f"one of {', '.join(TARGETS)} (default llvm)")
+    t.add_argument("--db", type=Path, required=True, help="database directory (created, or resumed and merged)")
+    t.add_argument("--trials", type=int, default=64, help="valid measured schedules per task (default 64)")
+    t.add_argument("--tasks", metavar="PATTERN", help="only tasks matching these globs (comma-separated)")
+    t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the RPC servers of this tracker")
+    t.add_argument("--rpc-key", help="the key the RPC servers registered under")
+    t.add_argument("--builders", type=int, help="parallel build processes (default: CPU count)")
+    t.add_argument(
+        "--search",
+        choices=["evolutionary", "replay-trace"],
+        default="evolutionary",
+        help="evolutionary: cost-model guided (default); replay-trace: random samples, cheap per trial",
+    )
+    t.add_argument("--model", dest="model_path", type=Path, help="local model folder")
+    t.add_argument("--dtype", choices=DTYPES, default="float32")
+    t.add_argument("--arch", help="GPU architecture for cuda (default sm_90)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plugin config value")
 
     r = sub.add_parser("run", help="run a built function natively")
     r.add_argument("artifacts", type=Path)
@@ -96,10 +117,36 @@ def _cmd_build(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache,
         config=_parse_set(args.set),
         arch=args.arch,
+        use_shipped_database=not args.no_db,
     )
+    if args.db is not None and args.no_db:
+        raise MlcwebError("--db and --no-db contradict each other; pass one")
     result = build(PluginHost(), args.model, options, progress=sys.stderr.isatty())
     print(result.summary())
     return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .plugins import PluginHost
+    from .tune import TuneOptions, summary_table, tune
+
+    options = TuneOptions(
+        target=args.target,
+        db=args.db,
+        trials=args.trials,
+        tasks=args.tasks,
+        rpc_tracker=args.rpc_tracker,
+        rpc_key=args.rpc_key,
+        model_path=args.model_path,
+        dtype=args.dtype,
+        config=_parse_set(args.set),
+        arch=args.arch,
+        builders=args.builders,
+        search=args.search,
+    )
+    results = tune(PluginHost(), args.model, options)
+    print(summary_table(results))
+    return 130 if any(r.status == "interrupted" for r in results) else 0
 
 
 def _random_input(spec: dict[str, Any], rng: Any) -> Any:
@@ -161,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_list()
         if args.command == "build":
             return _cmd_build(args)
+        if args.command == "tune":
+            return _cmd_tune(args)
         if args.command == "run":
             return _cmd_run(args)
         return _cmd_serve(args)

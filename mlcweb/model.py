@@ -21,12 +21,15 @@ class ModelSpec:
     ``name`` is what users type (``mlcweb build NAME``); ``components`` names the Relax functions the
     import produces (for example ``("clip", "unet", "vae")``); ``default_config`` is the plugin's
     own configuration (JSON-serialisable: it is part of the import cache key and the manifest).
+    ``runs_per_use`` says how often each function runs for one use of the model (one image: CLIP twice,
+    the UNet once per step); ``mlcweb tune`` weights kernels by it. Functions not named run once.
     """
 
     name: str
     description: str
     components: tuple[str, ...] = ("main",)
     default_config: dict[str, Any] = field(default_factory=dict)
+    runs_per_use: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class BuildOptions:
     model_path: Path | None = None
     dtype: str = "float32"
     database: Path | None = None
+    use_shipped_database: bool = True  # apply mlcweb/databases/<target class>/ when --db is not given
     weight_encoding: str = "raw"
     use_cache: bool = True
     config: dict[str, Any] = field(default_factory=dict)

@@ -68,7 +68,7 @@ class ApplyDatabase(ModulePassBase):
             if self.database is not None:
                 before = {gv.name_hint for gv, f in mod.functions_items() if is_scheduled(f)}
                 with self.database:
-                    mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+                    mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod).clone()
                 for gv, func in list(mod.functions_items()):
                     if is_scheduled(func) and gv.name_hint not in before:
                         mod[gv] = func.with_attr(SOURCE_ATTR, "tuned")

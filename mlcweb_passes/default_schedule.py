@@ -122,6 +122,7 @@ class DefaultSchedule(ModulePassBase):
             if sch is None:
                 continue
             updates[gv] = sch.mod["main"].with_attr(SCHEDULED_ATTR, True).with_attr(SOURCE_ATTR, "default")
+        mod = mod.clone()  # never edit the caller's module in place (IRModule.__setitem__ mutates)
         for gv, func in updates.items():
             mod[gv] = func
         return mod

@@ -114,11 +114,20 @@ def test_unknown_and_unbuildable_targets_are_clear_errors(tmp_path: Path, host: 
     assert not (tmp_path / "x").exists()
 
 
-def test_webgpu_without_the_web_runtime_is_a_clear_error(
+def test_webgpu_without_its_toolchain_is_a_clear_error(
     tmp_path: Path, host: PluginHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TVM_HOME", str(tmp_path / "no-tvm-home"))  # nowhere to find the runtime objects
-    with pytest.raises(TargetUnavailableError, match=r"'webgpu'.*(emcc|wasm_runtime\.bc)"):
+    import mlcweb.web
+
+    # No emcc on PATH: the error names it and how to install it, before any import or compile.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(TargetUnavailableError, match=r"'webgpu'.*emcc is not on PATH.*apt-get install emscripten"):
+        build(host, "tiny-bert", BuildOptions(target="webgpu", out=tmp_path / "w"), progress=False)
+    monkeypatch.undo()
+    # The npm packages not installed: the error says to run npm ci.
+    missing = {**mlcweb.web.WEB_RUNTIME_FILES, "tvmjs.bundle.js": "node_modules/not-installed/index.js"}
+    monkeypatch.setattr(mlcweb.web, "WEB_RUNTIME_FILES", missing)
+    with pytest.raises(TargetUnavailableError, match=r"not-installed/index\.js.*npm ci"):
         build(host, "tiny-bert", BuildOptions(target="webgpu", out=tmp_path / "w"), progress=False)
     assert not (tmp_path / "w").exists()
 

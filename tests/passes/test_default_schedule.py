@@ -49,3 +49,14 @@ def test_gpu_schedule_binds_threads(kind: str) -> None:
 def test_unknown_target_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="no default schedule rules"):
         mp.default_rules(tvm.target.Target("c"))
+
+
+def test_input_module_is_left_unchanged() -> None:
+    # IRModule.__setitem__ edits in place; a pass must not reschedule the caller's module under it
+    # (mlcweb tune measures a kernel's default schedule and then tunes the unscheduled original).
+    target = tvm.target.Target("llvm")
+    with target:
+        fused = mp.FuseOperators()(Small)
+        text = fused.script()
+        mp.DefaultSchedule(target)(fused)
+    assert fused.script() == text and mp.schedule_report(fused).default == ()

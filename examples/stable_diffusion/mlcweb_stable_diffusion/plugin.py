@@ -97,6 +97,17 @@ def mlcweb_models() -> list[ModelSpec]:
             "--set size=full for the full-size architecture)",
             STAGES,
             dict(DEFAULT_CONFIG),
+            # One image with the default 20-step DPM-Solver++: CLIP for the prompt and the negative prompt,
+            # the guided UNet and the scheduler step once per step, the VAE once. PNDM's step function is
+            # not used then; tune it with --tasks.
+            runs_per_use={
+                "clip": 2,
+                "concat_embeddings": 1,
+                "unet": 20,
+                "dpm_solver_step": 20,
+                "pndm_step": 0,
+                "vae": 1,
+            },
         )
     ]
 

@@ -1,0 +1,395 @@
+"""``mlcweb tune``: tune a model's kernels with MetaSchedule into a JSON database builds apply.
+
+Tasks are the PrimFuncs the build compiles: the model is imported, lifted and run through the
+``mlcweb_passes`` pipeline up to scheduling (the same fusion the build does), and each entry function's
+kernels are extracted with ``meta_schedule.relax_integration.extract_tasks``. A kernel's weight is how
+often it runs for one use of the model: calls per function times the plugin's ``runs_per_use`` (for
+Stable Diffusion, the UNet's kernels run once per denoising step).
+
+Each task is tuned on its own (``meta_schedule.tune_tasks`` with one task), heaviest first, so progress,
+resuming and interrupting work per task:
+
+- the database (``database_workload.json`` + ``database_tuning_record.json`` in ``--db``) is only ever
+  appended to: records of earlier runs stay, and a task that already has ``--trials`` valid records is
+  skipped (as is one whose search space ran out before that, noted in ``mlcweb-tune.json``); an
+  interrupted run (Ctrl-C) keeps every record measured so far;
+- builders run in parallel local processes; the runner is the local device, or, with ``--rpc-tracker``,
+  every server registered under ``--rpc-key`` with a TVM RPC tracker, one measurement per server at a
+  time (a server that dies fails only the candidates it was running);
+- before tuning a task, its default (dlight / ``CPUParallel``) schedule is measured the same way, so the
+  summary gives fallback time, tuned time and each kernel's share of one use, fallback and tuned.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tvm
+import tvm_ffi
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+import mlcweb_passes as mp
+
+from .build import import_and_lift, pre_schedule_passes
+from .errors import MlcwebError
+from .model import BuildOptions
+from .plugins import PluginHost
+from .targets import TargetInfo, resolve_target
+
+__all__ = ["Task", "TaskResult", "TuneOptions", "extract_tuning_tasks", "summary_table", "tune"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """What ``mlcweb tune`` was asked to do. ``trials``: valid measured schedules per task."""
+
+    target: str
+    db: Path
+    trials: int = 64
+    tasks: str | None = None
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
+    model_path: Path | None = None
+    dtype: str = "float32"
+    config: dict[str, Any] = field(default_factory=dict)
+    arch: str | None = None
+    builders: int | None = None
+    trials_per_round: int = 16
+    seed: int = 0
+    # "evolutionary" (cost-model guided, the default) or "replay-trace" (random samples, much cheaper
+    # per trial: for smoke runs and tests)
+    search: str = "evolutionary"
+
+
+@dataclass
+class Task:
+    """One kernel to tune: its name, the IRModule holding it as ``main``, and its runs per use."""
+
+    name: str
+    mod: tvm.IRModule
+    weight: float
+    extracted: Any  # ms.ExtractedTask
+
+
+@dataclass
+class TaskResult:
+    name: str
+    weight: float
+    fallback_s: float | None
+    tuned_s: float | None
+    trials: int
+    status: str  # "tuned", "skipped (done)", "interrupted", "failed"
+
+
+def tuning_target(info: TargetInfo) -> tvm.target.Target:
+    """The target tasks are tuned for: the build target, with ``num-cores`` for llvm (MetaSchedule's CPU
+    rules need it)."""
+    if info.name == "llvm":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return tvm.target.Target({**info.kind, "num-cores": cores})
+    return info.tvm_target()
+
+
+def extract_tuning_tasks(host: PluginHost, model: str, options: TuneOptions) -> tuple[list[Task], tvm.target.Target]:
+    """The model's kernels after fusion, merged across functions, weighted by runs per use."""
+    info = resolve_target(options.target, arch=options.arch)
+    target = tuning_target(info)
+    build_options = BuildOptions(
+        target=options.target,
+        out=options.db,
+        model_path=options.model_path,
+        dtype=options.dtype,
+        config=options.config,
+        arch=options.arch,
+    )
+    deploy, _weights, _imported = import_and_lift(host, model, build_options)
+    extra = host.pipeline_passes(model, target=target, options=build_options)
+    with target:
+        fused = tvm.transform.Sequential(pre_schedule_passes(target, extra))(deploy)
+    runs = host.model(model).spec.runs_per_use
+    merged: dict[int, Task] = {}
+    entries = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.relax.Function)]
+    for entry in sorted(entries):
+        only = mp.RemoveUnusedFunctions([entry])(fused)
+        for ext in ms.relax_integration.extract_tasks(only, target):
+            key = tvm_ffi.structural_hash(ext.dispatched[0])
+            weight = float(ext.weight) * runs.get(entry, 1)
+            if key in merged:
+                merged[key].weight += weight
+            else:
+                merged[key] = Task(ext.task_name, ext.dispatched[0], weight, ext)
+    tasks = sorted(merged.values(), key=lambda t: (-t.weight, t.name))
+    if options.tasks:
+        patterns = [p.strip() for p in options.tasks.split(",") if p.strip()]
+        tasks = [t for t in tasks if any(fnmatch.fnmatch(t.name, p) for p in patterns)]
+        if not tasks:
+            raise MlcwebError(f"no task matches --tasks {options.tasks!r}; run without it to see the task names")
+    return [t for t in tasks if t.weight > 0 or options.tasks], target
+
+
+def _rpc_runner(tracker: str, key: str | None) -> ms.runner.Runner:
+    if not key:
+        raise MlcwebError("--rpc-tracker needs --rpc-key, the key the servers registered under")
+    host, _, port = tracker.rpartition(":")
+    if not host or not port.isdigit():
+        raise MlcwebError(f"--rpc-tracker {tracker!r} is not HOST:PORT")
+    from tvm import rpc
+
+    try:
+        summary = rpc.connect_tracker(host, int(port)).summary()
+    except Exception as err:  # connection refused, timeout
+        raise MlcwebError(
+            f"cannot reach the RPC tracker at {tracker}: {err}; start it with "
+            "`python -m tvm.exec.rpc_tracker --port PORT`"
+        ) from err
+    queue = summary.get("queue_info", {}).get(key, {})
+    servers = int(queue.get("free", 0)) + int(queue.get("pending", 0))
+    if servers == 0:
+        raise MlcwebError(
+            f"no RPC server is registered under key {key!r} at {tracker}; start one per device with "
+            f"`python -m tvm.exec.rpc_server --tracker {tracker} --key {key}`"
+        )
+    log.info("RPC: %d server(s) under key %r", servers, key)
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=120)
+    return ms.runner.RPCRunner(rpc_config=config, max_workers=servers)
+
+
+def _runner(options: TuneOptions) -> ms.runner.Runner:
+    if options.rpc_tracker:
+        return _rpc_runner(options.rpc_tracker, options.rpc_key)
+    return ms.runner.LocalRunner(timeout_sec=60)
+
+
+def _database(path: Path) -> ms.database.JSONDatabase:
+    path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(
+        path_workload=str(path / "database_workload.json"),
+        path_tuning_record=str(path / "database_tuning_record.json"),
+        allow_missing=True,
+    )
+
+
+def _mean(run_secs: Any) -> float | None:
+    values = [float(x) for x in run_secs or []]
+    return sum(values) / len(values) if values and all(math.isfinite(v) for v in values) else None
+
+
+def measure_default(task: Task, target: tvm.target.Target, builder: Any, runner: Any) -> float | None:
+    """Seconds per call of the task's default (fallback) schedule, measured like a tuning candidate."""
+    with target:
+        scheduled = mp.DefaultSchedule(target)(task.mod)
+    (built,) = builder.build([ms.builder.BuilderInput(scheduled, target)])
+    if built.error_msg:
+        log.warning("default schedule of %s does not build: %s", task.name, built.error_msg[:300])
+        return None
+    args = ms.arg_info.ArgInfo.from_prim_func(scheduled["main"])
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args)])
+    result = future.result()
+    if built.artifact_path:
+        Path(built.artifact_path).unlink(missing_ok=True)
+    if result.error_msg:
+        log.warning("default schedule of %s failed to run: %s", task.name, result.error_msg[:300])
+        return None
+    return _mean(result.run_secs)
+
+
+def _records(db: ms.database.JSONDatabase, task: Task, k: int) -> list[Any]:
+    return list(db.get_top_k(db.commit_workload(task.mod), k))
+
+
+def preload_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (every TuneContext needs it) in seconds instead of minutes.
+
+    That package defines hundreds of ``@T.prim_func``s, and TVMScript's parser calls ``inspect.stack()``
+    for each. Under an import, the stack holds ``<frozen importlib._bootstrap>`` frames that
+    ``inspect.getmodule`` never finds, so every lookup scans all of ``sys.modules`` again: about a minute
+    on 2 cores with only TVM loaded, four with torch and diffusers. Remembering the misses for the
+    duration of the import makes it ~5 s; the parser only uses the frames, not their modules.
+    """
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.getmodule
+    misses: set[str] = set()
+
+    def getmodule(obj: object, _filename: str | None = None) -> types.ModuleType | None:
+        if _filename is not None and _filename in misses:
+            return None
+        module = original(obj, _filename)
+        if module is None and _filename is not None:
+            misses.add(_filename)
+        return module
+
+    inspect.getmodule = getmodule  # type: ignore[assignment]
+    try:
+        importlib.import_module("tvm.s_tir.tensor_intrin")
+    finally:
+        inspect.getmodule = original
+
+
+_STATE = "mlcweb-tune.json"
+
+
+def _task_key(task: Task) -> str:
+    return f"{task.name}:{tvm_ffi.structural_hash(task.mod)}"
+
+
+def _load_state(db: Path) -> dict[str, dict[str, Any]]:
+    path = db / _STATE
+    data: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+    return data
+
+
+def _save_state(db: Path, state: dict[str, dict[str, Any]]) -> None:
+    tmp = db / f".{_STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, db / _STATE)
+
+
+def _done(have: list[Any], task: Task, state: dict[str, dict[str, Any]], trials: int) -> bool:
+    """Enough valid records, or an earlier run found the space exhausted at this many trials or more."""
+    return len(have) >= trials or state.get(_task_key(task), {}).get("exhausted_at", 0) >= trials
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """Reports trials done and the best time after each measured batch."""
+
+    def __init__(self, report: Callable[[int, float | None], None]) -> None:
+        super().__init__()
+        self.report = report
+        self.done = 0
+        self.best: float | None = None
+
+    def apply(self, task_scheduler: Any, task_id: int, candidates: Any, builds: Any, runs: Any) -> None:
+        for result in runs:
+            secs = _mean(result.run_secs) if not result.error_msg else None
+            if secs is not None:
+                self.done += 1
+                self.best = secs if self.best is None else min(self.best, secs)
+        self.report(self.done, self.best)
+
+
+def tune(
+    host: PluginHost, model: str, options: TuneOptions, *, echo: Callable[[str], None] = print
+) -> list[TaskResult]:
+    """Tune ``model``'s kernels into ``options.db`` (see the module docstring); returns one result per task."""
+    if options.trials < 1:
+        raise MlcwebError("--trials must be at least 1")
+    preload_tensor_intrinsics()
+    tasks, target = extract_tuning_tasks(host, model, options)
+    db = _database(options.db)
+    # The builder's worker processes each import tvm.s_tir.tensor_intrin before building; preload it the
+    # fast way (the builder restarts its workers for every batch, so this is paid per batch).
+    builder = ms.builder.LocalBuilder(
+        max_workers=options.builders or os.cpu_count() or 1, timeout_sec=300, initializer=preload_tensor_intrinsics
+    )
+    runner = _runner(options)
+    state = _load_state(options.db)
+    total_trials = sum(
+        0 if _done(have, t, state, options.trials) else options.trials - len(have)
+        for t in tasks
+        for have in [_records(db, t, options.trials)]
+    )
+    echo(f"{len(tasks)} tasks for {target.kind.name}; {total_trials} trials to measure into {options.db}")
+    results: list[TaskResult] = []
+    started, measured = time.perf_counter(), 0
+    try:
+        for index, task in enumerate(tasks, 1):
+            have = _records(db, task, options.trials)
+            fallback = measure_default(task, target, builder, runner)
+            if _done(have, task, state, options.trials):
+                results.append(
+                    TaskResult(task.name, task.weight, fallback, _mean(have[0].run_secs), len(have), "skipped (done)")
+                )
+                echo(f"[{index}/{len(tasks)}] {task.name}: {len(have)} records already, skipped")
+                continue
+            todo = options.trials - len(have)
+            results.append(TaskResult(task.name, task.weight, fallback, None, len(have), "interrupted"))
+
+            def report(
+                done: int,
+                best: float | None,
+                head: str = f"[{index}/{len(tasks)}] {task.name}",
+                todo: int = todo,
+                before: int = measured,
+            ) -> None:
+                rate = (time.perf_counter() - started) / max(1, before + done)
+                left = rate * max(0, total_trials - before - done)
+                best_txt = f"{best * 1e3:.3f} ms" if best is not None else "-"
+                echo(f"{head}: {done}/{todo} trials, best {best_txt}, ~{left:.0f} s left")
+
+            progress = _Progress(report)
+            contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [task.extracted], str(options.db / "logs"), strategy=options.search, seed=options.seed
+            )
+            ms.tune_tasks(
+                tasks=contexts,
+                task_weights=[1.0],
+                work_dir=str(options.db / "logs"),
+                max_trials_global=todo,
+                max_trials_per_task=todo,
+                num_trials_per_iter=min(options.trials_per_round, todo),
+                builder=builder,
+                runner=runner,
+                database=db,
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+                task_scheduler="round-robin",
+            )
+            measured += progress.done
+            best = _records(db, task, 1)
+            results[-1].tuned_s = _mean(best[0].run_secs) if best else None
+            results[-1].trials = len(_records(db, task, options.trials))
+            results[-1].status = "tuned" if best else "failed"
+            if best and results[-1].trials < options.trials:
+                # The search ran out of new candidates: the space is smaller than --trials. Remember it,
+                # so a re-run does not search it again.
+                state.setdefault(_task_key(task), {})["exhausted_at"] = options.trials
+                _save_state(options.db, state)
+                results[-1].status = "tuned (space exhausted)"
+    except KeyboardInterrupt:
+        echo(f"interrupted: the {measured} measurements of this run are kept in {options.db}")
+    return results
+
+
+def summary_table(results: list[TaskResult]) -> str:
+    """Per task: runs per use, fallback and tuned time, speed-up, and its share of one use."""
+
+    def ms_(x: float | None) -> str:
+        return f"{x * 1e3:.4f}" if x is not None else "-"
+
+    fallback_total = sum(r.weight * (r.fallback_s or 0.0) for r in results)
+    tuned_total = sum(r.weight * (r.tuned_s or r.fallback_s or 0.0) for r in results)
+    lines = [
+        "| task | runs/use | fallback ms | tuned ms | speed-up | share (fallback) | share (tuned) | trials | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        speed = f"{r.fallback_s / r.tuned_s:.2f}x" if r.fallback_s and r.tuned_s else "-"
+        share_f = r.weight * (r.fallback_s or 0.0) / fallback_total if fallback_total else 0.0
+        share_t = r.weight * (r.tuned_s or r.fallback_s or 0.0) / tuned_total if tuned_total else 0.0
+        lines.append(
+            f"| {r.name} | {r.weight:g} | {ms_(r.fallback_s)} | {ms_(r.tuned_s)} | {speed} | "
+            f"{share_f:.1%} | {share_t:.1%} | {r.trials} | {r.status} |"
+        )
+    lines.append(
+        f"| **all kernels, one use** | | {fallback_total * 1e3:.3f} | {tuned_total * 1e3:.3f} | "
+        f"{(fallback_total / tuned_total if tuned_total else 0):.2f}x | 100% | 100% | | |"
+    )
+    return "\n".join(lines)
