@@ -2,12 +2,7 @@
 # Full-size SD1.5 on the GPU machine: build.py for cuda (float16), then deploy.py with both schedulers.
 # Run from the repository root after `source .dev/tvm-b/activate.sh` (see benchmarks/README.md).
 set -u
-R=$(pwd)
-export PYTHONPATH=$R:$R/examples/stable_diffusion:$PYTHONPATH PYTHONUNBUFFERED=1 MLCWEB_CACHE_DIR=/tmp/mlcache
-# build.py finds plugins through entry points: register the plugin as an installed distribution would be.
-d=/tmp/site/mlcweb_stable_diffusion-0.1.0.dist-info; mkdir -p $d
-printf 'Metadata-Version: 2.1\nName: mlcweb-stable-diffusion\nVersion: 0.1.0\n' > $d/METADATA
-printf '[mlcweb]\nstable_diffusion = mlcweb_stable_diffusion.plugin\n' > $d/entry_points.txt
+source "$(dirname "$0")/gpu_env.sh"  # build.py finds plugins through entry points
 python3 -m mlcweb.cli list
 start=$(date +%s)
 python3 examples/stable_diffusion/build.py --target cuda --size full --dtype float16 --out /tmp/sd15-cuda 2>&1 | grep -v "Warning\|warn(\|params_shard" | tail -14

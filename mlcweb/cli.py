@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--db", type=Path, required=True, help="database directory (created, or resumed and merged)")
     t.add_argument("--trials", type=int, default=64, help="valid measured schedules per task (default 64)")
     t.add_argument("--tasks", metavar="PATTERN", help="only tasks matching these globs (comma-separated)")
+    t.add_argument("--max-tasks", type=int, help="only the N heaviest tasks (runs per use x FLOPs)")
     t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the RPC servers of this tracker")
     t.add_argument("--rpc-key", help="the key the RPC servers registered under")
     t.add_argument("--builders", type=int, help="parallel build processes (default: CPU count)")
@@ -143,6 +144,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         arch=args.arch,
         builders=args.builders,
         search=args.search,
+        max_tasks=args.max_tasks,
     )
     results = tune(PluginHost(), args.model, options)
     print(summary_table(results))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -41,6 +42,7 @@ import tvm
 import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.analysis import estimate_tir_flops
 
 import mlcweb_passes as mp
 
@@ -75,6 +77,7 @@ class TuneOptions:
     # "evolutionary" (cost-model guided, the default) or "replay-trace" (random samples, much cheaper
     # per trial: for smoke runs and tests)
     search: str = "evolutionary"
+    max_tasks: int | None = None  # only the N heaviest tasks (runs per use x FLOPs)
 
 
 @dataclass
@@ -103,6 +106,9 @@ def tuning_target(info: TargetInfo) -> tvm.target.Target:
     if info.name == "llvm":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return tvm.target.Target({**info.kind, "num-cores": cores})
+    if info.name == "cuda":  # MetaSchedule's GPU rules need the thread and shared-memory limits
+        limits = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152, "thread_warp_size": 32}
+        return tvm.target.Target({**limits, **info.kind}, host=info.host)
     return info.tvm_target()
 
 
@@ -134,13 +140,22 @@ def extract_tuning_tasks(host: PluginHost, model: str, options: TuneOptions) -> 
                 merged[key].weight += weight
             else:
                 merged[key] = Task(ext.task_name, ext.dispatched[0], weight, ext)
-    tasks = sorted(merged.values(), key=lambda t: (-t.weight, t.name))
+    # Heaviest first: runs per use times estimated FLOPs, a stand-in for the share of one use.
+    tasks = sorted(merged.values(), key=lambda t: (-t.weight * _flops(t.mod), t.name))
     if options.tasks:
         patterns = [p.strip() for p in options.tasks.split(",") if p.strip()]
         tasks = [t for t in tasks if any(fnmatch.fnmatch(t.name, p) for p in patterns)]
         if not tasks:
             raise MlcwebError(f"no task matches --tasks {options.tasks!r}; run without it to see the task names")
-    return [t for t in tasks if t.weight > 0 or options.tasks], target
+    tasks = [t for t in tasks if t.weight > 0 or options.tasks]
+    return (tasks[: options.max_tasks] if options.max_tasks else tasks), target
+
+
+def _flops(mod: tvm.IRModule) -> float:
+    try:
+        return max(1.0, float(estimate_tir_flops(mod)))
+    except Exception:  # shapes it cannot count (data-dependent loops)
+        return 1.0
 
 
 def _rpc_runner(tracker: str, key: str | None) -> ms.runner.Runner:
@@ -211,6 +226,8 @@ def measure_default(task: Task, target: tvm.target.Target, builder: Any, runner:
 
 
 def _records(db: ms.database.JSONDatabase, task: Task, k: int) -> list[Any]:
+    if not db.has_workload(task.mod):  # do not commit workloads just to count their records
+        return []
     return list(db.get_top_k(db.commit_workload(task.mod), k))
 
 
@@ -241,6 +258,14 @@ def preload_tensor_intrinsics() -> None:
         importlib.import_module("tvm.s_tir.tensor_intrin")
     finally:
         inspect.getmodule = original
+
+
+def _cost_model() -> str:
+    """MetaSchedule's XGBoost cost model where xgboost is installed, random scores otherwise."""
+    if importlib.util.find_spec("xgboost") is None:
+        log.warning("xgboost is not installed: the search runs without a cost model (pip install xgboost)")
+        return "random"
+    return "xgb"
 
 
 _STATE = "mlcweb-tune.json"
@@ -351,6 +376,7 @@ def tune(
                 database=db,
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
                 task_scheduler="round-robin",
+                cost_model=_cost_model(),
             )
             measured += progress.done
             best = _records(db, task, 1)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import tvm
+from tvm import relax
 
 
 class ModulePassBase:
@@ -17,3 +18,12 @@ class ModulePassBase:
     if TYPE_CHECKING:
 
         def __call__(self, mod: tvm.IRModule) -> tvm.IRModule: ...
+
+
+def rewrite_relax_functions(mod: tvm.IRModule, rewriter: Any) -> tvm.IRModule:
+    """Run a ``PyExprMutator`` (built on ``mod``) over every Relax function of ``mod``; the new module."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    result: tvm.IRModule = rewriter.builder_.get()
+    return result

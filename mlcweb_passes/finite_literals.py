@@ -25,7 +25,7 @@ from tvm import relax
 from tvm.ir.expr import GenericConst
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._base import ModulePassBase
+from ._base import ModulePassBase, rewrite_relax_functions
 
 __all__ = ["FiniteFloatLiterals"]
 
@@ -86,9 +86,7 @@ class FiniteFloatLiterals(ModulePassBase):
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _Finite(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        result = rewrite_relax_functions(mod, rewriter)
         if rewriter.approximated:
             log.info("replaced infinity by the largest finite value in %d constants", rewriter.approximated)
-        return rewriter.builder_.get()
+        return result

@@ -27,7 +27,7 @@ from tvm import relax
 from tvm.ir.expr import GenericConst
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._base import ModulePassBase
+from ._base import ModulePassBase, rewrite_relax_functions
 
 __all__ = ["REWRITTEN_DTYPES", "Int32Tensors", "narrow_integer_tensors"]
 
@@ -66,11 +66,7 @@ class Int32Tensors(ModulePassBase):
     """Rewrite 64-, 16- and 8-bit integer constants, casts and ranges to int32 (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _ToInt32(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return rewrite_relax_functions(mod, _ToInt32(mod))
 
 
 def narrow_integer_tensors(mod: tvm.IRModule) -> dict[str, list[str]]:
