@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tiny_bert_plugin
 import torch
+from tvm.s_tir.analysis import estimate_tir_flops
 
 from mlcweb import BuildOptions
 from mlcweb.build import build
@@ -122,8 +123,10 @@ def test_tune_over_rpc_resume_and_a_dying_server(
         target="llvm", db=db, rpc_tracker=tracker, rpc_key=KEY, builders=2, trials_per_round=4, search="replay-trace"
     )
     tasks, _ = extract_tuning_tasks(host, "tiny-bert", base)
-    assert tasks == sorted(tasks, key=lambda t: (-t.weight, t.name)) and all(t.weight >= 1 for t in tasks)
-    # The two heaviest matmuls (per encoder call: 8 and 2 calls), which have real schedule spaces.
+    # Heaviest first: runs per use times FLOPs.
+    cost = [t.weight * max(1.0, float(estimate_tir_flops(t.mod))) for t in tasks]
+    assert cost == sorted(cost, reverse=True) and all(t.weight >= 1 for t in tasks)
+    # The two heaviest matmuls, which have real schedule spaces.
     names = [t.name for t in tasks if "matmul" in t.name][:2]
     options = TuneOptions(**{**base.__dict__, "trials": 4, "tasks": ",".join(names)})
 
