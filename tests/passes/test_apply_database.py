@@ -12,6 +12,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import mlcweb_passes as mp
+from mlcweb.tune import preload_tensor_intrinsics
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 
@@ -38,13 +39,16 @@ def tuned_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         fused = mp.FuseOperators()(Model)
     tasks = ms.relax_integration.extract_tasks(fused, TARGET)
     (task,) = [t for t in tasks if "matmul" in t.task_name]
+    preload_tensor_intrinsics()  # tune_tir's TuneContext imports it in this process too
     ms.tune_tir(
         task.dispatched[0],
         TARGET,
         str(work_dir),
         max_trials_global=4,
         num_trials_per_iter=4,
-        builder=ms.builder.LocalBuilder(max_workers=2, timeout_sec=180),
+        # Each builder worker imports tvm.s_tir.tensor_intrin: minutes on a busy 2-core machine unless
+        # preloaded the fast way (see mlcweb.tune.preload_tensor_intrinsics).
+        builder=ms.builder.LocalBuilder(max_workers=2, timeout_sec=600, initializer=preload_tensor_intrinsics),
         runner=ms.runner.LocalRunner(timeout_sec=60),
         seed=0,
     )
