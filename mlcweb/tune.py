@@ -260,6 +260,15 @@ def preload_tensor_intrinsics() -> None:
         inspect.getmodule = original
 
 
+def detach_unnamed_tuning_log_handlers() -> None:
+    """Work around MetaSchedule's logger set-up: it lists the handlers of ``tvm.s_tir.meta_schedule`` by
+    name in a ``dictConfig``, and an unnamed handler there (left by an earlier configuration in the same
+    process) makes it fail with "'NoneType' object has no attribute 'format'". Drop those handlers."""
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
+        ms_logger.removeHandler(handler)
+
+
 def _cost_model() -> str:
     """MetaSchedule's XGBoost cost model where xgboost is installed, random scores otherwise."""
     if importlib.util.find_spec("xgboost") is None:
@@ -361,6 +370,7 @@ def tune(
                 echo(f"{head}: {done}/{todo} trials, best {best_txt}, ~{left:.0f} s left")
 
             progress = _Progress(report)
+            detach_unnamed_tuning_log_handlers()
             contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [task.extracted], str(options.db / "logs"), strategy=options.search, seed=options.seed
             )

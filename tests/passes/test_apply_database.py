@@ -12,7 +12,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import mlcweb_passes as mp
-from mlcweb.tune import preload_tensor_intrinsics
+from mlcweb.tune import detach_unnamed_tuning_log_handlers, preload_tensor_intrinsics
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 
@@ -40,6 +40,7 @@ def tuned_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     tasks = ms.relax_integration.extract_tasks(fused, TARGET)
     (task,) = [t for t in tasks if "matmul" in t.task_name]
     preload_tensor_intrinsics()  # tune_tir's TuneContext imports it in this process too
+    detach_unnamed_tuning_log_handlers()  # left by earlier tuning in the same pytest process
     ms.tune_tir(
         task.dispatched[0],
         TARGET,
