@@ -221,8 +221,9 @@ def build(
     out = options.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with_variant = target_info.name == "webgpu" and options.dtype == "float16" and options.webgpu_fallback
     names = ["import", "lift", "lower", "compile", "weights", "assets", "manifest"]
-    if target_info.name == "webgpu" and options.dtype == "float16" and options.webgpu_fallback:
+    if with_variant:
         names.insert(-1, "float32 variant")
     stages = _Stages(names, progress)
     try:
@@ -245,7 +246,7 @@ def build(
             if target_info.name == "webgpu":
                 files += write_web_runtime(tmp)
         variants = {}
-        if target_info.name == "webgpu" and options.dtype == "float16" and options.webgpu_fallback:
+        if with_variant:
             with stages.stage("float32 variant"):
                 files += _float32_variant(host, model, options, tmp)
                 variants["float32"] = f"{FLOAT32_VARIANT}/"
