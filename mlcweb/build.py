@@ -167,7 +167,10 @@ def _lower(
 ) -> tuple[tvm.IRModule, int, mp.ScheduleReport, dict[str, mp.FunctionMemory]]:
     passes = mp.lowering_passes(target, options.database, mp.PipelineOptions(extra_passes=tuple(extra)))
     split = next(i for i, p in enumerate(passes) if p.info.name == "mlcweb.StaticMemoryPlan") + 1
-    with target:
+    # RewriteCUDAGraph (in the pipeline) acts only when this is set: it moves the planned allocations into
+    # a function run once and the kernel launches between them into a graph captured on the first call.
+    use_graph = target.kind.name == "cuda" and options.cuda_graph
+    with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": use_graph}):
         planned = tvm.transform.Sequential(passes[:split])(mod)
         report = mp.schedule_report(planned)
         memory = mp.memory_report(planned)

@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--db", type=Path, help="MetaSchedule database directory to apply (default: the shipped one)")
     b.add_argument("--no-db", action="store_true", help="apply no database: default schedules everywhere")
     b.add_argument("--arch", help="GPU architecture for cuda (default sm_90)")
+    b.add_argument("--no-cuda-graph", action="store_true", help="cuda: launch kernels one by one, no CUDA graph")
     b.add_argument("--weight-encoding", choices=ENCODINGS, default="raw", help="f32-to-bf16 halves float32 weights")
     b.add_argument("--no-cache", action="store_true", help="re-import instead of using the import cache")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plugin config value")
@@ -119,6 +120,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         config=_parse_set(args.set),
         arch=args.arch,
         use_shipped_database=not args.no_db,
+        cuda_graph=not args.no_cuda_graph,
     )
     if args.db is not None and args.no_db:
         raise MlcwebError("--db and --no-db contradict each other; pass one")

@@ -78,3 +78,5 @@ class BuildOptions:
     arch: str | None = None
     # webgpu + float16 only: also build a float32 variant in <out>/float32/ for adapters without shader-f16
     webgpu_fallback: bool = True
+    # cuda only: capture each function's kernel launches once in a CUDA graph and replay it on later calls
+    cuda_graph: bool = True

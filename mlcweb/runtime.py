@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,16 @@ from .errors import CorruptArtifactError, MlcwebError
 from .manifest import read_manifest, verify_files
 from .tensor_cache import read_tensor_cache
 
-__all__ = ["Artifacts", "load"]
+__all__ = ["Artifacts", "KernelTime", "load"]
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """Wall time of one kernel (or VM builtin) over all its calls in one function call."""
+
+    name: str
+    calls: int
+    seconds: float
 
 
 class Artifacts:
@@ -60,6 +71,35 @@ class Artifacts:
             raise MlcwebError(f"{func!r} takes {len(specs)} inputs ({[s['name'] for s in specs]}), got {len(inputs)}")
         args = [self._tensor(x, s) for x, s in zip(inputs, specs, strict=True)]
         return self.vm[func](*args, *self.params[func])
+
+    def profile(self, func: str, *inputs: np.ndarray | tvm.runtime.Tensor) -> list[KernelTime]:
+        """Run ``func`` once, timing every call the VM makes (kernels and builtins), slowest first.
+
+        The device is synchronised around each call, so each time is the kernel's own; the sum is more
+        than a normal call takes (launches no longer overlap).
+        """
+        totals: dict[str, list[float]] = {}
+        started: list[float] = []
+
+        def instrument(_func: Any, symbol: str, before: bool, _ret: Any, *_args: Any) -> int:
+            self.device.sync()
+            if before:
+                started.append(time.perf_counter())
+            else:
+                entry = totals.setdefault(str(symbol), [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - started.pop()
+            return 0
+
+        self(func, *inputs)  # warm-up: first calls load kernels
+        self.device.sync()
+        self.vm.set_instrument(instrument)
+        try:
+            self(func, *inputs)
+        finally:
+            self.vm.set_instrument(None)
+        ranked = [KernelTime(name, int(n), sec) for name, (n, sec) in totals.items()]
+        return sorted(ranked, key=lambda k: -k.seconds)
 
     def _tensor(self, value: np.ndarray | tvm.runtime.Tensor, spec: dict[str, Any]) -> tvm.runtime.Tensor:
         if isinstance(value, tvm.runtime.Tensor):

@@ -13,36 +13,45 @@ One pass per module; see ``docs/passes.md``.
 from .apply_database import ApplyDatabase, ScheduleReport, load_database, schedule_report
 from .default_schedule import CPUParallel, DefaultSchedule, default_rules, is_gpu_target
 from .detach_params import ParamNameError, detach_params, param_names, unique_param_names
+from .drop_softmax_guard import DropSoftmaxGuard
 from .finite_literals import FiniteFloatLiterals
 from .fuse_attention import ATTENTION_COMPOSITE, FuseAttention, attention_patterns
 from .fuse_ops import FuseOperators, count_kernels
+from .fuse_softmax import SOFTMAX_COMPOSITE, FuseSoftmax, softmax_patterns
 from .int32_tensors import Int32Tensors, narrow_integer_tensors
 from .lift_transform_params import LiftedModules, apply_transform_params, compile_transform, split_transform_params
 from .memory_plan import FunctionMemory, StaticMemoryPlan, memory_report
 from .mixed_precision import MixedPrecision
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
 from .pipeline import PipelineOptions, lowering_passes, pipeline
+from .row_reduction import RowReduction
+from .tensor_core_matmul import TensorCoreMatmul
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ATTENTION_COMPOSITE",
+    "SOFTMAX_COMPOSITE",
     "ApplyDatabase",
     "CPUParallel",
     "DefaultSchedule",
+    "DropSoftmaxGuard",
     "FiniteFloatLiterals",
     "FunctionMemory",
     "FunctionNameClashError",
     "FuseAttention",
     "FuseOperators",
+    "FuseSoftmax",
     "Int32Tensors",
     "LiftedModules",
     "MixedPrecision",
     "ParamNameError",
     "PipelineOptions",
     "RemoveUnusedFunctions",
+    "RowReduction",
     "ScheduleReport",
     "StaticMemoryPlan",
+    "TensorCoreMatmul",
     "apply_transform_params",
     "attention_patterns",
     "compile_transform",
@@ -59,6 +68,7 @@ __all__ = [
     "pipeline",
     "reachable_functions",
     "schedule_report",
+    "softmax_patterns",
     "split_transform_params",
     "unique_param_names",
 ]

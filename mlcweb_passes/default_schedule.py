@@ -4,8 +4,11 @@ Legalized TIR is a plain loop nest: on a GPU it does not even build (nothing is 
 and on the CPU it runs on one core with the reduction innermost. This pass schedules each PrimFunc
 that is not already scheduled (``tirx.is_scheduled``) with
 
-- GPU targets: the ``tvm.s_tir.dlight`` default GPU rules (Matmul, GEMV, Reduction,
-  GeneralReduction, Fallback), as ``relax.get_default_pipeline`` would;
+- GPU targets: :class:`~mlcweb_passes.row_reduction.RowReduction` (ours: group norm and other
+  reductions with few long rows) and :class:`~mlcweb_passes.tensor_core_matmul.TensorCoreMatmul` (ours:
+  float16 matmuls with a short axis, as in attention, on tensor cores), then the ``tvm.s_tir.dlight``
+  default GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Fallback), as
+  ``relax.get_default_pipeline`` would;
 - ``llvm``: :class:`CPUParallel`, a rule of ours that inlines elementwise producers, runs the
   spatial loops in parallel and, for matmul- and conv-shaped reductions, moves the reduction
   outside the contiguous output axis so LLVM can vectorise it.
@@ -23,6 +26,8 @@ from tvm.s_tir.dlight.base import try_inline
 from tvm.target import Target
 
 from ._base import ModulePassBase
+from .row_reduction import RowReduction
+from .tensor_core_matmul import TensorCoreMatmul
 
 __all__ = ["CPUParallel", "DefaultSchedule", "default_rules", "is_gpu_target", "is_scheduled"]
 
@@ -88,6 +93,8 @@ def default_rules(target: Target) -> list[dl.ScheduleRule]:
     """The rules :class:`DefaultSchedule` applies for ``target``, in priority order."""
     if is_gpu_target(target):
         return [
+            RowReduction(),
+            TensorCoreMatmul(),
             dl.gpu.Matmul(),
             dl.gpu.GEMV(),
             dl.gpu.Reduction(),

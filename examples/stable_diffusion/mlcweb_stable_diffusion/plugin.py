@@ -23,6 +23,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 import mlcweb_passes as mp
 from mlcweb import BuildOptions, ImportedModel, ImportOptions, ModelSpec, hookimpl
+from mlcweb.errors import MlcwebError
 from mlcweb.web import web_dir
 
 from . import MODEL_NAME
@@ -33,6 +34,8 @@ from .tokenizer import MAX_LENGTH, write_clip_vocab, write_tokenizer_json
 DEFAULT_CONFIG: dict[str, Any] = {
     "size": "tiny",
     "seed": 0,
+    # Latent height and width (the image is 8x that); 0 keeps the model's own (64 for SD1.5: 512x512).
+    "latent_size": 0,
     "guidance": 7.5,
     "steps": {"dpm": [20, 10], "pndm": [50, 20]},
 }
@@ -59,10 +62,15 @@ def _concat_function(hidden: int) -> relax.Function:
     return bb.get()["concat_embeddings"]
 
 
-def import_networks(nets: Networks) -> ImportedModel:
-    """Export the three networks and add the Relax-only functions; one module, weights per function."""
+def import_networks(nets: Networks, latent_size: int = 0) -> ImportedModel:
+    """Export the three networks and add the Relax-only functions; one module, weights per function.
+
+    ``latent_size`` (> 0) compiles for that latent height and width instead of the UNet's ``sample_size``.
+    """
     hidden = int(nets.clip.config.hidden_size)
-    size = nets.latent_size
+    if latent_size < 0 or latent_size % 8:
+        raise MlcwebError(f"latent_size must be a positive multiple of 8 (or 0 for the model's own), not {latent_size}")
+    size = latent_size or nets.latent_size
     latents = torch.zeros(1, 4, size, size)
     ids = torch.zeros(1, MAX_LENGTH, dtype=torch.int32)
     clip_mod, clip_params = _export(CLIPStage(nets.clip), (ids,), "clip")
@@ -115,7 +123,8 @@ def mlcweb_models() -> list[ModelSpec]:
 @hookimpl
 def mlcweb_import_model(spec: ModelSpec, options: ImportOptions) -> ImportedModel:
     config = {**spec.default_config, **options.config}
-    return import_networks(load_networks(config["size"], options.model_path, config["seed"]))
+    nets = load_networks(config["size"], options.model_path, config["seed"])
+    return import_networks(nets, int(config["latent_size"]))
 
 
 def write_scheduler_constants(
