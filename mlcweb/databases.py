@@ -10,11 +10,14 @@ kernels it has seen; kernels it has not seen get the default schedules.
 from __future__ import annotations
 
 import platform
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from .targets import TargetInfo
 
-__all__ = ["DATABASES_DIR", "shipped_database", "shipped_database_name"]
+__all__ = ["DATABASES_DIR", "compact_database", "shipped_database", "shipped_database_name"]
 
 DATABASES_DIR = Path(__file__).resolve().parent / "databases"
 
@@ -32,3 +35,52 @@ def shipped_database(info: TargetInfo) -> Path | None:
     """The shipped database directory for ``info``, or None when mlcweb ships none for it."""
     path = DATABASES_DIR / shipped_database_name(info)
     return path if (path / "database_tuning_record.json").is_file() else None
+
+
+def compact_database(src: Path, dst: Path, top_k: int = 2) -> int:
+    """Copy the ``top_k`` fastest valid records of every workload of ``src`` into a new database ``dst``.
+
+    A tuning run keeps every measured candidate, failed ones included (megabytes for SD); a shipped
+    database needs only the best. ``dst`` is written in a temporary directory and renamed into place.
+    Returns the number of records kept.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    import mlcweb_passes as mp
+
+    source = mp.load_database(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp.chmod(0o755)
+    try:
+        target = ms.database.JSONDatabase(
+            str(tmp / "database_workload.json"), str(tmp / "database_tuning_record.json"), allow_missing=True
+        )
+        kept = 0
+        for record in source.get_all_tuning_records():
+            workload = record.workload
+            best = source.get_top_k(workload, top_k)
+            if not any(str(b.trace) == str(record.trace) for b in best):
+                continue
+            target.commit_tuning_record(
+                ms.database.TuningRecord(
+                    record.trace,
+                    target.commit_workload(workload.mod),
+                    record.run_secs,
+                    record.target,
+                    record.args_info,
+                )
+            )
+            kept += 1
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+        return kept
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":  # python -m mlcweb.databases SRC DST [TOP_K]
+    n = compact_database(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+    print(f"kept {n} records in {sys.argv[2]}")

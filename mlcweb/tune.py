@@ -25,14 +25,11 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import importlib.util
-import inspect
 import json
 import logging
 import math
 import os
-import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +42,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
 
 import mlcweb_passes as mp
+from mlcweb_passes.apply_database import preload_tensor_intrinsics
 
 from .build import import_and_lift, pre_schedule_passes
 from .errors import MlcwebError
@@ -109,7 +107,22 @@ def tuning_target(info: TargetInfo) -> tvm.target.Target:
     if info.name == "cuda":  # MetaSchedule's GPU rules need the thread and shared-memory limits
         limits = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152, "thread_warp_size": 32}
         return tvm.target.Target({**limits, **info.kind}, host=info.host)
+    if info.name == "webgpu":
+        # Measured natively on CUDA (no browser can run MetaSchedule's runner) within what WebGPU allows:
+        # 256 threads per workgroup, 16 KB of workgroup memory, no warp shuffles; and the search space
+        # has no tensor-core rules (WGSL has no matrix intrinsics): see _space().
+        limits = {"max_threads_per_block": 256, "max_shared_memory_per_block": 16384, "thread_warp_size": 1}
+        return tvm.target.Target({"kind": "cuda", "arch": "sm_90", **limits})
     return info.tvm_target()
+
+
+def _space(options: TuneOptions) -> Any:
+    """MetaSchedule's search space: CUDA float16 builds search tensor-core schedules too."""
+    if options.target == "cuda" and options.dtype == "float16":
+        return ms.space_generator.PostOrderApply(
+            sch_rules="cuda-tensorcore", postprocs="cuda-tensorcore", mutator_probs="cuda-tensorcore"
+        )
+    return "post-order-apply"
 
 
 def extract_tuning_tasks(host: PluginHost, model: str, options: TuneOptions) -> tuple[list[Task], tvm.target.Target]:
@@ -125,9 +138,12 @@ def extract_tuning_tasks(host: PluginHost, model: str, options: TuneOptions) -> 
         arch=options.arch,
     )
     deploy, _weights, _imported = import_and_lift(host, model, build_options)
-    extra = host.pipeline_passes(model, target=target, options=build_options)
-    with target:
-        fused = tvm.transform.Sequential(pre_schedule_passes(target, extra))(deploy)
+    # The kernels the build compiles: lowered for the build target (for webgpu that differs from the
+    # CUDA target the tasks are measured on).
+    build_target = info.tvm_target()
+    extra = host.pipeline_passes(model, target=build_target, options=build_options)
+    with build_target:
+        fused = tvm.transform.Sequential(pre_schedule_passes(build_target, extra))(deploy)
     runs = host.model(model).spec.runs_per_use
     merged: dict[int, Task] = {}
     entries = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.relax.Function)]
@@ -205,15 +221,37 @@ def _mean(run_secs: Any) -> float | None:
     return sum(values) / len(values) if values and all(math.isfinite(v) for v in values) else None
 
 
-def measure_default(task: Task, target: tvm.target.Target, builder: Any, runner: Any) -> float | None:
-    """Seconds per call of the task's default (fallback) schedule, measured like a tuning candidate."""
-    with target:
-        scheduled = mp.DefaultSchedule(target)(task.mod)
+def default_schedule(task: Task, target: tvm.target.Target) -> Any:
+    """The schedule a build for ``target`` gives the task without a database (first default rule that applies)."""
+    for rule in mp.default_rules(target):
+        space = rule.apply(task.mod["main"], target, False)
+        if space is not None:
+            return space[0] if isinstance(space, list) else space
+    return None
+
+
+def measure_default(
+    task: Task,
+    target: tvm.target.Target,
+    builder: Any,
+    runner: Any,
+    db: ms.database.Database | None = None,
+    build_target: tvm.target.Target | None = None,
+) -> float | None:
+    """Seconds per call of the task's default (fallback) schedule, measured like a tuning candidate.
+
+    With ``db``, the default schedule also goes into the database as a tuning record with that time, so
+    a build applies MetaSchedule's best only where it beats the default schedule.
+    """
+    sch = default_schedule(task, build_target or target)
+    if sch is None:
+        return None
+    scheduled = tvm.IRModule({"main": sch.mod["main"].with_attr("tirx.is_scheduled", True)})
     (built,) = builder.build([ms.builder.BuilderInput(scheduled, target)])
     if built.error_msg:
         log.warning("default schedule of %s does not build: %s", task.name, built.error_msg[:300])
         return None
-    args = ms.arg_info.ArgInfo.from_prim_func(scheduled["main"])
+    args = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
     (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args)])
     result = future.result()
@@ -222,42 +260,24 @@ def measure_default(task: Task, target: tvm.target.Target, builder: Any, runner:
     if result.error_msg:
         log.warning("default schedule of %s failed to run: %s", task.name, result.error_msg[:300])
         return None
-    return _mean(result.run_secs)
+    seconds = _mean(result.run_secs)
+    if db is not None and seconds is not None and not _has_record_of(db, task, sch.trace):
+        workload = db.commit_workload(task.mod)
+        db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [seconds], target, args))
+    return seconds
+
+
+def _has_record_of(db: ms.database.Database, task: Task, trace: Any) -> bool:
+    if not db.has_workload(task.mod):
+        return False
+    text = str(trace)
+    return any(str(r.trace) == text for r in db.get_top_k(db.commit_workload(task.mod), 1 << 16))
 
 
 def _records(db: ms.database.JSONDatabase, task: Task, k: int) -> list[Any]:
     if not db.has_workload(task.mod):  # do not commit workloads just to count their records
         return []
     return list(db.get_top_k(db.commit_workload(task.mod), k))
-
-
-def preload_tensor_intrinsics() -> None:
-    """Import ``tvm.s_tir.tensor_intrin`` (every TuneContext needs it) in seconds instead of minutes.
-
-    That package defines hundreds of ``@T.prim_func``s, and TVMScript's parser calls ``inspect.stack()``
-    for each. Under an import, the stack holds ``<frozen importlib._bootstrap>`` frames that
-    ``inspect.getmodule`` never finds, so every lookup scans all of ``sys.modules`` again: about a minute
-    on 2 cores with only TVM loaded, four with torch and diffusers. Remembering the misses for the
-    duration of the import makes it ~5 s; the parser only uses the frames, not their modules.
-    """
-    if "tvm.s_tir.tensor_intrin" in sys.modules:
-        return
-    original = inspect.getmodule
-    misses: set[str] = set()
-
-    def getmodule(obj: object, _filename: str | None = None) -> types.ModuleType | None:
-        if _filename is not None and _filename in misses:
-            return None
-        module = original(obj, _filename)
-        if module is None and _filename is not None:
-            misses.add(_filename)
-        return module
-
-    inspect.getmodule = getmodule  # type: ignore[assignment]
-    try:
-        importlib.import_module("tvm.s_tir.tensor_intrin")
-    finally:
-        inspect.getmodule = original
 
 
 def detach_unnamed_tuning_log_handlers() -> None:
@@ -335,6 +355,7 @@ def tune(
         max_workers=options.builders or os.cpu_count() or 1, timeout_sec=300, initializer=preload_tensor_intrinsics
     )
     runner = _runner(options)
+    build_target = resolve_target(options.target, arch=options.arch).tvm_target()
     state = _load_state(options.db)
     total_trials = sum(
         0 if _done(have, t, state, options.trials) else options.trials - len(have)
@@ -347,7 +368,7 @@ def tune(
     try:
         for index, task in enumerate(tasks, 1):
             have = _records(db, task, options.trials)
-            fallback = measure_default(task, target, builder, runner)
+            fallback = measure_default(task, target, builder, runner, db, build_target)
             if _done(have, task, state, options.trials):
                 results.append(
                     TaskResult(task.name, task.weight, fallback, _mean(have[0].run_secs), len(have), "skipped (done)")
@@ -372,7 +393,11 @@ def tune(
             progress = _Progress(report)
             detach_unnamed_tuning_log_handlers()
             contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [task.extracted], str(options.db / "logs"), strategy=options.search, seed=options.seed
+                [task.extracted],
+                str(options.db / "logs"),
+                space=_space(options),
+                strategy=options.search,
+                seed=options.seed,
             )
             ms.tune_tasks(
                 tasks=contexts,

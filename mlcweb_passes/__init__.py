@@ -10,7 +10,13 @@ Standalone: it imports TVM and nothing of ``mlcweb``, so any TVM project can use
 One pass per module; see ``docs/passes.md``.
 """
 
-from .apply_database import ApplyDatabase, ScheduleReport, load_database, schedule_report
+from .apply_database import (
+    ApplyDatabase,
+    ScheduleReport,
+    load_database,
+    preload_tensor_intrinsics,
+    schedule_report,
+)
 from .default_schedule import CPUParallel, DefaultSchedule, default_rules, is_gpu_target
 from .detach_params import ParamNameError, detach_params, param_names, unique_param_names
 from .drop_softmax_guard import DropSoftmaxGuard
@@ -66,6 +72,7 @@ __all__ = [
     "narrow_integer_tensors",
     "param_names",
     "pipeline",
+    "preload_tensor_intrinsics",
     "reachable_functions",
     "schedule_report",
     "softmax_patterns",

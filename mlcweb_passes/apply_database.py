@@ -11,7 +11,11 @@ build, and unscheduled CPU code runs on one core. :class:`ApplyDatabase` runs
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import sys
+import types
 from dataclasses import dataclass
 
 import tvm
@@ -39,7 +43,39 @@ def load_database(database: ms.Database | str | os.PathLike[str]) -> ms.Database
             f"{path!r} is not a MetaSchedule JSON database: missing {', '.join(missing)}; "
             "pass the directory a tuning run wrote (its work_dir)"
         )
+    with open(records, "rb") as f:
+        if b"tensorize" in f.read():  # traces name tensor intrinsics: they must be registered to parse
+            preload_tensor_intrinsics()
     return ms.database.JSONDatabase(path_workload=workload, path_tuning_record=records, allow_missing=False)
+
+
+def preload_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (every TuneContext needs it) in seconds instead of minutes.
+
+    That package defines hundreds of ``@T.prim_func``s, and TVMScript's parser calls ``inspect.stack()``
+    for each. Under an import, the stack holds ``<frozen importlib._bootstrap>`` frames that
+    ``inspect.getmodule`` never finds, so every lookup scans all of ``sys.modules`` again: about a minute
+    on 2 cores with only TVM loaded, four with torch and diffusers. Remembering the misses for the
+    duration of the import makes it ~5 s; the parser only uses the frames, not their modules.
+    """
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.getmodule
+    misses: set[str] = set()
+
+    def getmodule(obj: object, _filename: str | None = None) -> types.ModuleType | None:
+        if _filename is not None and _filename in misses:
+            return None
+        module = original(obj, _filename)
+        if module is None and _filename is not None:
+            misses.add(_filename)
+        return module
+
+    inspect.getmodule = getmodule  # type: ignore[assignment]
+    try:
+        importlib.import_module("tvm.s_tir.tensor_intrin")
+    finally:
+        inspect.getmodule = original
 
 
 @dataclass(frozen=True)
