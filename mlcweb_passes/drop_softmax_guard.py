@@ -127,7 +127,7 @@ def _is_zero(expr: Any) -> bool:
 
 
 @mutator
-class _DropGuard(PyExprMutator):  # type: ignore[misc]
+class _DropGuard(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
         self.graph: _Graph | None = None

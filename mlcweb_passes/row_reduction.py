@@ -62,8 +62,9 @@ class RowReduction(dl.ScheduleRule):
         n_s = len(kinds) - len(kinds.lstrip("S"))
         if "O" in kinds or kinds != "S" * n_s + "R" * (len(kinds) - n_s) or len(loops) != len(kinds) or n_s == 0:
             return None
-        extents = [_const_extent(sch, lp) for lp in loops]
-        if any(e is None for e in extents):
+        maybe = [_const_extent(sch, lp) for lp in loops]
+        extents = [e for e in maybe if e is not None]
+        if len(extents) != len(maybe):
             return None
         rows = reduce(lambda a, b: a * b, extents[:n_s], 1)
         length = reduce(lambda a, b: a * b, extents[n_s:], 1)

@@ -16,13 +16,16 @@ import numpy as np
 import pytest
 import tiny_bert_plugin
 import torch
+import tvm
 from tvm.s_tir.analysis import estimate_tir_flops
 
+import mlcweb_passes as mp
 from mlcweb import BuildOptions
 from mlcweb.build import build
+from mlcweb.databases import compact_database
 from mlcweb.plugins import PluginHost
 from mlcweb.runtime import load
-from mlcweb.tune import TuneOptions, extract_tuning_tasks, summary_table, tune
+from mlcweb.tune import TuneOptions, default_schedule, extract_tuning_tasks, summary_table, tune
 
 KEY = "mlcweb-test-cpu"
 
@@ -160,9 +163,20 @@ def test_tune_over_rpc_resume_and_a_dying_server(
     assert after.startswith(before) and len(after.splitlines()) > len(before.splitlines())
     assert all(r.status == "tuned" and r.trials >= 8 for r in more), summary_table(more)
 
-    # The database applies in a build, and the tuned kernels compute the same as PyTorch.
+    # Each task's default schedule is a record too (so a build never applies a slower tuned one), and
+    # compacting keeps the best 2 records per workload.
+    saved = mp.load_database(db)
+    for task in (t for t in tasks if t.name in names):
+        default = str(default_schedule(task, tvm.target.Target("llvm")).trace)
+        traces = [str(r.trace) for r in saved.get_top_k(saved.commit_workload(task.mod), 1000)]
+        assert default in traces, f"no default record for {task.name}"
+    compact = tmp_path / "db-compact"
+    assert compact_database(db, compact, top_k=2) == 4
+    assert len((compact / "database_tuning_record.json").read_text().splitlines()) == 4
+
+    # The compacted database applies in a build, and the tuned kernels compute the same as PyTorch.
     out = tmp_path / "bert-tuned"
-    result = build(host, "tiny-bert", BuildOptions(target="llvm", out=out, database=db), progress=False)
+    result = build(host, "tiny-bert", BuildOptions(target="llvm", out=out, database=compact), progress=False)
     assert set(names) <= set(result.schedules.tuned)
     assert json.loads((out / "manifest.json").read_text())["database"] == "--db"
     ids = np.random.default_rng(0).integers(0, 128, size=(1, 16)).astype(np.int32)

@@ -1,0 +1,35 @@
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlcweb_stable_diffusion.models import load_networks
+from mlcweb_stable_diffusion.plugin import import_networks
+
+from mlcweb.errors import MlcwebError
+from mlcweb.runtime import load
+
+
+def test_profile_times_every_kernel_call_and_leaves_the_result_alone(sd_llvm: Path) -> None:
+    arts = load(sd_llvm)
+    latents = np.random.default_rng(0).standard_normal(arts.input_specs("vae")[0]["shape"]).astype(np.float32)
+    want = arts("vae", latents).numpy()
+    kernels = arts.profile("vae", latents)
+    names = [k.name for k in kernels]
+    assert len(names) == len(set(names)) and any("conv2d" in n for n in names)
+    assert all(k.calls >= 1 and k.seconds >= 0 for k in kernels)
+    assert [k.seconds for k in kernels] == sorted((k.seconds for k in kernels), reverse=True)
+    np.testing.assert_array_equal(arts("vae", latents).numpy(), want)  # the instrument is removed again
+
+
+def test_latent_size_must_be_a_multiple_of_8() -> None:
+    with pytest.raises(MlcwebError, match="latent_size must be a positive multiple of 8"):
+        import_networks(load_networks("tiny"), latent_size=12)
+
+
+def test_the_shipped_llvm_database_applies_by_default(sd_llvm: Path) -> None:
+    # mlcweb/databases/llvm-x86_64 holds the tiny model's heaviest kernels (this project's CI is x86-64);
+    # test_sd_pipeline checks these artifacts against diffusers.
+    manifest = json.loads((sd_llvm / "manifest.json").read_text())
+    assert manifest["database"] == f"shipped:llvm-{platform.machine()}"
