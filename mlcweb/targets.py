@@ -56,8 +56,12 @@ _CODEGEN = {
 }
 
 
-def resolve_target(name: str, *, arch: str | None = None) -> TargetInfo:
-    """The :class:`TargetInfo` for ``name``; raises :class:`TargetUnavailableError` with the fix."""
+def resolve_target(name: str, *, arch: str | None = None, link: bool = True) -> TargetInfo:
+    """The :class:`TargetInfo` for ``name``; raises :class:`TargetUnavailableError` with the fix.
+
+    ``link=False`` skips the check for the tools that link a library (emcc for webgpu): tuning compiles
+    kernels but links nothing.
+    """
     if name not in TARGETS:
         raise TargetUnavailableError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}")
     info = TARGETS[name]
@@ -68,7 +72,7 @@ def resolve_target(name: str, *, arch: str | None = None) -> TargetInfo:
             f"{', '.join(n for n in TARGETS if tvm.get_global_func(_CODEGEN[n], allow_missing=True))}, "
             f"or install a TVM built with the {name} backend enabled"
         )
-    if name == "webgpu":
+    if name == "webgpu" and link:
         from .web import check_web_toolchain
 
         check_web_toolchain()

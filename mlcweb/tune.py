@@ -29,6 +29,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,7 +113,12 @@ def tuning_target(info: TargetInfo) -> tvm.target.Target:
         # Measured natively on CUDA (no browser can run MetaSchedule's runner) within what WebGPU allows:
         # 256 threads per workgroup, 16 KB of workgroup memory, no warp shuffles; and the search space
         # has no tensor-core rules (WGSL has no matrix intrinsics): see _space().
-        limits = {"max_threads_per_block": 256, "max_shared_memory_per_block": 16384, "thread_warp_size": 1}
+        limits = {
+            "max_threads_per_block": 256,
+            "max_num_threads": 256,
+            "max_shared_memory_per_block": 16384,
+            "thread_warp_size": 1,
+        }
         return tvm.target.Target({"kind": "cuda", "arch": "sm_90", **limits})
     return info.tvm_target()
 
@@ -127,7 +134,7 @@ def _space(options: TuneOptions) -> Any:
 
 def extract_tuning_tasks(host: PluginHost, model: str, options: TuneOptions) -> tuple[list[Task], tvm.target.Target]:
     """The model's kernels after fusion, merged across functions, weighted by runs per use."""
-    info = resolve_target(options.target, arch=options.arch)
+    info = resolve_target(options.target, arch=options.arch, link=False)
     target = tuning_target(info)
     build_options = BuildOptions(
         target=options.target,
@@ -328,10 +335,12 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
     def __init__(self, report: Callable[[int, float | None], None]) -> None:
         super().__init__()
         self.report = report
-        self.done = 0
+        self.done = 0  # valid measurements
+        self.candidates = 0  # candidates tried, failed builds and runs included
         self.best: float | None = None
 
     def apply(self, task_scheduler: Any, task_id: int, candidates: Any, builds: Any, runs: Any) -> None:
+        self.candidates += len(runs)
         for result in runs:
             secs = _mean(result.run_secs) if not result.error_msg else None
             if secs is not None:
@@ -355,7 +364,7 @@ def tune(
         max_workers=options.builders or os.cpu_count() or 1, timeout_sec=300, initializer=preload_tensor_intrinsics
     )
     runner = _runner(options)
-    build_target = resolve_target(options.target, arch=options.arch).tvm_target()
+    build_target = resolve_target(options.target, arch=options.arch, link=False).tvm_target()
     state = _load_state(options.db)
     total_trials = sum(
         0 if _done(have, t, state, options.trials) else options.trials - len(have)
@@ -365,6 +374,14 @@ def tune(
     echo(f"{len(tasks)} tasks for {target.kind.name}; {total_trials} trials to measure into {options.db}")
     results: list[TaskResult] = []
     started, measured = time.perf_counter(), 0
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
         for index, task in enumerate(tasks, 1):
             have = _records(db, task, options.trials)
@@ -417,8 +434,8 @@ def tune(
             best = _records(db, task, 1)
             results[-1].tuned_s = _mean(best[0].run_secs) if best else None
             results[-1].trials = len(_records(db, task, options.trials))
-            results[-1].status = "tuned" if best else "failed"
-            if best and results[-1].trials < options.trials:
+            results[-1].status = "tuned" if progress.done else "failed (no candidate built and ran)"
+            if progress.done and progress.candidates < todo:
                 # The search ran out of new candidates: the space is smaller than --trials. Remember it,
                 # so a re-run does not search it again.
                 state.setdefault(_task_key(task), {})["exhausted_at"] = options.trials
@@ -426,6 +443,14 @@ def tune(
                 results[-1].status = "tuned (space exhausted)"
     except KeyboardInterrupt:
         echo(f"interrupted: the {measured} measurements of this run are kept in {options.db}")
+    except RuntimeError:
+        # Ctrl-C while MetaSchedule waits in C++ on its builders reaches us as a RuntimeError.
+        if not interrupted.is_set():
+            raise
+        echo(f"interrupted: the {measured} measurements of this run are kept in {options.db}")
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     return results
 
 
