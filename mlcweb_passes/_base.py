@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import tvm
-from tvm import relax
+from tvm import relax, s_tir, tirx
+from tvm.relax.dpl import DFPattern, is_op, wildcard
+from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
+
+GPU_KINDS = frozenset({"cuda", "rocm", "metal", "vulkan", "webgpu", "opencl"})
 
 
 class ModulePassBase:
@@ -27,3 +32,21 @@ def rewrite_relax_functions(mod: tvm.IRModule, rewriter: Any) -> tvm.IRModule:
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
     result: tvm.IRModule = rewriter.builder_.get()
     return result
+
+
+def maybe_followed(pattern: DFPattern, *ops: str) -> DFPattern:
+    """``pattern`` optionally followed by each op of ``ops`` (shape ops torch.export inserts: a tensor and
+    a shape argument)."""
+    for op in ops:
+        pattern = pattern | is_op(op)(pattern, wildcard())
+    return pattern
+
+
+def inlined_blocks(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[SBlockInfo]] | None:
+    """A schedule of ``func`` with its blocks normalised and injective ones inlined (dlight's start), or
+    None for a function dlight cannot normalise."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    return sch, try_inline(sch, infos)

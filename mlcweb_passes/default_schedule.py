@@ -21,11 +21,9 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
-from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import try_inline
 from tvm.target import Target
 
-from ._base import ModulePassBase
+from ._base import GPU_KINDS, ModulePassBase, inlined_blocks
 from .row_reduction import RowReduction
 from .tensor_core_matmul import TensorCoreMatmul
 
@@ -33,11 +31,10 @@ __all__ = ["CPUParallel", "DefaultSchedule", "default_rules", "is_gpu_target", "
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
 SOURCE_ATTR = "mlcweb.schedule"
-_GPU_KINDS = {"cuda", "rocm", "metal", "vulkan", "webgpu", "opencl"}
 
 
 def is_gpu_target(target: Target) -> bool:
-    return target.kind.name in _GPU_KINDS
+    return target.kind.name in GPU_KINDS
 
 
 def _uses(expr: tirx.PrimExpr, var: tirx.Var) -> bool:
@@ -50,11 +47,10 @@ class CPUParallel(dl.ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
+        normalized = inlined_blocks(func)
+        if normalized is None:
             return None
-        infos = try_inline(sch, infos)
+        sch, infos = normalized
         reductions = []
         for info in infos:
             block = info.block_rv

@@ -17,25 +17,18 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
 
-from ._base import ModulePassBase
+from ._base import ModulePassBase, maybe_followed
 
 __all__ = ["ATTENTION_COMPOSITE", "FuseAttention", "attention_patterns"]
 
 ATTENTION_COMPOSITE = "mlcweb.attention"
 
 
-def _maybe(pattern: DFPattern, *ops: str) -> DFPattern:
-    """``pattern`` optionally followed by each op of ``ops`` (shape-only ops torch.export inserts)."""
-    for op in ops:
-        pattern = pattern | is_op(op)(pattern, wildcard())
-    return pattern
-
-
 def _scores() -> tuple[DFPattern, DFPattern]:
     query, key = wildcard(), wildcard()
-    scores = _maybe(is_op("relax.matmul")(query, key), "relax.reshape")
+    scores = maybe_followed(is_op("relax.matmul")(query, key), "relax.reshape")
     scaled = scores | is_op("relax.multiply")(scores, is_const()) | is_op("relax.divide")(scores, is_const())
-    scaled = _maybe(scaled, "relax.reshape")
+    scaled = maybe_followed(scaled, "relax.reshape")
     # An additive mask (causal or padding) may come before the softmax.
     masked = scaled | is_op("relax.add")(scaled, wildcard())
     return masked, is_op("relax.nn.softmax")(masked)
@@ -51,8 +44,8 @@ def attention_patterns() -> list[tuple[str, DFPattern]]:
     any_keep = is_op("relax.astype")(is_op("relax.max")(is_op("relax.astype")(keep)))
     guard = is_op("relax.logical_not")(any_keep)
     guarded = is_op("relax.where")(guard, is_op("relax.full_like")(probs, is_const()), probs)
-    with_guard = is_op("relax.matmul")(_maybe(guarded, "relax.broadcast_to", "relax.reshape"), value)
-    plain = is_op("relax.matmul")(_maybe(probs, "relax.broadcast_to", "relax.reshape"), value)
+    with_guard = is_op("relax.matmul")(maybe_followed(guarded, "relax.broadcast_to", "relax.reshape"), value)
+    plain = is_op("relax.matmul")(maybe_followed(probs, "relax.broadcast_to", "relax.reshape"), value)
     return [(ATTENTION_COMPOSITE, with_guard), (ATTENTION_COMPOSITE, plain)]
 
 

@@ -19,25 +19,18 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import DFPattern, is_op, wildcard
 
-from ._base import ModulePassBase
+from ._base import ModulePassBase, maybe_followed
 
 __all__ = ["SOFTMAX_COMPOSITE", "FuseSoftmax", "softmax_patterns"]
 
 SOFTMAX_COMPOSITE = "mlcweb.softmax"
 
 
-def _maybe(pattern: DFPattern, *ops: str) -> DFPattern:
-    """``pattern`` optionally followed by each of ``ops`` (shape ops: tensor and shape arguments)."""
-    for op in ops:
-        pattern = pattern | is_op(op)(pattern, wildcard())
-    return pattern
-
-
 def softmax_patterns() -> list[tuple[str, DFPattern]]:
     """``[cast] [reshape] -> softmax -> [broadcast_to] [reshape] [cast]`` with a cast on at least one side."""
     scores = wildcard()
-    before = is_op("relax.astype")(_maybe(scores, "relax.reshape"))
-    after = _maybe(is_op("relax.nn.softmax")(before), "relax.broadcast_to", "relax.reshape")
+    before = is_op("relax.astype")(maybe_followed(scores, "relax.reshape"))
+    after = maybe_followed(is_op("relax.nn.softmax")(before), "relax.broadcast_to", "relax.reshape")
     cast_both = is_op("relax.astype")(after)
     return [(SOFTMAX_COMPOSITE, cast_both)]
 

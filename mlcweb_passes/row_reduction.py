@@ -23,13 +23,11 @@ from functools import reduce
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
-from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import try_inline
 from tvm.target import Target
 
-__all__ = ["RowReduction"]
+from ._base import GPU_KINDS, inlined_blocks
 
-_GPU_KINDS = {"cuda", "rocm", "metal", "vulkan", "webgpu", "opencl"}
+__all__ = ["RowReduction"]
 
 
 def _const_extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
@@ -46,13 +44,12 @@ class RowReduction(dl.ScheduleRule):
         self.threads = threads
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name not in _GPU_KINDS:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name not in GPU_KINDS:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
+        normalized = inlined_blocks(func)
+        if normalized is None:
             return None
-        infos = try_inline(sch, infos)
+        sch, infos = normalized
         reductions = [info for info in infos if info.is_reduction()]
         if len(reductions) != 1 or any(not (info.is_reduction() or info.is_injective()) for info in infos):
             return None

@@ -54,3 +54,12 @@ def op_names(mod: tvm.IRModule, func: str = "main") -> list[str]:
 
 def function_names(mod: tvm.IRModule) -> list[str]:
     return sorted(gv.name_hint for gv in mod.get_global_vars())
+
+
+def composite_names(mod: tvm.IRModule) -> list[str]:
+    """The ``Composite`` attribute of every composite function (pattern fusion) in ``mod``."""
+    return [
+        str(f.attrs["Composite"])
+        for _, f in mod.functions_items()
+        if isinstance(f, relax.Function) and f.attrs is not None and "Composite" in f.attrs
+    ]

@@ -1,7 +1,6 @@
 import numpy as np
 import torch
-from testutil import as_numpy, build, import_torch, to_tvm
-from tvm import relax
+from testutil import as_numpy, build, composite_names, import_torch, to_tvm
 from tvm.script import ir as I
 from tvm.script import relax as R
 
@@ -26,14 +25,6 @@ class Attention:
         return out
 
 
-def _composites(mod: object) -> list[str]:
-    return [
-        str(f.attrs["Composite"])
-        for _, f in mod.functions_items()  # type: ignore[attr-defined]
-        if isinstance(f, relax.Function) and f.attrs is not None and "Composite" in f.attrs
-    ]
-
-
 def _reference(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     s = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
     p = np.exp(s - s.max(-1, keepdims=True))
@@ -41,9 +32,9 @@ def _reference(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def test_attention_becomes_one_composite_and_one_kernel() -> None:
-    assert _composites(Attention) == []
+    assert composite_names(Attention) == []
     fused = mp.FuseAttention()(Attention)
-    assert _composites(fused) == [mp.ATTENTION_COMPOSITE]
+    assert composite_names(fused) == [mp.ATTENTION_COMPOSITE]
     plain_kernels = mp.count_kernels(mp.FuseOperators()(Attention))
     attn_kernels = mp.count_kernels(mp.FuseOperators()(fused))
     # before: transpose, scores matmul (+scale), softmax, weighted sum; after: transpose + attention
@@ -78,6 +69,6 @@ def test_torch_sdpa_is_fused_and_matches_pytorch() -> None:
     model = SelfAttention().eval()
     x = torch.randn(2, 16, 32)
     mod, params = mp.detach_params(import_torch(model, [x]))
-    assert _composites(mp.FuseAttention()(mod)) == [mp.ATTENTION_COMPOSITE]
+    assert composite_names(mp.FuseAttention()(mod)) == [mp.ATTENTION_COMPOSITE]
     got = as_numpy(build(mod)["main"](*to_tvm(x), *params.values()))[0]
     np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)

@@ -1,7 +1,6 @@
 import numpy as np
 import tvm
-from testutil import as_numpy, build, to_tvm
-from tvm import relax
+from testutil import as_numpy, build, composite_names, to_tvm
 from tvm.script import ir as I
 from tvm.script import relax as R
 
@@ -22,14 +21,6 @@ class CastSoftmaxCast:
         return out
 
 
-def _composites(mod: object) -> list[str]:
-    return [
-        str(f.attrs["Composite"])
-        for _, f in mod.functions_items()  # type: ignore[attr-defined]
-        if isinstance(f, relax.Function) and f.attrs is not None and "Composite" in f.attrs
-    ]
-
-
 def _compute_kernels(mod: tvm.IRModule) -> list[str]:
     """PrimFuncs other than plain reshapes (those become views: ``RewriteDataflowReshape``)."""
     return [
@@ -41,7 +32,7 @@ def _compute_kernels(mod: tvm.IRModule) -> list[str]:
 
 def test_casts_join_the_softmax_kernel() -> None:
     fused = mp.FuseSoftmax()(CastSoftmaxCast)
-    assert _composites(fused) == [mp.SOFTMAX_COMPOSITE]
+    assert composite_names(fused) == [mp.SOFTMAX_COMPOSITE]
     assert len(_compute_kernels(mp.FuseOperators()(CastSoftmaxCast))) >= 2  # FuseOps leaves the first cast alone
     assert len(_compute_kernels(mp.FuseOperators()(fused))) == 1
 
