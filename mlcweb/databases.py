@@ -9,15 +9,20 @@ kernels it has seen; kernels it has not seen get the default schedules.
 
 from __future__ import annotations
 
+import logging
 import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .targets import TargetInfo
 
-__all__ = ["DATABASES_DIR", "compact_database", "shipped_database", "shipped_database_name"]
+__all__ = ["DATABASES_DIR", "compact_database", "compiles_for", "shipped_database", "shipped_database_name"]
+
+log = logging.getLogger(__name__)
 
 DATABASES_DIR = Path(__file__).resolve().parent / "databases"
 
@@ -37,12 +42,35 @@ def shipped_database(info: TargetInfo) -> Path | None:
     return path if (path / "database_tuning_record.json").is_file() else None
 
 
-def compact_database(src: Path, dst: Path, top_k: int = 2) -> int:
+def compiles_for(target: Any) -> Callable[[Any], bool]:
+    """A check for :func:`compact_database`: the record's schedule compiles for ``target``.
+
+    Records of a webgpu database are measured on CUDA; a few CUDA schedules do not lower to WGSL (the
+    first webgpu run had one: a vectorised access WebGPU's code generator refuses), so a shipped webgpu
+    database keeps only records that compile for webgpu.
+    """
+    import tvm
+    from tvm import s_tir
+
+    def check(record: Any) -> bool:
+        sch = s_tir.Schedule(record.workload.mod)
+        try:
+            record.trace.apply_to_schedule(sch, remove_postproc=False)
+            tvm.tirx.build(sch.mod, target=target)
+        except Exception as err:
+            log.info("dropping a record that does not compile for %s: %s", target.kind.name, str(err)[:200])
+            return False
+        return True
+
+    return check
+
+
+def compact_database(src: Path, dst: Path, top_k: int = 2, keep: Callable[[Any], bool] | None = None) -> int:
     """Copy the ``top_k`` fastest valid records of every workload of ``src`` into a new database ``dst``.
 
     A tuning run keeps every measured candidate, failed ones included (megabytes for SD); a shipped
-    database needs only the best. ``dst`` is written in a temporary directory and renamed into place.
-    Returns the number of records kept.
+    database needs only the best. ``keep`` filters records first (for example :func:`compiles_for`).
+    ``dst`` is written in a temporary directory and renamed into place. Returns the number of records kept.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -57,10 +85,14 @@ def compact_database(src: Path, dst: Path, top_k: int = 2) -> int:
             str(tmp / "database_workload.json"), str(tmp / "database_tuning_record.json"), allow_missing=True
         )
         kept = 0
+        chosen: dict[int, list[str]] = {}
         for record in source.get_all_tuning_records():
             workload = record.workload
-            best = source.get_top_k(workload, top_k)
-            if not any(str(b.trace) == str(record.trace) for b in best):
+            if id(workload) not in chosen:
+                ranked = source.get_top_k(workload, 1 << 16)
+                good = [r for r in ranked if keep is None or keep(r)]
+                chosen[id(workload)] = [str(r.trace) for r in good[:top_k]]
+            if str(record.trace) not in chosen[id(workload)]:
                 continue
             target.commit_tuning_record(
                 ms.database.TuningRecord(
@@ -82,5 +114,12 @@ def compact_database(src: Path, dst: Path, top_k: int = 2) -> int:
 
 
 if __name__ == "__main__":  # python -m mlcweb.databases SRC DST [TOP_K]
-    n = compact_database(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 2)
-    print(f"kept {n} records in {sys.argv[2]}")
+    logging.basicConfig(level=logging.INFO)
+    dst = Path(sys.argv[2])
+    check = None
+    if dst.name == "webgpu":
+        from .targets import resolve_target
+
+        check = compiles_for(resolve_target("webgpu", link=False).tvm_target())
+    n = compact_database(Path(sys.argv[1]), dst, int(sys.argv[3]) if len(sys.argv) > 3 else 2, keep=check)
+    print(f"kept {n} records in {dst}")
