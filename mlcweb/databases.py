@@ -72,6 +72,7 @@ def compact_database(src: Path, dst: Path, top_k: int = 2, keep: Callable[[Any],
     database needs only the best. ``keep`` filters records first (for example :func:`compiles_for`).
     ``dst`` is written in a temporary directory and renamed into place. Returns the number of records kept.
     """
+    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
     import mlcweb_passes as mp
@@ -85,25 +86,30 @@ def compact_database(src: Path, dst: Path, top_k: int = 2, keep: Callable[[Any],
             str(tmp / "database_workload.json"), str(tmp / "database_tuning_record.json"), allow_missing=True
         )
         kept = 0
-        chosen: dict[int, list[str]] = {}
-        for record in source.get_all_tuning_records():
-            workload = record.workload
-            if id(workload) not in chosen:
-                ranked = source.get_top_k(workload, 1 << 16)
-                good = [r for r in ranked if keep is None or keep(r)]
-                chosen[id(workload)] = [str(r.trace) for r in good[:top_k]]
-            if str(record.trace) not in chosen[id(workload)]:
+        seen: set[int] = set()
+        for any_record in source.get_all_tuning_records():
+            workload = any_record.workload
+            key = int(tvm_ffi.structural_hash(workload.mod))
+            if key in seen:
                 continue
-            target.commit_tuning_record(
-                ms.database.TuningRecord(
-                    record.trace,
-                    target.commit_workload(workload.mod),
-                    record.run_secs,
-                    record.target,
-                    record.args_info,
+            seen.add(key)
+            traces: set[str] = set()
+            for record in source.get_top_k(workload, 1 << 16):  # fastest first, valid runs only
+                if len(traces) == top_k:
+                    break
+                if str(record.trace) in traces or (keep is not None and not keep(record)):
+                    continue
+                traces.add(str(record.trace))
+                target.commit_tuning_record(
+                    ms.database.TuningRecord(
+                        record.trace,
+                        target.commit_workload(workload.mod),
+                        record.run_secs,
+                        record.target,
+                        record.args_info,
+                    )
                 )
-            )
-            kept += 1
+                kept += 1
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)
