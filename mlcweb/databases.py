@@ -18,9 +18,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import tvm
+import tvm_ffi
+from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
+
+import mlcweb_passes as mp
+
 from .targets import TargetInfo
 
-__all__ = ["DATABASES_DIR", "compact_database", "compiles_for", "shipped_database", "shipped_database_name"]
+__all__ = [
+    "DATABASES_DIR",
+    "compact_database",
+    "compiles_for",
+    "open_database",
+    "shipped_database",
+    "shipped_database_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +56,16 @@ def shipped_database(info: TargetInfo) -> Path | None:
     return path if (path / "database_tuning_record.json").is_file() else None
 
 
+def open_database(path: Path) -> ms.database.JSONDatabase:
+    """The JSON database in directory ``path``, created empty when it does not exist (to write into)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(
+        path_workload=str(path / "database_workload.json"),
+        path_tuning_record=str(path / "database_tuning_record.json"),
+        allow_missing=True,
+    )
+
+
 def compiles_for(target: Any) -> Callable[[Any], bool]:
     """A check for :func:`compact_database`: the record's schedule compiles for ``target``.
 
@@ -49,8 +73,6 @@ def compiles_for(target: Any) -> Callable[[Any], bool]:
     first webgpu run had one: a vectorised access WebGPU's code generator refuses), so a shipped webgpu
     database keeps only records that compile for webgpu.
     """
-    import tvm
-    from tvm import s_tir
 
     def check(record: Any) -> bool:
         sch = s_tir.Schedule(record.workload.mod)
@@ -72,19 +94,12 @@ def compact_database(src: Path, dst: Path, top_k: int = 2, keep: Callable[[Any],
     database needs only the best. ``keep`` filters records first (for example :func:`compiles_for`).
     ``dst`` is written in a temporary directory and renamed into place. Returns the number of records kept.
     """
-    import tvm_ffi
-    from tvm.s_tir import meta_schedule as ms
-
-    import mlcweb_passes as mp
-
     source = mp.load_database(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     tmp.chmod(0o755)
     try:
-        target = ms.database.JSONDatabase(
-            str(tmp / "database_workload.json"), str(tmp / "database_tuning_record.json"), allow_missing=True
-        )
+        target = open_database(tmp)
         kept = 0
         seen: set[int] = set()
         for any_record in source.get_all_tuning_records():

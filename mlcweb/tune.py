@@ -47,6 +47,7 @@ import mlcweb_passes as mp
 from mlcweb_passes.apply_database import preload_tensor_intrinsics
 
 from .build import import_and_lift, pre_schedule_passes
+from .databases import open_database
 from .errors import MlcwebError
 from .model import BuildOptions
 from .plugins import PluginHost
@@ -214,15 +215,6 @@ def _runner(options: TuneOptions) -> ms.runner.Runner:
     return ms.runner.LocalRunner(timeout_sec=60)
 
 
-def _database(path: Path) -> ms.database.JSONDatabase:
-    path.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(
-        path_workload=str(path / "database_workload.json"),
-        path_tuning_record=str(path / "database_tuning_record.json"),
-        allow_missing=True,
-    )
-
-
 def _mean(run_secs: Any) -> float | None:
     values = [float(x) for x in run_secs or []]
     return sum(values) / len(values) if values and all(math.isfinite(v) for v in values) else None
@@ -275,13 +267,11 @@ def measure_default(
 
 
 def _has_record_of(db: ms.database.Database, task: Task, trace: Any) -> bool:
-    if not db.has_workload(task.mod):
-        return False
     text = str(trace)
-    return any(str(r.trace) == text for r in db.get_top_k(db.commit_workload(task.mod), 1 << 16))
+    return any(str(r.trace) == text for r in _records(db, task, 1 << 16))
 
 
-def _records(db: ms.database.JSONDatabase, task: Task, k: int) -> list[Any]:
+def _records(db: ms.database.Database, task: Task, k: int) -> list[Any]:
     if not db.has_workload(task.mod):  # do not commit workloads just to count their records
         return []
     return list(db.get_top_k(db.commit_workload(task.mod), k))
@@ -357,7 +347,7 @@ def tune(
         raise MlcwebError("--trials must be at least 1")
     preload_tensor_intrinsics()
     tasks, target = extract_tuning_tasks(host, model, options)
-    db = _database(options.db)
+    db = open_database(options.db)
     # The builder's worker processes each import tvm.s_tir.tensor_intrin before building; preload it the
     # fast way (the builder restarts its workers for every batch, so this is paid per batch).
     builder = ms.builder.LocalBuilder(
@@ -441,11 +431,9 @@ def tune(
                 state.setdefault(_task_key(task), {})["exhausted_at"] = options.trials
                 _save_state(options.db, state)
                 results[-1].status = "tuned (space exhausted)"
-    except KeyboardInterrupt:
-        echo(f"interrupted: the {measured} measurements of this run are kept in {options.db}")
-    except RuntimeError:
+    except (KeyboardInterrupt, RuntimeError) as err:
         # Ctrl-C while MetaSchedule waits in C++ on its builders reaches us as a RuntimeError.
-        if not interrupted.is_set():
+        if isinstance(err, RuntimeError) and not interrupted.is_set():
             raise
         echo(f"interrupted: the {measured} measurements of this run are kept in {options.db}")
     finally:

@@ -50,3 +50,8 @@ def inlined_blocks(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[SBlockInfo
     if infos is None:
         return None
     return sch, try_inline(sch, infos)
+
+
+def uses_var(expr: tirx.PrimExpr, var: tirx.Var) -> bool:
+    """True when ``var`` occurs in ``expr``."""
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))

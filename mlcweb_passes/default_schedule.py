@@ -23,7 +23,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from ._base import GPU_KINDS, ModulePassBase, inlined_blocks
+from ._base import GPU_KINDS, ModulePassBase, inlined_blocks, uses_var
 from .row_reduction import RowReduction
 from .tensor_core_matmul import TensorCoreMatmul
 
@@ -35,10 +35,6 @@ SOURCE_ATTR = "mlcweb.schedule"
 
 def is_gpu_target(target: Target) -> bool:
     return target.kind.name in GPU_KINDS
-
-
-def _uses(expr: tirx.PrimExpr, var: tirx.Var) -> bool:
-    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
 
 
 class CPUParallel(dl.ScheduleRule):
@@ -80,9 +76,9 @@ class CPUParallel(dl.ScheduleRule):
             return False
         last = spatial[-1]
         out_region = block.writes[0].region
-        if not out_region or not _uses(out_region[-1].min, last):
+        if not out_region or not uses_var(out_region[-1].min, last):
             return False
-        return any(r.region and _uses(r.region[-1].min, last) for r in block.reads)
+        return any(r.region and uses_var(r.region[-1].min, last) for r in block.reads)
 
 
 def default_rules(target: Target) -> list[dl.ScheduleRule]:

@@ -18,21 +18,18 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.gpu.matmul import (
     MatmulTensorization,
+    check_sm_version,
     get_in_out_dtypes,
     get_index_map,
     get_reduction_blocks,
 )
 from tvm.target import Target
 
+from ._base import uses_var
+
 __all__ = ["TensorCoreMatmul"]
 
 DLIGHT_TENSORIZE_THRESHOLD = 64
-
-
-def _sm(target: Target) -> int:
-    arch = str(target.attrs.get("arch", ""))
-    digits = arch.replace("sm_", "")
-    return int(digits) if digits.isdigit() else -1
 
 
 class TensorCoreMatmul(dl.ScheduleRule):
@@ -42,7 +39,11 @@ class TensorCoreMatmul(dl.ScheduleRule):
         self.min_extent = min_extent
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda" or _sm(target) < 70:
+        if (
+            not isinstance(func, tirx.PrimFunc)
+            or target.kind.name != "cuda"
+            or check_sm_version(str(target.attrs.get("arch", ""))) < 70
+        ):
             return None
         sch = s_tir.Schedule(func)
         blocks = get_reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
@@ -67,17 +68,11 @@ def _non_batch_extents(block: tirx.SBlock) -> list[int] | None:
         return None
     regions = [block.reads[0].region, block.reads[1].region, block.writes[0].region]
 
-    def used(var: tirx.Var, region: list[object]) -> bool:
-        return any(
-            any(v.same_as(var) for v in tirx.analysis.undefined_vars(r.min))  # type: ignore[attr-defined]
-            for r in region
-        )
-
     values = []
     for iv in block.iter_vars:
         if not isinstance(iv.dom.extent, tirx.IntImm):
             return None
-        if all(used(iv.var, region) for region in regions):
+        if all(any(uses_var(r.min, iv.var) for r in region) for region in regions):
             continue
         values.append(int(iv.dom.extent.value))
     return values or None
