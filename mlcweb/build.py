@@ -28,6 +28,7 @@ from typing import Any
 import tvm
 from tqdm import tqdm
 from tvm import relax
+from tvm.s_tir.dlight.gpu.matmul import check_sm_version
 
 import mlcweb_passes as mp
 
@@ -129,10 +130,27 @@ def _entry_functions(mod: tvm.IRModule) -> list[str]:
     )
 
 
-def _lift(imported: ImportedModel, dtype: str) -> tuple[tvm.IRModule, dict[str, OrderedDict[str, tvm.runtime.Tensor]]]:
+CONV_LAYOUTS = ("auto", "NCHW", "NHWC")
+
+
+def conv_layout(options: BuildOptions, target: TargetInfo) -> str:
+    """The convolution layout a build uses: ``options.conv_layout``, with "auto" meaning NHWC on cuda
+    (tensor-core implicit GEMMs want channels last) and the imported NCHW elsewhere."""
+    if options.conv_layout not in CONV_LAYOUTS:
+        raise MlcwebError(f"unknown conv layout {options.conv_layout!r}; choose one of {', '.join(CONV_LAYOUTS)}")
+    if options.conv_layout == "auto":
+        return "NHWC" if target.name == "cuda" else "NCHW"
+    return options.conv_layout
+
+
+def _lift(
+    imported: ImportedModel, dtype: str, layout: str = "NCHW"
+) -> tuple[tvm.IRModule, dict[str, OrderedDict[str, tvm.runtime.Tensor]]]:
     mod = imported.mod
     if dtype == "float16":
         mod = mp.MixedPrecision("float32")(mod)
+    if layout == "NHWC":  # before lifting: the kernels' transposes become part of the weight transform
+        mod = mp.ConvLayout("NHWC", "OHWI")(mod)
     lifted = mp.split_transform_params(mod)
     transform_vm = mp.compile_transform(lifted.transform)  # once, shared by every function's weights
     weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]] = {}
@@ -152,7 +170,8 @@ def import_and_lift(
 ) -> tuple[tvm.IRModule, dict[str, OrderedDict[str, tvm.runtime.Tensor]], ImportedModel]:
     """The build's first two stages: the deploy module, its weights per function, and the import."""
     imported, _ = _import(host, model, options)
-    deploy, weights = _lift(imported, options.dtype)
+    layout = conv_layout(options, resolve_target(options.target, arch=options.arch, link=False))
+    deploy, weights = _lift(imported, options.dtype, layout)
     return deploy, weights, imported
 
 
@@ -162,6 +181,17 @@ def pre_schedule_passes(target: tvm.target.Target, extra: list[Any]) -> list[tvm
     return passes[: next(i for i, p in enumerate(passes) if p.info.name == "mlcweb.ApplyDatabase")]
 
 
+def _pass_config(target: tvm.target.Target, options: BuildOptions) -> dict[str, Any]:
+    """PassContext config of lowering and compiling: CUDA graphs where asked for, and on sm_80+ the
+    asynchronous global-to-shared copies (cp.async) of the tensor-core tiles."""
+    config: dict[str, Any] = {}
+    if target.kind.name == "cuda":
+        config["relax.backend.use_cuda_graph"] = options.cuda_graph
+        if check_sm_version(str(target.attrs.get("arch", ""))) >= 80:
+            config.update(mp.ASYNC_COPY_CONFIG)
+    return config
+
+
 def _lower(
     mod: tvm.IRModule, target: tvm.target.Target, options: BuildOptions, extra: list[Any]
 ) -> tuple[tvm.IRModule, int, mp.ScheduleReport, dict[str, mp.FunctionMemory]]:
@@ -169,8 +199,7 @@ def _lower(
     split = next(i for i, p in enumerate(passes) if p.info.name == "mlcweb.StaticMemoryPlan") + 1
     # RewriteCUDAGraph (in the pipeline) acts only when this is set: it moves the planned allocations into
     # a function run once and the kernel launches between them into a graph captured on the first call.
-    use_graph = target.kind.name == "cuda" and options.cuda_graph
-    with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": use_graph}):
+    with target, tvm.transform.PassContext(config=_pass_config(target, options)):
         planned = tvm.transform.Sequential(passes[:split])(mod)
         report = mp.schedule_report(planned)
         memory = mp.memory_report(planned)
@@ -214,6 +243,7 @@ def build(
     spec = host.model(model).spec
     target_info = resolve_target(options.target, arch=options.arch)
     target = target_info.tvm_target()
+    layout = conv_layout(options, target_info)
     database_note: str | None = "--db" if options.database is not None else None
     if options.database is None and options.use_shipped_database:
         shipped = shipped_database(target_info)
@@ -233,12 +263,13 @@ def build(
         with stages.stage("import"):
             imported, from_cache = _import(host, model, options)
         with stages.stage("lift"):
-            deploy, weights = _lift(imported, options.dtype)
+            deploy, weights = _lift(imported, options.dtype, layout)
         with stages.stage("lower"):
             extra = host.pipeline_passes(model, target=target, options=options)
             lowered, kernels, schedules, memory = _lower(deploy, target, options, extra)
         with stages.stage("compile"):
-            exe = tvm.compile(lowered, target, relax_pipeline=None)
+            with tvm.transform.PassContext(config=_pass_config(target, options)):
+                exe = tvm.compile(lowered, target, relax_pipeline=None)
             library = f"{model}-{target_info.name}{target_info.library_suffix}"
             _export(exe, tmp / library, target_info)
         with stages.stage("weights"):
@@ -262,6 +293,7 @@ def build(
                 "tvm_target": {"target": target_info.kind, "host": target_info.host},
                 "device": target_info.device,
                 "dtype": options.dtype,
+                "conv_layout": layout,
                 "weight_encoding": options.weight_encoding,
                 "library": library,
                 "functions": _functions_info(deploy, weights),

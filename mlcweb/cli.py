@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-db", action="store_true", help="apply no database: default schedules everywhere")
     b.add_argument("--arch", help="GPU architecture for cuda (default sm_90)")
     b.add_argument("--no-cuda-graph", action="store_true", help="cuda: launch kernels one by one, no CUDA graph")
+    b.add_argument(
+        "--conv-layout",
+        choices=["auto", "NCHW", "NHWC"],
+        default="auto",
+        help="layout of 2-D convolutions (default auto: NHWC on cuda, NCHW elsewhere)",
+    )
     b.add_argument("--weight-encoding", choices=ENCODINGS, default="raw", help="f32-to-bf16 halves float32 weights")
     b.add_argument("--no-cache", action="store_true", help="re-import instead of using the import cache")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plugin config value")
@@ -121,6 +127,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         arch=args.arch,
         use_shipped_database=not args.no_db,
         cuda_graph=not args.no_cuda_graph,
+        conv_layout=args.conv_layout,
     )
     if args.db is not None and args.no_db:
         raise MlcwebError("--db and --no-db contradict each other; pass one")

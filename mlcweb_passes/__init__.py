@@ -17,6 +17,7 @@ from .apply_database import (
     preload_tensor_intrinsics,
     schedule_report,
 )
+from .conv_layout import ConvLayout
 from .default_schedule import CPUParallel, DefaultSchedule, default_rules, is_gpu_target
 from .detach_params import ParamNameError, detach_params, param_names, unique_param_names
 from .drop_softmax_guard import DropSoftmaxGuard
@@ -31,15 +32,17 @@ from .mixed_precision import MixedPrecision
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
 from .pipeline import PipelineOptions, lowering_passes, pipeline
 from .row_reduction import RowReduction
-from .tensor_core_matmul import TensorCoreMatmul
+from .tensor_core_matmul import ASYNC_COPY_CONFIG, TensorCoreMatmul, TensorCoreTile, choose_tile
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASYNC_COPY_CONFIG",
     "ATTENTION_COMPOSITE",
     "SOFTMAX_COMPOSITE",
     "ApplyDatabase",
     "CPUParallel",
+    "ConvLayout",
     "DefaultSchedule",
     "DropSoftmaxGuard",
     "FiniteFloatLiterals",
@@ -58,8 +61,10 @@ __all__ = [
     "ScheduleReport",
     "StaticMemoryPlan",
     "TensorCoreMatmul",
+    "TensorCoreTile",
     "apply_transform_params",
     "attention_patterns",
+    "choose_tile",
     "compile_transform",
     "count_kernels",
     "default_rules",

@@ -1,23 +1,45 @@
-"""A CUDA schedule rule: float16 matmuls with a short dimension on tensor cores too.
+"""A CUDA schedule rule: float16 matmuls and convolutions on tensor cores, with a tile chosen per shape.
 
-dlight's ``Matmul`` rule sends a float16 matmul to tensor cores (``MatmulTensorization``, WMMA 16x16x16
-tiles) only when every dimension is longer than 64; otherwise it uses CUDA cores. Attention has exactly
-such matmuls: a head dimension of 40 (SD1.5) is the reduction of ``Q @ K^T`` and the output width of
-``P @ V``, and there are 77 text tokens in cross-attention. On CUDA cores those two matmuls take about
-11 ms of SD's 200 ms UNet step on an H100; on tensor cores, with the short dimension zero-padded to the
-tile, they take a fraction of that.
+dlight's ``Matmul`` rule sends a float16 GEMM to tensor cores (``MatmulTensorization``) only when every
+dimension is longer than 64, and then always with one tile: 128x128 outputs per thread block, 16 warps
+of 32x32. Stable Diffusion's UNet is mostly GEMMs that tile badly that way:
 
-:class:`TensorCoreMatmul` applies ``MatmulTensorization`` to float16 matmuls (and convolutions, which it
-handles as implicit GEMMs) on CUDA sm_70+ when every axis is at least ``min_extent`` long and some axis
-is 64 or shorter (the ones dlight's rule leaves on CUDA cores). Shorter axes, as in GEMVs, fall through.
+- attention has a head dimension of 40 (the reduction of ``Q @ K^T``, the output width of ``P @ V``)
+  and 77 text tokens, which dlight leaves on CUDA cores;
+- its deep convolutions are implicit GEMMs of 128 to 512 rows (batch 2 x 8x8 or 16x16 pixels) by 1280
+  channels: 10 to 40 blocks of 128x128 for an H100's 132 SMs;
+- 320 channels pad to 384 in 128-wide tiles, a sixth of the work thrown away.
+
+:class:`TensorCoreMatmul` schedules every float16 GEMM (matmuls, and convolutions as implicit GEMMs)
+on CUDA sm_70+ whose shortest non-batch axis is at least ``min_extent``, with WMMA 16x16x16 fragments:
+
+1. the block is normalised to ``C[S, I, J] += A[S, I, K] * B[S, J, K]`` (dlight's index maps) and padded
+   to the tile;
+2. a thread block computes a :class:`TensorCoreTile`: ``warps_m x warps_n`` warps, each holding
+   ``frags_m x frags_n`` accumulator fragments, stepping over the reduction ``chunk_k`` fragments at a
+   time through shared memory, double-buffered (``software_pipeline_*`` annotations); on sm_80+ the
+   global-to-shared copies are asynchronous (``cp.async``) when the build's ``PassContext`` sets
+   ``tirx.use_async_copy`` (:data:`ASYNC_COPY_CONFIG`);
+3. the epilogue (casts, bias, residual adds fused after the GEMM) runs on the tile in shared memory and
+   stores it with vector writes.
+
+The tile comes from :func:`choose_tile`: among tiles that fit the hardware, the one with the fewest
+estimated cycles, counting padding, the waves of blocks over the SMs, and the lower throughput of small
+warp tiles. Shorter axes (GEMVs) fall through to the next rule.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.gpu.matmul import (
     MatmulTensorization,
+    auto_inline_consumer_chain,
+    auto_inline_producers,
     check_sm_version,
     get_in_out_dtypes,
     get_index_map,
@@ -27,22 +49,133 @@ from tvm.target import Target
 
 from ._base import uses_var
 
-__all__ = ["TensorCoreMatmul"]
+__all__ = ["ASYNC_COPY_CONFIG", "TensorCoreMatmul", "TensorCoreTile", "choose_tile", "gemm_shape"]
 
-DLIGHT_TENSORIZE_THRESHOLD = 64
+# PassContext config under which TIR lowering turns the tiles' pipelined global-to-shared copies into
+# cp.async (sm_80+); without it the copies are synchronous and the kernels are still correct.
+ASYNC_COPY_CONFIG = {"tirx.use_async_copy": True}
+
+FRAGMENT = 16  # WMMA fragment edge (m16n16k16)
+TILED_MIN_EXTENT = 64  # GEMMs with a shorter axis keep dlight's fixed tiling
+WARP = 32
+
+
+@dataclass(frozen=True)
+class TensorCoreTile:
+    """One thread block's share of a GEMM: ``warps_m x warps_n`` warps, each computing ``frags_m x
+    frags_n`` 16x16 fragments, over reduction steps of ``chunk_k`` fragments."""
+
+    warps_m: int = 2
+    warps_n: int = 2
+    frags_m: int = 4
+    frags_n: int = 4
+    chunk_k: int = 2
+
+    @property
+    def block_m(self) -> int:
+        return self.warps_m * self.frags_m * FRAGMENT
+
+    @property
+    def block_n(self) -> int:
+        return self.warps_n * self.frags_n * FRAGMENT
+
+    @property
+    def block_k(self) -> int:
+        return self.chunk_k * FRAGMENT
+
+    @property
+    def warps(self) -> int:
+        return self.warps_m * self.warps_n
+
+    def lowers(self) -> bool:
+        """Whether TIR lowering accepts the tile: when the float32 output tile fits in the space of one
+        double-buffered input tile, StorageRewrite puts it there, and the WMMA store then addresses a
+        float16 buffer, which codegen refuses. Tiles whose output tile is larger are safe."""
+        output = 4 * self.block_m * (self.block_n + 4)
+        return all(output > 2 * 2 * rows * (self.block_k + 8) for rows in (self.block_m, self.block_n))
+
+    def shared_bytes(self) -> int:
+        """Dynamic shared memory: the larger of the double-buffered float16 input tiles (rows padded by 8)
+        and the float32 output tile (rows padded by 4); lowering reuses one for the other."""
+        inputs = 2 * 2 * (self.block_m + self.block_n) * (self.block_k + 8)
+        output = 4 * self.block_m * (self.block_n + 4)
+        return max(inputs, output)
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    batch: int
+    m: int
+    n: int
+    k: int
+
+
+def gemm_shape(block: tirx.SBlock) -> GemmShape | None:
+    """The GEMM a reduction block computes: batch, rows, columns and reduction length, or None when the
+    block is not a static-shaped two-input GEMM."""
+    if len(block.reads) < 2 or len(block.writes) != 1:
+        return None
+    a, b, c = block.reads[0].region, block.reads[1].region, block.writes[0].region
+    dims = {"batch": 1, "m": 1, "n": 1, "k": 1}
+    for iv in block.iter_vars:
+        if not isinstance(iv.dom.extent, tirx.IntImm):
+            return None
+        extent = int(iv.dom.extent.value)
+        in_a, in_b, in_c = (any(uses_var(r.min, iv.var) for r in region) for region in (a, b, c))
+        if in_c and in_a and in_b:
+            kind = "batch"
+        elif in_c and in_a:
+            kind = "m"
+        elif in_c and in_b:
+            kind = "n"
+        elif in_a and in_b and iv.iter_type == tirx.IterVar.CommReduce:
+            kind = "k"
+        else:
+            return None
+        dims[kind] *= extent
+    return GemmShape(**dims)
+
+
+# Measured on an H100 (benchmarks/gemm_tiles.py, SD1.5's NHWC convolutions, 2026-11-24): 128x128 tiles
+# of 4 warps with 64-deep reduction steps were the fastest or within 10% of it for every kernel with at
+# least half a wave of blocks (conv 8192x320x2880: 0.077 ms against dlight's 0.114); below that, 64x64
+# tiles fill more SMs (conv 512x1280x11520: 0.151 ms, 128x128: 0.168, dlight: 0.230).
+LARGE_TILES = (TensorCoreTile(2, 2, 4, 4, 4), TensorCoreTile(2, 2, 4, 4, 2), TensorCoreTile(2, 2, 4, 2, 2))
+SMALL_TILE = TensorCoreTile(2, 2, 2, 2, 2)
+
+
+@cache
+def choose_tile(
+    shape: GemmShape, sms: int = 132, max_threads: int = 1024, max_shared: int = 99 * 1024
+) -> TensorCoreTile:
+    """The tile for ``shape`` on a GPU with ``sms`` multiprocessors: the largest of :data:`LARGE_TILES`
+    that fits the limits, unless it makes fewer than half a wave of blocks; then :data:`SMALL_TILE`."""
+    fits = [t for t in LARGE_TILES if t.warps * WARP <= max_threads and t.shared_bytes() <= max_shared]
+    large = fits[0] if fits else SMALL_TILE
+    blocks = shape.batch * math.ceil(shape.m / large.block_m) * math.ceil(shape.n / large.block_n)
+    return large if blocks >= sms // 2 else SMALL_TILE
 
 
 class TensorCoreMatmul(dl.ScheduleRule):
-    """``MatmulTensorization`` for float16 matmuls whose shortest non-batch axis is in ``[min_extent, 64]``."""
+    """Tensor-core schedule for float16 GEMMs whose shortest non-batch axis is at least ``min_extent``.
 
-    def __init__(self, min_extent: int = 16) -> None:
+    ``tile`` fixes the tile for every GEMM (benchmarks, tests); by default :func:`choose_tile` picks one
+    per shape for ``sms`` multiprocessors (132: an H100 SXM).
+    """
+
+    def __init__(self, min_extent: int = 16, tile: TensorCoreTile | None = None, sms: int = 132) -> None:
+        if tile is not None and not tile.lowers():
+            raise ValueError(f"{tile} does not lower: its float32 output tile fits in an input tile's space")
         self.min_extent = min_extent
+        self.tile = tile
+        self.sms = sms
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if (
             not isinstance(func, tirx.PrimFunc)
             or target.kind.name != "cuda"
             or check_sm_version(str(target.attrs.get("arch", ""))) < 70
+            or "dlight.do_not_tensorize" in func.attrs
         ):
             return None
         sch = s_tir.Schedule(func)
@@ -52,27 +185,150 @@ class TensorCoreMatmul(dl.ScheduleRule):
         block = sch.get(blocks[0])
         if get_index_map(block) is None or get_in_out_dtypes(block)[0] != "float16":
             return None
-        values = _non_batch_extents(block)
-        if values is None or min(values) < self.min_extent or min(values) > DLIGHT_TENSORIZE_THRESHOLD:
+        shape = gemm_shape(block)
+        if shape is None or min(shape.m, shape.n, shape.k) < self.min_extent:
             return None
+        if min(shape.m, shape.n, shape.k) < TILED_MIN_EXTENT:
+            # Short axes (attention's head dimension 40): dlight's fixed tiling, zero-padded to 128
+            # and 64. The tiles below fault with misaligned addresses on these shapes (H100, 2026-11-24).
+            try:
+                result: s_tir.Schedule | None = MatmulTensorization().apply(func, target, tunable)
+            except (AssertionError, s_tir.ScheduleError):
+                return None
+            return result
+        if not _reads_contiguous_along_k(sch, blocks[0]):
+            # e.g. a linear layer's [K, N] weight: our copies vectorise along K; dlight's handle it
+            try:
+                fallback: s_tir.Schedule | None = MatmulTensorization().apply(func, target, tunable)
+            except (AssertionError, s_tir.ScheduleError):
+                return None
+            return fallback
+        tile = self.tile or choose_tile(shape, self.sms, *_limits(target))
         try:
-            result: s_tir.Schedule | None = MatmulTensorization().apply(func, target, tunable)
-        except (AssertionError, s_tir.ScheduleError):  # shapes the fixed tiling cannot cover
+            return _schedule(sch, blocks[0], tile, async_copy=check_sm_version(str(target.attrs["arch"])) >= 80)
+        except (AssertionError, s_tir.ScheduleError):  # a shape the tiling cannot cover
             return None
-        return result
 
 
-def _non_batch_extents(block: tirx.SBlock) -> list[int] | None:
-    """Extents of the block's axes other than batch axes (those indexing both inputs and the output)."""
-    if len(block.reads) < 2 or len(block.writes) != 1:
-        return None
-    regions = [block.reads[0].region, block.reads[1].region, block.writes[0].region]
+def _innermost_var(region: list) -> tirx.Var | None:
+    """The one variable the innermost index of ``region`` uses, or None (a constant, or several)."""
+    used = tirx.analysis.undefined_vars(region[-1].min)
+    return used[0] if len(used) == 1 else None
 
-    values = []
-    for iv in block.iter_vars:
-        if not isinstance(iv.dom.extent, tirx.IntImm):
-            return None
-        if all(any(uses_var(r.min, iv.var) for r in region) for region in regions):
-            continue
-        values.append(int(iv.dom.extent.value))
-    return values or None
+
+def _reads_contiguous_along_k(sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV) -> bool:
+    """Whether both GEMM inputs are stored with a reduction axis innermost, so that the tile copies'
+    16-byte vectors are contiguous in global memory. An input computed in the same kernel (convolution
+    padding, casts) counts when its producer keeps the layout: its own reads have the innermost index of
+    what it writes."""
+    block = sch.get(main)
+    reduce_vars = [iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    for read in block.reads[:2]:
+        var = _innermost_var(read.region)
+        if var is None or not any(var.same_as(r) for r in reduce_vars):
+            return False
+        for producer in sch.get_producers(main):
+            p = sch.get(producer)
+            if not any(w.source.same_as(read.source) for w in p.writes):
+                continue
+            written = _innermost_var(p.writes[0].region)
+            if written is None or any(not written.same_as(_innermost_var(r.region)) for r in p.reads):
+                return False
+    return True
+
+
+def _limits(target: Target) -> tuple[int, int]:
+    threads = int(target.attrs.get("max_num_threads", 1024))
+    # Dynamic shared memory above 48 KB needs an opt-in that TVM's CUDA runtime makes; sm_80+ have 99 KB+
+    shared = 99 * 1024 if check_sm_version(str(target.attrs.get("arch", ""))) >= 80 else 48 * 1024
+    return threads, shared
+
+
+def _schedule(
+    sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV, tile: TensorCoreTile, async_copy: bool
+) -> s_tir.Schedule:
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+
+    # 1. C[S, I, J] += A[S, I, K] * B[S, J, K], padded to whole tiles
+    read_a, read_b = sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1))
+    write_c = sch.reindex(main, ("write", 0))
+    maps = get_index_map(sch.get(main))
+    assert maps is not None
+    matmul_map, a_map, b_map, c_map = maps
+    sch.transform_layout(read_a, ("write", 0), a_map)
+    sch.transform_layout(read_b, ("write", 0), b_map)
+    sch.transform_layout(write_c, ("read", 0), c_map)
+    sch.transform_block_layout(main, matmul_map)
+    sch.pad_einsum(main, [1, tile.block_m, tile.block_n, tile.block_k])
+    out_dtype = get_in_out_dtypes(sch.get(main))[1]
+
+    # 2. fragments of 16x16x16 under block / warp / fragment loops
+    batch, i, j, k = sch.get_loops(main)
+    i, i_frag = sch.split(i, [None, FRAGMENT])
+    j, j_frag = sch.split(j, [None, FRAGMENT])
+    k, k_frag = sch.split(k, [None, FRAGMENT])
+    sch.reorder(i, j, k, i_frag, j_frag, k_frag)
+    outer = sch.blockize(i_frag)
+    i_block, i_warp, i_inner = sch.split(i, [None, tile.warps_m, tile.frags_m])
+    j_block, j_warp, j_inner = sch.split(j, [None, tile.warps_n, tile.frags_n])
+    k_outer, k_inner = sch.split(k, [None, tile.chunk_k])
+    sch.reorder(i_block, j_block, i_warp, j_warp, k_outer, k_inner, i_inner, j_inner)
+    sch.bind(batch, "blockIdx.y")
+    sch.bind(sch.fuse(i_block, j_block), "blockIdx.x")
+    warp = sch.fuse(i_warp, j_warp)
+    sch.bind(warp, "threadIdx.y")
+
+    # 3. A and B tiles through shared memory, 16-byte vector copies by all warps
+    def stage_in_shared(index: int) -> s_tir.schedule.SBlockRV:
+        copy = sch.cache_read(outer, index, "shared.dyn")
+        sch.compute_at(copy, k_outer)
+        fused = sch.fuse(*sch.get_loops(copy)[-2:])
+        _, ty, tx, vec = sch.split(fused, [None, tile.warps, WARP, 8])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        sch.vectorize(vec)
+        sch.storage_align(copy, 0, axis=-2, factor=16, offset=8)  # rows 16 bytes apart in banks
+        auto_inline_producers(sch, copy)  # im2col, padding and casts happen on the way in
+        return copy
+
+    stage_in_shared(0)
+    stage_in_shared(1)
+    frag_a = sch.cache_read(outer, 0, "wmma.matrix_a")
+    frag_b = sch.cache_read(outer, 1, "wmma.matrix_b")
+    sch.compute_at(frag_a, k_inner)
+    sch.compute_at(frag_b, k_inner)
+
+    # 4. accumulators -> shared tile -> epilogue and global store
+    staged = sch.cache_write(outer, 0, "shared.dyn")
+    sch.storage_align(staged, 0, axis=-2, factor=16, offset=4)
+    accum = sch.cache_write(outer, 0, "wmma.accumulator")
+    sch.reverse_compute_at(accum, warp)
+    sch.reverse_compute_at(staged, warp)
+    init = sch.decompose_reduction(outer, k_outer)
+
+    # 5. tensorize loads, init, mma and stores
+    intrins = get_wmma_intrin_group("shared.dyn", "shared.dyn", "float16", out_dtype, trans_b=True)
+    for frag, name in ((frag_a, "load_a"), (frag_b, "load_b"), (accum, "store")):
+        fi, fj = sch.get_loops(frag)[-2:]
+        fi_outer, fi_frag = sch.split(fi, [None, FRAGMENT])
+        fj_outer, fj_frag = sch.split(fj, [None, FRAGMENT])
+        sch.reorder(fi_outer, fj_outer, fi_frag, fj_frag)
+        sch.tensorize(fi_frag, intrins[name])
+    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrins["init"])
+    sch.tensorize(sch.get_loops(main)[-3], intrins["compute"])
+
+    auto_inline_consumer_chain(sch, staged)
+    fused = sch.fuse(*sch.get_loops(staged)[-2:])
+    _, tx, vec = sch.split(fused, [None, WARP, 4])
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(vec)
+
+    # 6. software pipelines: fragment loads one step ahead of the mma; the shared copies of the next
+    # reduction chunk ahead of the whole inner pipeline (its prologue, body and epilogue once lowered)
+    sch.annotate(k_inner, "software_pipeline_stage", [0, 0, 1])
+    sch.annotate(k_inner, "software_pipeline_order", [0, 1, 2])
+    sch.annotate(k_outer, "software_pipeline_stage", [0, 0, 1, 1, 1])
+    sch.annotate(k_outer, "software_pipeline_order", [0, 1, 2, 3, 4])
+    if async_copy:
+        sch.annotate(k_outer, "software_pipeline_async_stages", [0])
+    return sch

@@ -11,11 +11,11 @@ from mlcweb.build import build
 from mlcweb.plugins import PluginHost
 
 
-def build_tiny_sd(out: Path, target: str, dtype: str) -> Path:
+def build_tiny_sd(out: Path, target: str, dtype: str, conv_layout: str = "auto") -> Path:
     import mlcweb_stable_diffusion.plugin as plugin
 
     host = PluginHost([("stable_diffusion", plugin)], entry_points=False)
-    options = BuildOptions(target=target, out=out, dtype=dtype, use_cache=False)
+    options = BuildOptions(target=target, out=out, dtype=dtype, use_cache=False, conv_layout=conv_layout)
     build(host, "stable-diffusion", options, progress=False)
     return out
 
@@ -28,7 +28,9 @@ def sd_llvm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sd_llvm_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "llvm-float16", "llvm", "float16")
+    """The tiny model built for llvm in float16 with NHWC convolutions: the layout cuda builds use, here
+    checked against diffusers on a machine without a GPU (the float32 and webgpu builds keep NCHW)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "llvm-float16", "llvm", "float16", conv_layout="NHWC")
 
 
 @pytest.fixture(scope="session")

@@ -88,3 +88,65 @@ def test_default_rules_compile_both_for_cuda() -> None:
     for mod in (GroupNormSiLU, Attention):
         exe = tvm.compile(mod, CUDA, relax_pipeline=mp.pipeline(CUDA))
         assert exe is not None
+
+
+@I.ir_module
+class ConvNHWC:
+    """A UNet convolution as ConvLayout leaves it: NHWC activations, OHWI kernel, float32 accumulation."""
+
+    @R.function
+    def main(
+        x: R.Tensor((2, 32, 32, 128), "float16"), w: R.Tensor((256, 3, 3, 128), "float16")
+    ) -> R.Tensor((2, 32, 32, 256), "float16"):
+        with R.dataflow():
+            y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1], data_layout="NHWC", kernel_layout="OHWI", out_dtype="float32")
+            out = R.astype(y, "float16")
+            R.output(out)
+        return out
+
+
+@I.ir_module
+class LinearKN:
+    """A linear layer after weight lifting: the weight stored [in, out], so N, not K, is contiguous."""
+
+    @R.function
+    def main(x: R.Tensor((1, 256, 320), "float16"), w: R.Tensor((320, 640), "float16")) -> R.Tensor(
+        (1, 256, 640), "float16"
+    ):
+        with R.dataflow():
+            out = R.astype(R.matmul(x, w, out_dtype="float32"), "float16")
+            R.output(out)
+        return out
+
+
+def test_convolution_gets_the_chosen_tile_with_async_copies() -> None:
+    func = _kernel(ConvNHWC, CUDA).with_attr("global_symbol", "conv")
+    shape = mp.tensor_core_matmul.GemmShape(batch=1, m=2 * 32 * 32, n=256, k=9 * 128)
+    tile = mp.choose_tile(shape)
+    assert tile == mp.TensorCoreTile(2, 2, 2, 2, 2)  # 16x2 blocks of 128x128 are under half a wave of 132 SMs
+    sch = mp.TensorCoreMatmul().apply(func, CUDA, False)
+    assert sch is not None
+    script = sch.mod.script()
+    assert "wmma.matrix_a" in script and "software_pipeline_async_stages" in script
+    assert _launches(sch.mod["main"]) == [(2048 // tile.block_m) * (256 // tile.block_n)]
+    with tvm.transform.PassContext(config=mp.ASYNC_COPY_CONFIG):
+        source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
+    assert "cp.async" in source and "wmma::mma_sync" in source
+
+
+def test_tile_choice_follows_the_shape_and_the_hardware() -> None:
+    big = mp.tensor_core_matmul.GemmShape(batch=1, m=8192, n=320, k=2880)
+    assert mp.choose_tile(big) == mp.TensorCoreTile(2, 2, 4, 4, 4)  # 64x3 blocks of 128x128
+    assert mp.choose_tile(big, max_shared=48 * 1024) == mp.TensorCoreTile(2, 2, 4, 2, 2)  # sm_70's limit
+    small = mp.tensor_core_matmul.GemmShape(batch=1, m=512, n=1280, k=11520)
+    assert mp.choose_tile(small) == mp.TensorCoreTile(2, 2, 2, 2, 2)
+    assert mp.choose_tile(small, sms=40) == mp.TensorCoreTile(2, 2, 4, 4, 4)  # 40 blocks fill a small GPU
+    with pytest.raises(ValueError, match="does not lower"):
+        mp.TensorCoreMatmul(tile=mp.TensorCoreTile(2, 2, 2, 2, 4))
+
+
+def test_weight_stored_k_by_n_keeps_dlights_tiling() -> None:
+    sch = mp.TensorCoreMatmul().apply(_kernel(LinearKN, CUDA), CUDA, False)
+    assert sch is not None
+    script = sch.mod.script()
+    assert "wmma.matrix_b" in script and "software_pipeline_async_stages" not in script
