@@ -135,7 +135,8 @@ CONV_LAYOUTS = ("auto", "NCHW", "NHWC")
 
 def conv_layout(options: BuildOptions, target: TargetInfo) -> str:
     """The convolution layout a build uses: ``options.conv_layout``, with "auto" meaning NHWC on cuda
-    (tensor-core implicit GEMMs want channels last) and the imported NCHW elsewhere."""
+    (tensor-core implicit GEMMs want channels last) and the imported NCHW elsewhere. NHWC also keeps
+    linear weights ``[out, in]`` (:class:`~mlcweb_passes.LinearWeightLayout`)."""
     if options.conv_layout not in CONV_LAYOUTS:
         raise MlcwebError(f"unknown conv layout {options.conv_layout!r}; choose one of {', '.join(CONV_LAYOUTS)}")
     if options.conv_layout == "auto":
@@ -149,8 +150,11 @@ def _lift(
     mod = imported.mod
     if dtype == "float16":
         mod = mp.MixedPrecision("float32")(mod)
-    if layout == "NHWC":  # before lifting: the kernels' transposes become part of the weight transform
+    if layout == "NHWC":
+        # Tensor-core layouts: channels last and GEMM weights K-contiguous. Before lifting, so the
+        # weights' transposes become part of the weight transform (or, for linears, disappear).
         mod = mp.ConvLayout("NHWC", "OHWI")(mod)
+        mod = mp.LinearWeightLayout()(mod)
     lifted = mp.split_transform_params(mod)
     transform_vm = mp.compile_transform(lifted.transform)  # once, shared by every function's weights
     weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]] = {}

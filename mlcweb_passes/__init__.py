@@ -26,6 +26,7 @@ from .fuse_attention import ATTENTION_COMPOSITE, FuseAttention, attention_patter
 from .fuse_ops import FuseOperators, count_kernels
 from .fuse_softmax import SOFTMAX_COMPOSITE, FuseSoftmax, softmax_patterns
 from .int32_tensors import Int32Tensors, narrow_integer_tensors
+from .linear_weight_layout import LinearWeightLayout
 from .lift_transform_params import LiftedModules, apply_transform_params, compile_transform, split_transform_params
 from .memory_plan import FunctionMemory, StaticMemoryPlan, memory_report
 from .mixed_precision import MixedPrecision
@@ -53,6 +54,7 @@ __all__ = [
     "FuseSoftmax",
     "Int32Tensors",
     "LiftedModules",
+    "LinearWeightLayout",
     "MixedPrecision",
     "ParamNameError",
     "PipelineOptions",

@@ -1,0 +1,99 @@
+"""Linear weight layout: keep ``nn.Linear`` weights ``[out, in]`` so the GEMM reduces along contiguous memory.
+
+torch.export imports ``nn.Linear`` as ``matmul(x, permute_dims(w))``. Weight lifting
+(:func:`~mlcweb_passes.split_transform_params`) moves the transpose into the transform module, so the
+deployed weight is stored ``[in, out]``: the GEMM's reduction axis K is strided in it, and tensor-core
+tiles cannot copy it in 16-byte vectors along K (``TensorCoreMatmul`` then falls back to dlight's tiling).
+
+This pass rewrites ``matmul(x, [astype](permute_dims(w)))`` with a two-dimensional ``w`` into one
+``call_tir`` of ``out[..., n] = sum_k x[..., k] * w[n, k]`` (the matmul's output dtype, each factor cast
+to it), keeping any ``astype`` of ``w`` outside, where lifting stores it. Run it before weight lifting.
+The result is the same; only the storage of the weight and the index order of the kernel change.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tvm
+from tvm import relax, te
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ._base import ModulePassBase, rewrite_relax_functions
+
+__all__ = ["LinearWeightLayout"]
+
+log = logging.getLogger(__name__)
+
+
+def _op(expr: Any) -> str | None:
+    return str(expr.op.name) if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
+
+
+def _nt_matmul(a: te.Tensor, b: te.Tensor, out_dtype: str) -> te.Tensor:
+    """``a[..., k] x b[n, k]`` summed over k, in ``out_dtype``."""
+    k = te.reduce_axis((0, a.shape[-1]), name="k")
+    return te.compute(
+        (*a.shape[:-1], b.shape[0]),
+        lambda *i: te.sum(a[(*i[:-1], k)].astype(out_dtype) * b[i[-1], k].astype(out_dtype), axis=k),
+        name="matmul",
+    )
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.values: dict[Any, Any] = {}
+        self.rewritten = 0
+
+    def visit_function_(self, func: relax.Function) -> relax.Expr:
+        self.values = relax.analysis.get_var2val(func)
+        return super().visit_function_(func)
+
+    def _value(self, expr: Any) -> Any:
+        while isinstance(expr, relax.Var) and expr in self.values:
+            expr = self.values[expr]
+        return expr
+
+    def _weight_nk(self, b: Any) -> relax.Expr | None:
+        """For ``b = [astype](permute_dims(w, [1, 0]))`` with 2-D ``w``: ``[astype](w)``, else None."""
+        value = self._value(b)
+        cast = None
+        if _op(value) == "relax.astype":
+            cast = str(value.attrs.dtype)
+            value = self._value(value.args[0])
+        if _op(value) != "relax.permute_dims":
+            return None
+        w = value.args[0]
+        if len(w.ty.shape) != 2 or (value.attrs.axes is not None and [int(a) for a in value.attrs.axes] != [1, 0]):
+            return None
+        w = self.visit_expr(w)
+        return relax.op.astype(w, cast) if cast is not None else w
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        if _op(call) == "relax.matmul" and len(call.args[0].ty.shape) >= 1:
+            weight = self._weight_nk(call.args[1])
+            if weight is not None:
+                a = self.visit_expr(call.args[0])
+                out_dtype = str(call.ty.dtype)
+                self.rewritten += 1
+                w = self.builder_.emit(weight)
+                return self.builder_.call_te(_nt_matmul, a, w, out_dtype, primfunc_name_hint="matmul_nt")
+        return super().visit_call_(call)
+
+
+@tvm.transform.module_pass(opt_level=0, name="mlcweb.LinearWeightLayout")
+class LinearWeightLayout(ModulePassBase):
+    """Rewrite ``matmul(x, permute_dims(w))`` (``nn.Linear``) to read ``w`` as stored, ``[out, in]``."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _Rewriter(mod)
+        mod = rewrite_relax_functions(mod, rewriter)
+        if rewriter.rewritten:
+            log.info("%d linear layers read their weights [out, in]", rewriter.rewritten)
+        result: tvm.IRModule = tvm.transform.Sequential(
+            [relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination()]
+        )(mod)
+        return result
