@@ -26,8 +26,8 @@ from .fuse_attention import ATTENTION_COMPOSITE, FuseAttention, attention_patter
 from .fuse_ops import FuseOperators, count_kernels
 from .fuse_softmax import SOFTMAX_COMPOSITE, FuseSoftmax, softmax_patterns
 from .int32_tensors import Int32Tensors, narrow_integer_tensors
-from .linear_weight_layout import LinearWeightLayout
 from .lift_transform_params import LiftedModules, apply_transform_params, compile_transform, split_transform_params
+from .linear_weight_layout import LinearWeightLayout
 from .memory_plan import FunctionMemory, StaticMemoryPlan, memory_report
 from .mixed_precision import MixedPrecision
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions

@@ -114,6 +114,21 @@ def test_unknown_and_unbuildable_targets_are_clear_errors(tmp_path: Path, host: 
     assert not (tmp_path / "x").exists()
 
 
+def test_conv_layout_is_nhwc_on_cuda_only_and_checked(tmp_path: Path, host: PluginHost, built: Path) -> None:
+    from mlcweb.build import conv_layout
+    from mlcweb.targets import resolve_target
+
+    cuda = resolve_target("cuda", arch="sm_90", link=False)
+    llvm = resolve_target("llvm", link=False)
+    assert conv_layout(BuildOptions(target="cuda", out=tmp_path), cuda) == "NHWC"
+    assert conv_layout(BuildOptions(target="llvm", out=tmp_path), llvm) == "NCHW"
+    assert conv_layout(BuildOptions(target="cuda", out=tmp_path, conv_layout="NCHW"), cuda) == "NCHW"
+    assert json.loads((built / "manifest.json").read_text())["conv_layout"] == "NCHW"
+    with pytest.raises(MlcwebError, match="unknown conv layout 'NCWH'"):
+        build(host, "tiny-bert", BuildOptions(target="llvm", out=tmp_path / "x", conv_layout="NCWH"), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_webgpu_without_its_toolchain_is_a_clear_error(
     tmp_path: Path, host: PluginHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:

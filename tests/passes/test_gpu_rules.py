@@ -95,9 +95,9 @@ class ConvNHWC:
     """A UNet convolution as ConvLayout leaves it: NHWC activations, OHWI kernel, float32 accumulation."""
 
     @R.function
-    def main(
-        x: R.Tensor((2, 32, 32, 128), "float16"), w: R.Tensor((256, 3, 3, 128), "float16")
-    ) -> R.Tensor((2, 32, 32, 256), "float16"):
+    def main(x: R.Tensor((2, 32, 32, 128), "float16"), w: R.Tensor((256, 3, 3, 128), "float16")) -> R.Tensor(
+        (2, 32, 32, 256), "float16"
+    ):
         with R.dataflow():
             y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1], data_layout="NHWC", kernel_layout="OHWI", out_dtype="float32")
             out = R.astype(y, "float16")

@@ -44,7 +44,9 @@ def test_rewritten_linear_computes_the_same() -> None:
 @I.ir_module
 class ActivationMatmul:
     @R.function
-    def main(q: R.Tensor((4, 16, 8), "float32"), k: R.Tensor((4, 16, 8), "float32")) -> R.Tensor((4, 16, 16), "float32"):
+    def main(q: R.Tensor((4, 16, 8), "float32"), k: R.Tensor((4, 16, 8), "float32")) -> R.Tensor(
+        (4, 16, 16), "float32"
+    ):
         with R.dataflow():
             s = R.matmul(q, R.permute_dims(k, axes=[0, 2, 1]))
             R.output(s)
