@@ -34,6 +34,19 @@ def rewrite_relax_functions(mod: tvm.IRModule, rewriter: Any) -> tvm.IRModule:
     return result
 
 
+def rewrite_and_clean(mod: tvm.IRModule, rewriter: Any) -> tvm.IRModule:
+    """:func:`rewrite_relax_functions`, then drop the bindings the rewrite left unused."""
+    result: tvm.IRModule = tvm.transform.Sequential(
+        [relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination()]
+    )(rewrite_relax_functions(mod, rewriter))
+    return result
+
+
+def op_name(expr: Any) -> str | None:
+    """The name of the Relax operator ``expr`` calls, or None when it is not an operator call."""
+    return str(expr.op.name) if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
+
+
 def maybe_followed(pattern: DFPattern, *ops: str) -> DFPattern:
     """``pattern`` optionally followed by each op of ``ops`` (shape ops torch.export inserts: a tensor and
     a shape argument)."""

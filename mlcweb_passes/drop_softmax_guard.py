@@ -26,7 +26,7 @@ from tvm import relax
 from tvm.ir.expr import GenericConst
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._base import ModulePassBase, rewrite_relax_functions
+from ._base import ModulePassBase, op_name, rewrite_and_clean
 
 __all__ = ["DropSoftmaxGuard"]
 
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 # Ops that keep a finite tensor finite (with a constant second operand where they take one).
 _SHAPE_OR_CAST = {"relax.astype", "relax.reshape", "relax.permute_dims", "relax.broadcast_to"}
 _BY_CONSTANT = {"relax.multiply", "relax.divide"}
-
-
-def _op(expr: Any) -> str | None:
-    return str(expr.op.name) if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
 
 
 class _Graph:
@@ -54,13 +50,13 @@ class _Graph:
 
     def call(self, expr: Any, op: str) -> relax.Call | None:
         value = self.value(expr)
-        return value if _op(value) == op else None
+        return value if op_name(value) == op else None
 
     def strip_casts(self, expr: Any) -> Any:
         """``expr`` with its chain of ``astype`` producers removed (a var or call)."""
         while True:
             value = self.value(expr)
-            if _op(value) != "relax.astype":
+            if op_name(value) != "relax.astype":
                 return value
             expr = value.args[0]
 
@@ -68,7 +64,7 @@ class _Graph:
         """True when ``expr`` is a matmul seen through shape ops, casts and scaling by a finite constant."""
         value = self.value(expr)
         while True:
-            name = _op(value)
+            name = op_name(value)
             if name == "relax.matmul":
                 return True
             if name in _SHAPE_OR_CAST or (name in _BY_CONSTANT and _finite_constant(value.args[1])):
@@ -87,7 +83,7 @@ def _constant(expr: Any) -> np.ndarray | None:
 
 def _finite_constant(expr: Any) -> bool:
     # A scale may arrive as astype(const) after mixed precision.
-    while _op(expr) == "relax.astype":
+    while op_name(expr) == "relax.astype":
         expr = expr.args[0]
     value = _constant(expr)
     return value is not None and bool(np.isfinite(value).all())
@@ -95,7 +91,7 @@ def _finite_constant(expr: Any) -> bool:
 
 def guarded_softmax(graph: _Graph, call: relax.Call) -> relax.Expr | None:
     """The ``softmax`` the guard ``call`` (a ``where``) wraps, or None if ``call`` is not that guard."""
-    if _op(call) != "relax.where" or len(call.args) != 3:
+    if op_name(call) != "relax.where" or len(call.args) != 3:
         return None
     cond, zeros, probs = call.args
     softmax = graph.call(probs, "relax.nn.softmax")
@@ -152,10 +148,7 @@ class DropSoftmaxGuard(ModulePassBase):
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _DropGuard(mod)
-        mod = rewrite_relax_functions(mod, rewriter)
+        result = rewrite_and_clean(mod, rewriter)
         if rewriter.dropped:
             log.info("dropped %d softmax guards (scores cannot be -inf)", rewriter.dropped)
-        result: tvm.IRModule = tvm.transform.Sequential(
-            [relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination()]
-        )(mod)
         return result

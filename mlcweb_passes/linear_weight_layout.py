@@ -20,15 +20,11 @@ import tvm
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._base import ModulePassBase, rewrite_relax_functions
+from ._base import ModulePassBase, op_name, rewrite_and_clean
 
 __all__ = ["LinearWeightLayout"]
 
 log = logging.getLogger(__name__)
-
-
-def _op(expr: Any) -> str | None:
-    return str(expr.op.name) if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
 
 
 def _nt_matmul(a: te.Tensor, b: te.Tensor, out_dtype: str) -> te.Tensor:
@@ -61,10 +57,10 @@ class _Rewriter(PyExprMutator):
         """For ``b = [astype](permute_dims(w, [1, 0]))`` with 2-D ``w``: ``[astype](w)``, else None."""
         value = self._value(b)
         cast = None
-        if _op(value) == "relax.astype":
+        if op_name(value) == "relax.astype":
             cast = str(value.attrs.dtype)
             value = self._value(value.args[0])
-        if _op(value) != "relax.permute_dims":
+        if op_name(value) != "relax.permute_dims":
             return None
         w = value.args[0]
         if len(w.ty.shape) != 2 or (value.attrs.axes is not None and [int(a) for a in value.attrs.axes] != [1, 0]):
@@ -73,7 +69,7 @@ class _Rewriter(PyExprMutator):
         return relax.op.astype(w, cast) if cast is not None else w
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
-        if _op(call) == "relax.matmul" and len(call.args[0].ty.shape) >= 1:
+        if op_name(call) == "relax.matmul" and len(call.args[0].ty.shape) >= 1:
             weight = self._weight_nk(call.args[1])
             if weight is not None:
                 a = self.visit_expr(call.args[0])
@@ -90,10 +86,7 @@ class LinearWeightLayout(ModulePassBase):
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _Rewriter(mod)
-        mod = rewrite_relax_functions(mod, rewriter)
+        result = rewrite_and_clean(mod, rewriter)
         if rewriter.rewritten:
             log.info("%d linear layers read their weights [out, in]", rewriter.rewritten)
-        result: tvm.IRModule = tvm.transform.Sequential(
-            [relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination()]
-        )(mod)
         return result
