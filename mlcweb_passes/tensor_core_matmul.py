@@ -10,8 +10,12 @@ of 32x32. Stable Diffusion's UNet is mostly GEMMs that tile badly that way:
   channels: 10 to 40 blocks of 128x128 for an H100's 132 SMs;
 - 320 channels pad to 384 in 128-wide tiles, a sixth of the work thrown away.
 
-:class:`TensorCoreMatmul` schedules every float16 GEMM (matmuls, and convolutions as implicit GEMMs)
-on CUDA sm_70+ whose shortest non-batch axis is at least ``min_extent``, with WMMA 16x16x16 fragments:
+:class:`TensorCoreMatmul` puts every float16 GEMM (matmuls, and convolutions as implicit GEMMs) on
+tensor cores, on CUDA sm_70+, when its shortest non-batch axis is at least ``min_extent``.
+
+Our own tiles take the GEMMs whose axes are all 64 or longer and whose inputs are stored with a
+reduction axis innermost (NHWC convolutions after :class:`~mlcweb_passes.ConvLayout`, linear layers
+after :class:`~mlcweb_passes.LinearWeightLayout`), with WMMA 16x16x16 fragments:
 
 1. the block is normalised to ``C[S, I, J] += A[S, I, K] * B[S, J, K]`` (dlight's index maps) and padded
    to the tile;
@@ -23,9 +27,12 @@ on CUDA sm_70+ whose shortest non-batch axis is at least ``min_extent``, with WM
 3. the epilogue (casts, bias, residual adds fused after the GEMM) runs on the tile in shared memory and
    stores it with vector writes.
 
-The tile comes from :func:`choose_tile`: among tiles that fit the hardware, the one with the fewest
-estimated cycles, counting padding, the waves of blocks over the SMs, and the lower throughput of small
-warp tiles. Shorter axes (GEMVs) fall through to the next rule.
+The tile comes from :func:`choose_tile`, a rule measured on an H100 with ``benchmarks/gemm_tiles.py``.
+
+The other GEMMs (an axis of 16 to 63, like attention's head dimension of 40, or a reduction axis that
+is strided in memory) get dlight's ``MatmulTensorization``, the short axis zero-padded: our copies move
+16-byte vectors along K, and faulted with misaligned addresses on those shapes. Shorter axes (GEMVs)
+fall through to the next rule.
 """
 
 from __future__ import annotations
