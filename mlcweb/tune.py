@@ -23,6 +23,7 @@ resuming and interrupting work per task:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import importlib.util
 import json
@@ -42,6 +43,7 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
+from tvm.s_tir.dlight.gpu.matmul import check_sm_version
 
 import mlcweb_passes as mp
 from mlcweb_passes.apply_database import preload_tensor_intrinsics
@@ -173,6 +175,18 @@ def extract_tuning_tasks(host: PluginHost, model: str, options: TuneOptions) -> 
             raise MlcwebError(f"no task matches --tasks {options.tasks!r}; run without it to see the task names")
     tasks = [t for t in tasks if t.weight > 0 or options.tasks]
     return (tasks[: options.max_tasks] if options.max_tasks else tasks), target
+
+
+def build_candidate(
+    mod: tvm.IRModule, target: tvm.target.Target, params: Any, *, async_copy: bool = False
+) -> tvm.runtime.Module:
+    """MetaSchedule's default build of one candidate, with :data:`mlcweb_passes.ASYNC_COPY_CONFIG` when
+    ``async_copy``. Runs in the builder's worker processes."""
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+
+    with tvm.transform.PassContext(config=mp.ASYNC_COPY_CONFIG if async_copy else {}):
+        built: tvm.runtime.Module = default_build(mod, target, params)
+    return built
 
 
 def _flops(mod: tvm.IRModule) -> float:
@@ -350,11 +364,18 @@ def tune(
     db = open_database(options.db)
     # The builder's worker processes each import tvm.s_tir.tensor_intrin before building; preload it the
     # fast way (the builder restarts its workers for every batch, so this is paid per batch).
+    # Candidates are built as `mlcweb build` builds: with cp.async on sm_80+ cuda (our tensor-core tiles'
+    # default schedules depend on it; measured without, they would lose to slower candidates).
+    info = resolve_target(options.target, arch=options.arch, link=False)
+    async_copy = info.name == "cuda" and check_sm_version(str(target.attrs.get("arch", ""))) >= 80
     builder = ms.builder.LocalBuilder(
-        max_workers=options.builders or os.cpu_count() or 1, timeout_sec=300, initializer=preload_tensor_intrinsics
+        max_workers=options.builders or os.cpu_count() or 1,
+        timeout_sec=300,
+        initializer=preload_tensor_intrinsics,
+        f_build=functools.partial(build_candidate, async_copy=async_copy),
     )
     runner = _runner(options)
-    build_target = resolve_target(options.target, arch=options.arch, link=False).tvm_target()
+    build_target = info.tvm_target()
     state = _load_state(options.db)
     total_trials = sum(
         0 if _done(have, t, state, options.trials) else options.trials - len(have)

@@ -131,7 +131,7 @@ def test_convolution_gets_the_chosen_tile_with_async_copies() -> None:
     assert _launches(sch.mod["main"]) == [(2048 // tile.block_m) * (256 // tile.block_n)]
     with tvm.transform.PassContext(config=mp.ASYNC_COPY_CONFIG):
         source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
-    assert "cp.async" in source and "wmma::mma_sync" in source
+    assert "cp.async.cg.shared.global" in source and "wmma::mma_sync" in source
 
 
 def test_tile_choice_follows_the_shape_and_the_hardware() -> None:
@@ -150,3 +150,15 @@ def test_weight_stored_k_by_n_keeps_dlights_tiling() -> None:
     assert sch is not None
     script = sch.mod.script()
     assert "wmma.matrix_b" in script and "software_pipeline_async_stages" not in script
+
+
+def test_tuning_builds_candidates_with_async_copies_on_sm80() -> None:
+    from mlcweb.tune import build_candidate
+
+    sch = mp.TensorCoreMatmul().apply(_kernel(ConvNHWC, CUDA).with_attr("global_symbol", "conv"), CUDA, False)
+    assert sch is not None
+    mp.preload_tensor_intrinsics()
+    with_async = build_candidate(sch.mod, CUDA, None, async_copy=True)
+    without = build_candidate(sch.mod, CUDA, None)
+    assert "cp.async.cg.shared.global" in with_async.imports[0].inspect_source()  # the copies themselves
+    assert "cp.async.cg.shared.global" not in without.imports[0].inspect_source()
