@@ -134,13 +134,13 @@ CONV_LAYOUTS = ("auto", "NCHW", "NHWC")
 
 
 def conv_layout(options: BuildOptions, target: TargetInfo) -> str:
-    """The convolution layout a build uses: ``options.conv_layout``, with "auto" meaning NHWC on cuda
-    (tensor-core implicit GEMMs want channels last) and the imported NCHW elsewhere. NHWC also keeps
-    linear weights ``[out, in]`` (:class:`~mlcweb_passes.LinearWeightLayout`)."""
+    """The convolution layout a build uses: ``options.conv_layout``, with "auto" meaning NHWC for cuda
+    float16 (tensor-core implicit GEMMs want channels last; measured there) and the imported NCHW
+    elsewhere. NHWC also keeps linear weights ``[out, in]`` (:class:`~mlcweb_passes.LinearWeightLayout`)."""
     if options.conv_layout not in CONV_LAYOUTS:
         raise MlcwebError(f"unknown conv layout {options.conv_layout!r}; choose one of {', '.join(CONV_LAYOUTS)}")
     if options.conv_layout == "auto":
-        return "NHWC" if target.name == "cuda" else "NCHW"
+        return "NHWC" if target.name == "cuda" and options.dtype == "float16" else "NCHW"
     return options.conv_layout
 
 

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         "--conv-layout",
         choices=["auto", "NCHW", "NHWC"],
         default="auto",
-        help="layout of 2-D convolutions (default auto: NHWC on cuda, NCHW elsewhere)",
+        help="layout of 2-D convolutions (default auto: NHWC for cuda float16, NCHW elsewhere)",
     )
     b.add_argument("--weight-encoding", choices=ENCODINGS, default="raw", help="f32-to-bf16 halves float32 weights")
     b.add_argument("--no-cache", action="store_true", help="re-import instead of using the import cache")

@@ -80,5 +80,5 @@ class BuildOptions:
     webgpu_fallback: bool = True
     # cuda only: capture each function's kernel launches once in a CUDA graph and replay it on later calls
     cuda_graph: bool = True
-    # layout of 2-D convolutions: "auto" (NHWC on cuda, as imported elsewhere), "NCHW" (as imported) or "NHWC"
+    # layout of 2-D convolutions: "auto" (NHWC for cuda float16, as imported elsewhere), "NCHW" or "NHWC"
     conv_layout: str = "auto"

@@ -114,15 +114,17 @@ def test_unknown_and_unbuildable_targets_are_clear_errors(tmp_path: Path, host: 
     assert not (tmp_path / "x").exists()
 
 
-def test_conv_layout_is_nhwc_on_cuda_only_and_checked(tmp_path: Path, host: PluginHost, built: Path) -> None:
+def test_conv_layout_is_nhwc_for_cuda_float16_only_and_checked(tmp_path: Path, host: PluginHost, built: Path) -> None:
     from mlcweb.build import conv_layout
     from mlcweb.targets import resolve_target
 
     cuda = resolve_target("cuda", arch="sm_90", link=False)
     llvm = resolve_target("llvm", link=False)
-    assert conv_layout(BuildOptions(target="cuda", out=tmp_path), cuda) == "NHWC"
-    assert conv_layout(BuildOptions(target="llvm", out=tmp_path), llvm) == "NCHW"
-    assert conv_layout(BuildOptions(target="cuda", out=tmp_path, conv_layout="NCHW"), cuda) == "NCHW"
+    assert conv_layout(BuildOptions(target="cuda", out=tmp_path, dtype="float16"), cuda) == "NHWC"
+    assert conv_layout(BuildOptions(target="cuda", out=tmp_path), cuda) == "NCHW"  # float32: not measured
+    assert conv_layout(BuildOptions(target="llvm", out=tmp_path, dtype="float16"), llvm) == "NCHW"
+    cuda_nchw = BuildOptions(target="cuda", out=tmp_path, dtype="float16", conv_layout="NCHW")
+    assert conv_layout(cuda_nchw, cuda) == "NCHW"
     assert json.loads((built / "manifest.json").read_text())["conv_layout"] == "NCHW"
     with pytest.raises(MlcwebError, match="unknown conv layout 'NCWH'"):
         build(host, "tiny-bert", BuildOptions(target="llvm", out=tmp_path / "x", conv_layout="NCWH"), progress=False)
