@@ -38,9 +38,9 @@ from tvm.s_tir import dlight as dl  # noqa: E402
 
 import mlcweb_passes as mp  # noqa: E402
 from mlcweb_passes.tensor_core_matmul import (  # noqa: E402
-    ASYNC_COPY_CONFIG,
     TensorCoreMatmul,
     TensorCoreTile,
+    async_copy_config,
     choose_tile,
     gemm_shape,
 )
@@ -119,7 +119,7 @@ def _build(job: tuple[str, str, str, str, str]) -> tuple[str, str | None, str | 
             mod = dl.ApplyDefaultSchedule(*rules)(tvm.IRModule({"main": func}))
         if rule is not None and "wmma" not in mod.script():
             return key, None, "rule did not apply"
-        with tvm.transform.PassContext(config={} if mode == "sync" else ASYNC_COPY_CONFIG):
+        with tvm.transform.PassContext(config={} if mode == "sync" else async_copy_config(target)):
             lib = tvm.compile(mod, target)
         path = os.path.join(out, f"{abs(hash(key))}.so")
         lib.export_library(path)

@@ -28,7 +28,6 @@ from typing import Any
 import tvm
 from tqdm import tqdm
 from tvm import relax
-from tvm.s_tir.dlight.gpu.matmul import check_sm_version
 
 import mlcweb_passes as mp
 
@@ -188,11 +187,9 @@ def pre_schedule_passes(target: tvm.target.Target, extra: list[Any]) -> list[tvm
 def _pass_config(target: tvm.target.Target, options: BuildOptions) -> dict[str, Any]:
     """PassContext config of lowering and compiling: CUDA graphs where asked for, and on sm_80+ the
     asynchronous global-to-shared copies (cp.async) of the tensor-core tiles."""
-    config: dict[str, Any] = {}
+    config: dict[str, Any] = mp.async_copy_config(target)
     if target.kind.name == "cuda":
         config["relax.backend.use_cuda_graph"] = options.cuda_graph
-        if check_sm_version(str(target.attrs.get("arch", ""))) >= 80:
-            config.update(mp.ASYNC_COPY_CONFIG)
     return config
 
 

@@ -43,7 +43,6 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
-from tvm.s_tir.dlight.gpu.matmul import check_sm_version
 
 import mlcweb_passes as mp
 from mlcweb_passes.apply_database import preload_tensor_intrinsics
@@ -178,13 +177,13 @@ def extract_tuning_tasks(host: PluginHost, model: str, options: TuneOptions) -> 
 
 
 def build_candidate(
-    mod: tvm.IRModule, target: tvm.target.Target, params: Any, *, async_copy: bool = False
+    mod: tvm.IRModule, target: tvm.target.Target, params: Any, *, config: dict[str, Any] | None = None
 ) -> tvm.runtime.Module:
-    """MetaSchedule's default build of one candidate, with :data:`mlcweb_passes.ASYNC_COPY_CONFIG` when
-    ``async_copy``. Runs in the builder's worker processes."""
+    """MetaSchedule's default build of one candidate under the PassContext ``config`` (a build's
+    :func:`mlcweb_passes.async_copy_config`). Runs in the builder's worker processes."""
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
-    with tvm.transform.PassContext(config=mp.ASYNC_COPY_CONFIG if async_copy else {}):
+    with tvm.transform.PassContext(config=config or {}):
         built: tvm.runtime.Module = default_build(mod, target, params)
     return built
 
@@ -366,16 +365,14 @@ def tune(
     # fast way (the builder restarts its workers for every batch, so this is paid per batch).
     # Candidates are built as `mlcweb build` builds: with cp.async on sm_80+ cuda (our tensor-core tiles'
     # default schedules depend on it; measured without, they would lose to slower candidates).
-    info = resolve_target(options.target, arch=options.arch, link=False)
-    async_copy = info.name == "cuda" and check_sm_version(str(target.attrs.get("arch", ""))) >= 80
+    build_target = resolve_target(options.target, arch=options.arch, link=False).tvm_target()
     builder = ms.builder.LocalBuilder(
         max_workers=options.builders or os.cpu_count() or 1,
         timeout_sec=300,
         initializer=preload_tensor_intrinsics,
-        f_build=functools.partial(build_candidate, async_copy=async_copy),
+        f_build=functools.partial(build_candidate, config=mp.async_copy_config(build_target)),
     )
     runner = _runner(options)
-    build_target = info.tvm_target()
     state = _load_state(options.db)
     total_trials = sum(
         0 if _done(have, t, state, options.trials) else options.trials - len(have)

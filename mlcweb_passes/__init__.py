@@ -33,7 +33,7 @@ from .mixed_precision import MixedPrecision
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
 from .pipeline import PipelineOptions, lowering_passes, pipeline
 from .row_reduction import RowReduction
-from .tensor_core_matmul import ASYNC_COPY_CONFIG, TensorCoreMatmul, TensorCoreTile, choose_tile
+from .tensor_core_matmul import ASYNC_COPY_CONFIG, TensorCoreMatmul, TensorCoreTile, async_copy_config, choose_tile
 
 __version__ = "0.1.0"
 
@@ -65,6 +65,7 @@ __all__ = [
     "TensorCoreMatmul",
     "TensorCoreTile",
     "apply_transform_params",
+    "async_copy_config",
     "attention_patterns",
     "choose_tile",
     "compile_transform",

@@ -56,7 +56,14 @@ from tvm.target import Target
 
 from ._base import uses_var
 
-__all__ = ["ASYNC_COPY_CONFIG", "TensorCoreMatmul", "TensorCoreTile", "choose_tile", "gemm_shape"]
+__all__ = [
+    "ASYNC_COPY_CONFIG",
+    "TensorCoreMatmul",
+    "TensorCoreTile",
+    "async_copy_config",
+    "choose_tile",
+    "gemm_shape",
+]
 
 # PassContext config under which TIR lowering turns the tiles' pipelined global-to-shared copies into
 # cp.async (sm_80+); without it the copies are synchronous and the kernels are still correct.
@@ -98,15 +105,17 @@ class TensorCoreTile:
         """Whether TIR lowering accepts the tile: when the float32 output tile fits in the space of one
         double-buffered input tile, StorageRewrite puts it there, and the WMMA store then addresses a
         float16 buffer, which codegen refuses. Tiles whose output tile is larger are safe."""
-        output = 4 * self.block_m * (self.block_n + 4)
-        return all(output > 2 * 2 * rows * (self.block_k + 8) for rows in (self.block_m, self.block_n))
+        return all(self._output_bytes() > 2 * 2 * rows * (self.block_k + 8) for rows in (self.block_m, self.block_n))
 
     def shared_bytes(self) -> int:
         """Dynamic shared memory: the larger of the double-buffered float16 input tiles (rows padded by 8)
         and the float32 output tile (rows padded by 4); lowering reuses one for the other."""
         inputs = 2 * 2 * (self.block_m + self.block_n) * (self.block_k + 8)
-        output = 4 * self.block_m * (self.block_n + 4)
-        return max(inputs, output)
+        return max(inputs, self._output_bytes())
+
+    def _output_bytes(self) -> int:
+        """The float32 output tile in shared memory, rows padded by 4."""
+        return 4 * self.block_m * (self.block_n + 4)
 
 
 @dataclass(frozen=True)
@@ -178,12 +187,8 @@ class TensorCoreMatmul(dl.ScheduleRule):
         self.sms = sms
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if (
-            not isinstance(func, tirx.PrimFunc)
-            or target.kind.name != "cuda"
-            or check_sm_version(str(target.attrs.get("arch", ""))) < 70
-            or "dlight.do_not_tensorize" in func.attrs
-        ):
+        sm = _sm(target)
+        if not isinstance(func, tirx.PrimFunc) or sm < 70 or "dlight.do_not_tensorize" in func.attrs:
             return None
         sch = s_tir.Schedule(func)
         blocks = get_reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
@@ -195,24 +200,14 @@ class TensorCoreMatmul(dl.ScheduleRule):
         shape = gemm_shape(block)
         if shape is None or min(shape.m, shape.n, shape.k) < self.min_extent:
             return None
-        if min(shape.m, shape.n, shape.k) < TILED_MIN_EXTENT:
-            # Short axes (attention's head dimension 40): dlight's fixed tiling, zero-padded to 128
-            # and 64. The tiles below fault with misaligned addresses on these shapes (H100, 2026-11-24).
-            try:
-                result: s_tir.Schedule | None = MatmulTensorization().apply(func, target, tunable)
-            except (AssertionError, s_tir.ScheduleError):
-                return None
-            return result
-        if not _reads_contiguous_along_k(sch, blocks[0]):
-            # e.g. a linear layer's [K, N] weight: our copies vectorise along K; dlight's handle it
-            try:
-                fallback: s_tir.Schedule | None = MatmulTensorization().apply(func, target, tunable)
-            except (AssertionError, s_tir.ScheduleError):
-                return None
-            return fallback
-        tile = self.tile or choose_tile(shape, self.sms, *_limits(target))
         try:
-            return _schedule(sch, blocks[0], tile, async_copy=check_sm_version(str(target.attrs["arch"])) >= 80)
+            if min(shape.m, shape.n, shape.k) < TILED_MIN_EXTENT or not _reads_contiguous_along_k(sch, blocks[0]):
+                # Short axes (attention's head dimension 40) or a strided K (a [K, N] weight): dlight's
+                # fixed tiling, zero-padded. Our tiles fault with misaligned addresses on these (H100).
+                result: s_tir.Schedule | None = MatmulTensorization().apply(func, target, tunable)
+                return result
+            tile = self.tile or choose_tile(shape, self.sms, *_limits(target, sm))
+            return _schedule(sch, blocks[0], tile, async_copy=sm >= 80)
         except (AssertionError, s_tir.ScheduleError):  # a shape the tiling cannot cover
             return None
 
@@ -244,10 +239,21 @@ def _reads_contiguous_along_k(sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV
     return True
 
 
-def _limits(target: Target) -> tuple[int, int]:
+def _sm(target: Target) -> int:
+    """The SM version of a cuda target (90 for sm_90); -1 for other targets."""
+    return check_sm_version(str(target.attrs.get("arch", ""))) if target.kind.name == "cuda" else -1
+
+
+def async_copy_config(target: Target) -> dict[str, bool]:
+    """:data:`ASYNC_COPY_CONFIG` for targets whose tiles copy asynchronously (cuda sm_80+), else empty:
+    the PassContext config to build such a target's kernels with."""
+    return dict(ASYNC_COPY_CONFIG) if _sm(target) >= 80 else {}
+
+
+def _limits(target: Target, sm: int) -> tuple[int, int]:
     threads = int(target.attrs.get("max_num_threads", 1024))
     # Dynamic shared memory above 48 KB needs an opt-in that TVM's CUDA runtime makes; sm_80+ have 99 KB+
-    shared = 99 * 1024 if check_sm_version(str(target.attrs.get("arch", ""))) >= 80 else 48 * 1024
+    shared = 99 * 1024 if sm >= 80 else 48 * 1024
     return threads, shared
 
 

@@ -158,7 +158,9 @@ def test_tuning_builds_candidates_with_async_copies_on_sm80() -> None:
     sch = mp.TensorCoreMatmul().apply(_kernel(ConvNHWC, CUDA).with_attr("global_symbol", "conv"), CUDA, False)
     assert sch is not None
     mp.preload_tensor_intrinsics()
-    with_async = build_candidate(sch.mod, CUDA, None, async_copy=True)
+    assert mp.async_copy_config(CUDA) == mp.ASYNC_COPY_CONFIG
+    assert mp.async_copy_config(tvm.target.Target({"kind": "cuda", "arch": "sm_75"})) == {}
+    with_async = build_candidate(sch.mod, CUDA, None, config=mp.async_copy_config(CUDA))
     without = build_candidate(sch.mod, CUDA, None)
     assert "cp.async.cg.shared.global" in with_async.imports[0].inspect_source()  # the copies themselves
     assert "cp.async.cg.shared.global" not in without.imports[0].inspect_source()
