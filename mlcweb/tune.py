@@ -159,6 +159,8 @@ def extract_tuning_tasks(host: PluginHost, model: str, options: TuneOptions) -> 
     for entry in sorted(entries):
         only = mp.RemoveUnusedFunctions([entry])(fused)
         for ext in ms.relax_integration.extract_tasks(only, target):
+            if any(mp.is_scheduled(f) for f in ext.dispatched[0].functions.values()):
+                continue  # hand-written kernels (flash attention) have nothing to tune
             key = tvm_ffi.structural_hash(ext.dispatched[0])
             weight = float(ext.weight) * runs.get(entry, 1)
             if key in merged:

@@ -18,10 +18,11 @@ from .apply_database import (
     schedule_report,
 )
 from .conv_layout import ConvLayout
-from .default_schedule import CPUParallel, DefaultSchedule, default_rules, is_gpu_target
+from .default_schedule import CPUParallel, DefaultSchedule, default_rules, is_gpu_target, is_scheduled
 from .detach_params import ParamNameError, detach_params, param_names, unique_param_names
 from .drop_softmax_guard import DropSoftmaxGuard
 from .finite_literals import FiniteFloatLiterals
+from .flash_attention import AttentionShape, FlashAttention, flash_attention_kernel, supports_flash_attention
 from .fuse_attention import ATTENTION_COMPOSITE, FuseAttention, attention_patterns
 from .fuse_ops import FuseOperators, count_kernels
 from .fuse_softmax import SOFTMAX_COMPOSITE, FuseSoftmax, softmax_patterns
@@ -42,11 +43,13 @@ __all__ = [
     "ATTENTION_COMPOSITE",
     "SOFTMAX_COMPOSITE",
     "ApplyDatabase",
+    "AttentionShape",
     "CPUParallel",
     "ConvLayout",
     "DefaultSchedule",
     "DropSoftmaxGuard",
     "FiniteFloatLiterals",
+    "FlashAttention",
     "FunctionMemory",
     "FunctionNameClashError",
     "FuseAttention",
@@ -72,7 +75,9 @@ __all__ = [
     "count_kernels",
     "default_rules",
     "detach_params",
+    "flash_attention_kernel",
     "is_gpu_target",
+    "is_scheduled",
     "load_database",
     "lowering_passes",
     "memory_report",
@@ -85,5 +90,6 @@ __all__ = [
     "schedule_report",
     "softmax_patterns",
     "split_transform_params",
+    "supports_flash_attention",
     "unique_param_names",
 ]

@@ -12,6 +12,8 @@ Order (each step is a module of this package):
 2. ``Int32Tensors`` and ``FiniteFloatLiterals`` (WebGPU only): integer tensors WGSL lacks become
    int32, and infinite constants, which WGSL cannot spell, finite ones.
 3. TVM's library dispatch for the target (sort / scan / sampling kernels).
+   ``FlashAttention`` (CUDA sm_80+, on by default): each float16 attention over head transposes becomes
+   one flash-attention kernel on tensor cores; no score matrix is stored.
 4. ``FuseAttention`` (off by default: no schedule rule handles the fused kernel well yet; on the CPU
    the tiny UNet runs 156 ms fused vs 97 ms unfused): attention patterns become one composite each.
    ``FuseSoftmax``: the casts around each remaining softmax join it in one kernel.
@@ -39,6 +41,7 @@ from tvm.target import Target
 from .apply_database import ApplyDatabase
 from .drop_softmax_guard import DropSoftmaxGuard
 from .finite_literals import FiniteFloatLiterals
+from .flash_attention import FlashAttention, supports_flash_attention
 from .fuse_attention import FuseAttention
 from .fuse_ops import FuseOperators
 from .fuse_softmax import FuseSoftmax
@@ -55,13 +58,16 @@ class PipelineOptions:
 
     ``mixed_precision``: ``None`` keeps the module's dtypes, ``"float32"`` or ``"float16"`` converts
     compute to float16 with that accumulator. ``fuse_attention``: run attention pattern fusion (one
-    kernel per attention, for a flash-attention schedule; off by default).
+    kernel per attention, for a flash-attention schedule; off by default). ``flash_attention``: replace
+    float16 attention with :func:`~mlcweb_passes.flash_attention.flash_attention_kernel` on targets that
+    support it (:func:`~mlcweb_passes.flash_attention.supports_flash_attention`).
     ``extra_passes``: run after fusion and before scheduling (a plugin's rewrites of fused TIR).
     """
 
     mixed_precision: str | None = None
     fuse_attention: bool = False
     extra_passes: Sequence[tvm.transform.Pass] = field(default_factory=tuple)
+    flash_attention: bool = True
 
 
 def lowering_passes(
@@ -78,6 +84,8 @@ def lowering_passes(
     if target.kind.name == "webgpu":
         passes.extend([Int32Tensors(), FiniteFloatLiterals()])
     passes.extend(_library_dispatch(target))
+    if opts.flash_attention and supports_flash_attention(target):
+        passes.append(FlashAttention())
     if opts.fuse_attention:
         passes.append(FuseAttention())
     passes.append(FuseSoftmax())
@@ -106,10 +114,11 @@ def pipeline(
     mixed_precision: str | None = None,
     fuse_attention: bool = False,
     extra_passes: Sequence[tvm.transform.Pass] = (),
+    flash_attention: bool = True,
 ) -> tvm.transform.Pass:
     """One pass that compiles an imported Relax module for ``target`` (see the module docstring)."""
     tgt = target if isinstance(target, Target) else Target(target)
-    options = PipelineOptions(mixed_precision, fuse_attention, tuple(extra_passes))
+    options = PipelineOptions(mixed_precision, fuse_attention, tuple(extra_passes), flash_attention)
     passes = lowering_passes(tgt, database, options)
 
     @tvm.transform.module_pass(opt_level=0, name="mlcweb.pipeline")

@@ -187,7 +187,7 @@ class TensorCoreMatmul(dl.ScheduleRule):
         self.sms = sms
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        sm = _sm(target)
+        sm = sm_version(target)
         if not isinstance(func, tirx.PrimFunc) or sm < 70 or "dlight.do_not_tensorize" in func.attrs:
             return None
         sch = s_tir.Schedule(func)
@@ -239,7 +239,7 @@ def _reads_contiguous_along_k(sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV
     return True
 
 
-def _sm(target: Target) -> int:
+def sm_version(target: Target) -> int:
     """The SM version of a cuda target (90 for sm_90); -1 for other targets."""
     return check_sm_version(str(target.attrs.get("arch", ""))) if target.kind.name == "cuda" else -1
 
@@ -247,7 +247,7 @@ def _sm(target: Target) -> int:
 def async_copy_config(target: Target) -> dict[str, bool]:
     """:data:`ASYNC_COPY_CONFIG` for targets whose tiles copy asynchronously (cuda sm_80+), else empty:
     the PassContext config to build such a target's kernels with."""
-    return dict(ASYNC_COPY_CONFIG) if _sm(target) >= 80 else {}
+    return dict(ASYNC_COPY_CONFIG) if sm_version(target) >= 80 else {}
 
 
 def _limits(target: Target, sm: int) -> tuple[int, int]:

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""mlcweb's flash-attention kernel against the unfused TVM path and PyTorch, shape by shape, on CUDA.
+
+For each attention shape of full-size SD1.5's UNet (batch 2 for guidance, 8 heads; self-attention at
+64x64, 32x32, 16x16 and 8x8 latents and cross-attention to 77 text tokens), on the same random float16
+inputs ``[batch, seq, heads, head_dim]``:
+
+- ``flash``: :func:`mlcweb_passes.flash_attention.flash_attention_kernel`, one kernel;
+- ``unfused``: the Relax graph torch.export gives (head transposes, ``Q @ K^T`` in float32, softmax,
+  ``P @ V``) compiled with ``mlcweb_passes.pipeline``: what a build did before ``FlashAttention``;
+- ``torch_sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch picks its flash or
+  memory-efficient kernel);
+- ``torch_math``: PyTorch's unfused math path (``softmax(q @ k^T) @ v``).
+
+Outputs are checked against a float32 PyTorch reference computed from the same float16 inputs (max abs
+error; ``--atol``). Writes ``flash_attention.json`` and ``flash_attention.md`` into ``--results``.
+Medians of ``--repeat`` timed calls after warm-up, each timed with CUDA events around ``--number``
+calls.
+
+    python3 benchmarks/flash_attention.py --results $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+import mlcweb_passes as mp  # noqa: E402
+from mlcweb_passes.flash_attention import AttentionShape, flash_attention_kernel  # noqa: E402
+
+# (name, batch, q_len, kv_len, heads, head_dim): SD1.5's UNet at 512x512
+SHAPES = [
+    ("self 64x64", 2, 4096, 4096, 8, 40),
+    ("cross 64x64", 2, 4096, 77, 8, 40),
+    ("self 32x32", 2, 1024, 1024, 8, 80),
+    ("cross 32x32", 2, 1024, 77, 8, 80),
+    ("self 16x16", 2, 256, 256, 8, 160),
+    ("cross 16x16", 2, 256, 77, 8, 160),
+    ("self 8x8", 2, 64, 64, 8, 160),
+    ("odd: 100 queries, 33 keys, d=20", 1, 100, 33, 3, 20),
+]
+
+
+def unfused_module(shape: AttentionShape, scale: float) -> tvm.IRModule:
+    """The attention as torch.export + MixedPrecision leave it: head transposes, float32 scores."""
+    b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType((b, nq, h, d), "float16"))
+    k = relax.Var("k", relax.TensorType((b, nk, h, d), "float16"))
+    v = relax.Var("v", relax.TensorType((b, nk, h, d), "float16"))
+    with bb.function("main", [q, k, v]):
+        with bb.dataflow():
+            qt = bb.emit(relax.op.permute_dims(q, [0, 2, 1, 3]))
+            kt = bb.emit(relax.op.permute_dims(k, [0, 2, 3, 1]))
+            vt = bb.emit(relax.op.permute_dims(v, [0, 2, 1, 3]))
+            s = bb.emit(relax.op.matmul(qt, kt, out_dtype="float32"))
+            s = bb.emit(relax.op.multiply(s, relax.const(scale, "float32")))
+            p = bb.emit(relax.op.astype(relax.op.nn.softmax(s, axis=-1), "float16"))
+            o = bb.emit(relax.op.astype(relax.op.matmul(p, vt, out_dtype="float32"), "float16"))
+            out = bb.emit_output(relax.op.permute_dims(o, [0, 2, 1, 3]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def time_ms(fn: Callable[[], Any], number: int, repeat: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / number)
+    return statistics.median(times)
+
+
+def run_shape(name: str, shape: AttentionShape, target: tvm.target.Target, args: argparse.Namespace) -> dict[str, Any]:
+    scale = 1 / math.sqrt(shape.head_dim)
+    gen = torch.Generator().manual_seed(0)
+    dims = (shape.batch, shape.q_len, shape.heads, shape.head_dim)
+    kv_dims = (shape.batch, shape.kv_len, shape.heads, shape.head_dim)
+    q, k, v = (torch.randn(s, generator=gen).half().cuda() for s in (dims, kv_dims, kv_dims))
+    qt, kt, vt = (x.permute(0, 2, 1, 3) for x in (q, k, v))
+    ref = torch.softmax((qt.float() @ kt.float().transpose(-1, -2)) * scale, -1) @ vt.float()
+    ref_np = ref.permute(0, 2, 1, 3).cpu().numpy()
+    dev = tvm.cuda()
+    q_t, k_t, v_t = (tvm.runtime.from_dlpack(x) for x in (q, k, v))
+    row: dict[str, Any] = {"name": name, "shape": list(dims), "kv_len": shape.kv_len, "ms": {}, "max_abs_err": {}}
+
+    t0 = time.time()
+    with tvm.transform.PassContext(config=mp.async_copy_config(target)):
+        flash = tvm.compile(
+            tvm.IRModule({"main": flash_attention_kernel(shape, scale).with_attr("global_symbol", "main")}), target
+        )
+    row["flash_compile_s"] = round(time.time() - t0, 1)
+    out = tvm.runtime.empty(dims, "float16", dev)
+    flash["main"](q_t, k_t, v_t, out)
+    row["max_abs_err"]["flash"] = float(np.abs(out.numpy().astype(np.float32) - ref_np).max())
+    row["ms"]["flash"] = time_ms(lambda: flash["main"](q_t, k_t, v_t, out), args.number, args.repeat)
+
+    with tvm.transform.PassContext(config=mp.async_copy_config(target)):
+        vm = relax.VirtualMachine(
+            tvm.compile(unfused_module(shape, scale), target, relax_pipeline=mp.pipeline(target)), dev
+        )
+    got = vm["main"](q_t, k_t, v_t)
+    row["max_abs_err"]["unfused"] = float(np.abs(got.numpy().astype(np.float32) - ref_np).max())
+    row["ms"]["unfused"] = time_ms(lambda: vm["main"](q_t, k_t, v_t), args.number, args.repeat)
+
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
+    math_path = lambda: torch.softmax((qt @ kt.transpose(-1, -2)) * scale, -1) @ vt  # noqa: E731
+    for key, fn in (("torch_sdpa", sdpa), ("torch_math", math_path)):
+        row["max_abs_err"][key] = float((fn().float() - ref).abs().max())
+        row["ms"][key] = time_ms(fn, args.number, args.repeat)
+    row["ok"] = row["max_abs_err"]["flash"] <= args.atol
+    return row
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = [
+        f"# Flash attention on {record['device']}",
+        "",
+        "float16 `[batch, seq, heads, head_dim]`; ms per call (median); error: max abs against float32 PyTorch.",
+        "",
+        "| shape | B,N,H,D | keys | flash | unfused TVM | torch SDPA | torch math | unfused/flash | SDPA/flash | flash err | SDPA err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['shape']} | {r['kv_len']} | error: {r['error'][:80]} |")
+            continue
+        ms, err = r["ms"], r["max_abs_err"]
+        lines.append(
+            f"| {r['name']} | {','.join(map(str, r['shape']))} | {r['kv_len']} | {ms['flash']:.4f} | {ms['unfused']:.4f} | "
+            f"{ms['torch_sdpa']:.4f} | {ms['torch_math']:.4f} | {ms['unfused'] / ms['flash']:.2f}x | "
+            f"{ms['torch_sdpa'] / ms['flash']:.2f}x | {err['flash']:.2e} | {err['torch_sdpa']:.2e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, required=True, help="folder for flash_attention.json / .md")
+    p.add_argument("--arch", default="sm_90")
+    p.add_argument("--number", type=int, default=10, help="calls per timing")
+    p.add_argument("--repeat", type=int, default=10, help="timings per median")
+    p.add_argument("--atol", type=float, default=2e-2, help="max abs error allowed against float32")
+    p.add_argument("--only", help="run the shapes whose name contains this")
+    args = p.parse_args()
+    target = tvm.target.Target({"kind": "cuda", "arch": args.arch})
+    record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "arch": args.arch, "rows": []}
+    args.results.mkdir(parents=True, exist_ok=True)
+    for name, *dims in SHAPES:
+        if args.only and args.only not in name:
+            continue
+        b, nq, nk, h, d = dims
+        shape = AttentionShape(b, nq, nk, h, d)
+        try:
+            row = run_shape(name, shape, target, args)
+        except Exception as exc:
+            row = {"name": name, "shape": [b, nq, h, d], "kv_len": nk, "error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(row), flush=True)
+        record["rows"].append(row)
+        (args.results / "flash_attention.json").write_text(json.dumps(record, indent=1))
+        (args.results / "flash_attention.md").write_text(markdown(record))
+    return 0 if all(r.get("ok") for r in record["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
