@@ -3,22 +3,30 @@
 Stable Diffusion's self-attention at 64x64 latents has 4096 tokens: unfused, each head's 4096x4096 score
 matrix is written by one kernel and read back by the softmax and by ``P @ V``, 512 MiB a layer for the
 UNet's batch of two with eight heads. :func:`flash_attention_kernel` is one hand-written TIR kernel that
-never stores the scores: each thread block takes 64 query rows of one head and walks the keys 64 at a
-time, as in FlashAttention (Dao et al., 2022):
+never stores the scores. Each thread block takes 64 query rows of one head (16 per warp) and walks the
+keys 64 at a time, as FlashAttention-2 does (Dao, 2023):
 
-1. the block's Q tile is loaded once into WMMA ``matrix_a`` fragments (head dimension zero-padded to a
-   multiple of 16); each K/V tile is copied into shared memory in 16-byte vectors, rows past the
-   sequence zero-filled;
-2. each of the 4 warps computes its 16x64 slice of the scores ``Q @ K^T`` with float32 accumulators;
-3. an online softmax keeps each row's running maximum and sum in registers (two threads a row): the
-   tile's probabilities are written as float16 for the next product and the running output is rescaled
-   by ``exp(m_old - m_new)``;
-4. ``P @ V`` on tensor cores adds the tile's share to the output, which each thread keeps in registers;
-5. at the end every row is divided by its sum and written as float16 in the input's ``[B, N, H, D]``
+1. the block's Q tile is copied to shared memory once and loaded into ``mma.sync`` A operands
+   (``ldmatrix``); each K/V tile is copied in 16-byte vectors, the head dimension zero-padded to a
+   multiple of 16 and rows past the sequence zero-filled;
+2. each warp computes its 16x64 slice of ``Q @ K^T`` with ``mma.sync.m16n8k16`` (float16 in, float32
+   accumulators) into registers;
+3. the online softmax runs on those registers: each thread holds two rows' values, the four threads of
+   a quad exchange row maxima with warp shuffles, scores are kept in base 2 (``exp2``), and the running
+   output is rescaled by ``exp2(m_old - m_new)``;
+4. the probabilities, cast to float16, are already in the A-operand layout of ``P @ V`` (the
+   accumulator layout of m16n8 pairs), which adds the tile's share to the output accumulators;
+5. at the end each row is divided by its sum and written as float16 in the input's ``[B, N, H, D]``
    layout.
 
+Shared memory rows are padded by 8 halves so ``ldmatrix``'s eight row addresses hit distinct banks.
 Inputs and output are ``[batch, seq, heads, head_dim]`` float16, the layout attention's projections
-produce before torch's head transposes, so the transposes disappear too.
+produce before torch's head transposes, so :class:`FlashAttention` removes the transposes too.
+
+:class:`FlashAttention` is the Relax pass: it finds ``matmul -> [scale] -> softmax -> matmul`` over head
+transposes (as torch.export and :class:`~mlcweb_passes.MixedPrecision` leave SDPA) and calls the kernel.
+Masked attention (an added mask, e.g. CLIP's causal one) and head dimensions over
+:data:`MAX_HEAD_DIM` (the VAE's single 512-wide head) are left to the unfused path.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.script import tirx as T  # noqa: N812
 
 from ._base import ModulePassBase, op_name, rewrite_and_clean
+from .default_schedule import HAND_WRITTEN, SOURCE_ATTR
 from .tensor_core_matmul import sm_version
 
 __all__ = [
@@ -51,11 +60,9 @@ log = logging.getLogger(__name__)
 BLOCK_M = 64  # query rows per thread block (16 per warp)
 BLOCK_N = 64  # keys per step
 WARPS = 4
-FRAGMENT = 16
-MAX_HEAD_DIM = 160  # the float32 score/output staging tile must fit static shared memory (48 KiB)
-SHARED_STATIC_LIMIT = 48 * 1024  # bytes of shared memory a kernel gets without opting in
-NEG_INF = -1e30
-MIN_SM = 80  # finite: exp(NEG_INF - m) is 0 without inf - inf
+MAX_HEAD_DIM = 160  # output accumulators live in registers: 160 / 8 * 4 = 80 floats a thread
+NEG_INF = -1e30  # finite: exp2(NEG_INF - m) is 0 without inf - inf
+MIN_SM = 80  # mma.sync.m16n8k16 with float32 accumulators, ldmatrix
 
 
 @dataclass(frozen=True)
@@ -83,135 +90,149 @@ def _vector_width(head_dim: int) -> int:
 
 def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc:
     """The kernel ``o = softmax(q @ k^T * scale) @ v`` for ``shape`` (float16 in and out, float32 inside),
-    marked ``tirx.is_scheduled`` so schedule rules leave it alone."""
+    marked ``tirx.is_scheduled`` so schedule rules leave it alone. CUDA sm_80+ (``mma.sync``)."""
     if not shape.supported():
         raise ValueError(f"flash attention does not support {shape} (head_dim must be 1..{MAX_HEAD_DIM})")
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
-    dp = -(-d // FRAGMENT) * FRAGMENT  # head dimension padded to whole fragments
-    BM, BN, NW = BLOCK_M, BLOCK_N, WARPS
-    NT = NW * 32
+    dp = -(-d // 16) * 16  # head dimension padded to whole 16-wide MMA steps
+    row = dp + 8  # shared-memory row stride in halves: ldmatrix's 8 rows then hit distinct banks
+    bm, bn, nw = BLOCK_M, BLOCK_N, WARPS
+    nt = nw * 32
     vw = _vector_width(d)
     dv = dp // vw  # vectors per padded row
-    n_qt = -(-nq // BM)
-    n_kt = -(-nk // BN)
-    # every loop below covers its tile exactly: BM, BN are 64 and dv, dp even, so BM * dv % NT == 0
-    ld_iters = BM * dv // NT
-    kv_iters = BN * dv // NT
-    upd_iters = BM * dp // NT
-    scale_f = float(scale)
-    NEG = NEG_INF
-    # Static plus dynamic shared memory over 48 KiB needs the kernel's dynamic-size attribute raised,
-    # which the TVM runtime does only for a dynamic part of 48 KiB or more: pad the P tile to that.
-    static_bytes = 4 * (BM * max(BN, dp) + 3 * BM)
-    dynamic_bytes = 2 * (BM * dp + 2 * BN * dp + BM * BN)
-    p_rows = BM
-    if static_bytes + dynamic_bytes > SHARED_STATIC_LIMIT:
-        p_rows = max(BM, -(-SHARED_STATIC_LIMIT // (2 * BN)))
+    copies = bm * dv // nt  # every thread's share of a 64-row tile (dv is even, so this is exact)
+    kd, nd = dp // 16, dp // 8  # MMA steps along the head dimension; 8-wide output blocks
+    nj = bn // 8  # 8-wide score blocks per key tile
+    n_qt, n_kt = -(-nq // bm), -(-nk // bn)
+    log2e = 1.4426950408889634
+    scale2 = float(scale) * log2e  # scores are kept in base 2: exp2(s * scale2 - m)
+    neg = NEG_INF
+    full = tirx.const(0xFFFFFFFF, "uint32")
+
+    mma = ("m16n8k16", "row", "col", "fp16", "fp16", "fp32")  # ptx mma.sync, float32 accumulators
 
     # fmt: off
     @T.prim_func(private=True)
-    def flash(q: T.Buffer((b, nq, h, d), "float16"), k: T.Buffer((b, nk, h, d), "float16"),
-              v: T.Buffer((b, nk, h, d), "float16"), o: T.Buffer((b, nq, h, d), "float16")):
+    def flash(q: T.Buffer((b, nq, h, d), "float16"), k: T.Buffer((b, nk, h, d), "float16"),  # type: ignore[valid-type,no-untyped-def]
+              v: T.Buffer((b, nk, h, d), "float16"), o: T.Buffer((b, nq, h, d), "float16")):  # type: ignore[valid-type]
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         bx = T.launch_thread("blockIdx.x", n_qt)
         by = T.launch_thread("blockIdx.y", b * h)
         tx = T.launch_thread("threadIdx.x", 32)
-        ty = T.launch_thread("threadIdx.y", NW)
-        qs = T.decl_buffer((BM, dp), "float16", scope="shared.dyn")
-        ks = T.decl_buffer((BN, dp), "float16", scope="shared.dyn")
-        vs = T.decl_buffer((BN, dp), "float16", scope="shared.dyn")
-        sbuf = T.decl_buffer((BM * max(BN, dp),), "float32", scope="shared")
-        ss = T.decl_buffer((BM, BN), "float32", data=sbuf.data, scope="shared")
-        ts = T.decl_buffer((BM, dp), "float32", data=sbuf.data, scope="shared")
-        ps = T.decl_buffer((p_rows, BN), "float16", scope="shared.dyn")
-        acc = T.decl_buffer((upd_iters,), "float32", scope="local")
-        alpha_s = T.decl_buffer((BM,), "float32", scope="shared")
-        lsum = T.decl_buffer((2, BM), "float32", scope="shared")
-        qf = T.decl_buffer((16, dp), "float16", scope="wmma.matrix_a")
-        kf = T.decl_buffer((16, 16), "float16", scope="wmma.matrix_b")
-        sf = T.decl_buffer((16, BN), "float32", scope="wmma.accumulator")
-        pf = T.decl_buffer((16, BN), "float16", scope="wmma.matrix_a")
-        vf = T.decl_buffer((16, 16), "float16", scope="wmma.matrix_b")
-        of = T.decl_buffer((16, dp), "float32", scope="wmma.accumulator")
-        m_r = T.decl_buffer((1,), "float32", scope="local")
-        l_r = T.decl_buffer((1,), "float32", scope="local")
+        ty = T.launch_thread("threadIdx.y", nw)
+        qs = T.decl_buffer((bm * row,), "float16", scope="shared.dyn")
+        ks = T.decl_buffer((bn * row,), "float16", scope="shared.dyn")
+        vs = T.decl_buffer((bn * row,), "float16", scope="shared.dyn")
+        qa = T.decl_buffer((kd * 8,), "float16", scope="local")  # Q as MMA A operands, per 16-wide step
+        kb = T.decl_buffer((8,), "float16", scope="local")  # two 8-key B operands of Q @ K^T
+        vb = T.decl_buffer((8,), "float16", scope="local")  # two 8-wide B operands of P @ V
+        sc = T.decl_buffer((nj * 4,), "float32", scope="local")  # scores: rows g, g + 8 of the warp
+        pa = T.decl_buffer((nj * 4,), "float16", scope="local")  # the same as A operands of P @ V
+        acc = T.decl_buffer((nd * 4,), "float32", scope="local")  # output rows g, g + 8
+        m_r = T.decl_buffer((2,), "float32", scope="local")  # running max (base 2) of rows g, g + 8
+        l_r = T.decl_buffer((2,), "float32", scope="local")  # this thread's share of the running sums
         mx = T.decl_buffer((1,), "float32", scope="local")
-        al = T.decl_buffer((1,), "float32", scope="local")
-        psum = T.decl_buffer((1,), "float32", scope="local")
-        pv = T.decl_buffer((1,), "float32", scope="local")
+        alpha = T.decl_buffer((1,), "float32", scope="local")
         bb = by // h
         hh = by % h
         t = ty * 32 + tx
-        r = t % BM
-        half = t // BM
-        # Q tile, zero-padded to dp columns and BM rows
-        for it in range(ld_iters):
-            if bx * BM + (it * NT + t) // dv < nq and (it * NT + t) % dv * vw < d:
+        g = tx // 4  # the quad (4 threads) of an MMA row
+        tig = tx % 4
+        q0 = bx * bm
+        # Q tile -> shared, zero-padded: thread t copies vectors t, t + nt, ... of the 64 x dp tile
+        for i in T.unroll(copies):
+            qr = (i * nt + t) // dv
+            qc = (i * nt + t) % dv * vw
+            if q0 + qr < nq and qc < d:
                 for j in T.vectorized(vw):
-                    qs[(it * NT + t) // dv, (it * NT + t) % dv * vw + j] = q[bb, bx * BM + (it * NT + t) // dv, hh, (it * NT + t) % dv * vw + j]
+                    qs[qr * row + qc + j] = q[bb, q0 + qr, hh, qc + j]
             else:
                 for j in T.vectorized(vw):
-                    qs[(it * NT + t) // dv, (it * NT + t) % dv * vw + j] = T.float16(0)
-        for it0 in range(upd_iters):
-            acc[it0] = T.float32(0)
-        m_r[0] = T.float32(NEG)
-        l_r[0] = T.float32(0)
+                    qs[qr * row + qc + j] = T.float16(0)
+        for i0 in T.unroll(nd * 4):
+            acc[i0] = T.float32(0)
+        for r0 in T.unroll(2):
+            m_r[r0] = T.float32(neg)
+            l_r[r0] = T.float32(0)
         T.tvm_storage_sync("shared.dyn")
-        for kk in range(dp // 16):
-            T.tvm_load_matrix_sync(qf.data, 16, 16, 16, kk, qs.access_ptr("r", offset=ty * 16 * dp + kk * 16), dp, "row_major")
+        # ldmatrix x4: lanes 0-15 address rows 0-15 of the warp's 16-row slice, lanes 16-31 the next 8 columns
+        for kk in T.unroll(kd):
+            T.ptx_legacy.ldmatrix(False, 4, ".b16", qa.data, kk * 8, qs.access_ptr("r"),
+                                  (ty * 16 + tx % 16) * row + kk * 16 + tx // 16 * 8, dtype="float16")
         for kt in range(n_kt):
-            for it2 in range(kv_iters):
-                if kt * BN + (it2 * NT + t) // dv < nk and (it2 * NT + t) % dv * vw < d:
+            k0 = kt * bn
+            T.tvm_storage_sync("shared.dyn")
+            for i1 in T.unroll(copies):
+                kr = (i1 * nt + t) // dv
+                kc = (i1 * nt + t) % dv * vw
+                if k0 + kr < nk and kc < d:
                     for j in T.vectorized(vw):
-                        ks[(it2 * NT + t) // dv, (it2 * NT + t) % dv * vw + j] = k[bb, kt * BN + (it2 * NT + t) // dv, hh, (it2 * NT + t) % dv * vw + j]
+                        ks[kr * row + kc + j] = k[bb, k0 + kr, hh, kc + j]
                     for j in T.vectorized(vw):
-                        vs[(it2 * NT + t) // dv, (it2 * NT + t) % dv * vw + j] = v[bb, kt * BN + (it2 * NT + t) // dv, hh, (it2 * NT + t) % dv * vw + j]
+                        vs[kr * row + kc + j] = v[bb, k0 + kr, hh, kc + j]
                 else:
                     for j in T.vectorized(vw):
-                        ks[(it2 * NT + t) // dv, (it2 * NT + t) % dv * vw + j] = T.float16(0)
+                        ks[kr * row + kc + j] = T.float16(0)
                     for j in T.vectorized(vw):
-                        vs[(it2 * NT + t) // dv, (it2 * NT + t) % dv * vw + j] = T.float16(0)
+                        vs[kr * row + kc + j] = T.float16(0)
             T.tvm_storage_sync("shared.dyn")
-            for jn in range(BN // 16):
-                T.tvm_fill_fragment(sf.data, 16, 16, 16, jn, T.float32(0))
-                for kk in range(dp // 16):
-                    T.tvm_load_matrix_sync(kf.data, 16, 16, 16, 0, ks.access_ptr("r", offset=jn * 16 * dp + kk * 16), dp, "col_major")
-                    T.tvm_mma_sync(sf.data, jn, qf.data, kk, kf.data, 0, sf.data, jn)
-                T.tvm_store_matrix_sync(sf.data, 16, 16, 16, jn, ss.access_ptr("w", offset=ty * 16 * BN + jn * 16), BN, "row_major")
-            T.tvm_storage_sync("shared.dyn")
-            mx[0] = m_r[0]
-            for jj in range(BN):
-                mx[0] = T.max(mx[0], T.if_then_else(kt * BN + (jj + r) % BN < nk, ss[r, (jj + r) % BN] * T.float32(scale_f), T.float32(NEG)))
-            al[0] = T.exp(m_r[0] - mx[0])
-            psum[0] = T.float32(0)
-            for jj in range(BN // 2):
-                pv[0] = T.if_then_else(kt * BN + half * (BN // 2) + (jj + r) % (BN // 2) < nk, T.exp(ss[r, half * (BN // 2) + (jj + r) % (BN // 2)] * T.float32(scale_f) - mx[0]), T.float32(0))
-                ps[r, half * (BN // 2) + (jj + r) % (BN // 2)] = T.Cast("float16", pv[0])
-                psum[0] = psum[0] + pv[0]
-            l_r[0] = l_r[0] * al[0] + psum[0]
-            m_r[0] = mx[0]
-            if half == 0:
-                alpha_s[r] = al[0]
-            T.tvm_storage_sync("shared.dyn")
-            for kk in range(BN // 16):
-                T.tvm_load_matrix_sync(pf.data, 16, 16, 16, kk, ps.access_ptr("r", offset=ty * 16 * BN + kk * 16), BN, "row_major")
-            for cn in range(dp // 16):
-                T.tvm_fill_fragment(of.data, 16, 16, 16, cn, T.float32(0))
-                for kk in range(BN // 16):
-                    T.tvm_load_matrix_sync(vf.data, 16, 16, 16, 0, vs.access_ptr("r", offset=kk * 16 * dp + cn * 16), dp, "row_major")
-                    T.tvm_mma_sync(of.data, cn, pf.data, kk, vf.data, 0, of.data, cn)
-                T.tvm_store_matrix_sync(of.data, 16, 16, 16, cn, ts.access_ptr("w", offset=ty * 16 * dp + cn * 16), dp, "row_major")
-            T.tvm_storage_sync("shared.dyn")
-            for it3 in range(upd_iters):
-                acc[it3] = acc[it3] * alpha_s[(it3 * NT + t) // dp] + ts[(it3 * NT + t) // dp, (it3 * NT + t) % dp]
-        lsum[half, r] = l_r[0]
-        T.tvm_storage_sync("shared.dyn")
-        for it4 in range(upd_iters):
-            if bx * BM + (it4 * NT + t) // dp < nq and (it4 * NT + t) % dp < d:
-                o[bb, bx * BM + (it4 * NT + t) // dp, hh, (it4 * NT + t) % dp] = T.Cast("float16", acc[it4] / (lsum[0, (it4 * NT + t) // dp] + lsum[1, (it4 * NT + t) // dp]))
-
+            # S = Q @ K^T: 16 query rows by 64 keys per warp. K rows are the B operand's columns, so
+            # ldmatrix without .trans; one x4 load gives the operands of two 8-key blocks.
+            for i2 in T.unroll(nj * 4):
+                sc[i2] = T.float32(0)
+            for jp in T.unroll(nj // 2):
+                for kk in T.unroll(kd):
+                    T.ptx_legacy.ldmatrix(False, 4, ".b16", kb.data, 0, ks.access_ptr("r"),
+                                          (jp * 16 + tx % 8 + tx // 16 * 8) * row + kk * 16 + tx // 8 % 2 * 8,
+                                          dtype="float16")
+                    T.ptx_legacy.mma(*mma, qa.data, kk * 8, kb.data, 0, sc.data, jp * 8, False, dtype="float32")
+                    T.ptx_legacy.mma(*mma, qa.data, kk * 8, kb.data, 4, sc.data, jp * 8 + 4, False,
+                                     dtype="float32")
+            # online softmax of rows g (r = 0) and g + 8 (r = 1); the 4 threads of a quad share a row
+            for r in T.unroll(2):
+                mx[0] = m_r[r]
+                for j in T.unroll(nj):
+                    for e in T.unroll(2):
+                        si = j * 4 + r * 2 + e
+                        sc[si] = T.if_then_else(k0 + j * 8 + tig * 2 + e < nk, sc[si] * T.float32(scale2),
+                                                T.float32(neg))
+                        mx[0] = T.max(mx[0], sc[si])
+                mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(full, mx[0], 1, 32, 32))
+                mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(full, mx[0], 2, 32, 32))
+                alpha[0] = T.exp2(m_r[r] - mx[0])
+                m_r[r] = mx[0]
+                l_r[r] = l_r[r] * alpha[0]
+                for j1 in T.unroll(nj):
+                    for e1 in T.unroll(2):
+                        sc[j1 * 4 + r * 2 + e1] = T.exp2(sc[j1 * 4 + r * 2 + e1] - mx[0])
+                        l_r[r] = l_r[r] + sc[j1 * 4 + r * 2 + e1]
+                for nb in T.unroll(nd):
+                    for e2 in T.unroll(2):
+                        acc[nb * 4 + r * 2 + e2] = acc[nb * 4 + r * 2 + e2] * alpha[0]
+            # the scores' accumulator layout is the A-operand layout of P @ V: cast in place
+            for i3 in T.unroll(nj * 4):
+                pa[i3] = T.Cast("float16", sc[i3])
+            # O += P @ V: V rows are the B operand's rows, so ldmatrix .trans; x4 covers two 8-wide blocks
+            for cp in T.unroll(kd):
+                for kk in T.unroll(bn // 16):
+                    T.ptx_legacy.ldmatrix(True, 4, ".b16", vb.data, 0, vs.access_ptr("r"),
+                                          (kk * 16 + tx % 8 + tx // 8 % 2 * 8) * row + cp * 16 + tx // 16 * 8,
+                                          dtype="float16")
+                    T.ptx_legacy.mma(*mma, pa.data, kk * 8, vb.data, 0, acc.data, cp * 8, False, dtype="float32")
+                    T.ptx_legacy.mma(*mma, pa.data, kk * 8, vb.data, 4, acc.data, cp * 8 + 4, False,
+                                     dtype="float32")
+        # the row sums are split over the quad; divide and store the columns below d
+        for r1 in T.unroll(2):
+            l_r[r1] = l_r[r1] + T.tvm_warp_shuffle_xor(full, l_r[r1], 1, 32, 32)
+            l_r[r1] = l_r[r1] + T.tvm_warp_shuffle_xor(full, l_r[r1], 2, 32, 32)
+            for nb1 in T.unroll(nd):
+                for e3 in T.unroll(2):
+                    orow = q0 + ty * 16 + r1 * 8 + g
+                    ocol = nb1 * 8 + tig * 2 + e3
+                    if orow < nq and ocol < d:
+                        o[bb, orow, hh, ocol] = T.Cast("float16", acc[nb1 * 4 + r1 * 2 + e3] / l_r[r1])
     # fmt: on
-    return flash
+    return flash.with_attr(SOURCE_ATTR, HAND_WRITTEN)
 
 
 def reference_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc:
