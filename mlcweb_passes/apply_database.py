@@ -24,7 +24,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from ._base import ModulePassBase
-from .default_schedule import SOURCE_ATTR, DefaultSchedule, is_scheduled
+from .default_schedule import HAND_WRITTEN, SOURCE_ATTR, DefaultSchedule, is_scheduled
 
 __all__ = ["ApplyDatabase", "ScheduleReport", "load_database", "schedule_report"]
 
@@ -85,9 +85,11 @@ class ScheduleReport:
     tuned: tuple[str, ...]
     default: tuple[str, ...]
     unscheduled: tuple[str, ...]
+    hand_written: tuple[str, ...] = ()  # kernels written scheduled, such as flash attention
 
     def summary(self) -> str:
-        return f"{len(self.tuned)} tuned, {len(self.default)} default, {len(self.unscheduled)} unscheduled"
+        written = f"{len(self.hand_written)} hand-written, " if self.hand_written else ""
+        return f"{len(self.tuned)} tuned, {len(self.default)} default, {written}{len(self.unscheduled)} unscheduled"
 
 
 @tvm.transform.module_pass(opt_level=0, name="mlcweb.ApplyDatabase")
@@ -112,13 +114,13 @@ class ApplyDatabase(ModulePassBase):
 
 
 def schedule_report(mod: tvm.IRModule) -> ScheduleReport:
-    """Which PrimFuncs of ``mod`` were tuned, got a default schedule, or have none."""
-    tuned: list[str] = []
-    default: list[str] = []
-    none: list[str] = []
+    """Which PrimFuncs of ``mod`` were tuned, got a default schedule, were written scheduled
+    (``mlcweb.schedule = "hand-written"``), or have none."""
+    groups: dict[str, list[str]] = {"tuned": [], "default": [], HAND_WRITTEN: [], "": []}
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
-        source = str(func.attrs[SOURCE_ATTR]) if func.attrs is not None and SOURCE_ATTR in func.attrs else None
-        {"tuned": tuned, "default": default}.get(source or "", none).append(gv.name_hint)
-    return ScheduleReport(tuple(sorted(tuned)), tuple(sorted(default)), tuple(sorted(none)))
+        source = str(func.attrs[SOURCE_ATTR]) if func.attrs is not None and SOURCE_ATTR in func.attrs else ""
+        groups.get(source, groups[""]).append(gv.name_hint)
+    tuned, default, written, none = (tuple(sorted(groups[k])) for k in ("tuned", "default", HAND_WRITTEN, ""))
+    return ScheduleReport(tuned, default, none, written)

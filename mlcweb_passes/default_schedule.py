@@ -30,7 +30,8 @@ from .tensor_core_matmul import TensorCoreMatmul
 __all__ = ["CPUParallel", "DefaultSchedule", "default_rules", "is_gpu_target", "is_scheduled"]
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
-SOURCE_ATTR = "mlcweb.schedule"
+SOURCE_ATTR = "mlcweb.schedule"  # "tuned", "default", or HAND_WRITTEN: where a PrimFunc's schedule came from
+HAND_WRITTEN = "hand-written"  # kernels built already scheduled (flash attention)
 
 
 def is_gpu_target(target: Target) -> bool:
