@@ -37,6 +37,14 @@ def _nt_matmul(a: te.Tensor, b: te.Tensor, out_dtype: str) -> te.Tensor:
     )
 
 
+def _adds_leading_axes(call: relax.Call) -> bool:
+    """True for a ``broadcast_to`` that only prepends axes to a 2-D tensor (keeps its last two)."""
+    src, dst = call.args[0].ty.shape, call.ty.shape
+    if src is None or dst is None or len(src) != 2 or len(dst) < 2:
+        return False
+    return all(int(a) == int(b) for a, b in zip(src, list(dst)[-2:], strict=True))
+
+
 @mutator
 class _Rewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
@@ -54,12 +62,17 @@ class _Rewriter(PyExprMutator):
         return expr
 
     def _weight_nk(self, b: Any) -> relax.Expr | None:
-        """For ``b = [astype](permute_dims(w, [1, 0]))`` with 2-D ``w``: ``[astype](w)``, else None."""
+        """For ``b = [astype](permute_dims(w, [1, 0]))`` with 2-D ``w``, possibly broadcast over leading
+        batch axes (torch exports a linear on a non-contiguous 3-D input as a batched matmul with the
+        weight expanded): ``[astype](w)``, else None."""
         value = self._value(b)
         cast = None
-        if op_name(value) == "relax.astype":
-            cast = str(value.attrs.dtype)
-            value = self._value(value.args[0])
+        for _ in range(2):
+            if op_name(value) == "relax.astype" and cast is None:
+                cast = str(value.attrs.dtype)
+                value = self._value(value.args[0])
+            elif op_name(value) == "relax.broadcast_to" and _adds_leading_axes(value):
+                value = self._value(value.args[0])
         if op_name(value) != "relax.permute_dims":
             return None
         w = value.args[0]
