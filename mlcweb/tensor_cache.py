@@ -22,6 +22,7 @@ import numpy as np
 import tvm
 
 from .errors import CorruptArtifactError
+from .packed_tensors import pack
 
 __all__ = ["ENCODINGS", "INDEX_FILE", "read_tensor_cache", "write_tensor_cache"]
 
@@ -109,7 +110,8 @@ def write_tensor_cache(
 def read_tensor_cache(
     cache_dir: str | os.PathLike[str], device: tvm.runtime.Device | None = None
 ) -> tuple[OrderedDict[str, tvm.runtime.Tensor], dict[str, Any]]:
-    """Read a tensor cache; raises :class:`CorruptArtifactError` on missing or truncated data."""
+    """Read a tensor cache onto ``device`` (all tensors in one allocation, :func:`~mlcweb.packed_tensors.pack`);
+    raises :class:`CorruptArtifactError` on missing or truncated data."""
     root = Path(cache_dir)
     dev = device if device is not None else tvm.cpu()
     index_path = root / INDEX_FILE
@@ -119,7 +121,7 @@ def read_tensor_cache(
         raise CorruptArtifactError(f"{index_path} is missing: this is not a complete artifact directory") from err
     except json.JSONDecodeError as err:
         raise CorruptArtifactError(f"{index_path} is not valid JSON ({err}); rebuild the artifacts") from err
-    tensors: OrderedDict[str, tvm.runtime.Tensor] = OrderedDict()
+    arrays: OrderedDict[str, np.ndarray] = OrderedDict()
     for shard in index["records"]:
         path = root / shard["dataPath"]
         if not path.is_file():
@@ -139,5 +141,6 @@ def read_tensor_cache(
             expected = int(np.prod(rec["shape"], dtype=np.int64))
             if array.size != expected:
                 raise CorruptArtifactError(f"tensor {rec['name']!r} in {path} has the wrong size")
-            tensors[rec["name"]] = tvm.runtime.tensor(array.reshape(rec["shape"]), dev)
-    return tensors, dict(index.get("metadata", {}))
+            arrays[rec["name"]] = array.reshape(rec["shape"])
+    # one allocation for all: allocated one by one, large tensors round up to 2 MiB on CUDA
+    return pack(arrays, dev), dict(index.get("metadata", {}))

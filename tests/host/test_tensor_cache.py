@@ -88,3 +88,31 @@ def test_index_records_layout(tmp_path: Path) -> None:
     rec = index["records"][0]
     assert rec["format"] == "raw-shard" and rec["dataPath"] == "params_shard_0.bin"
     assert {"name", "shape", "dtype", "format", "nbytes", "byteOffset"} <= set(rec["records"][0])
+
+
+def test_weights_share_one_aligned_allocation_that_kernels_accept(tmp_path: Path) -> None:
+    import gc
+
+    from tvm.script import tirx as T
+
+    from mlcweb.packed_tensors import ALIGNMENT
+
+    write_tensor_cache(_params(), tmp_path, shard_mb=1)
+    got, _ = read_tensor_cache(tmp_path)
+    starts = sorted(t.data_ptr() for t in got.values())
+    assert all((p - starts[0]) % ALIGNMENT == 0 for p in starts) and starts[0] % 64 == 0
+    span = starts[-1] + got["vae/big"].numpy().nbytes - starts[0]
+    assert span < sum(t.numpy().nbytes for t in got.values()) + len(got) * ALIGNMENT  # contiguous, not scattered
+
+    @T.prim_func
+    def double(a: T.Buffer((64,), "float16"), b: T.Buffer((64,), "float16")) -> None:
+        for i in range(64):
+            b[i] = a[i] * T.float16(2)
+
+    kernel = tvm.compile(tvm.IRModule({"main": double}), "llvm")  # rejects tensors with a byte_offset
+    bias = got.pop("unet/conv.bias")
+    del got
+    gc.collect()  # the other tensors are gone; the allocation stays while bias lives
+    out = tvm.runtime.empty((64,), "float16", tvm.cpu())
+    kernel["main"](bias, out)
+    np.testing.assert_array_equal(out.numpy(), _params()["unet/conv.bias"] * 2)
