@@ -154,6 +154,9 @@ def _lift(
         # weights' transposes become part of the weight transform (or, for linears, disappear).
         mod = mp.ConvLayout("NHWC", "OHWI")(mod)
         mod = mp.LinearWeightLayout()(mod)
+        # float16 between GEMM epilogues and norms (measured with these layouts, on cuda): before
+        # lifting, so the norms' float16 scale and shift are stored, not cast at run time
+        mod = mp.Float16NormInputs()(mod)
     lifted = mp.split_transform_params(mod)
     transform_vm = mp.compile_transform(lifted.transform)  # once, shared by every function's weights
     weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]] = {}

@@ -23,6 +23,7 @@ from .detach_params import ParamNameError, detach_params, param_names, unique_pa
 from .drop_softmax_guard import DropSoftmaxGuard
 from .finite_literals import FiniteFloatLiterals
 from .flash_attention import AttentionShape, FlashAttention, flash_attention_kernel, supports_flash_attention
+from .float16_norm_inputs import Float16NormInputs
 from .fuse_attention import ATTENTION_COMPOSITE, FuseAttention, attention_patterns
 from .fuse_ops import FuseOperators, count_kernels
 from .fuse_softmax import SOFTMAX_COMPOSITE, FuseSoftmax, softmax_patterns
@@ -50,6 +51,7 @@ __all__ = [
     "DropSoftmaxGuard",
     "FiniteFloatLiterals",
     "FlashAttention",
+    "Float16NormInputs",
     "FunctionMemory",
     "FunctionNameClashError",
     "FuseAttention",
