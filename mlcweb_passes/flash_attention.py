@@ -111,6 +111,17 @@ def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc
 
     mma = ("m16n8k16", "row", "col", "fp16", "fp16", "fp32")  # ptx mma.sync, float32 accumulators
 
+    # Index helpers, expanded in place: TVMScript turns assigned names into mutable locals, and a vector
+    # copy whose index reads one becomes a gather.
+    def copy_row(i: Any, t: Any) -> Any:  # the tile row of thread t's i-th 16-byte copy
+        return (i * nt + t) // dv
+
+    def copy_col(i: Any, t: Any) -> Any:
+        return (i * nt + t) % dv * vw
+
+    def score(j: Any, r: Any, e: Any) -> Any:  # register of key column j * 8 + tig * 2 + e, row g + 8 * r
+        return j * 4 + r * 2 + e
+
     # fmt: off
     @T.prim_func(private=True)
     def flash(q: T.Buffer((b, nq, h, d), "float16"), k: T.Buffer((b, nk, h, d), "float16"),  # type: ignore[valid-type,no-untyped-def]
@@ -138,17 +149,15 @@ def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc
         t = ty * 32 + tx
         g = tx // 4  # the quad (4 threads) of an MMA row
         tig = tx % 4
-        q0 = bx * bm
         # Q tile -> shared, zero-padded: thread t copies vectors t, t + nt, ... of the 64 x dp tile
         for i in T.unroll(copies):
-            qr = (i * nt + t) // dv
-            qc = (i * nt + t) % dv * vw
-            if q0 + qr < nq and qc < d:
+            if bx * bm + copy_row(i, t) < nq and copy_col(i, t) < d:
                 for j in T.vectorized(vw):
-                    qs[qr * row + qc + j] = q[bb, q0 + qr, hh, qc + j]
+                    qs[copy_row(i, t) * row + copy_col(i, t) + j] = q[bb, bx * bm + copy_row(i, t), hh,
+                                                                      copy_col(i, t) + j]
             else:
                 for j in T.vectorized(vw):
-                    qs[qr * row + qc + j] = T.float16(0)
+                    qs[copy_row(i, t) * row + copy_col(i, t) + j] = T.float16(0)
         for i0 in T.unroll(nd * 4):
             acc[i0] = T.float32(0)
         for r0 in T.unroll(2):
@@ -160,21 +169,20 @@ def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc
             T.ptx_legacy.ldmatrix(False, 4, ".b16", qa.data, kk * 8, qs.access_ptr("r"),
                                   (ty * 16 + tx % 16) * row + kk * 16 + tx // 16 * 8, dtype="float16")
         for kt in range(n_kt):
-            k0 = kt * bn
             T.tvm_storage_sync("shared.dyn")
             for i1 in T.unroll(copies):
-                kr = (i1 * nt + t) // dv
-                kc = (i1 * nt + t) % dv * vw
-                if k0 + kr < nk and kc < d:
+                if kt * bn + copy_row(i1, t) < nk and copy_col(i1, t) < d:
                     for j in T.vectorized(vw):
-                        ks[kr * row + kc + j] = k[bb, k0 + kr, hh, kc + j]
+                        ks[copy_row(i1, t) * row + copy_col(i1, t) + j] = k[bb, kt * bn + copy_row(i1, t), hh,
+                                                                            copy_col(i1, t) + j]
                     for j in T.vectorized(vw):
-                        vs[kr * row + kc + j] = v[bb, k0 + kr, hh, kc + j]
+                        vs[copy_row(i1, t) * row + copy_col(i1, t) + j] = v[bb, kt * bn + copy_row(i1, t), hh,
+                                                                            copy_col(i1, t) + j]
                 else:
                     for j in T.vectorized(vw):
-                        ks[kr * row + kc + j] = T.float16(0)
+                        ks[copy_row(i1, t) * row + copy_col(i1, t) + j] = T.float16(0)
                     for j in T.vectorized(vw):
-                        vs[kr * row + kc + j] = T.float16(0)
+                        vs[copy_row(i1, t) * row + copy_col(i1, t) + j] = T.float16(0)
             T.tvm_storage_sync("shared.dyn")
             # S = Q @ K^T: 16 query rows by 64 keys per warp. K rows are the B operand's columns, so
             # ldmatrix without .trans; one x4 load gives the operands of two 8-key blocks.
@@ -193,10 +201,9 @@ def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc
                 mx[0] = m_r[r]
                 for j in T.unroll(nj):
                     for e in T.unroll(2):
-                        si = j * 4 + r * 2 + e
-                        sc[si] = T.if_then_else(k0 + j * 8 + tig * 2 + e < nk, sc[si] * T.float32(scale2),
-                                                T.float32(neg))
-                        mx[0] = T.max(mx[0], sc[si])
+                        sc[score(j, r, e)] = T.if_then_else(kt * bn + j * 8 + tig * 2 + e < nk,
+                                                            sc[score(j, r, e)] * T.float32(scale2), T.float32(neg))
+                        mx[0] = T.max(mx[0], sc[score(j, r, e)])
                 mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(full, mx[0], 1, 32, 32))
                 mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(full, mx[0], 2, 32, 32))
                 alpha[0] = T.exp2(m_r[r] - mx[0])
@@ -204,8 +211,8 @@ def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc
                 l_r[r] = l_r[r] * alpha[0]
                 for j1 in T.unroll(nj):
                     for e1 in T.unroll(2):
-                        sc[j1 * 4 + r * 2 + e1] = T.exp2(sc[j1 * 4 + r * 2 + e1] - mx[0])
-                        l_r[r] = l_r[r] + sc[j1 * 4 + r * 2 + e1]
+                        sc[score(j1, r, e1)] = T.exp2(sc[score(j1, r, e1)] - mx[0])
+                        l_r[r] = l_r[r] + sc[score(j1, r, e1)]
                 for nb in T.unroll(nd):
                     for e2 in T.unroll(2):
                         acc[nb * 4 + r * 2 + e2] = acc[nb * 4 + r * 2 + e2] * alpha[0]
@@ -227,10 +234,9 @@ def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc
             l_r[r1] = l_r[r1] + T.tvm_warp_shuffle_xor(full, l_r[r1], 2, 32, 32)
             for nb1 in T.unroll(nd):
                 for e3 in T.unroll(2):
-                    orow = q0 + ty * 16 + r1 * 8 + g
-                    ocol = nb1 * 8 + tig * 2 + e3
-                    if orow < nq and ocol < d:
-                        o[bb, orow, hh, ocol] = T.Cast("float16", acc[nb1 * 4 + r1 * 2 + e3] / l_r[r1])
+                    if bx * bm + ty * 16 + r1 * 8 + g < nq and nb1 * 8 + tig * 2 + e3 < d:
+                        o[bb, bx * bm + ty * 16 + r1 * 8 + g, hh, nb1 * 8 + tig * 2 + e3] = T.Cast(
+                            "float16", acc[score(nb1, r1, e3)] / l_r[r1])
     # fmt: on
     return flash.with_attr(SOURCE_ATTR, HAND_WRITTEN)
 
