@@ -42,6 +42,27 @@ def rewrite_and_clean(mod: tvm.IRModule, rewriter: Any) -> tvm.IRModule:
     return result
 
 
+class Bindings:
+    """Follows variables back to the values bound to them, within one Relax function."""
+
+    def __init__(self, func: relax.Function) -> None:
+        self.values = relax.analysis.get_var2val(func)
+
+    def value(self, expr: Any) -> Any:
+        """What ``expr`` is bound to, through chains of variables (``expr`` itself if unbound)."""
+        while isinstance(expr, relax.Var) and expr in self.values:
+            expr = self.values[expr]
+        return expr
+
+    def through(self, expr: Any, ops: tuple[str, ...]) -> tuple[Any, Any]:
+        """Skip calls of ``ops`` (first argument) back from ``expr``: ``(expr reached, its value)``."""
+        value = self.value(expr)
+        while op_name(value) in ops:
+            expr = value.args[0]
+            value = self.value(expr)
+        return expr, value
+
+
 def op_name(expr: Any) -> str | None:
     """The name of the Relax operator ``expr`` calls, or None when it is not an operator call."""
     return str(expr.op.name) if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None

@@ -26,7 +26,7 @@ from tvm import relax
 from tvm.ir.expr import GenericConst
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._base import ModulePassBase, op_name, rewrite_and_clean
+from ._base import Bindings, ModulePassBase, op_name, rewrite_and_clean
 
 __all__ = ["DropSoftmaxGuard"]
 
@@ -37,16 +37,8 @@ _SHAPE_OR_CAST = {"relax.astype", "relax.reshape", "relax.permute_dims", "relax.
 _BY_CONSTANT = {"relax.multiply", "relax.divide"}
 
 
-class _Graph:
+class _Graph(Bindings):
     """Follow variables to the calls bound to them (within one function)."""
-
-    def __init__(self, func: relax.Function) -> None:
-        self.values = relax.analysis.get_var2val(func)
-
-    def value(self, expr: Any) -> Any:
-        while isinstance(expr, relax.Var) and expr in self.values:
-            expr = self.values[expr]
-        return expr
 
     def call(self, expr: Any, op: str) -> relax.Call | None:
         value = self.value(expr)

@@ -41,7 +41,7 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.script import tirx as T  # noqa: N812
 
-from ._base import ModulePassBase, op_name, rewrite_and_clean
+from ._base import Bindings, ModulePassBase, op_name, rewrite_and_clean
 from .default_schedule import HAND_WRITTEN, SOURCE_ATTR
 from .tensor_core_matmul import sm_version
 
@@ -290,24 +290,8 @@ class _Match:
     shape: AttentionShape
 
 
-class _Walker:
-    """Follows a value back through the bindings of one function."""
-
-    def __init__(self, func: relax.Function) -> None:
-        self.values = relax.analysis.get_var2val(func)
-
-    def value(self, expr: Any) -> Any:
-        while isinstance(expr, relax.Var) and expr in self.values:
-            expr = self.values[expr]
-        return expr
-
-    def through(self, expr: Any, ops: tuple[str, ...]) -> tuple[Any, Any]:
-        """Skip calls of ``ops`` (first argument) back from ``expr``: ``(expr reached, its value)``."""
-        value = self.value(expr)
-        while op_name(value) in ops:
-            expr = value.args[0]
-            value = self.value(expr)
-        return expr, value
+class _Walker(Bindings):
+    """Follows a value back through the bindings of one function: scalars, head transposes."""
 
     def scalar(self, expr: Any) -> float | None:
         """The value of a scalar constant, possibly cast, else None."""

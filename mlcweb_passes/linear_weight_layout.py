@@ -20,7 +20,7 @@ import tvm
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._base import ModulePassBase, op_name, rewrite_and_clean
+from ._base import Bindings, ModulePassBase, op_name, rewrite_and_clean
 
 __all__ = ["LinearWeightLayout"]
 
@@ -49,17 +49,15 @@ def _adds_leading_axes(call: relax.Call) -> bool:
 class _Rewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
-        self.values: dict[Any, Any] = {}
+        self.bindings: Bindings | None = None
         self.rewritten = 0
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
-        self.values = relax.analysis.get_var2val(func)
+        self.bindings = Bindings(func)
         return super().visit_function_(func)
 
     def _value(self, expr: Any) -> Any:
-        while isinstance(expr, relax.Var) and expr in self.values:
-            expr = self.values[expr]
-        return expr
+        return self.bindings.value(expr) if self.bindings is not None else expr
 
     def _weight_nk(self, b: Any) -> relax.Expr | None:
         """For ``b = [astype](permute_dims(w, [1, 0]))`` with 2-D ``w``, possibly broadcast over leading
