@@ -348,15 +348,16 @@ def match_attention(walker: _Walker, call: relax.Call) -> _Match | None:
     q = walker.heads_view(scores.args[0], [0, 2, 1, 3])
     k = walker.heads_view(scores.args[1], [0, 2, 3, 1])
     v = walker.heads_view(call.args[1], [0, 2, 1, 3])
-    if q is None or k is None or v is None:
+    if q is None or k is None or v is None or v[1] != 1.0:  # a scaled V would scale the output instead
         return None
     qs, ks, vs = (_static(x[0].ty.shape) for x in (q, k, v))
     if qs is None or ks is None or vs is None or ks != vs or qs[0] != ks[0] or qs[2:] != ks[2:]:
         return None
     shape = AttentionShape(qs[0], qs[1], ks[1], qs[2], qs[3])
-    if not shape.supported():
+    total_scale = scale * q[1] * k[1]
+    if not shape.supported() or total_scale <= 0:  # a softmax temperature is positive
         return None
-    return _Match(q[0], k[0], v[0], scale * q[1] * k[1] * v[1], shape)
+    return _Match(q[0], k[0], v[0], total_scale, shape)
 
 
 @mutator

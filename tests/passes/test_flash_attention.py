@@ -166,3 +166,28 @@ def test_kernel_source_compiles_with_nvcc(shape: AttentionShape, tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "mma.sync.aligned.m16n8k16" in (tmp_path / "k.ptx").read_text()
+
+
+@I.ir_module
+class ScaledValues:
+    """A scale on V multiplies the output, not the scores: not the kernel's computation."""
+
+    @R.function
+    def main(
+        q: R.Tensor((2, 16, 2, 8), "float16"),
+        k: R.Tensor((2, 16, 2, 8), "float16"),
+        v: R.Tensor((2, 16, 2, 8), "float16"),
+    ) -> R.Tensor((2, 2, 16, 8), "float32"):
+        with R.dataflow():
+            s = R.matmul(
+                R.permute_dims(q, axes=[0, 2, 1, 3]), R.permute_dims(k, axes=[0, 2, 3, 1]), out_dtype="float32"
+            )
+            p = R.astype(R.nn.softmax(s, axis=-1), "float16")
+            vh = R.multiply(R.permute_dims(v, axes=[0, 2, 1, 3]), R.const(2.0, "float16"))
+            out = R.matmul(p, vh, out_dtype="float32")
+            R.output(out)
+        return out
+
+
+def test_scaled_values_are_left_alone() -> None:
+    assert _flash_calls(mp.FlashAttention(reference_attention_kernel)(ScaledValues)) == []
