@@ -8,7 +8,8 @@ keys 64 at a time, as FlashAttention-2 does (Dao, 2023):
 
 1. the block's Q tile is copied to shared memory once and loaded into ``mma.sync`` A operands
    (``ldmatrix``); each K/V tile is copied in 16-byte vectors, the head dimension zero-padded to a
-   multiple of 16 and rows past the sequence zero-filled;
+   multiple of 16 and rows past the sequence zero-filled; the next tile's copy is loaded into registers
+   while the current one is computed;
 2. each warp computes its 16x64 slice of ``Q @ K^T`` with ``mma.sync.m16n8k16`` (float16 in, float32
    accumulators) into registers;
 3. the online softmax runs on those registers: each thread holds two rows' values, the four threads of
@@ -135,6 +136,8 @@ def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc
         ks = T.decl_buffer((bn * row,), "float16", scope="shared.dyn")
         vs = T.decl_buffer((bn * row,), "float16", scope="shared.dyn")
         qa = T.decl_buffer((kd * 8,), "float16", scope="local")  # Q as MMA A operands, per 16-wide step
+        kr = T.decl_buffer((copies * vw,), "float16", scope="local")  # the next K tile's share, in flight
+        vr = T.decl_buffer((copies * vw,), "float16", scope="local")
         kb = T.decl_buffer((8,), "float16", scope="local")  # two 8-key B operands of Q @ K^T
         vb = T.decl_buffer((8,), "float16", scope="local")  # two 8-wide B operands of P @ V
         sc = T.decl_buffer((nj * 4,), "float32", scope="local")  # scores: rows g, g + 8 of the warp
@@ -168,22 +171,38 @@ def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc
         for kk in T.unroll(kd):
             T.ptx_legacy.ldmatrix(False, 4, ".b16", qa.data, kk * 8, qs.access_ptr("r"),
                                   (ty * 16 + tx % 16) * row + kk * 16 + tx // 16 * 8, dtype="float16")
+        # K/V tile 0 into registers; each step stores the tile it holds and loads the next one, so the
+        # global loads are in flight during the step's tensor-core work
+        for i1 in T.unroll(copies):
+            if copy_row(i1, t) < nk and copy_col(i1, t) < d:
+                for j in T.vectorized(vw):
+                    kr[i1 * vw + j] = k[bb, copy_row(i1, t), hh, copy_col(i1, t) + j]
+                for j in T.vectorized(vw):
+                    vr[i1 * vw + j] = v[bb, copy_row(i1, t), hh, copy_col(i1, t) + j]
+            else:
+                for j in T.vectorized(vw):
+                    kr[i1 * vw + j] = T.float16(0)
+                for j in T.vectorized(vw):
+                    vr[i1 * vw + j] = T.float16(0)
         for kt in range(n_kt):
             T.tvm_storage_sync("shared.dyn")
-            for i1 in T.unroll(copies):
-                if kt * bn + copy_row(i1, t) < nk and copy_col(i1, t) < d:
+            for i4 in T.unroll(copies):
+                for j in T.vectorized(vw):
+                    ks[copy_row(i4, t) * row + copy_col(i4, t) + j] = kr[i4 * vw + j]
+                for j in T.vectorized(vw):
+                    vs[copy_row(i4, t) * row + copy_col(i4, t) + j] = vr[i4 * vw + j]
+            T.tvm_storage_sync("shared.dyn")
+            for i5 in T.unroll(copies):
+                if (kt + 1) * bn + copy_row(i5, t) < nk and copy_col(i5, t) < d:
                     for j in T.vectorized(vw):
-                        ks[copy_row(i1, t) * row + copy_col(i1, t) + j] = k[bb, kt * bn + copy_row(i1, t), hh,
-                                                                            copy_col(i1, t) + j]
+                        kr[i5 * vw + j] = k[bb, (kt + 1) * bn + copy_row(i5, t), hh, copy_col(i5, t) + j]
                     for j in T.vectorized(vw):
-                        vs[copy_row(i1, t) * row + copy_col(i1, t) + j] = v[bb, kt * bn + copy_row(i1, t), hh,
-                                                                            copy_col(i1, t) + j]
+                        vr[i5 * vw + j] = v[bb, (kt + 1) * bn + copy_row(i5, t), hh, copy_col(i5, t) + j]
                 else:
                     for j in T.vectorized(vw):
-                        ks[copy_row(i1, t) * row + copy_col(i1, t) + j] = T.float16(0)
+                        kr[i5 * vw + j] = T.float16(0)
                     for j in T.vectorized(vw):
-                        vs[copy_row(i1, t) * row + copy_col(i1, t) + j] = T.float16(0)
-            T.tvm_storage_sync("shared.dyn")
+                        vr[i5 * vw + j] = T.float16(0)
             # S = Q @ K^T: 16 query rows by 64 keys per warp. K rows are the B operand's columns, so
             # ldmatrix without .trans; one x4 load gives the operands of two 8-key blocks.
             for i2 in T.unroll(nj * 4):
