@@ -331,8 +331,11 @@ class _Walker(Bindings):
             name = op_name(value)
             if name == "relax.multiply" and (c := self.scalar(value.args[1])) is not None:
                 scale *= c
-            elif name == "relax.permute_dims" and value.attrs.axes is not None:
-                axes = [[int(a) for a in value.attrs.axes][i] for i in axes]
+            elif name == "relax.permute_dims":
+                composed = _through_permute(axes, value)
+                if composed is None:
+                    return None
+                axes = composed
             else:
                 break
             expr = value.args[0]
@@ -340,6 +343,15 @@ class _Walker(Bindings):
         if axes != perm or len(expr.ty.shape) != 4 or str(expr.ty.dtype) != "float16":
             return None
         return expr, scale
+
+
+def _through_permute(axes: list[int], call: relax.Call) -> list[int] | None:
+    """Axis map ``axes`` (axis i of a result is axis ``axes[i]`` of ``call``'s output) carried back to
+    ``call``'s input; None when ``call`` has no explicit axes or another rank than ``axes``."""
+    perm = call.attrs.axes
+    if perm is None or len(perm) != len(axes):
+        return None
+    return [int(perm[i]) for i in axes]
 
 
 def _static(shape: Any) -> list[int] | None:
@@ -405,11 +417,11 @@ class _Rewriter(PyExprMutator):
         if self.walker is None or op_name(call) != "relax.permute_dims" or str(call.ty.dtype) != "float16":
             return None
         axes, value = list(range(4)), call
-        while op_name(value) == "relax.permute_dims" and value.attrs.axes is not None:
-            if len(value.attrs.axes) != 4:
+        while op_name(value) == "relax.permute_dims":
+            composed = _through_permute(axes, value)
+            if composed is None:
                 return None
-            axes = [int(value.attrs.axes[i]) for i in axes]
-            _, value = self.walker.through(value.args[0], ())
+            axes, value = composed, self.walker.value(value.args[0])
         if axes != [0, 2, 1, 3]:
             return None
         _, value = self.walker.through(value, ("relax.astype", "relax.reshape"))

@@ -191,3 +191,25 @@ class ScaledValues:
 
 def test_scaled_values_are_left_alone() -> None:
     assert _flash_calls(mp.FlashAttention(reference_attention_kernel)(ScaledValues)) == []
+
+
+@I.ir_module
+class BatchedHeadsAttention:
+    """Attention written on [B * H, N, D] tensors (3-D permutes, as torch's bmm attention exports)."""
+
+    @R.function
+    def main(
+        q: R.Tensor((4, 16, 8), "float16"), k: R.Tensor((4, 16, 8), "float16"), v: R.Tensor((4, 16, 8), "float16")
+    ) -> R.Tensor((4, 16, 8), "float32"):
+        with R.dataflow():
+            s = R.matmul(q, R.permute_dims(k, axes=[0, 2, 1]), out_dtype="float32")
+            p = R.astype(R.nn.softmax(s, axis=-1), "float16")
+            out = R.matmul(p, v, out_dtype="float32")
+            R.output(out)
+        return out
+
+
+def test_attention_without_head_axes_is_left_alone() -> None:
+    # the 3-D permute once broke the 4-D axis bookkeeping (IndexError) instead of not matching
+    after = mp.FlashAttention(reference_attention_kernel)(BatchedHeadsAttention)
+    assert _flash_calls(after) == [] and "relax.nn.softmax" in op_names(after)
