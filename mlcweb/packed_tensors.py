@@ -103,7 +103,7 @@ def pack(arrays: Mapping[str, np.ndarray], device: tvm.runtime.Device) -> Ordere
         total += _aligned(max(array.nbytes, 1))
     host = np.zeros(max(total, 1), np.uint8)
     for offset, array in zip(offsets, arrays.values(), strict=True):
-        host[offset : offset + array.nbytes] = np.frombuffer(np.ascontiguousarray(array).tobytes(), np.uint8)
+        host[offset : offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     arena = tvm.runtime.empty(host.shape, "uint8", device)
     arena.copyfrom(host)
     out: OrderedDict[str, tvm.runtime.Tensor] = OrderedDict()

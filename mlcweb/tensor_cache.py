@@ -133,7 +133,7 @@ def read_tensor_cache(
                 "the file is truncated or was replaced; rebuild or re-download the artifacts"
             )
         for rec in shard["records"]:
-            chunk = raw[rec["byteOffset"] : rec["byteOffset"] + rec["nbytes"]]
+            chunk = memoryview(raw)[rec["byteOffset"] : rec["byteOffset"] + rec["nbytes"]]  # a view, no copy
             if rec["format"] == "f32-to-bf16":
                 array = _bf16_to_f32(np.frombuffer(chunk, dtype=np.uint16))
             else:
