@@ -46,11 +46,7 @@ class _Graph(Bindings):
 
     def strip_casts(self, expr: Any) -> Any:
         """``expr`` with its chain of ``astype`` producers removed (a var or call)."""
-        while True:
-            value = self.value(expr)
-            if op_name(value) != "relax.astype":
-                return value
-            expr = value.args[0]
+        return self.through(expr, ("relax.astype",))[1]
 
     def finite_scores(self, expr: Any) -> bool:
         """True when ``expr`` is a matmul seen through shape ops, casts and scaling by a finite constant."""

@@ -207,7 +207,7 @@ class TensorCoreMatmul(dl.ScheduleRule):
                 result: s_tir.Schedule | None = MatmulTensorization().apply(func, target, tunable)
                 return result
             tile = self.tile or choose_tile(shape, self.sms, *_limits(target, sm))
-            return _schedule(sch, blocks[0], tile, async_copy=sm >= 80)
+            return _schedule(sch, blocks[0], tile, async_copy=bool(async_copy_config(target)))
         except (AssertionError, s_tir.ScheduleError):  # a shape the tiling cannot cover
             return None
 
