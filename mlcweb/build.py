@@ -157,6 +157,9 @@ def _lift(
         # float16 between GEMM epilogues and norms (measured with these layouts, on cuda): before
         # lifting, so the norms' float16 scale and shift are stored, not cast at run time
         mod = mp.Float16NormInputs()(mod)
+        # split-K for convolutions with few output tiles (the pipeline would do it too): here, so the
+        # kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the weight transform
+        mod = mp.SplitKConv()(mod)
     lifted = mp.split_transform_params(mod)
     transform_vm = mp.compile_transform(lifted.transform)  # once, shared by every function's weights
     weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]] = {}

@@ -35,6 +35,7 @@ from .mixed_precision import MixedPrecision
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
 from .pipeline import PipelineOptions, lowering_passes, pipeline
 from .row_reduction import RowReduction
+from .split_k_conv import SplitKConv, choose_splits
 from .tensor_core_matmul import ASYNC_COPY_CONFIG, TensorCoreMatmul, TensorCoreTile, async_copy_config, choose_tile
 
 __version__ = "0.1.0"
@@ -66,12 +67,14 @@ __all__ = [
     "RemoveUnusedFunctions",
     "RowReduction",
     "ScheduleReport",
+    "SplitKConv",
     "StaticMemoryPlan",
     "TensorCoreMatmul",
     "TensorCoreTile",
     "apply_transform_params",
     "async_copy_config",
     "attention_patterns",
+    "choose_splits",
     "choose_tile",
     "compile_transform",
     "count_kernels",

@@ -14,6 +14,8 @@ Order (each step is a module of this package):
 3. TVM's library dispatch for the target (sort / scan / sampling kernels).
    ``FlashAttention`` (CUDA sm_80+, on by default): each float16 attention over head transposes becomes
    one flash-attention kernel on tensor cores; no score matrix is stored.
+   ``SplitKConv`` (CUDA sm_70+, on by default): float16 convolutions with too few output tiles to fill
+   the GPU split their reduction into a batch of GEMMs and a sum.
 4. ``FuseAttention`` (off by default: no schedule rule handles the fused kernel well yet; on the CPU
    the tiny UNet runs 156 ms fused vs 97 ms unfused): attention patterns become one composite each.
    ``FuseSoftmax``: the casts around each remaining softmax join it in one kernel.
@@ -49,6 +51,8 @@ from .fuse_softmax import FuseSoftmax
 from .int32_tensors import Int32Tensors
 from .memory_plan import StaticMemoryPlan
 from .mixed_precision import MixedPrecision
+from .split_k_conv import SplitKConv
+from .tensor_core_matmul import sm_version
 
 __all__ = ["PipelineOptions", "lowering_passes", "pipeline"]
 
@@ -62,6 +66,8 @@ class PipelineOptions:
     kernel per attention, for a flash-attention schedule; off by default). ``flash_attention``: replace
     float16 attention with :func:`~mlcweb_passes.flash_attention.flash_attention_kernel` on targets that
     support it (:func:`~mlcweb_passes.flash_attention.supports_flash_attention`).
+    ``split_k``: split the reduction of float16 convolutions with few output tiles
+    (:class:`~mlcweb_passes.SplitKConv`) on targets whose GEMMs run on tensor cores (CUDA sm_70+).
     ``extra_passes``: run after fusion and before scheduling (a plugin's rewrites of fused TIR).
     """
 
@@ -69,6 +75,7 @@ class PipelineOptions:
     fuse_attention: bool = False
     extra_passes: Sequence[tvm.transform.Pass] = field(default_factory=tuple)
     flash_attention: bool = True
+    split_k: bool = True
 
 
 def lowering_passes(
@@ -87,6 +94,8 @@ def lowering_passes(
     passes.extend(_library_dispatch(target))
     if opts.flash_attention and supports_flash_attention(target):
         passes.append(FlashAttention())
+    if opts.split_k and sm_version(target) >= 70:
+        passes.append(SplitKConv())
     if opts.fuse_attention:
         passes.append(FuseAttention())
     passes.append(FuseSoftmax())
@@ -119,10 +128,11 @@ def pipeline(
     fuse_attention: bool = False,
     extra_passes: Sequence[tvm.transform.Pass] = (),
     flash_attention: bool = True,
+    split_k: bool = True,
 ) -> tvm.transform.Pass:
     """One pass that compiles an imported Relax module for ``target`` (see the module docstring)."""
     tgt = target if isinstance(target, Target) else Target(target)
-    options = PipelineOptions(mixed_precision, fuse_attention, tuple(extra_passes), flash_attention)
+    options = PipelineOptions(mixed_precision, fuse_attention, tuple(extra_passes), flash_attention, split_k)
     passes = lowering_passes(tgt, database, options)
 
     @tvm.transform.module_pass(opt_level=0, name="mlcweb.pipeline")
