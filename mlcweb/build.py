@@ -157,6 +157,7 @@ def _lift(
         # float16 between GEMM epilogues and norms (measured with these layouts, on cuda): before
         # lifting, so the norms' float16 scale and shift are stored, not cast at run time
         mod = mp.Float16NormInputs()(mod)
+        mod = mp.Float16Residuals()(mod)  # and shortcut branches and upsampler inputs (VAE: -128 MiB)
         # split-K for convolutions with few output tiles (the pipeline would do it too): here, so the
         # kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the weight transform
         mod = mp.SplitKConv()(mod)
