@@ -407,9 +407,12 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     record["latent_shape"] = sd.meta["latent_shape"]
     sync = sd.device.sync
     ms: dict[str, dict[str, float]] = {stage: {} for stage in (*STAGES, "image")}
+    held: dict[str, float] = {}  # device memory in use after each stage has run (pools keep what it took)
     for stage in STAGES:
         ms[stage]["mlcweb"] = median_ms(getattr(ours, stage), sync, opts.repeat)
         log.info("mlcweb %s: %.2f ms", stage, ms[stage]["mlcweb"])
+        if memory:
+            held[f"mlcweb_after_{stage}"] = (memory.used() - base) / 2**20
     init = inputs.latents
     gen = sd.generate(prompt, steps=opts.steps, latents=init)  # warm-up
     with memory or _Null():
@@ -422,6 +425,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     record["mlcweb_image_seconds"] = gen.seconds
     record["memory_mib"] = {
         "mlcweb_weights": weights_mib,
+        **held,
         "mlcweb_peak": (memory.peak - base) / 2**20 if memory else None,
     }
     outputs = {

@@ -13,6 +13,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .cuda_limits import DEFAULT_CUDA_STACK_BYTES, set_cuda_stack_limit
 from .errors import CorruptArtifactError, MlcwebError
 from .manifest import read_manifest, verify_files
 from .tensor_cache import read_tensor_cache
@@ -32,7 +33,17 @@ class KernelTime:
 class Artifacts:
     """A built model on a device: ``artifacts("main", x)`` runs ``main`` with its weights appended."""
 
-    def __init__(self, root: str | Path, device: str | None = None, *, verify: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        device: str | None = None,
+        *,
+        verify: bool = True,
+        cuda_stack_bytes: int | None = DEFAULT_CUDA_STACK_BYTES,
+    ) -> None:
+        """Load the artifacts in ``root`` onto ``device`` (the manifest's by default). On CUDA the
+        context's per-thread stack limit is set to ``cuda_stack_bytes`` (None: the driver's 1 KiB) before
+        any kernel runs: :mod:`mlcweb.cuda_limits` says why."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise MlcwebError(f"artifact directory {self.root} does not exist; build it with `mlcweb build`")
@@ -49,6 +60,8 @@ class Artifacts:
         lib = tvm.runtime.load_module(str(self.root / self.manifest["library"]))
         self.vm = relax.VirtualMachine(lib, self.device)
         tensors, _ = read_tensor_cache(self.root, self.device)
+        if self.device.dlpack_device_type() == tvm.cuda().dlpack_device_type() and cuda_stack_bytes is not None:
+            set_cuda_stack_limit(cuda_stack_bytes)  # the context exists (weights are on it); no launch yet
         self.params: dict[str, list[tvm.runtime.Tensor]] = {}
         for func, info in self.manifest["functions"].items():
             missing = [n for n in info["params"] if n not in tensors]
@@ -112,8 +125,14 @@ class Artifacts:
         return tvm.runtime.tensor(np.require(array, requirements="C"), self.device)
 
 
-def load(root: str | Path, device: str | None = None, *, verify: bool = True) -> Artifacts:
-    return Artifacts(root, device, verify=verify)
+def load(
+    root: str | Path,
+    device: str | None = None,
+    *,
+    verify: bool = True,
+    cuda_stack_bytes: int | None = DEFAULT_CUDA_STACK_BYTES,
+) -> Artifacts:
+    return Artifacts(root, device, verify=verify, cuda_stack_bytes=cuda_stack_bytes)
 
 
 def outputs_to_numpy(result: Any) -> OrderedDict[str, np.ndarray]:

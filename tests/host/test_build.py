@@ -174,3 +174,18 @@ def test_cli_build_prints_a_summary(
     assert "kernels" in text and "tiny-bert-llvm.so" in text
     assert (out / "manifest.json").is_file()
     assert cli_main(["build", "tiny-bert", "--out", str(out), "--set", "oops"]) == 2
+
+
+def test_cpu_artifacts_leave_the_cuda_stack_limit_alone(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr("mlcweb.runtime.set_cuda_stack_limit", calls.append)
+    load(built, cuda_stack_bytes=128)
+    assert calls == []  # only CUDA artifacts set it (sd_bench measures its effect on the H100)
+
+
+def test_cuda_stack_limit_needs_a_driver_and_a_size() -> None:
+    from mlcweb.cuda_limits import set_cuda_stack_limit
+
+    with pytest.raises(ValueError, match="size in bytes"):
+        set_cuda_stack_limit(-1)
+    assert set_cuda_stack_limit(256) is False  # no GPU here: no driver, or no context to set it on
