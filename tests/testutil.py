@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import tvm
 from tvm import relax
@@ -63,3 +67,20 @@ def composite_names(mod: tvm.IRModule) -> list[str]:
         for _, f in mod.functions_items()
         if isinstance(f, relax.Function) and f.attrs is not None and "Composite" in f.attrs
     ]
+
+
+def nvcc_ptx(source: str, tmp_path: Path, arch: str = "sm_90") -> str:
+    """Compile CUDA ``source`` to PTX with nvcc and return the PTX; skips the test without nvcc. TVM only
+    prints CUDA on this machine (no GPU, no NVRTC), and its printer does not guarantee valid CUDA."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed; the GPU benchmarks compile the kernels instead")
+    (tmp_path / "k.cu").write_text(source)
+    done = subprocess.run(
+        [nvcc, "--ptx", f"-arch={arch}", "-o", str(tmp_path / "k.ptx"), str(tmp_path / "k.cu")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return (tmp_path / "k.ptx").read_text()
