@@ -143,24 +143,34 @@ def conv_layout(options: BuildOptions, target: TargetInfo) -> str:
     return options.conv_layout
 
 
+def pre_lift_passes(options: BuildOptions, target: TargetInfo) -> list[tvm.transform.Pass]:
+    """The passes run on the imported module before weight lifting: those that change how weights are
+    stored, so the change happens once, to the weights (casts, transposes, reshapes)."""
+    passes: list[tvm.transform.Pass] = []
+    if options.dtype == "float16":
+        passes.append(mp.MixedPrecision("float32"))
+    if conv_layout(options, target) == "NHWC":
+        passes += [
+            # Tensor-core layouts: channels last and GEMM weights K-contiguous; the weights' transposes
+            # become part of the weight transform (or, for linears, disappear).
+            mp.ConvLayout("NHWC", "OHWI"),
+            mp.LinearWeightLayout(),
+            # float16 between GEMM epilogues and norms, shortcut branches and upsampler inputs (measured
+            # with these layouts, on cuda); the norms' float16 scale and shift are stored
+            mp.Float16NormInputs(),
+            mp.Float16Residuals(),
+        ]
+        if mp.tensor_core_matmul.sm_version(target.tvm_target()) >= 70:
+            # split-K for convolutions with few output tiles (the pipeline would do it too): here, so
+            # the kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the transform
+            passes.append(mp.SplitKConv())
+    return passes
+
+
 def _lift(
-    imported: ImportedModel, dtype: str, layout: str = "NCHW"
+    imported: ImportedModel, passes: list[tvm.transform.Pass]
 ) -> tuple[tvm.IRModule, dict[str, OrderedDict[str, tvm.runtime.Tensor]]]:
-    mod = imported.mod
-    if dtype == "float16":
-        mod = mp.MixedPrecision("float32")(mod)
-    if layout == "NHWC":
-        # Tensor-core layouts: channels last and GEMM weights K-contiguous. Before lifting, so the
-        # weights' transposes become part of the weight transform (or, for linears, disappear).
-        mod = mp.ConvLayout("NHWC", "OHWI")(mod)
-        mod = mp.LinearWeightLayout()(mod)
-        # float16 between GEMM epilogues and norms (measured with these layouts, on cuda): before
-        # lifting, so the norms' float16 scale and shift are stored, not cast at run time
-        mod = mp.Float16NormInputs()(mod)
-        mod = mp.Float16Residuals()(mod)  # and shortcut branches and upsampler inputs (VAE: -128 MiB)
-        # split-K for convolutions with few output tiles (the pipeline would do it too): here, so the
-        # kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the weight transform
-        mod = mp.SplitKConv()(mod)
+    mod = tvm.transform.Sequential(passes)(imported.mod) if passes else imported.mod
     lifted = mp.split_transform_params(mod)
     transform_vm = mp.compile_transform(lifted.transform)  # once, shared by every function's weights
     weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]] = {}
@@ -180,8 +190,8 @@ def import_and_lift(
 ) -> tuple[tvm.IRModule, dict[str, OrderedDict[str, tvm.runtime.Tensor]], ImportedModel]:
     """The build's first two stages: the deploy module, its weights per function, and the import."""
     imported, _ = _import(host, model, options)
-    layout = conv_layout(options, resolve_target(options.target, arch=options.arch, link=False))
-    deploy, weights = _lift(imported, options.dtype, layout)
+    target = resolve_target(options.target, arch=options.arch, link=False)
+    deploy, weights = _lift(imported, pre_lift_passes(options, target))
     return deploy, weights, imported
 
 
@@ -251,7 +261,7 @@ def build(
     spec = host.model(model).spec
     target_info = resolve_target(options.target, arch=options.arch)
     target = target_info.tvm_target()
-    layout = conv_layout(options, target_info)
+    layout = conv_layout(options, target_info)  # checked here, before any work; recorded in the manifest
     database_note: str | None = "--db" if options.database is not None else None
     if options.database is None and options.use_shipped_database:
         shipped = shipped_database(target_info)
@@ -271,7 +281,7 @@ def build(
         with stages.stage("import"):
             imported, from_cache = _import(host, model, options)
         with stages.stage("lift"):
-            deploy, weights = _lift(imported, options.dtype, layout)
+            deploy, weights = _lift(imported, pre_lift_passes(options, target_info))
         with stages.stage("lower"):
             extra = host.pipeline_passes(model, target=target, options=options)
             lowered, kernels, schedules, memory = _lower(deploy, target, options, extra)

@@ -189,3 +189,21 @@ def test_cuda_stack_limit_needs_a_driver_and_a_size() -> None:
     with pytest.raises(ValueError, match="size in bytes"):
         set_cuda_stack_limit(-1)
     assert set_cuda_stack_limit(256) is False  # no GPU here: no driver, or no context to set it on
+
+
+def test_weight_layout_passes_follow_the_target() -> None:
+    from mlcweb.build import pre_lift_passes
+    from mlcweb.targets import resolve_target
+
+    def names(target: str, **kw: object) -> list[str]:
+        opts = BuildOptions(target=target, out=Path("unused"), **kw)  # type: ignore[arg-type]
+        return [p.info.name for p in pre_lift_passes(opts, resolve_target(target, link=False))]
+
+    assert names("llvm") == []
+    assert names("llvm", dtype="float16") == ["mlcweb.MixedPrecision"]
+    cuda = names("cuda", dtype="float16")
+    assert cuda[0] == "mlcweb.MixedPrecision" and cuda[-1] == "mlcweb.SplitKConv"
+    assert "mlcweb.Float16Residuals" in cuda
+    # NHWC asked for on the CPU: the layouts, but no split-K (its tiles are CUDA's)
+    cpu_nhwc = names("llvm", dtype="float16", conv_layout="NHWC")
+    assert "mlcweb.ConvLayout" in cpu_nhwc and "mlcweb.SplitKConv" not in cpu_nhwc
