@@ -24,12 +24,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CUDA_STACK_BYTES = 256  # four times the largest frame of SD1.5's kernels
 CU_LIMIT_STACK_SIZE = 0  # CUlimit enum of the driver API
+DRIVER_DEFAULT_STACK_BYTES = 1024
 
 
-def set_cuda_stack_limit(nbytes: int) -> bool:
+def set_cuda_stack_limit(nbytes: int, *, only_from_default: bool = True) -> bool:
     """Set the current CUDA context's per-thread stack limit to ``nbytes``; False (and a log line) when
     there is no CUDA driver or context, or the driver refuses. Call it with the device's context current
-    (after allocating on it) and before the first kernel launch."""
+    (after allocating on it) and before the first kernel launch.
+
+    With ``only_from_default`` the limit is changed only while it is the driver's default: a limit the
+    process set, or a kernel raised, stays (so loading a second model never shrinks it under the first)."""
     if nbytes < 0:
         raise ValueError(f"a stack limit is a size in bytes, not {nbytes}")
     try:
@@ -37,9 +41,17 @@ def set_cuda_stack_limit(nbytes: int) -> bool:
     except OSError:
         log.debug("no CUDA driver: stack limit left alone")
         return False
+    current = ctypes.c_size_t()
+    status = driver.cuCtxGetLimit(ctypes.byref(current), CU_LIMIT_STACK_SIZE)
+    if status != 0:
+        log.warning("cuCtxGetLimit(stack) failed with CUresult %d (no current context?); limit left alone", status)
+        return False
+    if only_from_default and current.value != DRIVER_DEFAULT_STACK_BYTES:
+        log.info("CUDA stack limit is %d bytes, not the driver's default: left alone", current.value)
+        return False
     status = driver.cuCtxSetLimit(CU_LIMIT_STACK_SIZE, ctypes.c_size_t(nbytes))
     if status != 0:
         log.warning("cuCtxSetLimit(stack, %d) failed with CUresult %d; the driver's limit stays", nbytes, status)
         return False
-    log.info("CUDA stack limit: %d bytes per thread", nbytes)
+    log.info("CUDA stack limit: %d bytes per thread (was %d)", nbytes, current.value)
     return True

@@ -207,3 +207,31 @@ def test_weight_layout_passes_follow_the_target() -> None:
     # NHWC asked for on the CPU: the layouts, but no split-K (its tiles are CUDA's)
     cpu_nhwc = names("llvm", dtype="float16", conv_layout="NHWC")
     assert "mlcweb.ConvLayout" in cpu_nhwc and "mlcweb.SplitKConv" not in cpu_nhwc
+
+
+class _FakeDriver:
+    """libcuda's two limit calls, on a context whose stack limit is ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def cuCtxGetLimit(self, out: object, which: int) -> int:
+        out._obj.value = self.limit  # type: ignore[attr-defined]  # a ctypes.byref
+        return 0
+
+    def cuCtxSetLimit(self, which: int, value: object) -> int:
+        self.limit = value.value  # type: ignore[attr-defined]
+        return 0
+
+
+@pytest.mark.parametrize(("start", "expected", "changed"), [(1024, 256, True), (4096, 4096, False), (256, 256, False)])
+def test_cuda_stack_limit_is_lowered_only_from_the_drivers_default(
+    start: int, expected: int, changed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A limit the process set or a kernel raised (or our own, from a model loaded earlier) stays."""
+    from mlcweb import cuda_limits
+
+    fake = _FakeDriver(start)
+    monkeypatch.setattr(cuda_limits.ctypes, "CDLL", lambda _name: fake)
+    assert cuda_limits.set_cuda_stack_limit(256) is changed
+    assert fake.limit == expected
