@@ -63,6 +63,13 @@ class Bindings:
         return expr, value
 
 
+def static_shape(shape: Any) -> list[int] | None:
+    """``shape`` (a Relax tensor type's) as ints, or None when it is unknown or has a symbolic dimension."""
+    if shape is None or not all(isinstance(d, tirx.IntImm | int) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
 def op_name(expr: Any) -> str | None:
     """The name of the Relax operator ``expr`` calls, or None when it is not an operator call."""
     return str(expr.op.name) if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None

@@ -42,7 +42,7 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.script import tirx as T  # noqa: N812
 
-from ._base import Bindings, ModulePassBase, op_name, rewrite_and_clean
+from ._base import Bindings, ModulePassBase, op_name, rewrite_and_clean, static_shape
 from .default_schedule import HAND_WRITTEN, SOURCE_ATTR
 from .tensor_core_matmul import sm_version
 
@@ -354,13 +354,6 @@ def _through_permute(axes: list[int], call: relax.Call) -> list[int] | None:
     return [int(perm[i]) for i in axes]
 
 
-def _static(shape: Any) -> list[int] | None:
-    try:
-        return [int(x) for x in shape]
-    except TypeError:
-        return None
-
-
 def match_attention(walker: _Walker, call: relax.Call) -> _Match | None:
     """``matmul(softmax(matmul(q', k') * c), v')`` where q', k', v' are head transposes of
     ``[B, N, H, D]`` float16 tensors, else None."""
@@ -381,7 +374,7 @@ def match_attention(walker: _Walker, call: relax.Call) -> _Match | None:
     v = walker.heads_view(call.args[1], [0, 2, 1, 3])
     if q is None or k is None or v is None or v[1] != 1.0:  # a scaled V would scale the output instead
         return None
-    qs, ks, vs = (_static(x[0].ty.shape) for x in (q, k, v))
+    qs, ks, vs = (static_shape(x[0].ty.shape) for x in (q, k, v))
     if qs is None or ks is None or vs is None or ks != vs or qs[0] != ks[0] or qs[2:] != ks[2:]:
         return None
     shape = AttentionShape(qs[0], qs[1], ks[1], qs[2], qs[3])
@@ -426,7 +419,7 @@ class _Rewriter(PyExprMutator):
             return None
         _, value = self.walker.through(value, ("relax.astype", "relax.reshape"))
         out = self.outputs.get(value)
-        if out is None or _static(call.ty.shape) != _static(out.ty.shape):
+        if out is None or static_shape(call.ty.shape) != static_shape(out.ty.shape):
             return None
         return out
 

@@ -31,7 +31,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._base import ModulePassBase, op_name, rewrite_and_clean
+from ._base import Bindings, ModulePassBase, op_name, rewrite_and_clean
 
 __all__ = ["Float16Residuals"]
 
@@ -42,17 +42,17 @@ ELEMENTWISE = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", 
 MAX_WALK = 16  # bindings looked through back to a GEMM
 
 
-def _gemm_result(var: Any, values: dict[Any, Any]) -> bool:
+def _gemm_result(var: Any, bindings: Bindings) -> bool:
     """Whether ``var`` is a float32 dataflow variable computed from a GEMM's output by elementwise ops,
     and not a widening cast of a float16 tensor (that one is stored float16 already)."""
     if not isinstance(var, relax.DataflowVar) or str(var.ty.dtype) != "float32":
         return False
-    top: Any = values.get(var)
+    top: Any = bindings.value(var)
     if op_name(top) == "relax.astype" and str(top.args[0].ty.dtype) == "float16":
         return False
     stack, walked = [var], 0
     while stack and walked < MAX_WALK:
-        value: Any = values.get(stack.pop())
+        value: Any = bindings.value(stack.pop())
         walked += 1
         name = op_name(value)
         if name in GEMMS:
@@ -74,11 +74,11 @@ def _same_shape(a: Any, b: Any) -> bool:
 class _Rewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
-        self.values: dict[Any, Any] = {}
+        self.bindings: Bindings | None = None
         self.rewritten = 0
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
-        self.values = relax.analysis.get_var2val(func)
+        self.bindings = Bindings(func)
         return super().visit_function_(func)
 
     def _float16(self, expr: Any) -> relax.Expr:
@@ -86,11 +86,13 @@ class _Rewriter(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         name = op_name(call)
-        if name == "relax.add" and _same_shape(*call.args) and all(_gemm_result(a, self.values) for a in call.args):
+        if self.bindings is None:
+            return super().visit_call_(call)
+        if name == "relax.add" and _same_shape(*call.args) and all(_gemm_result(a, self.bindings) for a in call.args):
             self.rewritten += 1
             total = self.builder_.emit(relax.op.add(*(self._float16(a) for a in call.args)))
             return relax.op.astype(total, "float32")
-        if name == "relax.image.resize2d" and _gemm_result(call.args[0], self.values):
+        if name == "relax.image.resize2d" and _gemm_result(call.args[0], self.bindings):
             self.rewritten += 1
             rest = [self.visit_expr(a) for a in call.args[1:]]
             resized = self.builder_.emit(relax.Call(call.op, [self._float16(call.args[0]), *rest], call.attrs))

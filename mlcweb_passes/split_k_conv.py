@@ -35,10 +35,10 @@ import operator
 from collections.abc import Sequence
 
 import tvm
-from tvm import relax, te, tirx, topi
+from tvm import relax, te, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._base import ModulePassBase, op_name, rewrite_and_clean
+from ._base import ModulePassBase, op_name, rewrite_and_clean, static_shape
 
 __all__ = ["SplitKConv", "choose_splits"]
 
@@ -111,12 +111,6 @@ def _sum_splits(partial: te.Tensor, out_dtype: str) -> te.Tensor:
     )
 
 
-def _ints(values: Sequence[tirx.PrimExpr] | None) -> list[int] | None:
-    if values is None or not all(isinstance(v, tirx.IntImm | int) for v in values):
-        return None
-    return [int(v) for v in values]
-
-
 @mutator
 class _Rewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, splits: int | None, sms: int) -> None:
@@ -125,7 +119,7 @@ class _Rewriter(PyExprMutator):
         self.sms = sms
         self.rewritten: list[int] = []
 
-    def _split_count(self, call: relax.Call) -> int:
+    def _split_count(self, call: relax.Call, x_shape: list[int], w_shape: list[int], out_shape: list[int]) -> int:
         """The slices for ``call``; 1 (leave it) for convolutions the pass does not take."""
         attrs = call.attrs
         if (
@@ -136,9 +130,6 @@ class _Rewriter(PyExprMutator):
             or any(str(a.ty.dtype) != "float16" for a in call.args)
         ):
             return 1
-        x_shape, w_shape, out_shape = (_ints(e.ty.shape) for e in (call.args[0], call.args[1], call))
-        if x_shape is None or w_shape is None or out_shape is None:
-            return 1
         channels = x_shape[3]
         if self.splits is not None:
             return self.splits if channels % (self.splits * VECTOR) == 0 else 1
@@ -148,13 +139,16 @@ class _Rewriter(PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         if op_name(call) != "relax.nn.conv2d":
             return super().visit_call_(call)
-        splits = self._split_count(call)
+        x_shape, w_shape, out_shape = (static_shape(e.ty.shape) for e in (call.args[0], call.args[1], call))
+        if x_shape is None or w_shape is None or out_shape is None:
+            return super().visit_call_(call)
+        splits = self._split_count(call, x_shape, w_shape, out_shape)
         if splits <= 1:
             return super().visit_call_(call)
         x, w = (self.visit_expr(a) for a in call.args)
-        n, h, wd, c = _ints(call.args[0].ty.shape) or []
-        o, kh, kw, _ = _ints(call.args[1].ty.shape) or []
-        _, oh, ow, _ = _ints(call.ty.shape) or []
+        n, h, wd, c = x_shape
+        o, kh, kw, _ = w_shape
+        _, oh, ow, _ = out_shape
         attrs = call.attrs
         x5 = self.builder_.emit(relax.op.reshape(x, [n, h, wd, splits, c // splits]))
         w5 = self.builder_.emit(relax.op.reshape(w, [o, kh, kw, splits, c // splits]))
