@@ -125,7 +125,7 @@ def markdown(record: dict[str, Any]) -> str:
             lines.append(f"| {r['name']} | error: {r['error'][:100]} |")
             continue
         ms = r["ms"]
-        cells = [f"{ms[h]:.4f}" if h in ms else "-" for h in heads]  # a chosen count off the list: its own column
+        cells = [f"{ms[h]:.4f}" if h in ms else "-" for h in heads]  # a chosen count off SPLITS shows in "chosen" only
         best = ms.get(f"split {r['chosen']}", float("nan"))
         ours = max(v for key, v in r["max_abs_err"].items() if key != "torch")
         lines.append(
