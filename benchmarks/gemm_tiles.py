@@ -112,12 +112,12 @@ def _build(job: tuple[str, str, str, str, str]) -> tuple[str, str | None, str | 
             rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
             rule: Any = None
         else:
-            tile = None if variant == "chosen" else TensorCoreTile(*map(int, variant.split(",")))
+            tile = None if variant == "chosen" else _tile(variant)
             rule = TensorCoreMatmul(tile=tile)
             rules = [rule, dl.gpu.Fallback()]
         with target:
             mod = dl.ApplyDefaultSchedule(*rules)(tvm.IRModule({"main": func}))
-        if rule is not None and "wmma" not in mod.script():
+        if rule is not None and "mma" not in mod.script():  # wmma or mma.sync
             return key, None, "rule did not apply"
         with tvm.transform.PassContext(config={} if mode == "sync" else async_copy_config(target)):
             lib = tvm.compile(mod, target)
@@ -126,6 +126,15 @@ def _build(job: tuple[str, str, str, str, str]) -> tuple[str, str | None, str | 
         return key, path, None
     except Exception as err:
         return key, None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
+
+
+def _tile(text: str) -> TensorCoreTile:
+    """``warps_m,warps_n,frags_m,frags_n,chunk_k``, then optionally ``mma`` (ldmatrix + mma.sync instead
+    of WMMA) and ``sN`` (an N-stage shared-memory pipeline): ``2,2,4,4,2,mma,s3``."""
+    parts = text.split(",")
+    flags = parts[5:]
+    stages = [int(f[1:]) for f in flags if f.startswith("s")]
+    return TensorCoreTile(*map(int, parts[:5]), mma="mma" in flags, stages=stages[0] if stages else 2)
 
 
 def _inputs(script: str, dev: Any, seed: int) -> list[Any]:
@@ -143,7 +152,9 @@ def main() -> int:
     ap.add_argument("--tasks", help="tasks JSON (name, weight, script); default: extract full SD1.5's")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument(
-        "--tiles", default=";".join(DEFAULT_TILES), help="';'-separated warps_m,warps_n,frags_m,frags_n,chunk_k"
+        "--tiles",
+        default=";".join(DEFAULT_TILES),
+        help="';'-separated warps_m,warps_n,frags_m,frags_n,chunk_k[,mma][,sN] (see _tile)",
     )
     ap.add_argument("--top", type=int, default=0, help="only the N heaviest kernels (weight x FLOPs)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -286,7 +297,8 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], variants: list[
     lines = [
         f"# Tensor-core tiles per GEMM kernel on {doc['device']}, {doc['date']}",
         "",
-        "ms per call (median); tiles are warps_m,warps_n,frags_m,frags_n,chunk_k; '-' failed or wrong.",
+        "ms per call (median); tiles are warps_m,warps_n,frags_m,frags_n,chunk_k[,mma: mma.sync][,sN: N stages]; "
+        "'-' failed or wrong.",
         "",
         "| kernel | B,M,N,K | runs | dlight | chosen | best tile | best |",
         "|---|---|---|---|---|---|---|",

@@ -77,13 +77,23 @@ WARP = 32
 @dataclass(frozen=True)
 class TensorCoreTile:
     """One thread block's share of a GEMM: ``warps_m x warps_n`` warps, each computing ``frags_m x
-    frags_n`` 16x16 fragments, over reduction steps of ``chunk_k`` fragments."""
+    frags_n`` 16x16 fragments, over reduction steps of ``chunk_k`` fragments.
+
+    ``mma`` keeps the fragments in registers in ``ldmatrix``'s order and multiplies them with
+    ``mma.sync`` instead of WMMA; ``stages`` is the depth of the shared-memory ring the reduction steps
+    stream through (2: double-buffered). On an H100 neither paid off for SD1.5's GEMMs
+    (``benchmarks/results/2026-11-24-h100-gemm_tiles-mma.md``: the default tiles' weighted sum 142 ms,
+    mma.sync with 2-4 stages 151-167 ms), so :func:`choose_tile` keeps WMMA with two stages; the options
+    stay for other GPUs and for ``benchmarks/gemm_tiles.py``.
+    """
 
     warps_m: int = 2
     warps_n: int = 2
     frags_m: int = 4
     frags_n: int = 4
     chunk_k: int = 2
+    mma: bool = False
+    stages: int = 2
 
     @property
     def block_m(self) -> int:
@@ -105,12 +115,14 @@ class TensorCoreTile:
         """Whether TIR lowering accepts the tile: when the float32 output tile fits in the space of one
         double-buffered input tile, StorageRewrite puts it there, and the WMMA store then addresses a
         float16 buffer, which codegen refuses. Tiles whose output tile is larger are safe."""
-        return all(self._output_bytes() > 2 * 2 * rows * (self.block_k + 8) for rows in (self.block_m, self.block_n))
+        return all(
+            self._output_bytes() > self.stages * 2 * rows * (self.block_k + 8) for rows in (self.block_m, self.block_n)
+        )
 
     def shared_bytes(self) -> int:
         """Dynamic shared memory: the larger of the double-buffered float16 input tiles (rows padded by 8)
         and the float32 output tile (rows padded by 4); lowering reuses one for the other."""
-        inputs = 2 * 2 * (self.block_m + self.block_n) * (self.block_k + 8)
+        inputs = self.stages * 2 * (self.block_m + self.block_n) * (self.block_k + 8)
         return max(inputs, self._output_bytes())
 
     def _output_bytes(self) -> int:
@@ -260,7 +272,7 @@ def _limits(target: Target, sm: int) -> tuple[int, int]:
 def _schedule(
     sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV, tile: TensorCoreTile, async_copy: bool
 ) -> s_tir.Schedule:
-    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+    from tvm.s_tir.tensor_intrin.cuda import get_mma_intrin_group, get_wmma_intrin_group
 
     # 1. C[S, I, J] += A[S, I, K] * B[S, J, K], padded to whole tiles
     read_a, read_b = sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1))
@@ -306,26 +318,31 @@ def _schedule(
 
     stage_in_shared(0)
     stage_in_shared(1)
-    frag_a = sch.cache_read(outer, 0, "wmma.matrix_a")
-    frag_b = sch.cache_read(outer, 1, "wmma.matrix_b")
+    frag_a = sch.cache_read(outer, 0, "warp" if tile.mma else "wmma.matrix_a")
+    frag_b = sch.cache_read(outer, 1, "warp" if tile.mma else "wmma.matrix_b")
     sch.compute_at(frag_a, k_inner)
     sch.compute_at(frag_b, k_inner)
 
     # 4. accumulators -> shared tile -> epilogue and global store
     staged = sch.cache_write(outer, 0, "shared.dyn")
     sch.storage_align(staged, 0, axis=-2, factor=16, offset=4)
-    accum = sch.cache_write(outer, 0, "wmma.accumulator")
+    accum = sch.cache_write(outer, 0, "warp" if tile.mma else "wmma.accumulator")
     sch.reverse_compute_at(accum, warp)
     sch.reverse_compute_at(staged, warp)
     init = sch.decompose_reduction(outer, k_outer)
 
     # 5. tensorize loads, init, mma and stores
-    intrins = get_wmma_intrin_group("shared.dyn", "shared.dyn", "float16", out_dtype, trans_b=True)
+    if tile.mma:
+        intrins = get_mma_intrin_group("shared.dyn", "shared.dyn", "float16", out_dtype, False, True)
+    else:
+        intrins = get_wmma_intrin_group("shared.dyn", "shared.dyn", "float16", out_dtype, trans_b=True)
     for frag, name in ((frag_a, "load_a"), (frag_b, "load_b"), (accum, "store")):
         fi, fj = sch.get_loops(frag)[-2:]
         fi_outer, fi_frag = sch.split(fi, [None, FRAGMENT])
         fj_outer, fj_frag = sch.split(fj, [None, FRAGMENT])
         sch.reorder(fi_outer, fj_outer, fi_frag, fj_frag)
+        if tile.mma:  # mma.sync keeps a 16x16 fragment as 32 threads x 8 values, in ldmatrix's order
+            sch.transform_layout(frag, ("read", 0) if name == "store" else ("write", 0), _ldmatrix_layout)
         sch.tensorize(fi_frag, intrins[name])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrins["init"])
     sch.tensorize(sch.get_loops(main)[-3], intrins["compute"])
@@ -340,8 +357,19 @@ def _schedule(
     # reduction chunk ahead of the whole inner pipeline (its prologue, body and epilogue once lowered)
     sch.annotate(k_inner, "software_pipeline_stage", [0, 0, 1])
     sch.annotate(k_inner, "software_pipeline_order", [0, 1, 2])
-    sch.annotate(k_outer, "software_pipeline_stage", [0, 0, 1, 1, 1])
+    last = tile.stages - 1
+    sch.annotate(k_outer, "software_pipeline_stage", [0, 0, last, last, last])
     sch.annotate(k_outer, "software_pipeline_order", [0, 1, 2, 3, 4])
     if async_copy:
         sch.annotate(k_outer, "software_pipeline_async_stages", [0])
     return sch
+
+
+def _ldmatrix_layout(*index: tirx.PrimExpr) -> list[tirx.PrimExpr]:
+    """A fragment buffer's index map for mma.sync: the last two axes become 16x16 fragments, each stored
+    as the 32 threads x 8 values that ``ldmatrix`` and ``mma.sync`` use."""
+    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout
+
+    *outer, i, j = index
+    thread, value = shared_16x16_to_ldmatrix_32x8_layout(i % FRAGMENT, j % FRAGMENT)
+    return [*outer, i // FRAGMENT, j // FRAGMENT, thread, value]

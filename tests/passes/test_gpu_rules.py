@@ -134,6 +134,23 @@ def test_convolution_gets_the_chosen_tile_with_async_copies() -> None:
     assert "cp.async.cg.shared.global" in source and "wmma::mma_sync" in source
 
 
+def test_mma_tile_uses_ldmatrix_and_a_deeper_pipeline() -> None:
+    """The ``mma``/``stages`` tile options (measured against WMMA in benchmarks/gemm_tiles.py): fragments in
+    registers in ldmatrix's order, and a three-stage cp.async ring that waits for all but two copies."""
+    func = _kernel(ConvNHWC, CUDA).with_attr("global_symbol", "conv")
+    tile = mp.TensorCoreTile(2, 2, 2, 2, 2, mma=True, stages=3)
+    sch = mp.TensorCoreMatmul(tile=tile).apply(func, CUDA, False)
+    assert sch is not None
+    script = sch.mod.script()
+    assert '"warp"' in script and "wmma" not in script
+    with tvm.transform.PassContext(config=mp.ASYNC_COPY_CONFIG):
+        source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
+    assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in source
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in source
+    assert "cp.async.wait_group 2;" in source and "wmma::" not in source
+    assert tile.shared_bytes() == 3 * 2 * (64 + 64) * (32 + 8)  # three stages of both input tiles
+
+
 def test_tile_choice_follows_the_shape_and_the_hardware() -> None:
     big = mp.tensor_core_matmul.GemmShape(batch=1, m=8192, n=320, k=2880)
     assert mp.choose_tile(big) == mp.TensorCoreTile(2, 2, 4, 4, 4)  # 64x3 blocks of 128x128
