@@ -61,6 +61,7 @@ def test_lowering_passes_are_in_the_documented_order() -> None:
         "mlcweb.DropSoftmaxGuard",
         "mlcweb.FuseAttention",
         "mlcweb.FuseSoftmax",
+        "mlcweb.HoistNarrowingCasts",
         "mlcweb.FuseOperators",
         "mlcweb.ApplyDatabase",
         "mlcweb.StaticMemoryPlan",
