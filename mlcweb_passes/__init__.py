@@ -25,10 +25,10 @@ from .finite_literals import FiniteFloatLiterals
 from .flash_attention import AttentionShape, FlashAttention, flash_attention_kernel, supports_flash_attention
 from .float16_norm_inputs import Float16NormInputs
 from .float16_residuals import Float16Residuals
-from .hoist_narrowing_casts import HoistNarrowingCasts
 from .fuse_attention import ATTENTION_COMPOSITE, FuseAttention, attention_patterns
 from .fuse_ops import FuseOperators, count_kernels
 from .fuse_softmax import SOFTMAX_COMPOSITE, FuseSoftmax, softmax_patterns
+from .hoist_narrowing_casts import HoistNarrowingCasts
 from .int32_tensors import Int32Tensors, narrow_integer_tensors
 from .lift_transform_params import LiftedModules, apply_transform_params, compile_transform, split_transform_params
 from .linear_weight_layout import LinearWeightLayout
@@ -56,12 +56,12 @@ __all__ = [
     "FlashAttention",
     "Float16NormInputs",
     "Float16Residuals",
-    "HoistNarrowingCasts",
     "FunctionMemory",
     "FunctionNameClashError",
     "FuseAttention",
     "FuseOperators",
     "FuseSoftmax",
+    "HoistNarrowingCasts",
     "Int32Tensors",
     "LiftedModules",
     "LinearWeightLayout",
