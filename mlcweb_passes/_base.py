@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import tvm
@@ -61,6 +62,28 @@ class Bindings:
             expr = value.args[0]
             value = self.value(expr)
         return expr, value
+
+
+def use_counts(func: relax.Function) -> Counter[relax.Var]:
+    """How many bindings of ``func`` (and its result) use each variable."""
+    counts: Counter[relax.Var] = Counter()
+    body = func.body
+    for block in body.blocks:
+        for binding in block.bindings:
+            counts.update(relax.analysis.free_vars(binding.value))
+    counts.update(relax.analysis.free_vars(body.body))
+    return counts
+
+
+# Ops that only move elements: a cast commutes with each of them.
+LAYOUT_OPS = (
+    "relax.reshape",
+    "relax.permute_dims",
+    "relax.broadcast_to",
+    "relax.expand_dims",
+    "relax.squeeze",
+    "relax.flatten",
+)
 
 
 def static_shape(shape: Any) -> list[int] | None:

@@ -1,37 +1,43 @@
-"""Float16 residuals: the float32 tensors that join two GEMMs' outputs, or that an upsampling reads,
-become float16 between kernels.
+"""Float16 residuals: the float32 tensors that join two GEMMs' outputs, that an upsampling reads, or
+that a reshape or transpose moves to the next kernel, become float16 between kernels.
 
 After :class:`~mlcweb_passes.MixedPrecision` with float32 accumulation, a GEMM's output stays float32
 through its bias and residual adds. :class:`~mlcweb_passes.Float16NormInputs` stores the sums that feed
-norms as float16. Two more kinds of float32 tensor cross kernels in SD's resnets and are never norm
-inputs:
+norms as float16. Three more kinds of float32 tensor cross kernels in SD's UNet and VAE and are never
+norm inputs:
 
 - the shortcut branch, ``conv_shortcut(x) + bias``: one kernel writes it, the residual add in the main
   branch's second convolution reads it. In the VAE decoder's last block it is 512x512x128, 128 MiB as
   float32;
 - a resnet's output that goes to an upsampler: ``resize2d`` reads it as float32, and casts its output to
-  float16 for the next convolution (32 and 64 MiB in the decoder).
+  float16 for the next convolution (32 and 64 MiB in the decoder);
+- a linear layer's output that a layout op (``reshape``, ``permute_dims``, ...) reads: fusion ends the
+  GEMM's kernel before an injective op, so the float32 result is written out. The feed-forward's first
+  projection writes 8192x2560 floats (80 MiB) for its GEGLU, 790 MiB per UNet step over all linears.
 
-This pass computes both in float16, as PyTorch's float16 models do: an ``add`` of two GEMM results
-(same shape) becomes ``astype(add(astype(a, float16), astype(b, float16)), float32)``, and a
-``resize2d`` of one reads it cast to float16. Fusion folds each narrowing cast into the producer's
-epilogue, so the kernel that computed the operand writes float16, and the add joins the other GEMM's
-kernel. (A widening cast in each user, as ``Float16NormInputs`` does for norms' other users, would not
-do here: fusion folds such a cast into the producer too when it is the producer's only user.) Operands
-count as GEMM results when computed from a ``conv2d``, ``matmul`` or ``call_tir`` by elementwise ops and
-not already a widening cast of a float16 tensor.
+This pass computes them in float16, as PyTorch's float16 models do: an ``add`` of two GEMM results
+(same shape) becomes ``astype(add(astype(a, float16), astype(b, float16)), float32)``, a ``resize2d``
+of one reads it cast to float16, and a layout op whose operand is a GEMM result used only there becomes
+``astype(layout(astype(v, float16)), float32)``. Fusion folds each narrowing cast into the producer's
+epilogue, so the kernel that computed the operand writes float16; the add joins the other GEMM's
+kernel, and the widening cast after a layout op joins the consumer's kernel. (A widening cast in each
+user, as ``Float16NormInputs`` does for norms' other users, would not do here: fusion folds such a cast
+into the producer too when it is the producer's only user.) Operands count as GEMM results when
+computed from a ``conv2d``, ``matmul`` or ``call_tir`` by elementwise ops and not already a widening
+cast of a float16 tensor.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._base import Bindings, ModulePassBase, op_name, rewrite_and_clean
+from ._base import LAYOUT_OPS, Bindings, ModulePassBase, op_name, rewrite_and_clean, use_counts
 
 __all__ = ["Float16Residuals"]
 
@@ -75,10 +81,11 @@ class _Rewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
         self.bindings: Bindings | None = None
+        self.uses: Counter[relax.Var] = Counter()
         self.rewritten = 0
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
-        self.bindings = Bindings(func)
+        self.bindings, self.uses = Bindings(func), use_counts(func)
         return super().visit_function_(func)
 
     def _float16(self, expr: Any) -> relax.Expr:
@@ -97,16 +104,22 @@ class _Rewriter(PyExprMutator):
             rest = [self.visit_expr(a) for a in call.args[1:]]
             resized = self.builder_.emit(relax.Call(call.op, [self._float16(call.args[0]), *rest], call.attrs))
             return relax.op.astype(resized, str(call.ty.dtype))
+        source = call.args[0] if call.args else None
+        if name in LAYOUT_OPS and self.uses[source] == 1 and _gemm_result(source, self.bindings):
+            self.rewritten += 1
+            rest = [self.visit_expr(a) for a in call.args[1:]]
+            moved = self.builder_.emit(relax.Call(call.op, [self._float16(source), *rest], call.attrs))
+            return relax.op.astype(moved, "float32")
         return super().visit_call_(call)
 
 
 @tvm.transform.module_pass(opt_level=0, name="mlcweb.Float16Residuals")
 class Float16Residuals(ModulePassBase):
-    """Compute the adds of two GEMM results, and the upsamplings of one, in float16."""
+    """Compute the adds of two GEMM results, and the upsamplings and layout ops of one, in float16."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _Rewriter(mod)
         result = rewrite_and_clean(mod, rewriter)
         if rewriter.rewritten:
-            log.info("%d residual adds and upsamplings computed in float16", rewriter.rewritten)
+            log.info("%d residual adds, upsamplings and layout ops computed in float16", rewriter.rewritten)
         return result

@@ -37,20 +37,11 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._base import Bindings, ModulePassBase, op_name, rewrite_and_clean, static_shape
+from ._base import LAYOUT_OPS, Bindings, ModulePassBase, op_name, rewrite_and_clean, static_shape, use_counts
 
 __all__ = ["HoistNarrowingCasts"]
 
 log = logging.getLogger(__name__)
-
-LAYOUT_OPS = (
-    "relax.reshape",
-    "relax.permute_dims",
-    "relax.broadcast_to",
-    "relax.expand_dims",
-    "relax.squeeze",
-    "relax.flatten",
-)
 
 
 def _float_bits(dtype: str) -> int:
@@ -63,17 +54,6 @@ def _narrows(src: str, dst: str) -> bool:
     return 0 < _float_bits(dst) < _float_bits(src)
 
 
-def _uses(func: relax.Function) -> Counter[relax.Var]:
-    """How many bindings (and the function's result) use each variable."""
-    counts: Counter[relax.Var] = Counter()
-    body = func.body
-    for block in body.blocks:
-        for binding in block.bindings:
-            counts.update(relax.analysis.free_vars(binding.value))
-    counts.update(relax.analysis.free_vars(body.body))
-    return counts
-
-
 @mutator
 class _Rewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
@@ -83,7 +63,7 @@ class _Rewriter(PyExprMutator):
         self.rewritten = 0
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
-        self.bindings, self.uses = Bindings(func), _uses(func)
+        self.bindings, self.uses = Bindings(func), use_counts(func)
         return super().visit_function_(func)
 
     def _round_trip(self, expr: Any, dtype: str) -> Any:

@@ -88,3 +88,39 @@ def test_adds_of_inputs_and_of_float16_tensors_are_left_alone() -> None:
             return y
 
     assert tvm_ffi.structural_equal(mp.Float16Residuals()(Plain), Plain)
+
+
+@I.ir_module
+class FeedForwardGEGLU:
+    """A transformer's feed-forward entry after mixed precision: the projection's float32 output (bias
+    added) reshaped to tokens and split into the GEGLU's halves."""
+
+    @R.function
+    def main(
+        x: R.Tensor((32, 8), "float16"), w: R.Tensor((8, 16), "float16"), b: R.Tensor((16,), "float32")
+    ) -> R.Tensor((2, 16, 8), "float16"):
+        with R.dataflow():
+            h = R.add(R.astype(R.astype(R.matmul(x, w, out_dtype="float32"), "float16"), "float32"), b)
+            tokens = R.reshape(h, R.shape([2, 16, 16]))
+            halves = R.split(tokens, 2, axis=-1)
+            y = R.astype(R.multiply(halves[0], R.nn.gelu(halves[1])), "float16")
+            R.output(y)
+        return y
+
+
+def test_linear_output_read_through_a_reshape_crosses_as_float16() -> None:
+    assert _crossing_dtypes(FeedForwardGEGLU) == ["float32"]  # the projection's kernel writes float32
+    after = mp.Float16Residuals()(FeedForwardGEGLU)
+    assert _crossing_dtypes(after) == ["float16"]
+    rng = np.random.default_rng(1)
+    args = [
+        rng.standard_normal((32, 8)).astype(np.float16),
+        (rng.standard_normal((8, 16)) * 0.3).astype(np.float16),
+        rng.standard_normal(16).astype(np.float32),
+    ]
+    expected = as_numpy(build(FeedForwardGEGLU)["main"](*to_tvm(*args)))[0].astype(np.float32)
+    got = as_numpy(build(after)["main"](*to_tvm(*args)))[0].astype(np.float32)
+    # the projection is rounded to float16 once more (as PyTorch float16 stores it): about one step
+    step = float(np.abs(expected).max()) * 2.0**-10
+    assert not np.array_equal(got, expected)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=4 * step)
