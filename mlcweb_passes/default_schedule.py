@@ -6,7 +6,9 @@ that is not already scheduled (``tirx.is_scheduled``) with
 
 - GPU targets: :class:`~mlcweb_passes.row_reduction.RowReduction` (ours: group norm and other
   reductions with few long rows) and :class:`~mlcweb_passes.tensor_core_matmul.TensorCoreMatmul` (ours:
-  float16 matmuls with a short axis, as in attention, on tensor cores), then the ``tvm.s_tir.dlight``
+  float16 matmuls with a short axis, as in attention, on tensor cores) and
+  :class:`~mlcweb_passes.skinny_matmul.SkinnyMatmul` (ours: GEMMs of at most 8 rows, a warp per output
+  column, on CUDA), then the ``tvm.s_tir.dlight``
   default GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Fallback), as
   ``relax.get_default_pipeline`` would;
 - ``llvm``: :class:`CPUParallel`, a rule of ours that inlines elementwise producers, runs the
@@ -25,6 +27,7 @@ from tvm.target import Target
 
 from ._base import GPU_KINDS, ModulePassBase, inlined_blocks, uses_var
 from .row_reduction import RowReduction
+from .skinny_matmul import SkinnyMatmul
 from .tensor_core_matmul import TensorCoreMatmul
 
 __all__ = ["CPUParallel", "DefaultSchedule", "default_rules", "is_gpu_target", "is_scheduled"]
@@ -88,6 +91,7 @@ def default_rules(target: Target) -> list[dl.ScheduleRule]:
         return [
             RowReduction(),
             TensorCoreMatmul(),
+            SkinnyMatmul(),
             dl.gpu.Matmul(),
             dl.gpu.GEMV(),
             dl.gpu.Reduction(),
