@@ -37,6 +37,7 @@ from .mixed_precision import MixedPrecision
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
 from .pipeline import PipelineOptions, lowering_passes, pipeline
 from .row_reduction import RowReduction
+from .skinny_matmul import SkinnyMatmul
 from .split_k_conv import SplitKConv, choose_splits
 from .tensor_core_matmul import ASYNC_COPY_CONFIG, TensorCoreMatmul, TensorCoreTile, async_copy_config, choose_tile
 
@@ -71,6 +72,7 @@ __all__ = [
     "RemoveUnusedFunctions",
     "RowReduction",
     "ScheduleReport",
+    "SkinnyMatmul",
     "SplitKConv",
     "StaticMemoryPlan",
     "TensorCoreMatmul",

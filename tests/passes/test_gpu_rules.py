@@ -151,6 +151,40 @@ def test_mma_tile_uses_ldmatrix_and_a_deeper_pipeline() -> None:
     assert tile.shared_bytes() == 3 * 2 * (64 + 64) * (32 + 8)  # three stages of both input tiles
 
 
+@I.ir_module
+class TimeEmbeddingLinear:
+    """A resnet's time-embedding projection after LinearWeightLayout: two rows, the weight [out, in]."""
+
+    @R.function
+    def main(
+        t: R.Tensor((2, 1280), "float16"), w: R.Tensor((640, 1280), "float16"), b: R.Tensor((640,), "float32")
+    ) -> R.Tensor((2, 640), "float16"):
+        with R.dataflow():
+            h = R.add(R.astype(R.matmul(t, R.permute_dims(w), out_dtype="float32"), "float32"), b)
+            out = R.astype(R.multiply(h, R.sigmoid(h)), "float16")
+            R.output(out)
+        return out
+
+
+def test_few_row_gemm_gets_a_warp_per_column() -> None:
+    func = _kernel(mp.LinearWeightLayout()(TimeEmbeddingLinear), CUDA).with_attr("global_symbol", "linear")
+    sch = mp.SkinnyMatmul().apply(func, CUDA, False)
+    assert sch is not None
+    assert _launches(sch.mod["main"]) == [640 // 4]  # four warps, one output column each, per block
+    source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
+    assert "__shfl_down_sync" in source  # the lanes' partial sums meet in a warp reduction
+    assert "*(uint4*)" in source  # 16-byte loads of the weight rows
+    assert mp.default_rules(CUDA)[2].__class__ is mp.SkinnyMatmul  # before dlight's Matmul
+
+
+def test_skinny_matmul_leaves_tall_gemms_and_other_targets() -> None:
+    assert mp.SkinnyMatmul().apply(_kernel(ConvNHWC, CUDA), CUDA, False) is None  # 2048 rows
+    webgpu = tvm.target.Target("webgpu")
+    linear = _kernel(mp.LinearWeightLayout()(TimeEmbeddingLinear), CUDA)
+    assert mp.SkinnyMatmul().apply(linear, CUDA, False) is not None
+    assert mp.SkinnyMatmul().apply(linear, webgpu, False) is None
+
+
 def test_tile_choice_follows_the_shape_and_the_hardware() -> None:
     big = mp.tensor_core_matmul.GemmShape(batch=1, m=8192, n=320, k=2880)
     assert mp.choose_tile(big) == mp.TensorCoreTile(2, 2, 4, 4, 4)  # 64x3 blocks of 128x128
