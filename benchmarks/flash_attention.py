@@ -24,18 +24,17 @@ calls.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+import kernel_bench  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
@@ -78,22 +77,6 @@ def unfused_module(shape: AttentionShape, scale: float) -> tvm.IRModule:
     return bb.get()
 
 
-def time_ms(fn: Callable[[], Any], number: int, repeat: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(number):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / number)
-    return statistics.median(times)
-
-
 def run_shape(name: str, shape: AttentionShape, target: tvm.target.Target, args: argparse.Namespace) -> dict[str, Any]:
     scale = 1 / math.sqrt(shape.head_dim)
     gen = torch.Generator().manual_seed(0)
@@ -118,13 +101,13 @@ def run_shape(name: str, shape: AttentionShape, target: tvm.target.Target, args:
         vm = relax.VirtualMachine(exe, dev)
         got = vm["main"](q_t, k_t, v_t)
         row["max_abs_err"][key] = float(np.abs(got.numpy().astype(np.float32) - ref_np).max())
-        row["ms"][key] = time_ms(lambda vm=vm: vm["main"](q_t, k_t, v_t), args.number, args.repeat)
+        row["ms"][key] = kernel_bench.time_ms(lambda vm=vm: vm["main"](q_t, k_t, v_t), args.number, args.repeat)
 
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
     math_path = lambda: torch.softmax((qt @ kt.transpose(-1, -2)) * scale, -1) @ vt  # noqa: E731
     for key, fn in (("torch_sdpa", sdpa), ("torch_math", math_path)):
         row["max_abs_err"][key] = float((fn().float() - ref).abs().max())
-        row["ms"][key] = time_ms(fn, args.number, args.repeat)
+        row["ms"][key] = kernel_bench.time_ms(fn, args.number, args.repeat)
     row["ok"] = row["max_abs_err"]["flash"] <= args.atol
     return row
 
@@ -154,31 +137,19 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, required=True, help="folder for flash_attention.json / .md")
-    p.add_argument("--arch", default="sm_90")
-    p.add_argument("--number", type=int, default=10, help="calls per timing")
-    p.add_argument("--repeat", type=int, default=10, help="timings per median")
-    p.add_argument("--atol", type=float, default=2e-2, help="max abs error allowed against float32")
+    p = kernel_bench.parser(__doc__, "flash_attention", number=10)
     p.add_argument("--only", help="run the shapes whose name contains this")
     args = p.parse_args()
     target = tvm.target.Target({"kind": "cuda", "arch": args.arch})
-    record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "arch": args.arch, "rows": []}
-    args.results.mkdir(parents=True, exist_ok=True)
+    cases = []
     for name, *dims in SHAPES:
         if args.only and args.only not in name:
             continue
         b, nq, nk, h, d = dims
         shape = AttentionShape(b, nq, nk, h, d)
-        try:
-            row = run_shape(name, shape, target, args)
-        except Exception as exc:
-            row = {"name": name, "shape": [b, nq, h, d], "kv_len": nk, "error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(row), flush=True)
-        record["rows"].append(row)
-        (args.results / "flash_attention.json").write_text(json.dumps(record, indent=1))
-        (args.results / "flash_attention.md").write_text(markdown(record))
-    return 0 if all(r.get("ok") for r in record["rows"]) else 1
+        fields = {"name": name, "shape": [b, nq, h, d], "kv_len": nk}
+        cases.append((fields, functools.partial(run_shape, name, shape, target, args)))
+    return kernel_bench.record_cases(args, "flash_attention", cases, markdown)
 
 
 if __name__ == "__main__":

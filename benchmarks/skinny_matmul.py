@@ -11,7 +11,7 @@ Writes ``skinny_matmul.json`` and ``skinny_matmul.md`` into ``--results``.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+import kernel_bench  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
-from flash_attention import time_ms  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.s_tir import dlight as dl  # noqa: E402
 
@@ -71,11 +71,11 @@ def run_shape(spec: tuple[Any, ...], target: tvm.target.Target, args: argparse.N
         kernel = tvm.compile(sch.mod, target)["main"]
         kernel(*tensors)
         row["max_abs_err"][key] = float(np.abs(out.float().cpu().numpy() - ref).max())
-        row["ms"][key] = time_ms(_launcher(kernel, tensors), args.number, args.repeat)
+        row["ms"][key] = kernel_bench.time_ms(_launcher(kernel, tensors), args.number, args.repeat)
     bias16 = b.half()
     fn = lambda: torch.nn.functional.linear(t, w, bias16)  # noqa: E731
     row["max_abs_err"]["torch"] = float(np.abs(fn().float().cpu().numpy() - ref).max())
-    row["ms"]["torch"] = time_ms(fn, args.number, args.repeat)
+    row["ms"]["torch"] = kernel_bench.time_ms(fn, args.number, args.repeat)
     row["ok"] = all(err <= args.atol for err in row["max_abs_err"].values())
     return row
 
@@ -111,26 +111,11 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, required=True, help="folder for skinny_matmul.json / .md")
-    p.add_argument("--arch", default="sm_90")
-    p.add_argument("--number", type=int, default=50, help="calls per timing")
-    p.add_argument("--repeat", type=int, default=10, help="timings per median")
-    p.add_argument("--atol", type=float, default=2e-2, help="max abs error allowed against float32")
+    p = kernel_bench.parser(__doc__, "skinny_matmul", number=50)
     args = p.parse_args()
     target = tvm.target.Target({"kind": "cuda", "arch": args.arch})
-    record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "arch": args.arch, "rows": []}
-    args.results.mkdir(parents=True, exist_ok=True)
-    for spec in SHAPES:
-        try:
-            row = run_shape(spec, target, args)
-        except Exception as exc:
-            row = {"name": spec[0], "error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(row), flush=True)
-        record["rows"].append(row)
-        (args.results / "skinny_matmul.json").write_text(json.dumps(record, indent=1))
-        (args.results / "skinny_matmul.md").write_text(markdown(record))
-    return 0 if all(r.get("ok") for r in record["rows"]) else 1
+    cases = [({"name": spec[0]}, functools.partial(run_shape, spec, target, args)) for spec in SHAPES]
+    return kernel_bench.record_cases(args, "skinny_matmul", cases, markdown)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ Every output is checked against a float32 PyTorch convolution of the same float1
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import sys
 import time
 from pathlib import Path
@@ -29,10 +29,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+import kernel_bench  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
-from flash_attention import time_ms  # noqa: E402
 from tvm import relax  # noqa: E402
 
 import mlcweb_passes as mp  # noqa: E402
@@ -98,12 +98,12 @@ def run_shape(spec: tuple[Any, ...], target: tvm.target.Target, args: argparse.N
         vm = relax.VirtualMachine(exe, tvm.cuda())
         got = vm["main"](*args_tvm).numpy().astype(np.float32)
         row["max_abs_err"][key] = float(np.abs(got - ref_np).max())
-        row["ms"][key] = time_ms(lambda vm=vm: vm["main"](*args_tvm), args.number, args.repeat)
+        row["ms"][key] = kernel_bench.time_ms(lambda vm=vm: vm["main"](*args_tvm), args.number, args.repeat)
     x_cl = x_nchw.contiguous(memory_format=torch.channels_last)
     w_cl = w_oihw.contiguous(memory_format=torch.channels_last)
     fn = lambda: torch.nn.functional.conv2d(x_cl, w_cl, b, stride, k // 2)  # noqa: E731
     row["max_abs_err"]["torch"] = float((fn().float() - ref).abs().max())
-    row["ms"]["torch"] = time_ms(fn, args.number, args.repeat)
+    row["ms"]["torch"] = kernel_bench.time_ms(fn, args.number, args.repeat)
     row["ok"] = all(err <= args.atol for key, err in row["max_abs_err"].items() if key != "torch")
     return row
 
@@ -137,27 +137,12 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, required=True, help="folder for split_k.json / .md")
-    p.add_argument("--arch", default="sm_90")
+    p = kernel_bench.parser(__doc__, "split_k", number=20)
     p.add_argument("--sms", type=int, default=132, help="multiprocessors, for choose_splits")
-    p.add_argument("--number", type=int, default=20, help="calls per timing")
-    p.add_argument("--repeat", type=int, default=10, help="timings per median")
-    p.add_argument("--atol", type=float, default=2e-2, help="max abs error allowed against float32")
     args = p.parse_args()
     target = tvm.target.Target({"kind": "cuda", "arch": args.arch})
-    record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "arch": args.arch, "rows": []}
-    args.results.mkdir(parents=True, exist_ok=True)
-    for spec in SHAPES:
-        try:
-            row = run_shape(spec, target, args)
-        except Exception as exc:
-            row = {"name": spec[0], "error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(row), flush=True)
-        record["rows"].append(row)
-        (args.results / "split_k.json").write_text(json.dumps(record, indent=1))
-        (args.results / "split_k.md").write_text(markdown(record))
-    return 0 if all(r.get("ok") for r in record["rows"]) else 1
+    cases = [({"name": spec[0]}, functools.partial(run_shape, spec, target, args)) for spec in SHAPES]
+    return kernel_bench.record_cases(args, "split_k", cases, markdown)
 
 
 if __name__ == "__main__":
