@@ -31,8 +31,9 @@ __all__ = ["SkinnyMatmul"]
 
 
 class SkinnyMatmul(dl.ScheduleRule):
-    """Warp-per-column schedule for CUDA GEMMs of at most ``max_rows`` rows whose inputs are stored with
-    the reduction axis innermost (see the module docstring)."""
+    """Warp-per-column schedule for float16 CUDA GEMMs of at most ``max_rows`` rows whose inputs are
+    stored with the reduction axis innermost and whose reduction is a multiple of 32 x ``vector`` (see
+    the module docstring)."""
 
     def __init__(self, max_rows: int = 8, warps: int = 4, vector: int = 8) -> None:
         self.max_rows = max_rows
@@ -102,6 +103,8 @@ def _gemm_block(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
         return None
     block = sch.get(blocks[0])
     if len(block.iter_vars) != 3 or len(block.reads) < 2:
+        return None
+    if any(str(r.source.dtype) != "float16" for r in block.reads[:2]):  # 16-byte loads of 8 elements
         return None
     i, j, k = (iv.var for iv in block.iter_vars)
     if [int(iv.iter_type) for iv in block.iter_vars] != [0, 0, 2]:  # spatial, spatial, reduce

@@ -183,6 +183,18 @@ def test_skinny_matmul_leaves_tall_gemms_and_other_targets() -> None:
     linear = _kernel(mp.LinearWeightLayout()(TimeEmbeddingLinear), CUDA)
     assert mp.SkinnyMatmul().apply(linear, CUDA, False) is not None
     assert mp.SkinnyMatmul().apply(linear, webgpu, False) is None
+    float32 = _kernel(mp.LinearWeightLayout()(TimeEmbeddingLinearF32), CUDA)
+    assert mp.SkinnyMatmul().apply(float32, CUDA, False) is None  # its loads are sized for float16
+
+
+@I.ir_module
+class TimeEmbeddingLinearF32:
+    @R.function
+    def main(t: R.Tensor((2, 1280), "float32"), w: R.Tensor((640, 1280), "float32")) -> R.Tensor((2, 640), "float32"):
+        with R.dataflow():
+            out = R.matmul(t, R.permute_dims(w))
+            R.output(out)
+        return out
 
 
 def test_tile_choice_follows_the_shape_and_the_hardware() -> None:
