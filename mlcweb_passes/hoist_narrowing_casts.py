@@ -10,7 +10,7 @@ Mixed precision leaves chains like these between kernels (SD1.5's UNet, per tran
   reshape-and-cast kernel narrows. Fusion cannot put the cast into the convolution's epilogue, because
   a reshape (injective, not elementwise) stands between them;
 - ``broadcast_to(x, x.shape)`` and ``reshape(reshape(x))``: pure copies once fused into a kernel (the
-  attention heads' split and merge: 60 copy kernels per step), where a single reshape would have
+  attention heads' split and merge: 128 copy kernels per step), where a single reshape would have
   become a view (``RewriteDataflowReshape``).
 
 A cast commutes with any op that only moves elements (``reshape``, ``permute_dims``, ``broadcast_to``,
