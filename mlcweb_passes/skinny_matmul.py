@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
 from tvm.target import Target
 
 from .tensor_core_matmul import WARP, gemm_shape
@@ -49,13 +50,7 @@ class SkinnyMatmul(dl.ScheduleRule):
             return None
         shape = gemm_shape(sch.get(main))
         step = WARP * self.vector
-        if (
-            shape is None
-            or shape.batch != 1
-            or shape.m > self.max_rows
-            or shape.n % self.warps != 0
-            or shape.k % step != 0
-        ):
+        if shape is None or shape.m > self.max_rows or shape.n % self.warps != 0 or shape.k % step != 0:
             return None
         try:
             return self._schedule(sch, main)
@@ -94,8 +89,6 @@ class SkinnyMatmul(dl.ScheduleRule):
 def _gemm_block(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
     """The function's one reduction block when it is ``C[i, j] += A[i, k] * B[j, k]`` with its loops
     in that order and both inputs indexed by ``k`` innermost, else None."""
-    from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
-
     blocks = get_reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
     if not blocks or len(blocks) != 1:
         return None
@@ -107,7 +100,8 @@ def _gemm_block(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
     if any(str(r.source.dtype) != "float16" for r in block.reads[:2]):  # 16-byte loads of 8 elements
         return None
     i, j, k = (iv.var for iv in block.iter_vars)
-    if [int(iv.iter_type) for iv in block.iter_vars] != [0, 0, 2]:  # spatial, spatial, reduce
+    spatial, reduce = tirx.IterVar.DataPar, tirx.IterVar.CommReduce
+    if [iv.iter_type for iv in block.iter_vars] != [spatial, spatial, reduce]:
         return None
     a, b = (r.region for r in block.reads[:2])
     if [len(a), len(b)] != [2, 2] or not (a[0].min.same_as(i) and a[1].min.same_as(k)):

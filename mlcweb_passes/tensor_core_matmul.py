@@ -113,15 +113,15 @@ class TensorCoreTile:
 
     def lowers(self) -> bool:
         """Whether TIR lowering accepts the tile: when the float32 output tile fits in the space of one
-        double-buffered input tile, StorageRewrite puts it there, and the WMMA store then addresses a
+        input tile's ``stages`` buffers, StorageRewrite puts it there, and the WMMA store then addresses a
         float16 buffer, which codegen refuses. Tiles whose output tile is larger are safe."""
         return all(
             self._output_bytes() > self.stages * 2 * rows * (self.block_k + 8) for rows in (self.block_m, self.block_n)
         )
 
     def shared_bytes(self) -> int:
-        """Dynamic shared memory: the larger of the double-buffered float16 input tiles (rows padded by 8)
-        and the float32 output tile (rows padded by 4); lowering reuses one for the other."""
+        """Dynamic shared memory: the larger of the float16 input tiles, ``stages`` buffers each (rows
+        padded by 8), and the float32 output tile (rows padded by 4); lowering reuses one for the other."""
         inputs = self.stages * 2 * (self.block_m + self.block_n) * (self.block_k + 8)
         return max(inputs, self._output_bytes())
 
