@@ -108,8 +108,9 @@ class _Rewriter(PyExprMutator):
         if not chain and original is None:
             return super().visit_call_(call)
         self.rewritten += 1
-        result = self.visit_expr(original) if original is not None else None
-        if result is None:
+        if original is not None:
+            result = self.visit_expr(original)
+        else:
             result = self.builder_.emit(relax.op.astype(self.visit_expr(base), dtype))
         for i, layout in enumerate(reversed(chain)):
             rest = [self.visit_expr(a) for a in layout.args[1:]]

@@ -56,6 +56,17 @@ def op_names(mod: tvm.IRModule, func: str = "main") -> list[str]:
     return names
 
 
+def kernel_launches(mod: tvm.IRModule, func: str = "main") -> list[relax.VarBinding]:
+    """The bindings of ``func`` that launch a kernel (``call_tir``), in order."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    return [
+        b
+        for block in mod[func].body.blocks
+        for b in block.bindings
+        if isinstance(b.value, relax.Call) and b.value.op.same_as(call_tir)
+    ]
+
+
 def function_names(mod: tvm.IRModule) -> list[str]:
     return sorted(gv.name_hint for gv in mod.get_global_vars())
 

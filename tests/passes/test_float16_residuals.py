@@ -1,7 +1,7 @@
 import numpy as np
 import tvm
 import tvm_ffi
-from testutil import as_numpy, build, to_tvm
+from testutil import as_numpy, build, kernel_launches, to_tvm
 from tvm.script import ir as I
 from tvm.script import relax as R
 
@@ -37,14 +37,8 @@ class ResnetWithShortcut:
 def _crossing_dtypes(mod: tvm.IRModule) -> list[str]:
     """Dtypes of the tensors one fused kernel writes and another reads (not the function's output)."""
     fused = mp.FuseOperators()(mod)
-    main = fused["main"]
-    out = main.body.body
-    return [
-        str(b.var.ty.dtype)
-        for block in main.body.blocks
-        for b in block.bindings
-        if "call_tir" in str(getattr(b.value, "op", "")) and not b.var.same_as(out)
-    ]
+    out = fused["main"].body.body
+    return [str(b.var.ty.dtype) for b in kernel_launches(fused) if not b.var.same_as(out)]
 
 
 def test_shortcut_and_upsampler_input_cross_kernels_as_float16() -> None:

@@ -3,7 +3,7 @@ import re
 import numpy as np
 import tvm
 import tvm_ffi
-from testutil import as_numpy, build, to_tvm
+from testutil import as_numpy, build, kernel_launches, to_tvm
 from tvm.script import ir as I
 from tvm.script import relax as R
 
@@ -91,16 +91,8 @@ def _kernels(mod: tvm.IRModule) -> list[tuple[str, str]]:
     ``RewriteDataflowReshape``."""
     fused = tvm.relax.transform.RewriteDataflowReshape()(mp.FuseOperators()(mod))
     return [
-        (re.sub(r"\d+(?=_|$)", "", str(b.value.args[0].name_hint)), str(b.var.ty.dtype))
-        for block in fused["main"].body.blocks
-        for b in block.bindings
-        if op_names_of(b.value) == "relax.call_tir"
+        (re.sub(r"\d+(?=_|$)", "", str(b.value.args[0].name_hint)), str(b.var.ty.dtype)) for b in kernel_launches(fused)
     ]
-
-
-def op_names_of(expr: object) -> str:
-    op = getattr(expr, "op", None)
-    return str(getattr(op, "name", ""))
 
 
 def test_values_are_unchanged_bit_for_bit() -> None:
