@@ -30,6 +30,7 @@ from .fuse_ops import FuseOperators, count_kernels
 from .fuse_softmax import SOFTMAX_COMPOSITE, FuseSoftmax, softmax_patterns
 from .hoist_narrowing_casts import HoistNarrowingCasts
 from .int32_tensors import Int32Tensors, narrow_integer_tensors
+from .lift_kernel_scratch import LiftKernelScratch
 from .lift_transform_params import LiftedModules, apply_transform_params, compile_transform, split_transform_params
 from .linear_weight_layout import LinearWeightLayout
 from .memory_plan import FunctionMemory, StaticMemoryPlan, memory_report
@@ -64,6 +65,7 @@ __all__ = [
     "FuseSoftmax",
     "HoistNarrowingCasts",
     "Int32Tensors",
+    "LiftKernelScratch",
     "LiftedModules",
     "LinearWeightLayout",
     "MixedPrecision",

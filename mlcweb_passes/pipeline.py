@@ -24,6 +24,8 @@ Order (each step is a module of this package):
    ``EliminateCommonSubexpr``: repeated computations (casts of one input) are computed once.
 5. ``FuseOperators``: legalize to TIR, fuse elementwise chains, merge composites into one PrimFunc.
 6. ``ApplyDatabase``: tuned schedules from ``database`` where recorded, default schedules elsewhere.
+   ``LiftKernelScratch``: the global buffers a schedule passes between the kernels of one PrimFunc
+   become extra ``call_tir`` outputs, so CUDA graphs capture planned memory, not the workspace pool's.
 7. ``StaticMemoryPlan``: explicit allocations, planned statically (``memory_report`` reads it).
 8. TVM's VM finalisation (``RewriteCUDAGraph`` where enabled, ``LowerAllocTensor``, ``KillAfterLastUse``,
    ``LowerRuntimeBuiltin``, ``ComputePrimValue``, ``VMShapeLower``, ``AttachGlobalSymbol``).
@@ -52,6 +54,7 @@ from .fuse_ops import FuseOperators
 from .fuse_softmax import FuseSoftmax
 from .hoist_narrowing_casts import HoistNarrowingCasts
 from .int32_tensors import Int32Tensors
+from .lift_kernel_scratch import LiftKernelScratch
 from .memory_plan import StaticMemoryPlan
 from .mixed_precision import MixedPrecision
 from .split_k_conv import SplitKConv
@@ -109,6 +112,9 @@ def lowering_passes(
     passes.append(FuseOperators())
     passes.extend(opts.extra_passes)
     passes.append(ApplyDatabase(target, database))
+    # Kernels' global scratch as planned tensors: CUDA graphs capture addresses, which the runtime's
+    # workspace pool may free and reallocate between calls.
+    passes.append(LiftKernelScratch())
     passes.append(StaticMemoryPlan())
     passes.extend(
         [

@@ -64,6 +64,7 @@ def test_lowering_passes_are_in_the_documented_order() -> None:
         "mlcweb.HoistNarrowingCasts",
         "mlcweb.FuseOperators",
         "mlcweb.ApplyDatabase",
+        "mlcweb.LiftKernelScratch",
         "mlcweb.StaticMemoryPlan",
     ]
     assert [n for n in names if n in order] == order
