@@ -17,6 +17,7 @@ from .apply_database import (
     preload_tensor_intrinsics,
     schedule_report,
 )
+from .channels_last_norm import ChannelsLastNorm
 from .conv_layout import ConvLayout
 from .default_schedule import CPUParallel, DefaultSchedule, default_rules, is_gpu_target, is_scheduled
 from .detach_params import ParamNameError, detach_params, param_names, unique_param_names
@@ -51,6 +52,7 @@ __all__ = [
     "ApplyDatabase",
     "AttentionShape",
     "CPUParallel",
+    "ChannelsLastNorm",
     "ConvLayout",
     "DefaultSchedule",
     "DropSoftmaxGuard",

@@ -4,7 +4,9 @@ Legalized TIR is a plain loop nest: on a GPU it does not even build (nothing is 
 and on the CPU it runs on one core with the reduction innermost. This pass schedules each PrimFunc
 that is not already scheduled (``tirx.is_scheduled``) with
 
-- GPU targets: :class:`~mlcweb_passes.row_reduction.RowReduction` (ours: group norm and other
+- GPU targets: :class:`~mlcweb_passes.channels_last_norm.ChannelsLastNorm` (ours: group norm over
+  large channels-last activations, on CUDA, its pixels split across thread blocks),
+  :class:`~mlcweb_passes.row_reduction.RowReduction` (ours: group norm and other
   reductions with few long rows) and :class:`~mlcweb_passes.tensor_core_matmul.TensorCoreMatmul` (ours:
   float16 matmuls with a short axis, as in attention, on tensor cores) and
   :class:`~mlcweb_passes.skinny_matmul.SkinnyMatmul` (ours: GEMMs of at most 8 rows, a warp per output
@@ -26,6 +28,7 @@ from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from ._base import GPU_KINDS, ModulePassBase, inlined_blocks, uses_var
+from .channels_last_norm import ChannelsLastNorm
 from .row_reduction import RowReduction
 from .skinny_matmul import SkinnyMatmul
 from .tensor_core_matmul import TensorCoreMatmul
@@ -89,6 +92,7 @@ def default_rules(target: Target) -> list[dl.ScheduleRule]:
     """The rules :class:`DefaultSchedule` applies for ``target``, in priority order."""
     if is_gpu_target(target):
         return [
+            ChannelsLastNorm(),
             RowReduction(),
             TensorCoreMatmul(),
             SkinnyMatmul(),

@@ -68,6 +68,49 @@ def test_group_norm_gets_a_block_per_row_then_a_thread_per_element(kind: str) ->
     assert _launches(dlight.mod["main"]) == [2]
 
 
+@I.ir_module
+class GroupNormNHWC:
+    """A resnet's norm and SiLU at the UNet's 64x64 level as ConvLayout leaves it: channels last, groups of
+    10 contiguous channels."""
+
+    @R.function
+    def main(
+        x: R.Tensor((2, 64, 64, 320), "float16"), g: R.Tensor((320,), "float16"), b: R.Tensor((320,), "float16")
+    ) -> R.Tensor((2, 64, 64, 320), "float16"):
+        with R.dataflow():
+            y = R.astype(R.nn.group_norm(x, g, b, num_groups=32, channel_axis=3, axes=[1, 2]), "float32")
+            out = R.astype(R.multiply(y, R.sigmoid(y)), "float16")
+            R.output(out)
+        return out
+
+
+def test_channels_last_group_norm_splits_the_pixels_across_thread_blocks() -> None:
+    func = _kernel(GroupNormNHWC, CUDA).with_attr("global_symbol", "norm")
+    sch = mp.ChannelsLastNorm().apply(func, CUDA, False)
+    assert sch is not None
+    # partial sums: 2 images x 128 chunks of 32 pixels; totals: a block per (image, group); normalise: a
+    # block per pixel, its threads 2 channels each
+    assert _launches(sch.mod["main"]) == [2 * 128, 2 * 32, 2 * 64 * 64]
+    source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
+    kernels = source.split("__global__")[4:]  # after the three declarations
+    assert len(kernels) == 3
+    assert "*(half2*)(x_ptr" in kernels[0] and "__launch_bounds__(160)" in kernels[0]  # 320 channels / 2
+    assert "__shfl_down_sync" in kernels[1]  # the totals meet across threads
+    assert "*(half2*)(compute_intermediate" in kernels[2] or "half2" in kernels[2]
+    # RowReduction's schedule of the same function: a block per (image, group)
+    assert sorted(_launches(mp.RowReduction().apply(func, CUDA, False).mod["main"])) == [64, 2 * 64 * 64 * 320 // 256]
+
+
+def test_channels_last_norm_leaves_other_layouts_sizes_and_targets_to_row_reduction() -> None:
+    assert mp.ChannelsLastNorm().apply(_kernel(GroupNormSiLU, CUDA), CUDA, False) is None  # NCHW
+    assert mp.ChannelsLastNorm(min_pixels=8192).apply(_kernel(GroupNormNHWC, CUDA), CUDA, False) is None
+    webgpu = tvm.target.Target({"kind": "webgpu"})
+    assert mp.ChannelsLastNorm().apply(_kernel(GroupNormNHWC, webgpu), webgpu, False) is None
+    order = [type(rule) for rule in mp.default_rules(CUDA)]
+    assert order.index(mp.ChannelsLastNorm) < order.index(mp.RowReduction)
+    assert mp.ChannelsLastNorm().apply(_kernel(Attention, CUDA), CUDA, False) is None
+
+
 def test_row_reduction_leaves_matmuls_and_short_rows_to_other_rules() -> None:
     assert mp.RowReduction().apply(_kernel(Attention, CUDA), CUDA, False) is None
     short = mp.RowReduction(min_row_length=4096).apply(_kernel(GroupNormSiLU, CUDA), CUDA, False)
@@ -85,7 +128,7 @@ def test_head_dim_40_matmul_goes_to_tensor_cores() -> None:
 
 
 def test_default_rules_compile_both_for_cuda() -> None:
-    for mod in (GroupNormSiLU, Attention):
+    for mod in (GroupNormSiLU, GroupNormNHWC, Attention):
         exe = tvm.compile(mod, CUDA, relax_pipeline=mp.pipeline(CUDA))
         assert exe is not None
 
@@ -174,7 +217,8 @@ def test_few_row_gemm_gets_a_warp_per_column() -> None:
     source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
     assert "__shfl_down_sync" in source  # the lanes' partial sums meet in a warp reduction
     assert "*(uint4*)" in source  # 16-byte loads of the weight rows
-    assert mp.default_rules(CUDA)[2].__class__ is mp.SkinnyMatmul  # before dlight's Matmul
+    order = [type(rule) for rule in mp.default_rules(CUDA)]
+    assert order.index(mp.SkinnyMatmul) < order.index(tvm.s_tir.dlight.gpu.Matmul)
 
 
 def test_skinny_matmul_leaves_tall_gemms_and_other_targets() -> None:
