@@ -42,9 +42,7 @@ class RowMeansLifted:
     """The same after LiftKernelScratch: the buffer is an output parameter the caller allocates."""
 
     @T.prim_func(s_tir=True)
-    def scale_by_mean(
-        x: T.Buffer((4, 8), "float32"), y: T.Buffer((4, 8), "float32"), sums: T.Buffer((4,), "float32")
-    ):
+    def scale_by_mean(x: T.Buffer((4, 8), "float32"), y: T.Buffer((4, 8), "float32"), sums: T.Buffer((4,), "float32")):
         T.func_attr({"tirx.noalias": True})
         for i, k in T.grid(4, 8):
             with T.sblock("sums"):
@@ -61,9 +59,7 @@ class RowMeansLifted:
     def main(x: R.Tensor((4, 8), "float32")) -> R.Tensor((4, 8), "float32"):
         cls = RowMeansLifted
         with R.dataflow():
-            both = R.call_tir(
-                cls.scale_by_mean, (x,), out_ty=[R.Tensor((4, 8), "float32"), R.Tensor((4,), "float32")]
-            )
+            both = R.call_tir(cls.scale_by_mean, (x,), out_ty=[R.Tensor((4, 8), "float32"), R.Tensor((4,), "float32")])
             y = both[0]
             R.output(y)
         return y
