@@ -116,6 +116,19 @@ def inlined_blocks(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[SBlockInfo
     return sch, try_inline(sch, infos)
 
 
+def one_reduction(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[SBlockInfo], SBlockInfo] | None:
+    """For a function with one reduction and only elementwise blocks besides (a norm and its epilogue):
+    :func:`inlined_blocks`' schedule, its blocks and the reduction; None for anything else."""
+    normalized = inlined_blocks(func)
+    if normalized is None:
+        return None
+    sch, infos = normalized
+    reductions = [info for info in infos if info.is_reduction()]
+    if len(reductions) != 1 or any(not (info.is_reduction() or info.is_injective()) for info in infos):
+        return None
+    return sch, infos, reductions[0]
+
+
 def uses_var(expr: tirx.PrimExpr, var: tirx.Var) -> bool:
     """True when ``var`` occurs in ``expr``."""
     return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))

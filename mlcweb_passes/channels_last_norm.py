@@ -31,7 +31,7 @@ from tvm import s_tir, sym, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from ._base import inlined_blocks
+from ._base import one_reduction
 
 __all__ = ["ChannelsLastNorm"]
 
@@ -53,14 +53,10 @@ class ChannelsLastNorm(dl.ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
             return None
-        normalized = inlined_blocks(func)
-        if normalized is None:
+        found = one_reduction(func)
+        if found is None:
             return None
-        sch, infos = normalized
-        reductions = [info for info in infos if info.is_reduction()]
-        if len(reductions) != 1 or any(not (info.is_reduction() or info.is_injective()) for info in infos):
-            return None
-        red = reductions[0]
+        sch, infos, red = found
         shape = _channels_last(sch, red)
         if shape is None:
             return None

@@ -25,7 +25,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from ._base import GPU_KINDS, inlined_blocks
+from ._base import GPU_KINDS, one_reduction
 
 __all__ = ["RowReduction"]
 
@@ -46,14 +46,10 @@ class RowReduction(dl.ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in GPU_KINDS:
             return None
-        normalized = inlined_blocks(func)
-        if normalized is None:
+        found = one_reduction(func)
+        if found is None:
             return None
-        sch, infos = normalized
-        reductions = [info for info in infos if info.is_reduction()]
-        if len(reductions) != 1 or any(not (info.is_reduction() or info.is_injective()) for info in infos):
-            return None
-        red = reductions[0]
+        sch, infos, red = found
         kinds = red.dom_kind()
         loops = sch.get_loops(red.block_rv)
         n_s = len(kinds) - len(kinds.lstrip("S"))
