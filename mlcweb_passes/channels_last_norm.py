@@ -36,6 +36,7 @@ from ._base import one_reduction
 __all__ = ["ChannelsLastNorm"]
 
 RESIDENT_THREADS = 132 * 2048  # an H100's resident threads: the partial-sum kernel aims to fill them
+MAX_BLOCK_THREADS = 1024  # CUDA's limit per thread block
 
 
 class ChannelsLastNorm(dl.ScheduleRule):
@@ -65,7 +66,7 @@ class ChannelsLastNorm(dl.ScheduleRule):
         # 4 does not), so the normalising kernel reads one group's statistics per thread.
         vector = self.vector if group_size % self.vector == 0 else 1
         tx = channels // vector
-        if pixels < self.min_pixels or tx > self.threads * 4:
+        if pixels < self.min_pixels or tx > MAX_BLOCK_THREADS:
             return None
         per_thread = self.pixels
         while per_thread * 2 <= pixels and batch * pixels * tx // per_thread > RESIDENT_THREADS:

@@ -18,7 +18,8 @@ original ones::
                                                y = t[0]
 
 ``StaticMemoryPlan`` then gives the scratch tensors fixed places, reused between kernels like any
-intermediate, and graphs capture those. Buffers in other scopes (shared, local) are not touched.
+intermediate, and graphs capture those. Buffers in other scopes (shared, local) are not touched; nor
+are buffers of symbolic shape, or PrimFuncs that something other than a plain ``call_tir`` uses.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def _lift(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, list[relax.TensorType]] |
         return None
     root = realize.block
     lifted = [buf for buf in root.alloc_buffers if buf.scope() == "global"]
-    if not lifted:
-        return None
+    if not lifted or not all(isinstance(d, tirx.IntImm) for buf in lifted for d in buf.shape):
+        return None  # none, or sized by the call's shapes: left to the workspace pool
     kept = [buf for buf in root.alloc_buffers if buf.scope() != "global"]
     block = s_tir.SBlock(
         root.iter_vars,
@@ -63,18 +64,27 @@ def _lift(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, list[relax.TensorType]] |
     return new, types
 
 
-def _called_with_tir_vars(mod: tvm.IRModule) -> set[str]:
+def _plain_callees(mod: tvm.IRModule) -> set[str]:
+    """PrimFuncs only ever called by ``call_tir`` without ``tir_vars``: the calls this pass can rewrite
+    (``call_tir``'s Python constructor takes no ``tir_vars``; other uses, such as ``call_tir_inplace``,
+    would keep the old signature)."""
     call_tir = tvm.ir.Op.get("relax.call_tir")
-    names: set[str] = set()
+    plain: set[str] = set()
+    other: set[str] = set()
 
     def visit(expr: relax.Expr) -> None:
-        if isinstance(expr, relax.Call) and expr.op.same_as(call_tir) and len(expr.args) > 2:
-            names.add(expr.args[0].name_hint)
+        if not isinstance(expr, relax.Call):
+            return
+        callee = [expr.args[0]] if expr.args and isinstance(expr.args[0], tvm.ir.GlobalVar) else []
+        if expr.op.same_as(call_tir) and len(expr.args) == 2:
+            plain.update(gv.name_hint for gv in callee)
+        else:
+            other.update(arg.name_hint for arg in expr.args if isinstance(arg, tvm.ir.GlobalVar))
 
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func.body, visit)
-    return names
+    return plain - other
 
 
 @mutator
@@ -108,10 +118,10 @@ class LiftKernelScratch(ModulePassBase):
     """Make each PrimFunc's global scratch buffers extra ``call_tir`` outputs (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        symbolic = _called_with_tir_vars(mod)  # call_tir's Python constructor cannot pass them on
+        callees = _plain_callees(mod)
         lifted: dict[tvm.ir.GlobalVar, tuple[tirx.PrimFunc, list[relax.TensorType]]] = {}
         for gv, func in mod.functions_items():
-            if isinstance(func, tirx.PrimFunc) and gv.name_hint not in symbolic and (found := _lift(func)) is not None:
+            if isinstance(func, tirx.PrimFunc) and gv.name_hint in callees and (found := _lift(func)) is not None:
                 lifted[gv] = found
         if not lifted:
             return mod
