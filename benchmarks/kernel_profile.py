@@ -5,12 +5,13 @@ Lowers full-size SD1.5 (float16, CUDA) exactly as ``mlcweb build`` does, up to t
 (database and default rules applied, memory planned), compiles every kernel into one library and
 times each alone on random inputs (``time_evaluator``: back-to-back calls on the same inputs, so small
 kernels run with a warm L2, as they mostly do inside a step). Each kernel's time times its calls per
-function gives the function's kernel time; ``sd_gpu.py``'s step time minus it is what launches, gaps and
-the VM cost. Writes ``<name>.json`` and ``<name>.md`` into ``--results``: per function, its kernels by
+function gives the function's kernel time, to compare with ``sd_gpu.py``'s (on the H100 the UNet's
+kernels alone sum to a little more than its CUDA-graph step: gaps between launches cost nothing
+visible). Writes ``<name>.json`` and ``<name>.md`` into ``--results``: per function, its kernels by
 total time, grouped by kind (GEMM, attention, norm, ...) and by schedule source (tuned, default rule,
 hand-written).
 
-On the GPU machine (benchmarks/README.md), about 4 minutes::
+On the GPU machine (benchmarks/README.md), about 4.5 minutes::
 
     python3 benchmarks/kernel_profile.py --results $OUT
 """
@@ -59,7 +60,7 @@ def kind(name: str) -> str:
 
 
 def scheduled_module(args: argparse.Namespace) -> tvm.IRModule:
-    """The build's module after scheduling, before memory planning (``mlcweb.build._lower``'s first half)."""
+    """The build's module after scheduling and memory planning (``mlcweb.build._lower``'s first half)."""
     import mlcweb_stable_diffusion.plugin as plugin
 
     from mlcweb.build import BuildOptions, import_and_lift
