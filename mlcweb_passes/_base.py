@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.relax.dpl import DFPattern, is_op, wildcard
+from tvm.relax.expr_functor import PyExprMutator
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
 
@@ -73,6 +74,23 @@ def use_counts(func: relax.Function) -> Counter[relax.Var]:
             counts.update(relax.analysis.free_vars(binding.value))
     counts.update(relax.analysis.free_vars(body.body))
     return counts
+
+
+class FunctionMutator(PyExprMutator):
+    """A ``PyExprMutator`` that knows, in each Relax function it visits, what each variable is bound to
+    (``bindings``) and how often it is used (``uses``), and counts the rewrites its subclass makes
+    (``rewritten``). Subclasses are decorated with ``@mutator``; this base is not (TVM forbids
+    inheriting from a decorated class)."""
+
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.bindings: Bindings | None = None
+        self.uses: Counter[relax.Var] = Counter()
+        self.rewritten = 0
+
+    def visit_function_(self, func: relax.Function) -> relax.Expr:
+        self.bindings, self.uses = Bindings(func), use_counts(func)
+        return super().visit_function_(func)
 
 
 # Ops that only move elements: a cast commutes with each of them.

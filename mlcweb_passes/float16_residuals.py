@@ -30,14 +30,13 @@ cast of a float16 tensor.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import Any
 
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
-from ._base import LAYOUT_OPS, Bindings, ModulePassBase, op_name, rewrite_and_clean, use_counts
+from ._base import LAYOUT_OPS, Bindings, FunctionMutator, ModulePassBase, op_name, rewrite_and_clean
 
 __all__ = ["Float16Residuals"]
 
@@ -77,17 +76,7 @@ def _same_shape(a: Any, b: Any) -> bool:
 
 
 @mutator
-class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
-        super().__init__(mod)
-        self.bindings: Bindings | None = None
-        self.uses: Counter[relax.Var] = Counter()
-        self.rewritten = 0
-
-    def visit_function_(self, func: relax.Function) -> relax.Expr:
-        self.bindings, self.uses = Bindings(func), use_counts(func)
-        return super().visit_function_(func)
-
+class _Rewriter(FunctionMutator):
     def _float16(self, expr: Any) -> relax.Expr:
         return self.builder_.emit(relax.op.astype(self.visit_expr(expr), "float16"))
 

@@ -30,14 +30,13 @@ dropped) and drops the bindings left unused. Values are unchanged bit for bit.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import Any
 
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
-from ._base import LAYOUT_OPS, Bindings, ModulePassBase, op_name, rewrite_and_clean, static_shape, use_counts
+from ._base import LAYOUT_OPS, FunctionMutator, ModulePassBase, op_name, rewrite_and_clean, static_shape
 
 __all__ = ["HoistNarrowingCasts"]
 
@@ -55,17 +54,7 @@ def _narrows(src: str, dst: str) -> bool:
 
 
 @mutator
-class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
-        super().__init__(mod)
-        self.bindings: Bindings | None = None
-        self.uses: Counter[relax.Var] = Counter()
-        self.rewritten = 0
-
-    def visit_function_(self, func: relax.Function) -> relax.Expr:
-        self.bindings, self.uses = Bindings(func), use_counts(func)
-        return super().visit_function_(func)
-
+class _Rewriter(FunctionMutator):
     def _round_trip(self, expr: Any, dtype: str) -> Any:
         """``x`` when ``expr`` is bound to ``astype(x, wider float)`` with ``x`` of ``dtype``, else None."""
         assert self.bindings is not None
