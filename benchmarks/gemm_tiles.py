@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "stable_diffusion")]
 
 import tvm  # noqa: E402
+from kernel_profile import random_inputs  # noqa: E402
 from tvm.s_tir import dlight as dl  # noqa: E402
 
 import mlcweb_passes as mp  # noqa: E402
@@ -138,13 +139,7 @@ def _tile(text: str) -> TensorCoreTile:
 
 
 def _inputs(script: str, dev: Any, seed: int) -> list[Any]:
-    func = tvm.script.from_source(script)["main"]
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for buf in func.params:  # TVM 0.27: a PrimFunc's params are its buffers
-        shape = [int(d) for d in buf.shape]
-        arrays.append(tvm.runtime.tensor(rng.uniform(-1, 1, shape).astype(str(buf.dtype)), dev))
-    return arrays
+    return random_inputs(tvm.script.from_source(script)["main"], dev, np.random.default_rng(seed))
 
 
 def main() -> int:

@@ -115,7 +115,8 @@ def compile_kernels(mod: tvm.IRModule, names: set[str], target: tvm.target.Targe
         return tvm.compile(tvm.IRModule(kernels), target), kernels
 
 
-def _inputs(func: tirx.PrimFunc, dev: Any, rng: np.random.Generator) -> list[Any]:
+def random_inputs(func: tirx.PrimFunc, dev: Any, rng: np.random.Generator) -> list[Any]:
+    """One tensor on ``dev`` per parameter of ``func``: floats uniform in [-1, 1], integers zero."""
     arrays = []
     for buf in func.params:  # TVM 0.27: a PrimFunc's params are its buffers
         shape = [int(d) for d in buf.shape]
@@ -152,7 +153,7 @@ def main() -> int:
     runnable = lib.jit()
     ms: dict[str, float] = {}
     for name in sorted(names):
-        inputs = _inputs(kernels[name], dev, rng)
+        inputs = random_inputs(kernels[name], dev, rng)
         timer = runnable.time_evaluator(name, dev, number=args.number, repeat=args.repeat)
         ms[name] = float(np.median(timer(*inputs).results)) * 1e3
         del inputs
