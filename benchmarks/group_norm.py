@@ -12,7 +12,6 @@ PyTorch float32. Writes ``group_norm.json`` and ``group_norm.md`` into ``--resul
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,11 +123,7 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    p = kernel_bench.parser(__doc__, "group_norm", number=20)
-    args = p.parse_args()
-    target = tvm.target.Target({"kind": "cuda", "arch": args.arch})
-    cases = [({"name": spec[0]}, functools.partial(run_shape, spec, target, args)) for spec in SHAPES]
-    return kernel_bench.record_cases(args, "group_norm", cases, markdown)
+    return kernel_bench.main(__doc__, "group_norm", 20, SHAPES, run_shape, markdown)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""What the kernel benchmarks (``flash_attention.py``, ``split_k.py``, ``skinny_matmul.py``) share: the
-CUDA-event timer, their common options, and the loop that measures each case and rewrites the JSON and
-Markdown after every row (a run cut short still leaves its table)."""
+"""What the kernel benchmarks (``flash_attention.py``, ``split_k.py``, ``skinny_matmul.py``,
+``group_norm.py``) share: the CUDA-event timer, their common options, the loop that measures each case
+and rewrites the JSON and Markdown after every row (a run cut short still leaves its table), and a
+``main`` for those that measure one row per entry of a shape table."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from collections.abc import Callable, Iterable
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import tvm
 
 
 def time_ms(fn: Callable[[], Any], number: int, repeat: int) -> float:
@@ -62,3 +65,23 @@ def record_cases(
         (args.results / f"{stem}.json").write_text(json.dumps(record, indent=1))
         (args.results / f"{stem}.md").write_text(markdown(record))
     return 0 if all(r.get("ok") for r in record["rows"]) else 1
+
+
+def main(
+    doc: str | None,
+    stem: str,
+    number: int,
+    shapes: Iterable[tuple[Any, ...]],
+    run_shape: Callable[[tuple[Any, ...], tvm.target.Target, argparse.Namespace], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """Parse the common options (and the script's own, ``options``), then measure ``run_shape(spec,
+    target, args)`` for each spec of ``shapes``, named by its first field; see :func:`record_cases`."""
+    p = parser(doc, stem, number)
+    if options is not None:
+        options(p)
+    args = p.parse_args()
+    target = tvm.target.Target({"kind": "cuda", "arch": args.arch})
+    cases = [({"name": spec[0]}, functools.partial(run_shape, spec, target, args)) for spec in shapes]
+    return record_cases(args, stem, cases, markdown)

@@ -11,7 +11,6 @@ Writes ``skinny_matmul.json`` and ``skinny_matmul.md`` into ``--results``.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,11 +110,7 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    p = kernel_bench.parser(__doc__, "skinny_matmul", number=50)
-    args = p.parse_args()
-    target = tvm.target.Target({"kind": "cuda", "arch": args.arch})
-    cases = [({"name": spec[0]}, functools.partial(run_shape, spec, target, args)) for spec in SHAPES]
-    return kernel_bench.record_cases(args, "skinny_matmul", cases, markdown)
+    return kernel_bench.main(__doc__, "skinny_matmul", 50, SHAPES, run_shape, markdown)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Every output is checked against a float32 PyTorch convolution of the same float1
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
@@ -137,12 +136,10 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    p = kernel_bench.parser(__doc__, "split_k", number=20)
-    p.add_argument("--sms", type=int, default=132, help="multiprocessors, for choose_splits")
-    args = p.parse_args()
-    target = tvm.target.Target({"kind": "cuda", "arch": args.arch})
-    cases = [({"name": spec[0]}, functools.partial(run_shape, spec, target, args)) for spec in SHAPES]
-    return kernel_bench.record_cases(args, "split_k", cases, markdown)
+    def options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--sms", type=int, default=132, help="multiprocessors, for choose_splits")
+
+    return kernel_bench.main(__doc__, "split_k", 20, SHAPES, run_shape, markdown, options)
 
 
 if __name__ == "__main__":
