@@ -36,7 +36,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import mutator
 
-from ._base import LAYOUT_OPS, FunctionMutator, ModulePassBase, op_name, rewrite_and_clean, static_shape
+from ._base import LAYOUT_OPS, FunctionMutator, ModulePassBase, op_name, rewrite_relax_functions, static_shape
 
 __all__ = ["HoistNarrowingCasts"]
 
@@ -115,9 +115,15 @@ class HoistNarrowingCasts(ModulePassBase):
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _Rewriter(mod)
-        result = rewrite_and_clean(mod, rewriter)
+        rewritten = rewrite_relax_functions(mod, rewriter)
         if rewriter.rewritten:
             log.info("%d casts hoisted, round trips or same-shape broadcasts removed", rewriter.rewritten)
-        merged: tvm.IRModule = relax.transform.RemoveRedundantReshape()(result)
-        cleaned: tvm.IRModule = relax.transform.DeadCodeElimination()(merged)
+        # One dead-code pass after both rewrites: ours and the reshape merge leave unused bindings.
+        cleaned: tvm.IRModule = tvm.transform.Sequential(
+            [
+                relax.transform.CanonicalizeBindings(),
+                relax.transform.RemoveRedundantReshape(),
+                relax.transform.DeadCodeElimination(),
+            ]
+        )(rewritten)
         return cleaned
