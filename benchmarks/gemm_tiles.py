@@ -84,8 +84,8 @@ def _tasks(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{"name": t.name, "weight": t.weight, "script": t.mod.script()} for t in tasks]
 
 
-def _gemm(script: str, arch: str) -> Any:
-    """The task's GEMM shape when TensorCoreMatmul takes it, else None."""
+def _gemm(script: str, arch: str, wgmma: bool = False) -> Any:
+    """The task's GEMM shape when TensorCoreMatmul takes it (and with ``wgmma``, WgmmaGemm), else None."""
     func = tvm.script.from_source(script)["main"]
     sch = tvm.s_tir.Schedule(func)
     from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
@@ -98,6 +98,13 @@ def _gemm(script: str, arch: str) -> Any:
         return None
     if TensorCoreMatmul(tile=TensorCoreTile()).apply(func, _target(arch), False) is None:
         return None
+    if wgmma:
+        from mlcweb_passes.wgmma_gemm import UnsupportedGemmError, plan_kernel
+
+        try:
+            plan_kernel(func, "probe")
+        except UnsupportedGemmError:
+            return None
     return shape
 
 
@@ -109,6 +116,8 @@ def _build(job: tuple[str, str, str, str, str]) -> tuple[str, str | None, str | 
     target = _target(arch)
     func = tvm.script.from_source(script)["main"].with_attr("global_symbol", "main")
     try:
+        if variant.startswith("wgmma"):
+            return key, _build_wgmma(func, variant, target, out, key), None
         if variant == "dlight":
             rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
             rule: Any = None
@@ -127,6 +136,21 @@ def _build(job: tuple[str, str, str, str, str]) -> tuple[str, str | None, str | 
         return key, path, None
     except Exception as err:
         return key, None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
+
+
+def _build_wgmma(func: Any, variant: str, target: Any, out: str, key: str) -> str:
+    """``wgmma`` (the chosen tile) or ``wgmma:block_n,stages``: the WgmmaGemm kernel, exported."""
+    from mlcweb_passes.wgmma_gemm import compile_kernels, launcher, plan_kernel
+    from mlcweb_passes.wgmma_source import WgmmaTile
+
+    spec = variant.partition(":")[2]
+    tile = WgmmaTile(*map(int, spec.split(","))) if spec else None
+    kernel = plan_kernel(func, "mlcweb_wgmma_main", tile=tile)
+    lib = tvm.compile(tvm.IRModule({"main": launcher(func, kernel).with_attr("global_symbol", "main")}), target)
+    lib.mod.import_module(compile_kernels([kernel]))
+    path = os.path.join(out, f"{abs(hash(key))}.so")
+    lib.export_library(path)
+    return path
 
 
 def _tile(text: str) -> TensorCoreTile:
@@ -151,6 +175,7 @@ def main() -> int:
         default=";".join(DEFAULT_TILES),
         help="';'-separated warps_m,warps_n,frags_m,frags_n,chunk_k[,mma][,sN] (see _tile)",
     )
+    ap.add_argument("--wgmma-only", action="store_true", help="only the kernels WgmmaGemm takes")
     ap.add_argument("--top", type=int, default=0, help="only the N heaviest kernels (weight x FLOPs)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--sync", action="store_true", help="also each variant without asynchronous copies")
@@ -161,7 +186,7 @@ def main() -> int:
     t0 = time.time()
     tasks = []
     for task in _tasks(args):
-        shape = _gemm(task["script"], args.arch)
+        shape = _gemm(task["script"], args.arch, args.wgmma_only)
         if shape is not None:
             tasks.append({**task, "shape": shape})
     tasks.sort(key=lambda t: -t["weight"] * t["shape"].m * t["shape"].n * t["shape"].k * t["shape"].batch)

@@ -42,6 +42,8 @@ from .row_reduction import RowReduction
 from .skinny_matmul import SkinnyMatmul
 from .split_k_conv import SplitKConv, choose_splits
 from .tensor_core_matmul import ASYNC_COPY_CONFIG, TensorCoreMatmul, TensorCoreTile, async_copy_config, choose_tile
+from .wgmma_gemm import WgmmaGemm, choose_wgmma_tile, supports_wgmma
+from .wgmma_source import WgmmaTile
 
 __version__ = "0.1.0"
 
@@ -81,11 +83,14 @@ __all__ = [
     "StaticMemoryPlan",
     "TensorCoreMatmul",
     "TensorCoreTile",
+    "WgmmaGemm",
+    "WgmmaTile",
     "apply_transform_params",
     "async_copy_config",
     "attention_patterns",
     "choose_splits",
     "choose_tile",
+    "choose_wgmma_tile",
     "compile_transform",
     "count_kernels",
     "default_rules",
@@ -106,5 +111,6 @@ __all__ = [
     "softmax_patterns",
     "split_transform_params",
     "supports_flash_attention",
+    "supports_wgmma",
     "unique_param_names",
 ]

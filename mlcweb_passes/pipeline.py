@@ -23,6 +23,8 @@ Order (each step is a module of this package):
    producers' epilogues, widen-then-narrow round trips and same-shape broadcasts go (exact).
    ``EliminateCommonSubexpr``: repeated computations (casts of one input) are computed once.
 5. ``FuseOperators``: legalize to TIR, fuse elementwise chains, merge composites into one PrimFunc.
+   ``WgmmaGemm`` (CUDA sm_90, on by default): each fused float16 GEMM (linear or convolution and its
+   epilogue) becomes a launch of a generated Hopper ``wgmma`` kernel, attached as an external module.
 6. ``ApplyDatabase``: tuned schedules from ``database`` where recorded, default schedules elsewhere.
    ``LiftKernelScratch``: the global buffers a schedule passes between the kernels of one PrimFunc
    become extra ``call_tir`` outputs, so CUDA graphs capture planned memory, not the workspace pool's.
@@ -59,6 +61,7 @@ from .memory_plan import StaticMemoryPlan
 from .mixed_precision import MixedPrecision
 from .split_k_conv import SplitKConv
 from .tensor_core_matmul import sm_version
+from .wgmma_gemm import WgmmaGemm, supports_wgmma
 
 __all__ = ["PipelineOptions", "lowering_passes", "pipeline"]
 
@@ -75,6 +78,7 @@ class PipelineOptions:
     ``split_k``: split the reduction of float16 convolutions with few output tiles
     (:class:`~mlcweb_passes.SplitKConv`) on targets whose GEMMs run on tensor cores (CUDA sm_70+).
     ``extra_passes``: run after fusion and before scheduling (a plugin's rewrites of fused TIR).
+    ``wgmma``: run float16 GEMMs as Hopper wgmma kernels (:class:`~mlcweb_passes.WgmmaGemm`) on CUDA sm_90.
     """
 
     mixed_precision: str | None = None
@@ -82,6 +86,7 @@ class PipelineOptions:
     extra_passes: Sequence[tvm.transform.Pass] = field(default_factory=tuple)
     flash_attention: bool = True
     split_k: bool = True
+    wgmma: bool = True
 
 
 def lowering_passes(
@@ -111,6 +116,8 @@ def lowering_passes(
     passes.append(relax.transform.EliminateCommonSubexpr())
     passes.append(FuseOperators())
     passes.extend(opts.extra_passes)
+    if opts.wgmma and supports_wgmma(target):
+        passes.append(WgmmaGemm())
     passes.append(ApplyDatabase(target, database))
     # Kernels' global scratch as planned tensors: CUDA graphs capture addresses, which the runtime's
     # workspace pool may free and reallocate between calls.
@@ -139,10 +146,11 @@ def pipeline(
     extra_passes: Sequence[tvm.transform.Pass] = (),
     flash_attention: bool = True,
     split_k: bool = True,
+    wgmma: bool = True,
 ) -> tvm.transform.Pass:
     """One pass that compiles an imported Relax module for ``target`` (see the module docstring)."""
     tgt = target if isinstance(target, Target) else Target(target)
-    options = PipelineOptions(mixed_precision, fuse_attention, tuple(extra_passes), flash_attention, split_k)
+    options = PipelineOptions(mixed_precision, fuse_attention, tuple(extra_passes), flash_attention, split_k, wgmma)
     passes = lowering_passes(tgt, database, options)
 
     @tvm.transform.module_pass(opt_level=0, name="mlcweb.pipeline")

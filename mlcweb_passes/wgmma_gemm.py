@@ -1,0 +1,481 @@
+"""Replace float16 GEMM kernels with Hopper ``wgmma`` kernels, generated from each fused PrimFunc.
+
+On an H100 the tensor-core schedules TVM 0.27 can express (WMMA, ``mma.sync``) left Stable Diffusion's
+linear layers and convolutions at 130-230 TFLOPS, 69% of a UNet step. :class:`WgmmaGemm` rewrites every
+fused PrimFunc that is one float16 GEMM plus an elementwise epilogue into a host function launching a
+kernel of :mod:`~mlcweb_passes.wgmma_source`, compiled for ``sm_90a`` and attached to the module as an
+external CUDA module (``external_mods``, linked by ``tvm.compile``). The PrimFunc keeps its signature, so
+its ``call_tir`` callers, memory planning and CUDA graphs are unchanged.
+
+What the PrimFunc may hold (anything else is left to the schedule rules):
+
+- producers that inline into the GEMM (a convolution's padding: the im2col window and its zeros come
+  straight from the input, a split-K batch index too);
+- one reduction block ``C[...] += float32(X) * float32(Y)`` of float16 buffers, both read with one
+  reduction axis innermost, unit-stride and a multiple of 8 long (NHWC convolutions after
+  :class:`ConvLayout`, linear layers after :class:`LinearWeightLayout`);
+- an elementwise chain after it (casts, bias, scale, residual additions, a transpose), inlined into one
+  expression.
+
+Axes that index ``C`` and ``X`` are the GEMM's rows (M), ``C`` and ``Y`` its columns (N), all three its
+batch, ``X`` and ``Y`` its reduction (K); each group is flattened in the block's order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tvm
+import tvm_ffi
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
+
+from ._base import ModulePassBase, uses_var
+from .default_schedule import HAND_WRITTEN, SCHEDULED_ATTR, SOURCE_ATTR
+from .tensor_core_matmul import sm_version
+from .wgmma_source import BLOCK_K, BLOCK_M, THREADS, WgmmaKernel, WgmmaTile, module_source
+
+__all__ = [
+    "UnsupportedGemmError",
+    "WgmmaGemm",
+    "choose_wgmma_tile",
+    "compile_kernels",
+    "launcher",
+    "plan_kernel",
+    "supports_wgmma",
+]
+
+log = logging.getLogger(__name__)
+
+_LOAD = tvm.ir.TensorLoad
+_C_TYPES = {"float16": "half", "float32": "float", "int32": "int", "int64": "long long"}
+_BINARY = {
+    tirx.Add: "+",
+    tirx.Sub: "-",
+    tirx.Mul: "*",
+    tirx.Div: "/",
+    tirx.FloorDiv: "/",  # indices are non-negative wherever their value is used
+    tirx.FloorMod: "%",
+    tirx.Mod: "%",
+    tirx.LT: "<",
+    tirx.LE: "<=",
+    tirx.GT: ">",
+    tirx.GE: ">=",
+    tirx.EQ: "==",
+    tirx.NE: "!=",
+    tirx.And: "&&",
+    tirx.Or: "||",
+}
+_FLOAT_CALLS = {
+    "tirx.exp": "expf",
+    "tirx.sigmoid": None,
+    "tirx.tanh": "tanhf",
+    "tirx.erf": "erff",
+    "tirx.sqrt": "sqrtf",
+}
+
+
+def _dtype(e: Any) -> str:
+    """The element type of a TIR expression."""
+    return str(e.ty.dtype)
+
+
+class UnsupportedGemmError(Exception):
+    """The PrimFunc is not a GEMM this kernel can run."""
+
+
+def choose_wgmma_tile(batch: int, m: int, n: int, sms: int = 132) -> WgmmaTile:
+    """The tile for a ``batch x m x n`` GEMM, from ``benchmarks/wgmma_gemm.py`` on an H100: 160 columns
+    with 4 stages where they divide N and make most of a wave; else 128 columns with 3 stages (two blocks
+    fit an SM) if they make half a wave; else 64 columns, for more blocks."""
+    blocks = batch * -(-m // BLOCK_M)
+    if n % 160 == 0 and blocks * (n // 160) >= sms * 3 // 4:
+        return WgmmaTile(160, 4)
+    if blocks * -(-n // 128) >= sms // 2:
+        return WgmmaTile(128, 3)
+    return WgmmaTile(64, 4)
+
+
+# --------------------------------------------------------------------------------------------- C++ text
+class _Printer:
+    """TIR expressions as C++, with variables named by ``names`` and buffers by ``buffers``."""
+
+    def __init__(self, names: dict[Any, str], buffers: dict[Any, str], acc: Any = None) -> None:
+        self.names = names
+        self.buffers = buffers
+        self.acc = acc  # the GEMM's accumulator buffer: loads of it are the ``acc`` value
+
+    def __call__(self, e: Any) -> str:
+        if isinstance(e, tirx.Var):
+            for var, name in self.names.items():
+                if var.same_as(e):
+                    return name
+            raise UnsupportedGemmError(f"free variable {e}")
+        if isinstance(e, tirx.IntImm):
+            return str(int(e.value)) if _dtype(e) != "bool" else ("true" if e.value else "false")
+        if isinstance(e, tirx.FloatImm):
+            text = f"{float(e.value)!r}f"
+            return f"__float2half({text})" if _dtype(e) == "float16" else text
+        if isinstance(e, tirx.Cast):
+            return self._cast(_dtype(e), _dtype(e.value), self(e.value))
+        if type(e) in _BINARY:
+            return f"({self(e.a)} {_BINARY[type(e)]} {self(e.b)})"
+        if isinstance(e, tirx.Not):
+            return f"(!{self(e.a)})"
+        if isinstance(e, tirx.Min | tirx.Max):
+            fn = ("fminf" if isinstance(e, tirx.Min) else "fmaxf") if _dtype(e) == "float32" else None
+            if fn is None:
+                fn = "__hmin" if isinstance(e, tirx.Min) else "__hmax"
+                fn = fn if _dtype(e) == "float16" else ("min" if isinstance(e, tirx.Min) else "max")
+            return f"{fn}({self(e.a)}, {self(e.b)})"
+        if isinstance(e, tirx.Select):
+            return f"({self(e.condition)} ? {self(e.true_value)} : {self(e.false_value)})"
+        if isinstance(e, _LOAD):
+            return self._load(e)
+        if isinstance(e, tvm.ir.Call):
+            return self._call(e)
+        raise UnsupportedGemmError(f"expression {type(e).__name__}")
+
+    def _cast(self, to: str, frm: str, text: str) -> str:
+        if to == frm:
+            return text
+        if to == "float16":
+            return f"__float2half((float)({text}))" if frm != "float32" else f"__float2half({text})"
+        if frm == "float16":
+            return f"(({_C_TYPES.get(to, 'float')})__half2float({text}))"
+        if to not in _C_TYPES:
+            raise UnsupportedGemmError(f"cast to {to}")
+        return f"(({_C_TYPES[to]})({text}))"
+
+    def _load(self, e: Any) -> str:
+        if self.acc is not None and e.source.same_as(self.acc):
+            return "acc"
+        for buf, name in self.buffers.items():
+            if buf.same_as(e.source):
+                return f"{name}[{self.offset(buf, list(e.indices))}]"
+        raise UnsupportedGemmError(f"load of {e.source}, not a parameter")
+
+    def offset(self, buf: Any, indices: list[Any]) -> str:
+        """The row-major element offset of ``indices`` in ``buf``."""
+        shape = [int(x) for x in buf.shape]
+        text, stride = [], 1
+        for index, extent in zip(reversed(indices), reversed(shape), strict=True):
+            text.append(self(index) if stride == 1 else f"{self(index)} * {stride}")
+            stride *= extent
+        return " + ".join(reversed(text)) or "0"
+
+    def _call(self, e: Any) -> str:
+        name = e.op.name
+        if name in ("prim.if_then_else", "tirx.if_then_else"):
+            cond, a, b = e.args
+            return f"({self(cond)} ? {self(a)} : {self(b)})"
+        if name in _FLOAT_CALLS and _dtype(e) == "float32":
+            arg = self(e.args[0])
+            return f"(1.f / (1.f + expf(-({arg}))))" if name == "tirx.sigmoid" else f"{_FLOAT_CALLS[name]}({arg})"
+        raise UnsupportedGemmError(f"call {name}")
+
+
+def _decompose(flat: str, group: list[tuple[Any, int]], names: dict[Any, str]) -> str:
+    """C++ declarations of ``group``'s variables from their row-major flat index ``flat``."""
+    lines, stride = [], 1
+    for var, extent in reversed(group):
+        value = flat if stride == 1 else f"({flat} / {stride})"
+        lines.append(f"const int {names[var]} = {value} % {extent};")
+        stride *= extent
+    return " ".join(reversed(lines))
+
+
+# ------------------------------------------------------------------------------------------- analysis
+@dataclass(frozen=True)
+class _Operand:
+    buffer: Any
+    indices: list[Any]
+    condition: Any  # None, or where the element is nonzero
+
+
+def _operand(expr: Any) -> _Operand:
+    """A GEMM operand read straight from a float16 buffer, perhaps under a zero-padding condition."""
+    if isinstance(expr, tirx.Cast) and _dtype(expr) == "float32":
+        expr = expr.value
+    if _dtype(expr) != "float16":
+        raise UnsupportedGemmError("operand is not float16")
+    if isinstance(expr, _LOAD):
+        return _Operand(expr.source, list(expr.indices), None)
+    if isinstance(expr, tvm.ir.Call) and expr.op.name in ("prim.if_then_else", "tirx.if_then_else"):
+        cond, value, zero = expr.args
+        if isinstance(value, _LOAD) and isinstance(zero, tirx.FloatImm) and float(zero.value) == 0:
+            return _Operand(value.source, list(value.indices), cond)
+    raise UnsupportedGemmError("operand is not a buffer load")
+
+
+def _inline_around(sch: s_tir.Schedule, gemm: Any) -> Any:
+    """Inline every other block: producers into the GEMM, the epilogue chain into its last block. Returns
+    the last block (None when the GEMM writes the output itself)."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    index = names.index(sch.get(gemm).name_hint)
+    for producer in blocks[:index]:
+        sch.compute_inline(producer)
+    epilogue = blocks[index + 1 :]
+    for block in epilogue[:-1]:
+        sch.compute_inline(block)
+    return epilogue[-1] if epilogue else None
+
+
+def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile | None = None) -> WgmmaKernel:
+    """The wgmma kernel computing ``func`` (with ``tile``, or :func:`choose_wgmma_tile`'s); raises
+    :class:`UnsupportedGemmError` when it cannot."""
+    if any(not all(isinstance(x, tirx.IntImm) for x in p.shape) for p in func.params):
+        raise UnsupportedGemmError("symbolic shape")
+    if not isinstance(func.body, s_tir.SBlockRealize):
+        raise UnsupportedGemmError("no root block (already scheduled)")
+    sch = s_tir.Schedule(func)
+    reductions = get_reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
+    if not reductions or len(reductions) != 1:
+        raise UnsupportedGemmError("not one reduction block")
+    try:
+        last = _inline_around(sch, reductions[0])
+    except s_tir.ScheduleError as err:
+        raise UnsupportedGemmError("blocks around the GEMM do not inline") from err
+    block = sch.get(reductions[0])
+    store = block.body
+    if not isinstance(store, tirx.BufferStore):
+        raise UnsupportedGemmError("reduction block is not one store")
+    value = store.value
+    if not (isinstance(value, tirx.Add) and isinstance(value.a, _LOAD) and isinstance(value.b, tirx.Mul)):
+        raise UnsupportedGemmError("not an accumulation of products")
+    if str(store.buffer.dtype) != "float32" or not value.a.source.same_as(store.buffer):
+        raise UnsupportedGemmError("not a float32 accumulation")
+    x, y = _operand(value.b.a), _operand(value.b.b)
+    out_indices = list(store.indices)
+
+    def used(var: Any, operand: _Operand) -> bool:
+        exprs = [*operand.indices, *([operand.condition] if operand.condition is not None else [])]
+        return any(uses_var(e, var) for e in exprs)
+
+    groups: dict[str, list[tuple[Any, int]]] = {"s": [], "m": [], "n": [], "k": []}
+    for iv in block.iter_vars:
+        in_x, in_y, in_c = used(iv.var, x), used(iv.var, y), any(uses_var(e, iv.var) for e in out_indices)
+        kind = {(True, True, True): "s", (True, False, True): "m", (False, True, True): "n", (True, True, False): "k"}
+        key = kind.get((in_x, in_y, in_c))
+        if key is None or (key == "k") != (iv.iter_type == tirx.IterVar.CommReduce):
+            raise UnsupportedGemmError(f"axis {iv.var} is not a GEMM axis")
+        groups[key].append((iv.var, int(iv.dom.extent)))
+    if not groups["m"] or not groups["n"] or not groups["k"]:
+        raise UnsupportedGemmError("missing GEMM axes")
+    inner_k, inner_extent = groups["k"][-1]
+    for operand in (x, y):
+        last_index = operand.indices[-1]
+        if not (isinstance(last_index, tirx.Var) and last_index.same_as(inner_k)):
+            raise UnsupportedGemmError("reduction axis is not innermost")
+        if any(uses_var(e, inner_k) for e in operand.indices[:-1]) or (
+            operand.condition is not None and uses_var(operand.condition, inner_k)
+        ):
+            raise UnsupportedGemmError("reduction axis also indexes elsewhere")
+        if int(operand.buffer.shape[-1]) % 8 or inner_extent % 8:
+            raise UnsupportedGemmError("rows are not 16-byte vectors")
+    sizes = {key: _product(e for _, e in group) for key, group in groups.items()}
+    if min(sizes["m"], sizes["n"]) < 64 or sizes["k"] < BLOCK_K:
+        raise UnsupportedGemmError("too small for a 128-row tile")
+
+    names = {var: f"v{i}" for i, (var, _) in enumerate(g for group in groups.values() for g in group)}
+    buffers = {p: f"p{i}" for i, p in enumerate(func.params)}
+    params = tuple(
+        f"{'' if i == len(func.params) - 1 else 'const '}{_C_TYPES[str(p.dtype)]}* __restrict__ p{i}"
+        for i, p in enumerate(func.params)
+    )
+    printer = _Printer(names, buffers)
+    batch = _decompose("s", groups["s"], names)
+
+    def source(operand: _Operand, row: str) -> str:
+        decls = " ".join([batch, _decompose(row, groups[row], names), _decompose("k", groups["k"], names)])
+        cond = f"ok = ok && {printer(operand.condition)}; " if operand.condition is not None else ""
+        if not any(p.same_as(operand.buffer) for p in func.params):
+            raise UnsupportedGemmError("operand is computed in the kernel")
+        base = buffers[next(p for p in func.params if p.same_as(operand.buffer))]
+        return f"{decls} {cond}return ok ? {base} + ({printer.offset(operand.buffer, operand.indices)}) : {base};"
+
+    a_src, b_src = source(x, "m"), source(y, "n")
+    out_buffer = func.params[-1]
+    if last is None:  # the GEMM writes the output
+        if not store.buffer.same_as(out_buffer):
+            raise UnsupportedGemmError("GEMM result is not the output")
+        epilogue_value, write_indices = tirx.BufferLoad(store.buffer, out_indices), out_indices
+        epi_printer = _Printer(names, buffers, acc=store.buffer)
+    else:
+        epilogue_value, write_indices, epi_printer = _epilogue(sch.get(last), store, names, buffers, out_buffer)
+    decls = " ".join([batch, _decompose("m", groups["m"], names), _decompose("n", groups["n"], names)])
+    out_type = _C_TYPES.get(str(out_buffer.dtype))
+    if out_type not in ("half", "float"):
+        raise UnsupportedGemmError(f"output dtype {out_buffer.dtype}")
+    inner_n = groups["n"][-1]
+    pairs = (
+        isinstance(write_indices[-1], tirx.Var)
+        and write_indices[-1].same_as(inner_n[0])
+        and inner_n[1] % 2 == 0
+        and int(out_buffer.shape[-1]) % 2 == 0
+    )
+    return WgmmaKernel(
+        name=name,
+        tile=tile or choose_wgmma_tile(sizes["s"], sizes["m"], sizes["n"], sms),
+        batch=sizes["s"],
+        m=sizes["m"],
+        n=sizes["n"],
+        k=sizes["k"],
+        params=params,
+        a_src=a_src,
+        b_src=b_src,
+        value=f"{decls} return {epi_printer(epilogue_value)};",
+        offset=f"{decls} return {epi_printer.offset(out_buffer, write_indices)};",
+        out=f"p{len(func.params) - 1}",
+        out_type=out_type,
+        pairs=pairs,
+    )
+
+
+def _epilogue(block: Any, store: Any, names: dict[Any, str], buffers: dict[Any, str], out: Any) -> tuple:
+    """The last epilogue block's value and output indices, its variables named as the GEMM output's
+    indices, and the printer for them."""
+    final = block.body
+    if not isinstance(final, tirx.BufferStore) or not final.buffer.same_as(out):
+        raise UnsupportedGemmError("epilogue does not write the output")
+    loads = [e for e in _loads(final.value) if e.source.same_as(store.buffer)]
+    if not loads or any(len(load.indices) != len(store.indices) for load in loads):
+        raise UnsupportedGemmError("epilogue does not read the GEMM result elementwise")
+    own = [iv.var for iv in block.iter_vars]
+    index_of: dict[Any, Any] = {}
+    for load in loads:
+        for position, index in enumerate(load.indices):
+            if not isinstance(index, tirx.Var) or not any(index.same_as(v) for v in own):
+                raise UnsupportedGemmError("epilogue reads the GEMM result at computed indices")
+            index_of[index] = store.indices[position]
+    if len(index_of) != len(own):
+        raise UnsupportedGemmError("epilogue has axes of its own")
+    gemm_printer = _Printer(names, buffers)
+    epi_names = dict(names)
+    for var, gemm_index in index_of.items():
+        epi_names[var] = f"({gemm_printer(gemm_index)})"
+    write = [_resolve(i, index_of) for i in final.indices]
+    return final.value, write, _Printer(epi_names, buffers, acc=store.buffer)
+
+
+def _loads(e: Any) -> list[Any]:
+    """Every buffer load in expression ``e``."""
+    if isinstance(e, _LOAD):
+        return [e, *(x for i in e.indices for x in _loads(i))]
+    children = [getattr(e, f) for f in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(e, f)]
+    children += list(e.args) if isinstance(e, tvm.ir.Call) else []
+    return [x for c in children for x in _loads(c)]
+
+
+def _resolve(index: Any, index_of: dict[Any, Any]) -> Any:
+    """An output index that is one of the epilogue's variables, as the GEMM index it stands for (so the
+    pair-store check can compare it with the GEMM's column axis); other indices as they are."""
+    if isinstance(index, tirx.Var):
+        for var, gemm_index in index_of.items():
+            if var.same_as(index):
+                return gemm_index
+    return index
+
+
+def _product(values: Any) -> int:
+    result = 1
+    for v in values:
+        result *= v
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- pass
+def cuda_runtime() -> bool:
+    """Whether this TVM can create CUDA modules (its CUDA runtime is built in)."""
+    return tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None
+
+
+def supports_wgmma(target: tvm.target.Target) -> bool:
+    """Whether ``target`` runs the kernels: CUDA sm_90 (Hopper; wgmma is sm_90a only)."""
+    return sm_version(target) == 90
+
+
+def launcher(func: tirx.PrimFunc, kernel: WgmmaKernel) -> tirx.PrimFunc:
+    """A host function with ``func``'s signature launching ``kernel``."""
+    gx, gy, gz = kernel.grid()
+    call = tirx.call_packed(
+        kernel.name, *[p.data for p in func.params], gx, gy, gz, THREADS, kernel.tile.shared_bytes()
+    )
+    host = tirx.PrimFunc(list(func.params), tirx.Evaluate(call), func.ret_type, func.attrs)
+    return host.with_attr(SCHEDULED_ATTR, True).with_attr(SOURCE_ATTR, HAND_WRITTEN)
+
+
+def compile_kernels(kernels: list[WgmmaKernel], arch: str = "sm_90a") -> Any:
+    """Compile ``kernels`` into one CUDA runtime module (a cubin, by nvcc when it is on PATH, else by TVM's
+    NVRTC route), each kernel launched as TVM launches its own (grid, block, dynamic shared memory)."""
+    binary = _cubin(module_source(kernels), arch)
+    tags = ["blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x", "tirx.use_dyn_shared_memory"]
+    info = {k.name: {"name": "", "arg_types": ["handle"] * len(k.params), "launch_param_tags": tags} for k in kernels}
+    metadata = json.dumps({"tvm_version": tvm.__version__, "func_info": info})
+    fmap = tvm_ffi.get_global_func("runtime.LoadMetaDataFromJSON")(metadata)
+    return tvm_ffi.get_global_func("ffi.Module.create.cuda")(binary, "cubin", fmap, {})
+
+
+def _cubin(code: str, arch: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        source, cubin = Path(tmp) / "wgmma.cu", Path(tmp) / "wgmma.cubin"
+        if shutil.which("nvcc"):
+            source.write_text(code)
+            number = arch.removeprefix("sm_")
+            cmd = ["nvcc", "--cubin", "-O3", "-std=c++17", f"-gencode=arch=compute_{number},code={arch}"]
+            cmd += ["-diag-suppress=177", "-o", str(cubin), str(source)]  # 177: unused index variables
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise RuntimeError(f"nvcc failed on the wgmma kernels:\n{done.stderr[-4000:]}")
+        else:
+            from tvm.support import nvcc
+
+            nvcc.compile_cuda(code, "cubin", arch, ["-std=c++17"], str(cubin), compiler="nvrtc")
+        return cubin.read_bytes()
+
+
+@tvm.transform.module_pass(opt_level=0, name="mlcweb.WgmmaGemm")
+class WgmmaGemm(ModulePassBase):
+    """Every float16 GEMM PrimFunc the wgmma kernel can run becomes a launch of it (CUDA sm_90 only;
+    other targets pass through). See the module docstring."""
+
+    def __init__(self, sms: int = 132) -> None:
+        self.sms = sms
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        target = tvm.target.Target.current(allow_none=True)
+        if target is None or not supports_wgmma(target):
+            return mod
+        if not cuda_runtime():
+            log.warning("this TVM has no CUDA runtime: the GEMMs keep their schedule rules, not wgmma kernels")
+            return mod
+        kernels, launchers = [], {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or SCHEDULED_ATTR in func.attrs:
+                continue
+            try:
+                kernel = plan_kernel(func, f"mlcweb_wgmma_{gv.name_hint}", self.sms)
+            except UnsupportedGemmError as why:
+                log.debug("%s stays with the schedule rules: %s", gv.name_hint, why)
+                continue
+            kernels.append(kernel)
+            launchers[gv] = launcher(func, kernel)
+        if not kernels:
+            return mod
+        log.info("wgmma: %d GEMM kernels", len(kernels))
+        module = compile_kernels(kernels)
+        result = tvm.IRModule(
+            {gv: launchers.get(gv, func) for gv, func in mod.functions_items()},
+            attrs=mod.attrs,
+            global_infos=mod.global_infos,
+        )
+        external = list(result.attrs["external_mods"]) if result.attrs and "external_mods" in result.attrs else []
+        return result.with_attr("external_mods", [*external, module])
