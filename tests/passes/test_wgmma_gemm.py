@@ -46,7 +46,7 @@ class Gemms:
             with T.sblock("pad"):
                 v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
                 pad[v0, v1, v2, v3] = T.if_then_else(
-                    1 <= v1 and v1 < 9 and 1 <= v2 and v2 < 9, x[v0, v1 - 1, v2 - 1, v3], T.float16(0)
+                    v1 >= 1 and v1 < 9 and v2 >= 1 and v2 < 9, x[v0, v1 - 1, v2 - 1, v3], T.float16(0)
                 )
         for n, y, xx, f, ry, rx, rc in T.grid(2, 8, 8, 128, 3, 3, 64):
             with T.sblock("conv"):
@@ -94,7 +94,7 @@ class Gemms:
             with T.sblock("pad"):
                 v0, v1, v2, v3, v4 = T.axis.remap("SSSSS", [i0, i1, i2, i3, i4])
                 pad[v0, v1, v2, v3, v4] = T.if_then_else(
-                    1 <= v1 and v1 < 9 and 1 <= v2 and v2 < 9, x[v0, v1 - 1, v2 - 1, v3, v4], T.float16(0)
+                    v1 >= 1 and v1 < 9 and v2 >= 1 and v2 < 9, x[v0, v1 - 1, v2 - 1, v3, v4], T.float16(0)
                 )
         for s, n, i, j, o, rh, rw, rc in T.grid(2, 2, 8, 8, 64, 3, 3, 64):
             with T.sblock("conv"):
@@ -222,7 +222,8 @@ int main(int, char** argv) {{
         }}
         io.{kernel.out}[io.offset(s, m, n)] = io.value(acc, s, m, n);
       }}
-  std::ofstream(std::string(argv[1]) + "/p{count - 1}.bin", std::ios::binary).write(bufs.back().data(), bufs.back().size());
+  std::ofstream out(std::string(argv[1]) + "/p{count - 1}.bin", std::ios::binary);
+  out.write(bufs.back().data(), bufs.back().size());
 }}
 """
 
