@@ -112,7 +112,11 @@ def compile_kernels(mod: tvm.IRModule, names: set[str], target: tvm.target.Targe
         if isinstance(func, tirx.PrimFunc) and (name := gv.name_hint) in names
     }
     with target, tvm.transform.PassContext(config=mp.async_copy_config(target)):
-        return tvm.compile(tvm.IRModule(kernels), target), kernels
+        lib = tvm.compile(tvm.IRModule(kernels), target)
+    externals = mod.attrs["external_mods"] if mod.attrs and "external_mods" in mod.attrs else []
+    for external in externals:  # WgmmaGemm's kernels, which its launchers call
+        lib.mod.import_module(external)
+    return lib, kernels
 
 
 def random_inputs(func: tirx.PrimFunc, dev: Any, rng: np.random.Generator) -> list[Any]:

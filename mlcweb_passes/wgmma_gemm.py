@@ -91,14 +91,23 @@ class UnsupportedGemmError(Exception):
     """The PrimFunc is not a GEMM this kernel can run."""
 
 
-def choose_wgmma_tile(batch: int, m: int, n: int, sms: int = 132) -> WgmmaTile:
-    """The tile for a ``batch x m x n`` GEMM, from ``benchmarks/wgmma_gemm.py`` on an H100: 160 columns
-    with 4 stages where they divide N and make most of a wave; else 128 columns with 3 stages (two blocks
-    fit an SM) if they make half a wave; else 64 columns, for more blocks."""
-    blocks = batch * -(-m // BLOCK_M)
-    if n % 160 == 0 and blocks * (n // 160) >= sms * 3 // 4:
-        return WgmmaTile(160, 4)
-    if blocks * -(-n // 128) >= sms // 2:
+def choose_wgmma_tile(batch: int, m: int, n: int, k: int, sms: int = 132) -> WgmmaTile:
+    """The tile for a ``batch x m x n`` GEMM over ``k``, a rule fitted to ``benchmarks/gemm_tiles.py
+    --wgmma-only`` on an H100 (``results/2026-11-24-h100-gemm_tiles-wgmma.md``: 116.8 ms weighted over
+    SD1.5's 40 heaviest GEMMs, against 115.7 for the best tile of each):
+
+    - 160 columns, 4 stages (one block per SM) where 160 divides N, the reduction is long (K >= 1280) or
+      N is at most 320 (128-wide tiles would pad 320 to 384), and the blocks fill at least 3/4 of the
+      waves they take;
+    - else 128 columns, 3 stages (two blocks per SM) when that makes half a wave;
+    - else 64 columns, for more blocks.
+    """
+    rows = batch * -(-m // BLOCK_M)
+    if n % 160 == 0 and (k >= 1280 or n <= 320):
+        blocks = rows * (n // 160)
+        if blocks >= sms * 3 // 4 and blocks * 4 >= -(-blocks // sms) * sms * 3:
+            return WgmmaTile(160, 4)
+    if rows * -(-n // 128) >= sms // 2:
         return WgmmaTile(128, 3)
     return WgmmaTile(64, 4)
 
@@ -324,7 +333,7 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
     )
     return WgmmaKernel(
         name=name,
-        tile=tile or choose_wgmma_tile(sizes["s"], sizes["m"], sizes["n"], sms),
+        tile=tile or choose_wgmma_tile(sizes["s"], sizes["m"], sizes["n"], sizes["k"], sms),
         batch=sizes["s"],
         m=sizes["m"],
         n=sizes["n"],

@@ -232,3 +232,18 @@ def _some_module():
     """A runtime module standing in for the CUDA one (this TVM may have no CUDA runtime)."""
     func = tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0)).with_attr("global_symbol", "stand_in")
     return tvm.compile(tvm.IRModule({"stand_in": func}), "llvm").mod
+
+
+@pytest.mark.parametrize(
+    ("shape", "tile"),
+    [
+        ((1, 8192, 320, 2880), (160, 4)),  # 3x3 convolution at 64x64: long K, 128 blocks
+        ((1, 8192, 320, 320), (160, 4)),  # attention projection: N=320 would pad to 384 in 128s
+        ((1, 8192, 2560, 320), (128, 3)),  # GEGLU projection: short K, two blocks per SM
+        ((6, 512, 1280, 2880), (128, 3)),  # split-K: 160 columns would leave a 60-block second wave
+        ((1, 512, 1280, 1280), (64, 4)),  # 40 blocks of 128 columns: narrower tiles for more blocks
+    ],
+)
+def test_tile_rule(shape, tile):
+    chosen = mp.choose_wgmma_tile(*shape)
+    assert (chosen.block_n, chosen.stages) == tile
