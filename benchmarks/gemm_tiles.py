@@ -78,7 +78,12 @@ def _tasks(args: argparse.Namespace) -> list[dict[str, Any]]:
     from mlcweb.tune import TuneOptions, extract_tuning_tasks
 
     options = TuneOptions(
-        target="cuda", db=Path(tempfile.mkdtemp()), dtype="float16", config={"size": "full"}, arch=args.arch
+        target="cuda",
+        db=Path(tempfile.mkdtemp()),
+        dtype="float16",
+        config={"size": "full"},
+        arch=args.arch,
+        wgmma=False,  # the GEMMs as TIR, for every variant to build from
     )
     tasks, _ = extract_tuning_tasks(PluginHost(), "stable-diffusion", options)
     return [{"name": t.name, "weight": t.weight, "script": t.mod.script()} for t in tasks]

@@ -195,9 +195,10 @@ def import_and_lift(
     return deploy, weights, imported
 
 
-def pre_schedule_passes(target: tvm.target.Target, extra: list[Any]) -> list[tvm.transform.Pass]:
-    """The build's lowering passes before scheduling: what ``mlcweb tune`` extracts kernels after."""
-    passes = mp.lowering_passes(target, None, mp.PipelineOptions(extra_passes=tuple(extra)))
+def pre_schedule_passes(target: tvm.target.Target, extra: list[Any], wgmma: bool = True) -> list[tvm.transform.Pass]:
+    """The build's lowering passes before scheduling: what ``mlcweb tune`` extracts kernels after.
+    ``wgmma=False`` leaves the GEMMs that ``WgmmaGemm`` would take as TIR (for tile benchmarks)."""
+    passes = mp.lowering_passes(target, None, mp.PipelineOptions(extra_passes=tuple(extra), wgmma=wgmma))
     return passes[: next(i for i, p in enumerate(passes) if p.info.name == "mlcweb.ApplyDatabase")]
 
 

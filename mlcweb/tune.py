@@ -80,6 +80,8 @@ class TuneOptions:
     # per trial: for smoke runs and tests)
     search: str = "evolutionary"
     max_tasks: int | None = None  # only the N heaviest tasks (runs per use x FLOPs)
+    # False: keep the GEMMs WgmmaGemm takes on sm_90 among the tasks (the build does not schedule them)
+    wgmma: bool = True
 
 
 @dataclass
@@ -152,7 +154,7 @@ def extract_tuning_tasks(host: PluginHost, model: str, options: TuneOptions) -> 
     build_target = info.tvm_target()
     extra = host.pipeline_passes(model, target=build_target, options=build_options)
     with build_target:
-        fused = tvm.transform.Sequential(pre_schedule_passes(build_target, extra))(deploy)
+        fused = tvm.transform.Sequential(pre_schedule_passes(build_target, extra, options.wgmma))(deploy)
     runs = host.model(model).spec.runs_per_use
     merged: dict[int, Task] = {}
     entries = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.relax.Function)]

@@ -243,6 +243,8 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
     :class:`UnsupportedGemmError` when it cannot."""
     if any(not all(isinstance(x, tirx.IntImm) for x in p.shape) for p in func.params):
         raise UnsupportedGemmError("symbolic shape")
+    if any(_product(int(x) for x in p.shape) >= 2**31 for p in func.params):
+        raise UnsupportedGemmError("a buffer too large for the kernel's int offsets")
     if not isinstance(func.body, s_tir.SBlockRealize):
         raise UnsupportedGemmError("no root block (already scheduled)")
     sch = s_tir.Schedule(func)
