@@ -247,6 +247,8 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
         raise UnsupportedGemmError("a buffer too large for the kernel's int offsets")
     if not isinstance(func.body, s_tir.SBlockRealize):
         raise UnsupportedGemmError("no root block (already scheduled)")
+    if any(str(p.dtype) not in _C_TYPES for p in func.params):
+        raise UnsupportedGemmError("a parameter of a type the kernel does not take")
     sch = s_tir.Schedule(func)
     reductions = get_reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
     if not reductions or len(reductions) != 1:

@@ -28,7 +28,8 @@ NVCC = shutil.which("nvcc")
 
 @I.ir_module
 class Gemms:
-    """Three fused GEMMs as legalization and fusion leave them (shapes shrunk from SD1.5's)."""
+    """Three fused GEMMs as legalization and fusion leave them (shapes shrunk from SD1.5's), and one with a
+    strided reduction axis that the kernel cannot read."""
 
     @T.prim_func(s_tir=True)
     def conv3x3_bias_residual(
