@@ -105,8 +105,9 @@ def lowering_passes(
     passes.extend(_library_dispatch(target))
     if opts.flash_attention and supports_flash_attention(target):
         passes.append(FlashAttention())
+    wgmma = opts.wgmma and supports_wgmma(target)
     if opts.split_k and sm_version(target) >= 70:
-        passes.append(SplitKConv())
+        passes.append(SplitKConv(wgmma=wgmma))
     if opts.fuse_attention:
         passes.append(FuseAttention())
     passes.append(FuseSoftmax())
@@ -116,7 +117,7 @@ def lowering_passes(
     passes.append(relax.transform.EliminateCommonSubexpr())
     passes.append(FuseOperators())
     passes.extend(opts.extra_passes)
-    if opts.wgmma and supports_wgmma(target):
+    if wgmma:
         passes.append(WgmmaGemm())
     passes.append(ApplyDatabase(target, database))
     # Kernels' global scratch as planned tensors: CUDA graphs capture addresses, which the runtime's

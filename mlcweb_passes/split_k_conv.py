@@ -49,9 +49,10 @@ LARGE_TILE = 128  # TensorCoreMatmul's large output tile edge: a wave of these n
 SLICE_ALIGN = 64  # channels per slice: a multiple of the tiles' deepest reduction step
 MIN_SLICE_REDUCTION = 2880  # products per output in one slice (3 x 3 x 320)
 VECTOR = 8  # with a fixed split count, channels per slice must still be whole 16-byte float16 vectors
+WGMMA_MIN_SLICE_REDUCTION = 1440  # the same for WgmmaGemm's kernels (3 x 3 x 160)
 
 
-def choose_splits(rows: int, cols: int, channels: int, window: int = 9, sms: int = 132) -> int:
+def choose_splits(rows: int, cols: int, channels: int, window: int = 9, sms: int = 132, wgmma: bool = False) -> int:
     """How many slices to split a convolution's input ``channels`` into, for an output of ``rows x cols``
     and a kernel ``window`` (``kh * kw``) on a GPU of ``sms`` multiprocessors.
 
@@ -60,9 +61,23 @@ def choose_splits(rows: int, cols: int, channels: int, window: int = 9, sms: int
     :data:`MIN_SLICE_REDUCTION` long. Measured on an H100 (``benchmarks/split_k.py``, SD1.5's UNet): a
     slice whose channels are not a multiple of the 64-deep reduction step straddles kernel positions and
     ran 2 to 5 times slower; slices shorter than 2,880 gained nothing more.
+
+    ``wgmma``: for :class:`~mlcweb_passes.WgmmaGemm`'s kernels, which load 8 channels at a time and so do
+    not mind straddling: the fewest slices of whole 8-channel vectors, each at least
+    :data:`WGMMA_MIN_SLICE_REDUCTION` long, that make a wave of 128x128 tiles, else the most such slices.
+    On the H100 this picked the fastest count of 1, 2, 4, 8, 16 for each of SD1.5's eight split shapes
+    (``benchmarks/results/2026-11-24-h100-split_k-wgmma.md``).
     """
-    if math.ceil(rows / LARGE_TILE) * math.ceil(cols / LARGE_TILE) >= sms:
+    tiles = math.ceil(rows / LARGE_TILE) * math.ceil(cols / LARGE_TILE)
+    if tiles >= sms:
         return 1
+    if wgmma:
+        fits = [
+            s
+            for s in range(2, channels // VECTOR + 1)
+            if channels % (s * VECTOR) == 0 and window * channels // s >= WGMMA_MIN_SLICE_REDUCTION
+        ]
+        return next((s for s in fits if tiles * s >= sms), max(fits, default=1))
     best = 1
     for splits in range(2, channels // SLICE_ALIGN + 1):
         if channels % (splits * SLICE_ALIGN):
@@ -113,10 +128,11 @@ def _sum_splits(partial: te.Tensor, out_dtype: str) -> te.Tensor:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, splits: int | None, sms: int) -> None:
+    def __init__(self, mod: tvm.IRModule, splits: int | None, sms: int, wgmma: bool) -> None:
         super().__init__(mod)
         self.splits = splits
         self.sms = sms
+        self.wgmma = wgmma
         self.rewritten: list[int] = []
 
     def _split_count(self, call: relax.Call, x_shape: list[int], w_shape: list[int], out_shape: list[int]) -> int:
@@ -134,7 +150,7 @@ class _Rewriter(PyExprMutator):
         if self.splits is not None:
             return self.splits if channels % (self.splits * VECTOR) == 0 else 1
         rows = out_shape[0] * out_shape[1] * out_shape[2]
-        return choose_splits(rows, out_shape[3], channels, w_shape[1] * w_shape[2], self.sms)
+        return choose_splits(rows, out_shape[3], channels, w_shape[1] * w_shape[2], self.sms, self.wgmma)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         if op_name(call) != "relax.nn.conv2d":
@@ -176,17 +192,19 @@ class SplitKConv(ModulePassBase):
     """Split the reduction of float16 NHWC convolutions with few output tiles (see the module docstring).
 
     ``splits`` fixes the slice count for every convolution whose channels divide into it (benchmarks,
-    tests); by default :func:`choose_splits` picks one per shape for ``sms`` multiprocessors.
+    tests); by default :func:`choose_splits` picks one per shape for ``sms`` multiprocessors, by its
+    ``wgmma`` rule when the GEMMs will run as :class:`~mlcweb_passes.WgmmaGemm` kernels.
     """
 
-    def __init__(self, splits: int | None = None, sms: int = 132) -> None:
+    def __init__(self, splits: int | None = None, sms: int = 132, wgmma: bool = False) -> None:
         if splits is not None and splits < 1:
             raise ValueError(f"splits must be at least 1, not {splits}")
         self.splits = splits
         self.sms = sms
+        self.wgmma = wgmma
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _Rewriter(mod, self.splits, self.sms)
+        rewriter = _Rewriter(mod, self.splits, self.sms, self.wgmma)
         result = rewrite_and_clean(mod, rewriter)
         if rewriter.rewritten:
             log.info("%d convolutions split their reduction (%s slices)", len(rewriter.rewritten), rewriter.rewritten)

@@ -127,6 +127,17 @@ def test_split_count_follows_the_h100_measurements() -> None:
     assert mp.choose_splits(128, 1280, 1280, sms=8) == 1  # a small GPU is full
 
 
+def test_split_count_for_wgmma_kernels() -> None:
+    # H100 with WgmmaGemm (results/2026-11-24-h100-split_k-wgmma.md): the fastest of 1-16 slices each time
+    assert mp.choose_splits(128, 1280, 1280, wgmma=True) == 8  # 0.034 ms in 4, 0.029 in 8 (160 channels)
+    assert mp.choose_splits(128, 1280, 2560, wgmma=True) == 16  # 0.049 in 8, 0.040 in 16
+    assert mp.choose_splits(512, 1280, 1280, wgmma=True) == 4  # a wave of tiles; 8 slices: 0.067
+    assert mp.choose_splits(512, 1280, 640, wgmma=True) == 4  # 0.046 in 2, 0.036 in 4
+    assert mp.choose_splits(512, 640, 640, wgmma=True) == 4  # 8 slices would reduce only 720
+    assert mp.choose_splits(2048, 640, 640, wgmma=True) == 2  # 0.059 in 2, 0.066 in 4
+    assert mp.choose_splits(8192, 320, 640, wgmma=True) == 1
+
+
 def _split_kernel(target: tvm.target.Target) -> tvm.IRModule:
     with target:
         fused = mp.FuseOperators()(mp.SplitKConv(splits=4)(DeepConv))
