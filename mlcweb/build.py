@@ -160,12 +160,10 @@ def pre_lift_passes(options: BuildOptions, target: TargetInfo) -> list[tvm.trans
             mp.Float16NormInputs(),
             mp.Float16Residuals(),
         ]
-        tvm_target = target.tvm_target()
-        if mp.tensor_core_matmul.sm_version(tvm_target) >= 70:
+        if mp.tensor_core_matmul.sm_version(target.tvm_target()) >= 70:
             # split-K for convolutions with few output tiles (the pipeline would do it too): here, so
-            # the kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the transform;
-            # counted for the GEMM kernels the pipeline will use (wgmma on sm_90)
-            passes.append(mp.SplitKConv(wgmma=mp.supports_wgmma(tvm_target)))
+            # the kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the transform
+            passes.append(mp.SplitKConv())
     return passes
 
 

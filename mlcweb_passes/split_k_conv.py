@@ -66,7 +66,8 @@ def choose_splits(rows: int, cols: int, channels: int, window: int = 9, sms: int
     not mind straddling: the fewest slices of whole 8-channel vectors, each at least
     :data:`WGMMA_MIN_SLICE_REDUCTION` long, that make a wave of 128x128 tiles, else the most such slices.
     On the H100 this picked the fastest count of 1, 2, 4, 8, 16 for each of SD1.5's eight split shapes
-    (``benchmarks/results/2026-11-24-h100-split_k-wgmma.md``).
+    (``benchmarks/results/2026-11-24-h100-split_k-wgmma.md``), but the whole model showed no gain (runs
+    29-30 of ``benchmarks/README.md``), so builds keep the default rule.
     """
     tiles = math.ceil(rows / LARGE_TILE) * math.ceil(cols / LARGE_TILE)
     if tiles >= sms:
@@ -192,8 +193,8 @@ class SplitKConv(ModulePassBase):
     """Split the reduction of float16 NHWC convolutions with few output tiles (see the module docstring).
 
     ``splits`` fixes the slice count for every convolution whose channels divide into it (benchmarks,
-    tests); by default :func:`choose_splits` picks one per shape for ``sms`` multiprocessors, by its
-    ``wgmma`` rule when the GEMMs will run as :class:`~mlcweb_passes.WgmmaGemm` kernels.
+    tests); by default :func:`choose_splits` picks one per shape for ``sms`` multiprocessors (with
+    ``wgmma=True``, by its rule for :class:`~mlcweb_passes.WgmmaGemm`'s kernels; opt-in).
     """
 
     def __init__(self, splits: int | None = None, sms: int = 132, wgmma: bool = False) -> None:
