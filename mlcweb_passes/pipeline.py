@@ -105,7 +105,6 @@ def lowering_passes(
     passes.extend(_library_dispatch(target))
     if opts.flash_attention and supports_flash_attention(target):
         passes.append(FlashAttention())
-    wgmma = opts.wgmma and supports_wgmma(target)
     if opts.split_k and sm_version(target) >= 70:
         # counted for the WMMA tiles: the wgmma count won per convolution but not measurably in the
         # whole model (benchmarks/README.md, runs 29-30), so it stays opt-in (SplitKConv(wgmma=True))
@@ -119,7 +118,7 @@ def lowering_passes(
     passes.append(relax.transform.EliminateCommonSubexpr())
     passes.append(FuseOperators())
     passes.extend(opts.extra_passes)
-    if wgmma:
+    if opts.wgmma and supports_wgmma(target):
         passes.append(WgmmaGemm())
     passes.append(ApplyDatabase(target, database))
     # Kernels' global scratch as planned tensors: CUDA graphs capture addresses, which the runtime's
