@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import subprocess
 import tempfile
@@ -73,6 +74,7 @@ _BINARY = {
     tirx.And: "&&",
     tirx.Or: "||",
 }
+_MIN_MAX = {"float32": ("fminf", "fmaxf"), "float16": ("__hmin", "__hmax")}  # (min, max); else std
 _FLOAT_CALLS = {
     "tirx.exp": "expf",
     "tirx.sigmoid": None,
@@ -139,10 +141,7 @@ class _Printer:
         if isinstance(e, tirx.Not):
             return f"(!{self(e.a)})"
         if isinstance(e, tirx.Min | tirx.Max):
-            fn = ("fminf" if isinstance(e, tirx.Min) else "fmaxf") if _dtype(e) == "float32" else None
-            if fn is None:
-                fn = "__hmin" if isinstance(e, tirx.Min) else "__hmax"
-                fn = fn if _dtype(e) == "float16" else ("min" if isinstance(e, tirx.Min) else "max")
+            fn = _MIN_MAX.get(_dtype(e), ("min", "max"))[isinstance(e, tirx.Max)]
             return f"{fn}({self(e.a)}, {self(e.b)})"
         if isinstance(e, tirx.Select):
             return f"({self(e.condition)} ? {self(e.true_value)} : {self(e.false_value)})"
@@ -155,12 +154,12 @@ class _Printer:
     def _cast(self, to: str, frm: str, text: str) -> str:
         if to == frm:
             return text
+        if to not in _C_TYPES:
+            raise UnsupportedGemmError(f"cast to {to}")
         if to == "float16":
             return f"__float2half((float)({text}))" if frm != "float32" else f"__float2half({text})"
         if frm == "float16":
-            return f"(({_C_TYPES.get(to, 'float')})__half2float({text}))"
-        if to not in _C_TYPES:
-            raise UnsupportedGemmError(f"cast to {to}")
+            return f"(({_C_TYPES[to]})__half2float({text}))"
         return f"(({_C_TYPES[to]})({text}))"
 
     def _load(self, e: Any) -> str:
@@ -243,7 +242,7 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
     :class:`UnsupportedGemmError` when it cannot."""
     if any(not all(isinstance(x, tirx.IntImm) for x in p.shape) for p in func.params):
         raise UnsupportedGemmError("symbolic shape")
-    if any(_product(int(x) for x in p.shape) >= 2**31 for p in func.params):
+    if any(math.prod(int(x) for x in p.shape) >= 2**31 for p in func.params):
         raise UnsupportedGemmError("a buffer too large for the kernel's int offsets")
     if not isinstance(func.body, s_tir.SBlockRealize):
         raise UnsupportedGemmError("no root block (already scheduled)")
@@ -294,7 +293,7 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
             raise UnsupportedGemmError("reduction axis also indexes elsewhere")
         if int(operand.buffer.shape[-1]) % 8 or inner_extent % 8:
             raise UnsupportedGemmError("rows are not 16-byte vectors")
-    sizes = {key: _product(e for _, e in group) for key, group in groups.items()}
+    sizes = {key: math.prod(e for _, e in group) for key, group in groups.items()}
     if min(sizes["m"], sizes["n"]) < 64 or sizes["k"] < BLOCK_K:
         raise UnsupportedGemmError("too small for a 128-row tile")
 
@@ -310,9 +309,9 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
     def source(operand: _Operand, row: str) -> str:
         decls = " ".join([batch, _decompose(row, groups[row], names), _decompose("k", groups["k"], names)])
         cond = f"ok = ok && {printer(operand.condition)}; " if operand.condition is not None else ""
-        if not any(p.same_as(operand.buffer) for p in func.params):
+        base = next((name for p, name in buffers.items() if p.same_as(operand.buffer)), None)
+        if base is None:
             raise UnsupportedGemmError("operand is computed in the kernel")
-        base = buffers[next(p for p in func.params if p.same_as(operand.buffer))]
         return f"{decls} {cond}return ok ? {base} + ({printer.offset(operand.buffer, operand.indices)}) : {base};"
 
     a_src, b_src = source(x, "m"), source(y, "n")
@@ -396,13 +395,6 @@ def _resolve(index: Any, index_of: dict[Any, Any]) -> Any:
             if var.same_as(index):
                 return gemm_index
     return index
-
-
-def _product(values: Any) -> int:
-    result = 1
-    for v in values:
-        result *= v
-    return result
 
 
 # ----------------------------------------------------------------------------------------------- pass
