@@ -122,20 +122,11 @@ def _build(job: tuple[str, str, str, str, str]) -> tuple[str, str | None, str | 
     func = tvm.script.from_source(script)["main"].with_attr("global_symbol", "main")
     try:
         if variant.startswith("wgmma"):
-            return key, _build_wgmma(func, variant, target, out, key), None
-        if variant == "dlight":
-            rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
-            rule: Any = None
+            lib = _build_wgmma(func, variant, target)
         else:
-            tile = None if variant == "chosen" else _tile(variant)
-            rule = TensorCoreMatmul(tile=tile)
-            rules = [rule, dl.gpu.Fallback()]
-        with target:
-            mod = dl.ApplyDefaultSchedule(*rules)(tvm.IRModule({"main": func}))
-        if rule is not None and "mma" not in mod.script():  # wmma or mma.sync
-            return key, None, "rule did not apply"
-        with tvm.transform.PassContext(config={} if mode == "sync" else async_copy_config(target)):
-            lib = tvm.compile(mod, target)
+            lib = _build_scheduled(func, variant, mode, target)
+            if lib is None:
+                return key, None, "rule did not apply"
         path = os.path.join(out, f"{abs(hash(key))}.so")
         lib.export_library(path)
         return key, path, None
@@ -143,8 +134,26 @@ def _build(job: tuple[str, str, str, str, str]) -> tuple[str, str | None, str | 
         return key, None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
 
 
-def _build_wgmma(func: Any, variant: str, target: Any, out: str, key: str) -> str:
-    """``wgmma`` (the chosen tile) or ``wgmma:block_n,stages``: the WgmmaGemm kernel, exported."""
+def _build_scheduled(func: Any, variant: str, mode: str, target: Any) -> Any:
+    """``dlight``, ``chosen`` or a TensorCoreMatmul tile: the scheduled kernel, compiled; None when the
+    tile rule does not take it."""
+    if variant == "dlight":
+        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+        rule: Any = None
+    else:
+        tile = None if variant == "chosen" else _tile(variant)
+        rule = TensorCoreMatmul(tile=tile)
+        rules = [rule, dl.gpu.Fallback()]
+    with target:
+        mod = dl.ApplyDefaultSchedule(*rules)(tvm.IRModule({"main": func}))
+    if rule is not None and "mma" not in mod.script():  # wmma or mma.sync
+        return None
+    with tvm.transform.PassContext(config={} if mode == "sync" else async_copy_config(target)):
+        return tvm.compile(mod, target)
+
+
+def _build_wgmma(func: Any, variant: str, target: Any) -> Any:
+    """``wgmma`` (the chosen tile) or ``wgmma:block_n,stages[,overlap]``: the WgmmaGemm kernel, compiled."""
     from mlcweb_passes.wgmma_gemm import compile_kernels, launcher, plan_kernel
     from mlcweb_passes.wgmma_source import WgmmaTile
 
@@ -153,9 +162,7 @@ def _build_wgmma(func: Any, variant: str, target: Any, out: str, key: str) -> st
     kernel = plan_kernel(func, "mlcweb_wgmma_main", tile=tile)
     lib = tvm.compile(tvm.IRModule({"main": launcher(func, kernel).with_attr("global_symbol", "main")}), target)
     lib.mod.import_module(compile_kernels([kernel]))
-    path = os.path.join(out, f"{abs(hash(key))}.so")
-    lib.export_library(path)
-    return path
+    return lib
 
 
 def _tile(text: str) -> TensorCoreTile:
