@@ -35,7 +35,7 @@ from typing import Any
 
 import tvm
 import tvm_ffi
-from tvm import s_tir, tirx
+from tvm import s_tir, sym, tirx
 from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
 
 from ._base import ModulePassBase, uses_var
@@ -74,6 +74,7 @@ _BINARY = {
     tirx.And: "&&",
     tirx.Or: "||",
 }
+_INDEX_TYPES = ("int32", "int64", "bool")
 _MIN_MAX = {"float32": ("fminf", "fmaxf"), "float16": ("__hmin", "__hmax")}  # (min, max); else std
 _FLOAT_CALLS = {
     "tirx.exp": "expf",
@@ -116,14 +117,28 @@ def choose_wgmma_tile(batch: int, m: int, n: int, k: int, sms: int = 132) -> Wgm
 
 # --------------------------------------------------------------------------------------------- C++ text
 class _Printer:
-    """TIR expressions as C++, with variables named by ``names`` and buffers by ``buffers``."""
+    """TIR expressions as C++, with variables named by ``names`` and buffers by ``buffers``.
 
-    def __init__(self, names: dict[Any, str], buffers: dict[Any, str], acc: Any = None) -> None:
+    Integer and boolean expressions (indices, offsets, conditions) are first simplified by ``analyzer``,
+    which knows each GEMM axis as a function of the flat ``s``, ``m``, ``n``, ``k`` and their ranges: a
+    weight read ``w[f, ry, rx, c]`` with ``ry, rx, c`` taken apart from ``k`` prints as ``n * 2880 + k``,
+    not as the divisions and remainders of each axis, which the kernel's loads would otherwise recompute
+    for every 16-byte copy."""
+
+    def __init__(self, names: dict[Any, str], buffers: dict[Any, str], analyzer: Any, acc: Any = None) -> None:
         self.names = names
         self.buffers = buffers
+        self.analyzer = analyzer
         self.acc = acc  # the GEMM's accumulator buffer: loads of it are the ``acc`` value
 
     def __call__(self, e: Any) -> str:
+        index = _dtype(e) in _INDEX_TYPES
+        return self._emit(self.analyzer.simplify(e) if index else e, index)
+
+    def _emit(self, e: Any, simplified: bool) -> str:
+        def child(x: Any) -> str:
+            return self._emit(x, True) if simplified else self(x)
+
         if isinstance(e, tirx.Var):
             for var, name in self.names.items():
                 if var.same_as(e):
@@ -135,21 +150,29 @@ class _Printer:
             text = f"{float(e.value)!r}f"
             return f"__float2half({text})" if _dtype(e) == "float16" else text
         if isinstance(e, tirx.Cast):
-            return self._cast(_dtype(e), _dtype(e.value), self(e.value))
+            return self._cast(_dtype(e), _dtype(e.value), child(e.value))
+        if isinstance(e, tirx.FloorDiv | tirx.FloorMod) and not self._truncates_as_floor(e):
+            a, b = child(e.a), child(e.b)
+            quotient = f"(({a}) / ({b}) - ((({a}) % ({b}) != 0) && ((({a}) < 0) != (({b}) < 0))))"
+            return quotient if isinstance(e, tirx.FloorDiv) else f"(({a}) - {quotient} * ({b}))"
         if type(e) in _BINARY:
-            return f"({self(e.a)} {_BINARY[type(e)]} {self(e.b)})"
+            return f"({child(e.a)} {_BINARY[type(e)]} {child(e.b)})"
         if isinstance(e, tirx.Not):
-            return f"(!{self(e.a)})"
+            return f"(!{child(e.a)})"
         if isinstance(e, tirx.Min | tirx.Max):
             fn = _MIN_MAX.get(_dtype(e), ("min", "max"))[isinstance(e, tirx.Max)]
-            return f"{fn}({self(e.a)}, {self(e.b)})"
+            return f"{fn}({child(e.a)}, {child(e.b)})"
         if isinstance(e, tirx.Select):
-            return f"({self(e.condition)} ? {self(e.true_value)} : {self(e.false_value)})"
+            return f"({child(e.condition)} ? {child(e.true_value)} : {child(e.false_value)})"
         if isinstance(e, _LOAD):
             return self._load(e)
         if isinstance(e, tvm.ir.Call):
-            return self._call(e)
+            return self._call(e, child)
         raise UnsupportedGemmError(f"expression {type(e).__name__}")
+
+    def _truncates_as_floor(self, e: Any) -> bool:
+        """Whether C's truncating ``/`` and ``%`` give ``e``'s floor division: both operands non-negative."""
+        return bool(self.analyzer.can_prove(e.a >= 0) and self.analyzer.can_prove(e.b > 0))
 
     def _cast(self, to: str, frm: str, text: str) -> str:
         if to == frm:
@@ -171,33 +194,40 @@ class _Printer:
         raise UnsupportedGemmError(f"load of {e.source}, not a parameter")
 
     def offset(self, buf: Any, indices: list[Any]) -> str:
-        """The row-major element offset of ``indices`` in ``buf``."""
-        shape = [int(x) for x in buf.shape]
-        text, stride = [], 1
-        for index, extent in zip(reversed(indices), reversed(shape), strict=True):
-            text.append(self(index) if stride == 1 else f"{self(index)} * {stride}")
-            stride *= extent
-        return " + ".join(reversed(text)) or "0"
+        """The row-major element offset of ``indices`` in ``buf``, simplified."""
+        flat = indices[0]
+        for index, extent in zip(indices[1:], buf.shape[1:], strict=True):
+            flat = flat * int(extent) + index
+        return self(flat)
 
-    def _call(self, e: Any) -> str:
+    def _call(self, e: Any, child: Any) -> str:
         name = e.op.name
         if name in ("prim.if_then_else", "tirx.if_then_else"):
             cond, a, b = e.args
-            return f"({self(cond)} ? {self(a)} : {self(b)})"
+            return f"({child(cond)} ? {child(a)} : {child(b)})"
         if name in _FLOAT_CALLS and _dtype(e) == "float32":
-            arg = self(e.args[0])
+            arg = child(e.args[0])
             return f"(1.f / (1.f + expf(-({arg}))))" if name == "tirx.sigmoid" else f"{_FLOAT_CALLS[name]}({arg})"
         raise UnsupportedGemmError(f"call {name}")
 
 
-def _decompose(flat: str, group: list[tuple[Any, int]], names: dict[Any, str]) -> str:
-    """C++ declarations of ``group``'s variables from their row-major flat index ``flat``."""
-    lines, stride = [], 1
-    for var, extent in reversed(group):
-        value = flat if stride == 1 else f"({flat} / {stride})"
-        lines.append(f"const int {names[var]} = {value} % {extent};")
-        stride *= extent
-    return " ".join(reversed(lines))
+def _flatten_axes(groups: dict[str, list[tuple[Any, int]]]) -> tuple[Any, dict[Any, str]]:
+    """An analyzer in which each GEMM axis variable stands for its part of its group's flat index (the
+    group's axes in row-major order), and the flat variables' C++ names ``s``, ``m``, ``n``, ``k``."""
+    analyzer = sym.Analyzer()
+    names: dict[Any, str] = {}
+    for key, group in groups.items():
+        dtypes = {_dtype(var) for var, _ in group} or {"int32"}
+        if len(dtypes) != 1:
+            raise UnsupportedGemmError(f"the {key} axes mix index types")
+        flat = tirx.Var(key, dtypes.pop())
+        names[flat] = key
+        analyzer.bind(flat, tvm.ir.Range(0, math.prod(extent for _, extent in group)))
+        stride = 1
+        for var, extent in reversed(group):
+            analyzer.bind(var, tirx.floormod(tirx.floordiv(flat, stride), extent))
+            stride *= extent
+    return analyzer, names
 
 
 # ------------------------------------------------------------------------------------------- analysis
@@ -297,33 +327,30 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
     if min(sizes["m"], sizes["n"]) < 64 or sizes["k"] < BLOCK_K:
         raise UnsupportedGemmError("too small for a 128-row tile")
 
-    names = {var: f"v{i}" for i, (var, _) in enumerate(g for group in groups.values() for g in group)}
+    analyzer, names = _flatten_axes(groups)
     buffers = {p: f"p{i}" for i, p in enumerate(func.params)}
     params = tuple(
         f"{'' if i == len(func.params) - 1 else 'const '}{_C_TYPES[str(p.dtype)]}* __restrict__ p{i}"
         for i, p in enumerate(func.params)
     )
-    printer = _Printer(names, buffers)
-    batch = _decompose("s", groups["s"], names)
+    printer = _Printer(names, buffers, analyzer)
 
-    def source(operand: _Operand, row: str) -> str:
-        decls = " ".join([batch, _decompose(row, groups[row], names), _decompose("k", groups["k"], names)])
+    def source(operand: _Operand) -> str:
         cond = f"ok = ok && {printer(operand.condition)}; " if operand.condition is not None else ""
         base = next((name for p, name in buffers.items() if p.same_as(operand.buffer)), None)
         if base is None:
             raise UnsupportedGemmError("operand is computed in the kernel")
-        return f"{decls} {cond}return ok ? {base} + ({printer.offset(operand.buffer, operand.indices)}) : {base};"
+        return f"{cond}return ok ? {base} + ({printer.offset(operand.buffer, operand.indices)}) : {base};"
 
-    a_src, b_src = source(x, "m"), source(y, "n")
+    a_src, b_src = source(x), source(y)
     out_buffer = func.params[-1]
     if last is None:  # the GEMM writes the output
         if not store.buffer.same_as(out_buffer):
             raise UnsupportedGemmError("GEMM result is not the output")
         epilogue_value, write_indices = tirx.BufferLoad(store.buffer, out_indices), out_indices
-        epi_printer = _Printer(names, buffers, acc=store.buffer)
     else:
-        epilogue_value, write_indices, epi_printer = _epilogue(sch.get(last), store, names, buffers, out_buffer)
-    decls = " ".join([batch, _decompose("m", groups["m"], names), _decompose("n", groups["n"], names)])
+        epilogue_value, write_indices = _epilogue(sch.get(last), store, analyzer, out_buffer)
+    epi_printer = _Printer(names, buffers, analyzer, acc=store.buffer)
     out_type = _C_TYPES.get(str(out_buffer.dtype))
     if out_type not in ("half", "float"):
         raise UnsupportedGemmError(f"output dtype {out_buffer.dtype}")
@@ -344,17 +371,17 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
         params=params,
         a_src=a_src,
         b_src=b_src,
-        value=f"{decls} return {epi_printer(epilogue_value)};",
-        offset=f"{decls} return {epi_printer.offset(out_buffer, write_indices)};",
+        value=f"return {epi_printer(epilogue_value)};",
+        offset=f"return {epi_printer.offset(out_buffer, write_indices)};",
         out=f"p{len(func.params) - 1}",
         out_type=out_type,
         pairs=pairs,
     )
 
 
-def _epilogue(block: Any, store: Any, names: dict[Any, str], buffers: dict[Any, str], out: Any) -> tuple:
-    """The last epilogue block's value and output indices, its variables named as the GEMM output's
-    indices, and the printer for them."""
+def _epilogue(block: Any, store: Any, analyzer: Any, out: Any) -> tuple:
+    """The last epilogue block's value and output indices; its variables are bound in ``analyzer`` to the
+    GEMM output's indices they read."""
     final = block.body
     if not isinstance(final, tirx.BufferStore) or not final.buffer.same_as(out):
         raise UnsupportedGemmError("epilogue does not write the output")
@@ -370,12 +397,9 @@ def _epilogue(block: Any, store: Any, names: dict[Any, str], buffers: dict[Any, 
             index_of[index] = store.indices[position]
     if len(index_of) != len(own):
         raise UnsupportedGemmError("epilogue has axes of its own")
-    gemm_printer = _Printer(names, buffers)
-    epi_names = dict(names)
     for var, gemm_index in index_of.items():
-        epi_names[var] = f"({gemm_printer(gemm_index)})"
-    write = [_resolve(i, index_of) for i in final.indices]
-    return final.value, write, _Printer(epi_names, buffers, acc=store.buffer)
+        analyzer.bind(var, gemm_index)
+    return final.value, [_resolve(i, index_of) for i in final.indices]
 
 
 def _loads(e: Any) -> list[Any]:
