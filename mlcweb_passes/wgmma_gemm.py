@@ -96,20 +96,26 @@ class UnsupportedGemmError(Exception):
 
 def choose_wgmma_tile(batch: int, m: int, n: int, k: int, sms: int = 132) -> WgmmaTile:
     """The tile for a ``batch x m x n`` GEMM over ``k``, a rule fitted to ``benchmarks/gemm_tiles.py
-    --wgmma-only`` on an H100 (``results/2026-11-24-h100-gemm_tiles-wgmma.md``: 116.8 ms weighted over
-    SD1.5's 40 heaviest GEMMs, against 115.7 for the best tile of each):
+    --wgmma-only`` on an H100 (``results/2026-11-25-h100-gemm_tiles-wgmma-2.md``, SD1.5's 32 heaviest
+    GEMMs). Wide tiles read less from L2 per multiply-add, so the widest that divides N is taken where
+    the reduction is long enough to amortise a block's start and its blocks fill their waves:
 
-    - 160 columns, 4 stages (one block per SM) where 160 divides N, the reduction is long (K >= 1280) or
-      N is at most 320 (128-wide tiles would pad 320 to 384), and the blocks fill at least 3/4 of the
-      waves they take;
+    - 256 columns, 4 stages (one block per SM) where 256 divides N, K >= 1280, and the blocks fill 85% of
+      their waves (the VAE's 256- and 512-channel convolutions, 4-5% faster than 128 columns);
+    - 160 columns, 4 stages where 160 divides N, the reduction is long (K >= 1280) or N is at most 320
+      (128-wide tiles would pad 320 to 384), and the blocks fill at least 3/4 of their waves;
     - else 128 columns, 3 stages (two blocks per SM) when that makes half a wave;
     - else 64 columns, for more blocks.
     """
     rows = batch * -(-m // BLOCK_M)
-    if n % 160 == 0 and (k >= 1280 or n <= 320):
-        blocks = rows * (n // 160)
-        if blocks >= sms * 3 // 4 and blocks * 4 >= -(-blocks // sms) * sms * 3:
-            return WgmmaTile(160, 4)
+
+    def fill(blocks: int) -> float:
+        return blocks / (-(-blocks // sms) * sms)
+
+    if n % 256 == 0 and k >= 1280 and fill(rows * (n // 256)) >= 0.85:
+        return WgmmaTile(256, 4)
+    if n % 160 == 0 and (k >= 1280 or n <= 320) and fill(rows * (n // 160)) >= 0.75:
+        return WgmmaTile(160, 4)
     if rows * -(-n // 128) >= sms // 2:
         return WgmmaTile(128, 3)
     return WgmmaTile(64, 4)
@@ -155,6 +161,9 @@ class _Printer:
             a, b = child(e.a), child(e.b)
             quotient = f"(({a}) / ({b}) - ((({a}) % ({b}) != 0) && ((({a}) < 0) != (({b}) < 0))))"
             return quotient if isinstance(e, tirx.FloorDiv) else f"(({a}) - {quotient} * ({b}))"
+        if isinstance(e, tirx.And | tirx.Or) and not _loads(e):
+            # Both sides, without C++'s short circuit: a branch per clause cost more than the clause.
+            return f"({child(e.a)} {'&' if isinstance(e, tirx.And) else '|'} {child(e.b)})"
         if type(e) in _BINARY:
             return f"({child(e.a)} {_BINARY[type(e)]} {child(e.b)})"
         if isinstance(e, tirx.Not):
@@ -336,7 +345,7 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
     printer = _Printer(names, buffers, analyzer)
 
     def source(operand: _Operand) -> str:
-        cond = f"ok = ok && {printer(operand.condition)}; " if operand.condition is not None else ""
+        cond = f"ok = ok & {printer(operand.condition)}; " if operand.condition is not None else ""
         base = next((name for p, name in buffers.items() if p.same_as(operand.buffer)), None)
         if base is None:
             raise UnsupportedGemmError("operand is computed in the kernel")

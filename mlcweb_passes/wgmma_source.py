@@ -9,10 +9,8 @@ the fused epilogue, and attaches the compiled kernels to the module.
 
 The kernel computes ``C[s, m, n] = epilogue(sum_k A[s, m, k] * B[s, n, k])`` in float32:
 
-- a thread block of two warpgroups computes ``block_m x block_n`` outputs of batch ``blockIdx.z``, each
-  warpgroup ``block_m / 2`` rows (one or two ``wgmma.m64n{block_n}k16`` per 16-wide K step). A 256-row
-  tile reads a quarter less from L2 per multiply-add than a 128-row one: at 128 x 160 the loads need
-  about 14 bytes per 1000 flops, which the H100's L2 can serve for about 400 TFLOPS, not more;
+- a thread block of two warpgroups computes ``128 x block_n`` outputs of batch ``blockIdx.z``, each
+  warpgroup 64 rows with ``wgmma.m64n{block_n}k16``;
 - 64-wide K tiles go through a ring of ``stages`` shared-memory buffers by ``cp.async``, in the 128-byte
   swizzle the wgmma descriptors name. A load moves 8 consecutive K elements (16 bytes); the generated
   ``a_src`` / ``b_src`` give each one's address, or clear ``ok`` to zero-fill it (past M, N or K, or in
@@ -26,15 +24,14 @@ from dataclasses import dataclass
 
 __all__ = ["BLOCK_K", "BLOCK_M", "THREADS", "WgmmaKernel", "WgmmaTile", "module_source"]
 
-BLOCK_M = 128  # the smallest tile: two warpgroups of 64 rows
+BLOCK_M = 128  # two warpgroups of 64 rows
 BLOCK_K = 64  # one 128-byte swizzle row of float16
 THREADS = 256
 
 
 @dataclass(frozen=True)
 class WgmmaTile:
-    """``block_m x block_n`` outputs per block (``block_m`` 128 or 256; ``block_n`` a multiple of 8, at
-    most 256) over ``stages`` K tiles.
+    """``block_n`` output columns per block (a multiple of 8, at most 256) over ``stages`` K tiles.
 
     ``overlap`` keeps one wgmma group in flight while the next K tile's is issued (loads then run
     ``stages - 2`` tiles ahead, not ``stages - 1``)."""
@@ -42,23 +39,16 @@ class WgmmaTile:
     block_n: int = 128
     stages: int = 4
     overlap: bool = False
-    block_m: int = BLOCK_M
 
     def __post_init__(self) -> None:
         if self.block_n % 8 or not 8 <= self.block_n <= 256:
             raise ValueError(f"block_n must be a multiple of 8 in [8, 256], not {self.block_n}")
-        if self.block_m not in (128, 256):
-            raise ValueError(f"block_m must be 128 or 256, not {self.block_m}")
-        if self.block_m * self.block_n > 256 * 160:
-            raise ValueError(f"a {self.block_m} x {self.block_n} tile needs more accumulators than a thread holds")
         if self.stages < (3 if self.overlap else 2):
             raise ValueError(f"stages must be at least {3 if self.overlap else 2}, not {self.stages}")
-        if self.shared_bytes() > 227 * 1024:
-            raise ValueError(f"{self.stages} stages of a {self.block_m} x {self.block_n} tile exceed shared memory")
 
     def shared_bytes(self) -> int:
         """Dynamic shared memory: the A and B rings, plus 1 KB to align them to the swizzle."""
-        return self.stages * (self.block_m + self.block_n) * BLOCK_K * 2 + 1024
+        return self.stages * (BLOCK_M + self.block_n) * BLOCK_K * 2 + 1024
 
 
 @dataclass(frozen=True)
@@ -89,7 +79,7 @@ class WgmmaKernel:
     pairs: bool
 
     def grid(self) -> tuple[int, int, int]:
-        return (-(-self.n // self.tile.block_n), -(-self.m // self.tile.block_m), self.batch)
+        return (-(-self.n // self.tile.block_n), -(-self.m // BLOCK_M), self.batch)
 
     def io_source(self) -> str:
         """``struct {name}_io``: the kernel's pointers and the generated operand addressing and epilogue, as
@@ -112,13 +102,13 @@ struct {self.name}_io {{
         out = f"io.{self.out}"
         store = (
             f"if (n + 1 < N) {{ *reinterpret_cast<{pair_type}*>({out} + io.offset(s, m, n)) = "
-            f"{make_pair}(io.value(d[r][i], s, m, n), io.value(d[r][i + 1], s, m, n + 1)); }} "
-            f"else if (n < N) {{ {out}[io.offset(s, m, n)] = io.value(d[r][i], s, m, n); }}"
+            f"{make_pair}(io.value(d[i], s, m, n), io.value(d[i + 1], s, m, n + 1)); }} "
+            f"else if (n < N) {{ {out}[io.offset(s, m, n)] = io.value(d[i], s, m, n); }}"
             if self.pairs
-            else f"if (n < N) {out}[io.offset(s, m, n)] = io.value(d[r][i], s, m, n); "
-            f"if (n + 1 < N) {out}[io.offset(s, m, n + 1)] = io.value(d[r][i + 1], s, m, n + 1);"
+            else f"if (n < N) {out}[io.offset(s, m, n)] = io.value(d[i], s, m, n); "
+            f"if (n + 1 < N) {out}[io.offset(s, m, n + 1)] = io.value(d[i + 1], s, m, n + 1);"
         )
-        regs, slabs = t.block_n // 2, t.block_m // 128  # accumulators per 64-row slab; slabs per warpgroup
+        regs = t.block_n // 2
         names = ", ".join(p.rsplit(" ", 1)[-1] for p in self.params)
         # Loads run `ahead` K tiles in front of the MMAs. Without overlap each step waits for its wgmma, so
         # the next load may reuse the buffer read the step before; with overlap one wgmma group stays in
@@ -128,43 +118,37 @@ struct {self.name}_io {{
             self.io_source()
             + f"""
 extern "C" __global__ void __launch_bounds__({THREADS}, 1) {self.name}({", ".join(self.params)}) {{
-  constexpr int M = {self.m}, N = {self.n}, K = {self.k}, STAGES = {t.stages}, BM = {t.block_m}, BN = {t.block_n};
-  constexpr int AHEAD = {ahead}, SLABS = {slabs};
-  constexpr int A_BYTES = BM * {BLOCK_K} * 2, B_BYTES = BN * {BLOCK_K} * 2;
+  constexpr int M = {self.m}, N = {self.n}, K = {self.k}, STAGES = {t.stages}, BN = {t.block_n}, AHEAD = {ahead};
+  constexpr int A_BYTES = {BLOCK_M} * {BLOCK_K} * 2, B_BYTES = BN * {BLOCK_K} * 2;
   constexpr int K_TILES = (K + {BLOCK_K - 1}) / {BLOCK_K};
   const {self.name}_io io{{{names}}};
   extern __shared__ __align__(1024) unsigned char shared_raw[];
   const uint32_t base = (smem_addr(shared_raw) + 1023) & ~1023u;
-  const int s = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, warpgroup = threadIdx.x >> 7;
+  const int s = blockIdx.z, m0 = blockIdx.y * {BLOCK_M}, n0 = blockIdx.x * BN, warpgroup = threadIdx.x >> 7;
   auto a_src = [&](int m, int k, bool& ok) {{ return io.a_src(s, m, k, ok); }};
   auto b_src = [&](int n, int k, bool& ok) {{ return io.b_src(s, n, k, ok); }};
   auto load = [&](int kt) {{
     if (kt < K_TILES) {{
       const uint32_t a = base + (kt % STAGES) * (A_BYTES + B_BYTES);
-      load_tile<BM>(a, m0, M, kt * {BLOCK_K}, K, a_src);
+      load_tile<{BLOCK_M}>(a, m0, M, kt * {BLOCK_K}, K, a_src);
       load_tile<BN>(a + A_BYTES, n0, N, kt * {BLOCK_K}, K, b_src);
     }}
     asm volatile("cp.async.commit_group;\\n" ::);
   }};
-  float d[SLABS][{regs}];
+  float d[{regs}];
 #pragma unroll
-  for (int r = 0; r < SLABS; ++r)
-#pragma unroll
-    for (int i = 0; i < {regs}; ++i) d[r][i] = 0.f;
+  for (int i = 0; i < {regs}; ++i) d[i] = 0.f;
 #pragma unroll
   for (int stage = 0; stage < AHEAD; ++stage) load(stage);
   for (int kt = 0; kt < K_TILES; ++kt) {{
     asm volatile("cp.async.wait_group %0;\\n" ::"n"(AHEAD - 1));  // K tile kt has landed
     asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");
     __syncthreads();
-    const uint32_t a = base + (kt % STAGES) * (A_BYTES + B_BYTES) + warpgroup * SLABS * 64 * 128;
+    const uint32_t a = base + (kt % STAGES) * (A_BYTES + B_BYTES) + warpgroup * 64 * 128;
     const uint32_t b = base + (kt % STAGES) * (A_BYTES + B_BYTES) + A_BYTES;
     asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory");
 #pragma unroll
-    for (int kk = 0; kk < {BLOCK_K // 16}; ++kk)
-#pragma unroll
-      for (int r = 0; r < SLABS; ++r)
-        wgmma_n{t.block_n}(d[r], smem_desc(a + r * 64 * 128 + kk * 32), smem_desc(b + kk * 32));
+    for (int kk = 0; kk < {BLOCK_K // 16}; ++kk) wgmma_n{t.block_n}(d, smem_desc(a + kk * 32), smem_desc(b + kk * 32));
     asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");
     load(kt + AHEAD);
     asm volatile("wgmma.wait_group.sync.aligned %0;\\n" ::"n"({1 if t.overlap else 0}) : "memory");
@@ -173,10 +157,8 @@ extern "C" __global__ void __launch_bounds__({THREADS}, 1) {self.name}({", ".joi
   asm volatile("cp.async.wait_group 0;\\n" ::);
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
 #pragma unroll
-  for (int r = 0; r < SLABS; ++r)
-#pragma unroll
   for (int i = 0; i < {regs}; i += 2) {{  // wgmma's accumulator layout: rows lane/4 and +8, column pairs
-    const int m = m0 + (warpgroup * SLABS + r) * 64 + warp * 16 + (lane >> 2) + ((i >> 1) & 1) * 8;
+    const int m = m0 + warpgroup * 64 + warp * 16 + (lane >> 2) + ((i >> 1) & 1) * 8;
     const int n = n0 + (i >> 2) * 8 + (lane & 3) * 2;
     if (m < M) {{ {store} }}
   }}

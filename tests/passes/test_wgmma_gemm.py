@@ -190,7 +190,7 @@ def test_generated_addressing_and_epilogue_match_tvm(name, tmp_path):
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 def test_kernels_compile_for_sm90a():
     kernels = [wg.plan_kernel(Gemms[name], f"k_{name}", tile=WgmmaTile(64, 4, overlap=True)) for name in TAKEN]
-    kernels.append(wg.plan_kernel(Gemms["conv3x3_bias_residual"], "k_160", tile=WgmmaTile(160, 4)))
+    kernels += [wg.plan_kernel(Gemms["conv3x3_bias_residual"], f"k_{n}", tile=WgmmaTile(n, 4)) for n in (160, 256)]
     cubin = wg._cubin(module_source(kernels), "sm_90a")
     assert cubin[:4] == b"\x7fELF" and all(k.name.encode() in cubin for k in kernels)
 
@@ -241,7 +241,10 @@ def _some_module():
         ((1, 8192, 320, 2880), (160, 4)),  # 3x3 convolution at 64x64: long K, 128 blocks
         ((1, 8192, 320, 320), (160, 4)),  # attention projection: N=320 would pad to 384 in 128s
         ((1, 8192, 2560, 320), (128, 3)),  # GEGLU projection: short K, two blocks per SM
-        ((6, 512, 1280, 2880), (128, 3)),  # split-K: 160 columns would leave a 60-block second wave
+        ((6, 512, 1280, 2880), (256, 4)),  # split-K: 120 blocks of 256 columns fill one wave
+        ((8, 512, 1280, 2880), (160, 4)),  # ... but 160 of 8 slices would leave 28 for a second
+        ((3, 2048, 640, 2880), (128, 3)),  # 160 columns would leave a 60-block second wave
+        ((1, 65536, 512, 4608), (256, 4)),  # VAE convolution at 256x256
         ((1, 512, 1280, 1280), (64, 4)),  # 40 blocks of 128 columns: narrower tiles for more blocks
     ],
 )
