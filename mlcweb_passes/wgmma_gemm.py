@@ -96,7 +96,7 @@ class UnsupportedGemmError(Exception):
 
 def choose_wgmma_tile(batch: int, m: int, n: int, k: int, sms: int = 132) -> WgmmaTile:
     """The tile for a ``batch x m x n`` GEMM over ``k``, a rule fitted to ``benchmarks/gemm_tiles.py
-    --wgmma-only`` on an H100 (``results/2026-11-25-h100-gemm_tiles-wgmma-2.md``, SD1.5's 32 heaviest
+    --wgmma-only`` on an H100 (``results/2026-11-24-h100-gemm_tiles-wgmma-2.md``, SD1.5's 32 heaviest
     GEMMs). Wide tiles read less from L2 per multiply-add, so the widest that divides N is taken where
     the reduction is long enough to amortise a block's start and its blocks fill their waves:
 
