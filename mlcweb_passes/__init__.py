@@ -39,6 +39,7 @@ from .mixed_precision import MixedPrecision
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
 from .pipeline import PipelineOptions, lowering_passes, pipeline
 from .row_reduction import RowReduction
+from .short_row_reduction import ShortRowReduction
 from .skinny_matmul import SkinnyMatmul
 from .split_k_conv import SplitKConv, choose_splits
 from .tensor_core_matmul import ASYNC_COPY_CONFIG, TensorCoreMatmul, TensorCoreTile, async_copy_config, choose_tile
@@ -77,6 +78,7 @@ __all__ = [
     "PipelineOptions",
     "RemoveUnusedFunctions",
     "RowReduction",
+    "ShortRowReduction",
     "ScheduleReport",
     "SkinnyMatmul",
     "SplitKConv",

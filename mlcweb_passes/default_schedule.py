@@ -7,7 +7,9 @@ that is not already scheduled (``tirx.is_scheduled``) with
 - GPU targets: :class:`~mlcweb_passes.channels_last_norm.ChannelsLastNorm` (ours: group norm over
   large channels-last activations, on CUDA, its pixels split across thread blocks),
   :class:`~mlcweb_passes.row_reduction.RowReduction` (ours: group norm and other
-  reductions with few long rows) and :class:`~mlcweb_passes.tensor_core_matmul.TensorCoreMatmul` (ours:
+  reductions with few long rows), :class:`~mlcweb_passes.short_row_reduction.ShortRowReduction` (ours:
+  layer norm and other norms over many short rows, a warp per row, on CUDA) and
+  :class:`~mlcweb_passes.tensor_core_matmul.TensorCoreMatmul` (ours:
   float16 matmuls with a short axis, as in attention, on tensor cores) and
   :class:`~mlcweb_passes.skinny_matmul.SkinnyMatmul` (ours: GEMMs of at most 8 rows, a warp per output
   column, on CUDA), then the ``tvm.s_tir.dlight``
@@ -30,6 +32,7 @@ from tvm.target import Target
 from ._base import GPU_KINDS, ModulePassBase, inlined_blocks, uses_var
 from .channels_last_norm import ChannelsLastNorm
 from .row_reduction import RowReduction
+from .short_row_reduction import ShortRowReduction
 from .skinny_matmul import SkinnyMatmul
 from .tensor_core_matmul import TensorCoreMatmul
 
@@ -94,6 +97,7 @@ def default_rules(target: Target) -> list[dl.ScheduleRule]:
         return [
             ChannelsLastNorm(),
             RowReduction(),
+            ShortRowReduction(),
             TensorCoreMatmul(),
             SkinnyMatmul(),
             dl.gpu.Matmul(),

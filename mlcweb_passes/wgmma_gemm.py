@@ -105,8 +105,11 @@ def choose_wgmma_tile(batch: int, m: int, n: int, k: int, sms: int = 132) -> Wgm
     - 160 columns, 4 stages where 160 divides N, the reduction is long (K >= 1280) or N is at most 320
       (128-wide tiles would pad 320 to 384), and the blocks fill at least 3/4 of their waves;
     - else 128 columns, 3 stages (two blocks per SM) when that makes half a wave;
-    - else 64 columns, for more blocks.
+    - else 64 columns, for more blocks;
+    - N under 64 (a convolution to 3 or 4 output channels): N rounded up to 8, the narrowest wgmma.
     """
+    if n < 64:
+        return WgmmaTile(-(-n // 8) * 8, 4)
     rows = batch * -(-m // BLOCK_M)
 
     def fill(blocks: int) -> float:
@@ -333,7 +336,7 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
         if int(operand.buffer.shape[-1]) % 8 or inner_extent % 8:
             raise UnsupportedGemmError("rows are not 16-byte vectors")
     sizes = {key: math.prod(e for _, e in group) for key, group in groups.items()}
-    if min(sizes["m"], sizes["n"]) < 64 or sizes["k"] < BLOCK_K:
+    if sizes["m"] < 64 or sizes["k"] < BLOCK_K:
         raise UnsupportedGemmError("too small for a 128-row tile")
 
     analyzer, names = _flatten_axes(groups)

@@ -118,6 +118,43 @@ def test_row_reduction_leaves_matmuls_and_short_rows_to_other_rules() -> None:
     assert mp.RowReduction().apply(_kernel(GroupNormSiLU, CUDA), tvm.target.Target("llvm"), False) is None
 
 
+@I.ir_module
+class LayerNorm:
+    """A transformer block's first norm at the UNet's 64x64 level: 8192 tokens of 320 channels."""
+
+    @R.function
+    def main(
+        x: R.Tensor((2, 4096, 320), "float16"), g: R.Tensor((320,), "float16"), b: R.Tensor((320,), "float16")
+    ) -> R.Tensor((2, 4096, 320), "float16"):
+        with R.dataflow():
+            out = R.nn.layer_norm(x, g, b, axes=[-1])
+            R.output(out)
+        return out
+
+
+def test_layer_norm_gets_a_warp_per_row_and_no_shared_memory() -> None:
+    func = _kernel(LayerNorm, CUDA).with_attr("global_symbol", "norm")
+    sch = mp.ShortRowReduction().apply(func, CUDA, False)
+    assert sch is not None
+    assert _launches(sch.mod["main"]) == [2 * 4096 // 4]  # 4 rows (warps) per thread block
+    source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
+    kernel = source.split("__global__")[-1]
+    assert "__launch_bounds__(128)" in kernel
+    assert kernel.count("__shfl_down_sync") == 2 * 5  # mean and variance: five shuffles each
+    # every lane keeps the row's totals in registers: no shared memory to race on, no barrier
+    assert "__shared__" not in kernel and "__syncthreads" not in kernel
+    order = [type(rule) for rule in mp.default_rules(CUDA)]
+    assert order.index(mp.ShortRowReduction) < order.index(tvm.s_tir.dlight.gpu.GeneralReduction)
+
+
+def test_short_row_reduction_leaves_long_or_few_rows_and_other_targets() -> None:
+    assert mp.ShortRowReduction().apply(_kernel(GroupNormSiLU, CUDA), CUDA, False) is None  # 64 rows
+    assert mp.ShortRowReduction(max_row_length=256).apply(_kernel(LayerNorm, CUDA), CUDA, False) is None
+    assert mp.ShortRowReduction().apply(_kernel(Attention, CUDA), CUDA, False) is None  # a matmul
+    webgpu = tvm.target.Target({"kind": "webgpu"})
+    assert mp.ShortRowReduction().apply(_kernel(LayerNorm, webgpu), webgpu, False) is None
+
+
 def test_head_dim_40_matmul_goes_to_tensor_cores() -> None:
     func = _kernel(Attention, CUDA)
     plain = tvm.s_tir.dlight.gpu.Matmul().apply(func, CUDA, False)

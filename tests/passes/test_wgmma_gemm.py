@@ -28,7 +28,7 @@ NVCC = shutil.which("nvcc")
 
 @I.ir_module
 class Gemms:
-    """Three fused GEMMs as legalization and fusion leave them (shapes shrunk from SD1.5's), and one with a
+    """Four fused GEMMs as legalization and fusion leave them (shapes shrunk from SD1.5's), and one with a
     strided reduction axis that the kernel cannot read."""
 
     @T.prim_func(s_tir=True)
@@ -107,6 +107,36 @@ class Gemms:
                 ) * T.Cast("float32", w[vo, vrh, vrw, vs, vrc])
 
     @T.prim_func(s_tir=True)
+    def conv_out(
+        x: T.Buffer((2, 8, 8, 64), "float16"),
+        w: T.Buffer((3, 3, 3, 64), "float16"),
+        bias: T.Buffer((1, 1, 1, 3), "float32"),
+        out: T.Buffer((2, 8, 8, 3), "float16"),
+    ):
+        """The VAE's last convolution: three output channels, fewer than one 8-column wgmma."""
+        T.func_attr({"tirx.noalias": True})
+        pad = T.sblock_alloc_buffer((2, 10, 10, 64), "float16")
+        conv = T.sblock_alloc_buffer((2, 8, 8, 3))
+        for i0, i1, i2, i3 in T.grid(2, 10, 10, 64):
+            with T.sblock("pad"):
+                v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                pad[v0, v1, v2, v3] = T.if_then_else(
+                    v1 >= 1 and v1 < 9 and v2 >= 1 and v2 < 9, x[v0, v1 - 1, v2 - 1, v3], T.float16(0)
+                )
+        for n, y, xx, f, ry, rx, rc in T.grid(2, 8, 8, 3, 3, 3, 64):
+            with T.sblock("conv"):
+                vn, vy, vx, vf, vry, vrx, vrc = T.axis.remap("SSSSRRR", [n, y, xx, f, ry, rx, rc])
+                with T.init():
+                    conv[vn, vy, vx, vf] = T.float32(0)
+                conv[vn, vy, vx, vf] = conv[vn, vy, vx, vf] + T.Cast(
+                    "float32", pad[vn, vy + vry, vx + vrx, vrc]
+                ) * T.Cast("float32", w[vf, vry, vrx, vrc])
+        for i0, i1, i2, i3 in T.grid(2, 8, 8, 3):
+            with T.sblock("bias"):
+                v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                out[v0, v1, v2, v3] = T.Cast("float16", conv[v0, v1, v2, v3] + bias[0, 0, 0, v3])
+
+    @T.prim_func(s_tir=True)
     def strided_weight(
         x: T.Buffer((128, 64), "float16"), w: T.Buffer((64, 96), "float16"), out: T.Buffer((128, 96), "float32")
     ):
@@ -123,7 +153,8 @@ TAKEN = {
     "conv3x3_bias_residual": (2, 1, 1),
     "linear_transposed": (2, 1, 1),
     "conv_split_k": (1, 1, 2),
-}  # 64-column tiles
+    "conv_out": (1, 1, 1),
+}  # 64-column tiles; 8 for conv_out
 
 
 def test_plans_gemms_and_refuses_a_strided_reduction():
@@ -132,6 +163,7 @@ def test_plans_gemms_and_refuses_a_strided_reduction():
         (1, 128, 128, 576),
         (1, 80, 96, 64),
         (2, 128, 64, 576),
+        (1, 128, 3, 576),
     ]
     assert {name: k.grid() for name, k in shapes.items()} == TAKEN
     assert shapes["conv3x3_bias_residual"].pairs and not shapes["linear_transposed"].pairs  # transposed store
@@ -246,6 +278,8 @@ def _some_module():
         ((3, 2048, 640, 2880), (128, 3)),  # 160 columns would leave a 60-block second wave
         ((1, 65536, 512, 4608), (256, 4)),  # VAE convolution at 256x256
         ((1, 512, 1280, 1280), (64, 4)),  # 40 blocks of 128 columns: narrower tiles for more blocks
+        ((1, 262144, 3, 1152), (8, 4)),  # VAE's output convolution: 3 channels in one 8-column wgmma
+        ((1, 8192, 4, 2880), (8, 4)),  # UNet's
     ],
 )
 def test_tile_rule(shape, tile):
