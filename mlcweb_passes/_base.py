@@ -150,3 +150,12 @@ def one_reduction(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[SBlockInfo]
 def uses_var(expr: tirx.PrimExpr, var: tirx.Var) -> bool:
     """True when ``var`` occurs in ``expr``."""
     return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
+
+
+def buffer_loads(e: Any) -> list[Any]:
+    """Every buffer load in TIR expression ``e``, those in other loads' indices included."""
+    if isinstance(e, tvm.ir.TensorLoad):
+        return [e, *(x for i in e.indices for x in buffer_loads(i))]
+    children = [getattr(e, f) for f in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(e, f)]
+    children += list(e.args) if isinstance(e, tvm.ir.Call) else []
+    return [x for c in children for x in buffer_loads(c)]

@@ -38,7 +38,7 @@ import tvm_ffi
 from tvm import s_tir, sym, tirx
 from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
 
-from ._base import ModulePassBase, uses_var
+from ._base import ModulePassBase, buffer_loads, uses_var
 from .default_schedule import HAND_WRITTEN, SCHEDULED_ATTR, SOURCE_ATTR
 from .tensor_core_matmul import sm_version
 from .wgmma_source import BLOCK_K, BLOCK_M, THREADS, WgmmaKernel, WgmmaTile, module_source
@@ -164,7 +164,7 @@ class _Printer:
             a, b = child(e.a), child(e.b)
             quotient = f"(({a}) / ({b}) - ((({a}) % ({b}) != 0) && ((({a}) < 0) != (({b}) < 0))))"
             return quotient if isinstance(e, tirx.FloorDiv) else f"(({a}) - {quotient} * ({b}))"
-        if isinstance(e, tirx.And | tirx.Or) and not _loads(e):
+        if isinstance(e, tirx.And | tirx.Or) and not buffer_loads(e):
             # Both sides, without C++'s short circuit: a branch per clause cost more than the clause.
             return f"({child(e.a)} {'&' if isinstance(e, tirx.And) else '|'} {child(e.b)})"
         if type(e) in _BINARY:
@@ -397,7 +397,7 @@ def _epilogue(block: Any, store: Any, analyzer: Any, out: Any) -> tuple:
     final = block.body
     if not isinstance(final, tirx.BufferStore) or not final.buffer.same_as(out):
         raise UnsupportedGemmError("epilogue does not write the output")
-    loads = [e for e in _loads(final.value) if e.source.same_as(store.buffer)]
+    loads = [e for e in buffer_loads(final.value) if e.source.same_as(store.buffer)]
     if not loads or any(len(load.indices) != len(store.indices) for load in loads):
         raise UnsupportedGemmError("epilogue does not read the GEMM result elementwise")
     own = [iv.var for iv in block.iter_vars]
@@ -412,15 +412,6 @@ def _epilogue(block: Any, store: Any, analyzer: Any, out: Any) -> tuple:
     for var, gemm_index in index_of.items():
         analyzer.bind(var, gemm_index)
     return final.value, [_resolve(i, index_of) for i in final.indices]
-
-
-def _loads(e: Any) -> list[Any]:
-    """Every buffer load in expression ``e``."""
-    if isinstance(e, _LOAD):
-        return [e, *(x for i in e.indices for x in _loads(i))]
-    children = [getattr(e, f) for f in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(e, f)]
-    children += list(e.args) if isinstance(e, tvm.ir.Call) else []
-    return [x for c in children for x in _loads(c)]
 
 
 def _resolve(index: Any, index_of: dict[Any, Any]) -> Any:
