@@ -103,6 +103,21 @@ def run_shape(name: str, shape: AttentionShape, target: tvm.target.Target, args:
         row["max_abs_err"][key] = float(np.abs(got.numpy().astype(np.float32) - ref_np).max())
         row["ms"][key] = kernel_bench.time_ms(lambda vm=vm: vm["main"](q_t, k_t, v_t), args.number, args.repeat)
 
+    for variant in filter(None, (args.variants or "").split(";")):
+        warps, block_n = map(int, variant.split(","))
+        kernel = functools.partial(mp.flash_attention_kernel, warps=warps, block_n=block_n)
+        try:
+            exe = tvm.compile(mp.FlashAttention(kernel)(mod), target, relax_pipeline=mp.pipeline(target))
+        except ValueError as err:  # a tile the head dimension does not divide
+            row["max_abs_err"][f"flash:{variant}"] = str(err)
+            continue
+        vm = relax.VirtualMachine(exe, dev)
+        got = vm["main"](q_t, k_t, v_t)
+        row["max_abs_err"][f"flash:{variant}"] = float(np.abs(got.numpy().astype(np.float32) - ref_np).max())
+        row["ms"][f"flash:{variant}"] = kernel_bench.time_ms(
+            lambda vm=vm: vm["main"](q_t, k_t, v_t), args.number, args.repeat
+        )
+
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
     math_path = lambda: torch.softmax((qt @ kt.transpose(-1, -2)) * scale, -1) @ vt  # noqa: E731
     for key, fn in (("torch_sdpa", sdpa), ("torch_math", math_path)):
@@ -119,8 +134,8 @@ def markdown(record: dict[str, Any]) -> str:
         "float16 `[batch, seq, heads, head_dim]`; ms per call (median); error: max abs against float32 PyTorch.",
         "",
         "| shape | B,N,H,D | keys | flash | unfused TVM | torch SDPA | torch math | unfused/flash | SDPA/flash "
-        "| flash err | SDPA err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| flash err | SDPA err | variants (warps,block_n: ms, err) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["rows"]:
         if "error" in r:
@@ -131,7 +146,9 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {r['name']} | {','.join(map(str, r['shape']))} | {r['kv_len']} | {ms['flash']:.4f} | "
             f"{ms['unfused']:.4f} | "
             f"{ms['torch_sdpa']:.4f} | {ms['torch_math']:.4f} | {ms['unfused'] / ms['flash']:.2f}x | "
-            f"{ms['torch_sdpa'] / ms['flash']:.2f}x | {err['flash']:.2e} | {err['torch_sdpa']:.2e} |"
+            f"{ms['torch_sdpa'] / ms['flash']:.2f}x | {err['flash']:.2e} | {err['torch_sdpa']:.2e} | "
+            + "; ".join(f"{k[6:]}: {ms[k]:.4f}, {err[k]:.1e}" for k in ms if k.startswith("flash:"))
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -139,6 +156,7 @@ def markdown(record: dict[str, Any]) -> str:
 def main() -> int:
     p = kernel_bench.parser(__doc__, "flash_attention", number=10)
     p.add_argument("--only", help="run the shapes whose name contains this")
+    p.add_argument("--variants", help="';'-separated warps,block_n kernels to time beside the default")
     args = p.parse_args()
     target = tvm.target.Target({"kind": "cuda", "arch": args.arch})
     cases = []

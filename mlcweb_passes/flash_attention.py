@@ -58,7 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BLOCK_M = 64  # query rows per thread block (16 per warp)
 BLOCK_N = 64  # keys per step
 WARPS = 4
 MAX_HEAD_DIM = 160  # output accumulators live in registers: 160 / 8 * 4 = 80 floats a thread
@@ -89,19 +88,27 @@ def _vector_width(head_dim: int) -> int:
     return 1
 
 
-def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc:
+def flash_attention_kernel(
+    shape: AttentionShape, scale: float, warps: int = WARPS, block_n: int = BLOCK_N
+) -> tirx.PrimFunc:
     """The kernel ``o = softmax(q @ k^T * scale) @ v`` for ``shape`` (float16 in and out, float32 inside),
-    marked ``tirx.is_scheduled`` so schedule rules leave it alone. CUDA sm_80+ (``mma.sync``)."""
+    marked ``tirx.is_scheduled`` so schedule rules leave it alone. CUDA sm_80+ (``mma.sync``).
+
+    A thread block of ``warps`` warps takes ``16 * warps`` query rows and walks the keys ``block_n`` at a
+    time; more warps share each K/V tile among more queries (less read from L2 per query)."""
     if not shape.supported():
         raise ValueError(f"flash attention does not support {shape} (head_dim must be 1..{MAX_HEAD_DIM})")
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
     dp = -(-d // 16) * 16  # head dimension padded to whole 16-wide MMA steps
     row = dp + 8  # shared-memory row stride in halves: ldmatrix's 8 rows then hit distinct banks
-    bm, bn, nw = BLOCK_M, BLOCK_N, WARPS
+    bm, bn, nw = 16 * warps, block_n, warps
     nt = nw * 32
     vw = _vector_width(d)
     dv = dp // vw  # vectors per padded row
-    copies = bm * dv // nt  # every thread's share of a 64-row tile (dv is even, so this is exact)
+    if bm * dv % nt or bn * dv % nt or bn % 16:
+        raise ValueError(f"{warps} warps cannot copy {bn}-key tiles of head dimension {d} in whole vectors")
+    copies = bm * dv // nt  # every thread's share of the Q tile (dv is even, so this is exact)
+    kv_copies = bn * dv // nt  # ... and of a K or V tile
     kd, nd = dp // 16, dp // 8  # MMA steps along the head dimension; 8-wide output blocks
     nj = bn // 8  # 8-wide score blocks per key tile
     n_qt, n_kt = -(-nq // bm), -(-nk // bn)
@@ -136,8 +143,8 @@ def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc
         ks = T.decl_buffer((bn * row,), "float16", scope="shared.dyn")
         vs = T.decl_buffer((bn * row,), "float16", scope="shared.dyn")
         qa = T.decl_buffer((kd * 8,), "float16", scope="local")  # Q as MMA A operands, per 16-wide step
-        kr = T.decl_buffer((copies * vw,), "float16", scope="local")  # the next K tile's share, in flight
-        vr = T.decl_buffer((copies * vw,), "float16", scope="local")
+        kr = T.decl_buffer((kv_copies * vw,), "float16", scope="local")  # the next K tile's share, in flight
+        vr = T.decl_buffer((kv_copies * vw,), "float16", scope="local")
         kb = T.decl_buffer((8,), "float16", scope="local")  # two 8-key B operands of Q @ K^T
         vb = T.decl_buffer((8,), "float16", scope="local")  # two 8-wide B operands of P @ V
         sc = T.decl_buffer((nj * 4,), "float32", scope="local")  # scores: rows g, g + 8 of the warp
@@ -173,7 +180,7 @@ def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc
                                   (ty * 16 + tx % 16) * row + kk * 16 + tx // 16 * 8, dtype="float16")
         # K/V tile 0 into registers; each step stores the tile it holds and loads the next one, so the
         # global loads are in flight during the step's tensor-core work
-        for i1 in T.unroll(copies):
+        for i1 in T.unroll(kv_copies):
             if copy_row(i1, t) < nk and copy_col(i1, t) < d:
                 for j in T.vectorized(vw):
                     kr[i1 * vw + j] = k[bb, copy_row(i1, t), hh, copy_col(i1, t) + j]
@@ -186,13 +193,13 @@ def flash_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc
                     vr[i1 * vw + j] = T.float16(0)
         for kt in range(n_kt):
             T.tvm_storage_sync("shared.dyn")
-            for i4 in T.unroll(copies):
+            for i4 in T.unroll(kv_copies):
                 for j in T.vectorized(vw):
                     ks[copy_row(i4, t) * row + copy_col(i4, t) + j] = kr[i4 * vw + j]
                 for j in T.vectorized(vw):
                     vs[copy_row(i4, t) * row + copy_col(i4, t) + j] = vr[i4 * vw + j]
             T.tvm_storage_sync("shared.dyn")
-            for i5 in T.unroll(copies):
+            for i5 in T.unroll(kv_copies):
                 if (kt + 1) * bn + copy_row(i5, t) < nk and copy_col(i5, t) < d:
                     for j in T.vectorized(vw):
                         kr[i5 * vw + j] = k[bb, (kt + 1) * bn + copy_row(i5, t), hh, copy_col(i5, t) + j]
