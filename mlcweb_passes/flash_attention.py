@@ -3,8 +3,8 @@
 Stable Diffusion's self-attention at 64x64 latents has 4096 tokens: unfused, each head's 4096x4096 score
 matrix is written by one kernel and read back by the softmax and by ``P @ V``, 512 MiB a layer for the
 UNet's batch of two with eight heads. :func:`flash_attention_kernel` is one hand-written TIR kernel that
-never stores the scores. Each thread block takes 64 query rows of one head (16 per warp) and walks the
-keys 64 at a time, as FlashAttention-2 does (Dao, 2023):
+never stores the scores. Each thread block takes 16 query rows of one head per warp (4 or 8 warps, by
+:func:`choose_flash_tile`) and walks the keys 64 or 256 at a time, as FlashAttention-2 does (Dao, 2023):
 
 1. the block's Q tile is copied to shared memory once and loaded into ``mma.sync`` A operands
    (``ldmatrix``); each K/V tile is copied in 16-byte vectors, the head dimension zero-padded to a
@@ -50,6 +50,7 @@ __all__ = [
     "MAX_HEAD_DIM",
     "AttentionShape",
     "FlashAttention",
+    "choose_flash_tile",
     "flash_attention_kernel",
     "match_attention",
     "reference_attention_kernel",
@@ -88,25 +89,43 @@ def _vector_width(head_dim: int) -> int:
     return 1
 
 
+def choose_flash_tile(shape: AttentionShape) -> tuple[int, int]:
+    """``(warps, block_n)`` for ``shape``, a rule from ``benchmarks/flash_attention.py --variants`` on an H100
+    (``results/2026-11-24-h100-flash_attention-2-tiles.md``): 8 warps (128 query rows) over 256-key steps
+    for self-attention of 1024 tokens or more (64x64 latents 0.279 -> 0.248 ms, 32x32 0.035 -> 0.032),
+    where each K/V tile then serves twice the queries; 4 warps over 64 keys otherwise (shorter sequences
+    have too few 128-row blocks to fill the GPU)."""
+    if shape.q_len >= 1024 and shape.kv_len >= 1024 and _tile_fits(shape.head_dim, 8, 256):
+        return 8, 256
+    return WARPS, BLOCK_N
+
+
+def _tile_fits(head_dim: int, warps: int, block_n: int) -> bool:
+    """Whether ``warps`` warps copy the Q tile and ``block_n``-key K/V tiles in whole 16-byte vectors."""
+    dv = -(-head_dim // 16) * 16 // _vector_width(head_dim)
+    return 16 * warps * dv % (32 * warps) == 0 and block_n * dv % (32 * warps) == 0 and block_n % 16 == 0
+
+
 def flash_attention_kernel(
-    shape: AttentionShape, scale: float, warps: int = WARPS, block_n: int = BLOCK_N
+    shape: AttentionShape, scale: float, warps: int | None = None, block_n: int | None = None
 ) -> tirx.PrimFunc:
     """The kernel ``o = softmax(q @ k^T * scale) @ v`` for ``shape`` (float16 in and out, float32 inside),
     marked ``tirx.is_scheduled`` so schedule rules leave it alone. CUDA sm_80+ (``mma.sync``).
 
     A thread block of ``warps`` warps takes ``16 * warps`` query rows and walks the keys ``block_n`` at a
-    time; more warps share each K/V tile among more queries (less read from L2 per query)."""
+    time (both by default :func:`choose_flash_tile`'s)."""
     if not shape.supported():
         raise ValueError(f"flash attention does not support {shape} (head_dim must be 1..{MAX_HEAD_DIM})")
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
     dp = -(-d // 16) * 16  # head dimension padded to whole 16-wide MMA steps
     row = dp + 8  # shared-memory row stride in halves: ldmatrix's 8 rows then hit distinct banks
-    bm, bn, nw = 16 * warps, block_n, warps
-    nt = nw * 32
+    chosen = choose_flash_tile(shape)
+    nw, bn = warps or chosen[0], block_n or chosen[1]
+    if not _tile_fits(d, nw, bn):
+        raise ValueError(f"{nw} warps cannot copy {bn}-key tiles of head dimension {d} in whole vectors")
+    bm, nt = 16 * nw, nw * 32
     vw = _vector_width(d)
     dv = dp // vw  # vectors per padded row
-    if bm * dv % nt or bn * dv % nt or bn % 16:
-        raise ValueError(f"{warps} warps cannot copy {bn}-key tiles of head dimension {d} in whole vectors")
     copies = bm * dv // nt  # every thread's share of the Q tile (dv is even, so this is exact)
     kv_copies = bn * dv // nt  # ... and of a K or V tile
     kd, nd = dp // 16, dp // 8  # MMA steps along the head dimension; 8-wide output blocks

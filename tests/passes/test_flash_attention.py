@@ -14,7 +14,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import mlcweb_passes as mp
-from mlcweb_passes.flash_attention import AttentionShape, reference_attention_kernel
+from mlcweb_passes.flash_attention import AttentionShape, choose_flash_tile, reference_attention_kernel
 
 CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
 
@@ -145,7 +145,18 @@ def test_cuda_pipeline_compiles_attention_to_one_tensor_core_kernel() -> None:
     assert "mma" in source
 
 
-@pytest.mark.parametrize("shape", [AttentionShape(2, 64, 64, 2, 80), AttentionShape(1, 100, 33, 3, 20)])
+def test_tile_rule_takes_128_query_rows_over_256_keys_for_long_self_attention() -> None:
+    assert choose_flash_tile(AttentionShape(2, 4096, 4096, 8, 40)) == (8, 256)  # SD's 64x64 level
+    assert choose_flash_tile(AttentionShape(2, 1024, 1024, 8, 80)) == (8, 256)
+    assert choose_flash_tile(AttentionShape(2, 4096, 77, 8, 40)) == (4, 64)  # cross-attention
+    assert choose_flash_tile(AttentionShape(2, 256, 256, 8, 160)) == (4, 64)  # 16x16: too few blocks
+    with pytest.raises(ValueError, match="8 warps cannot copy 64-key tiles"):
+        mp.flash_attention_kernel(AttentionShape(2, 64, 64, 2, 40), 0.1, warps=8, block_n=64)
+
+
+@pytest.mark.parametrize(
+    "shape", [AttentionShape(2, 64, 64, 2, 80), AttentionShape(1, 100, 33, 3, 20), AttentionShape(1, 1024, 1024, 1, 40)]
+)
 def test_kernel_source_compiles_with_nvcc(shape: AttentionShape, tmp_path: Path) -> None:
     """TVM only prints CUDA here (no GPU, no NVRTC); nvcc checks the source is valid CUDA, which TVM's
     printer does not guarantee (a vector copy whose index read a local variable became an invalid gather)."""
