@@ -92,10 +92,11 @@ def _vector_width(head_dim: int) -> int:
 def choose_flash_tile(shape: AttentionShape) -> tuple[int, int]:
     """``(warps, block_n)`` for ``shape``, a rule from ``benchmarks/flash_attention.py --variants`` on an H100
     (``results/2026-11-24-h100-flash_attention-2-tiles.md``): 8 warps (128 query rows) over 256-key steps
-    for self-attention of 1024 tokens or more (64x64 latents 0.279 -> 0.248 ms, 32x32 0.035 -> 0.032),
-    where each K/V tile then serves twice the queries; 4 warps over 64 keys otherwise (shorter sequences
-    have too few 128-row blocks to fill the GPU)."""
-    if shape.q_len >= 1024 and shape.kv_len >= 1024 and _tile_fits(shape.head_dim, 8, 256):
+    for self-attention of 1024 tokens or more with heads up to 80 wide (64x64 latents 0.279 -> 0.248 ms,
+    32x32 0.035 -> 0.032), where each K/V tile then serves twice the queries; 4 warps over 64 keys
+    otherwise (shorter sequences have too few 128-row blocks to fill the GPU; wider heads would need more
+    registers for 256 scores and the output than a thread has, and were not measured)."""
+    if shape.q_len >= 1024 and shape.kv_len >= 1024 and shape.head_dim <= 80 and _tile_fits(shape.head_dim, 8, 256):
         return 8, 256
     return WARPS, BLOCK_N
 

@@ -36,7 +36,7 @@ def _extents(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> list[int] |
     return [int(e.value) for e in extents] if all(isinstance(e, tirx.IntImm) for e in extents) else None
 
 
-def _row_axes(sch: s_tir.Schedule, infos: list) -> int | None:
+def _row_axes(infos: list) -> int | None:
     """How many leading spatial axes every reduction shares (its rows), or None when the blocks are not
     reductions over one row set followed by one elementwise block."""
     *reductions, last = infos
@@ -69,7 +69,7 @@ class ShortRowReduction(dl.ScheduleRule):
         if normalized is None:
             return None
         sch, infos = normalized
-        n_rows = _row_axes(sch, infos)
+        n_rows = _row_axes(infos)
         last = infos[-1].block_rv
         extents = _extents(sch, last)
         if n_rows is None or extents is None or len(extents) <= n_rows:
