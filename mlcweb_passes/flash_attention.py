@@ -150,11 +150,6 @@ def flash_attention_kernel(
     def score(j: Any, r: Any, e: Any) -> Any:  # register of key column j * 8 + tig * 2 + e, row g + 8 * r
         return j * 4 + r * 2 + e
 
-    def scaled(value: Any, key: Any) -> Any:  # a score in base 2; keys past the sequence get -inf
-        if nk % bn == 0:  # whole key tiles: no key is past the end, and no test per score
-            return value * T.float32(scale2)
-        return T.if_then_else(key < nk, value * T.float32(scale2), T.float32(neg))
-
     # fmt: off
     @T.prim_func(private=True)
     def flash(q: T.Buffer((b, nq, h, d), "float16"), k: T.Buffer((b, nk, h, d), "float16"),  # type: ignore[valid-type,no-untyped-def]
@@ -252,7 +247,8 @@ def flash_attention_kernel(
                 mx[0] = m_r[r]
                 for j in T.unroll(nj):
                     for e in T.unroll(2):
-                        sc[score(j, r, e)] = scaled(sc[score(j, r, e)], kt * bn + j * 8 + tig * 2 + e)
+                        sc[score(j, r, e)] = T.if_then_else(kt * bn + j * 8 + tig * 2 + e < nk,
+                                                            sc[score(j, r, e)] * T.float32(scale2), T.float32(neg))
                         mx[0] = T.max(mx[0], sc[score(j, r, e)])
                 mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(full, mx[0], 1, 32, 32))
                 mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(full, mx[0], 2, 32, 32))
