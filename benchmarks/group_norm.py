@@ -1,6 +1,6 @@
 """Channels-last group norm (SD1.5's UNet and VAE shapes) on the GPU this runs on: ``ChannelsLastNorm``
-against ``RowReduction`` (what built them before) and PyTorch's float16 ``group_norm`` + SiLU on a
-channels-last tensor.
+against ``RowReduction`` (what built them before; also with its consumer in the same kernel,
+``fuse_below``) and PyTorch's float16 ``group_norm`` + SiLU on a channels-last tensor.
 
 Each kernel is the fused PrimFunc the build makes of a resnet's group norm and SiLU (float16 NHWC ``x``
 and weights, float32 statistics, 32 groups; :func:`group_norm_kernel`); every output is checked against
@@ -35,6 +35,11 @@ SHAPES = [
     ("UNet 64x64", 2, 64, 64, 640),
     ("UNet 64x64", 2, 64, 64, 960),
     ("UNet 32x32", 2, 32, 32, 640),
+    ("UNet 32x32", 2, 32, 32, 320),
+    ("UNet 16x16", 2, 16, 16, 640),
+    ("UNet 16x16", 2, 16, 16, 1280),
+    ("UNet 8x8", 2, 8, 8, 1280),
+    ("UNet 8x8", 2, 8, 8, 2560),
     ("VAE 64x64", 1, 64, 64, 512),
     ("VAE 128x128", 1, 128, 128, 512),
     ("VAE 256x256", 1, 256, 256, 512),
@@ -42,7 +47,11 @@ SHAPES = [
     ("VAE 512x512", 1, 512, 512, 256),
     ("VAE 512x512", 1, 512, 512, 128),
 ]
-RULES = ["RowReduction", "ChannelsLastNorm"]
+RULES = {
+    "RowReduction": lambda: mp.RowReduction(),
+    "RowReduction one kernel": lambda: mp.RowReduction(fuse_below=1 << 30),  # the consumer in the same kernel
+    "ChannelsLastNorm": lambda: mp.ChannelsLastNorm(),
+}
 
 
 def group_norm_kernel(shape: tuple[int, int, int, int]) -> tvm.tirx.PrimFunc:
@@ -78,7 +87,7 @@ def run_shape(spec: tuple[Any, ...], target: tvm.target.Target, args: argparse.N
     func = group_norm_kernel(tuple(shape))
     row: dict[str, Any] = {"name": where, "shape": shape, "ms": {}, "max_abs_err": {}}
     for key in RULES:
-        sch = getattr(mp, key)().apply(func, target, False)
+        sch = RULES[key]().apply(func, target, False)
         if sch is None:
             continue
         kernel = tvm.compile(sch.mod, target)["main"]

@@ -25,7 +25,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from ._base import GPU_KINDS, one_reduction
+from ._base import GPU_KINDS, buffer_loads, one_reduction
 
 __all__ = ["RowReduction"]
 
@@ -38,10 +38,13 @@ def _const_extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | Non
 class RowReduction(dl.ScheduleRule):
     """One thread block per row for the reduction, one thread per element for its consumers."""
 
-    def __init__(self, max_rows: int = 1024, min_row_length: int = 2048, threads: int = 256) -> None:
+    def __init__(
+        self, max_rows: int = 1024, min_row_length: int = 2048, threads: int = 256, fuse_below: int = 0
+    ) -> None:
         self.max_rows = max_rows
         self.min_row_length = min_row_length
         self.threads = threads
+        self.fuse_below = fuse_below  # rows up to this long: the consumer in the same kernel (one launch)
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in GPU_KINDS:
@@ -66,6 +69,10 @@ class RowReduction(dl.ScheduleRule):
         if rows > self.max_rows or length < self.min_row_length or len(inputs) != 1:
             return None
 
+        if length <= self.fuse_below:
+            fused = self._one_kernel(func)
+            if fused is not None:
+                return fused
         row = sch.fuse(*loops[:n_s])
         outer, inner = sch.split(sch.fuse(*loops[n_s:]), factors=[None, self.threads])
         sch.reorder(row, inner, outer)
@@ -78,4 +85,55 @@ class RowReduction(dl.ScheduleRule):
             bx, tx = sch.split(fused, factors=[None, self.threads])
             sch.bind(bx, "blockIdx.x")
             sch.bind(tx, "threadIdx.x")
+        return sch
+
+    def _one_kernel(self, func: tirx.PrimFunc) -> s_tir.Schedule | None:
+        """Reduction and consumer in one kernel, a thread block per row: the consumer's loops are split
+        and reordered so the row it reads (``[n, c // group_size]`` for a group norm) is outermost, and
+        the reduction is computed under it. For short rows this saves a launch and a pass over memory."""
+        found = one_reduction(func)
+        if found is None:
+            return None
+        sch, infos, red = found
+        consumers = [info for info in infos if info is not red]
+        if len(consumers) != 1:
+            return None
+        block = sch.get(consumers[0].block_rv)
+        outputs = [w.source for w in sch.get(red.block_rv).writes]
+        if not isinstance(block.body, tirx.BufferStore):
+            return None
+        reads = [x for x in buffer_loads(block.body.value) if any(x.source.same_as(b) for b in outputs)]
+        loops = list(sch.get_loops(consumers[0].block_rv))
+        iter_vars = [iv.var for iv in block.iter_vars]
+        if not reads or len(loops) != len(iter_vars):
+            return None
+        slots: list[list[s_tir.schedule.LoopRV]] = [[lp] for lp in loops]  # each consumer loop, as split
+        rows = []
+        for index in reads[0].indices:
+            var, factor = (index, None) if isinstance(index, tirx.Var) else (getattr(index, "a", None), index)
+            position = next((i for i, v in enumerate(iter_vars) if var is not None and v.same_as(var)), None)
+            if position is None or len(slots[position]) != 1:
+                return None
+            if factor is not None:  # the row index is floor(var / c): its outer part after a split by c
+                if not (isinstance(factor, tirx.FloorDiv) and isinstance(factor.b, tirx.IntImm)):
+                    return None
+                slots[position] = list(sch.split(slots[position][0], factors=[None, int(factor.b.value)]))
+            rows.append(slots[position][0])
+        rest = [lp for slot in slots for lp in slot if not any(lp.same_as(r) for r in rows)]
+        try:
+            sch.reorder(*rows, *rest)
+            bx = sch.fuse(*rows)
+            _, tx = sch.split(sch.fuse(*rest), factors=[None, self.threads])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+            sch.compute_at(red.block_rv, bx, preserve_unit_loops=True)
+            kinds = red.dom_kind()
+            own = sch.get_loops(red.block_rv)[1 + len(kinds) - len(kinds.lstrip("S")) :]
+            serial, lane = sch.split(sch.fuse(*own), factors=[None, self.threads])
+            sch.reorder(lane, serial)
+            sch.bind(lane, "threadIdx.x")
+            for index in range(len(outputs)):
+                sch.set_scope(red.block_rv, index, "shared")
+        except s_tir.ScheduleError:
+            return None
         return sch
