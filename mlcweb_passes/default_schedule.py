@@ -96,7 +96,7 @@ def default_rules(target: Target) -> list[dl.ScheduleRule]:
     if is_gpu_target(target):
         return [
             ChannelsLastNorm(),
-            RowReduction(),
+            RowReduction(fuse_below=10240),  # one kernel for short rows: results/*group_norm-2-one-kernel*
             ShortRowReduction(),
             TensorCoreMatmul(),
             SkinnyMatmul(),

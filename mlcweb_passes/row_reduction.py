@@ -12,6 +12,12 @@ thread blocks to the loops the two share: the batch axis, so 2 thread blocks do 
   combining partial results with a cross-thread reduction; the statistics go to a small global buffer;
 - every spatial block after it (normalise, activation, cast): fully parallel, one thread per element.
 
+With ``fuse_below``, rows up to that length keep the consumer in the reduction's kernel instead (a
+thread block per row reduces, then normalises the same elements from L1): one launch, not two. On an
+H100 (``benchmarks/group_norm.py``, ``results/2026-11-24-h100-group_norm-2-one-kernel.md``) that is
+faster up to 10240-element rows (the UNet's 8x8 group norm 0.0083 -> 0.0061 ms, 16x16 x 640
+0.0079 -> 0.0057) and slower beyond (32x32 x 640, 20480: 0.0119 -> 0.0173); the default rules use 10240.
+
 It applies only where dlight's rules do badly: one reduction block with at most ``max_rows`` rows of at
 least ``min_row_length`` elements, reading one tensor (so it is not a matmul), with only spatial blocks
 around it. Everything else falls through to the next rule.

@@ -68,6 +68,19 @@ def test_group_norm_gets_a_block_per_row_then_a_thread_per_element(kind: str) ->
     assert _launches(dlight.mod["main"]) == [2]
 
 
+def test_short_group_norm_rows_keep_their_consumer_in_one_kernel() -> None:
+    func = _kernel(GroupNormSiLU, CUDA).with_attr("global_symbol", "norm")  # 64 rows of 2 x 32 x 32
+    sch = mp.RowReduction(fuse_below=2048).apply(func, CUDA, False)
+    assert sch is not None and _launches(sch.mod["main"]) == [2 * 32]  # a block per row, no second kernel
+    source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
+    assert source.count("__global__") == 2  # one kernel: its declaration and definition
+    assert "__syncthreads" in source  # the row's totals reach every thread before it normalises
+    longer = mp.RowReduction(fuse_below=1024).apply(func, CUDA, False)
+    assert sorted(_launches(longer.mod["main"])) == [2 * 32, 2 * 64 * 32 * 32 // 256]  # two kernels, as before
+    default = next(r for r in mp.default_rules(CUDA) if isinstance(r, mp.RowReduction))
+    assert default.fuse_below == 10240
+
+
 @I.ir_module
 class GroupNormNHWC:
     """A resnet's norm and SiLU at the UNet's 64x64 level as ConvLayout leaves it: channels last, groups of
