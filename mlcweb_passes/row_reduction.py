@@ -17,6 +17,7 @@ thread block per row reduces, then normalises the same elements from L1): one la
 H100 (``benchmarks/group_norm.py``, ``results/2026-11-24-h100-group_norm-2-one-kernel.md``) that is
 faster up to 10240-element rows (the UNet's 8x8 group norm 0.0083 -> 0.0061 ms, 16x16 x 640
 0.0079 -> 0.0057) and slower beyond (32x32 x 640, 20480: 0.0119 -> 0.0173); the default rules use 10240.
+Only CUDA builds take it (WebGPU keeps two kernels: not measured there).
 
 It applies only where dlight's rules do badly: one reduction block with at most ``max_rows`` rows of at
 least ``min_row_length`` elements, reading one tensor (so it is not a matmul), with only spatial blocks
@@ -75,7 +76,7 @@ class RowReduction(dl.ScheduleRule):
         if rows > self.max_rows or length < self.min_row_length or len(inputs) != 1:
             return None
 
-        if length <= self.fuse_below:
+        if length <= self.fuse_below and target.kind.name == "cuda":  # measured there only
             fused = self._one_kernel(func)
             if fused is not None:
                 return fused

@@ -79,6 +79,9 @@ def test_short_group_norm_rows_keep_their_consumer_in_one_kernel() -> None:
     assert sorted(_launches(longer.mod["main"])) == [2 * 32, 2 * 64 * 32 * 32 // 256]  # two kernels, as before
     default = next(r for r in mp.default_rules(CUDA) if isinstance(r, mp.RowReduction))
     assert default.fuse_below == 10240
+    webgpu = tvm.target.Target({"kind": "webgpu"})
+    on_webgpu = mp.RowReduction(fuse_below=2048).apply(_kernel(GroupNormSiLU, webgpu), webgpu, False)
+    assert len(_launches(on_webgpu.mod["main"])) == 2  # measured on CUDA only
 
 
 @I.ir_module
