@@ -147,6 +147,28 @@ def one_reduction(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[SBlockInfo]
     return sch, infos, reductions[0]
 
 
+def reduce_across_lanes(
+    sch: s_tir.Schedule,
+    block: s_tir.schedule.SBlockRV,
+    at: s_tir.schedule.LoopRV,
+    row_axes: int,
+    lanes: int,
+    scope: str,
+) -> None:
+    """Compute reduction ``block`` under loop ``at`` (its row's loop), its reduction loops strided over
+    ``lanes`` threads of ``threadIdx.x`` (a cross-thread reduction), every output kept in ``scope``.
+    ``row_axes``: the block's leading spatial axes, unit loops under ``at`` once it is computed there."""
+    sch.compute_at(block, at, preserve_unit_loops=True)
+    loops = sch.get_loops(block)
+    depth = 1 + next(i for i, loop in enumerate(loops) if sch.get_sref(loop).same_as(sch.get_sref(at)))
+    own = loops[depth + row_axes :]
+    serial, lane = sch.split(sch.fuse(*own), factors=[None, lanes])
+    sch.reorder(lane, serial)
+    sch.bind(lane, "threadIdx.x")
+    for index in range(len(sch.get(block).writes)):
+        sch.set_scope(block, index, scope)
+
+
 def uses_var(expr: tirx.PrimExpr, var: tirx.Var) -> bool:
     """True when ``var`` occurs in ``expr``."""
     return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))

@@ -32,7 +32,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from ._base import GPU_KINDS, buffer_loads, one_reduction
+from ._base import GPU_KINDS, buffer_loads, one_reduction, reduce_across_lanes
 
 __all__ = ["RowReduction"]
 
@@ -133,14 +133,8 @@ class RowReduction(dl.ScheduleRule):
             _, tx = sch.split(sch.fuse(*rest), factors=[None, self.threads])
             sch.bind(bx, "blockIdx.x")
             sch.bind(tx, "threadIdx.x")
-            sch.compute_at(red.block_rv, bx, preserve_unit_loops=True)
             kinds = red.dom_kind()
-            own = sch.get_loops(red.block_rv)[1 + len(kinds) - len(kinds.lstrip("S")) :]
-            serial, lane = sch.split(sch.fuse(*own), factors=[None, self.threads])
-            sch.reorder(lane, serial)
-            sch.bind(lane, "threadIdx.x")
-            for index in range(len(outputs)):
-                sch.set_scope(red.block_rv, index, "shared")
+            reduce_across_lanes(sch, red.block_rv, bx, len(kinds) - len(kinds.lstrip("S")), self.threads, "shared")
         except s_tir.ScheduleError:
             return None
         return sch

@@ -24,7 +24,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from ._base import inlined_blocks
+from ._base import inlined_blocks, reduce_across_lanes
 
 __all__ = ["ShortRowReduction"]
 
@@ -91,10 +91,5 @@ class ShortRowReduction(dl.ScheduleRule):
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
         for info in reversed(infos[:-1]):  # consumers first: each reduction lands before its readers
-            sch.compute_at(info.block_rv, ty, preserve_unit_loops=True)
-            own = sch.get_loops(info.block_rv)[2 + n_rows :]  # below bx, ty and the unit row loops
-            serial, lane = sch.split(sch.fuse(*own), factors=[None, WARP])
-            sch.reorder(lane, serial)
-            sch.bind(lane, "threadIdx.x")
-            sch.set_scope(info.block_rv, 0, "local")
+            reduce_across_lanes(sch, info.block_rv, ty, n_rows, WARP, "local")
         return sch
