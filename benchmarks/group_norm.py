@@ -86,8 +86,8 @@ def run_shape(spec: tuple[Any, ...], target: tvm.target.Target, args: argparse.N
     tensors = [tvm.runtime.from_dlpack(t) for t in (x, gamma, beta, out)]
     func = group_norm_kernel(tuple(shape))
     row: dict[str, Any] = {"name": where, "shape": shape, "ms": {}, "max_abs_err": {}}
-    for key in RULES:
-        sch = RULES[key]().apply(func, target, False)
+    for key, rule in RULES.items():
+        sch = rule().apply(func, target, False)
         if sch is None:
             continue
         kernel = tvm.compile(sch.mod, target)["main"]

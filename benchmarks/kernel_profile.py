@@ -39,6 +39,7 @@ from tvm import relax, tirx  # noqa: E402
 
 import mlcweb_passes as mp  # noqa: E402
 from mlcweb_passes.apply_database import SOURCE_ATTR  # noqa: E402
+from mlcweb_passes.wgmma_gemm import external_modules  # noqa: E402
 
 # Kinds by the first operator a fused kernel's name mentions, most specific first.
 KINDS = [
@@ -113,8 +114,7 @@ def compile_kernels(mod: tvm.IRModule, names: set[str], target: tvm.target.Targe
     }
     with target, tvm.transform.PassContext(config=mp.async_copy_config(target)):
         lib = tvm.compile(tvm.IRModule(kernels), target)
-    externals = mod.attrs["external_mods"] if mod.attrs and "external_mods" in mod.attrs else []
-    for external in externals:  # WgmmaGemm's kernels, which its launchers call
+    for external in external_modules(mod):  # WgmmaGemm's kernels, which its launchers call
         lib.mod.import_module(external)
     return lib, kernels
 

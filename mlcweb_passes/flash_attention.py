@@ -102,9 +102,10 @@ def choose_flash_tile(shape: AttentionShape) -> tuple[int, int]:
 
 
 def _tile_fits(head_dim: int, warps: int, block_n: int) -> bool:
-    """Whether ``warps`` warps copy the Q tile and ``block_n``-key K/V tiles in whole 16-byte vectors."""
+    """Whether ``warps`` warps copy ``block_n``-key K/V tiles in whole 16-byte vectors (the Q tile of
+    ``16 * warps`` rows always splits: a padded row is an even number of vectors)."""
     dv = -(-head_dim // 16) * 16 // _vector_width(head_dim)
-    return 16 * warps * dv % (32 * warps) == 0 and block_n * dv % (32 * warps) == 0 and block_n % 16 == 0
+    return block_n * dv % (32 * warps) == 0 and block_n % 16 == 0
 
 
 def flash_attention_kernel(

@@ -48,6 +48,7 @@ __all__ = [
     "WgmmaGemm",
     "choose_wgmma_tile",
     "compile_kernels",
+    "external_modules",
     "launcher",
     "plan_kernel",
     "supports_wgmma",
@@ -509,5 +510,9 @@ class WgmmaGemm(ModulePassBase):
             attrs=mod.attrs,
             global_infos=mod.global_infos,
         )
-        external = list(result.attrs["external_mods"]) if result.attrs and "external_mods" in result.attrs else []
-        return result.with_attr("external_mods", [*external, module])
+        return result.with_attr("external_mods", [*external_modules(result), module])
+
+
+def external_modules(mod: tvm.IRModule) -> list[Any]:
+    """The runtime modules attached to ``mod`` for ``tvm.compile`` to link (``external_mods``)."""
+    return list(mod.attrs["external_mods"]) if mod.attrs and "external_mods" in mod.attrs else []
