@@ -104,8 +104,10 @@ def run_shape(name: str, shape: AttentionShape, target: tvm.target.Target, args:
         row["ms"][key] = kernel_bench.time_ms(lambda vm=vm: vm["main"](q_t, k_t, v_t), args.number, args.repeat)
 
     for variant in filter(None, (args.variants or "").split(";")):
-        warps, block_n = map(int, variant.split(","))
-        kernel = functools.partial(mp.flash_attention_kernel, warps=warps, block_n=block_n)
+        warps, block_n, *m_tiles = map(int, variant.split(","))
+        kernel = functools.partial(
+            mp.flash_attention_kernel, warps=warps, block_n=block_n, m_tiles=m_tiles[0] if m_tiles else 1
+        )
         try:
             exe = tvm.compile(mp.FlashAttention(kernel)(mod), target, relax_pipeline=mp.pipeline(target))
         except ValueError as err:  # a tile the head dimension does not divide
@@ -134,7 +136,7 @@ def markdown(record: dict[str, Any]) -> str:
         "float16 `[batch, seq, heads, head_dim]`; ms per call (median); error: max abs against float32 PyTorch.",
         "",
         "| shape | B,N,H,D | keys | flash | unfused TVM | torch SDPA | torch math | unfused/flash | SDPA/flash "
-        "| flash err | SDPA err | variants (warps,block_n: ms, err) |",
+        "| flash err | SDPA err | variants (warps,block_n,m_tiles: ms, err) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["rows"]:
@@ -156,7 +158,7 @@ def markdown(record: dict[str, Any]) -> str:
 def main() -> int:
     p = kernel_bench.parser(__doc__, "flash_attention", number=10)
     p.add_argument("--only", help="run the shapes whose name contains this")
-    p.add_argument("--variants", help="';'-separated warps,block_n kernels to time beside the default")
+    p.add_argument("--variants", help="';'-separated warps,block_n[,m_tiles] kernels to time beside the default")
     args = p.parse_args()
     target = tvm.target.Target({"kind": "cuda", "arch": args.arch})
     cases = []

@@ -145,12 +145,12 @@ def test_cuda_pipeline_compiles_attention_to_one_tensor_core_kernel() -> None:
     assert "mma" in source
 
 
-def test_tile_rule_takes_128_query_rows_over_256_keys_for_long_self_attention() -> None:
-    assert choose_flash_tile(AttentionShape(2, 4096, 4096, 8, 40)) == (8, 256)  # SD's 64x64 level
-    assert choose_flash_tile(AttentionShape(2, 1024, 1024, 8, 80)) == (8, 256)
-    assert choose_flash_tile(AttentionShape(2, 4096, 77, 8, 40)) == (4, 64)  # cross-attention
-    assert choose_flash_tile(AttentionShape(2, 256, 256, 8, 160)) == (4, 64)  # 16x16: too few blocks
-    assert choose_flash_tile(AttentionShape(1, 4096, 4096, 8, 128)) == (4, 64)  # wide heads: not measured
+def test_tile_rule_takes_large_query_blocks_for_long_self_attention() -> None:
+    assert choose_flash_tile(AttentionShape(2, 4096, 4096, 8, 40)) == (8, 128, 2)  # SD's 64x64 level
+    assert choose_flash_tile(AttentionShape(2, 1024, 1024, 8, 80)) == (8, 256, 1)  # 32x32: two tiles spill
+    assert choose_flash_tile(AttentionShape(2, 4096, 77, 8, 40)) == (4, 64, 1)  # cross-attention
+    assert choose_flash_tile(AttentionShape(2, 256, 256, 8, 160)) == (4, 64, 1)  # 16x16: too few blocks
+    assert choose_flash_tile(AttentionShape(1, 4096, 4096, 8, 128)) == (4, 64, 1)  # wide heads: not measured
     with pytest.raises(ValueError, match="8 warps cannot copy 64-key tiles"):
         mp.flash_attention_kernel(AttentionShape(2, 64, 64, 2, 40), 0.1, warps=8, block_n=64)
 
