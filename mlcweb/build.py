@@ -160,6 +160,10 @@ def pre_lift_passes(options: BuildOptions, target: TargetInfo) -> list[tvm.trans
             mp.Float16NormInputs(),
             mp.Float16Residuals(),
         ]
+        if mp.supports_wgmma(target.tvm_target()):
+            # GEGLU's value and gate columns interleaved (the weights' reorder is part of the transform),
+            # so WgmmaGemm computes a * gelu(g) in the projection's epilogue
+            passes.append(mp.GegluPairs())
         if mp.tensor_core_matmul.sm_version(target.tvm_target()) >= 70:
             # split-K for convolutions with few output tiles (the pipeline would do it too): here, so
             # the kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the transform

@@ -29,6 +29,7 @@ from .float16_residuals import Float16Residuals
 from .fuse_attention import ATTENTION_COMPOSITE, FuseAttention, attention_patterns
 from .fuse_ops import FuseOperators, count_kernels
 from .fuse_softmax import SOFTMAX_COMPOSITE, FuseSoftmax, softmax_patterns
+from .geglu_pairs import GegluPairs
 from .hoist_narrowing_casts import HoistNarrowingCasts
 from .int32_tensors import Int32Tensors, narrow_integer_tensors
 from .lift_kernel_scratch import LiftKernelScratch
@@ -68,6 +69,7 @@ __all__ = [
     "FuseAttention",
     "FuseOperators",
     "FuseSoftmax",
+    "GegluPairs",
     "HoistNarrowingCasts",
     "Int32Tensors",
     "LiftKernelScratch",

@@ -22,12 +22,15 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._base import Bindings, ModulePassBase, op_name, rewrite_and_clean
 
-__all__ = ["LinearWeightLayout"]
+__all__ = ["NT_MATMUL_NAME", "LinearWeightLayout", "nt_matmul"]
 
 log = logging.getLogger(__name__)
 
 
-def _nt_matmul(a: te.Tensor, b: te.Tensor, out_dtype: str) -> te.Tensor:
+NT_MATMUL_NAME = "matmul_nt"  # the name hint of the kernels this pass writes (other passes look for it)
+
+
+def nt_matmul(a: te.Tensor, b: te.Tensor, out_dtype: str) -> te.Tensor:
     """``a[..., k] x b[n, k]`` summed over k, in ``out_dtype``."""
     k = te.reduce_axis((0, a.shape[-1]), name="k")
     return te.compute(
@@ -87,7 +90,7 @@ class _Rewriter(PyExprMutator):
                 out_dtype = str(call.ty.dtype)
                 self.rewritten += 1
                 w = self.builder_.emit(weight)
-                return self.builder_.call_te(_nt_matmul, a, w, out_dtype, primfunc_name_hint="matmul_nt")
+                return self.builder_.call_te(nt_matmul, a, w, out_dtype, primfunc_name_hint=NT_MATMUL_NAME)
         return super().visit_call_(call)
 
 

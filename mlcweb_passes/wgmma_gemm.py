@@ -15,7 +15,8 @@ What the PrimFunc may hold (anything else is left to the schedule rules):
   reduction axis innermost, unit-stride and a multiple of 8 long (NHWC convolutions after
   :class:`ConvLayout`, linear layers after :class:`LinearWeightLayout`);
 - an elementwise chain after it (casts, bias, scale, residual additions, a transpose), inlined into one
-  expression.
+  expression; or one whose output ``j`` reads the GEMM's columns ``2j`` and ``2j + 1`` (a GEGLU after
+  :class:`GegluPairs`), computed from the two neighbouring accumulators a thread holds.
 
 Axes that index ``C`` and ``X`` are the GEMM's rows (M), ``C`` and ``Y`` its columns (N), all three its
 batch, ``X`` and ``Y`` its reduction (K); each group is flattened in the block's order.
@@ -135,11 +136,14 @@ class _Printer:
     not as the divisions and remainders of each axis, which the kernel's loads would otherwise recompute
     for every 16-byte copy."""
 
-    def __init__(self, names: dict[Any, str], buffers: dict[Any, str], analyzer: Any, acc: Any = None) -> None:
+    def __init__(
+        self, names: dict[Any, str], buffers: dict[Any, str], analyzer: Any, acc: Any = None, acc1: Any = ()
+    ) -> None:
         self.names = names
         self.buffers = buffers
         self.analyzer = analyzer
-        self.acc = acc  # the GEMM's accumulator buffer: loads of it are the ``acc`` value
+        self.acc = acc  # the GEMM's accumulator buffer: loads of it are the ``acc`` value ...
+        self.acc1 = list(acc1)  # ... except these, of the next column (a pair epilogue's ``acc1``)
 
     def __call__(self, e: Any) -> str:
         index = _dtype(e) in _INDEX_TYPES
@@ -200,7 +204,7 @@ class _Printer:
 
     def _load(self, e: Any) -> str:
         if self.acc is not None and e.source.same_as(self.acc):
-            return "acc"
+            return "acc1" if any(e.same_as(load) for load in self.acc1) else "acc"
         for buf, name in self.buffers.items():
             if buf.same_as(e.source):
                 return f"{name}[{self.offset(buf, list(e.indices))}]"
@@ -357,19 +361,22 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
 
     a_src, b_src = source(x), source(y)
     out_buffer = func.params[-1]
+    acc1: list[Any] = []
     if last is None:  # the GEMM writes the output
         if not store.buffer.same_as(out_buffer):
             raise UnsupportedGemmError("GEMM result is not the output")
         epilogue_value, write_indices = tirx.BufferLoad(store.buffer, out_indices), out_indices
     else:
-        epilogue_value, write_indices = _epilogue(sch.get(last), store, analyzer, out_buffer)
-    epi_printer = _Printer(names, buffers, analyzer, acc=store.buffer)
+        inner_n_var = groups["n"][-1][0] if len(groups["n"]) == 1 and sizes["n"] % 2 == 0 else None
+        epilogue_value, write_indices, acc1 = _epilogue(sch.get(last), store, analyzer, out_buffer, inner_n_var)
+    epi_printer = _Printer(names, buffers, analyzer, acc=store.buffer, acc1=acc1)
     out_type = _C_TYPES.get(str(out_buffer.dtype))
     if out_type not in ("half", "float"):
         raise UnsupportedGemmError(f"output dtype {out_buffer.dtype}")
     inner_n = groups["n"][-1]
     pairs = (
-        isinstance(write_indices[-1], tirx.Var)
+        not acc1
+        and isinstance(write_indices[-1], tirx.Var)
         and write_indices[-1].same_as(inner_n[0])
         and inner_n[1] % 2 == 0
         and int(out_buffer.shape[-1]) % 2 == 0
@@ -389,12 +396,18 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
         out=f"p{len(func.params) - 1}",
         out_type=out_type,
         pairs=pairs,
+        column_pairs=bool(acc1),
     )
 
 
-def _epilogue(block: Any, store: Any, analyzer: Any, out: Any) -> tuple:
-    """The last epilogue block's value and output indices; its variables are bound in ``analyzer`` to the
-    GEMM output's indices they read."""
+def _epilogue(block: Any, store: Any, analyzer: Any, out: Any, inner_n: Any = None) -> tuple:
+    """The last epilogue block's value and output indices, and the loads of the GEMM result that read
+    column ``n + 1`` (a column-pair epilogue's second accumulator; empty for an elementwise epilogue).
+
+    The epilogue's variables are bound in ``analyzer`` to the GEMM output's indices they read. A pair
+    epilogue (:class:`~mlcweb_passes.GegluPairs`) reads the result at columns ``2j`` and ``2j + 1`` of
+    its variable ``j``: possible where the GEMM's columns are one axis ``inner_n`` of even length, and
+    ``j`` is bound to ``inner_n / 2``."""
     final = block.body
     if not isinstance(final, tirx.BufferStore) or not final.buffer.same_as(out):
         raise UnsupportedGemmError("epilogue does not write the output")
@@ -403,16 +416,37 @@ def _epilogue(block: Any, store: Any, analyzer: Any, out: Any) -> tuple:
         raise UnsupportedGemmError("epilogue does not read the GEMM result elementwise")
     own = [iv.var for iv in block.iter_vars]
     index_of: dict[Any, Any] = {}
+    acc1: list[Any] = []
     for load in loads:
         for position, index in enumerate(load.indices):
-            if not isinstance(index, tirx.Var) or not any(index.same_as(v) for v in own):
-                raise UnsupportedGemmError("epilogue reads the GEMM result at computed indices")
-            index_of[index] = store.indices[position]
+            if isinstance(index, tirx.Var) and any(index.same_as(v) for v in own):
+                var, gemm_index = index, store.indices[position]
+            else:
+                column = _pair_column(index, own) if position == len(load.indices) - 1 else None
+                if column is None or inner_n is None or not store.indices[position].same_as(inner_n):
+                    raise UnsupportedGemmError("epilogue reads the GEMM result at computed indices")
+                var, gemm_index = column[0], tirx.floordiv(inner_n, 2)
+                if column[1]:
+                    acc1.append(load)
+            if var in index_of and not tvm_ffi.structural_equal(index_of[var], gemm_index):
+                raise UnsupportedGemmError("epilogue reads the GEMM result both by column and by column pair")
+            index_of[var] = gemm_index
     if len(index_of) != len(own):
         raise UnsupportedGemmError("epilogue has axes of its own")
     for var, gemm_index in index_of.items():
         analyzer.bind(var, gemm_index)
-    return final.value, [_resolve(i, index_of) for i in final.indices]
+    return final.value, [_resolve(i, index_of) for i in final.indices], acc1
+
+
+def _pair_column(index: Any, own: list[Any]) -> tuple[Any, int] | None:
+    """``(j, 0)`` for an index ``2 * j`` of an epilogue variable ``j``, ``(j, 1)`` for ``2 * j + 1``,
+    else None."""
+    for var in own:
+        if uses_var(index, var):
+            offset = sym.Analyzer().simplify(index - var * 2)
+            if isinstance(offset, tirx.IntImm) and int(offset) in (0, 1):
+                return var, int(offset)
+    return None
 
 
 def _resolve(index: Any, index_of: dict[Any, Any]) -> Any:

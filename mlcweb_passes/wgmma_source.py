@@ -61,6 +61,8 @@ class WgmmaKernel:
     ``value``: statements returning the stored value for ``float acc, int s, m, n``; ``offset``: returning
     the output element's index for ``int s, m, n``; ``out``: the output pointer's name and element type.
     ``pairs``: whether columns ``n`` and ``n + 1`` (``n`` even) are neighbours in the output.
+    ``column_pairs``: the epilogue combines columns ``n`` and ``n + 1`` (``n`` even) into one output
+    element: ``value`` then also takes ``float acc1``, column ``n + 1``'s sum, and is called for even ``n``.
     """
 
     name: str
@@ -77,6 +79,7 @@ class WgmmaKernel:
     out: str
     out_type: str
     pairs: bool
+    column_pairs: bool = False
 
     def grid(self) -> tuple[int, int, int]:
         return (-(-self.n // self.tile.block_n), -(-self.m // BLOCK_M), self.batch)
@@ -85,12 +88,13 @@ class WgmmaKernel:
         """``struct {name}_io``: the kernel's pointers and the generated operand addressing and epilogue, as
         host-and-device code (tests run it on the CPU against TVM's build of the same PrimFunc)."""
         fields = " ".join(f"{p};" for p in self.params)
+        acc = "float acc, float acc1" if self.column_pairs else "float acc"
         return f"""
 struct {self.name}_io {{
   {fields}
   __host__ __device__ const half* a_src(int s, int m, int k, bool& ok) const {{ {self.a_src} }}
   __host__ __device__ const half* b_src(int s, int n, int k, bool& ok) const {{ {self.b_src} }}
-  __host__ __device__ {self.out_type} value(float acc, int s, int m, int n) const {{ {self.value} }}
+  __host__ __device__ {self.out_type} value({acc}, int s, int m, int n) const {{ {self.value} }}
   __host__ __device__ int offset(int s, int m, int n) const {{ {self.offset} }}
 }};
 """
@@ -101,7 +105,9 @@ struct {self.name}_io {{
         make_pair = "__halves2half2" if self.out_type == "half" else "make_float2"
         out = f"io.{self.out}"
         store = (
-            f"if (n + 1 < N) {{ *reinterpret_cast<{pair_type}*>({out} + io.offset(s, m, n)) = "
+            f"if (n < N) {out}[io.offset(s, m, n)] = io.value(d[i], d[i + 1], s, m, n);"
+            if self.column_pairs
+            else f"if (n + 1 < N) {{ *reinterpret_cast<{pair_type}*>({out} + io.offset(s, m, n)) = "
             f"{make_pair}(io.value(d[i], s, m, n), io.value(d[i + 1], s, m, n + 1)); }} "
             f"else if (n < N) {{ {out}[io.offset(s, m, n)] = io.value(d[i], s, m, n); }}"
             if self.pairs

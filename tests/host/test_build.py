@@ -195,15 +195,18 @@ def test_weight_layout_passes_follow_the_target() -> None:
     from mlcweb.build import pre_lift_passes
     from mlcweb.targets import resolve_target
 
-    def names(target: str, **kw: object) -> list[str]:
-        opts = BuildOptions(target=target, out=Path("unused"), **kw)  # type: ignore[arg-type]
-        return [p.info.name for p in pre_lift_passes(opts, resolve_target(target, link=False))]
+    def names(target: str, arch: str | None = None, **kw: object) -> list[str]:
+        opts = BuildOptions(target=target, out=Path("unused"), arch=arch, **kw)  # type: ignore[arg-type]
+        return [p.info.name for p in pre_lift_passes(opts, resolve_target(target, arch=arch, link=False))]
 
     assert names("llvm") == []
     assert names("llvm", dtype="float16") == ["mlcweb.MixedPrecision"]
     cuda = names("cuda", dtype="float16")
     assert cuda[0] == "mlcweb.MixedPrecision" and cuda[-1] == "mlcweb.SplitKConv"
     assert "mlcweb.Float16Residuals" in cuda
+    # GEGLU in its projection's epilogue only where WgmmaGemm runs that epilogue
+    assert "mlcweb.GegluPairs" in names("cuda", arch="sm_90", dtype="float16")
+    assert "mlcweb.GegluPairs" not in names("cuda", arch="sm_80", dtype="float16")
     # NHWC asked for on the CPU: the layouts, but no split-K (its tiles are CUDA's)
     cpu_nhwc = names("llvm", dtype="float16", conv_layout="NHWC")
     assert "mlcweb.ConvLayout" in cpu_nhwc and "mlcweb.SplitKConv" not in cpu_nhwc

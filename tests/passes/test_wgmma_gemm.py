@@ -137,6 +137,40 @@ class Gemms:
                 out[v0, v1, v2, v3] = T.Cast("float16", conv[v0, v1, v2, v3] + bias[0, 0, 0, v3])
 
     @T.prim_func(s_tir=True)
+    def geglu(
+        x: T.Buffer((2, 64, 64), "float16"),
+        w: T.Buffer((256, 64), "float16"),
+        bias: T.Buffer((256,), "float32"),
+        out: T.Buffer((2, 64, 128), "float16"),
+    ):
+        """GEGLU over interleaved columns, as GegluPairs and fusion leave it: value j is column 2j, gate j
+        column 2j + 1."""
+        T.func_attr({"tirx.noalias": True})
+        acc = T.sblock_alloc_buffer((2, 64, 256))
+        pairs = T.sblock_alloc_buffer((2, 64, 128))
+        for b, t, n, k in T.grid(2, 64, 256, 64):
+            with T.sblock("matmul"):
+                vb, vt, vn, vk = T.axis.remap("SSSR", [b, t, n, k])
+                with T.init():
+                    acc[vb, vt, vn] = T.float32(0)
+                acc[vb, vt, vn] = acc[vb, vt, vn] + T.Cast("float32", x[vb, vt, vk]) * T.Cast("float32", w[vn, vk])
+        for b, t, j in T.grid(2, 64, 128):
+            with T.sblock("geglu"):
+                vb, vt, vj = T.axis.remap("SSS", [b, t, j])
+                pairs[vb, vt, vj] = (acc[vb, vt, vj * 2] + bias[vj * 2]) * (
+                    (acc[vb, vt, vj * 2 + 1] + bias[vj * 2 + 1])
+                    * (
+                        T.float32(0.5)
+                        + T.erf((acc[vb, vt, vj * 2 + 1] + bias[vj * 2 + 1]) * T.float32(0.7071067811865476))
+                        * T.float32(0.5)
+                    )
+                )
+        for b, t, j in T.grid(2, 64, 128):
+            with T.sblock("cast"):
+                vb, vt, vj = T.axis.remap("SSS", [b, t, j])
+                out[vb, vt, vj] = T.Cast("float16", pairs[vb, vt, vj])
+
+    @T.prim_func(s_tir=True)
     def strided_weight(
         x: T.Buffer((128, 64), "float16"), w: T.Buffer((64, 96), "float16"), out: T.Buffer((128, 96), "float32")
     ):
@@ -154,6 +188,7 @@ TAKEN = {
     "linear_transposed": (2, 1, 1),
     "conv_split_k": (1, 1, 2),
     "conv_out": (1, 1, 1),
+    "geglu": (4, 1, 1),
 }  # 64-column tiles; 8 for conv_out
 
 
@@ -164,9 +199,12 @@ def test_plans_gemms_and_refuses_a_strided_reduction():
         (1, 80, 96, 64),
         (2, 128, 64, 576),
         (1, 128, 3, 576),
+        (1, 128, 256, 64),
     ]
     assert {name: k.grid() for name, k in shapes.items()} == TAKEN
     assert shapes["conv3x3_bias_residual"].pairs and not shapes["linear_transposed"].pairs  # transposed store
+    assert shapes["geglu"].column_pairs and not shapes["geglu"].pairs  # one output of two columns
+    assert "acc1" in shapes["geglu"].value and not any(shapes[n].column_pairs for n in TAKEN if n != "geglu")
     with pytest.raises(wg.UnsupportedGemmError, match="reduction axis is not innermost"):
         wg.plan_kernel(Gemms["strided_weight"], "strided")
 
@@ -228,6 +266,7 @@ def test_kernels_compile_for_sm90a():
 
 
 def _emulator(kernel: wg.WgmmaKernel, count: int) -> str:
+    sums = "sum(s, m, n), sum(s, m, n + 1)" if kernel.column_pairs else "sum(s, m, n)"  # a pair epilogue's two
     fields = ", ".join(f"reinterpret_cast<decltype({kernel.name}_io::p{i})>(bufs[{i}].data())" for i in range(count))
     return f"""#include <cuda_fp16.h>
 #include <cstdio>
@@ -242,19 +281,21 @@ int main(int, char** argv) {{
     bufs.emplace_back(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
   }}
   const {kernel.name}_io io{{{fields}}};
+  auto sum = [&](int s, int m, int n) {{
+    float acc = 0.f;
+    for (int k = 0; k < {kernel.k}; k += 8) {{
+      bool a_ok = true, b_ok = true;
+      const half* a = io.a_src(s, m, k, a_ok);
+      const half* b = io.b_src(s, n, k, b_ok);
+      if (a_ok && b_ok)
+        for (int j = 0; j < 8; ++j) acc += __half2float(a[j]) * __half2float(b[j]);
+    }}
+    return acc;
+  }};
   for (int s = 0; s < {kernel.batch}; ++s)
     for (int m = 0; m < {kernel.m}; ++m)
-      for (int n = 0; n < {kernel.n}; ++n) {{
-        float acc = 0.f;
-        for (int k = 0; k < {kernel.k}; k += 8) {{
-          bool a_ok = true, b_ok = true;
-          const half* a = io.a_src(s, m, k, a_ok);
-          const half* b = io.b_src(s, n, k, b_ok);
-          if (a_ok && b_ok)
-            for (int j = 0; j < 8; ++j) acc += __half2float(a[j]) * __half2float(b[j]);
-        }}
-        io.{kernel.out}[io.offset(s, m, n)] = io.value(acc, s, m, n);
-      }}
+      for (int n = 0; n < {kernel.n}; n += {2 if kernel.column_pairs else 1})
+        io.{kernel.out}[io.offset(s, m, n)] = io.value({sums}, s, m, n);
   std::ofstream out(std::string(argv[1]) + "/p{count - 1}.bin", std::ios::binary);
   out.write(bufs.back().data(), bufs.back().size());
 }}
