@@ -125,15 +125,22 @@ def flash_attention_kernel(
     warps: int | None = None,
     block_n: int | None = None,
     m_tiles: int | None = None,
+    packed: bool = False,
 ) -> tirx.PrimFunc:
     """The kernel ``o = softmax(q @ k^T * scale) @ v`` for ``shape`` (float16 in and out, float32 inside),
     marked ``tirx.is_scheduled`` so schedule rules leave it alone. CUDA sm_80+ (``mma.sync``).
 
     A thread block of ``warps`` warps takes ``16 * m_tiles * warps`` query rows and walks the keys
-    ``block_n`` at a time (all three by default :func:`choose_flash_tile`'s)."""
+    ``block_n`` at a time (all three by default :func:`choose_flash_tile`'s).
+
+    ``packed``: self-attention whose Q, K and V are one ``[B, N, 3, H, D]`` tensor (one projection GEMM
+    over concatenated weights, :class:`~mlcweb_passes.MergeQKV`), passed as each of the three inputs."""
     if not shape.supported():
         raise ValueError(f"flash attention does not support {shape} (head_dim must be 1..{MAX_HEAD_DIM})")
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
+    if packed and nq != nk:
+        raise ValueError(f"packed Q, K, V need as many queries as keys, not {nq} and {nk}")
+    q_shape, kv_shape = ((b, nq, 3, h, d), (b, nk, 3, h, d)) if packed else ((b, nq, h, d), (b, nk, h, d))
     dp = -(-d // 16) * 16  # head dimension padded to whole 16-wide MMA steps
     row = dp + 8  # shared-memory row stride in halves: ldmatrix's 8 rows then hit distinct banks
     chosen = choose_flash_tile(shape)
@@ -164,6 +171,9 @@ def flash_attention_kernel(
     def copy_col(i: Any, t: Any) -> Any:
         return (i * nt + t) % dv * vw
 
+    def at(buf: Any, which: int, bb: Any, r: Any, hh: Any, c: Any) -> Any:  # row r, head hh, column c of Q/K/V
+        return buf[bb, r, which, hh, c] if packed else buf[bb, r, hh, c]
+
     def score(mi: Any, j: Any, r: Any, e: Any) -> Any:  # key column j * 8 + tig * 2 + e, row g + 8 * r of tile mi
         return (mi * nj + j) * 4 + r * 2 + e
 
@@ -172,8 +182,8 @@ def flash_attention_kernel(
 
     # fmt: off
     @T.prim_func(private=True)
-    def flash(q: T.Buffer((b, nq, h, d), "float16"), k: T.Buffer((b, nk, h, d), "float16"),  # type: ignore[valid-type,no-untyped-def]
-              v: T.Buffer((b, nk, h, d), "float16"), o: T.Buffer((b, nq, h, d), "float16")):  # type: ignore[valid-type]
+    def flash(q: T.Buffer(q_shape, "float16"), k: T.Buffer(kv_shape, "float16"),  # type: ignore[valid-type,no-untyped-def]
+              v: T.Buffer(kv_shape, "float16"), o: T.Buffer((b, nq, h, d), "float16")):  # type: ignore[valid-type]
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         bx = T.launch_thread("blockIdx.x", n_qt)
         by = T.launch_thread("blockIdx.y", b * h)
@@ -203,8 +213,8 @@ def flash_attention_kernel(
         for i in T.unroll(copies):
             if bx * bm + copy_row(i, t) < nq and copy_col(i, t) < d:
                 for j in T.vectorized(vw):
-                    qs[copy_row(i, t) * row + copy_col(i, t) + j] = q[bb, bx * bm + copy_row(i, t), hh,
-                                                                      copy_col(i, t) + j]
+                    qs[copy_row(i, t) * row + copy_col(i, t) + j] = at(q, 0, bb, bx * bm + copy_row(i, t), hh,
+                                                                         copy_col(i, t) + j)
             else:
                 for j in T.vectorized(vw):
                     qs[copy_row(i, t) * row + copy_col(i, t) + j] = T.float16(0)
@@ -225,9 +235,9 @@ def flash_attention_kernel(
         for i1 in T.unroll(kv_copies):
             if copy_row(i1, t) < nk and copy_col(i1, t) < d:
                 for j in T.vectorized(vw):
-                    kr[i1 * vw + j] = k[bb, copy_row(i1, t), hh, copy_col(i1, t) + j]
+                    kr[i1 * vw + j] = at(k, 1, bb, copy_row(i1, t), hh, copy_col(i1, t) + j)
                 for j in T.vectorized(vw):
-                    vr[i1 * vw + j] = v[bb, copy_row(i1, t), hh, copy_col(i1, t) + j]
+                    vr[i1 * vw + j] = at(v, 2, bb, copy_row(i1, t), hh, copy_col(i1, t) + j)
             else:
                 for j in T.vectorized(vw):
                     kr[i1 * vw + j] = T.float16(0)
@@ -244,9 +254,9 @@ def flash_attention_kernel(
             for i5 in T.unroll(kv_copies):
                 if (kt + 1) * bn + copy_row(i5, t) < nk and copy_col(i5, t) < d:
                     for j in T.vectorized(vw):
-                        kr[i5 * vw + j] = k[bb, (kt + 1) * bn + copy_row(i5, t), hh, copy_col(i5, t) + j]
+                        kr[i5 * vw + j] = at(k, 1, bb, (kt + 1) * bn + copy_row(i5, t), hh, copy_col(i5, t) + j)
                     for j in T.vectorized(vw):
-                        vr[i5 * vw + j] = v[bb, (kt + 1) * bn + copy_row(i5, t), hh, copy_col(i5, t) + j]
+                        vr[i5 * vw + j] = at(v, 2, bb, (kt + 1) * bn + copy_row(i5, t), hh, copy_col(i5, t) + j)
                 else:
                     for j in T.vectorized(vw):
                         kr[i5 * vw + j] = T.float16(0)
@@ -326,13 +336,23 @@ def flash_attention_kernel(
     return flash.with_attr(SOURCE_ATTR, HAND_WRITTEN)
 
 
-def reference_attention_kernel(shape: AttentionShape, scale: float) -> tirx.PrimFunc:
+def _part(qkv: te.Tensor, which: int) -> te.Tensor:
+    """Q (0), K (1) or V (2) of a ``[B, N, 3, H, D]`` tensor."""
+    b, n, _, h, d = qkv.shape
+    return te.compute((b, n, h, d), lambda i, m, j, c: qkv[i, m, which, j, c], name="qkv_part")
+
+
+def reference_attention_kernel(shape: AttentionShape, scale: float, packed: bool = False) -> tirx.PrimFunc:
     """The same computation as :func:`flash_attention_kernel` written plainly in TE (scores materialised),
     for targets without tensor cores and to check :class:`FlashAttention`'s rewrite anywhere."""
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
-    q = te.placeholder((b, nq, h, d), "float16", name="q")
-    k = te.placeholder((b, nk, h, d), "float16", name="k")
-    v = te.placeholder((b, nk, h, d), "float16", name="v")
+    if packed:  # three views of one [B, N, 3, H, D] input, passed three times
+        qkv = [te.placeholder((b, nq, 3, h, d), "float16", name=n) for n in ("q", "k", "v")]
+        q, k, v = (_part(x, which) for which, x in enumerate(qkv))
+    else:
+        q = te.placeholder((b, nq, h, d), "float16", name="q")
+        k = te.placeholder((b, nk, h, d), "float16", name="k")
+        v = te.placeholder((b, nk, h, d), "float16", name="v")
     rd = te.reduce_axis((0, d), name="rd")
     dot = te.compute(
         (b, h, nq, nk),
@@ -353,7 +373,7 @@ def reference_attention_kernel(shape: AttentionShape, scale: float) -> tirx.Prim
         name="weighted",
     )
     o = te.compute((b, nq, h, d), lambda *i: acc[i].astype("float16"), name="attention")
-    return te.create_prim_func([q, k, v, o]).without_attr("global_symbol")
+    return te.create_prim_func([*(qkv if packed else [q, k, v]), o]).without_attr("global_symbol")
 
 
 def supports_flash_attention(target: tvm.target.Target) -> bool:
@@ -361,7 +381,7 @@ def supports_flash_attention(target: tvm.target.Target) -> bool:
     return sm_version(target) >= MIN_SM
 
 
-KernelFactory = Callable[[AttentionShape, float], tirx.PrimFunc]
+KernelFactory = Callable[..., tirx.PrimFunc]  # (shape, scale, packed=False): flash_attention_kernel's signature
 
 
 @dataclass(frozen=True)
@@ -452,11 +472,12 @@ def match_attention(walker: _Walker, call: relax.Call) -> _Match | None:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, kernel: KernelFactory) -> None:
+    def __init__(self, mod: tvm.IRModule, kernel: KernelFactory, pack: bool) -> None:
         super().__init__(mod)
         self.kernel = kernel
+        self.pack = pack
         self.walker: _Walker | None = None
-        self.kernels: dict[tuple[AttentionShape, float], tvm.ir.GlobalVar] = {}
+        self.kernels: dict[tuple[AttentionShape, float, bool], tvm.ir.GlobalVar] = {}
         self.outputs: dict[relax.Call, relax.Var] = {}  # attention matmul -> its kernel call's output
         self.rewritten = 0
 
@@ -464,11 +485,47 @@ class _Rewriter(PyExprMutator):
         self.walker = _Walker(func)
         return super().visit_function_(func)
 
-    def _kernel(self, shape: AttentionShape, scale: float) -> tvm.ir.GlobalVar:
-        key = (shape, scale)
+    def _kernel(self, shape: AttentionShape, scale: float, packed: bool) -> tvm.ir.GlobalVar:
+        key = (shape, scale, packed)
         if key not in self.kernels:
-            self.kernels[key] = self.builder_.add_func(self.kernel(shape, scale), "flash_attention")
+            func = self.kernel(shape, scale, packed=True) if packed else self.kernel(shape, scale)
+            self.kernels[key] = self.builder_.add_func(func, "flash_attention")
         return self.kernels[key]
+
+    def _packed(self, found: _Match) -> relax.Expr | None:
+        """For Q, K and V that are the three thirds of one projection (:class:`MergeQKV`): ``split(h, 3)``
+        along h's last axis, each part cast the same way and reshaped to ``[B, N, H, D]``, that tensor as
+        ``[B, N, 3, H, D]`` (the kernel reads the three from it; no part is copied out); else None."""
+        if self.walker is None:
+            return None
+        parts = []
+        for which, x in enumerate((found.q, found.k, found.v)):
+            casts: list[str] = []
+            value = self.walker.value(x)
+            while op_name(value) in ("relax.reshape", "relax.astype"):
+                if op_name(value) == "relax.astype":
+                    casts.append(str(value.attrs.dtype))
+                value = self.walker.value(value.args[0])
+            if not isinstance(value, relax.TupleGetItem) or value.index != which:
+                return None
+            parts.append((value.tuple_value, casts))
+        (tup, casts), s = parts[0], found.shape
+        if any(not t.same_as(tup) or c != casts for t, c in parts[1:]) or s.q_len != s.kv_len:
+            return None
+        split = self.walker.value(tup)
+        if op_name(split) != "relax.split":
+            return None
+        h = split.args[0]
+        shape, columns = static_shape(h.ty.shape), s.heads * s.head_dim
+        sections = split.attrs.indices_or_sections
+        if shape is None or shape[-1] != 3 * columns or int(split.attrs.axis) not in (-1, len(shape) - 1):
+            return None
+        if isinstance(sections, tirx.IntImm | int) or [int(x) for x in sections] != [columns, 2 * columns]:
+            return None
+        packed = self.visit_expr(h)
+        for dtype in reversed(casts):  # collected outermost first
+            packed = relax.op.astype(packed, dtype)
+        return self.builder_.emit(relax.op.reshape(packed, [s.batch, s.q_len, 3, s.heads, s.head_dim]))
 
     def _heads_last(self, call: relax.Call) -> relax.Var | None:
         """For permutes that move the attention's ``[B, H, N, D]`` output (reshaped, maybe cast) back to
@@ -496,11 +553,11 @@ class _Rewriter(PyExprMutator):
         if found is None:
             return super().visit_call_(call)
         s = found.shape
-        args = [self.visit_expr(x) for x in (found.q, found.k, found.v)]
+        packed = self._packed(found) if self.pack else None
+        args = [packed] * 3 if packed is not None else [self.visit_expr(x) for x in (found.q, found.k, found.v)]
+        kernel = self._kernel(s, found.scale, packed is not None)
         out = self.builder_.emit(
-            relax.call_tir(
-                self._kernel(s, found.scale), args, relax.TensorType((s.batch, s.q_len, s.heads, s.head_dim), "float16")
-            )
+            relax.call_tir(kernel, args, relax.TensorType((s.batch, s.q_len, s.heads, s.head_dim), "float16"))
         )
         self.rewritten += 1
         self.outputs[call] = out
@@ -514,13 +571,15 @@ class _Rewriter(PyExprMutator):
 class FlashAttention(ModulePassBase):
     """Replace each float16 ``softmax(Q @ K^T * scale) @ V`` over head transposes with one call of a
     flash-attention kernel (``kernel``: :func:`flash_attention_kernel` by default, CUDA sm_70+), reading
-    Q, K and V as the ``[B, N, H, D]`` tensors the transposes started from."""
+    Q, K and V as the ``[B, N, H, D]`` tensors the transposes started from, or, with ``pack`` (default),
+    as the one ``[B, N, 3, H, D]`` projection they were split from (:class:`MergeQKV`)."""
 
-    def __init__(self, kernel: KernelFactory | None = None) -> None:
+    def __init__(self, kernel: KernelFactory | None = None, pack: bool = True) -> None:
         self.kernel = kernel or flash_attention_kernel
+        self.pack = pack
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _Rewriter(mod, self.kernel)
+        rewriter = _Rewriter(mod, self.kernel, self.pack)
         result = rewrite_and_clean(mod, rewriter)
         if rewriter.rewritten:
             log.info("%d attentions became flash-attention kernels", rewriter.rewritten)

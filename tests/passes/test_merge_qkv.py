@@ -1,0 +1,146 @@
+"""MergeQKV: a self-attention's three projections of one input become one GEMM over the concatenated
+weights, and FlashAttention then reads Q, K and V from that one tensor (``packed``)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from testutil import import_torch, nvcc_ptx
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+from tvm.script import tirx as T
+
+import mlcweb_passes as mp
+from mlcweb_passes.flash_attention import AttentionShape, reference_attention_kernel
+
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+
+
+@I.ir_module
+class Projections:
+    """Three projections of the same input as torch.export and LinearWeightLayout leave them (the input
+    computed three times), each reshaped to 2 heads of 16."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def matmul_nt(
+        x: T.Buffer((T.int64(64), T.int64(32)), "float16"),
+        w: T.Buffer((T.int64(32), T.int64(32)), "float16"),
+        out: T.Buffer((T.int64(64), T.int64(32))),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for i, n, k in T.grid(T.int64(64), T.int64(32), T.int64(32)):
+            with T.sblock("matmul"):
+                vi, vn, vk = T.axis.remap("SSR", [i, n, k])
+                with T.init():
+                    out[vi, vn] = T.float32(0)
+                out[vi, vn] = out[vi, vn] + T.Cast("float32", x[vi, vk]) * T.Cast("float32", w[vn, vk])
+
+    @R.function
+    def main(
+        h: R.Tensor((2, 32, 32), "float32"),
+        wq: R.Tensor((32, 32), "float32"),
+        wk: R.Tensor((32, 32), "float32"),
+        wv: R.Tensor((32, 32), "float32"),
+    ) -> R.Tuple(
+        R.Tensor((2, 32, 2, 16), "float16"), R.Tensor((2, 32, 2, 16), "float16"), R.Tensor((2, 32, 2, 16), "float16")
+    ):
+        R.func_attr({"num_input": 1})
+        cls = Projections
+        with R.dataflow():
+            xq = R.astype(R.reshape(h, R.shape([64, 32])), "float16")
+            q = R.call_tir(cls.matmul_nt, (xq, R.astype(wq, "float16")), out_ty=R.Tensor((64, 32), "float32"))
+            q4 = R.reshape(R.astype(q, "float16"), R.shape([2, 32, 2, 16]))
+            xk = R.astype(R.reshape(h, R.shape([64, 32])), "float16")
+            k = R.call_tir(cls.matmul_nt, (xk, R.astype(wk, "float16")), out_ty=R.Tensor((64, 32), "float32"))
+            k4 = R.reshape(R.astype(k, "float16"), R.shape([2, 32, 2, 16]))
+            xv = R.astype(R.reshape(h, R.shape([64, 32])), "float16")
+            v = R.call_tir(cls.matmul_nt, (xv, R.astype(wv, "float16")), out_ty=R.Tensor((64, 32), "float32"))
+            v4 = R.reshape(R.astype(v, "float16"), R.shape([2, 32, 2, 16]))
+            out = (q4, k4, v4)
+            R.output(out)
+        return out
+
+
+def _ops(mod: tvm.IRModule) -> list[str]:
+    names = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+                names.append(value.op.name if value.op.name != "relax.call_tir" else "call_tir")
+    return names
+
+
+def _run(mod: tvm.IRModule, *args: np.ndarray) -> list[np.ndarray]:
+    exe = tvm.compile(mod, "llvm", relax_pipeline=mp.pipeline("llvm"))
+    out = relax.VirtualMachine(exe, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args])
+    return [o.numpy() for o in out] if isinstance(out, tvm.ir.Array) else [out.numpy()]
+
+
+def test_three_projections_become_one_gemm_and_a_split() -> None:
+    after = mp.MergeQKV()(Projections)
+    ops = _ops(after)
+    assert ops.count("call_tir") == 1 and ops.count("relax.concat") == 1 and ops.count("relax.split") == 1
+    (gemm,) = [b.value for b in after["main"].body.blocks[0].bindings if _ops_name(b.value) == "relax.call_tir"]
+    assert [int(d) for d in gemm.args[1].fields[1].ty.shape] == [96, 32]  # [wq; wk; wv]
+    rng = np.random.default_rng(0)
+    args = [rng.uniform(-1, 1, s).astype("float32") for s in ((2, 32, 32), (32, 32), (32, 32), (32, 32))]
+    for got, want in zip(_run(after, *args), _run(Projections, *args), strict=True):
+        np.testing.assert_array_equal(got, want)  # the same sums, in one kernel
+
+
+def _ops_name(value: relax.Expr) -> str | None:
+    return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
+
+
+def test_projections_of_other_inputs_shapes_or_without_heads_stay() -> None:
+    two_inputs = tvm.script.from_source(
+        Projections.script().replace(
+            'lv6: R.Tensor((64, 32), dtype="float32") = R.reshape(h,', "lv6 = R.reshape(R.negative(h),"
+        )
+    )
+    assert _ops(mp.MergeQKV()(two_inputs)).count("call_tir") == 3
+    # heads of 32 x 1: not attention heads for the flash kernel's layout (H must be > 1)
+    text = Projections.script().replace("[2, 32, 2, 16]", "[2, 32, 1, 32]").replace("(2, 32, 2, 16)", "(2, 32, 1, 32)")
+    one_head = tvm.script.from_source(text)
+    assert "relax.split" not in _ops(mp.MergeQKV()(one_head))
+
+
+def test_diffusers_attention_packs_into_one_flash_call_and_matches_pytorch() -> None:
+    """diffusers' self-attention through the pre-lift passes and MergeQKV: FlashAttention passes the one
+    projection three times (``packed``), and the result (reference kernel, CPU) matches PyTorch."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(query_dim=64, heads=2, dim_head=32).eval()
+    x = torch.randn(2, 64, 64)
+    mod, params = relax.frontend.detach_params(import_torch(attention, (x,)))
+    pre = tvm.transform.Sequential([mp.MixedPrecision("float32"), mp.LinearWeightLayout(), mp.MergeQKV()])(mod)
+    flash = mp.FlashAttention(reference_attention_kernel)(mp.DropSoftmaxGuard()(pre))
+    calls = [
+        b.value
+        for b in flash["main"].body.blocks[0].bindings
+        if _ops_name(b.value) == "relax.call_tir" and b.value.args[0].name_hint.startswith("flash_attention")
+    ]
+    assert len(calls) == 1
+    packed = calls[0].args[1].fields
+    assert all(a.same_as(packed[0]) for a in packed) and [int(d) for d in packed[0].ty.shape] == [2, 64, 3, 2, 32]
+    assert "relax.split" not in _ops(flash)  # nothing copies the three parts out
+    (got,) = _run(flash, x.numpy(), *[p.numpy() for p in params["main"]])
+    with torch.no_grad():
+        want = attention(x).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_packed_kernel_compiles_with_nvcc(tmp_path: Path) -> None:
+    shape = AttentionShape(2, 1024, 1024, 8, 40)
+    exe = tvm.compile(
+        tvm.IRModule({"main": mp.flash_attention_kernel(shape, 0.125, packed=True).with_attr("global_symbol", "main")}),
+        CUDA,
+    )
+    assert "mma.sync.aligned.m16n8k16" in nvcc_ptx(exe.mod.imports[0].inspect_source(), tmp_path)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        mp.flash_attention_kernel(AttentionShape(2, 64, 77, 8, 40), 0.125, packed=True)
