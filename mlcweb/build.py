@@ -165,7 +165,7 @@ def pre_lift_passes(options: BuildOptions, target: TargetInfo) -> list[tvm.trans
             # so WgmmaGemm computes a * gelu(g) in the projection's epilogue
             passes.append(mp.GegluPairs())
             # one GEMM for each self-attention's Q, K and V; flash attention reads the three from it
-            passes.append(mp.MergeQKV())
+            passes.append(mp.MergeProjections())
         if mp.tensor_core_matmul.sm_version(target.tvm_target()) >= 70:
             # split-K for convolutions with few output tiles (the pipeline would do it too): here, so
             # the kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the transform

@@ -36,7 +36,7 @@ from .lift_kernel_scratch import LiftKernelScratch
 from .lift_transform_params import LiftedModules, apply_transform_params, compile_transform, split_transform_params
 from .linear_weight_layout import LinearWeightLayout
 from .memory_plan import FunctionMemory, StaticMemoryPlan, memory_report
-from .merge_qkv import MergeQKV
+from .merge_projections import MergeProjections
 from .mixed_precision import MixedPrecision
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
 from .pipeline import PipelineOptions, lowering_passes, pipeline
@@ -76,7 +76,7 @@ __all__ = [
     "LiftKernelScratch",
     "LiftedModules",
     "LinearWeightLayout",
-    "MergeQKV",
+    "MergeProjections",
     "MixedPrecision",
     "ParamNameError",
     "PipelineOptions",

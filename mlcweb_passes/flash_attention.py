@@ -134,7 +134,7 @@ def flash_attention_kernel(
     ``block_n`` at a time (all three by default :func:`choose_flash_tile`'s).
 
     ``packed``: self-attention whose Q, K and V are one ``[B, N, 3, H, D]`` tensor (one projection GEMM
-    over concatenated weights, :class:`~mlcweb_passes.MergeQKV`), passed as each of the three inputs."""
+    over concatenated weights, :class:`~mlcweb_passes.MergeProjections`), passed as each of the three inputs."""
     if not shape.supported():
         raise ValueError(f"flash attention does not support {shape} (head_dim must be 1..{MAX_HEAD_DIM})")
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
@@ -493,7 +493,7 @@ class _Rewriter(PyExprMutator):
         return self.kernels[key]
 
     def _packed(self, found: _Match) -> relax.Expr | None:
-        """For Q, K and V that are the three thirds of one projection (:class:`MergeQKV`): ``split(h, 3)``
+        """For Q, K and V that are the three thirds of one projection (:class:`MergeProjections`): ``split(h, 3)``
         along h's last axis, each part cast the same way and reshaped to ``[B, N, H, D]``, that tensor as
         ``[B, N, 3, H, D]`` (the kernel reads the three from it; no part is copied out); else None."""
         if self.walker is None:
@@ -572,7 +572,7 @@ class FlashAttention(ModulePassBase):
     """Replace each float16 ``softmax(Q @ K^T * scale) @ V`` over head transposes with one call of a
     flash-attention kernel (``kernel``: :func:`flash_attention_kernel` by default, CUDA sm_70+), reading
     Q, K and V as the ``[B, N, H, D]`` tensors the transposes started from, or, with ``pack`` (default),
-    as the one ``[B, N, 3, H, D]`` projection they were split from (:class:`MergeQKV`)."""
+    as the one ``[B, N, 3, H, D]`` projection they were split from (:class:`MergeProjections`)."""
 
     def __init__(self, kernel: KernelFactory | None = None, pack: bool = True) -> None:
         self.kernel = kernel or flash_attention_kernel

@@ -205,7 +205,7 @@ def test_weight_layout_passes_follow_the_target() -> None:
     assert cuda[0] == "mlcweb.MixedPrecision" and cuda[-1] == "mlcweb.SplitKConv"
     assert "mlcweb.Float16Residuals" in cuda
     # GEGLU in its projection's epilogue only where WgmmaGemm runs that epilogue
-    for name in ("mlcweb.GegluPairs", "mlcweb.MergeQKV"):  # for WgmmaGemm's epilogues and GEMM sizes
+    for name in ("mlcweb.GegluPairs", "mlcweb.MergeProjections"):  # for WgmmaGemm's epilogues and GEMM sizes
         assert name in names("cuda", arch="sm_90", dtype="float16")
         assert name not in names("cuda", arch="sm_80", dtype="float16")
     # NHWC asked for on the CPU: the layouts, but no split-K (its tiles are CUDA's)

@@ -1,19 +1,25 @@
-"""Q, K and V projections as one GEMM: concatenate the three weights, project once, split.
+"""Attention projections of one input as one GEMM: concatenate their weights, project once, split.
 
-Self-attention projects the same input three times (``to_q``, ``to_k``, ``to_v``). In SD1.5's UNet each of
-those GEMMs is short (K = 320 to 1280) and fills about one wave of an H100, so most of each kernel is its
-start and its end: 20 projections of 8192 x 320 x 320 take 11 us each, at 150 TFLOPS. One GEMM over the
-concatenated ``[3N, K]`` weight does the same work in three times the blocks.
+Self-attention projects the same input three times (``to_q``, ``to_k``, ``to_v``), and every
+cross-attention of a UNet projects the same text embeddings twice (``to_k``, ``to_v``). In SD1.5's UNet
+those GEMMs are short or thin and fill about one wave of an H100, so most of each kernel is its start and
+its end: the 8192 x 320 x 320 self-attention projections take 11 us each (150 TFLOPS), the 154-row
+cross-attention ones 8 us each, 32 of them a step. One GEMM over the concatenated weights does the same
+work in as many times the blocks.
 
-This pass finds three :class:`~mlcweb_passes.LinearWeightLayout` ``matmul_nt`` calls whose inputs are the
-same computation (the same variable through the same casts and reshapes), whose weights are parameters
-(possibly cast) of one ``[N, K]`` shape, and whose outputs are reshaped to attention heads of at most
-``MAX_HEAD_DIM`` (what :class:`~mlcweb_passes.FlashAttention` takes). It replaces them with one
-``matmul_nt(x, concat([wq, wk, wv]))`` and ``split`` into the three, in the order the projections were
-bound. Run it before weight lifting, so the concatenation is done once, to the weights.
-:class:`~mlcweb_passes.FlashAttention` then reads the three from the one projection
-(``flash_attention_kernel(packed=True)``), so the split is never computed; where no flash kernel takes the
-attention, the split copies the three parts out.
+This pass groups the :class:`~mlcweb_passes.LinearWeightLayout` ``matmul_nt`` calls of one function whose
+inputs are the same computation (the same variable through the same casts and reshapes), whose weights are
+parameters (possibly cast) of one ``[N, K]`` shape, and whose outputs are reshaped to attention heads of
+at most ``MAX_HEAD_DIM`` (what :class:`~mlcweb_passes.FlashAttention` takes). Each group of two or more
+becomes one ``matmul_nt(x, concat(weights))`` and a ``split``, its parts in the order the projections
+were bound. When every part was cast to the same type (float16 activations after a float32 GEMM), the
+cast moves before the split, into the GEMM's epilogue. Run it before weight lifting, so the concatenation
+is done once, to the weights.
+
+:class:`~mlcweb_passes.FlashAttention` reads a self-attention's Q, K and V straight from its merged
+projection (``flash_attention_kernel(packed=True)``), so that split is never computed. The
+cross-attentions' K and V (one group per width: ten projections at each of SD1.5's three levels) are
+split out by one copy kernel per group, 1 MB or less.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from ._base import Bindings, FunctionMutator, ModulePassBase, op_name, rewrite_a
 from .flash_attention import MAX_HEAD_DIM
 from .linear_weight_layout import NT_MATMUL_NAME, nt_matmul
 
-__all__ = ["MergeQKV"]
+__all__ = ["MergeProjections"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +88,7 @@ def _source(bindings: Bindings, x: relax.Expr) -> Any:
 class _Rewriter(FunctionMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
-        self.groups: list[list[relax.Call]] = []
+        self.groups: list[list[tuple[relax.Var, relax.Call]]] = []
         self.parts: dict[relax.Call, tuple[int, int]] = {}  # projection -> (group, position)
         self.merged: dict[int, relax.Var] = {}  # group -> its split
         self.users: dict[relax.Var, list[tuple[relax.Var, Any]]] = {}  # var -> the bindings that use it
@@ -102,11 +108,11 @@ class _Rewriter(FunctionMutator):
                 if key is not None:
                     candidates[key].append((binding.var, value))
         for group in candidates.values():
-            if len(group) != 3 or not all(self._heads(var, call, uses) for var, call in group):
+            if len(group) < 2 or not all(self._heads(var, call, uses) for var, call in group):
                 continue
             for position, (_, call) in enumerate(group):
                 self.parts[call] = (len(self.groups), position)
-            self.groups.append([call for _, call in group])
+            self.groups.append(group)
         return super().visit_function_(func)
 
     def _heads(self, var: relax.Var, call: relax.Call, uses: Any) -> bool:
@@ -130,36 +136,55 @@ class _Rewriter(FunctionMutator):
         if group not in self.merged:
             self.merged[group] = self._merge(self.groups[group])
             self.rewritten += 1
-        return relax.TupleGetItem(self.merged[group], position)
+        part_value = relax.TupleGetItem(self.merged[group], position)
+        # split after the narrowing cast every part had (see _merge): widen back, a round trip that
+        # HoistNarrowingCasts removes
+        return relax.op.astype(part_value, str(call.ty.dtype)) if part_value.ty.dtype != call.ty.dtype else part_value
 
-    def _merge(self, group: list[relax.Call]) -> relax.Var:
+    def _narrowing(self, group: list[tuple[relax.Var, relax.Call]]) -> str | None:
+        """The dtype every projection's output is cast to by its only user, else None."""
+        dtypes = set()
+        for var, _ in group:
+            users = self.users[var]
+            if len(users) != 1 or op_name(users[0][1]) != "relax.astype":
+                return None
+            dtypes.add(str(users[0][1].attrs.dtype))
+        return dtypes.pop() if len(dtypes) == 1 else None
+
+    def _merge(self, group: list[tuple[relax.Var, relax.Call]]) -> relax.Var:
         """At the first projection: the concatenated weight (rebuilt from the parameters, which every
-        binding can see), one ``matmul_nt`` and the split."""
+        binding can see), one ``matmul_nt`` and the split; when every part is cast to the same dtype (the
+        float16 activations after a float32 GEMM), the split is of the cast, so the GEMM's epilogue casts
+        and a split that is computed copies half the bytes."""
         weights = []
-        for call in group:
+        for _, call in group:
             root, casts = _through_casts(self.bindings, call.args[1].fields[1])  # type: ignore[arg-type]
             rebuilt = self.visit_expr(root)
             for dtype in reversed(casts):
                 rebuilt = relax.op.astype(rebuilt, dtype)
             weights.append(rebuilt)
         weight = self.builder_.emit(relax.op.concat(weights, axis=0))
-        first = group[0]
+        first = group[0][1]
         x = self.visit_expr(first.args[1].fields[0])
         out = self.builder_.emit(
             self.builder_.call_te(nt_matmul, x, weight, str(first.ty.dtype), primfunc_name_hint=NT_MATMUL_NAME)
         )
+        narrow = self._narrowing(group)
+        if narrow is not None:
+            out = self.builder_.emit(relax.op.astype(out, narrow))
         n = int(first.ty.shape[-1])
-        return self.builder_.emit(relax.op.split(out, [n, 2 * n], axis=-1))
+        return self.builder_.emit(relax.op.split(out, [n * i for i in range(1, len(group))], axis=-1))
 
 
-@tvm.transform.module_pass(opt_level=0, name="mlcweb.MergeQKV")
-class MergeQKV(ModulePassBase):
-    """Merge each self-attention's three projections of one input into one GEMM over the concatenated
-    weights and a split (see the module docstring). Run before weight lifting."""
+@tvm.transform.module_pass(opt_level=0, name="mlcweb.MergeProjections")
+class MergeProjections(ModulePassBase):
+    """Merge the attention projections of one input (a self-attention's Q, K, V; the cross-attentions' K
+    and V of one width) into one GEMM over the concatenated weights and a split (see the module
+    docstring). Run before weight lifting."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _Rewriter(mod)
         result = rewrite_and_clean(mod, rewriter)
         if rewriter.rewritten:
-            log.info("%d Q/K/V projection triples became one GEMM each", rewriter.rewritten)
+            log.info("%d groups of attention projections became one GEMM each", rewriter.rewritten)
         return result

@@ -1,5 +1,5 @@
-"""MergeQKV: a self-attention's three projections of one input become one GEMM over the concatenated
-weights, and FlashAttention then reads Q, K and V from that one tensor (``packed``)."""
+"""MergeProjections: attention projections of one input become one GEMM over the concatenated weights and a
+split, and FlashAttention reads a self-attention's Q, K and V from that one tensor (``packed``)."""
 
 from pathlib import Path
 
@@ -81,11 +81,13 @@ def _run(mod: tvm.IRModule, *args: np.ndarray) -> list[np.ndarray]:
 
 
 def test_three_projections_become_one_gemm_and_a_split() -> None:
-    after = mp.MergeQKV()(Projections)
+    after = mp.MergeProjections()(Projections)
     ops = _ops(after)
     assert ops.count("call_tir") == 1 and ops.count("relax.concat") == 1 and ops.count("relax.split") == 1
     (gemm,) = [b.value for b in after["main"].body.blocks[0].bindings if _ops_name(b.value) == "relax.call_tir"]
     assert [int(d) for d in gemm.args[1].fields[1].ty.shape] == [96, 32]  # [wq; wk; wv]
+    (split,) = [b.value for b in after["main"].body.blocks[0].bindings if _ops_name(b.value) == "relax.split"]
+    assert str(split.args[0].ty.dtype) == "float16"  # each part's cast, once, before the split
     rng = np.random.default_rng(0)
     args = [rng.uniform(-1, 1, s).astype("float32") for s in ((2, 32, 32), (32, 32), (32, 32), (32, 32))]
     for got, want in zip(_run(after, *args), _run(Projections, *args), strict=True):
@@ -102,15 +104,16 @@ def test_projections_of_other_inputs_shapes_or_without_heads_stay() -> None:
             'lv6: R.Tensor((64, 32), dtype="float32") = R.reshape(h,', "lv6 = R.reshape(R.negative(h),"
         )
     )
-    assert _ops(mp.MergeQKV()(two_inputs)).count("call_tir") == 3
+    ops = _ops(mp.MergeProjections()(two_inputs))  # K reads another input: Q and V merge, K stays
+    assert ops.count("call_tir") == 2 and ops.count("relax.split") == 1
     # heads of 32 x 1: not attention heads for the flash kernel's layout (H must be > 1)
     text = Projections.script().replace("[2, 32, 2, 16]", "[2, 32, 1, 32]").replace("(2, 32, 2, 16)", "(2, 32, 1, 32)")
     one_head = tvm.script.from_source(text)
-    assert "relax.split" not in _ops(mp.MergeQKV()(one_head))
+    assert "relax.split" not in _ops(mp.MergeProjections()(one_head))
 
 
 def test_diffusers_attention_packs_into_one_flash_call_and_matches_pytorch() -> None:
-    """diffusers' self-attention through the pre-lift passes and MergeQKV: FlashAttention passes the one
+    """diffusers' self-attention through the pre-lift passes and MergeProjections: FlashAttention passes the one
     projection three times (``packed``), and the result (reference kernel, CPU) matches PyTorch."""
     from diffusers.models.attention_processor import Attention
 
@@ -118,7 +121,7 @@ def test_diffusers_attention_packs_into_one_flash_call_and_matches_pytorch() -> 
     attention = Attention(query_dim=64, heads=2, dim_head=32).eval()
     x = torch.randn(2, 64, 64)
     mod, params = relax.frontend.detach_params(import_torch(attention, (x,)))
-    pre = tvm.transform.Sequential([mp.MixedPrecision("float32"), mp.LinearWeightLayout(), mp.MergeQKV()])(mod)
+    pre = tvm.transform.Sequential([mp.MixedPrecision("float32"), mp.LinearWeightLayout(), mp.MergeProjections()])(mod)
     flash = mp.FlashAttention(reference_attention_kernel)(mp.DropSoftmaxGuard()(pre))
     calls = [
         b.value
