@@ -68,6 +68,11 @@ MAX_HEAD_DIM = 160  # output accumulators live in registers: 160 / 8 * 4 = 80 fl
 NEG_INF = -1e30  # finite: exp2(NEG_INF - m) is 0 without inf - inf
 MIN_SM = 80  # mma.sync.m16n8k16 with float32 accumulators, ldmatrix
 
+# How the kernel finds Q, K and V: for each, None (its own [B, N, H, D] tensor) or (count, index), part
+# `index` of a [B, N, count, H, D] tensor (projections merged into one GEMM)
+Views = tuple[tuple[int, int] | None, tuple[int, int] | None, tuple[int, int] | None]
+NO_VIEWS: Views = (None, None, None)
+
 
 @dataclass(frozen=True)
 class AttentionShape:
@@ -125,7 +130,7 @@ def flash_attention_kernel(
     warps: int | None = None,
     block_n: int | None = None,
     m_tiles: int | None = None,
-    packed: bool = False,
+    views: Views = NO_VIEWS,
 ) -> tirx.PrimFunc:
     """The kernel ``o = softmax(q @ k^T * scale) @ v`` for ``shape`` (float16 in and out, float32 inside),
     marked ``tirx.is_scheduled`` so schedule rules leave it alone. CUDA sm_80+ (``mma.sync``).
@@ -133,14 +138,17 @@ def flash_attention_kernel(
     A thread block of ``warps`` warps takes ``16 * m_tiles * warps`` query rows and walks the keys
     ``block_n`` at a time (all three by default :func:`choose_flash_tile`'s).
 
-    ``packed``: self-attention whose Q, K and V are one ``[B, N, 3, H, D]`` tensor (one projection GEMM
-    over concatenated weights, :class:`~mlcweb_passes.MergeProjections`), passed as each of the three inputs."""
+    ``views``: for each of Q, K, V, None (a ``[B, N, H, D]`` tensor) or ``(count, index)``: the input is a
+    ``[B, N, count, H, D]`` tensor of which the kernel reads part ``index`` (projections merged by
+    :class:`~mlcweb_passes.MergeProjections`, read where they are instead of split out)."""
     if not shape.supported():
         raise ValueError(f"flash attention does not support {shape} (head_dim must be 1..{MAX_HEAD_DIM})")
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
-    if packed and nq != nk:
-        raise ValueError(f"packed Q, K, V need as many queries as keys, not {nq} and {nk}")
-    q_shape, kv_shape = ((b, nq, 3, h, d), (b, nk, 3, h, d)) if packed else ((b, nq, h, d), (b, nk, h, d))
+    if len(views) != 3 or any(view is not None and not 0 <= view[1] < view[0] for view in views):
+        raise ValueError(f"views must be three None or (count, index) with index < count, not {views}")
+    q_shape, k_shape, v_shape = (
+        (b, n, view[0], h, d) if view is not None else (b, n, h, d) for view, n in zip(views, (nq, nk, nk), strict=True)
+    )
     dp = -(-d // 16) * 16  # head dimension padded to whole 16-wide MMA steps
     row = dp + 8  # shared-memory row stride in halves: ldmatrix's 8 rows then hit distinct banks
     chosen = choose_flash_tile(shape)
@@ -172,7 +180,8 @@ def flash_attention_kernel(
         return (i * nt + t) % dv * vw
 
     def at(buf: Any, which: int, bb: Any, r: Any, hh: Any, c: Any) -> Any:  # row r, head hh, column c of Q/K/V
-        return buf[bb, r, which, hh, c] if packed else buf[bb, r, hh, c]
+        view = views[which]
+        return buf[bb, r, view[1], hh, c] if view is not None else buf[bb, r, hh, c]
 
     def score(mi: Any, j: Any, r: Any, e: Any) -> Any:  # key column j * 8 + tig * 2 + e, row g + 8 * r of tile mi
         return (mi * nj + j) * 4 + r * 2 + e
@@ -182,8 +191,8 @@ def flash_attention_kernel(
 
     # fmt: off
     @T.prim_func(private=True)
-    def flash(q: T.Buffer(q_shape, "float16"), k: T.Buffer(kv_shape, "float16"),  # type: ignore[valid-type,no-untyped-def]
-              v: T.Buffer(kv_shape, "float16"), o: T.Buffer((b, nq, h, d), "float16")):  # type: ignore[valid-type]
+    def flash(q: T.Buffer(q_shape, "float16"), k: T.Buffer(k_shape, "float16"),  # type: ignore[valid-type,no-untyped-def]
+              v: T.Buffer(v_shape, "float16"), o: T.Buffer((b, nq, h, d), "float16")):  # type: ignore[valid-type]
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         bx = T.launch_thread("blockIdx.x", n_qt)
         by = T.launch_thread("blockIdx.y", b * h)
@@ -336,23 +345,23 @@ def flash_attention_kernel(
     return flash.with_attr(SOURCE_ATTR, HAND_WRITTEN)
 
 
-def _part(qkv: te.Tensor, which: int) -> te.Tensor:
-    """Q (0), K (1) or V (2) of a ``[B, N, 3, H, D]`` tensor."""
-    b, n, _, h, d = qkv.shape
-    return te.compute((b, n, h, d), lambda i, m, j, c: qkv[i, m, which, j, c], name="qkv_part")
+def _view(name: str, b: int, n: int, h: int, d: int, view: tuple[int, int] | None) -> tuple[te.Tensor, te.Tensor]:
+    """A ``[B, N, H, D]`` input: the placeholder and the tensor read (part ``index`` of a
+    ``[B, N, count, H, D]`` placeholder for ``view = (count, index)``)."""
+    if view is None:
+        x = te.placeholder((b, n, h, d), "float16", name=name)
+        return x, x
+    whole = te.placeholder((b, n, view[0], h, d), "float16", name=name)
+    return whole, te.compute((b, n, h, d), lambda i, m, j, c: whole[i, m, view[1], j, c], name=f"{name}_part")
 
 
-def reference_attention_kernel(shape: AttentionShape, scale: float, packed: bool = False) -> tirx.PrimFunc:
+def reference_attention_kernel(shape: AttentionShape, scale: float, views: Views = NO_VIEWS) -> tirx.PrimFunc:
     """The same computation as :func:`flash_attention_kernel` written plainly in TE (scores materialised),
     for targets without tensor cores and to check :class:`FlashAttention`'s rewrite anywhere."""
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
-    if packed:  # three views of one [B, N, 3, H, D] input, passed three times
-        qkv = [te.placeholder((b, nq, 3, h, d), "float16", name=n) for n in ("q", "k", "v")]
-        q, k, v = (_part(x, which) for which, x in enumerate(qkv))
-    else:
-        q = te.placeholder((b, nq, h, d), "float16", name="q")
-        k = te.placeholder((b, nk, h, d), "float16", name="k")
-        v = te.placeholder((b, nk, h, d), "float16", name="v")
+    (qp, q), (kp, k), (vp, v) = (
+        _view(name, b, n, h, d, view) for name, n, view in zip("qkv", (nq, nk, nk), views, strict=True)
+    )
     rd = te.reduce_axis((0, d), name="rd")
     dot = te.compute(
         (b, h, nq, nk),
@@ -373,7 +382,7 @@ def reference_attention_kernel(shape: AttentionShape, scale: float, packed: bool
         name="weighted",
     )
     o = te.compute((b, nq, h, d), lambda *i: acc[i].astype("float16"), name="attention")
-    return te.create_prim_func([*(qkv if packed else [q, k, v]), o]).without_attr("global_symbol")
+    return te.create_prim_func([qp, kp, vp, o]).without_attr("global_symbol")
 
 
 def supports_flash_attention(target: tvm.target.Target) -> bool:
@@ -381,7 +390,7 @@ def supports_flash_attention(target: tvm.target.Target) -> bool:
     return sm_version(target) >= MIN_SM
 
 
-KernelFactory = Callable[..., tirx.PrimFunc]  # (shape, scale, packed=False): flash_attention_kernel's signature
+KernelFactory = Callable[..., tirx.PrimFunc]  # (shape, scale, views=NO_VIEWS): flash_attention_kernel's
 
 
 @dataclass(frozen=True)
@@ -477,7 +486,7 @@ class _Rewriter(PyExprMutator):
         self.kernel = kernel
         self.pack = pack
         self.walker: _Walker | None = None
-        self.kernels: dict[tuple[AttentionShape, float, bool], tvm.ir.GlobalVar] = {}
+        self.kernels: dict[tuple[AttentionShape, float, Views], tvm.ir.GlobalVar] = {}
         self.outputs: dict[relax.Call, relax.Var] = {}  # attention matmul -> its kernel call's output
         self.rewritten = 0
 
@@ -485,47 +494,66 @@ class _Rewriter(PyExprMutator):
         self.walker = _Walker(func)
         return super().visit_function_(func)
 
-    def _kernel(self, shape: AttentionShape, scale: float, packed: bool) -> tvm.ir.GlobalVar:
-        key = (shape, scale, packed)
+    def _kernel(self, shape: AttentionShape, scale: float, views: Views) -> tvm.ir.GlobalVar:
+        key = (shape, scale, views)
         if key not in self.kernels:
-            func = self.kernel(shape, scale, packed=True) if packed else self.kernel(shape, scale)
+            func = self.kernel(shape, scale, views=views) if views != NO_VIEWS else self.kernel(shape, scale)
             self.kernels[key] = self.builder_.add_func(func, "flash_attention")
         return self.kernels[key]
 
-    def _packed(self, found: _Match) -> relax.Expr | None:
-        """For Q, K and V that are the three thirds of one projection (:class:`MergeProjections`): ``split(h, 3)``
-        along h's last axis, each part cast the same way and reshaped to ``[B, N, H, D]``, that tensor as
-        ``[B, N, 3, H, D]`` (the kernel reads the three from it; no part is copied out); else None."""
+    def _view(self, x: relax.Expr, shape: AttentionShape) -> tuple[relax.Expr, tuple[str, ...], int, int] | None:
+        """For a ``[B, N, H, D]`` input that is part ``i`` of ``split(h, count)`` along h's last axis (equal
+        parts, :class:`MergeProjections`), cast and reshaped: ``(h, the casts, outermost first, count, i)``,
+        so the kernel can read the part where it is; else None."""
         if self.walker is None:
             return None
-        parts = []
-        for which, x in enumerate((found.q, found.k, found.v)):
-            casts: list[str] = []
-            value = self.walker.value(x)
-            while op_name(value) in ("relax.reshape", "relax.astype"):
-                if op_name(value) == "relax.astype":
-                    casts.append(str(value.attrs.dtype))
-                value = self.walker.value(value.args[0])
-            if not isinstance(value, relax.TupleGetItem) or value.index != which:
-                return None
-            parts.append((value.tuple_value, casts))
-        (tup, casts), s = parts[0], found.shape
-        if any(not t.same_as(tup) or c != casts for t, c in parts[1:]) or s.q_len != s.kv_len:
+        casts: list[str] = []
+        value = self.walker.value(x)
+        while op_name(value) in ("relax.reshape", "relax.astype"):
+            if op_name(value) == "relax.astype":
+                casts.append(str(value.attrs.dtype))
+            value = self.walker.value(value.args[0])
+        if not isinstance(value, relax.TupleGetItem):
             return None
-        split = self.walker.value(tup)
+        split = self.walker.value(value.tuple_value)
         if op_name(split) != "relax.split":
             return None
         h = split.args[0]
-        shape, columns = static_shape(h.ty.shape), s.heads * s.head_dim
-        sections = split.attrs.indices_or_sections
-        if shape is None or shape[-1] != 3 * columns or int(split.attrs.axis) not in (-1, len(shape) - 1):
+        dims, width = static_shape(h.ty.shape), shape.heads * shape.head_dim
+        if dims is None or dims[-1] % width or int(split.attrs.axis) not in (-1, len(dims) - 1):
             return None
-        if isinstance(sections, tirx.IntImm | int) or [int(x) for x in sections] != [columns, 2 * columns]:
+        count, sections = dims[-1] // width, split.attrs.indices_or_sections
+        if isinstance(sections, tirx.IntImm | int) or [int(x) for x in sections] != [
+            width * i for i in range(1, count)
+        ]:
             return None
-        packed = self.visit_expr(h)
-        for dtype in reversed(casts):  # collected outermost first
-            packed = relax.op.astype(packed, dtype)
-        return self.builder_.emit(relax.op.reshape(packed, [s.batch, s.q_len, 3, s.heads, s.head_dim]))
+        return h, tuple(casts), count, int(value.index)
+
+    def _inputs(self, found: _Match) -> tuple[list[relax.Expr], Views]:
+        """The kernel's three inputs and their views: parts of merged projections read in place (one
+        binding per merged tensor), other inputs as they are."""
+        args: list[relax.Expr] = []
+        views: list[tuple[int, int] | None] = []
+        emitted: list[tuple[relax.Expr, tuple[str, ...], relax.Expr]] = []  # (h, casts, its view)
+        s = found.shape
+        for x in (found.q, found.k, found.v):
+            view = self._view(x, s) if self.pack else None
+            if view is None:
+                args.append(self.visit_expr(x))
+                views.append(None)
+                continue
+            h, casts, count, index = view
+            bound = next((v for e, c, v in emitted if e.same_as(h) and c == casts), None)
+            if bound is None:  # bind each merged tensor's view once (Q, K and V of one projection share it)
+                whole = self.visit_expr(h)
+                for dtype in reversed(casts):  # collected outermost first
+                    whole = relax.op.astype(whole, dtype)
+                rows = int(x.ty.shape[1])
+                bound = self.builder_.emit(relax.op.reshape(whole, [s.batch, rows, count, s.heads, s.head_dim]))
+                emitted.append((h, casts, bound))
+            args.append(bound)
+            views.append((count, index))
+        return args, (views[0], views[1], views[2])
 
     def _heads_last(self, call: relax.Call) -> relax.Var | None:
         """For permutes that move the attention's ``[B, H, N, D]`` output (reshaped, maybe cast) back to
@@ -553,9 +581,8 @@ class _Rewriter(PyExprMutator):
         if found is None:
             return super().visit_call_(call)
         s = found.shape
-        packed = self._packed(found) if self.pack else None
-        args = [packed] * 3 if packed is not None else [self.visit_expr(x) for x in (found.q, found.k, found.v)]
-        kernel = self._kernel(s, found.scale, packed is not None)
+        args, views = self._inputs(found)
+        kernel = self._kernel(s, found.scale, views)
         out = self.builder_.emit(
             relax.call_tir(kernel, args, relax.TensorType((s.batch, s.q_len, s.heads, s.head_dim), "float16"))
         )
@@ -572,7 +599,8 @@ class FlashAttention(ModulePassBase):
     """Replace each float16 ``softmax(Q @ K^T * scale) @ V`` over head transposes with one call of a
     flash-attention kernel (``kernel``: :func:`flash_attention_kernel` by default, CUDA sm_70+), reading
     Q, K and V as the ``[B, N, H, D]`` tensors the transposes started from, or, with ``pack`` (default),
-    as the one ``[B, N, 3, H, D]`` projection they were split from (:class:`MergeProjections`)."""
+    where they are in the merged projections they were split from (:class:`MergeProjections`), so the
+    splits are not computed."""
 
     def __init__(self, kernel: KernelFactory | None = None, pack: bool = True) -> None:
         self.kernel = kernel or flash_attention_kernel

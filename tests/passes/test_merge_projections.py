@@ -138,12 +138,49 @@ def test_diffusers_attention_packs_into_one_flash_call_and_matches_pytorch() -> 
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=2e-3)
 
 
-def test_packed_kernel_compiles_with_nvcc(tmp_path: Path) -> None:
-    shape = AttentionShape(2, 1024, 1024, 8, 40)
-    exe = tvm.compile(
-        tvm.IRModule({"main": mp.flash_attention_kernel(shape, 0.125, packed=True).with_attr("global_symbol", "main")}),
-        CUDA,
+def test_cross_attentions_read_their_keys_and_values_in_place_and_match_pytorch() -> None:
+    """Two cross-attentions of one text embedding: their four K/V projections become one GEMM, and each
+    flash call reads its K and V as parts 0-1 / 2-3 of it (no split); the result matches PyTorch."""
+    from diffusers.models.attention_processor import Attention
+
+    class TwoCross(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = Attention(query_dim=64, cross_attention_dim=32, heads=2, dim_head=32)
+            self.b = Attention(query_dim=64, cross_attention_dim=32, heads=2, dim_head=32)
+
+        def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x, text), text)
+
+    torch.manual_seed(0)
+    model = TwoCross().eval()
+    x, text = torch.randn(2, 64, 64), torch.randn(2, 7, 32)
+    mod, params = relax.frontend.detach_params(import_torch(model, (x, text)))
+    pre = tvm.transform.Sequential([mp.MixedPrecision("float32"), mp.LinearWeightLayout(), mp.MergeProjections()])(mod)
+    flash = mp.FlashAttention(reference_attention_kernel)(mp.DropSoftmaxGuard()(pre))
+    calls = [
+        b.value
+        for b in flash["main"].body.blocks[0].bindings
+        if _ops_name(b.value) == "relax.call_tir" and b.value.args[0].name_hint.startswith("flash_attention")
+    ]
+    assert len(calls) == 2 and "relax.split" not in _ops(flash)
+    for call in calls:
+        _, k, v = call.args[1].fields
+        assert k.same_as(v) and [int(d) for d in k.ty.shape] == [2, 7, 4, 2, 32]  # the four projections
+    (got,) = _run(flash, x.numpy(), text.numpy(), *[p.numpy() for p in params["main"]])
+    with torch.no_grad():
+        want = model(x, text).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_kernels_reading_parts_compile_with_nvcc(tmp_path: Path) -> None:
+    self_attention = mp.flash_attention_kernel(
+        AttentionShape(2, 1024, 1024, 8, 40), 0.125, views=((3, 0), (3, 1), (3, 2))
     )
-    assert "mma.sync.aligned.m16n8k16" in nvcc_ptx(exe.mod.imports[0].inspect_source(), tmp_path)
-    with pytest.raises(ValueError, match="as many queries as keys"):
-        mp.flash_attention_kernel(AttentionShape(2, 64, 77, 8, 40), 0.125, packed=True)
+    cross = mp.flash_attention_kernel(AttentionShape(2, 1024, 77, 8, 40), 0.125, views=(None, (10, 4), (10, 5)))
+    for i, func in enumerate((self_attention, cross)):
+        exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), CUDA)
+        (tmp_path / str(i)).mkdir()
+        assert "mma.sync.aligned.m16n8k16" in nvcc_ptx(exe.mod.imports[0].inspect_source(), tmp_path / str(i))
+    with pytest.raises(ValueError, match="index < count"):
+        mp.flash_attention_kernel(AttentionShape(2, 64, 77, 8, 40), 0.125, views=((3, 3), None, None))
