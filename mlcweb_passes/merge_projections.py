@@ -16,10 +16,10 @@ were bound. When every part was cast to the same type (float16 activations after
 cast moves before the split, into the GEMM's epilogue. Run it before weight lifting, so the concatenation
 is done once, to the weights.
 
-:class:`~mlcweb_passes.FlashAttention` reads a self-attention's Q, K and V straight from its merged
-projection (``flash_attention_kernel(packed=True)``), so that split is never computed. The
-cross-attentions' K and V (one group per width: ten projections at each of SD1.5's three levels) are
-split out by one copy kernel per group, 1 MB or less.
+:class:`~mlcweb_passes.FlashAttention` reads each part where the merged GEMM wrote it
+(``flash_attention_kernel(views=...)``): a self-attention's Q, K and V, and the cross-attentions' K and V
+(one group per width: ten projections at each of SD1.5's levels), so the splits are never computed. A
+split that something else reads is an ordinary copy.
 """
 
 from __future__ import annotations

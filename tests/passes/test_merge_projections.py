@@ -1,5 +1,5 @@
 """MergeProjections: attention projections of one input become one GEMM over the concatenated weights and a
-split, and FlashAttention reads a self-attention's Q, K and V from that one tensor (``packed``)."""
+split, and FlashAttention reads a self-attention's Q, K and V from that one tensor (``views``)."""
 
 from pathlib import Path
 
@@ -114,7 +114,7 @@ def test_projections_of_other_inputs_shapes_or_without_heads_stay() -> None:
 
 def test_diffusers_attention_packs_into_one_flash_call_and_matches_pytorch() -> None:
     """diffusers' self-attention through the pre-lift passes and MergeProjections: FlashAttention passes the one
-    projection three times (``packed``), and the result (reference kernel, CPU) matches PyTorch."""
+    projection three times (``views`` 0-2 of 3), and the result (reference kernel, CPU) matches PyTorch."""
     from diffusers.models.attention_processor import Attention
 
     torch.manual_seed(0)
