@@ -112,6 +112,19 @@ def test_projections_of_other_inputs_shapes_or_without_heads_stay() -> None:
     assert "relax.split" not in _ops(mp.MergeProjections()(one_head))
 
 
+def _merged_and_flash(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[relax.Call]]:
+    """The pre-lift passes with MergeProjections, then FlashAttention (reference kernel): the module and
+    its flash-attention calls."""
+    pre = tvm.transform.Sequential([mp.MixedPrecision("float32"), mp.LinearWeightLayout(), mp.MergeProjections()])(mod)
+    flash = mp.FlashAttention(reference_attention_kernel)(mp.DropSoftmaxGuard()(pre))
+    calls = [
+        b.value
+        for b in flash["main"].body.blocks[0].bindings
+        if _ops_name(b.value) == "relax.call_tir" and b.value.args[0].name_hint.startswith("flash_attention")
+    ]
+    return flash, calls
+
+
 def test_diffusers_attention_packs_into_one_flash_call_and_matches_pytorch() -> None:
     """diffusers' self-attention through the pre-lift passes and MergeProjections: FlashAttention passes the one
     projection three times (``views`` 0-2 of 3), and the result (reference kernel, CPU) matches PyTorch."""
@@ -121,13 +134,7 @@ def test_diffusers_attention_packs_into_one_flash_call_and_matches_pytorch() -> 
     attention = Attention(query_dim=64, heads=2, dim_head=32).eval()
     x = torch.randn(2, 64, 64)
     mod, params = relax.frontend.detach_params(import_torch(attention, (x,)))
-    pre = tvm.transform.Sequential([mp.MixedPrecision("float32"), mp.LinearWeightLayout(), mp.MergeProjections()])(mod)
-    flash = mp.FlashAttention(reference_attention_kernel)(mp.DropSoftmaxGuard()(pre))
-    calls = [
-        b.value
-        for b in flash["main"].body.blocks[0].bindings
-        if _ops_name(b.value) == "relax.call_tir" and b.value.args[0].name_hint.startswith("flash_attention")
-    ]
+    flash, calls = _merged_and_flash(mod)
     assert len(calls) == 1
     packed = calls[0].args[1].fields
     assert all(a.same_as(packed[0]) for a in packed) and [int(d) for d in packed[0].ty.shape] == [2, 64, 3, 2, 32]
@@ -156,13 +163,7 @@ def test_cross_attentions_read_their_keys_and_values_in_place_and_match_pytorch(
     model = TwoCross().eval()
     x, text = torch.randn(2, 64, 64), torch.randn(2, 7, 32)
     mod, params = relax.frontend.detach_params(import_torch(model, (x, text)))
-    pre = tvm.transform.Sequential([mp.MixedPrecision("float32"), mp.LinearWeightLayout(), mp.MergeProjections()])(mod)
-    flash = mp.FlashAttention(reference_attention_kernel)(mp.DropSoftmaxGuard()(pre))
-    calls = [
-        b.value
-        for b in flash["main"].body.blocks[0].bindings
-        if _ops_name(b.value) == "relax.call_tir" and b.value.args[0].name_hint.startswith("flash_attention")
-    ]
+    flash, calls = _merged_and_flash(mod)
     assert len(calls) == 2 and "relax.split" not in _ops(flash)
     for call in calls:
         _, k, v = call.args[1].fields
