@@ -362,20 +362,21 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
     a_src, b_src = source(x), source(y)
     out_buffer = func.params[-1]
     acc1: list[Any] = []
+    paired = False
     if last is None:  # the GEMM writes the output
         if not store.buffer.same_as(out_buffer):
             raise UnsupportedGemmError("GEMM result is not the output")
         epilogue_value, write_indices = tirx.BufferLoad(store.buffer, out_indices), out_indices
     else:
         inner_n_var = groups["n"][-1][0] if len(groups["n"]) == 1 and sizes["n"] % 2 == 0 else None
-        epilogue_value, write_indices, acc1 = _epilogue(sch.get(last), store, analyzer, out_buffer, inner_n_var)
+        epilogue_value, write_indices, acc1, paired = _epilogue(sch.get(last), store, analyzer, out_buffer, inner_n_var)
     epi_printer = _Printer(names, buffers, analyzer, acc=store.buffer, acc1=acc1)
     out_type = _C_TYPES.get(str(out_buffer.dtype))
     if out_type not in ("half", "float"):
         raise UnsupportedGemmError(f"output dtype {out_buffer.dtype}")
     inner_n = groups["n"][-1]
     pairs = (
-        not acc1
+        not paired
         and isinstance(write_indices[-1], tirx.Var)
         and write_indices[-1].same_as(inner_n[0])
         and inner_n[1] % 2 == 0
@@ -396,13 +397,14 @@ def plan_kernel(func: tirx.PrimFunc, name: str, sms: int = 132, tile: WgmmaTile 
         out=f"p{len(func.params) - 1}",
         out_type=out_type,
         pairs=pairs,
-        column_pairs=bool(acc1),
+        column_pairs=paired,
     )
 
 
 def _epilogue(block: Any, store: Any, analyzer: Any, out: Any, inner_n: Any = None) -> tuple:
-    """The last epilogue block's value and output indices, and the loads of the GEMM result that read
-    column ``n + 1`` (a column-pair epilogue's second accumulator; empty for an elementwise epilogue).
+    """The last epilogue block's value and output indices, the loads of the GEMM result that read column
+    ``n + 1`` (a column-pair epilogue's second accumulator), and whether the epilogue is over column pairs
+    (then the kernel computes it once per pair, even when it reads only one of the two columns).
 
     The epilogue's variables are bound in ``analyzer`` to the GEMM output's indices they read. A pair
     epilogue (:class:`~mlcweb_passes.GegluPairs`) reads the result at columns ``2j`` and ``2j + 1`` of
@@ -417,6 +419,7 @@ def _epilogue(block: Any, store: Any, analyzer: Any, out: Any, inner_n: Any = No
     own = [iv.var for iv in block.iter_vars]
     index_of: dict[Any, Any] = {}
     acc1: list[Any] = []
+    paired = False
     for load in loads:
         for position, index in enumerate(load.indices):
             if isinstance(index, tirx.Var) and any(index.same_as(v) for v in own):
@@ -425,7 +428,7 @@ def _epilogue(block: Any, store: Any, analyzer: Any, out: Any, inner_n: Any = No
                 column = _pair_column(index, own) if position == len(load.indices) - 1 else None
                 if column is None or inner_n is None or not store.indices[position].same_as(inner_n):
                     raise UnsupportedGemmError("epilogue reads the GEMM result at computed indices")
-                var, gemm_index = column[0], tirx.floordiv(inner_n, 2)
+                var, gemm_index, paired = column[0], tirx.floordiv(inner_n, 2), True
                 if column[1]:
                     acc1.append(load)
             if var in index_of and not tvm_ffi.structural_equal(index_of[var], gemm_index):
@@ -435,7 +438,7 @@ def _epilogue(block: Any, store: Any, analyzer: Any, out: Any, inner_n: Any = No
         raise UnsupportedGemmError("epilogue has axes of its own")
     for var, gemm_index in index_of.items():
         analyzer.bind(var, gemm_index)
-    return final.value, [_resolve(i, index_of) for i in final.indices], acc1
+    return final.value, [_resolve(i, index_of) for i in final.indices], acc1, paired
 
 
 def _pair_column(index: Any, own: list[Any]) -> tuple[Any, int] | None:

@@ -171,6 +171,24 @@ class Gemms:
                 out[vb, vt, vj] = T.Cast("float16", pairs[vb, vt, vj])
 
     @T.prim_func(s_tir=True)
+    def even_columns(
+        x: T.Buffer((128, 64), "float16"), w: T.Buffer((64, 64), "float16"), out: T.Buffer((128, 32), "float16")
+    ):
+        """Every other column: still a pair epilogue (one output per pair), though it reads one of the two."""
+        T.func_attr({"tirx.noalias": True})
+        acc = T.sblock_alloc_buffer((128, 64))
+        for i, n, k in T.grid(128, 64, 64):
+            with T.sblock("matmul"):
+                vi, vn, vk = T.axis.remap("SSR", [i, n, k])
+                with T.init():
+                    acc[vi, vn] = T.float32(0)
+                acc[vi, vn] = acc[vi, vn] + T.Cast("float32", x[vi, vk]) * T.Cast("float32", w[vn, vk])
+        for i, j in T.grid(128, 32):
+            with T.sblock("even"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                out[vi, vj] = T.Cast("float16", acc[vi, vj * 2])
+
+    @T.prim_func(s_tir=True)
     def strided_weight(
         x: T.Buffer((128, 64), "float16"), w: T.Buffer((64, 96), "float16"), out: T.Buffer((128, 96), "float32")
     ):
@@ -189,6 +207,7 @@ TAKEN = {
     "conv_split_k": (1, 1, 2),
     "conv_out": (1, 1, 1),
     "geglu": (4, 1, 1),
+    "even_columns": (1, 1, 1),
 }  # 64-column tiles; 8 for conv_out
 
 
@@ -200,11 +219,14 @@ def test_plans_gemms_and_refuses_a_strided_reduction():
         (2, 128, 64, 576),
         (1, 128, 3, 576),
         (1, 128, 256, 64),
+        (1, 128, 64, 64),
     ]
     assert {name: k.grid() for name, k in shapes.items()} == TAKEN
     assert shapes["conv3x3_bias_residual"].pairs and not shapes["linear_transposed"].pairs  # transposed store
     assert shapes["geglu"].column_pairs and not shapes["geglu"].pairs  # one output of two columns
-    assert "acc1" in shapes["geglu"].value and not any(shapes[n].column_pairs for n in TAKEN if n != "geglu")
+    assert "acc1" in shapes["geglu"].value and "acc1" not in shapes["even_columns"].value
+    assert shapes["even_columns"].column_pairs  # one store per pair, not one per column into the same output
+    assert not any(shapes[n].column_pairs for n in TAKEN if n not in ("geglu", "even_columns"))
     with pytest.raises(wg.UnsupportedGemmError, match="reduction axis is not innermost"):
         wg.plan_kernel(Gemms["strided_weight"], "strided")
 
