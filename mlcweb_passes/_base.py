@@ -90,7 +90,12 @@ class FunctionMutator(PyExprMutator):
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
         self.bindings, self.uses = Bindings(func), use_counts(func)
+        self.prepare(func)
         return super().visit_function_(func)
+
+    def prepare(self, func: relax.Function) -> None:
+        """Called with each function before it is visited, once ``bindings`` and ``uses`` are set: where a
+        subclass plans rewrites that need the whole function (the default does nothing)."""
 
 
 # Ops that only move elements: a cast commutes with each of them.

@@ -36,7 +36,7 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import mutator
 
 from ._base import FunctionMutator, ModulePassBase, op_name, rewrite_and_clean, static_shape
-from .linear_weight_layout import NT_MATMUL_NAME, nt_matmul
+from .linear_weight_layout import NT_MATMUL_NAME, nt_matmul, nt_matmul_args
 
 __all__ = ["GegluPairs", "interleave_halves"]
 
@@ -143,28 +143,14 @@ class _Rewriter(FunctionMutator):
                     return None
                 steps.append(_Step(name.split(".")[1], str(value.ty.dtype), rhs))
                 expr = lhs
-            elif isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.call_tir")):
-                gemm = self._gemm(value, columns)
-                if gemm is None:
+            elif (gemm := nt_matmul_args(value)) is not None:
+                x, w = gemm  # LinearWeightLayout's matmul_nt, with ``columns`` rows in w
+                w_shape, x_shape = static_shape(w.ty.shape), static_shape(x.ty.shape)
+                if w_shape is None or x_shape is None or w_shape != [columns, x_shape[-1]]:
                     return None
-                x, w = gemm
                 return _Geglu(x, w, str(value.ty.dtype), tuple(reversed(steps)))
             else:
                 return None
-
-    def _gemm(self, call: relax.Call, columns: int) -> tuple[relax.Expr, relax.Expr] | None:
-        """``(x, w)`` of a ``call_tir`` of :class:`LinearWeightLayout`'s ``matmul_nt`` with ``columns`` rows
-        in ``w``, else None."""
-        callee, args = call.args[0], call.args[1]
-        if not isinstance(callee, tvm.ir.GlobalVar) or not callee.name_hint.startswith(NT_MATMUL_NAME):
-            return None
-        if not isinstance(args, relax.Tuple) or len(args.fields) != 2:
-            return None
-        x, w = args.fields
-        w_shape, x_shape = static_shape(w.ty.shape), static_shape(x.ty.shape)
-        if w_shape is None or x_shape is None or len(w_shape) != 2 or w_shape != [columns, x_shape[-1]]:
-            return None
-        return x, w
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         found = self._halves(call)

@@ -22,7 +22,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._base import Bindings, ModulePassBase, op_name, rewrite_and_clean
 
-__all__ = ["NT_MATMUL_NAME", "LinearWeightLayout", "nt_matmul"]
+__all__ = ["NT_MATMUL_NAME", "LinearWeightLayout", "nt_matmul", "nt_matmul_args"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,19 @@ def nt_matmul(a: te.Tensor, b: te.Tensor, out_dtype: str) -> te.Tensor:
         lambda *i: te.sum(a[(*i[:-1], k)].astype(out_dtype) * b[i[-1], k].astype(out_dtype), axis=k),
         name="matmul",
     )
+
+
+def nt_matmul_args(value: Any) -> tuple[relax.Expr, relax.Expr] | None:
+    """``(x, w)`` when ``value`` is a ``call_tir`` of a kernel this pass wrote (``x[..., k] x w[n, k]``),
+    else None: what passes that rewrite its calls after it look for."""
+    if not isinstance(value, relax.Call) or not value.op.same_as(tvm.ir.Op.get("relax.call_tir")):
+        return None
+    callee, args = value.args[0], value.args[1]
+    if not isinstance(callee, tvm.ir.GlobalVar) or not callee.name_hint.startswith(NT_MATMUL_NAME):
+        return None
+    if not isinstance(args, relax.Tuple) or len(args.fields) != 2:
+        return None
+    return args.fields[0], args.fields[1]
 
 
 def _adds_leading_axes(call: relax.Call) -> bool:

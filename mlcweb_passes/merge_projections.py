@@ -32,9 +32,9 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import mutator
 
-from ._base import Bindings, FunctionMutator, ModulePassBase, op_name, rewrite_and_clean, static_shape, use_counts
+from ._base import Bindings, FunctionMutator, ModulePassBase, op_name, rewrite_and_clean, static_shape
 from .flash_attention import MAX_HEAD_DIM
-from .linear_weight_layout import NT_MATMUL_NAME, nt_matmul
+from .linear_weight_layout import NT_MATMUL_NAME, nt_matmul, nt_matmul_args
 
 __all__ = ["MergeProjections"]
 
@@ -46,14 +46,10 @@ _SAME_VALUE_OPS = ("relax.astype", "relax.reshape")
 def _projection(bindings: Bindings, value: Any, func: relax.Function) -> Any:
     """A grouping key for a ``matmul_nt(x, w)`` call with ``w`` a (cast) parameter: x's computation, the
     weight's shape and dtype, the output dtype; None for anything else."""
-    if not isinstance(value, relax.Call) or not value.op.same_as(tvm.ir.Op.get("relax.call_tir")):
+    gemm = nt_matmul_args(value)
+    if gemm is None or len(value.ty.shape) < 2:
         return None
-    callee, args = value.args[0], value.args[1]
-    if not isinstance(callee, tvm.ir.GlobalVar) or not callee.name_hint.startswith(NT_MATMUL_NAME):
-        return None
-    if not isinstance(args, relax.Tuple) or len(args.fields) != 2 or len(value.ty.shape) < 2:
-        return None
-    x, w = args.fields
+    x, w = gemm
     root, _ = _through_casts(bindings, w)
     shape = static_shape(w.ty.shape)
     if not any(root.same_as(p) for p in func.params) or shape is None or len(shape) != 2:
@@ -93,8 +89,9 @@ class _Rewriter(FunctionMutator):
         self.merged: dict[int, relax.Var] = {}  # group -> its split
         self.users: dict[relax.Var, list[tuple[relax.Var, Any]]] = {}  # var -> the bindings that use it
 
-    def visit_function_(self, func: relax.Function) -> relax.Expr:
-        bindings, uses = Bindings(func), use_counts(func)
+    def prepare(self, func: relax.Function) -> None:
+        bindings, uses = self.bindings, self.uses
+        assert bindings is not None  # set by FunctionMutator.visit_function_
         self.groups, self.parts, self.merged, self.users = [], {}, {}, defaultdict(list)
         candidates: dict[Any, list[tuple[relax.Var, relax.Call]]] = defaultdict(list)
         for block in func.body.blocks:
@@ -113,7 +110,6 @@ class _Rewriter(FunctionMutator):
             for position, (_, call) in enumerate(group):
                 self.parts[call] = (len(self.groups), position)
             self.groups.append(group)
-        return super().visit_function_(func)
 
     def _heads(self, var: relax.Var, call: relax.Call, uses: Any) -> bool:
         """Whether the projection's output reaches, through single-use casts and reshapes, a reshape to
