@@ -6,6 +6,7 @@ import pytest
 import torch
 import tvm
 import tvm_ffi
+from testutil import as_numpy, build, import_torch, kernel_launches, op_names, to_tvm
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -54,30 +55,20 @@ class Geglu:
         return out
 
 
-def _calls(mod: tvm.IRModule) -> list[str]:
-    names = []
-    for binding in mod["main"].body.blocks[0].bindings:
-        value = binding.value
-        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-            names.append(value.op.name if value.op.name != "relax.call_tir" else f"call_tir:{value.args[0].name_hint}")
-    return names
-
-
 def _run(mod: tvm.IRModule, *args: np.ndarray) -> np.ndarray:
-    exe = tvm.compile(mod, "llvm", relax_pipeline=mp.pipeline("llvm"))
-    out = relax.VirtualMachine(exe, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args])
-    return (out[0] if isinstance(out, tvm.ir.Array) else out).numpy()
+    (out,) = as_numpy(build(mod)["main"](*to_tvm(*args)))
+    return out
 
 
 def test_geglu_becomes_one_call_over_interleaved_weights() -> None:
     after = mp.GegluPairs()(Geglu)
-    calls = _calls(after)
+    ops = op_names(after)
     # before: astype, call_tir, astype, astype, add, astype, reshape, astype, split, gelu, multiply
-    assert "relax.split" not in calls and "relax.nn.gelu" not in calls
-    assert calls.count("call_tir:matmul_nt_geglu") == 1 and "call_tir:matmul_nt" not in calls
+    assert "relax.split" not in ops and "relax.nn.gelu" not in ops
+    assert [b.value.args[0].name_hint for b in kernel_launches(after)] == ["matmul_nt_geglu"]
     # the weight's rows and the bias interleaved by Relax ops on the parameters, which lifting folds
-    assert calls.count("relax.permute_dims") == 2
-    assert calls[-1] == "relax.reshape"  # back to the product's [2, 64, 128]
+    assert ops.count("relax.permute_dims") == 2
+    assert ops[-1] == "relax.reshape"  # back to the product's [2, 64, 128]
 
 
 def test_rewritten_geglu_computes_the_same() -> None:
@@ -121,20 +112,18 @@ def test_geglu_with_a_shared_half_or_without_matmul_nt_is_left_alone() -> None:
     assert tvm_ffi.structural_equal(mp.GegluPairs()(SharedHalf), SharedHalf)
     # the same chain over a kernel that is not LinearWeightLayout's: its columns' origin is unknown
     other = tvm.script.from_source(Geglu.script().replace("matmul_nt", "other_matmul"))
-    assert "relax.split" in _calls(mp.GegluPairs()(other))
+    assert "relax.split" in op_names(mp.GegluPairs()(other))
 
 
 def test_diffusers_geglu_matches_pytorch_and_becomes_a_pair_epilogue() -> None:
     """diffusers' FeedForward (GEGLU) through torch.export, the pre-lift passes and fusion: one fused GEMM
     that WgmmaGemm plans with a column-pair epilogue; the result on the CPU equals PyTorch's."""
     from diffusers.models.attention import FeedForward
-    from tvm.relax.frontend.torch import from_exported_program
 
     torch.manual_seed(0)
     ff = FeedForward(64, mult=4, activation_fn="geglu").eval()
     x = torch.randn(2, 64, 64)
-    mod = from_exported_program(torch.export.export(ff, (x,)), keep_params_as_input=True)
-    mod, params = relax.frontend.detach_params(mod)
+    mod, params = relax.frontend.detach_params(import_torch(ff, (x,)))
     pre = tvm.transform.Sequential([mp.MixedPrecision("float32"), mp.LinearWeightLayout(), mp.GegluPairs()])(mod)
     assert any("geglu" in gv.name_hint for gv in pre.get_global_vars())
     got = _run(pre, x.numpy(), *[p.numpy() for p in params["main"]])

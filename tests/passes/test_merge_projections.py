@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from testutil import import_torch, nvcc_ptx
+from testutil import as_numpy, build, import_torch, kernel_launches, nvcc_ptx, op_names, to_tvm
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
 import mlcweb_passes as mp
+from mlcweb_passes._base import op_name
 from mlcweb_passes.flash_attention import AttentionShape, reference_attention_kernel
 
 CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
@@ -64,38 +65,22 @@ class Projections:
         return out
 
 
-def _ops(mod: tvm.IRModule) -> list[str]:
-    names = []
-    for block in mod["main"].body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-                names.append(value.op.name if value.op.name != "relax.call_tir" else "call_tir")
-    return names
-
-
 def _run(mod: tvm.IRModule, *args: np.ndarray) -> list[np.ndarray]:
-    exe = tvm.compile(mod, "llvm", relax_pipeline=mp.pipeline("llvm"))
-    out = relax.VirtualMachine(exe, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args])
-    return [o.numpy() for o in out] if isinstance(out, tvm.ir.Array) else [out.numpy()]
+    return as_numpy(build(mod)["main"](*to_tvm(*args)))
 
 
 def test_three_projections_become_one_gemm_and_a_split() -> None:
     after = mp.MergeProjections()(Projections)
-    ops = _ops(after)
-    assert ops.count("call_tir") == 1 and ops.count("relax.concat") == 1 and ops.count("relax.split") == 1
-    (gemm,) = [b.value for b in after["main"].body.blocks[0].bindings if _ops_name(b.value) == "relax.call_tir"]
+    ops = op_names(after)
+    assert ops.count("relax.call_tir") == 1 and ops.count("relax.concat") == 1 and ops.count("relax.split") == 1
+    (gemm,) = [b.value for b in kernel_launches(after)]
     assert [int(d) for d in gemm.args[1].fields[1].ty.shape] == [96, 32]  # [wq; wk; wv]
-    (split,) = [b.value for b in after["main"].body.blocks[0].bindings if _ops_name(b.value) == "relax.split"]
+    (split,) = [b.value for b in after["main"].body.blocks[0].bindings if op_name(b.value) == "relax.split"]
     assert str(split.args[0].ty.dtype) == "float16"  # each part's cast, once, before the split
     rng = np.random.default_rng(0)
     args = [rng.uniform(-1, 1, s).astype("float32") for s in ((2, 32, 32), (32, 32), (32, 32), (32, 32))]
     for got, want in zip(_run(after, *args), _run(Projections, *args), strict=True):
         np.testing.assert_array_equal(got, want)  # the same sums, in one kernel
-
-
-def _ops_name(value: relax.Expr) -> str | None:
-    return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
 
 
 def test_projections_of_other_inputs_shapes_or_without_heads_stay() -> None:
@@ -104,12 +89,12 @@ def test_projections_of_other_inputs_shapes_or_without_heads_stay() -> None:
             'lv6: R.Tensor((64, 32), dtype="float32") = R.reshape(h,', "lv6 = R.reshape(R.negative(h),"
         )
     )
-    ops = _ops(mp.MergeProjections()(two_inputs))  # K reads another input: Q and V merge, K stays
-    assert ops.count("call_tir") == 2 and ops.count("relax.split") == 1
+    ops = op_names(mp.MergeProjections()(two_inputs))  # K reads another input: Q and V merge, K stays
+    assert ops.count("relax.call_tir") == 2 and ops.count("relax.split") == 1
     # heads of 32 x 1: not attention heads for the flash kernel's layout (H must be > 1)
     text = Projections.script().replace("[2, 32, 2, 16]", "[2, 32, 1, 32]").replace("(2, 32, 2, 16)", "(2, 32, 1, 32)")
     one_head = tvm.script.from_source(text)
-    assert "relax.split" not in _ops(mp.MergeProjections()(one_head))
+    assert "relax.split" not in op_names(mp.MergeProjections()(one_head))
 
 
 def _merged_and_flash(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[relax.Call]]:
@@ -117,11 +102,7 @@ def _merged_and_flash(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[relax.Call]
     its flash-attention calls."""
     pre = tvm.transform.Sequential([mp.MixedPrecision("float32"), mp.LinearWeightLayout(), mp.MergeProjections()])(mod)
     flash = mp.FlashAttention(reference_attention_kernel)(mp.DropSoftmaxGuard()(pre))
-    calls = [
-        b.value
-        for b in flash["main"].body.blocks[0].bindings
-        if _ops_name(b.value) == "relax.call_tir" and b.value.args[0].name_hint.startswith("flash_attention")
-    ]
+    calls = [b.value for b in kernel_launches(flash) if b.value.args[0].name_hint.startswith("flash_attention")]
     return flash, calls
 
 
@@ -138,7 +119,7 @@ def test_diffusers_attention_packs_into_one_flash_call_and_matches_pytorch() -> 
     assert len(calls) == 1
     packed = calls[0].args[1].fields
     assert all(a.same_as(packed[0]) for a in packed) and [int(d) for d in packed[0].ty.shape] == [2, 64, 3, 2, 32]
-    assert "relax.split" not in _ops(flash)  # nothing copies the three parts out
+    assert "relax.split" not in op_names(flash)  # nothing copies the three parts out
     (got,) = _run(flash, x.numpy(), *[p.numpy() for p in params["main"]])
     with torch.no_grad():
         want = attention(x).numpy()
@@ -164,7 +145,7 @@ def test_cross_attentions_read_their_keys_and_values_in_place_and_match_pytorch(
     x, text = torch.randn(2, 64, 64), torch.randn(2, 7, 32)
     mod, params = relax.frontend.detach_params(import_torch(model, (x, text)))
     flash, calls = _merged_and_flash(mod)
-    assert len(calls) == 2 and "relax.split" not in _ops(flash)
+    assert len(calls) == 2 and "relax.split" not in op_names(flash)
     for call in calls:
         _, k, v = call.args[1].fields
         assert k.same_as(v) and [int(d) for d in k.ty.shape] == [2, 7, 4, 2, 32]  # the four projections
