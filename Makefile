@@ -39,7 +39,8 @@ $(STAMP): pyproject.toml $(PLUGINS) Makefile
 	# The CLIP BPE vocabulary ships inside open-clip-torch; its torchvision requirement would pull a
 	# CUDA torch, so it is installed without dependencies (only the vocabulary file is used).
 	$(PY) -m pip install --no-deps open-clip-torch==3.3.0
-	$(foreach p,$(PLUGINS),$(PY) -m pip install --no-deps -e $(dir $(p)) &&) true
+	# plugins bring what only they import (torch, diffusers, transformers)
+	$(foreach p,$(PLUGINS),$(PY) -m pip install -e $(dir $(p)) &&) true
 	touch $(STAMP)
 
 PROMPT ?= a lighthouse on a cliff at dusk, oil painting

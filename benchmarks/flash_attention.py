@@ -7,7 +7,7 @@ inputs ``[batch, seq, heads, head_dim]``:
 
 - ``flash``: the Relax graph torch.export and mixed precision give (head transposes, ``Q @ K^T`` in
   float32, softmax, ``P @ V``) compiled with ``mlcweb_passes.pipeline``, where ``FlashAttention`` makes
-  it one :func:`mlcweb_passes.flash_attention.flash_attention_kernel` call (checked);
+  it one :func:`mlcweb_passes.cuda.flash_kernel.flash_attention_kernel` call (checked);
 - ``unfused``: the same graph compiled with ``flash_attention=False``: what a build did before;
 - ``torch_sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch picks its flash or
   memory-efficient kernel);
@@ -41,7 +41,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
 import mlcweb_passes as mp  # noqa: E402
-from mlcweb_passes.flash_attention import AttentionShape  # noqa: E402
+from mlcweb_passes.cuda.flash_kernel import AttentionShape, flash_attention_kernel  # noqa: E402
 
 # (name, batch, q_len, kv_len, heads, head_dim): SD1.5's UNet at 512x512
 SHAPES = [
@@ -106,7 +106,7 @@ def run_shape(name: str, shape: AttentionShape, target: tvm.target.Target, args:
     for variant in filter(None, (args.variants or "").split(";")):
         warps, block_n, *m_tiles = map(int, variant.split(","))
         kernel = functools.partial(
-            mp.flash_attention_kernel, warps=warps, block_n=block_n, m_tiles=m_tiles[0] if m_tiles else 1
+            flash_attention_kernel, warps=warps, block_n=block_n, m_tiles=m_tiles[0] if m_tiles else 1
         )
         try:
             exe = tvm.compile(mp.FlashAttention(kernel)(mod), target, relax_pipeline=mp.pipeline(target))

@@ -4,7 +4,7 @@ Takes the float16 GEMM kernels of a model (matmuls and NHWC convolutions after f
 SD1.5's, extracted as ``mlcweb tune`` would) and, for each, builds and times:
 
 - ``dlight``: dlight's default GPU rules alone (``MatmulTensorization``'s one 128x128 tile);
-- ``chosen``: ``TensorCoreMatmul`` with the tile :func:`mlcweb_passes.choose_tile` picks;
+- ``chosen``: ``TensorCoreMatmul`` with the tile :func:`choose_tile` picks;
 - every tile of ``--tiles`` (default: a dozen common shapes).
 
 Each schedule's output is checked against dlight's on the same random inputs (max abs error relative to
@@ -37,14 +37,9 @@ import tvm  # noqa: E402
 from kernel_profile import random_inputs  # noqa: E402
 from tvm.s_tir import dlight as dl  # noqa: E402
 
-import mlcweb_passes as mp  # noqa: E402
-from mlcweb_passes.tensor_core_matmul import (  # noqa: E402
-    TensorCoreMatmul,
-    TensorCoreTile,
-    async_copy_config,
-    choose_tile,
-    gemm_shape,
-)
+from mlcweb_passes.cuda.tensor_core_matmul import TensorCoreMatmul, TensorCoreTile, choose_tile, gemm_shape  # noqa: E402
+from mlcweb_passes.schedules.apply_database import preload_tensor_intrinsics  # noqa: E402
+from mlcweb_passes.targets import async_copy_config, gpu_facts  # noqa: E402
 
 DEFAULT_TILES = [
     "2,2,4,4,2",
@@ -74,17 +69,13 @@ def _target(arch: str) -> tvm.target.Target:
 def _tasks(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.tasks:
         return list(json.loads(Path(args.tasks).read_text()))
+    from mlcweb.model import BuildOptions
     from mlcweb.plugins import PluginHost
     from mlcweb.tune import TuneOptions, extract_tuning_tasks
 
-    options = TuneOptions(
-        target="cuda",
-        db=Path(tempfile.mkdtemp()),
-        dtype="float16",
-        config={"size": "full"},
-        arch=args.arch,
-        wgmma=False,  # the GEMMs as TIR, for every variant to build from
-    )
+    db = Path(tempfile.mkdtemp())
+    build = BuildOptions(target="cuda", out=db, dtype="float16", config={"size": "full"}, arch=args.arch)
+    options = TuneOptions(build=build, db=db, wgmma=False)  # the GEMMs as TIR, for every variant to build from
     tasks, _ = extract_tuning_tasks(PluginHost(), "stable-diffusion", options)
     return [{"name": t.name, "weight": t.weight, "script": t.mod.script()} for t in tasks]
 
@@ -104,10 +95,10 @@ def _gemm(script: str, arch: str, wgmma: bool = False) -> Any:
     if TensorCoreMatmul(tile=TensorCoreTile()).apply(func, _target(arch), False) is None:
         return None
     if wgmma:
-        from mlcweb_passes.wgmma_gemm import UnsupportedGemmError, plan_kernel
+        from mlcweb_passes.cuda.wgmma_plan import UnsupportedGemmError, plan_kernel
 
         try:
-            plan_kernel(func, "probe")
+            plan_kernel(func, "probe", gpu_facts(_target(arch)).sm_count)
         except UnsupportedGemmError:
             return None
     return shape
@@ -117,7 +108,7 @@ def _build(job: tuple[str, str, str, str, str]) -> tuple[str, str | None, str | 
     """Worker: schedule one task with one variant and export it; (key, library path, error)."""
     key, script, variant, arch, out = job
     variant, _, mode = variant.partition("/")  # "/sync": without asynchronous copies
-    mp.preload_tensor_intrinsics()
+    preload_tensor_intrinsics()
     target = _target(arch)
     func = tvm.script.from_source(script)["main"].with_attr("global_symbol", "main")
     try:
@@ -153,25 +144,22 @@ def _build_scheduled(func: Any, variant: str, mode: str, target: Any) -> Any:
 
 
 def _build_wgmma(func: Any, variant: str, target: Any) -> Any:
-    """``wgmma`` (the chosen tile) or ``wgmma:block_n,stages[,overlap]``: the WgmmaGemm kernel, compiled."""
-    from mlcweb_passes.wgmma_gemm import compile_kernels, launcher, plan_kernel
-    from mlcweb_passes.wgmma_source import WgmmaTile
+    """``wgmma`` (the chosen tile) or ``wgmma:block_n,stages``: the WgmmaGemm kernel, compiled."""
+    from mlcweb_passes.cuda.wgmma_compile import compile_kernels, launcher
+    from mlcweb_passes.cuda.wgmma_plan import plan_kernel
+    from mlcweb_passes.cuda.wgmma_source import WgmmaTile
 
     spec = variant.partition(":")[2]
     tile = WgmmaTile(*map(int, spec.split(","))) if spec else None
-    kernel = plan_kernel(func, "mlcweb_wgmma_main", tile=tile)
+    kernel = plan_kernel(func, "mlcweb_wgmma_main", gpu_facts(target).sm_count, tile=tile)
     lib = tvm.compile(tvm.IRModule({"main": launcher(func, kernel).with_attr("global_symbol", "main")}), target)
     lib.mod.import_module(compile_kernels([kernel]))
     return lib
 
 
 def _tile(text: str) -> TensorCoreTile:
-    """``warps_m,warps_n,frags_m,frags_n,chunk_k``, then optionally ``mma`` (ldmatrix + mma.sync instead
-    of WMMA) and ``sN`` (an N-stage shared-memory pipeline): ``2,2,4,4,2,mma,s3``."""
-    parts = text.split(",")
-    flags = parts[5:]
-    stages = [int(f[1:]) for f in flags if f.startswith("s")]
-    return TensorCoreTile(*map(int, parts[:5]), mma="mma" in flags, stages=stages[0] if stages else 2)
+    """``warps_m,warps_n,frags_m,frags_n,chunk_k``: ``2,2,4,4,2``."""
+    return TensorCoreTile(*map(int, text.split(",")))
 
 
 def _inputs(script: str, dev: Any, seed: int) -> list[Any]:
@@ -185,7 +173,7 @@ def main() -> int:
     ap.add_argument(
         "--tiles",
         default=";".join(DEFAULT_TILES),
-        help="';'-separated warps_m,warps_n,frags_m,frags_n,chunk_k[,mma][,sN] (see _tile)",
+        help="';'-separated warps_m,warps_n,frags_m,frags_n,chunk_k (see _tile)",
     )
     ap.add_argument("--wgmma-only", action="store_true", help="only the kernels WgmmaGemm takes")
     ap.add_argument("--top", type=int, default=0, help="only the N heaviest kernels (weight x FLOPs)")
@@ -260,7 +248,7 @@ def main() -> int:
                 "name": task["name"],
                 "weight": task["weight"],
                 "shape": [shape.batch, shape.m, shape.n, shape.k],
-                "chosen_tile": str(choose_tile(shape)),
+                "chosen_tile": str(choose_tile(shape, gpu_facts(_target(args.arch)))),
                 "ms": times,
                 "errors": errors,
                 "best": best,
@@ -329,8 +317,7 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], variants: list[
     lines = [
         f"# Tensor-core tiles per GEMM kernel on {doc['device']}, {doc['date']}",
         "",
-        "ms per call (median); tiles are warps_m,warps_n,frags_m,frags_n,chunk_k[,mma: mma.sync][,sN: N stages]; "
-        "'-' failed or wrong.",
+        "ms per call (median); tiles are warps_m,warps_n,frags_m,frags_n,chunk_k; '-' failed or wrong.",
         "",
         "| kernel | B,M,N,K | runs | dlight | chosen | best tile | best |",
         "|---|---|---|---|---|---|---|",

@@ -26,6 +26,8 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
 import mlcweb_passes as mp  # noqa: E402
+from mlcweb_passes.schedules.channels_last_norm import ChannelsLastNorm  # noqa: E402
+from mlcweb_passes.schedules.row_reduction import RowReduction  # noqa: E402
 
 GROUPS = 32
 # (where, batch, height, width, channels): the guided UNet's 64x64 level (and one 32x32 shape, which
@@ -48,9 +50,9 @@ SHAPES = [
     ("VAE 512x512", 1, 512, 512, 128),
 ]
 RULES = {
-    "RowReduction": lambda: mp.RowReduction(),
-    "RowReduction one kernel": lambda: mp.RowReduction(fuse_below=1 << 30),  # the consumer in the same kernel
-    "ChannelsLastNorm": lambda: mp.ChannelsLastNorm(),
+    "RowReduction": lambda: RowReduction(),
+    "RowReduction one kernel": lambda: RowReduction(fuse_below=1 << 30),  # the consumer in the same kernel
+    "ChannelsLastNorm": lambda: ChannelsLastNorm(),
 }
 
 

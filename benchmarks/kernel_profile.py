@@ -38,8 +38,8 @@ import tvm  # noqa: E402
 from tvm import relax, tirx  # noqa: E402
 
 import mlcweb_passes as mp  # noqa: E402
-from mlcweb_passes.apply_database import SOURCE_ATTR  # noqa: E402
-from mlcweb_passes.wgmma_gemm import external_modules  # noqa: E402
+from mlcweb_passes._tir import SOURCE_ATTR  # noqa: E402
+from mlcweb_passes.cuda.wgmma_compile import external_modules  # noqa: E402
 
 # Kinds by the first operator a fused kernel's name mentions, most specific first.
 KINDS = [
@@ -64,25 +64,23 @@ def scheduled_module(args: argparse.Namespace) -> tvm.IRModule:
     """The build's module after scheduling and memory planning (``mlcweb.build._lower``'s first half)."""
     import mlcweb_stable_diffusion.plugin as plugin
 
-    from mlcweb.build import BuildOptions, import_and_lift
+    from mlcweb.build import BuildOptions, lower_until, resolve
     from mlcweb.databases import shipped_database
     from mlcweb.plugins import PluginHost
     from mlcweb.targets import resolve_target
 
     host = PluginHost([("stable_diffusion", plugin)], entry_points=False)
-    info = resolve_target("cuda", arch=args.arch)
-    database = None if args.no_db else shipped_database(info)
+    database = None if args.no_db else shipped_database(resolve_target("cuda", arch=args.arch))
     options = BuildOptions(
-        target="cuda", out=Path(tempfile.mkdtemp()), dtype="float16", config={"size": args.size}, arch=args.arch
+        target="cuda",
+        out=Path(tempfile.mkdtemp()),
+        dtype="float16",
+        config={"size": args.size},
+        arch=args.arch,
+        database=database,
     )
-    deploy, _weights, _ = import_and_lift(host, "stable-diffusion", options)
-    target = info.tvm_target()
-    extra = host.pipeline_passes("stable-diffusion", target=target, options=options)
-    passes = mp.lowering_passes(target, database, mp.PipelineOptions(extra_passes=tuple(extra)))
     # Through memory planning: it turns pure reshape kernels into views, which launch nothing.
-    split = next(i for i, p in enumerate(passes) if p.info.name == "mlcweb.StaticMemoryPlan") + 1
-    with target, tvm.transform.PassContext(config=mp.async_copy_config(target)):
-        return tvm.transform.Sequential(passes[:split])(deploy)
+    return lower_until(host, resolve(host, "stable-diffusion", options), "memory")
 
 
 def launches(mod: tvm.IRModule) -> dict[str, Counter[str]]:

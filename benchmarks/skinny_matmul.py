@@ -26,6 +26,7 @@ from tvm import relax  # noqa: E402
 from tvm.s_tir import dlight as dl  # noqa: E402
 
 import mlcweb_passes as mp  # noqa: E402
+from mlcweb_passes.schedules.skinny_matmul import SkinnyMatmul  # noqa: E402
 
 # (name, rows, in, out, calls per UNet step): the resnets' time_emb_proj and the time embedding's second
 # linear. (Its first, 320 -> 1280, has a reduction that is not a multiple of 256: dlight keeps it.)
@@ -64,7 +65,7 @@ def run_shape(spec: tuple[Any, ...], target: tvm.target.Target, args: argparse.N
     tensors = [tvm.runtime.from_dlpack(x) for x in (t, w, b, out)]
     func = linear_kernel(rows, k, n)
     row: dict[str, Any] = {"name": name, "gemm": [rows, n, k], "calls_per_step": calls, "ms": {}, "max_abs_err": {}}
-    for key, rule in (("dlight Matmul", dl.gpu.Matmul()), ("SkinnyMatmul", mp.SkinnyMatmul())):
+    for key, rule in (("dlight Matmul", dl.gpu.Matmul()), ("SkinnyMatmul", SkinnyMatmul())):
         sch = rule.apply(func, target, False)
         assert sch is not None, f"{key} did not schedule {name}"
         kernel = tvm.compile(sch.mod, target)["main"]

@@ -7,7 +7,7 @@ float32, cast to float16, bias add) compiled with ``mlcweb_passes.pipeline``:
 
 - ``split N``: :class:`mlcweb_passes.SplitKConv` with N slices of input channels (``split 1`` is the
   unsplit convolution, what builds did before);
-- ``chosen``: the count :func:`mlcweb_passes.choose_splits` picks;
+- ``chosen``: the count :func:`choose_splits` picks;
 - ``torch``: ``torch.nn.functional.conv2d`` in float16, channels-last (cuDNN), bias included.
 
 Every output is checked against a float32 PyTorch convolution of the same float16 inputs (max abs error,
@@ -35,6 +35,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
 import mlcweb_passes as mp  # noqa: E402
+from mlcweb_passes.rewrites.split_k_conv import choose_splits  # noqa: E402
 
 # (name, batch, height, width, in channels, out channels, kernel, stride): SD1.5's UNet at 512x512
 SHAPES = [
@@ -80,7 +81,7 @@ def run_shape(spec: tuple[Any, ...], target: tvm.target.Target, args: argparse.N
     ref = torch.nn.functional.conv2d(x_nchw.float(), w_oihw.float(), b.float(), stride, k // 2)
     ref_np = ref.permute(0, 2, 3, 1).cpu().numpy()
     out_h, out_w = ref.shape[2:]
-    chosen = mp.choose_splits(n * out_h * out_w, o, c, k * k, args.sms)
+    chosen = choose_splits(n * out_h * out_w, o, c, k * k, args.sms)
     row: dict[str, Any] = {"name": name, "gemm": [n * out_h * out_w, o, k * k * c], "chosen": chosen}
     row.update(ms={}, max_abs_err={}, compile_s={})
     args_tvm = [tvm.runtime.from_dlpack(t) for t in (x, wt, b)]

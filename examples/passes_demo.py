@@ -56,12 +56,14 @@ def main() -> int:
     weights = mp.apply_transform_params(lifted.transform, params)
     print(f"lift:     {lifted.transform_functions()[0]} computed {len(weights)} deploy weights on the CPU")
 
+    phases = mp.phases(target)
     with target:
-        plain = mp.count_kernels(mp.FuseOperators()(lifted.deploy))
-        fused = mp.FuseOperators()(mp.FuseAttention()(lifted.deploy))
-        scheduled = mp.ApplyDatabase(target)(fused)
-        planned = mp.StaticMemoryPlan()(scheduled)
-    print(f"fuse:     {plain} kernels with operator fusion, {mp.count_kernels(fused)} with attention fusion")
+        graph = phases["graph"](lifted.deploy)
+        plain = mp.count_kernels(mp.FuseOperators()(graph))
+        fused = phases["fuse"](graph)
+        scheduled = phases["schedule"](phases["kernels"](fused))
+        planned = phases["memory"](scheduled)
+    print(f"fuse:     {plain} kernels with operator fusion, {mp.count_kernels(fused)} with softmax and cast fusion")
     print(f"schedule: {mp.schedule_report(scheduled).summary()}")
     mem = mp.memory_report(planned)["main"]
     kib, big = mem.planned_bytes / 1024, mem.largest_bytes / 1024

@@ -1,4 +1,4 @@
-"""The build driver: import -> mlcweb_passes pipeline (+ plugin passes) -> compile -> artifacts.
+"""The build driver: import -> the mlcweb_passes phases (with the plugin's passes) -> compile -> artifacts.
 
 ``build(host, model, options)`` writes into a temporary directory beside ``options.out`` and renames it
 into place at the end, so a failed or killed build leaves no half-written output. The artifacts:
@@ -35,14 +35,14 @@ from .databases import shipped_database
 from .errors import MlcwebError
 from .import_cache import ImportCache, cache_key
 from .manifest import MANIFEST, write_manifest
-from .model import DTYPES, BuildOptions, ImportedModel, ImportOptions
-from .plugins import PluginHost
+from .model import DTYPES, BuildOptions, ImportedModel, ImportOptions, PhaseContext
+from .plugins import PluginHost, RegisteredModel
 from .targets import TargetInfo, resolve_target
 from .tensor_cache import write_tensor_cache
 from .wasm_runtime import link_wasm
 from .web import write_web_runtime
 
-__all__ = ["BuildResult", "build", "import_and_lift", "pre_schedule_passes"]
+__all__ = ["BuildResult", "ModelBuild", "build", "build_phases", "lower_until", "resolve"]
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +98,67 @@ class _Stages:
         self.bar.close()
 
 
-def _import(host: PluginHost, model: str, options: BuildOptions) -> tuple[ImportedModel, bool]:
-    spec = host.model(model).spec
-    config = {**spec.default_config, **options.config}
-    import_options = ImportOptions(model_path=options.model_path, dtype=options.dtype, config=config)
+@dataclass(frozen=True)
+class ModelBuild:
+    """One build's decisions, resolved once: the plugin's model and its config, the target, and the
+    pipeline options (dtype, layout, GPU facts) the phases are made for."""
+
+    name: str
+    registered: RegisteredModel
+    config: dict[str, Any]
+    options: BuildOptions
+    target_info: TargetInfo
+    pipeline: mp.PipelineOptions
+
+    @property
+    def target(self) -> tvm.target.Target:
+        return self.target_info.tvm_target()
+
+    @property
+    def conv_layout(self) -> str:
+        return mp.conv_layout(self.target, self.pipeline)
+
+    def phase_context(self) -> PhaseContext:
+        return PhaseContext(self.registered.spec, self.config, self.target, self.options, self.pipeline)
+
+
+def resolve(host: PluginHost, model: str, options: BuildOptions, *, link: bool = True) -> ModelBuild:
+    """Resolve ``model`` and ``options`` once (a clear error for an unknown model, target or option)."""
+    if options.dtype not in DTYPES:
+        raise MlcwebError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if options.conv_layout not in mp.CONV_LAYOUTS:
+        raise MlcwebError(f"unknown conv layout {options.conv_layout!r}; choose one of {', '.join(mp.CONV_LAYOUTS)}")
+    registered = host.model(model)
+    config = {**registered.spec.default_config, **options.config}
+    target_info = resolve_target(options.target, arch=options.arch, link=link)
+    target = target_info.tvm_target()
+    gpu = mp.gpu_facts(target) if mp.is_gpu_target(target) else None
+    pipeline = mp.PipelineOptions(
+        dtype=options.dtype, conv_layout=options.conv_layout, database=options.database, gpu=gpu
+    )
+    return ModelBuild(model, registered, config, options, target_info, pipeline)
+
+
+def build_phases(host: PluginHost, resolved: ModelBuild) -> dict[str, tvm.transform.Sequential]:
+    """The pipeline's phases for ``resolved``, each with the passes the model's plugin adds to it."""
+    context = resolved.phase_context()
+    extra = {phase: host.phase_passes(resolved.name, phase=phase, context=context) for phase in mp.PHASES}
+    return mp.phases(resolved.target, resolved.pipeline, {k: v for k, v in extra.items() if v})
+
+
+def _import(host: PluginHost, resolved: ModelBuild) -> tuple[ImportedModel, bool]:
+    options = resolved.options
+    import_options = ImportOptions(model_path=options.model_path, dtype=options.dtype, config=resolved.config)
     if options.model_path is not None and not options.model_path.exists():
         raise MlcwebError(f"model folder {options.model_path} does not exist; pass --model with an existing folder")
     cache = ImportCache()
-    key = cache_key(model, config, import_options, host.source_digest(host.model(model).plugin))
+    key = cache_key(resolved.name, resolved.config, import_options, host.source_digest(resolved.registered.plugin))
     if options.use_cache:
         cached = cache.load(key)
         if cached is not None:
             log.info("import cache hit %s", key)
             return cached, True
-    imported = host.import_model(model, import_options)
+    imported = host.import_model(resolved.name, import_options)
     if options.use_cache:
         cache.store(key, imported)
     return imported, False
@@ -129,54 +176,11 @@ def _entry_functions(mod: tvm.IRModule) -> list[str]:
     )
 
 
-CONV_LAYOUTS = ("auto", "NCHW", "NHWC")
-
-
-def conv_layout(options: BuildOptions, target: TargetInfo) -> str:
-    """The convolution layout a build uses: ``options.conv_layout``, with "auto" meaning NHWC for cuda
-    float16 (tensor-core implicit GEMMs want channels last; measured there) and the imported NCHW
-    elsewhere. NHWC also keeps linear weights ``[out, in]`` (:class:`~mlcweb_passes.LinearWeightLayout`)."""
-    if options.conv_layout not in CONV_LAYOUTS:
-        raise MlcwebError(f"unknown conv layout {options.conv_layout!r}; choose one of {', '.join(CONV_LAYOUTS)}")
-    if options.conv_layout == "auto":
-        return "NHWC" if target.name == "cuda" and options.dtype == "float16" else "NCHW"
-    return options.conv_layout
-
-
-def pre_lift_passes(options: BuildOptions, target: TargetInfo) -> list[tvm.transform.Pass]:
-    """The passes run on the imported module before weight lifting: those that change how weights are
-    stored, so the change happens once, to the weights (casts, transposes, reshapes)."""
-    passes: list[tvm.transform.Pass] = []
-    if options.dtype == "float16":
-        passes.append(mp.MixedPrecision("float32"))
-    if conv_layout(options, target) == "NHWC":
-        passes += [
-            # Tensor-core layouts: channels last and GEMM weights K-contiguous; the weights' transposes
-            # become part of the weight transform (or, for linears, disappear).
-            mp.ConvLayout("NHWC", "OHWI"),
-            mp.LinearWeightLayout(),
-            # float16 between GEMM epilogues and norms, shortcut branches and upsampler inputs (measured
-            # with these layouts, on cuda); the norms' float16 scale and shift are stored
-            mp.Float16NormInputs(),
-            mp.Float16Residuals(),
-        ]
-        if mp.supports_wgmma(target.tvm_target()):
-            # GEGLU's value and gate columns interleaved (the weights' reorder is part of the transform),
-            # so WgmmaGemm computes a * gelu(g) in the projection's epilogue
-            passes.append(mp.GegluPairs())
-            # one GEMM for each self-attention's Q, K and V; flash attention reads the three from it
-            passes.append(mp.MergeProjections())
-        if mp.tensor_core_matmul.sm_version(target.tvm_target()) >= 70:
-            # split-K for convolutions with few output tiles (the pipeline would do it too): here, so
-            # the kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the transform
-            passes.append(mp.SplitKConv())
-    return passes
-
-
 def _lift(
-    imported: ImportedModel, passes: list[tvm.transform.Pass]
+    imported: ImportedModel, weights_phase: tvm.transform.Pass, target: tvm.target.Target
 ) -> tuple[tvm.IRModule, dict[str, OrderedDict[str, tvm.runtime.Tensor]]]:
-    mod = tvm.transform.Sequential(passes)(imported.mod) if passes else imported.mod
+    with target:
+        mod = weights_phase(imported.mod)
     lifted = mp.split_transform_params(mod)
     transform_vm = mp.compile_transform(lifted.transform)  # once, shared by every function's weights
     weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]] = {}
@@ -191,44 +195,36 @@ def _lift(
     return lifted.deploy, weights
 
 
-def import_and_lift(
-    host: PluginHost, model: str, options: BuildOptions
-) -> tuple[tvm.IRModule, dict[str, OrderedDict[str, tvm.runtime.Tensor]], ImportedModel]:
-    """The build's first two stages: the deploy module, its weights per function, and the import."""
-    imported, _ = _import(host, model, options)
-    target = resolve_target(options.target, arch=options.arch, link=False)
-    deploy, weights = _lift(imported, pre_lift_passes(options, target))
-    return deploy, weights, imported
+def lower_until(host: PluginHost, resolved: ModelBuild, until: str) -> tvm.IRModule:
+    """The model imported, lifted and run through the phases after ``weights`` through ``until``: what
+    ``mlcweb tune`` extracts kernels from (``until="kernels"``) and benchmarks profile."""
+    imported, _ = _import(host, resolved)
+    phases = build_phases(host, resolved)
+    deploy, _weights = _lift(imported, phases["weights"], resolved.target)
+    names = mp.PHASES[1 : mp.PHASES.index(until) + 1]
+    with resolved.target, tvm.transform.PassContext(config=_pass_config(resolved)):
+        return tvm.transform.Sequential([phases[n] for n in names])(deploy)
 
 
-def pre_schedule_passes(target: tvm.target.Target, extra: list[Any], wgmma: bool = True) -> list[tvm.transform.Pass]:
-    """The build's lowering passes before scheduling: what ``mlcweb tune`` extracts kernels after.
-    ``wgmma=False`` leaves the GEMMs that ``WgmmaGemm`` would take as TIR (for tile benchmarks)."""
-    passes = mp.lowering_passes(target, None, mp.PipelineOptions(extra_passes=tuple(extra), wgmma=wgmma))
-    return passes[: next(i for i, p in enumerate(passes) if p.info.name == "mlcweb.ApplyDatabase")]
-
-
-def _pass_config(target: tvm.target.Target, options: BuildOptions) -> dict[str, Any]:
+def _pass_config(resolved: ModelBuild) -> dict[str, Any]:
     """PassContext config of lowering and compiling: CUDA graphs where asked for, and on sm_80+ the
     asynchronous global-to-shared copies (cp.async) of the tensor-core tiles."""
+    target = resolved.target
     config: dict[str, Any] = mp.async_copy_config(target)
     if target.kind.name == "cuda":
-        config["relax.backend.use_cuda_graph"] = options.cuda_graph
+        config["relax.backend.use_cuda_graph"] = resolved.options.cuda_graph
     return config
 
 
 def _lower(
-    mod: tvm.IRModule, target: tvm.target.Target, options: BuildOptions, extra: list[Any]
+    mod: tvm.IRModule, resolved: ModelBuild, phases: dict[str, tvm.transform.Sequential]
 ) -> tuple[tvm.IRModule, int, mp.ScheduleReport, dict[str, mp.FunctionMemory]]:
-    passes = mp.lowering_passes(target, options.database, mp.PipelineOptions(extra_passes=tuple(extra)))
-    split = next(i for i, p in enumerate(passes) if p.info.name == "mlcweb.StaticMemoryPlan") + 1
-    # RewriteCUDAGraph (in the pipeline) acts only when this is set: it moves the planned allocations into
-    # a function run once and the kernel launches between them into a graph captured on the first call.
-    with target, tvm.transform.PassContext(config=_pass_config(target, options)):
-        planned = tvm.transform.Sequential(passes[:split])(mod)
+    planning = [phases[name] for name in ("graph", "fuse", "kernels", "schedule", "memory")]
+    with resolved.target, tvm.transform.PassContext(config=_pass_config(resolved)):
+        planned = tvm.transform.Sequential(planning)(mod)
         report = mp.schedule_report(planned)
         memory = mp.memory_report(planned)
-        lowered = tvm.transform.Sequential(passes[split:])(planned)
+        lowered = phases["finalize"](planned)
     return lowered, mp.count_kernels(lowered), report, memory
 
 
@@ -254,6 +250,26 @@ def _export(exe: relax.VMExecutable, path: Path, target: TargetInfo) -> None:
         exe.export_library(str(path))
 
 
+def _with_shipped_database(resolved: ModelBuild) -> tuple[ModelBuild, str | None]:
+    """``resolved`` with the project's tuned database for its target where no ``--db`` was given (and the
+    shipped ones are not turned off), and the manifest's note of which database applied."""
+    options = resolved.options
+    if options.database is not None:
+        return resolved, "--db"
+    shipped = shipped_database(resolved.target_info) if options.use_shipped_database else None
+    if shipped is None:
+        return resolved, None
+    log.info("applying the shipped database %s", shipped.name)
+    return (
+        dataclasses.replace(
+            resolved,
+            options=dataclasses.replace(options, database=shipped),
+            pipeline=dataclasses.replace(resolved.pipeline, database=shipped),
+        ),
+        f"shipped:{shipped.name}",
+    )
+
+
 def build(
     host: PluginHost,
     model: str,
@@ -263,70 +279,20 @@ def build(
     before_rename: Callable[[Path], None] | None = None,
 ) -> BuildResult:
     """Build ``model`` as ``options`` say; see the module docstring for what lands in ``options.out``."""
-    if options.dtype not in DTYPES:
-        raise MlcwebError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
-    spec = host.model(model).spec
-    target_info = resolve_target(options.target, arch=options.arch)
-    target = target_info.tvm_target()
-    layout = conv_layout(options, target_info)  # checked here, before any work; recorded in the manifest
-    database_note: str | None = "--db" if options.database is not None else None
-    if options.database is None and options.use_shipped_database:
-        shipped = shipped_database(target_info)
-        if shipped is not None:
-            options = dataclasses.replace(options, database=shipped)
-            database_note = f"shipped:{shipped.name}"
-            log.info("applying the shipped database %s", shipped.name)
+    resolved, database_note = _with_shipped_database(resolve(host, model, options))
     out = options.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    with_variant = target_info.name == "webgpu" and options.dtype == "float16" and options.webgpu_fallback
+    info = resolved.target_info
+    with_variant = info.name == "webgpu" and options.dtype == "float16" and options.webgpu_fallback
     names = ["import", "lift", "lower", "compile", "weights", "assets", "manifest"]
     if with_variant:
         names.insert(-1, "float32 variant")
     stages = _Stages(names, progress)
     try:
-        with stages.stage("import"):
-            imported, from_cache = _import(host, model, options)
-        with stages.stage("lift"):
-            deploy, weights = _lift(imported, pre_lift_passes(options, target_info))
-        with stages.stage("lower"):
-            extra = host.pipeline_passes(model, target=target, options=options)
-            lowered, kernels, schedules, memory = _lower(deploy, target, options, extra)
-        with stages.stage("compile"):
-            with tvm.transform.PassContext(config=_pass_config(target, options)):
-                exe = tvm.compile(lowered, target, relax_pipeline=None)
-            library = f"{model}-{target_info.name}{target_info.library_suffix}"
-            _export(exe, tmp / library, target_info)
-        with stages.stage("weights"):
-            flat = {f"{func}/{name}": t for func, ws in weights.items() for name, t in ws.items()}
-            files = [library, *write_tensor_cache(flat, tmp, encoding=options.weight_encoding)]
-        with stages.stage("assets"):
-            files += host.write_assets(model, out_dir=tmp, target=target, options=options, imported=imported)
-            if target_info.name == "webgpu":
-                files += write_web_runtime(tmp)
-        variants = {}
-        if with_variant:
-            with stages.stage("float32 variant"):
-                files += _float32_variant(host, model, options, tmp)
-                variants["float32"] = f"{FLOAT32_VARIANT}/"
+        result = _build_into(host, resolved, tmp, stages, with_variant)
         with stages.stage("manifest"):
-            info = {
-                "model": model,
-                "plugin": host.model(model).plugin,
-                "config": {**spec.default_config, **options.config},
-                "target": target_info.name,
-                "tvm_target": {"target": target_info.kind, "host": target_info.host},
-                "device": target_info.device,
-                "dtype": options.dtype,
-                "conv_layout": layout,
-                "weight_encoding": options.weight_encoding,
-                "library": library,
-                "functions": _functions_info(deploy, weights),
-                "metadata": imported.metadata,
-                "variants": variants,
-                "database": database_note,
-            }
-            write_manifest(tmp, files, info)
+            write_manifest(tmp, result.files, {**result.manifest_info, "database": database_note})
         if before_rename is not None:
             before_rename(tmp)
         _replace_dir(tmp, out)
@@ -335,7 +301,64 @@ def build(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     manifest = json.loads((out / MANIFEST).read_text())
-    return BuildResult(out, manifest, stages.seconds, kernels, memory, schedules, from_cache)
+    return BuildResult(
+        out, manifest, stages.seconds, result.kernels, result.memory, result.schedules, result.from_cache
+    )
+
+
+@dataclass
+class _Built:
+    files: list[str]
+    manifest_info: dict[str, Any]
+    kernels: int
+    memory: dict[str, mp.FunctionMemory]
+    schedules: mp.ScheduleReport
+    from_cache: bool
+
+
+def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stages, with_variant: bool) -> _Built:
+    """Every stage but the manifest, writing into ``tmp``."""
+    options, info, target = resolved.options, resolved.target_info, resolved.target
+    with stages.stage("import"):
+        imported, from_cache = _import(host, resolved)
+    phases = build_phases(host, resolved)
+    with stages.stage("lift"):
+        deploy, weights = _lift(imported, phases["weights"], target)
+    with stages.stage("lower"):
+        lowered, kernels, schedules, memory = _lower(deploy, resolved, phases)
+    with stages.stage("compile"):
+        with tvm.transform.PassContext(config=_pass_config(resolved)):
+            exe = tvm.compile(lowered, target, relax_pipeline=None)
+        library = f"{resolved.name}-{info.name}{info.library_suffix}"
+        _export(exe, tmp / library, info)
+    with stages.stage("weights"):
+        flat = {f"{func}/{name}": t for func, ws in weights.items() for name, t in ws.items()}
+        files = [library, *write_tensor_cache(flat, tmp, encoding=options.weight_encoding)]
+    with stages.stage("assets"):
+        files += host.write_assets(resolved.name, out_dir=tmp, target=target, options=options, imported=imported)
+        if info.name == "webgpu":
+            files += write_web_runtime(tmp)
+    variants = {}
+    if with_variant:
+        with stages.stage("float32 variant"):
+            files += _float32_variant(host, resolved.name, options, tmp)
+            variants["float32"] = f"{FLOAT32_VARIANT}/"
+    manifest_info = {
+        "model": resolved.name,
+        "plugin": resolved.registered.plugin,
+        "config": resolved.config,
+        "target": info.name,
+        "tvm_target": {"target": info.kind, "host": info.host},
+        "device": info.device,
+        "dtype": options.dtype,
+        "conv_layout": resolved.conv_layout,
+        "weight_encoding": options.weight_encoding,
+        "library": library,
+        "functions": _functions_info(deploy, weights),
+        "metadata": imported.metadata,
+        "variants": variants,
+    }
+    return _Built(files, manifest_info, kernels, memory, schedules, from_cache)
 
 
 def _float32_variant(host: PluginHost, model: str, options: BuildOptions, tmp: Path) -> list[str]:

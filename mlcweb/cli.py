@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +16,7 @@ from .model import DTYPES, BuildOptions
 from .targets import TARGETS
 from .tensor_cache import ENCODINGS
 
-__all__ = ["main"]
+__all__ = ["build_and_report", "main", "run_command"]
 
 log = logging.getLogger("mlcweb")
 
@@ -112,9 +112,6 @@ def _cmd_list() -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .build import build
-    from .plugins import PluginHost
-
     options = BuildOptions(
         target=args.target,
         out=args.out or Path("dist") / f"{args.model}-{args.target}",
@@ -131,7 +128,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
     )
     if args.db is not None and args.no_db:
         raise MlcwebError("--db and --no-db contradict each other; pass one")
-    result = build(PluginHost(), args.model, options, progress=sys.stderr.isatty())
+    return build_and_report(args.model, options)
+
+
+def build_and_report(model: str, options: BuildOptions) -> int:
+    """Build ``model`` with the installed plugins and print the build's summary (what ``mlcweb build``
+    does once its arguments are parsed; run it under :func:`run_command` for the CLI's error handling)."""
+    from .build import build
+    from .plugins import PluginHost
+
+    result = build(PluginHost(), model, options, progress=sys.stderr.isatty())
     print(result.summary())
     return 0
 
@@ -140,17 +146,21 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from .plugins import PluginHost
     from .tune import TuneOptions, summary_table, tune
 
-    options = TuneOptions(
+    build = BuildOptions(
         target=args.target,
+        out=args.db,
+        model_path=args.model_path,
+        dtype=args.dtype,
+        config=_parse_set(args.set),
+        arch=args.arch,
+    )
+    options = TuneOptions(
+        build=build,
         db=args.db,
         trials=args.trials,
         tasks=args.tasks,
         rpc_tracker=args.rpc_tracker,
         rpc_key=args.rpc_key,
-        model_path=args.model_path,
-        dtype=args.dtype,
-        config=_parse_set(args.set),
-        arch=args.arch,
         builders=args.builders,
         search=args.search,
         max_tasks=args.max_tasks,
@@ -209,24 +219,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run_command(command: Callable[[], int], *, verbose: bool = False) -> int:
+    """Run ``command`` as the CLI runs its commands: logging at WARNING (DEBUG with ``verbose``), and an
+    error the user can fix printed as one line with exit code 2."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        if args.command == "list":
-            return _cmd_list()
-        if args.command == "build":
-            return _cmd_build(args)
-        if args.command == "tune":
-            return _cmd_tune(args)
-        if args.command == "run":
-            return _cmd_run(args)
-        return _cmd_serve(args)
+        return command()
     except (MlcwebError, FileNotFoundError) as err:
         print(f"mlcweb: error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands: dict[str, Callable[[], int]] = {
+        "list": _cmd_list,
+        "build": lambda: _cmd_build(args),
+        "tune": lambda: _cmd_tune(args),
+        "run": lambda: _cmd_run(args),
+        "serve": lambda: _cmd_serve(args),
+    }
+    return run_command(commands[args.command], verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import pluggy
 if TYPE_CHECKING:
     import tvm
 
-    from .model import BuildOptions, ImportedModel, ImportOptions, ModelSpec
+    from .model import BuildOptions, ImportedModel, ImportOptions, ModelSpec, PhaseContext
 
 hookspec = pluggy.HookspecMarker("mlcweb")
 
@@ -39,10 +39,16 @@ def mlcweb_import_model(spec: ModelSpec, options: ImportOptions) -> ImportedMode
 
 
 @hookspec
-def mlcweb_pipeline_passes(  # type: ignore[empty-body]
-    spec: ModelSpec, target: tvm.target.Target, options: BuildOptions
+def mlcweb_phase_passes(  # type: ignore[empty-body]
+    spec: ModelSpec, phase: str, context: PhaseContext
 ) -> list[tvm.transform.Pass]:
-    """Passes to run after fusion and before scheduling when building ``spec`` for ``target``."""
+    """Passes to add to pipeline ``phase`` (one of ``mlcweb_passes.PHASES``) when building ``spec``.
+
+    Called once per phase; return ``[]`` for phases the plugin leaves alone. In the ``weights`` phase the
+    passes run on the imported module after the layout passes and before weight lifting (rewrites that
+    change how weights are stored: their cost is paid once, on the weights); in every later phase, at the
+    phase's end. ``context`` says the target, dtype and convolution layout the phases are made for.
+    """
 
 
 @hookspec

@@ -9,7 +9,9 @@ from typing import Any
 
 import tvm
 
-__all__ = ["BuildOptions", "ImportOptions", "ImportedModel", "ModelSpec"]
+import mlcweb_passes as mp
+
+__all__ = ["BuildOptions", "ImportOptions", "ImportedModel", "ModelSpec", "PhaseContext"]
 
 DTYPES = ("float32", "float16")
 
@@ -82,3 +84,16 @@ class BuildOptions:
     cuda_graph: bool = True
     # layout of 2-D convolutions: "auto" (NHWC for cuda float16, as imported elsewhere), "NCHW" or "NHWC"
     conv_layout: str = "auto"
+
+
+@dataclass(frozen=True)
+class PhaseContext:
+    """What a plugin's ``mlcweb_phase_passes`` knows when it chooses passes for a phase: the model, its
+    resolved config, the TVM target, the build's options and the pipeline options the phases are made for
+    (``mlcweb_passes.conv_layout(context.target, context.pipeline)`` gives the convolution layout)."""
+
+    spec: ModelSpec
+    config: dict[str, Any]
+    target: tvm.target.Target
+    options: BuildOptions
+    pipeline: mp.PipelineOptions

@@ -9,7 +9,7 @@ import types
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pluggy
 
@@ -97,9 +97,10 @@ class PluginHost:
         imported.check()
         return imported
 
-    def pipeline_passes(self, name: str, **kwargs: object) -> list[object]:
+    def phase_passes(self, name: str, *, phase: str, context: object) -> list[Any]:
+        """The passes model ``name``'s plugin adds to pipeline ``phase``."""
         registered = self.model(name)
-        lists = self._only("mlcweb_pipeline_passes", registered.plugin)(spec=registered.spec, **kwargs)
+        lists = self._only("mlcweb_phase_passes", registered.plugin)(spec=registered.spec, phase=phase, context=context)
         return [p for passes in lists for p in passes]
 
     def write_assets(self, name: str, **kwargs: object) -> list[str]:

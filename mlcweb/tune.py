@@ -22,6 +22,7 @@ resuming and interrupting work per task:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import importlib
@@ -45,9 +46,9 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
 
 import mlcweb_passes as mp
-from mlcweb_passes.apply_database import preload_tensor_intrinsics
+from mlcweb_passes.schedules.apply_database import preload_tensor_intrinsics
 
-from .build import import_and_lift, pre_schedule_passes
+from .build import lower_until, resolve
 from .databases import open_database
 from .errors import MlcwebError
 from .model import BuildOptions
@@ -58,21 +59,21 @@ __all__ = ["Task", "TaskResult", "TuneOptions", "extract_tuning_tasks", "summary
 
 log = logging.getLogger(__name__)
 
+STATIC_SHARED_BYTES = 48 * 1024  # CUDA's limit on a block's static shared memory
+
 
 @dataclass(frozen=True)
 class TuneOptions:
-    """What ``mlcweb tune`` was asked to do. ``trials``: valid measured schedules per task."""
+    """What ``mlcweb tune`` was asked to do: ``build`` says what the kernels are (model folder, target,
+    dtype, config; its ``out`` is unused), ``db`` where records go; ``trials``: valid measured schedules
+    per task."""
 
-    target: str
+    build: BuildOptions
     db: Path
     trials: int = 64
     tasks: str | None = None
     rpc_tracker: str | None = None
     rpc_key: str | None = None
-    model_path: Path | None = None
-    dtype: str = "float32"
-    config: dict[str, Any] = field(default_factory=dict)
-    arch: str | None = None
     builders: int | None = None
     trials_per_round: int = 16
     seed: int = 0
@@ -110,8 +111,15 @@ def tuning_target(info: TargetInfo) -> tvm.target.Target:
     if info.name == "llvm":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return tvm.target.Target({**info.kind, "num-cores": cores})
-    if info.name == "cuda":  # MetaSchedule's GPU rules need the thread and shared-memory limits
-        limits = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152, "thread_warp_size": 32}
+    if info.name == "cuda":
+        # MetaSchedule's GPU rules need the thread and shared-memory limits; its kernels take static
+        # shared memory, which CUDA caps at 48 KiB without the dynamic opt-in
+        gpu = mp.gpu_facts(info.tvm_target())
+        limits = {
+            "max_threads_per_block": gpu.max_threads,
+            "max_shared_memory_per_block": min(gpu.max_shared_bytes, STATIC_SHARED_BYTES),
+            "thread_warp_size": 32,
+        }
         return tvm.target.Target({**limits, **info.kind}, host=info.host)
     if info.name == "webgpu":
         # Measured natively on CUDA (no browser can run MetaSchedule's runner) within what WebGPU allows:
@@ -129,7 +137,7 @@ def tuning_target(info: TargetInfo) -> tvm.target.Target:
 
 def _space(options: TuneOptions) -> Any:
     """MetaSchedule's search space: CUDA float16 builds search tensor-core schedules too."""
-    if options.target == "cuda" and options.dtype == "float16":
+    if options.build.target == "cuda" and options.build.dtype == "float16":
         return ms.space_generator.PostOrderApply(
             sch_rules="cuda-tensorcore", postprocs="cuda-tensorcore", mutator_probs="cuda-tensorcore"
         )
@@ -138,24 +146,13 @@ def _space(options: TuneOptions) -> Any:
 
 def extract_tuning_tasks(host: PluginHost, model: str, options: TuneOptions) -> tuple[list[Task], tvm.target.Target]:
     """The model's kernels after fusion, merged across functions, weighted by runs per use."""
-    info = resolve_target(options.target, arch=options.arch, link=False)
-    target = tuning_target(info)
-    build_options = BuildOptions(
-        target=options.target,
-        out=options.db,
-        model_path=options.model_path,
-        dtype=options.dtype,
-        config=options.config,
-        arch=options.arch,
-    )
-    deploy, _weights, _imported = import_and_lift(host, model, build_options)
+    resolved = resolve(host, model, options.build, link=False)
+    resolved = dataclasses.replace(resolved, pipeline=dataclasses.replace(resolved.pipeline, wgmma=options.wgmma))
+    target = tuning_target(resolved.target_info)
     # The kernels the build compiles: lowered for the build target (for webgpu that differs from the
     # CUDA target the tasks are measured on).
-    build_target = info.tvm_target()
-    extra = host.pipeline_passes(model, target=build_target, options=build_options)
-    with build_target:
-        fused = tvm.transform.Sequential(pre_schedule_passes(build_target, extra, options.wgmma))(deploy)
-    runs = host.model(model).spec.runs_per_use
+    fused = lower_until(host, resolved, "kernels")
+    runs = resolved.registered.spec.runs_per_use
     merged: dict[int, Task] = {}
     entries = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.relax.Function)]
     for entry in sorted(entries):
@@ -356,6 +353,48 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.report(self.done, self.best)
 
 
+@dataclass
+class _Session:
+    """What every task of one ``tune`` call shares: where records go, how candidates are built and run,
+    and the progress counters."""
+
+    options: TuneOptions
+    target: tvm.target.Target
+    build_target: tvm.target.Target
+    db: ms.database.Database
+    builder: ms.builder.Builder
+    runner: ms.runner.Runner
+    state: dict[str, dict[str, Any]]
+    total_trials: int
+    echo: Callable[[str], None]
+    started: float = field(default_factory=time.perf_counter)
+    measured: int = 0
+
+
+def _session(
+    options: TuneOptions, tasks: list[Task], target: tvm.target.Target, echo: Callable[[str], None]
+) -> _Session:
+    db = open_database(options.db)
+    # The builder's worker processes each import tvm.s_tir.tensor_intrin before building; preload it the
+    # fast way (the builder restarts its workers for every batch, so this is paid per batch).
+    # Candidates are built as `mlcweb build` builds: with cp.async on sm_80+ cuda (our tensor-core tiles'
+    # default schedules depend on it; measured without, they would lose to slower candidates).
+    build_target = resolve_target(options.build.target, arch=options.build.arch, link=False).tvm_target()
+    builder = ms.builder.LocalBuilder(
+        max_workers=options.builders or os.cpu_count() or 1,
+        timeout_sec=300,
+        initializer=preload_tensor_intrinsics,
+        f_build=functools.partial(build_candidate, config=mp.async_copy_config(build_target)),
+    )
+    state = _load_state(options.db)
+    total_trials = sum(
+        0 if _done(have, t, state, options.trials) else options.trials - len(have)
+        for t in tasks
+        for have in [_records(db, t, options.trials)]
+    )
+    return _Session(options, target, build_target, db, builder, _runner(options), state, total_trials, echo)
+
+
 def tune(
     host: PluginHost, model: str, options: TuneOptions, *, echo: Callable[[str], None] = print
 ) -> list[TaskResult]:
@@ -364,28 +403,9 @@ def tune(
         raise MlcwebError("--trials must be at least 1")
     preload_tensor_intrinsics()
     tasks, target = extract_tuning_tasks(host, model, options)
-    db = open_database(options.db)
-    # The builder's worker processes each import tvm.s_tir.tensor_intrin before building; preload it the
-    # fast way (the builder restarts its workers for every batch, so this is paid per batch).
-    # Candidates are built as `mlcweb build` builds: with cp.async on sm_80+ cuda (our tensor-core tiles'
-    # default schedules depend on it; measured without, they would lose to slower candidates).
-    build_target = resolve_target(options.target, arch=options.arch, link=False).tvm_target()
-    builder = ms.builder.LocalBuilder(
-        max_workers=options.builders or os.cpu_count() or 1,
-        timeout_sec=300,
-        initializer=preload_tensor_intrinsics,
-        f_build=functools.partial(build_candidate, config=mp.async_copy_config(build_target)),
-    )
-    runner = _runner(options)
-    state = _load_state(options.db)
-    total_trials = sum(
-        0 if _done(have, t, state, options.trials) else options.trials - len(have)
-        for t in tasks
-        for have in [_records(db, t, options.trials)]
-    )
-    echo(f"{len(tasks)} tasks for {target.kind.name}; {total_trials} trials to measure into {options.db}")
+    session = _session(options, tasks, target, echo)
+    echo(f"{len(tasks)} tasks for {target.kind.name}; {session.total_trials} trials to measure into {options.db}")
     results: list[TaskResult] = []
-    started, measured = time.perf_counter(), 0
     interrupted = threading.Event()
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -396,72 +416,72 @@ def tune(
     previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
         for index, task in enumerate(tasks, 1):
-            have = _records(db, task, options.trials)
-            fallback = measure_default(task, target, builder, runner, db, build_target)
-            if _done(have, task, state, options.trials):
-                results.append(
-                    TaskResult(task.name, task.weight, fallback, _mean(have[0].run_secs), len(have), "skipped (done)")
-                )
-                echo(f"[{index}/{len(tasks)}] {task.name}: {len(have)} records already, skipped")
-                continue
-            todo = options.trials - len(have)
-            results.append(TaskResult(task.name, task.weight, fallback, None, len(have), "interrupted"))
-
-            def report(
-                done: int,
-                best: float | None,
-                head: str = f"[{index}/{len(tasks)}] {task.name}",
-                todo: int = todo,
-                before: int = measured,
-            ) -> None:
-                rate = (time.perf_counter() - started) / max(1, before + done)
-                left = rate * max(0, total_trials - before - done)
-                best_txt = f"{best * 1e3:.3f} ms" if best is not None else "-"
-                echo(f"{head}: {done}/{todo} trials, best {best_txt}, ~{left:.0f} s left")
-
-            progress = _Progress(report)
-            detach_unnamed_tuning_log_handlers()
-            contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [task.extracted],
-                str(options.db / "logs"),
-                space=_space(options),
-                strategy=options.search,
-                seed=options.seed,
-            )
-            ms.tune_tasks(
-                tasks=contexts,
-                task_weights=[1.0],
-                work_dir=str(options.db / "logs"),
-                max_trials_global=todo,
-                max_trials_per_task=todo,
-                num_trials_per_iter=min(options.trials_per_round, todo),
-                builder=builder,
-                runner=runner,
-                database=db,
-                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
-                task_scheduler="round-robin",
-                cost_model=_cost_model(),
-            )
-            measured += progress.done
-            best = _records(db, task, 1)
-            results[-1].tuned_s = _mean(best[0].run_secs) if best else None
-            results[-1].trials = len(_records(db, task, options.trials))
-            results[-1].status = "tuned" if progress.done else "failed (no candidate built and ran)"
-            if progress.done and progress.candidates < todo:
-                # The search ran out of new candidates: the space is smaller than --trials. Remember it,
-                # so a re-run does not search it again.
-                state.setdefault(_task_key(task), {})["exhausted_at"] = options.trials
-                _save_state(options.db, state)
-                results[-1].status = "tuned (space exhausted)"
+            results.append(_tune_task(session, task, f"[{index}/{len(tasks)}] {task.name}"))
     except (KeyboardInterrupt, RuntimeError) as err:
         # Ctrl-C while MetaSchedule waits in C++ on its builders reaches us as a RuntimeError.
         if isinstance(err, RuntimeError) and not interrupted.is_set():
             raise
-        echo(f"interrupted: the {measured} measurements of this run are kept in {options.db}")
+        if len(results) < len(tasks):
+            task = tasks[len(results)]
+            have = len(_records(session.db, task, options.trials))
+            results.append(TaskResult(task.name, task.weight, None, None, have, "interrupted"))
+        echo(f"interrupted: the {session.measured} measurements of this run are kept in {options.db}")
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
     return results
+
+
+def _tune_task(session: _Session, task: Task, head: str) -> TaskResult:
+    """Measure ``task``'s default schedule, then search until it has ``trials`` valid records."""
+    options, db = session.options, session.db
+    have = _records(db, task, options.trials)
+    fallback = measure_default(task, session.target, session.builder, session.runner, db, session.build_target)
+    if _done(have, task, session.state, options.trials):
+        session.echo(f"{head}: {len(have)} records already, skipped")
+        return TaskResult(task.name, task.weight, fallback, _mean(have[0].run_secs), len(have), "skipped (done)")
+    todo = options.trials - len(have)
+    before = session.measured
+
+    def report(done: int, best: float | None) -> None:
+        rate = (time.perf_counter() - session.started) / max(1, before + done)
+        left = rate * max(0, session.total_trials - before - done)
+        best_txt = f"{best * 1e3:.3f} ms" if best is not None else "-"
+        session.echo(f"{head}: {done}/{todo} trials, best {best_txt}, ~{left:.0f} s left")
+
+    progress = _Progress(report)
+    detach_unnamed_tuning_log_handlers()
+    contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        [task.extracted], str(options.db / "logs"), space=_space(options), strategy=options.search, seed=options.seed
+    )
+    try:
+        ms.tune_tasks(
+            tasks=contexts,
+            task_weights=[1.0],
+            work_dir=str(options.db / "logs"),
+            max_trials_global=todo,
+            max_trials_per_task=todo,
+            num_trials_per_iter=min(options.trials_per_round, todo),
+            builder=session.builder,
+            runner=session.runner,
+            database=db,
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+            task_scheduler="round-robin",
+            cost_model=_cost_model(),
+        )
+    finally:
+        session.measured += progress.done
+    best = _records(db, task, 1)
+    result = TaskResult(task.name, task.weight, fallback, _mean(best[0].run_secs) if best else None, 0, "")
+    result.trials = len(_records(db, task, options.trials))
+    result.status = "tuned" if progress.done else "failed (no candidate built and ran)"
+    if progress.done and progress.candidates < todo:
+        # The search ran out of new candidates: the space is smaller than --trials. Remember it, so a
+        # re-run does not search it again.
+        session.state.setdefault(_task_key(task), {})["exhausted_at"] = options.trials
+        _save_state(options.db, session.state)
+        result.status = "tuned (space exhausted)"
+    return result
 
 
 def summary_table(results: list[TaskResult]) -> str:

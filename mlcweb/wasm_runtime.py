@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TargetUnavailableError
-from .web import web_dir
+from .source_tree import web_dir
 
 __all__ = ["RUNTIME_OBJECTS", "emcc_path", "ensure_runtime", "link_wasm", "runtime_key"]
 

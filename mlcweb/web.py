@@ -8,7 +8,8 @@ cache and the manifest, the host writes the JS every page needs:
 - ``mlcweb.js``: ours (``web/lib/mlcweb.js``): WebGPU checks, weight download into the Cache API with
   sha256 checks against the manifest, progress, and the TVM runtime set-up.
 
-The plugin writes its page (``index.html`` and its script) with the ``mlcweb_write_assets`` hook. The npm
+The plugin writes its page (``index.html`` and its script, shipped in its own package) with the
+``mlcweb_write_assets`` hook. The npm
 packages are installed into ``web/node_modules`` from ``web/package.json`` (``npm ci``, run by the
 Makefile).
 """
@@ -19,6 +20,8 @@ import shutil
 from pathlib import Path
 
 from .errors import TargetUnavailableError
+from .source_tree import web_dir
+from .wasm_runtime import emcc_path
 
 __all__ = ["check_web_toolchain", "web_dir", "write_web_runtime"]
 
@@ -30,21 +33,8 @@ WEB_RUNTIME_FILES = {
 }
 
 
-def web_dir() -> Path:
-    """The ``web/`` folder of the mlcweb source tree (page sources, JS packages, runtime headers)."""
-    path = Path(__file__).resolve().parents[1] / "web"
-    if not (path / "lib").is_dir():
-        raise TargetUnavailableError(
-            f"the mlcweb web sources are not at {path}; building for webgpu needs a source checkout of "
-            "mlcweb installed with `pip install -e .` (as `make demo` does)"
-        )
-    return path
-
-
 def check_web_toolchain() -> None:
     """Fail fast, before any compiling, when a webgpu build could not finish; the error says the fix."""
-    from .wasm_runtime import emcc_path
-
     emcc_path()
     root = web_dir()
     missing = [rel for rel in WEB_RUNTIME_FILES.values() if not (root / rel).is_file()]

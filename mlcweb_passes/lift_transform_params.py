@@ -18,6 +18,7 @@ import tvm
 from tvm import relax
 
 from .module_utils import RemoveUnusedFunctions
+from .pipeline import pipeline
 
 __all__ = ["LiftedModules", "apply_transform_params", "compile_transform", "split_transform_params"]
 
@@ -63,9 +64,6 @@ def split_transform_params(mod: tvm.IRModule) -> LiftedModules:
 def compile_transform(transform: tvm.IRModule, *, target: str = "llvm") -> relax.VirtualMachine:
     """Compile the transform module for the CPU once; pass the result to :func:`apply_transform_params`
     for each lifted function instead of recompiling the module per function."""
-    # Imported here: pipeline imports this package's passes, which import this module.
-    from .pipeline import pipeline
-
     tgt = tvm.target.Target(target)
     exe = tvm.compile(transform, tgt, relax_pipeline=pipeline(tgt))
     return relax.VirtualMachine(exe, tvm.cpu())

@@ -15,7 +15,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from ._base import ModulePassBase
+from ._relax import ModulePassBase
 
 __all__ = ["FunctionNameClashError", "RemoveUnusedFunctions", "merge_modules", "reachable_functions"]
 

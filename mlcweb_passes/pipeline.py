@@ -1,166 +1,267 @@
-"""The mlcweb compilation pipeline: every pass of this package in the order a build needs.
+"""The mlcweb compilation pipeline, in named phases you can compose, print and replace.
 
-``pipeline(target)`` returns one ``tvm.transform.Pass`` that takes an imported Relax module to a module
-the Relax VM can run, and can be handed to TVM directly::
+Each phase is a ``tvm.transform.Sequential`` of this package's passes (and TVM's), decided for one
+target and one :class:`PipelineOptions`; :data:`PHASES` is their order::
 
-    exe = tvm.compile(mod, target, relax_pipeline=mlcweb_passes.pipeline(target, database="db/"))
+    weights   before weight lifting: precision and layouts change how weights are stored, so the change
+              is computed once, on the weights (casts, transposes, reshapes, splits)
+    graph     Relax rewrites: softmax guard, WGSL legalisation, library dispatch, flash attention
+    fuse      operator fusion into PrimFuncs (and the casts around softmax, common subexpressions)
+    kernels   target kernel generators that replace fused PrimFuncs (Hopper wgmma GEMMs)
+    schedule  tuned schedules from a database, default rules elsewhere; kernel scratch as tensors
+    memory    static memory planning
+    finalize  TVM's VM lowering (CUDA graphs where enabled)
 
-Order (each step is a module of this package):
+Compile a module in one call (weights stay arguments)::
 
-1. ``MixedPrecision`` (only with ``mixed_precision=...``): float16 compute, chosen accumulators.
-   ``DropSoftmaxGuard``: torch's all-``-inf``-row guard after softmax goes where scores are finite.
-2. ``Int32Tensors`` and ``FiniteFloatLiterals`` (WebGPU only): integer tensors WGSL lacks become
-   int32, and infinite constants, which WGSL cannot spell, finite ones.
-3. TVM's library dispatch for the target (sort / scan / sampling kernels).
-   ``FlashAttention`` (CUDA sm_80+, on by default): each float16 attention over head transposes becomes
-   one flash-attention kernel on tensor cores; no score matrix is stored.
-   ``SplitKConv`` (CUDA sm_70+, on by default): float16 convolutions with too few output tiles to fill
-   the GPU split their reduction into a batch of GEMMs and a sum.
-4. ``FuseAttention`` (off by default: no schedule rule handles the fused kernel well yet; on the CPU
-   the tiny UNet runs 156 ms fused vs 97 ms unfused): attention patterns become one composite each.
-   ``FuseSoftmax``: the casts around each remaining softmax join it in one kernel.
-   ``HoistNarrowingCasts``: float-narrowing casts move above reshapes and transposes into their
-   producers' epilogues, widen-then-narrow round trips and same-shape broadcasts go (exact).
-   ``EliminateCommonSubexpr``: repeated computations (casts of one input) are computed once.
-5. ``FuseOperators``: legalize to TIR, fuse elementwise chains, merge composites into one PrimFunc.
-   ``WgmmaGemm`` (CUDA sm_90, on by default): each fused float16 GEMM (linear or convolution and its
-   epilogue) becomes a launch of a generated Hopper ``wgmma`` kernel, attached as an external module.
-6. ``ApplyDatabase``: tuned schedules from ``database`` where recorded, default schedules elsewhere.
-   ``LiftKernelScratch``: the global buffers a schedule passes between the kernels of one PrimFunc
-   become extra ``call_tir`` outputs, so CUDA graphs capture planned memory, not the workspace pool's.
-7. ``StaticMemoryPlan``: explicit allocations, planned statically (``memory_report`` reads it).
-8. TVM's VM finalisation (``RewriteCUDAGraph`` where enabled, ``LowerAllocTensor``, ``KillAfterLastUse``,
-   ``LowerRuntimeBuiltin``, ``ComputePrimValue``, ``VMShapeLower``, ``AttachGlobalSymbol``).
+    exe = tvm.compile(mod, target, relax_pipeline=mlcweb_passes.pipeline(target))
 
-Weight lifting (:func:`~mlcweb_passes.split_transform_params`) is not part of it: it changes the
-function signatures, so it runs before, on the imported module.
+or lift the weights between the ``weights`` phase and the rest, as ``mlcweb build`` does::
+
+    phases = mlcweb_passes.phases(target, options)
+    mod = phases["weights"](mod)                        # under ``with target:``
+    lifted = mlcweb_passes.split_transform_params(mod)
+    exe = tvm.compile(lifted.deploy, target, relax_pipeline=mlcweb_passes.pipeline(target, options, after="weights"))
+
+``extra`` adds a caller's passes to a phase (a model plugin's rewrites): in ``weights`` they run after
+the layout passes and before the target's splitting of convolutions; in every other phase, at its end.
+``python -m mlcweb_passes --target cuda`` prints the phases for a target.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
 
 import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
-from .apply_database import ApplyDatabase
-from .drop_softmax_guard import DropSoftmaxGuard
-from .finite_literals import FiniteFloatLiterals
-from .flash_attention import FlashAttention, supports_flash_attention
-from .fuse_attention import FuseAttention
-from .fuse_ops import FuseOperators
-from .fuse_softmax import FuseSoftmax
-from .hoist_narrowing_casts import HoistNarrowingCasts
-from .int32_tensors import Int32Tensors
-from .lift_kernel_scratch import LiftKernelScratch
-from .memory_plan import StaticMemoryPlan
-from .mixed_precision import MixedPrecision
-from .split_k_conv import SplitKConv
-from .tensor_core_matmul import sm_version
-from .wgmma_gemm import WgmmaGemm, supports_wgmma
+from .cuda.flash_attention import FlashAttention
+from .cuda.flash_kernel import supports_flash_attention
+from .cuda.wgmma_gemm import WgmmaGemm, supports_wgmma
+from .rewrites.conv_layout import ConvLayout
+from .rewrites.drop_softmax_guard import DropSoftmaxGuard
+from .rewrites.finite_literals import FiniteFloatLiterals
+from .rewrites.fuse_ops import FuseOperators
+from .rewrites.fuse_softmax import FuseSoftmax
+from .rewrites.hoist_narrowing_casts import HoistNarrowingCasts
+from .rewrites.int32_tensors import Int32Tensors
+from .rewrites.lift_kernel_scratch import LiftKernelScratch
+from .rewrites.linear_weight_layout import LinearWeightLayout
+from .rewrites.memory_plan import StaticMemoryPlan
+from .rewrites.mixed_precision import MixedPrecision
+from .rewrites.split_k_conv import SplitKConv
+from .schedules.apply_database import ApplyDatabase
+from .targets import GpuFacts, gpu_facts, is_gpu_target, sm_version
 
-__all__ = ["PipelineOptions", "lowering_passes", "pipeline"]
+__all__ = ["CONV_LAYOUTS", "PHASES", "PipelineOptions", "conv_layout", "phases", "pipeline"]
+
+PHASES = ("weights", "graph", "fuse", "kernels", "schedule", "memory", "finalize")
+CONV_LAYOUTS = ("auto", "NCHW", "NHWC")
+DTYPES = ("float32", "float16")
+
+Database: TypeAlias = "ms.Database | str | os.PathLike[str]"
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """Switches of :func:`pipeline`.
+    """What the phases do beyond the target's defaults.
 
-    ``mixed_precision``: ``None`` keeps the module's dtypes, ``"float32"`` or ``"float16"`` converts
-    compute to float16 with that accumulator. ``fuse_attention``: run attention pattern fusion (one
-    kernel per attention, for a flash-attention schedule; off by default). ``flash_attention``: replace
-    float16 attention with :func:`~mlcweb_passes.flash_attention.flash_attention_kernel` on targets that
-    support it (:func:`~mlcweb_passes.flash_attention.supports_flash_attention`).
-    ``split_k``: split the reduction of float16 convolutions with few output tiles
-    (:class:`~mlcweb_passes.SplitKConv`) on targets whose GEMMs run on tensor cores (CUDA sm_70+).
-    ``extra_passes``: run after fusion and before scheduling (a plugin's rewrites of fused TIR).
-    ``wgmma``: run float16 GEMMs as Hopper wgmma kernels (:class:`~mlcweb_passes.WgmmaGemm`) on CUDA sm_90.
+    ``dtype``: ``"float16"`` computes in float16 with float32 accumulators (:class:`MixedPrecision`).
+    ``conv_layout``: ``"auto"`` (NHWC for cuda float16, where tensor-core implicit GEMMs want channels
+    last; the imported NCHW elsewhere), ``"NCHW"`` or ``"NHWC"``. ``flash_attention``: float16 attention
+    as one kernel where the target supports it. ``split_k``: split the reduction of NHWC float16
+    convolutions with few output tiles on CUDA sm_70+. ``wgmma``: float16 GEMMs as generated Hopper
+    kernels on sm_90. ``database``: a MetaSchedule database to take tuned schedules from. ``gpu``: the GPU
+    to size kernels for (default: :func:`~mlcweb_passes.targets.gpu_facts` of the target).
     """
 
-    mixed_precision: str | None = None
-    fuse_attention: bool = False
-    extra_passes: Sequence[tvm.transform.Pass] = field(default_factory=tuple)
+    dtype: str = "float32"
+    conv_layout: str = "auto"
     flash_attention: bool = True
     split_k: bool = True
     wgmma: bool = True
+    database: Database | None = None
+    gpu: GpuFacts | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.conv_layout not in CONV_LAYOUTS:
+            raise ValueError(f"unknown conv layout {self.conv_layout!r}; choose one of {', '.join(CONV_LAYOUTS)}")
 
 
-def lowering_passes(
-    target: Target,
-    database: ms.Database | str | os.PathLike[str] | None = None,
-    options: PipelineOptions | None = None,
-) -> list[tvm.transform.Pass]:
-    """The passes of :func:`pipeline` as a list, for callers that want to insert their own."""
-    opts = options or PipelineOptions()
+def conv_layout(target: Target, options: PipelineOptions) -> str:
+    """The convolution layout ``options`` give for ``target``, "auto" resolved."""
+    if options.conv_layout != "auto":
+        return options.conv_layout
+    return "NHWC" if target.kind.name == "cuda" and options.dtype == "float16" else "NCHW"
+
+
+def _sequential(name: str, passes: Sequence[tvm.transform.Pass]) -> tvm.transform.Sequential:
+    return tvm.transform.Sequential(list(passes), name=f"mlcweb.{name}")
+
+
+def weight_phase(
+    target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
+) -> tvm.transform.Sequential:
     passes: list[tvm.transform.Pass] = []
-    if opts.mixed_precision is not None:
-        passes.append(MixedPrecision(opts.mixed_precision))
-    passes.append(DropSoftmaxGuard())
+    if options.dtype == "float16":
+        passes.append(MixedPrecision("float32"))
+    nhwc = conv_layout(target, options) == "NHWC"
+    if nhwc:
+        # Tensor-core layouts: channels last and GEMM weights K-contiguous; the weights' transposes
+        # become part of the weight transform (or, for linears, disappear).
+        passes += [ConvLayout("NHWC", "OHWI"), LinearWeightLayout()]
+    passes += extra
+    if nhwc and options.split_k and sm_version(target) >= 70:
+        # here, so the kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the transform
+        passes.append(SplitKConv(sm_count=_gpu(target, options).sm_count))
+    return _sequential("weights", passes)
+
+
+def graph_phase(
+    target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
+) -> tvm.transform.Sequential:
+    passes: list[tvm.transform.Pass] = [DropSoftmaxGuard()]
     if target.kind.name == "webgpu":
-        passes.extend([Int32Tensors(), FiniteFloatLiterals()])
-    passes.extend(_library_dispatch(target))
-    if opts.flash_attention and supports_flash_attention(target):
+        passes += [Int32Tensors(), FiniteFloatLiterals()]
+    passes += _library_dispatch(target)
+    if options.flash_attention and supports_flash_attention(target):
         passes.append(FlashAttention())
-    if opts.split_k and sm_version(target) >= 70:
-        # counted for the WMMA tiles: the wgmma count won per convolution but not measurably in the
-        # whole model (benchmarks/README.md, runs 29-30), so it stays opt-in (SplitKConv(wgmma=True))
-        passes.append(SplitKConv())
-    if opts.fuse_attention:
-        passes.append(FuseAttention())
-    passes.append(FuseSoftmax())
-    passes.append(HoistNarrowingCasts())
-    # One copy of repeated work, e.g. the text embeddings' cast for each cross-attention's K and V: a kernel
-    # that reads a function input runs outside CUDA graphs, so 32 copies split the UNet's graph in 33.
-    passes.append(relax.transform.EliminateCommonSubexpr())
-    passes.append(FuseOperators())
-    passes.extend(opts.extra_passes)
-    if opts.wgmma and supports_wgmma(target):
-        passes.append(WgmmaGemm())
-    passes.append(ApplyDatabase(target, database))
+    return _sequential("graph", [*passes, *extra])
+
+
+def fuse_phase(
+    target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
+) -> tvm.transform.Sequential:
+    passes: list[tvm.transform.Pass] = [
+        FuseSoftmax(),
+        HoistNarrowingCasts(),
+        # One copy of repeated work, e.g. the text embeddings' cast for each cross-attention's K and V: a
+        # kernel that reads a function input runs outside CUDA graphs, so 32 copies split the UNet's graph.
+        relax.transform.EliminateCommonSubexpr(),
+        FuseOperators(),
+    ]
+    return _sequential("fuse", [*passes, *extra])
+
+
+def kernel_phase(
+    target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
+) -> tvm.transform.Sequential:
+    passes: list[tvm.transform.Pass] = []
+    if options.wgmma and supports_wgmma(target):
+        passes.append(WgmmaGemm(sm_count=_gpu(target, options).sm_count))
+    return _sequential("kernels", [*passes, *extra])
+
+
+def schedule_phase(
+    target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
+) -> tvm.transform.Sequential:
+    gpu = _gpu(target, options) if is_gpu_target(target) else None
+    passes: list[tvm.transform.Pass] = [ApplyDatabase(target, options.database, gpu), *extra]
     # Kernels' global scratch as planned tensors: CUDA graphs capture addresses, which the runtime's
     # workspace pool may free and reallocate between calls.
     passes.append(LiftKernelScratch())
-    passes.append(StaticMemoryPlan())
-    passes.extend(
-        [
-            relax.transform.RewriteCUDAGraph(),
-            relax.transform.LowerAllocTensor(),
-            relax.transform.KillAfterLastUse(),
-            relax.transform.LowerRuntimeBuiltin(),
-            relax.transform.ComputePrimValue(),
-            relax.transform.VMShapeLower(),
-            relax.transform.AttachGlobalSymbol(),
-        ]
-    )
-    return passes
+    return _sequential("schedule", passes)
+
+
+def memory_phase(
+    target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
+) -> tvm.transform.Sequential:
+    return _sequential("memory", [StaticMemoryPlan(), *extra])
+
+
+def finalize_phase(
+    target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
+) -> tvm.transform.Sequential:
+    # RewriteCUDAGraph acts only where the PassContext sets relax.backend.use_cuda_graph.
+    passes = [
+        relax.transform.RewriteCUDAGraph(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+    return _sequential("finalize", [*extra, *passes])
+
+
+_BUILDERS = {
+    "weights": weight_phase,
+    "graph": graph_phase,
+    "fuse": fuse_phase,
+    "kernels": kernel_phase,
+    "schedule": schedule_phase,
+    "memory": memory_phase,
+    "finalize": finalize_phase,
+}
+
+
+def phases(
+    target: Target | str | dict[str, object],
+    options: PipelineOptions | None = None,
+    extra: Mapping[str, Sequence[tvm.transform.Pass]] | None = None,
+) -> dict[str, tvm.transform.Sequential]:
+    """Every phase of :data:`PHASES` for ``target``, in order, each with ``extra[phase]`` added. Run them
+    under ``with target:`` (the passes read the current target)."""
+    tgt = _target(target)
+    opts = options or PipelineOptions()
+    added = dict(extra or {})
+    unknown = sorted(set(added) - set(PHASES))
+    if unknown:
+        raise ValueError(f"unknown phase(s) {', '.join(unknown)}; the phases are {', '.join(PHASES)}")
+    if is_gpu_target(tgt) and opts.gpu is None:
+        opts = PipelineOptions(**{**opts.__dict__, "gpu": gpu_facts(tgt)})  # read the device once
+    return {name: _BUILDERS[name](tgt, opts, tuple(added.get(name, ()))) for name in PHASES}
 
 
 def pipeline(
     target: Target | str | dict[str, object],
-    database: ms.Database | str | os.PathLike[str] | None = None,
+    options: PipelineOptions | None = None,
+    extra: Mapping[str, Sequence[tvm.transform.Pass]] | None = None,
     *,
-    mixed_precision: str | None = None,
-    fuse_attention: bool = False,
-    extra_passes: Sequence[tvm.transform.Pass] = (),
-    flash_attention: bool = True,
-    split_k: bool = True,
-    wgmma: bool = True,
+    after: str | None = None,
+    until: str | None = None,
 ) -> tvm.transform.Pass:
-    """One pass that compiles an imported Relax module for ``target`` (see the module docstring)."""
-    tgt = target if isinstance(target, Target) else Target(target)
-    options = PipelineOptions(mixed_precision, fuse_attention, tuple(extra_passes), flash_attention, split_k, wgmma)
-    passes = lowering_passes(tgt, database, options)
+    """The phases from the one after ``after`` (default: the first) through ``until`` (default: the last)
+    as one pass, run under ``target``: what ``tvm.compile(..., relax_pipeline=...)`` takes."""
+    tgt = _target(target)
+    every = phases(tgt, options, extra)
+    names = _span(after, until)
+    sequence = _sequential("pipeline", [every[name] for name in names])
 
     @tvm.transform.module_pass(opt_level=0, name="mlcweb.pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with tgt:
-            return tvm.transform.Sequential(passes)(mod)
+            return sequence(mod)
 
     return _pipeline
+
+
+def _span(after: str | None, until: str | None) -> tuple[str, ...]:
+    for name in (after, until):
+        if name is not None and name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}; the phases are {', '.join(PHASES)}")
+    start = PHASES.index(after) + 1 if after is not None else 0
+    stop = PHASES.index(until) + 1 if until is not None else len(PHASES)
+    if start >= stop:
+        raise ValueError(f"no phase after {after!r} through {until!r}")
+    return PHASES[start:stop]
+
+
+def _target(target: Target | str | dict[str, object]) -> Target:
+    return target if isinstance(target, Target) else Target(target)
+
+
+def _gpu(target: Target, options: PipelineOptions) -> GpuFacts:
+    return options.gpu or gpu_facts(target)
 
 
 def _library_dispatch(target: Target) -> list[tvm.transform.Pass]:
@@ -168,3 +269,28 @@ def _library_dispatch(target: Target) -> list[tvm.transform.Pass]:
         return list(relax.pipeline.library_dispatch_passes(target))
     except ValueError:
         return []
+
+
+def describe(target: Target | str | dict[str, object], options: PipelineOptions | None = None) -> str:
+    """The phases and their passes for ``target``, one line a phase."""
+    lines = []
+    for name, seq in phases(target, options).items():
+        passes = [p.info.name for p in seq.passes] if hasattr(seq, "passes") else []
+        lines.append(f"{name:<9} {', '.join(passes) or '(nothing for this target)'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="print the mlcweb pipeline's phases for a target")
+    parser.add_argument(
+        "--target", default="llvm", help='a TVM target kind or JSON, e.g. \'{"kind": "cuda", "arch": "sm_90"}\''
+    )
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    args = parser.parse_args(argv)
+    import json
+
+    target = json.loads(args.target) if args.target.startswith("{") else args.target
+    if target == "cuda":
+        target = {"kind": "cuda", "arch": "sm_90"}
+    print(describe(target, PipelineOptions(dtype=args.dtype)))
+    return 0

@@ -15,6 +15,7 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
 import mlcweb_passes as mp
+from mlcweb_passes.targets import GpuFacts
 
 
 def import_torch(model: torch.nn.Module, args: Sequence[torch.Tensor]) -> tvm.IRModule:
@@ -23,9 +24,10 @@ def import_torch(model: torch.nn.Module, args: Sequence[torch.Tensor]) -> tvm.IR
     return from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
 
 
-def build(mod: tvm.IRModule, target: str = "llvm", **pipeline_kwargs: object) -> relax.VirtualMachine:
+def build(mod: tvm.IRModule, target: str = "llvm", **options: object) -> relax.VirtualMachine:
+    """``mod`` compiled by the whole pipeline with ``PipelineOptions(**options)``, on the CPU."""
     tgt = tvm.target.Target(target)
-    exe = tvm.compile(mod, tgt, relax_pipeline=mp.pipeline(tgt, **pipeline_kwargs))  # type: ignore[arg-type]
+    exe = tvm.compile(mod, tgt, relax_pipeline=mp.pipeline(tgt, mp.PipelineOptions(**options)))  # type: ignore[arg-type]
     return relax.VirtualMachine(exe, tvm.cpu())
 
 
@@ -95,3 +97,8 @@ def nvcc_ptx(source: str, tmp_path: Path, arch: str = "sm_90") -> str:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return (tmp_path / "k.ptx").read_text()
+
+
+# A GPU of an H100's size, for tests of rules that size their work by the GPU (kernels are planned for
+# it wherever a test checks a choice; on a build machine without a GPU the targets' reference part).
+H100 = GpuFacts(sm_count=132, max_threads=1024, max_shared_bytes=227 * 1024)

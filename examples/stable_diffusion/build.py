@@ -12,7 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlcweb.cli import main as mlcweb_main
+from mlcweb_stable_diffusion import MODEL_NAME
+
+from mlcweb import BuildOptions
+from mlcweb.cli import build_and_report, run_command
 from mlcweb.model import DTYPES
 from mlcweb.targets import TARGETS
 
@@ -29,17 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    cmd = ["build", "stable-diffusion", "--target", args.target, "--dtype", args.dtype, "--set", f"size={args.size}"]
-    cmd += ["--out", str(args.out or Path("dist") / args.target)]
-    if args.model:
-        cmd += ["--model", str(args.model)]
-    if args.db:
-        cmd += ["--db", str(args.db)]
-    if args.arch:
-        cmd += ["--arch", args.arch]
-    if args.no_cache:
-        cmd.append("--no-cache")
-    return mlcweb_main((["--verbose"] if args.verbose else []) + cmd)
+    options = BuildOptions(
+        target=args.target,
+        out=args.out or Path("dist") / args.target,
+        model_path=args.model,
+        dtype=args.dtype,
+        database=args.db,
+        use_cache=not args.no_cache,
+        config={"size": args.size},
+        arch=args.arch,
+    )
+    return run_command(lambda: build_and_report(MODEL_NAME, options), verbose=args.verbose)
 
 
 if __name__ == "__main__":

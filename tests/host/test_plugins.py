@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import mlcweb_passes as mp
 from mlcweb import ModelSpec, hookimpl
 from mlcweb.errors import ModelNotFoundError, PluginConflictError
 from mlcweb.plugins import PluginHost
@@ -69,3 +70,48 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "mlcweb: error: no installed plugin provides a model named 'no-such-model'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class _PhaseRecorder:
+    """The tiny BERT plugin plus passes in every phase that record what the module looks like there."""
+
+    def __init__(self) -> None:
+        import tiny_bert_plugin
+
+        self.bert = tiny_bert_plugin
+        self.seen: list[tuple[str, int, int]] = []
+
+    @hookimpl
+    def mlcweb_models(self) -> list[ModelSpec]:
+        return self.bert.mlcweb_models()
+
+    @hookimpl
+    def mlcweb_import_model(self, spec: ModelSpec, options: object) -> object:
+        return self.bert.mlcweb_import_model(spec, options)
+
+    @hookimpl
+    def mlcweb_phase_passes(self, spec: ModelSpec, phase: str, context: object) -> list[object]:
+        import tvm
+        from tvm import tirx
+
+        @tvm.transform.module_pass(opt_level=0, name=f"record.{phase}")
+        def record(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
+            funcs = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+            self.seen.append((phase, len(funcs), sum(mp.is_scheduled(f) for f in funcs)))
+            return mod
+
+        return [record]
+
+
+def test_a_plugins_phase_passes_run_in_their_phase(tmp_path: Path) -> None:
+    from mlcweb.build import build
+    from mlcweb.model import BuildOptions
+
+    recorder = _PhaseRecorder()
+    host = PluginHost([("recorder", recorder)], entry_points=False)
+    build(host, "tiny-bert", BuildOptions(target="llvm", out=tmp_path / "out", use_cache=False), progress=False)
+    assert [phase for phase, _, _ in recorder.seen] == list(mp.PHASES)
+    seen = {phase: (funcs, scheduled) for phase, funcs, scheduled in recorder.seen}
+    assert seen["weights"] == (0, 0) and seen["graph"] == (0, 0)  # Relax only: nothing legalized yet
+    assert seen["fuse"][0] > 0 and seen["fuse"][1] == 0  # fused PrimFuncs, not scheduled
+    assert seen["schedule"][0] == seen["schedule"][1] > 0  # every kernel scheduled

@@ -33,3 +33,39 @@ def test_the_shipped_llvm_database_applies_by_default(sd_llvm: Path) -> None:
     # test_sd_pipeline checks these artifacts against diffusers.
     manifest = json.loads((sd_llvm / "manifest.json").read_text())
     assert manifest["database"] == f"shipped:llvm-{platform.machine()}"
+
+
+def test_the_plugin_adds_its_rewrites_to_the_weights_phase_where_they_pay() -> None:
+    """Float16 norm inputs and residuals with tensor-core layouts; GEGLU pairs and merged projections
+    only where Hopper's wgmma GEMMs run their epilogues."""
+    from pathlib import Path
+
+    import mlcweb_stable_diffusion.plugin as plugin
+
+    from mlcweb.build import build_phases, resolve
+    from mlcweb.model import BuildOptions
+    from mlcweb.plugins import PluginHost
+
+    host = PluginHost([("stable_diffusion", plugin)], entry_points=False)
+
+    def weights(**kw: object) -> list[str]:
+        opts = BuildOptions(out=Path("unused"), **kw)  # type: ignore[arg-type]
+        return [
+            p.info.name
+            for p in build_phases(host, resolve(host, "stable-diffusion", opts, link=False))["weights"].passes
+        ]
+
+    sm90 = weights(target="cuda", arch="sm_90", dtype="float16")
+    assert sm90 == [
+        "mlcweb.MixedPrecision",
+        "mlcweb.ConvLayout",
+        "mlcweb.LinearWeightLayout",
+        "mlcweb.Float16NormInputs",
+        "mlcweb.Float16Residuals",
+        "mlcweb.GegluPairs",
+        "mlcweb.MergeProjections",
+        "mlcweb.SplitKConv",
+    ]
+    sm80 = weights(target="cuda", arch="sm_80", dtype="float16")
+    assert "mlcweb.Float16Residuals" in sm80 and "mlcweb.GegluPairs" not in sm80
+    assert weights(target="llvm") == []

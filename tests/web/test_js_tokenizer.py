@@ -1,4 +1,4 @@
-"""The page's JS CLIP tokenizer (web/stable_diffusion/clip_tokenizer.js) against the Python one."""
+"""The page's JS CLIP tokenizer (the plugin's static/clip_tokenizer.js) against the Python one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from mlcweb_stable_diffusion.tokenizer import Tokenizer, write_clip_vocab, write_tokenizer_json
 
-from mlcweb.web import WEB_RUNTIME_FILES, web_dir
+from mlcweb.source_tree import web_dir
+from mlcweb.web import WEB_RUNTIME_FILES
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -29,7 +30,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("jstok")
     write_clip_vocab(root / "tokenizer")
     write_tokenizer_json(root / "tokenizer")
-    shutil.copy(web_dir() / "stable_diffusion" / "clip_tokenizer.js", root / "clip_tokenizer.js")
+    shutil.copy(STATIC / "clip_tokenizer.js", root / "clip_tokenizer.js")
     shutil.copy(web_dir() / WEB_RUNTIME_FILES["tokenizers.mjs"], root / "tokenizers.mjs")
     return root
 
@@ -38,6 +39,8 @@ def js_ids(root: Path, prompts: list[str]) -> list[list[int]]:
     script = """
 import { readFileSync } from "node:fs";
 import { ClipTokenizer } from "./clip_tokenizer.js";
+
+STATIC = Path(mlcweb_stable_diffusion.__file__).parent / "static"
 const tok = new ClipTokenizer(JSON.parse(readFileSync("tokenizer/tokenizer.json", "utf8")));
 const prompts = JSON.parse(readFileSync(0, "utf8"));
 console.log(JSON.stringify(prompts.map((p) => Array.from(tok.encode(p)))));

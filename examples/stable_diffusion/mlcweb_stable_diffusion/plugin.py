@@ -12,7 +12,7 @@ Functions of the module (each a Relax function; weights are the trailing argumen
 from __future__ import annotations
 
 import json
-import shutil
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from tvm.relax.frontend.torch import from_exported_program
 import mlcweb_passes as mp
 from mlcweb import BuildOptions, ImportedModel, ImportOptions, ModelSpec, hookimpl
 from mlcweb.errors import MlcwebError
-from mlcweb.web import web_dir
+from mlcweb.model import PhaseContext
 
 from . import MODEL_NAME
 from .models import CLIPStage, Networks, UNetStage, VAEStage, load_networks
@@ -127,6 +127,24 @@ def mlcweb_import_model(spec: ModelSpec, options: ImportOptions) -> ImportedMode
     return import_networks(nets, int(config["latent_size"]))
 
 
+@hookimpl
+def mlcweb_phase_passes(spec: ModelSpec, phase: str, context: PhaseContext) -> list[tvm.transform.Pass]:
+    """SD's own rewrites, before weight lifting, where the build uses tensor-core layouts (NHWC):
+
+    - float16 between GEMM epilogues and norms, shortcut branches and upsampler inputs (measured with
+      these layouts, on cuda); the norms' float16 scale and shift are stored;
+    - on Hopper (wgmma GEMMs): GEGLU's value and gate columns interleaved, so the projection's epilogue
+      computes ``a * gelu(g)``, and each attention's projections of one input merged into one GEMM that
+      flash attention reads in place.
+    """
+    if phase != "weights" or mp.conv_layout(context.target, context.pipeline) != "NHWC":
+        return []
+    passes: list[tvm.transform.Pass] = [mp.Float16NormInputs(), mp.Float16Residuals()]
+    if context.pipeline.wgmma and mp.supports_wgmma(context.target):
+        passes += [mp.GegluPairs(), mp.MergeProjections()]
+    return passes
+
+
 def write_scheduler_constants(
     out_dir: Path, scheduler_config: dict[str, Any], steps: dict[str, list[int]]
 ) -> list[str]:
@@ -160,11 +178,12 @@ def mlcweb_write_assets(
 
 
 def write_web_page(out_dir: Path) -> list[str]:
-    """The browser page (web/stable_diffusion/) and the tokenizer.json its JS tokenizer reads."""
+    """The browser page (this package's ``static/``) and the tokenizer.json its JS tokenizer reads."""
     write_tokenizer_json(out_dir / "tokenizer")
     written = ["tokenizer/tokenizer.json"]
-    for src in sorted((web_dir() / "stable_diffusion").iterdir()):
+    static = resources.files(__package__).joinpath("static")
+    for src in sorted(static.iterdir(), key=lambda f: f.name):
         if src.is_file():
-            shutil.copyfile(src, out_dir / src.name)
+            (out_dir / src.name).write_bytes(src.read_bytes())
             written.append(src.name)
     return written

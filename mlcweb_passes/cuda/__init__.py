@@ -1,0 +1,1 @@
+"""CUDA kernel generators: Hopper wgmma GEMMs, flash attention, tensor-core tiles."""

@@ -1,0 +1,1 @@
+"""Relax graph rewrites: layouts, precision, WGSL legalisation, fusion, memory planning."""

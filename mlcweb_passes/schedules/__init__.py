@@ -1,0 +1,1 @@
+"""Schedule rules (dlight-style, grouped by target) and MetaSchedule database application."""

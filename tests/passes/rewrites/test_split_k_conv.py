@@ -1,0 +1,165 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from testutil import H100, as_numpy, build, function_names, nvcc_ptx, op_names, to_tvm
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+import mlcweb_passes as mp
+from mlcweb_passes.cuda.tensor_core_matmul import TensorCoreMatmul
+from mlcweb_passes.rewrites.split_k_conv import choose_splits
+from mlcweb_passes.targets import ASYNC_COPY_CONFIG
+
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+
+
+@I.ir_module
+class DeepConv:
+    """A deep UNet convolution as ConvLayout and mixed precision leave it (scaled down): NHWC float16,
+    OHWI kernel parameter, float32 accumulation, a cast and a bias after it."""
+
+    @R.function
+    def main(
+        x: R.Tensor((2, 8, 8, 128), "float16"), w: R.Tensor((64, 3, 3, 128), "float16"), b: R.Tensor((64,), "float16")
+    ) -> R.Tensor((2, 8, 8, 64), "float16"):
+        R.func_attr({"num_input": 1})
+        with R.dataflow():
+            y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1], data_layout="NHWC", kernel_layout="OHWI", out_dtype="float32")
+            out = R.add(R.astype(y, "float16"), b)
+            R.output(out)
+        return out
+
+
+@I.ir_module
+class StridedConv:
+    """A downsampling convolution: stride 2, asymmetric padding, no out_dtype (float16 out)."""
+
+    @R.function
+    def main(x: R.Tensor((1, 9, 9, 64), "float16"), w: R.Tensor((32, 3, 3, 64), "float16")) -> R.Tensor(
+        (1, 5, 4, 32), "float16"
+    ):
+        with R.dataflow():
+            y = R.nn.conv2d(x, w, strides=[2, 2], padding=[1, 0, 1, 0], data_layout="NHWC", kernel_layout="OHWI")
+            R.output(y)
+        return y
+
+
+def test_convolution_becomes_a_batch_of_slices_and_a_sum() -> None:
+    after = mp.SplitKConv(splits=4)(DeepConv)
+    assert "relax.nn.conv2d" not in op_names(after)
+    assert {"conv2d_split_k", "split_k_sum"} <= set(function_names(after))
+    partial = after["conv2d_split_k"]
+    assert int(partial.attrs["op_pattern"]) == mlcweb_passes.rewrites.split_k_conv.OPAQUE  # fusion adds nothing to it
+    # inputs viewed as [..., 4 slices, 32 channels]; partial sums [slice, n, h, w, out] in float32
+    shapes = [[int(d) for d in p.shape] for p in partial.params]
+    assert shapes == [[2, 8, 8, 4, 32], [64, 3, 3, 4, 32], [4, 2, 8, 8, 64]]
+    assert str(partial.params[2].dtype) == "float32"
+
+
+def test_the_kernel_reshape_is_lifted_with_the_weights() -> None:
+    """Applied before lifting (as ``mlcweb build`` does), the stored kernel is the sliced view."""
+    lifted = mp.split_transform_params(mp.SplitKConv(splits=4)(DeepConv))
+    shapes = [[int(d) for d in p.ty.shape] for p in lifted.deploy["main"].params[1:]]
+    assert [64, 3, 3, 4, 32] in shapes and [64, 3, 3, 128] not in shapes
+    assert op_names(lifted.deploy).count("relax.reshape") == 1  # the activation's view alone
+
+
+@pytest.mark.parametrize(("module", "splits"), [(DeepConv, 2), (DeepConv, 4), (StridedConv, 8)])
+def test_split_convolution_computes_the_same(module: tvm.IRModule, splits: int) -> None:
+    """Against PyTorch's float32 convolution of the same float16 inputs, within two float16 steps at the
+    output's scale; and against the unsplit build where that also accumulates in float32."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal([int(d) for d in p.ty.shape]).astype(np.float16) for p in module["main"].params]
+    after = mp.SplitKConv(splits=splits)(module)
+    assert "relax.nn.conv2d" not in op_names(after)
+    got = as_numpy(build(after)["main"](*to_tvm(*arrays)))[0].astype(np.float32)
+
+    conv = next(b.value for b in module["main"].body.blocks[0].bindings if "conv2d" in str(b.value.op))
+    top, left, bottom, right = (int(p) for p in conv.attrs.padding)
+    x, w = (torch.from_numpy(a).float() for a in arrays[:2])
+    ref = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x.permute(0, 3, 1, 2), (left, right, top, bottom)),
+        w.permute(0, 3, 1, 2),
+        stride=[int(s) for s in conv.attrs.strides],
+    ).permute(0, 2, 3, 1)
+    if len(arrays) == 3:  # DeepConv's float16 bias
+        ref = ref.half().float() + torch.from_numpy(arrays[2]).float()
+    step = float(ref.abs().max()) * 2.0**-10  # float16's spacing at the largest output
+    np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=2 * step)
+    if str(conv.attrs.out_dtype) == "float32":  # without it, the unsplit kernel accumulates in float16
+        expected = as_numpy(build(module)["main"](*to_tvm(*arrays)))[0].astype(np.float32)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2 * step)
+
+
+@I.ir_module
+class LeftAlone:
+    @R.function
+    def main(
+        x: R.Tensor((2, 4, 4, 128), "float32"),
+        w: R.Tensor((64, 3, 3, 128), "float32"),
+        xc: R.Tensor((2, 128, 4, 4), "float16"),
+        wc: R.Tensor((64, 128, 3, 3), "float16"),
+        wg: R.Tensor((128, 3, 3, 64), "float16"),
+    ) -> R.Tuple:
+        with R.dataflow():
+            a = R.nn.conv2d(x, w, padding=[1, 1, 1, 1], data_layout="NHWC", kernel_layout="OHWI")  # float32
+            b = R.nn.conv2d(xc, wc, padding=[1, 1, 1, 1], out_dtype="float32")  # NCHW
+            c = R.nn.conv2d(R.astype(x, "float16"), wg, groups=2, data_layout="NHWC", kernel_layout="OHWI")  # grouped
+            out = (a, b, c)
+            R.output(out)
+        return out
+
+
+def test_other_convolutions_are_left_alone() -> None:
+    after = mp.SplitKConv(splits=4)(LeftAlone)
+    assert op_names(after).count("relax.nn.conv2d") == 3
+    assert op_names(mp.SplitKConv(splits=3)(DeepConv)).count("relax.nn.conv2d") == 1  # 128 channels: no 3 slices
+
+
+def test_split_count_follows_the_h100_measurements() -> None:
+    """``benchmarks/split_k.py`` on an H100: the fastest count (or within 6% of it) for each UNet shape."""
+    assert choose_splits(128, 1280, 1280, 9, H100.sm_count) == 4  # 8x8 latents: 0.145 ms unsplit, 0.050 in 4
+    assert choose_splits(128, 1280, 2560, 9, H100.sm_count) == 8  # 0.307 -> 0.051
+    assert choose_splits(512, 1280, 1280, 9, H100.sm_count) == 4  # 16x16: 0.148 -> 0.072
+    assert choose_splits(512, 1280, 640, 9, H100.sm_count) == 2  # 0.067 -> 0.050; 4 slices of 160 channels: 0.102
+    assert choose_splits(8192, 320, 640, 9, H100.sm_count) == 1  # 64x64 latents fill the GPU
+    assert choose_splits(512, 1280, 640, 1, H100.sm_count) == 1  # 1x1 shortcut: a short reduction already
+    assert choose_splits(128, 1280, 1280, 9, 8) == 1  # a small GPU is full
+
+
+def _split_kernel(target: tvm.target.Target) -> tvm.IRModule:
+    with target:
+        fused = mp.FuseOperators()(mp.SplitKConv(splits=4)(DeepConv))
+    return fused
+
+
+def test_slices_are_tensor_core_gemm_batches_and_the_epilogue_joins_the_sum() -> None:
+    fused = _split_kernel(CUDA)
+    kernels = sorted(n for n in function_names(fused) if n != "main" and not n.startswith("reshape"))  # views
+    assert kernels == ["conv2d_split_k", "fused_split_k_sum_cast_add"]
+    sch = TensorCoreMatmul().apply(fused["conv2d_split_k"], CUDA, False)
+    assert sch is not None
+    script = sch.mod.script()
+    assert "wmma.matrix_a" in script
+    assert 'T.thread_binding(4, thread="blockIdx.y")' in script  # a GEMM (of 128 x 64 x 288) per slice
+
+
+def test_pipeline_splits_only_for_tensor_core_targets() -> None:
+    def weights(target: tvm.target.Target, **options: object) -> list[str]:
+        phase = mp.phases(target, mp.PipelineOptions(conv_layout="NHWC", gpu=H100, **options))["weights"]  # type: ignore[arg-type]
+        return [p.info.name for p in phase.passes]
+
+    assert "mlcweb.SplitKConv" in weights(CUDA)
+    assert "mlcweb.SplitKConv" not in weights(tvm.target.Target("llvm"))
+    assert "mlcweb.SplitKConv" not in weights(CUDA, split_k=False)
+
+
+def test_split_kernel_source_compiles_with_nvcc(tmp_path: Path) -> None:
+    """The tiles over a batch of slices, with the padding inlined into their copies, as valid CUDA."""
+    with tvm.transform.PassContext(config=ASYNC_COPY_CONFIG):
+        exe = tvm.compile(mp.SplitKConv(splits=4)(DeepConv), CUDA, relax_pipeline=mp.pipeline(CUDA))
+    source = exe.mod.imports[0].imports[0].inspect_source()  # VM executable -> host (llvm) -> cuda
+    assert "wmma.mma.sync" in nvcc_ptx(source, tmp_path)

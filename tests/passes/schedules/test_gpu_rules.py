@@ -1,0 +1,322 @@
+"""The GPU schedule rules of mlcweb_passes: what they match, what schedule they make, and that it compiles.
+
+Numerics on a GPU are checked end to end by ``benchmarks/sd_gpu.py`` (UNet and VAE against PyTorch).
+"""
+
+import dataclasses
+import re
+
+import pytest
+import tvm
+from testutil import H100
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+import mlcweb_passes as mp
+from mlcweb_passes.cuda.tensor_core_matmul import TensorCoreMatmul, TensorCoreTile, choose_tile
+from mlcweb_passes.schedules.apply_database import preload_tensor_intrinsics
+from mlcweb_passes.schedules.channels_last_norm import ChannelsLastNorm
+from mlcweb_passes.schedules.row_reduction import RowReduction
+from mlcweb_passes.schedules.short_row_reduction import ShortRowReduction
+from mlcweb_passes.schedules.skinny_matmul import SkinnyMatmul
+from mlcweb_passes.targets import ASYNC_COPY_CONFIG
+
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+
+
+@I.ir_module
+class GroupNormSiLU:
+    @R.function
+    def main(
+        x: R.Tensor((2, 64, 32, 32), "float32"), g: R.Tensor((64,), "float32"), b: R.Tensor((64,), "float32")
+    ) -> R.Tensor((2, 64, 32, 32), "float16"):
+        with R.dataflow():
+            y = R.nn.group_norm(x, g, b, num_groups=32, channel_axis=1, axes=[2, 3])
+            out = R.astype(R.multiply(y, R.sigmoid(y)), "float16")
+            R.output(out)
+        return out
+
+
+@I.ir_module
+class Attention:
+    @R.function
+    def main(q: R.Tensor((8, 256, 40), "float16"), k: R.Tensor((8, 40, 256), "float16")) -> R.Tensor(
+        (8, 256, 256), "float16"
+    ):
+        with R.dataflow():
+            s = R.astype(R.matmul(q, k, out_dtype="float32"), "float16")
+            R.output(s)
+        return s
+
+
+def _kernel(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    with target:
+        fused = mp.FuseOperators()(mod)
+    funcs = [f for _, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) == 1
+    return funcs[0]
+
+
+def _launches(func: tvm.tirx.PrimFunc) -> list[int]:
+    """Extents of the loops bound to blockIdx.x, in order: one per kernel of the function."""
+    pattern = r'T\.thread_binding\(T\.int64\((\d+)\), thread="blockIdx\.x"\)'
+    return [int(n) for n in re.findall(pattern, func.script())]
+
+
+@pytest.mark.parametrize("kind", ["cuda", "webgpu"])
+def test_group_norm_gets_a_block_per_row_then_a_thread_per_element(kind: str) -> None:
+    target = CUDA if kind == "cuda" else tvm.target.Target({"kind": "webgpu"})
+    func = _kernel(GroupNormSiLU, target)
+    sch = RowReduction().apply(func, target, False)
+    assert sch is not None
+    launches = _launches(sch.mod["main"])
+    elements, threads = 2 * 64 * 32 * 32, 256
+    assert sorted(launches) == [2 * 32, elements // threads]  # rows = batch x groups; then every element
+    # dlight's rule, for comparison, has only the batch axis for thread blocks
+    dlight = tvm.s_tir.dlight.gpu.GeneralReduction().apply(func, target, False)
+    assert _launches(dlight.mod["main"]) == [2]
+
+
+def test_short_group_norm_rows_keep_their_consumer_in_one_kernel() -> None:
+    func = _kernel(GroupNormSiLU, CUDA).with_attr("global_symbol", "norm")  # 64 rows of 2 x 32 x 32
+    sch = RowReduction(fuse_below=2048).apply(func, CUDA, False)
+    assert sch is not None and _launches(sch.mod["main"]) == [2 * 32]  # a block per row, no second kernel
+    source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
+    assert source.count("__global__") == 2  # one kernel: its declaration and definition
+    assert "__syncthreads" in source  # the row's totals reach every thread before it normalises
+    longer = RowReduction(fuse_below=1024).apply(func, CUDA, False)
+    assert sorted(_launches(longer.mod["main"])) == [2 * 32, 2 * 64 * 32 * 32 // 256]  # two kernels, as before
+    default = next(r for r in mp.default_rules(CUDA) if isinstance(r, RowReduction))
+    assert default.fuse_below == 10240
+    webgpu = tvm.target.Target({"kind": "webgpu"})
+    on_webgpu = RowReduction(fuse_below=2048).apply(_kernel(GroupNormSiLU, webgpu), webgpu, False)
+    assert len(_launches(on_webgpu.mod["main"])) == 2  # measured on CUDA only
+
+
+@I.ir_module
+class GroupNormNHWC:
+    """A resnet's norm and SiLU at the UNet's 64x64 level as ConvLayout leaves it: channels last, groups of
+    10 contiguous channels."""
+
+    @R.function
+    def main(
+        x: R.Tensor((2, 64, 64, 320), "float16"), g: R.Tensor((320,), "float16"), b: R.Tensor((320,), "float16")
+    ) -> R.Tensor((2, 64, 64, 320), "float16"):
+        with R.dataflow():
+            y = R.astype(R.nn.group_norm(x, g, b, num_groups=32, channel_axis=3, axes=[1, 2]), "float32")
+            out = R.astype(R.multiply(y, R.sigmoid(y)), "float16")
+            R.output(out)
+        return out
+
+
+def test_channels_last_group_norm_splits_the_pixels_across_thread_blocks() -> None:
+    func = _kernel(GroupNormNHWC, CUDA).with_attr("global_symbol", "norm")
+    sch = ChannelsLastNorm(H100).apply(func, CUDA, False)
+    assert sch is not None
+    # partial sums: 2 images x 128 chunks of 32 pixels; totals: a block per (image, group); normalise: a
+    # block per pixel, its threads 2 channels each
+    assert _launches(sch.mod["main"]) == [2 * 128, 2 * 32, 2 * 64 * 64]
+    source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
+    kernels = source.split("__global__")[4:]  # after the three declarations
+    assert len(kernels) == 3
+    assert "*(half2*)(x_ptr" in kernels[0] and "__launch_bounds__(160)" in kernels[0]  # 320 channels / 2
+    assert "__shfl_down_sync" in kernels[1]  # the totals meet across threads
+    assert "*(half2*)(compute_intermediate" in kernels[2] or "half2" in kernels[2]
+    # RowReduction's schedule of the same function: a block per (image, group)
+    assert sorted(_launches(RowReduction().apply(func, CUDA, False).mod["main"])) == [64, 2 * 64 * 64 * 320 // 256]
+
+
+def test_channels_last_norm_leaves_other_layouts_sizes_and_targets_to_row_reduction() -> None:
+    assert ChannelsLastNorm(H100).apply(_kernel(GroupNormSiLU, CUDA), CUDA, False) is None  # NCHW
+    assert ChannelsLastNorm(H100, min_pixels=8192).apply(_kernel(GroupNormNHWC, CUDA), CUDA, False) is None
+    webgpu = tvm.target.Target({"kind": "webgpu"})
+    assert ChannelsLastNorm(H100).apply(_kernel(GroupNormNHWC, webgpu), webgpu, False) is None
+    order = [type(rule) for rule in mp.default_rules(CUDA)]
+    assert order.index(ChannelsLastNorm) < order.index(RowReduction)
+    assert ChannelsLastNorm(H100).apply(_kernel(Attention, CUDA), CUDA, False) is None
+
+
+def test_row_reduction_leaves_matmuls_and_short_rows_to_other_rules() -> None:
+    assert RowReduction().apply(_kernel(Attention, CUDA), CUDA, False) is None
+    short = RowReduction(min_row_length=4096).apply(_kernel(GroupNormSiLU, CUDA), CUDA, False)
+    assert short is None  # rows of 2 x 32 x 32 = 2048
+    assert RowReduction().apply(_kernel(GroupNormSiLU, CUDA), tvm.target.Target("llvm"), False) is None
+
+
+@I.ir_module
+class LayerNorm:
+    """A transformer block's first norm at the UNet's 64x64 level: 8192 tokens of 320 channels."""
+
+    @R.function
+    def main(
+        x: R.Tensor((2, 4096, 320), "float16"), g: R.Tensor((320,), "float16"), b: R.Tensor((320,), "float16")
+    ) -> R.Tensor((2, 4096, 320), "float16"):
+        with R.dataflow():
+            out = R.nn.layer_norm(x, g, b, axes=[-1])
+            R.output(out)
+        return out
+
+
+def test_layer_norm_gets_a_warp_per_row_and_no_shared_memory() -> None:
+    func = _kernel(LayerNorm, CUDA).with_attr("global_symbol", "norm")
+    sch = ShortRowReduction().apply(func, CUDA, False)
+    assert sch is not None
+    assert _launches(sch.mod["main"]) == [2 * 4096 // 4]  # 4 rows (warps) per thread block
+    source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
+    kernel = source.split("__global__")[-1]
+    assert "__launch_bounds__(128)" in kernel
+    assert kernel.count("__shfl_down_sync") == 2 * 5  # mean and variance: five shuffles each
+    # every lane keeps the row's totals in registers: no shared memory to race on, no barrier
+    assert "__shared__" not in kernel and "__syncthreads" not in kernel
+    order = [type(rule) for rule in mp.default_rules(CUDA)]
+    assert order.index(ShortRowReduction) < order.index(tvm.s_tir.dlight.gpu.GeneralReduction)
+
+
+def test_short_row_reduction_leaves_long_or_few_rows_and_other_targets() -> None:
+    assert ShortRowReduction().apply(_kernel(GroupNormSiLU, CUDA), CUDA, False) is None  # 64 rows
+    assert ShortRowReduction(max_row_length=256).apply(_kernel(LayerNorm, CUDA), CUDA, False) is None
+    assert ShortRowReduction().apply(_kernel(Attention, CUDA), CUDA, False) is None  # a matmul
+    webgpu = tvm.target.Target({"kind": "webgpu"})
+    assert ShortRowReduction().apply(_kernel(LayerNorm, webgpu), webgpu, False) is None
+
+
+def test_head_dim_40_matmul_goes_to_tensor_cores() -> None:
+    func = _kernel(Attention, CUDA)
+    plain = tvm.s_tir.dlight.gpu.Matmul().apply(func, CUDA, False)
+    assert "wmma" not in plain.mod.script()  # dlight keeps K=40 on CUDA cores
+    sch = TensorCoreMatmul().apply(func, CUDA, False)
+    assert sch is not None and "wmma.matrix_a" in sch.mod.script()
+    assert TensorCoreMatmul().apply(func, tvm.target.Target({"kind": "cuda", "arch": "sm_61"}), False) is None
+
+
+def test_default_rules_compile_both_for_cuda() -> None:
+    for mod in (GroupNormSiLU, GroupNormNHWC, Attention):
+        exe = tvm.compile(mod, CUDA, relax_pipeline=mp.pipeline(CUDA))
+        assert exe is not None
+
+
+@I.ir_module
+class ConvNHWC:
+    """A UNet convolution as ConvLayout leaves it: NHWC activations, OHWI kernel, float32 accumulation."""
+
+    @R.function
+    def main(x: R.Tensor((2, 32, 32, 128), "float16"), w: R.Tensor((256, 3, 3, 128), "float16")) -> R.Tensor(
+        (2, 32, 32, 256), "float16"
+    ):
+        with R.dataflow():
+            y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1], data_layout="NHWC", kernel_layout="OHWI", out_dtype="float32")
+            out = R.astype(y, "float16")
+            R.output(out)
+        return out
+
+
+@I.ir_module
+class LinearKN:
+    """A linear layer after weight lifting: the weight stored [in, out], so N, not K, is contiguous."""
+
+    @R.function
+    def main(x: R.Tensor((1, 256, 320), "float16"), w: R.Tensor((320, 640), "float16")) -> R.Tensor(
+        (1, 256, 640), "float16"
+    ):
+        with R.dataflow():
+            out = R.astype(R.matmul(x, w, out_dtype="float32"), "float16")
+            R.output(out)
+        return out
+
+
+def test_convolution_gets_the_chosen_tile_with_async_copies() -> None:
+    func = _kernel(ConvNHWC, CUDA).with_attr("global_symbol", "conv")
+    shape = mlcweb_passes.cuda.tensor_core_matmul.GemmShape(batch=1, m=2 * 32 * 32, n=256, k=9 * 128)
+    tile = choose_tile(shape, H100)
+    assert tile == TensorCoreTile(2, 2, 2, 2, 2)  # 16x2 blocks of 128x128 are under half a wave of 132 SMs
+    sch = TensorCoreMatmul().apply(func, CUDA, False)
+    assert sch is not None
+    script = sch.mod.script()
+    assert "wmma.matrix_a" in script and "software_pipeline_async_stages" in script
+    assert _launches(sch.mod["main"]) == [(2048 // tile.block_m) * (256 // tile.block_n)]
+    with tvm.transform.PassContext(config=ASYNC_COPY_CONFIG):
+        source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
+    assert "cp.async.cg.shared.global" in source and "wmma::mma_sync" in source
+
+
+@I.ir_module
+class TimeEmbeddingLinear:
+    """A resnet's time-embedding projection after LinearWeightLayout: two rows, the weight [out, in]."""
+
+    @R.function
+    def main(
+        t: R.Tensor((2, 1280), "float16"), w: R.Tensor((640, 1280), "float16"), b: R.Tensor((640,), "float32")
+    ) -> R.Tensor((2, 640), "float16"):
+        with R.dataflow():
+            h = R.add(R.astype(R.matmul(t, R.permute_dims(w), out_dtype="float32"), "float32"), b)
+            out = R.astype(R.multiply(h, R.sigmoid(h)), "float16")
+            R.output(out)
+        return out
+
+
+def test_few_row_gemm_gets_a_warp_per_column() -> None:
+    func = _kernel(mp.LinearWeightLayout()(TimeEmbeddingLinear), CUDA).with_attr("global_symbol", "linear")
+    sch = SkinnyMatmul().apply(func, CUDA, False)
+    assert sch is not None
+    assert _launches(sch.mod["main"]) == [640 // 4]  # four warps, one output column each, per block
+    source = tvm.compile(sch.mod, CUDA).mod.imports[0].inspect_source()
+    assert "__shfl_down_sync" in source  # the lanes' partial sums meet in a warp reduction
+    assert "*(uint4*)" in source  # 16-byte loads of the weight rows
+    order = [type(rule) for rule in mp.default_rules(CUDA)]
+    assert order.index(SkinnyMatmul) < order.index(tvm.s_tir.dlight.gpu.Matmul)
+
+
+def test_skinny_matmul_leaves_tall_gemms_and_other_targets() -> None:
+    assert SkinnyMatmul().apply(_kernel(ConvNHWC, CUDA), CUDA, False) is None  # 2048 rows
+    webgpu = tvm.target.Target("webgpu")
+    linear = _kernel(mp.LinearWeightLayout()(TimeEmbeddingLinear), CUDA)
+    assert SkinnyMatmul().apply(linear, CUDA, False) is not None
+    assert SkinnyMatmul().apply(linear, webgpu, False) is None
+    float32 = _kernel(mp.LinearWeightLayout()(TimeEmbeddingLinearF32), CUDA)
+    assert SkinnyMatmul().apply(float32, CUDA, False) is None  # its loads are sized for float16
+
+
+@I.ir_module
+class TimeEmbeddingLinearF32:
+    @R.function
+    def main(t: R.Tensor((2, 1280), "float32"), w: R.Tensor((640, 1280), "float32")) -> R.Tensor((2, 640), "float32"):
+        with R.dataflow():
+            out = R.matmul(t, R.permute_dims(w))
+            R.output(out)
+        return out
+
+
+def test_tile_choice_follows_the_shape_and_the_hardware() -> None:
+    big = mlcweb_passes.cuda.tensor_core_matmul.GemmShape(batch=1, m=8192, n=320, k=2880)
+    assert choose_tile(big, H100) == TensorCoreTile(2, 2, 4, 4, 4)  # 64x3 blocks of 128x128
+    assert choose_tile(big, dataclasses.replace(H100, max_shared_bytes=48 * 1024)) == TensorCoreTile(
+        2, 2, 4, 2, 2
+    )  # sm_70's limit
+    small = mlcweb_passes.cuda.tensor_core_matmul.GemmShape(batch=1, m=512, n=1280, k=11520)
+    assert choose_tile(small, H100) == TensorCoreTile(2, 2, 2, 2, 2)
+    assert choose_tile(small, dataclasses.replace(H100, sm_count=40)) == TensorCoreTile(
+        2, 2, 4, 4, 4
+    )  # 40 blocks fill a small GPU
+    with pytest.raises(ValueError, match="does not lower"):
+        TensorCoreMatmul(tile=TensorCoreTile(2, 2, 2, 2, 4))
+
+
+def test_weight_stored_k_by_n_keeps_dlights_tiling() -> None:
+    sch = TensorCoreMatmul().apply(_kernel(LinearKN, CUDA), CUDA, False)
+    assert sch is not None
+    script = sch.mod.script()
+    assert "wmma.matrix_b" in script and "software_pipeline_async_stages" not in script
+
+
+def test_tuning_builds_candidates_with_async_copies_on_sm80() -> None:
+    from mlcweb.tune import build_candidate
+
+    sch = TensorCoreMatmul().apply(_kernel(ConvNHWC, CUDA).with_attr("global_symbol", "conv"), CUDA, False)
+    assert sch is not None
+    preload_tensor_intrinsics()
+    assert mp.async_copy_config(CUDA) == ASYNC_COPY_CONFIG
+    assert mp.async_copy_config(tvm.target.Target({"kind": "cuda", "arch": "sm_75"})) == {}
+    with_async = build_candidate(sch.mod, CUDA, None, config=mp.async_copy_config(CUDA))
+    without = build_candidate(sch.mod, CUDA, None)
+    assert "cp.async.cg.shared.global" in with_async.imports[0].inspect_source()  # the copies themselves
+    assert "cp.async.cg.shared.global" not in without.imports[0].inspect_source()
