@@ -12,7 +12,7 @@ def test_passes_demo_matches_pytorch() -> None:
         [sys.executable, str(ROOT / "examples" / "passes_demo.py")], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "with attention fusion" in result.stdout and "max abs error vs PyTorch" in result.stdout
+    assert "with softmax and cast fusion" in result.stdout and "max abs error vs PyTorch" in result.stdout
 
 
 def test_build_and_deploy_scripts_write_a_png(tmp_path: Path) -> None:

@@ -123,7 +123,13 @@ def test_tune_over_rpc_resume_and_a_dying_server(
     tracker, servers, logs = rpc
     db = tmp_path / "db"
     base = TuneOptions(
-        target="llvm", db=db, rpc_tracker=tracker, rpc_key=KEY, builders=2, trials_per_round=4, search="replay-trace"
+        build=BuildOptions(target="llvm", out=db),
+        db=db,
+        rpc_tracker=tracker,
+        rpc_key=KEY,
+        builders=2,
+        trials_per_round=4,
+        search="replay-trace",
     )
     tasks, _ = extract_tuning_tasks(host, "tiny-bert", base)
     # Heaviest first: runs per use times FLOPs.

@@ -7,11 +7,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import mlcweb_stable_diffusion
 import pytest
 from mlcweb_stable_diffusion.tokenizer import Tokenizer, write_clip_vocab, write_tokenizer_json
 
 from mlcweb.source_tree import web_dir
 from mlcweb.web import WEB_RUNTIME_FILES
+
+STATIC = Path(mlcweb_stable_diffusion.__file__).parent / "static"  # the page the plugin ships
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -39,8 +42,6 @@ def js_ids(root: Path, prompts: list[str]) -> list[list[int]]:
     script = """
 import { readFileSync } from "node:fs";
 import { ClipTokenizer } from "./clip_tokenizer.js";
-
-STATIC = Path(mlcweb_stable_diffusion.__file__).parent / "static"
 const tok = new ClipTokenizer(JSON.parse(readFileSync("tokenizer/tokenizer.json", "utf8")));
 const prompts = JSON.parse(readFileSync(0, "utf8"));
 console.log(JSON.stringify(prompts.map((p) => Array.from(tok.encode(p)))));

@@ -20,7 +20,7 @@ from tvm.script import ir as I
 from tvm.script import tirx as T
 
 import mlcweb_passes as mp
-from mlcweb_passes.cuda import wgmma_compile, wgmma_plan
+from mlcweb_passes.cuda import wgmma_compile, wgmma_gemm, wgmma_plan
 from mlcweb_passes.cuda.wgmma_plan import choose_wgmma_tile
 from mlcweb_passes.cuda.wgmma_source import THREADS, WgmmaKernel, WgmmaTile, module_source
 
@@ -235,8 +235,8 @@ def test_plans_gemms_and_refuses_a_strided_reduction():
 
 def test_pass_replaces_gemms_with_launchers(monkeypatch):
     compiled = []
-    monkeypatch.setattr(wg, "cuda_runtime", lambda: True)
-    monkeypatch.setattr(wg, "compile_kernels", lambda kernels: compiled.append(kernels) or _some_module())
+    monkeypatch.setattr(wgmma_gemm, "cuda_runtime", lambda: True)
+    monkeypatch.setattr(wgmma_gemm, "compile_kernels", lambda kernels: compiled.append(kernels) or _some_module())
     with SM90:
         after = mp.WgmmaGemm()(Gemms)
     assert [k.name for k in compiled[0]] == [f"mlcweb_wgmma_{name}" for name in sorted(TAKEN)]

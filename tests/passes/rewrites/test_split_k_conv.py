@@ -10,6 +10,7 @@ from tvm.script import relax as R
 
 import mlcweb_passes as mp
 from mlcweb_passes.cuda.tensor_core_matmul import TensorCoreMatmul
+from mlcweb_passes.rewrites import split_k_conv
 from mlcweb_passes.rewrites.split_k_conv import choose_splits
 from mlcweb_passes.targets import ASYNC_COPY_CONFIG
 
@@ -52,7 +53,7 @@ def test_convolution_becomes_a_batch_of_slices_and_a_sum() -> None:
     assert "relax.nn.conv2d" not in op_names(after)
     assert {"conv2d_split_k", "split_k_sum"} <= set(function_names(after))
     partial = after["conv2d_split_k"]
-    assert int(partial.attrs["op_pattern"]) == mlcweb_passes.rewrites.split_k_conv.OPAQUE  # fusion adds nothing to it
+    assert int(partial.attrs["op_pattern"]) == split_k_conv.OPAQUE  # fusion adds nothing to it
     # inputs viewed as [..., 4 slices, 32 channels]; partial sums [slice, n, h, w, out] in float32
     shapes = [[int(d) for d in p.shape] for p in partial.params]
     assert shapes == [[2, 8, 8, 4, 32], [64, 3, 3, 4, 32], [4, 2, 8, 8, 64]]

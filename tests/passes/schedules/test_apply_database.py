@@ -78,7 +78,7 @@ def test_without_database_everything_falls_back() -> None:
 
 def test_tuned_build_matches_numpy(tuned_db: tuple[Path, str]) -> None:
     work_dir, _ = tuned_db
-    exe = tvm.compile(Model, TARGET, relax_pipeline=mp.pipeline(TARGET, database=work_dir))
+    exe = tvm.compile(Model, TARGET, relax_pipeline=mp.pipeline(TARGET, mp.PipelineOptions(database=work_dir)))
     rng = np.random.default_rng(3)
     x = rng.standard_normal((32, 64), dtype=np.float32)
     w = rng.standard_normal((64, 32), dtype=np.float32)

@@ -13,7 +13,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import mlcweb_passes as mp
-from mlcweb_passes.cuda.tensor_core_matmul import TensorCoreMatmul, TensorCoreTile, choose_tile
+from mlcweb_passes.cuda.tensor_core_matmul import GemmShape, TensorCoreMatmul, TensorCoreTile, choose_tile
 from mlcweb_passes.schedules.apply_database import preload_tensor_intrinsics
 from mlcweb_passes.schedules.channels_last_norm import ChannelsLastNorm
 from mlcweb_passes.schedules.row_reduction import RowReduction
@@ -226,7 +226,7 @@ class LinearKN:
 
 def test_convolution_gets_the_chosen_tile_with_async_copies() -> None:
     func = _kernel(ConvNHWC, CUDA).with_attr("global_symbol", "conv")
-    shape = mlcweb_passes.cuda.tensor_core_matmul.GemmShape(batch=1, m=2 * 32 * 32, n=256, k=9 * 128)
+    shape = GemmShape(batch=1, m=2 * 32 * 32, n=256, k=9 * 128)
     tile = choose_tile(shape, H100)
     assert tile == TensorCoreTile(2, 2, 2, 2, 2)  # 16x2 blocks of 128x128 are under half a wave of 132 SMs
     sch = TensorCoreMatmul().apply(func, CUDA, False)
@@ -287,12 +287,12 @@ class TimeEmbeddingLinearF32:
 
 
 def test_tile_choice_follows_the_shape_and_the_hardware() -> None:
-    big = mlcweb_passes.cuda.tensor_core_matmul.GemmShape(batch=1, m=8192, n=320, k=2880)
+    big = GemmShape(batch=1, m=8192, n=320, k=2880)
     assert choose_tile(big, H100) == TensorCoreTile(2, 2, 4, 4, 4)  # 64x3 blocks of 128x128
     assert choose_tile(big, dataclasses.replace(H100, max_shared_bytes=48 * 1024)) == TensorCoreTile(
         2, 2, 4, 2, 2
     )  # sm_70's limit
-    small = mlcweb_passes.cuda.tensor_core_matmul.GemmShape(batch=1, m=512, n=1280, k=11520)
+    small = GemmShape(batch=1, m=512, n=1280, k=11520)
     assert choose_tile(small, H100) == TensorCoreTile(2, 2, 2, 2, 2)
     assert choose_tile(small, dataclasses.replace(H100, sm_count=40)) == TensorCoreTile(
         2, 2, 4, 4, 4
