@@ -11,6 +11,7 @@ that is not already scheduled (``tirx.is_scheduled``) with
   warp per row, on CUDA), :class:`~mlcweb_passes.cuda.tensor_core_matmul.TensorCoreMatmul` (float16
   GEMMs, matmuls and convolutions, on tensor cores, CUDA sm_70+) and
   :class:`~.skinny_matmul.SkinnyMatmul` (GEMMs of at most 8 rows, a warp per output column, on CUDA),
+  :class:`~mlcweb_passes.webgpu.gemm.WebGPUMatmul` (GEMMs and convolutions in large tiles, on WebGPU),
   then the ``tvm.s_tir.dlight`` default GPU rules (Matmul, GEMV, Reduction, GeneralReduction,
   Fallback), as ``relax.get_default_pipeline`` would;
 - ``llvm``: :class:`~.cpu.CPUParallel`, a rule of ours that inlines elementwise producers, runs the
@@ -33,6 +34,7 @@ from .._relax import ModulePassBase
 from .._tir import SCHEDULED_ATTR, SOURCE_ATTR
 from ..cuda.tensor_core_matmul import TensorCoreMatmul
 from ..targets import GpuFacts, gpu_facts, is_gpu_target
+from ..webgpu.gemm import WebGPUMatmul
 from .channels_last_norm import ChannelsLastNorm
 from .cpu import CPUParallel
 from .row_reduction import RowReduction
@@ -55,6 +57,7 @@ def default_rules(target: Target, gpu: GpuFacts | None = None) -> list[dl.Schedu
             ShortRowReduction(),
             TensorCoreMatmul(gpu=facts),
             SkinnyMatmul(),
+            WebGPUMatmul(),
             dl.gpu.Matmul(),
             dl.gpu.GEMV(),
             dl.gpu.Reduction(),

@@ -1,0 +1,214 @@
+"""A WebGPU schedule rule for GEMMs: matmuls and convolutions (as implicit GEMMs), tiled for large GPUs.
+
+dlight's ``Matmul`` rule gives a WebGPU GEMM 32x32 outputs per workgroup of 64 threads, each thread 4x4
+outputs in a contiguous block, 8-deep reduction steps through workgroup memory, and copies its tiles in
+the buffers' index order. On a desktop GPU that leaves most of the chip idle between barriers, and in
+SD's NCHW convolutions the copy's neighbouring threads read elements a whole image plane apart.
+
+:class:`WebGPUMatmul` schedules ``C[S, I, J] += A[S, I, K] * B[S, J, K]`` (after dlight's normalisation
+and padding to whole tiles) as follows:
+
+- a workgroup of ``threads_y x threads_x`` threads computes a ``tile_i x tile_j`` output tile; each
+  thread holds ``micro_i x micro_j`` accumulators, spread over the tile in ``virtual_i x virtual_j``
+  strided groups of ``micro / virtual`` adjacent outputs (virtual threads), so the threads of a
+  subgroup read different banks of workgroup memory;
+- the reduction walks ``step_k`` at a time: both operands' tiles are copied into workgroup memory by all
+  threads, neighbouring threads taking neighbouring elements along the axis that is contiguous in
+  global memory (the output pixels of an NCHW convolution's input, the reduction of a ``[N, K]``
+  weight, the output columns of a ``[K, N]`` one), so each subgroup's loads coalesce; the tiles' rows
+  are padded by one element so the compute loop's column reads spread over the banks;
+- the epilogue fused after the GEMM (bias, activation, casts, residual additions) runs on the
+  accumulators in registers before the store.
+
+The tile comes from :func:`choose_webgpu_tile`: 128x128 (8x8 a thread) where the GEMM makes enough
+workgroups to fill a large GPU, 64x64 (4x4) otherwise, 32x64 for the narrowest. WebGPU exposes no
+multiprocessor count, so "enough" is a fixed workgroup count (:data:`FILL_WORKGROUPS`, sized for
+desktop GPUs; a smaller GPU is full sooner and loses nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.gpu.matmul import (
+    auto_inline_consumer_chain,
+    auto_inline_producers,
+    get_index_map,
+    get_reduction_blocks,
+)
+from tvm.target import Target
+
+from .._tir import uses_var
+
+__all__ = ["FILL_WORKGROUPS", "WebGPUMatmul", "WebGPUTile", "choose_webgpu_tile"]
+
+FILL_WORKGROUPS = 256  # workgroups of large tiles that keep a desktop GPU's compute units busy
+
+
+@dataclass(frozen=True)
+class WebGPUTile:
+    """One workgroup's share of a GEMM (see the module docstring)."""
+
+    threads_i: int = 16
+    threads_j: int = 16
+    micro_i: int = 4
+    micro_j: int = 4
+    virtual_i: int = 2
+    virtual_j: int = 2
+    step_k: int = 16
+
+    @property
+    def tile_i(self) -> int:
+        return self.threads_i * self.micro_i
+
+    @property
+    def tile_j(self) -> int:
+        return self.threads_j * self.micro_j
+
+    @property
+    def threads(self) -> int:
+        return self.threads_i * self.threads_j
+
+    def shared_bytes(self, dtype_bytes: int) -> int:
+        """Workgroup memory of both operand tiles, rows padded by one element."""
+        return (self.tile_i + self.tile_j) * (self.step_k + 1) * dtype_bytes
+
+
+LARGE = WebGPUTile(16, 16, 8, 8, 4, 4, 16)  # 128 x 128
+MEDIUM = WebGPUTile(16, 16, 4, 4, 2, 2, 16)  # 64 x 64
+SMALL = WebGPUTile(8, 16, 4, 4, 2, 2, 16)  # 32 x 64
+
+
+def choose_webgpu_tile(batch: int, m: int, n: int, max_threads: int = 256, max_shared: int = 16384) -> WebGPUTile:
+    """The largest tile whose workgroups still fill a large GPU (:data:`FILL_WORKGROUPS`) and fit the
+    target's limits (threads per workgroup, workgroup memory for float32 operands)."""
+    for tile in (LARGE, MEDIUM):
+        blocks = batch * -(-m // tile.tile_i) * -(-n // tile.tile_j)
+        fits = tile.threads <= max_threads and tile.shared_bytes(4) <= max_shared
+        if fits and blocks >= FILL_WORKGROUPS:
+            return tile
+    return MEDIUM if MEDIUM.threads <= max_threads and m >= 64 else SMALL
+
+
+def _gemm_extents(block: tirx.SBlock) -> tuple[int, int, int] | None:
+    """(batch, rows, columns) of a normalised ``C[S, I, J]`` GEMM block with static extents."""
+    extents = [iv.dom.extent for iv in block.iter_vars]
+    if len(extents) != 4 or not all(isinstance(e, tirx.IntImm) for e in extents):
+        return None
+    return int(extents[0]), int(extents[1]), int(extents[2])
+
+
+class WebGPUMatmul(dl.ScheduleRule):
+    """Large-tile GEMM schedule for WebGPU (see the module docstring). ``tile`` fixes the tile for every
+    GEMM (tests, benchmarks); by default :func:`choose_webgpu_tile` picks one per shape. GEMMs with a
+    non-batch axis shorter than ``min_extent`` (GEMVs, attention's 40-wide heads against 77 tokens) are
+    left to the next rule."""
+
+    def __init__(self, tile: WebGPUTile | None = None, min_extent: int = 32) -> None:
+        self.tile = tile
+        self.min_extent = min_extent
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "webgpu":
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = get_reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
+        if not blocks or len(blocks) != 1:
+            return None
+        main = blocks[0]
+        if get_index_map(sch.get(main)) is None:
+            return None
+        try:
+            return self._schedule(sch, main, target)
+        except (AssertionError, s_tir.ScheduleError):  # a layout the tiling cannot cover
+            return None
+
+    def _schedule(self, sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV, target: Target) -> s_tir.Schedule | None:
+        contiguous = [_contiguous_axis(sch.get(main), index) for index in (0, 1)]
+        _normalise(sch, main)
+        extents = _gemm_extents(sch.get(main))
+        if extents is None:
+            return None
+        batch, m, n = extents
+        k = int(sch.get(main).iter_vars[3].dom.extent)
+        if min(m, n, k) < self.min_extent:
+            return None
+        threads = int(target.attrs.get("max_num_threads", 256))
+        shared = int(target.attrs.get("max_shared_memory_per_block", 16384))
+        tile = self.tile or choose_webgpu_tile(batch, m, n, threads, shared)
+        sch.pad_einsum(main, [1, tile.tile_i, tile.tile_j, tile.step_k])
+        b, i, j, kk = sch.get_loops(main)
+        bi, vi, ti, ii = sch.split(i, [None, tile.virtual_i, tile.threads_i, tile.micro_i // tile.virtual_i])
+        bj, vj, tj, ij = sch.split(j, [None, tile.virtual_j, tile.threads_j, tile.micro_j // tile.virtual_j])
+        ko, ki = sch.split(kk, [None, tile.step_k])
+        sch.reorder(bi, bj, vi, vj, ti, tj, ko, ki, ii, ij)
+        sch.bind(sch.fuse(b, bi), "blockIdx.y")
+        sch.bind(bj, "blockIdx.x")
+        sch.bind(vi, "vthread.y")
+        sch.bind(vj, "vthread.x")
+        sch.bind(ti, "threadIdx.y")
+        sch.bind(tj, "threadIdx.x")
+        sch.annotate(tj, ann_key="pragma_auto_unroll_max_step", ann_val=256)
+        sch.annotate(tj, ann_key="pragma_unroll_explicit", ann_val=1)
+
+        store = sch.cache_write(main, 0, "local")
+        sch.reverse_compute_at(store, tj, preserve_unit_loops=True)
+        for index in (0, 1):
+            _fetch(sch, main, ko, tile, index, contiguous[index])
+        auto_inline_consumer_chain(sch, store)
+        sch.decompose_reduction(main, ko)
+        return sch
+
+
+def _normalise(sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV) -> None:
+    """``C[S, I, J] += A[S, I, K] * B[S, J, K]`` (dlight's reindexing)."""
+    read_a, read_b = sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1))
+    write_c = sch.reindex(main, ("write", 0))
+    maps = get_index_map(sch.get(main))
+    assert maps is not None
+    matmul_map, a_map, b_map, c_map = maps
+    sch.transform_layout(read_a, ("write", 0), a_map)
+    sch.transform_layout(read_b, ("write", 0), b_map)
+    sch.transform_layout(write_c, ("read", 0), c_map)
+    sch.transform_block_layout(main, matmul_map)
+
+
+def _contiguous_axis(block: tirx.SBlock, index: int) -> str:
+    """Which GEMM axis of operand ``index`` walks its buffer's innermost dimension: "k" (the reduction)
+    or "mn" (the rows of A, the columns of B), from the block before normalisation."""
+    region = block.reads[index].region
+    inner = region[-1].min
+    reduce_vars = [iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    spatial_vars = [iv.var for iv in block.iter_vars if iv.iter_type != tirx.IterVar.CommReduce]
+    # An inner index that mixes both (an NCHW convolution's w + kx) walks with the output pixels: the
+    # reduction's part of it (kx) is short.
+    if any(uses_var(inner, v) for v in spatial_vars):
+        return "mn"
+    return "k" if any(uses_var(inner, v) for v in reduce_vars) else "mn"
+
+
+def _fetch(
+    sch: s_tir.Schedule,
+    main: s_tir.schedule.SBlockRV,
+    ko: s_tir.schedule.LoopRV,
+    tile: WebGPUTile,
+    index: int,
+    contiguous: str,
+) -> None:
+    """Operand ``index``'s tile into workgroup memory, copied by every thread along its contiguous axis."""
+    copy = sch.cache_read(main, index, "shared")
+    sch.compute_at(copy, ko, preserve_unit_loops=True)
+    rows, cols = sch.get_loops(copy)[-2:]  # (tile_i or tile_j, step_k)
+    if contiguous == "mn":
+        sch.reorder(cols, rows)
+    # Scalar copies: the padded rows below rule out vector stores, and neighbouring threads already
+    # read neighbouring words.
+    fused = sch.fuse(*sch.get_loops(copy)[-2:])
+    _, ty, tx = sch.split(fused, [None, tile.threads_i, tile.threads_j])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    ndim = len(sch.get(copy).writes[0].source.shape)
+    sch.storage_align(copy, 0, axis=ndim - 2, factor=tile.step_k, offset=1)  # rows step_k + 1 apart
+    auto_inline_producers(sch, copy)
