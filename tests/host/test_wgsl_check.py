@@ -1,0 +1,58 @@
+"""Build-time WGSL check: every shader of a webgpu module compiles with Dawn, or the build names the kernel."""
+
+from __future__ import annotations
+
+import pytest
+import tvm
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+import mlcweb_passes as mp
+from mlcweb.wgsl_check import WGSLCheckError, check_wgsl, wgsl_sources
+
+WEBGPU = tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
+
+
+@I.ir_module
+class MatmulSoftmax:
+    @R.function
+    def main(x: R.Tensor((64, 64), "float32"), w: R.Tensor((64, 64), "float32")) -> R.Tensor((64, 64), "float32"):
+        with R.dataflow():
+            y = R.matmul(x, w)
+            z = R.nn.softmax(y)
+            R.output(z)
+        return z
+
+
+class _Module:
+    """A compiled module's face as check_wgsl sees it: one webgpu module with the given WGSL."""
+
+    kind = "webgpu"
+    imports: list[object] = []
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def inspect_source(self) -> str:
+        return self.source
+
+
+def test_every_kernel_of_a_webgpu_build_is_compiled_by_dawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")  # node, npm webgpu and SwiftShader are installed
+    exe = tvm.compile(MatmulSoftmax, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU))
+    sources = wgsl_sources(exe.mod)
+    assert sorted(sources) == ["matmul_kernel", "softmax_kernel"]
+    assert all("@compute" in code for code in sources.values())
+    assert check_wgsl(exe.mod) == 2
+
+
+def test_a_shader_dawn_rejects_is_an_error_naming_its_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
+    bad = "// Function: mask_kernel\n//----\n@compute @workgroup_size(1) fn mask_kernel() { var m : i8 = 0; }\n"
+    with pytest.raises(WGSLCheckError, match=r"kernel mask_kernel does not compile on WebGPU \(Dawn\): .*'i8'"):
+        check_wgsl(_Module(bad))
+
+
+def test_the_check_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLCWEB_WGSL_CHECK", "off")
+    assert check_wgsl(_Module("not wgsl at all")) == 0
