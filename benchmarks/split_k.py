@@ -81,7 +81,7 @@ def run_shape(spec: tuple[Any, ...], target: tvm.target.Target, args: argparse.N
     ref = torch.nn.functional.conv2d(x_nchw.float(), w_oihw.float(), b.float(), stride, k // 2)
     ref_np = ref.permute(0, 2, 3, 1).cpu().numpy()
     out_h, out_w = ref.shape[2:]
-    chosen = choose_splits(n * out_h * out_w, o, c, k * k, args.sms)
+    chosen = choose_splits(n * out_h * out_w, o, c, k * k, args.sms or mp.gpu_facts(target).sm_count)
     row: dict[str, Any] = {"name": name, "gemm": [n * out_h * out_w, o, k * k * c], "chosen": chosen}
     row.update(ms={}, max_abs_err={}, compile_s={})
     args_tvm = [tvm.runtime.from_dlpack(t) for t in (x, wt, b)]
@@ -138,7 +138,7 @@ def markdown(record: dict[str, Any]) -> str:
 
 def main() -> int:
     def options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--sms", type=int, default=132, help="multiprocessors, for choose_splits")
+        p.add_argument("--sms", type=int, help="multiprocessors for choose_splits (default: the device's)")
 
     return kernel_bench.main(__doc__, "split_k", 20, SHAPES, run_shape, markdown, options)
 
