@@ -34,7 +34,8 @@ import mlcweb_passes as mp
 from .databases import shipped_database
 from .errors import MlcwebError
 from .import_cache import ImportCache, cache_key
-from .manifest import MANIFEST, write_manifest
+from .interrupts import Interrupts
+from .manifest import MANIFEST, is_mlcweb_build, write_manifest
 from .model import DTYPES, BuildOptions, ImportedModel, ImportOptions, PhaseContext
 from .plugins import PluginHost, RegisteredModel
 from .targets import TargetInfo, resolve_target
@@ -80,11 +81,13 @@ class BuildResult:
 
 
 class _Stages:
-    """Times named stages and shows them on one progress bar."""
+    """Times named stages and shows them on one progress bar; an interrupt that a library swallowed
+    during a stage is raised again when the stage ends."""
 
-    def __init__(self, names: list[str], show: bool) -> None:
+    def __init__(self, names: list[str], show: bool, interrupts: Interrupts) -> None:
         self.seconds: dict[str, float] = {}
         self.bar = tqdm(total=len(names), desc="build", unit="stage", disable=not show, leave=False)
+        self.interrupts = interrupts
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -92,6 +95,7 @@ class _Stages:
         start = time.perf_counter()
         log.info("stage %s", name)
         yield
+        self.interrupts.check()
         self.seconds[name] = time.perf_counter() - start
         self.bar.update(1)
 
@@ -229,19 +233,27 @@ def _lower(
     return lowered, mp.count_kernels(lowered), report, memory
 
 
-def _functions_info(deploy: tvm.IRModule, weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]]) -> dict[str, Any]:
+def _functions_info(
+    deploy: tvm.IRModule,
+    weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]],
+    ranges: dict[str, dict[str, tuple[int, int]]],
+) -> dict[str, Any]:
     info: dict[str, Any] = {}
     for func in sorted(weights):
         f = deploy[func]
         n_in = int(f.attrs["num_input"])
         info[func] = {
-            "inputs": [
-                {"name": p.name, "shape": [int(d) for d in p.ty.shape], "dtype": str(p.ty.dtype)}
-                for p in f.params[:n_in]
-            ],
+            "inputs": [_input_spec(p, ranges.get(func, {}).get(p.name)) for p in f.params[:n_in]],
             "params": [f"{func}/{name}" for name in weights[func]],
         }
     return info
+
+
+def _input_spec(param: relax.Var, value_range: tuple[int, int] | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": param.name, "shape": [int(d) for d in param.ty.shape], "dtype": str(param.ty.dtype)}
+    if value_range is not None:
+        spec["range"] = [int(value_range[0]), int(value_range[1])]
+    return spec
 
 
 def _export(exe: relax.VMExecutable, path: Path, target: TargetInfo) -> None:
@@ -281,26 +293,27 @@ def build(
 ) -> BuildResult:
     """Build ``model`` as ``options`` say; see the module docstring for what lands in ``options.out``."""
     resolved, database_note = _with_shipped_database(resolve(host, model, options))
-    out = options.out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out = options.out.absolute()
+    tmp = _prepare_out(out)
     info = resolved.target_info
     with_variant = info.name == "webgpu" and options.dtype == "float16" and options.webgpu_fallback
     names = ["import", "lift", "lower", "compile", "weights", "assets", "manifest"]
     if with_variant:
         names.insert(-1, "float32 variant")
-    stages = _Stages(names, progress)
-    try:
-        result = _build_into(host, resolved, tmp, stages, with_variant)
-        with stages.stage("manifest"):
-            write_manifest(tmp, result.files, {**result.manifest_info, "database": database_note})
-        if before_rename is not None:
-            before_rename(tmp)
-        _replace_dir(tmp, out)
-    finally:
-        stages.close()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with Interrupts() as interrupts:
+        stages = _Stages(names, progress, interrupts)
+        try:
+            result = _build_into(host, resolved, tmp, stages, with_variant)
+            with stages.stage("manifest"):
+                write_manifest(tmp, result.files, {**result.manifest_info, "database": database_note})
+            if before_rename is not None:
+                before_rename(tmp)
+            interrupts.check()  # the old output stays unless the build ran to the end
+            _replace_dir(tmp, out)
+        finally:
+            stages.close()
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     manifest = json.loads((out / MANIFEST).read_text())
     return BuildResult(
         out, manifest, stages.seconds, result.kernels, result.memory, result.schedules, result.from_cache
@@ -357,7 +370,7 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
         "conv_layout": resolved.conv_layout,
         "weight_encoding": options.weight_encoding,
         "library": library,
-        "functions": _functions_info(deploy, weights),
+        "functions": _functions_info(deploy, weights, imported.input_ranges),
         "metadata": imported.metadata,
         "variants": variants,
     }
@@ -374,9 +387,61 @@ def _float32_variant(host: PluginHost, model: str, options: BuildOptions, tmp: P
     ]
 
 
+def _prepare_out(out: Path) -> Path:
+    """Check that ``out`` may receive a build (it is new, empty or an mlcweb build: nothing a user owns is
+    replaced), remove what killed builds left beside it, and create the temporary folder the build writes
+    into (readable by others, as a web server running as another user needs)."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise MlcwebError(f"--out {out} is a file, not a folder; pass a folder path for the build")
+        try:
+            occupied = any(out.iterdir())
+        except OSError as err:
+            raise MlcwebError(f"cannot read --out {out} ({err.strerror}); pass a folder you can write") from err
+        if occupied and not is_mlcweb_build(out):
+            raise MlcwebError(
+                f"--out {out} is a folder that is not an mlcweb build (it has no manifest.json written by mlcweb); "
+                "mlcweb replaces only its own builds: pass a new or empty folder"
+            )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        tmp.chmod(0o755)
+    except OSError as err:
+        raise MlcwebError(f"cannot write a build beside {out} ({err.strerror}); pass a folder you can write") from err
+    return tmp
+
+
+def _remove_stale(out: Path) -> None:
+    """Temporary and replaced folders of builds of ``out`` whose process is gone (killed builds)."""
+    for leftover in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, rest = leftover.name[len(out.name) + 2 :].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        log.info("removing %s, left by a build that did not finish", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``, replacing an existing ``out`` only once ``tmp`` is complete."""
+    """Move ``tmp`` to ``out``, replacing an existing ``out`` (an mlcweb build or an empty folder, as
+    :func:`_prepare_out` checked) only once ``tmp`` is complete."""
     if out.exists():
+        if any(out.iterdir()) and not is_mlcweb_build(out):  # changed since the build started
+            raise MlcwebError(
+                f"--out {out} became a folder that is not an mlcweb build while building; nothing replaced"
+            )
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)

@@ -171,9 +171,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _random_input(spec: dict[str, Any], rng: Any) -> Any:
-
-    if spec["dtype"].startswith("int"):
-        return rng.integers(0, 100, size=spec["shape"]).astype(spec["dtype"])
+    """Random values for an input: integers inside its declared range (0..99 without one)."""
+    if spec["dtype"].startswith(("int", "uint")):
+        low, high = spec.get("range", [0, 99])
+        return rng.integers(low, high + 1, size=spec["shape"]).astype(spec["dtype"])
     return rng.standard_normal(spec["shape"]).astype(spec["dtype"])
 
 
@@ -228,8 +229,13 @@ def run_command(command: Callable[[], int], *, verbose: bool = False) -> int:
     try:
         return command()
     except (MlcwebError, FileNotFoundError) as err:
+        if verbose:
+            log.exception("error")
         print(f"mlcweb: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mlcweb: interrupted; existing output was left as it was", file=sys.stderr)
+        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

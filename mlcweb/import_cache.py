@@ -80,7 +80,11 @@ class ImportCache:
             func: OrderedDict((name, tensors[f"{func}/{name}"]) for name in names)
             for func, names in layout["params"].items()
         }
-        return ImportedModel(mod=mod, params=params, metadata=layout["metadata"])
+        ranges = {
+            func: {name: (int(r[0]), int(r[1])) for name, r in inputs.items()}
+            for func, inputs in layout.get("input_ranges", {}).items()
+        }
+        return ImportedModel(mod=mod, params=params, metadata=layout["metadata"], input_ranges=ranges)
 
     def store(self, key: str, imported: ImportedModel) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -92,6 +96,7 @@ class ImportCache:
             layout = {
                 "params": {f: list(ps) for f, ps in imported.params.items()},
                 "metadata": imported.metadata,
+                "input_ranges": {f: {n: list(r) for n, r in ins.items()} for f, ins in imported.input_ranges.items()},
             }
             (tmp / "layout.json").write_text(json.dumps(layout, sort_keys=True))
             (tmp / "done").write_text("")

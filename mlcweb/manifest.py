@@ -18,6 +18,8 @@ from .errors import CorruptArtifactError
 __all__ = [
     "MANIFEST",
     "file_entry",
+    "inside",
+    "is_mlcweb_build",
     "read_manifest",
     "sha256_file",
     "verify_files",
@@ -59,6 +61,53 @@ def write_manifest(root: Path, files: list[str], info: dict[str, Any]) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def inside(root: Path, rel: object, what: str = "a manifest entry") -> Path:
+    """``root / rel`` for a relative path that stays inside ``root`` (symbolic links resolved); raises
+    :class:`CorruptArtifactError` for an absolute path, ``..`` or a link out of the folder."""
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\\" in rel:
+        raise CorruptArtifactError(f"{what} names {rel!r}, which is not a relative path inside the artifact folder")
+    parts = Path(rel).parts
+    if ".." in parts or Path(rel).is_absolute():
+        raise CorruptArtifactError(f"{what} names {rel!r}, which leaves the artifact folder; rebuild the artifacts")
+    path = root / rel
+    base = root.resolve()
+    if path.exists() and base not in path.resolve().parents and path.resolve() != base:
+        raise CorruptArtifactError(f"{what} {rel!r} is a link out of the artifact folder; rebuild the artifacts")
+    return path
+
+
+def _check_entries(path: Path, data: object) -> dict[str, Any]:
+    """The manifest's structure: an object whose ``files`` are ``{path, size, sha256}`` entries."""
+    if not isinstance(data, dict) or not isinstance(data.get("files"), list):
+        raise CorruptArtifactError(f"{path} is not an mlcweb manifest (no list of files); rebuild the artifacts")
+    for entry in data["files"]:
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)
+            and len(entry["sha256"]) == 64
+        )
+        if not ok:
+            raise CorruptArtifactError(f"{path} has a malformed file entry {entry!r:.80}; rebuild the artifacts")
+    return data
+
+
+def is_mlcweb_build(root: Path) -> bool:
+    """Whether ``root`` holds an mlcweb build: a manifest.json that mlcweb wrote (format, files, versions)."""
+    try:
+        data = json.loads((root / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("format"), int)
+        and isinstance(data.get("files"), list)
+        and isinstance(data.get("versions"), dict)
+        and "mlcweb" in data["versions"]
+    )
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not path.is_file():
@@ -66,16 +115,16 @@ def read_manifest(root: Path) -> dict[str, Any]:
             f"{root} has no {MANIFEST}: it is not an mlcweb artifact directory (build one with `mlcweb build`)"
         )
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptArtifactError(f"{path} is not valid JSON ({err}); rebuild the artifacts") from err
-    return data
+    return _check_entries(path, data)
 
 
 def verify_files(root: Path, manifest: dict[str, Any]) -> None:
     """Check every listed file's size and sha256; raise :class:`CorruptArtifactError` naming the first bad one."""
     for entry in manifest["files"]:
-        path = root / entry["path"]
+        path = inside(root, entry["path"], "the manifest's file list")
         if not path.is_file():
             raise CorruptArtifactError(f"{path} is listed in the manifest but missing; rebuild the artifacts")
         size = path.stat().st_size

@@ -50,12 +50,15 @@ class ImportedModel:
     ``mod``: functions whose trailing arguments (after their ``num_input`` attribute) are weights and
     that carry no ``params`` attribute; ``params``: per function, its weights in argument order
     (``mlcweb_passes.detach_params`` gives both); ``metadata``: JSON-serialisable facts for runtimes
-    (written into the manifest).
+    (written into the manifest); ``input_ranges``: per function and integer input, the inclusive
+    ``(low, high)`` its values must lie in (token ids below the vocabulary size, timesteps below the
+    schedule's length), written into the manifest's input specs and checked by every runtime.
     """
 
     mod: tvm.IRModule
     params: dict[str, OrderedDict[str, tvm.runtime.Tensor]]
     metadata: dict[str, Any] = field(default_factory=dict)
+    input_ranges: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
 
     def check(self) -> None:
         names = {gv.name_hint for gv in self.mod.get_global_vars()}

@@ -15,7 +15,7 @@ from tvm import relax
 
 from .cuda_limits import DEFAULT_CUDA_STACK_BYTES, set_cuda_stack_limit
 from .errors import CorruptArtifactError, MlcwebError
-from .manifest import read_manifest, verify_files
+from .manifest import inside, read_manifest, verify_files
 from .tensor_cache import read_tensor_cache
 
 __all__ = ["Artifacts", "KernelTime", "load"]
@@ -57,7 +57,7 @@ class Artifacts:
         self.device = tvm.device(device or self.manifest["device"])
         if not self.device.exist:
             raise MlcwebError(f"device {self.device} is not available on this machine")
-        lib = tvm.runtime.load_module(str(self.root / self.manifest["library"]))
+        lib = tvm.runtime.load_module(str(_library(self.root, self.manifest)))
         self.vm = relax.VirtualMachine(lib, self.device)
         tensors, _ = read_tensor_cache(self.root, self.device)
         if self.device.dlpack_device_type() == tvm.cuda().dlpack_device_type() and cuda_stack_bytes is not None:
@@ -122,7 +122,30 @@ class Artifacts:
             raise MlcwebError(
                 f"input {spec['name']!r} must be {spec['dtype']}{spec['shape']}, got {array.dtype}{list(array.shape)}"
             )
+        check_range(array, spec)
         return tvm.runtime.tensor(np.require(array, requirements="C"), self.device)
+
+
+def check_range(array: np.ndarray, spec: dict[str, Any]) -> None:
+    """An integer input's values against the range its plugin declared (``spec["range"]``, inclusive)."""
+    if "range" not in spec or array.size == 0:
+        return
+    low, high = spec["range"]
+    lo, hi = int(array.min()), int(array.max())
+    if lo < low or hi > high:
+        bad = lo if lo < low else hi
+        raise MlcwebError(f"input {spec['name']!r} holds {bad}, outside its range {low}..{high}; pass values in range")
+
+
+def _library(root: Path, manifest: dict[str, Any]) -> Path:
+    """The compiled library: loading it runs its code, so it must be one of the manifest's hashed files
+    and inside the folder."""
+    name = manifest.get("library")
+    if name not in {entry["path"] for entry in manifest["files"]}:
+        raise CorruptArtifactError(
+            f"manifest.json names the library {name!r}, which is not one of its hashed files; rebuild the artifacts"
+        )
+    return inside(root, name, "the manifest's library")
 
 
 def load(

@@ -22,6 +22,7 @@ import numpy as np
 import tvm
 
 from .errors import CorruptArtifactError
+from .manifest import inside
 from .packed_tensors import pack
 
 __all__ = ["ENCODINGS", "INDEX_FILE", "read_tensor_cache", "write_tensor_cache"]
@@ -107,6 +108,29 @@ def write_tensor_cache(
     return [INDEX_FILE, *files]
 
 
+def _record_array(raw: bytes, rec: dict[str, Any], path: Path) -> np.ndarray:
+    """One tensor of a shard, checked: a known dtype, a shape of whole non-negative sizes, and a byte range
+    inside the shard that holds exactly that many elements."""
+    name = rec.get("name")
+    try:
+        shape = [int(d) for d in rec["shape"]]
+        dtype = np.dtype("uint16" if rec["format"] == "f32-to-bf16" else rec["dtype"])
+        start, nbytes = int(rec["byteOffset"]), int(rec["nbytes"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptArtifactError(f"tensor {name!r} in {path} has a malformed record ({err}); rebuild") from err
+    count = int(np.prod(shape, dtype=np.int64))
+    if dtype.kind not in "fiub" or any(d < 0 for d in shape) or start < 0 or start + nbytes > len(raw):
+        raise CorruptArtifactError(f"tensor {name!r} in {path} lies outside its shard or has a bad shape; rebuild")
+    if count * dtype.itemsize != nbytes:
+        raise CorruptArtifactError(
+            f"tensor {name!r} in {path} records {nbytes} bytes for shape {shape} of {rec['dtype']}; rebuild"
+        )
+    array = np.frombuffer(memoryview(raw)[start : start + nbytes], dtype=dtype)  # a view, no copy
+    if rec["format"] == "f32-to-bf16":
+        array = _bf16_to_f32(array)
+    return array.reshape(shape)
+
+
 def read_tensor_cache(
     cache_dir: str | os.PathLike[str], device: tvm.runtime.Device | None = None
 ) -> tuple[OrderedDict[str, tvm.runtime.Tensor], dict[str, Any]]:
@@ -116,14 +140,16 @@ def read_tensor_cache(
     dev = device if device is not None else tvm.cpu()
     index_path = root / INDEX_FILE
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise CorruptArtifactError(f"{index_path} is missing: this is not a complete artifact directory") from err
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptArtifactError(f"{index_path} is not valid JSON ({err}); rebuild the artifacts") from err
+    if not isinstance(index, dict) or not isinstance(index.get("records"), list):
+        raise CorruptArtifactError(f"{index_path} is not a tensor cache index (no records); rebuild the artifacts")
     arrays: OrderedDict[str, np.ndarray] = OrderedDict()
     for shard in index["records"]:
-        path = root / shard["dataPath"]
+        path = inside(root, shard.get("dataPath"), f"{INDEX_FILE}'s shard")
         if not path.is_file():
             raise CorruptArtifactError(f"weight shard {path} is missing; rebuild or re-download the artifacts")
         raw = path.read_bytes()
@@ -133,14 +159,6 @@ def read_tensor_cache(
                 "the file is truncated or was replaced; rebuild or re-download the artifacts"
             )
         for rec in shard["records"]:
-            chunk = memoryview(raw)[rec["byteOffset"] : rec["byteOffset"] + rec["nbytes"]]  # a view, no copy
-            if rec["format"] == "f32-to-bf16":
-                array = _bf16_to_f32(np.frombuffer(chunk, dtype=np.uint16))
-            else:
-                array = np.frombuffer(chunk, dtype=np.dtype(rec["dtype"]))
-            expected = int(np.prod(rec["shape"], dtype=np.int64))
-            if array.size != expected:
-                raise CorruptArtifactError(f"tensor {rec['name']!r} in {path} has the wrong size")
-            arrays[rec["name"]] = array.reshape(rec["shape"])
+            arrays[rec["name"]] = _record_array(raw, rec, path)
     # one allocation for all: allocated one by one, large tensors round up to 2 MiB on CUDA
     return pack(arrays, dev), dict(index.get("metadata", {}))

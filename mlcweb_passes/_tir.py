@@ -8,7 +8,6 @@ from typing import Any
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
-from tvm.s_tir.dlight.base import try_inline
 
 
 def inlined_blocks(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[SBlockInfo]] | None:
@@ -19,6 +18,30 @@ def inlined_blocks(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[SBlockInfo
     if infos is None:
         return None
     return sch, try_inline(sch, infos)
+
+
+def try_inline(sch: s_tir.Schedule, blocks: list[SBlockInfo]) -> list[SBlockInfo]:
+    """Inline every block that inlines (into its consumer, else into its producer); the rest. dlight's
+    function of the same name catches everything, a KeyboardInterrupt included (a bare ``except``);
+    this lets interrupts through."""
+    while True:
+        for step in (sch.compute_inline, sch.reverse_compute_inline):
+            index = _first_that(step, blocks)
+            if index is not None:
+                blocks.pop(index)
+                break
+        else:
+            return blocks
+
+
+def _first_that(step: Any, blocks: list[SBlockInfo]) -> int | None:
+    for index, block in enumerate(blocks):
+        try:
+            step(block.block_rv)
+        except Exception:  # any failed schedule step, as dlight's; not KeyboardInterrupt
+            continue
+        return index
+    return None
 
 
 def one_reduction(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[SBlockInfo], SBlockInfo] | None:

@@ -5,7 +5,8 @@ target and one :class:`PipelineOptions`; :data:`PHASES` is their order::
 
     weights   before weight lifting: precision and layouts change how weights are stored, so the change
               is computed once, on the weights (casts, transposes, reshapes, splits)
-    graph     Relax rewrites: softmax guard, WGSL legalisation, library dispatch, flash attention
+    graph     Relax rewrites: softmax guard, gathers kept in bounds, WGSL legalisation, library dispatch,
+              flash attention
     fuse      operator fusion into PrimFuncs (and the casts around softmax, common subexpressions)
     kernels   target kernel generators that replace fused PrimFuncs (Hopper wgmma GEMMs)
     schedule  tuned schedules from a database, default rules elsewhere; kernel scratch as tensors
@@ -44,6 +45,7 @@ from tvm.target import Target
 from .cuda.flash_attention import FlashAttention
 from .cuda.flash_kernel import supports_flash_attention
 from .cuda.wgmma_gemm import WgmmaGemm, supports_wgmma
+from .rewrites.clamp_gather_indices import ClampGatherIndices
 from .rewrites.conv_layout import ConvLayout
 from .rewrites.drop_softmax_guard import DropSoftmaxGuard
 from .rewrites.finite_literals import FiniteFloatLiterals
@@ -128,7 +130,7 @@ def weight_phase(
 def graph_phase(
     target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
 ) -> tvm.transform.Sequential:
-    passes: list[tvm.transform.Pass] = [DropSoftmaxGuard()]
+    passes: list[tvm.transform.Pass] = [DropSoftmaxGuard(), ClampGatherIndices()]
     if target.kind.name == "webgpu":
         passes += [Int32Tensors(), FiniteFloatLiterals()]
     passes += _library_dispatch(target)

@@ -63,7 +63,13 @@ def mlcweb_import_model(spec: ModelSpec, options: ImportOptions) -> ImportedMode
     exported = torch.export.export(model, (ids,))
     mod = from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
     mod, params = mp.detach_params(mod)
-    return ImportedModel(mod=mod, params={"main": params}, metadata={"seq_len": config["seq_len"]})
+    vocab = int(model.bert.config.vocab_size)
+    return ImportedModel(
+        mod=mod,
+        params={"main": params},
+        metadata={"seq_len": config["seq_len"]},
+        input_ranges={"main": {"input_ids": (0, vocab - 1)}},
+    )
 
 
 @hookimpl

@@ -91,8 +91,16 @@ def import_networks(nets: Networks, latent_size: int = 0) -> ImportedModel:
         "scheduler_config": nets.scheduler_config,
         "vae_scaling_factor": float(nets.vae.config.scaling_factor),
     }
+    train_steps = int(nets.scheduler_config.get("num_train_timesteps", 1000))
+    ranges = {
+        "clip": {"input_ids": (0, int(nets.clip.config.vocab_size) - 1)},
+        "unet": {"timestep": (0, train_steps - 1)},
+    }
     return ImportedModel(
-        mod=mod, params={"clip": clip_params, "unet": unet_params, "vae": vae_params}, metadata=metadata
+        mod=mod,
+        params={"clip": clip_params, "unet": unet_params, "vae": vae_params},
+        metadata=metadata,
+        input_ranges=ranges,
     )
 
 

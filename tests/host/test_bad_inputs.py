@@ -1,0 +1,163 @@
+"""What a user can get wrong, one line each: nothing they own is lost, no input crashes the runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlcweb import BuildOptions
+from mlcweb.build import build
+from mlcweb.errors import CorruptArtifactError, MlcwebError
+from mlcweb.plugins import PluginHost
+from mlcweb.runtime import load
+
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import tiny_bert_plugin
+
+    host = PluginHost([("tiny_bert", tiny_bert_plugin)], entry_points=False)
+    out = tmp_path_factory.mktemp("bad") / "bert"
+    build(host, "tiny-bert", BuildOptions(target="llvm", out=out), progress=False)
+    return out
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.getcwd()])}
+    return subprocess.run(
+        [sys.executable, "-m", "mlcweb.cli", *args], env=env, capture_output=True, text=True, check=False, cwd=cwd
+    )
+
+
+# ------------------------------------------------------------------------------------------------ --out
+@pytest.mark.parametrize("content", ["notes", "folder"])
+def test_out_never_replaces_a_folder_mlcweb_did_not_write(tmp_path: Path, host: PluginHost, content: str) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    if content == "folder":
+        (out / "mydata").mkdir()
+        (out / "mydata" / "a.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(MlcwebError, match=r"is a folder that is not an mlcweb build.*pass a new or empty folder"):
+        build(host, "tiny-bert", BuildOptions(target="llvm", out=out), progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left beside it
+
+
+def test_out_onto_a_file_is_refused(tmp_path: Path, host: PluginHost) -> None:
+    target = tmp_path / "file.txt"
+    target.write_text("keep")
+    with pytest.raises(MlcwebError, match="is a file, not a folder"):
+        build(host, "tiny-bert", BuildOptions(target="llvm", out=target), progress=False)
+    assert target.read_text() == "keep"
+
+
+def test_out_that_cannot_be_written_is_one_line() -> None:
+    result = _cli("build", "stable-diffusion", "--out", "/proc/mlcweb-out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "mlcweb: error: cannot write a build beside /proc/mlcweb-out" in result.stderr
+
+
+def test_a_build_replaces_an_mlcweb_build_and_is_world_readable(artifacts: Path, host: PluginHost) -> None:
+    assert artifacts.stat().st_mode & 0o755 == 0o755
+    (artifacts.parent / f".{artifacts.name}.tmp-999999999-x").mkdir()  # left by a killed build
+    build(host, "tiny-bert", BuildOptions(target="llvm", out=artifacts), progress=False)
+    assert json.loads((artifacts / "manifest.json").read_text())["model"] == "tiny-bert"
+    assert not list(artifacts.parent.glob(f".{artifacts.name}.*"))
+
+
+# -------------------------------------------------------------------------------------------- inputs
+@pytest.mark.parametrize("bad", [128, 60000, 1_000_000_000, -5])
+def test_token_ids_outside_the_vocabulary_are_refused(artifacts: Path, bad: int) -> None:
+    arts = load(artifacts)
+    spec = arts.input_specs("main")[0]
+    assert spec["range"] == [0, 127]
+    ids = np.zeros(spec["shape"], dtype="int32")
+    ids[0, 3] = bad
+    with pytest.raises(MlcwebError, match=rf"input 'input_ids' holds {bad}, outside its range 0..127"):
+        arts("main", ids)
+
+
+def test_run_reports_out_of_range_ids_in_one_line(artifacts: Path, tmp_path: Path) -> None:
+    np.savez(tmp_path / "in.npz", input_ids=np.full((1, 16), 60000, dtype="int32"))
+    result = _cli("run", str(artifacts), "--inputs", str(tmp_path / "in.npz"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "outside its range 0..127" in result.stderr
+
+
+def test_run_draws_random_ids_from_the_declared_range(artifacts: Path) -> None:
+    result = _cli("run", str(artifacts))
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------------ artifacts
+def _copy(artifacts: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dest = tmp_path / "copy"
+    shutil.copytree(artifacts, dest)
+    return dest
+
+
+def _edit_manifest(root: Path, **changes: object) -> None:
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.update(changes)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_library_outside_the_hashed_files_is_never_loaded(artifacts: Path, tmp_path: Path) -> None:
+    root = _copy(artifacts, tmp_path)
+    evil = tmp_path / "evil.so"
+    evil.write_bytes((root / json.loads((root / "manifest.json").read_text())["library"]).read_bytes())
+    _edit_manifest(root, library="../evil.so")
+    with pytest.raises(CorruptArtifactError, match="not one of its hashed files"):
+        load(root)
+
+
+@pytest.mark.parametrize("path", ["../outside.bin", "/etc/passwd", "a/../../b"])
+def test_manifest_paths_stay_inside_the_folder(artifacts: Path, tmp_path: Path, path: str) -> None:
+    root = _copy(artifacts, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"][0]["path"] = path
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptArtifactError, match="artifact folder"):
+        load(root)
+
+
+def test_tensor_cache_shards_stay_inside_the_folder(artifacts: Path, tmp_path: Path) -> None:
+    from mlcweb.tensor_cache import read_tensor_cache
+
+    root = _copy(artifacts, tmp_path)
+    index = json.loads((root / "tensor-cache.json").read_text())
+    index["records"][0]["dataPath"] = "../../etc/passwd"
+    (root / "tensor-cache.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptArtifactError, match="leaves the artifact folder"):
+        read_tensor_cache(root)
+
+
+def test_tensor_records_with_wrong_shapes_are_errors(artifacts: Path, tmp_path: Path) -> None:
+    from mlcweb.tensor_cache import read_tensor_cache
+
+    root = _copy(artifacts, tmp_path)
+    index = json.loads((root / "tensor-cache.json").read_text())
+    index["records"][0]["records"][0]["shape"] = [10**6, 10**6]
+    (root / "tensor-cache.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptArtifactError, match=r"records .* bytes for shape"):
+        read_tensor_cache(root)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"{}", b"[1, 2]"])
+def test_a_manifest_that_is_not_one_is_one_line(artifacts: Path, tmp_path: Path, content: bytes) -> None:
+    root = _copy(artifacts, tmp_path)
+    (root / "manifest.json").write_bytes(content)
+    result = _cli("run", str(root))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "mlcweb: error:" in result.stderr and "rebuild the artifacts" in result.stderr
