@@ -31,12 +31,13 @@ from tvm import relax
 
 import mlcweb_passes as mp
 
+from .choices import DTYPES
 from .databases import shipped_database
 from .errors import MlcwebError
 from .import_cache import ImportCache, cache_key
 from .interrupts import Interrupts
 from .manifest import MANIFEST, is_mlcweb_build, write_manifest
-from .model import DTYPES, BuildOptions, ImportedModel, ImportOptions, PhaseContext
+from .model import BuildOptions, ImportedModel, ImportOptions, PhaseContext
 from .plugins import PluginHost, RegisteredModel
 from .targets import TargetInfo, resolve_target
 from .tensor_cache import write_tensor_cache

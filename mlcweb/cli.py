@@ -9,12 +9,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
+from .choices import DTYPES, ENCODINGS, TARGET_NAMES
 from .errors import MlcwebError
-from .model import DTYPES, BuildOptions
-from .targets import TARGETS
-from .tensor_cache import ENCODINGS
+
+if TYPE_CHECKING:
+    from .model import BuildOptions
 
 __all__ = ["build_and_report", "main", "run_command"]
 
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="compile a model into an artifact directory")
     b.add_argument("model", help="model name (see `mlcweb list`)")
-    b.add_argument("--target", default="llvm", help=f"one of {', '.join(TARGETS)} (default llvm)")
+    b.add_argument("--target", default="llvm", help=f"one of {', '.join(TARGET_NAMES)} (default llvm)")
     b.add_argument("--out", type=Path, help="output directory (default dist/<model>-<target>)")
     b.add_argument(
         "--model", dest="model_path", type=Path, help="local model folder (default: the plugin's tiny model)"
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule into a database")
     t.add_argument("model", help="model name (see `mlcweb list`)")
-    t.add_argument("--target", default="llvm", help=f"one of {', '.join(TARGETS)} (default llvm)")
+    t.add_argument("--target", default="llvm", help=f"one of {', '.join(TARGET_NAMES)} (default llvm)")
     t.add_argument("--db", type=Path, required=True, help="database directory (created, or resumed and merged)")
     t.add_argument("--trials", type=int, default=64, help="valid measured schedules per task (default 64)")
     t.add_argument("--tasks", metavar="PATTERN", help="only tasks matching these globs (comma-separated)")
@@ -112,6 +113,8 @@ def _cmd_list() -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    from .model import BuildOptions
+
     options = BuildOptions(
         target=args.target,
         out=args.out or Path("dist") / f"{args.model}-{args.target}",
@@ -143,6 +146,7 @@ def build_and_report(model: str, options: BuildOptions) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from .model import BuildOptions
     from .plugins import PluginHost
     from .tune import TuneOptions, summary_table, tune
 
@@ -207,9 +211,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import make_server
+    from .serve import is_loopback, make_server
 
-    server = make_server(args.directory, args.host, args.port)
+    if not 0 <= args.port <= 65535:
+        raise MlcwebError(f"--port must be between 0 and 65535, not {args.port}")
+    if not is_loopback(args.host):
+        print(
+            f"mlcweb: warning: --host {args.host} serves {args.directory} to other machines on the network; "
+            "use 127.0.0.1 unless that is what you want",
+            file=sys.stderr,
+        )
+    try:
+        server = make_server(args.directory, args.host, args.port)
+    except OSError as err:
+        raise MlcwebError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); pick another --port") from err
     print(f"serving {args.directory} at http://{args.host}:{server.server_address[1]}/ (Ctrl-C to stop)")
     try:
         server.serve_forever()

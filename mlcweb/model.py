@@ -13,8 +13,6 @@ import mlcweb_passes as mp
 
 __all__ = ["BuildOptions", "ImportOptions", "ImportedModel", "ModelSpec", "PhaseContext"]
 
-DTYPES = ("float32", "float16")
-
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import tvm
 
+from .choices import ENCODINGS
 from .errors import CorruptArtifactError
 from .manifest import inside
 from .packed_tensors import pack
@@ -28,7 +29,6 @@ from .packed_tensors import pack
 __all__ = ["ENCODINGS", "INDEX_FILE", "read_tensor_cache", "write_tensor_cache"]
 
 INDEX_FILE = "tensor-cache.json"
-ENCODINGS = ("raw", "f32-to-bf16")
 
 
 def _to_numpy(value: tvm.runtime.Tensor | np.ndarray) -> tuple[np.ndarray, str]:

@@ -15,8 +15,8 @@ from pathlib import Path
 from mlcweb_stable_diffusion import MODEL_NAME
 
 from mlcweb import BuildOptions
+from mlcweb.choices import DTYPES
 from mlcweb.cli import build_and_report, run_command
-from mlcweb.model import DTYPES
 from mlcweb.targets import TARGETS
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,19 @@ from mlcweb_stable_diffusion.schedulers import SCHEDULERS
 
 from mlcweb.errors import MlcwebError
 from mlcweb.runtime import load
+
+
+def check_output(path: Path) -> None:
+    """The PNG can be written: not a folder, and its folder exists (or can be made) and is writable."""
+    if path.is_dir():
+        raise MlcwebError(f"--output {path} is a folder; pass a file name such as {path / 'image.png'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MlcwebError(f"cannot create the folder of --output {path} ({err.strerror})") from err
+    if not os.access(parent, os.W_OK):
+        raise MlcwebError(f"cannot write --output {path}: its folder is not writable")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.steps < 1:
-            raise MlcwebError("--steps must be at least 1")
+        check_output(args.output)  # before minutes of work, not after
         sd = StableDiffusion(load(args.artifacts, args.device))
         result = sd.generate(
             args.prompt,
@@ -48,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except MlcwebError as err:
         print(f"deploy: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("deploy: interrupted; no image written", file=sys.stderr)
+        return 130
     h, w = result.image.shape[:2]
     print(f"wrote {args.output} ({w}x{h}) on {sd.device}")
     for stage, secs in result.seconds.items():

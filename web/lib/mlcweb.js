@@ -125,9 +125,18 @@ function bf16ToF32(bytes) {
   return new Uint8Array(out.buffer);
 }
 
+function parseJSON({ bytes }, path) {
+  try {
+    return JSON.parse(new TextDecoder().decode(bytes));
+  } catch (err) {
+    throw new MlcwebError(`${path} is not valid JSON (${err.message}).`, "Rebuild the model.");
+  }
+}
+
 /** A compiled model on a WebGPU device. */
 export class Model {
-  constructor(tvm, vm, device, manifest, info) {
+  constructor(tvm, vm, device, manifest, info, base) {
+    this.base = base;
     this.tvm = tvm;
     this.vm = vm;
     this.device = device;
@@ -135,6 +144,11 @@ export class Model {
     this.info = info; // { adapter, hasF16, dtype, message }
     this.functions = new Map();
     this.params = new Map();
+  }
+
+  /** A JSON file of the build (scheduler constants, tokenizer), checked against its sha256 in the manifest. */
+  async fetchJSON(path) {
+    return parseJSON(await fetchChecked(this.base, this.manifest, path), path);
   }
 
   /** Run compiled function `name` on GPU tensors `inputs`, with its weights appended. */
@@ -183,7 +197,7 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   if (manifest.target !== "webgpu") {
     throw new MlcwebError(`This folder holds a ${manifest.target} build, not a webgpu one.`, "Build with --target webgpu.");
   }
-  const cacheMeta = await (await fetch(new URL("tensor-cache.json", base), { cache: "no-cache" })).json();
+  const cacheMeta = parseJSON(await fetchChecked(base, manifest, "tensor-cache.json"), "tensor-cache.json");
   let maxBufferBytes = 0;
   for (const shard of cacheMeta.records) for (const r of shard.records) maxBufferBytes = Math.max(maxBufferBytes, r.nbytes);
   const gpu = await checkWebGPU({ maxBufferBytes });
@@ -243,5 +257,5 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   }
   tvm.endScope();
   onProgress({ stage: "weights", loaded: total, total, cached: allCached, text: `${mib(total)} ${allCached ? "(from browser cache)" : "(downloaded)"}` });
-  return new Model(tvm, vm, device, manifest, { adapter: gpu.info, hasF16: gpu.hasF16, dtype, message });
+  return new Model(tvm, vm, device, manifest, { adapter: gpu.info, hasF16: gpu.hasF16, dtype, message }, base);
 }

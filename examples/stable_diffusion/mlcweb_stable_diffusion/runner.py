@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,29 @@ class Generation:
         tmp = path.with_name(f".{path.name}.tmp")
         Image.fromarray(self.image, mode="RGBA").save(tmp, format="PNG")
         tmp.replace(path)
+
+
+MAX_SEED = 2**32 - 1  # the page's generator is seeded with 32 bits; deploy.py takes the same range
+MAX_GUIDANCE = 100.0
+
+
+def check_request(prompt: str, negative_prompt: str, steps: int, guidance: float, seed: int, train_steps: int) -> None:
+    """Refuse, in one line each, what would give a garbage image or a traceback: steps past half the
+    training schedule (DPM-Solver's coefficients turn NaN near its end, PNDM runs out of timesteps),
+    a guidance scale that is not a finite number in ``[0, 100]``, a seed outside ``[0, 2**32 - 1]``, a
+    prompt that is not text."""
+    max_steps = train_steps // 2
+    if not 1 <= steps <= max_steps:
+        raise MlcwebError(f"--steps must be between 1 and {max_steps}, not {steps}")
+    if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise MlcwebError(f"--guidance must be a number between 0 and {MAX_GUIDANCE:g}, not {guidance}")
+    if not 0 <= seed <= MAX_SEED:
+        raise MlcwebError(f"--seed must be between 0 and {MAX_SEED}, not {seed}")
+    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise MlcwebError(f"the {name} is not valid UTF-8 text (byte {err.start}); pass it as UTF-8") from err
 
 
 class StableDiffusion:
@@ -89,6 +113,8 @@ class StableDiffusion:
         latents: np.ndarray | None = None,
         progress: bool = False,
     ) -> Generation:
+        train_steps = int(self.meta["scheduler_config"].get("num_train_timesteps", 1000))
+        check_request(prompt, negative_prompt, steps, guidance, seed, train_steps)
         seconds: dict[str, float] = {}
         consts = self.scheduler_constants(scheduler, steps)
         start = time.perf_counter()

@@ -21,6 +21,23 @@ function showError(err) {
   console.error(err);
 }
 
+export const MAX_SEED = 2 ** 32 - 1; // the generator below takes 32 bits; deploy.py takes the same range
+export const MAX_GUIDANCE = 100;
+
+/** The checks deploy.py makes (runner.check_request), as one plain message each. */
+export function checkRequest({ steps, guidance, seed }, schedulerConfig = {}) {
+  const maxSteps = Math.floor((schedulerConfig.num_train_timesteps || 1000) / 2);
+  if (!Number.isInteger(steps) || steps < 1 || steps > maxSteps) {
+    throw new MlcwebError(`Steps must be a whole number between 1 and ${maxSteps}, not ${steps}.`);
+  }
+  if (!Number.isFinite(guidance) || guidance < 0 || guidance > MAX_GUIDANCE) {
+    throw new MlcwebError(`The guidance scale must be a number between 0 and ${MAX_GUIDANCE}, not ${guidance}.`);
+  }
+  if (!Number.isInteger(seed) || seed < 0 || seed > MAX_SEED) {
+    throw new MlcwebError(`The seed must be a whole number between 0 and ${MAX_SEED}, not ${seed}.`);
+  }
+}
+
 /** Standard normal samples from a seeded generator (mulberry32 + Box-Muller; not torch.randn's stream). */
 export function seededNormal(count, seed) {
   let state = seed >>> 0;
@@ -64,7 +81,7 @@ class StableDiffusion {
         const have = this.schedules().map((s) => `${s.name} ${s.steps}`).join(", ");
         throw new MlcwebError(`This build has no constants for ${name} with ${steps} steps.`, `Pick one of: ${have}; or rebuild with --set steps=...`);
       }
-      this.constants.set(path, await (await fetch(path)).json());
+      this.constants.set(path, await this.model.fetchJSON(path));
     }
     return this.constants.get(path);
   }
@@ -84,6 +101,7 @@ class StableDiffusion {
 
   /** Generate one image; returns { pixels: Uint8ClampedArray (H*W*4 RGBA), seconds, stepTimes }. */
   async generate({ prompt = "", negative = "", scheduler = "dpm", steps = 20, guidance = 7.5, seed = 0, latents = null, previewEvery = 0, onStep = () => {} } = {}) {
+    checkRequest({ steps, guidance, seed }, this.meta.scheduler_config);
     const m = this.model;
     const tvm = m.tvm;
     const consts = await this.schedulerConstants(scheduler, steps);
@@ -182,7 +200,7 @@ async function main() {
       },
       log: (msg) => console.log(msg),
     });
-    tokenizer = new ClipTokenizer(await (await fetch("tokenizer/tokenizer.json")).json());
+    tokenizer = new ClipTokenizer(await model.fetchJSON("tokenizer/tokenizer.json"));
   } catch (err) {
     showError(err);
     return;
