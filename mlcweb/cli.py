@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -182,20 +183,44 @@ def _random_input(spec: dict[str, Any], rng: Any) -> Any:
     return rng.standard_normal(spec["shape"]).astype(spec["dtype"])
 
 
+def _load_inputs(path: Path, specs: list[dict[str, Any]]) -> list[Any]:
+    """The named arrays of an .npz file, one per input; one-line errors for a bad file."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [s["name"] for s in specs if s["name"] not in data]
+            if missing:
+                raise MlcwebError(f"{path} lacks inputs {missing}; it has {list(data.keys())}")
+            return [data[s["name"]] for s in specs]
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise MlcwebError(f"{path} is not a readable .npz of numeric arrays ({err}); save it with numpy.savez") from err
+
+
+def _check_output(path: Path) -> None:
+    if path.is_dir():
+        raise MlcwebError(f"--output {path} is a folder; pass a file name such as {path / 'outputs.npz'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise MlcwebError(f"cannot write --output {path}: its folder does not exist or is not writable")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .runtime import load, outputs_to_numpy
 
+    if args.output:
+        _check_output(args.output)  # before the work, not after
     arts = load(args.artifacts, args.device)
     func = args.function or arts.functions[0]
+    if func not in arts.functions:
+        raise MlcwebError(f"--function {func!r} is not in {args.artifacts}; it has {', '.join(arts.functions)}")
     specs = arts.input_specs(func)
     if args.inputs:
-        data = np.load(args.inputs)
-        missing = [s["name"] for s in specs if s["name"] not in data]
-        if missing:
-            raise MlcwebError(f"{args.inputs} lacks inputs {missing}; it has {list(data.keys())}")
-        inputs = [data[s["name"]] for s in specs]
+        inputs = _load_inputs(args.inputs, specs)
     else:
         rng = np.random.default_rng(args.seed)
         inputs = [_random_input(s, rng) for s in specs]
@@ -206,7 +231,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"{name}: {array.dtype}{list(array.shape)} mean {float(array.mean()):.6g} std {float(array.std()):.6g}")
     print(f"{func} ran in {elapsed * 1000:.1f} ms on {arts.device}")
     if args.output:
-        cast(Any, np.savez)(args.output, **outputs)
+        tmp = args.output.with_name(f".{args.output.name}.tmp.npz")
+        cast(Any, np.savez)(tmp, **outputs)
+        tmp.replace(args.output)
     return 0
 
 

@@ -54,7 +54,10 @@ class Artifacts:
             raise MlcwebError(
                 f"{self.root} was built for webgpu and runs in a browser: serve it with `mlcweb serve {self.root}`"
             )
-        self.device = tvm.device(device or self.manifest["device"])
+        try:
+            self.device = tvm.device(device or self.manifest["device"])
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise MlcwebError(f"unknown device {device!r}; pass cpu, cuda, cuda:1, ...") from err
         if not self.device.exist:
             raise MlcwebError(f"device {self.device} is not available on this machine")
         lib = tvm.runtime.load_module(str(_library(self.root, self.manifest)))

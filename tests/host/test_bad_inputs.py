@@ -161,3 +161,24 @@ def test_a_manifest_that_is_not_one_is_one_line(artifacts: Path, tmp_path: Path,
     result = _cli("run", str(root))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "mlcweb: error:" in result.stderr and "rebuild the artifacts" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ mlcweb run
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--function", "decode"], "--function 'decode' is not in"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--inputs", "NOTZIP"], "is not a readable .npz"),
+        (["--inputs", "OBJECTS"], "is not a readable .npz"),
+        (["--output", "DIR"], "is a folder; pass a file name"),
+        (["--output", "/proc/x/out.npz"], "cannot write --output"),
+    ],
+)
+def test_run_errors_are_one_line(artifacts: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    np.savez(tmp_path / "objects.npz", input_ids=np.array([{"a": 1}], dtype=object))
+    paths = {"NOTZIP": tmp_path / "bad.npz", "OBJECTS": tmp_path / "objects.npz", "DIR": tmp_path}
+    result = _cli("run", str(artifacts), *[str(paths.get(a, a)) for a in args])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr

@@ -120,6 +120,30 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
+MAX_SAMPLE_SIZE = 256  # latents of 2048x2048 images: past that a build asks for terabytes
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A JSON config file of a model folder, or one line saying which file is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MlcwebError(f"{path} is not a readable JSON config ({err}); fix or re-download the model folder") from err
+    if not isinstance(data, dict):
+        raise MlcwebError(f"{path} is not a JSON object; fix or re-download the model folder")
+    return data
+
+
+def check_sample_size(size: object, where: str) -> int:
+    """A latent height and width the UNet can be built for: a whole multiple of 8 from 8 to 256."""
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= MAX_SAMPLE_SIZE or size % 8:
+        raise MlcwebError(
+            f"{where} is {size!r}; the latent size must be a multiple of 8 from 8 to {MAX_SAMPLE_SIZE} "
+            "(64 for SD1.5's 512x512 images)"
+        )
+    return size
+
+
 def _check_folder(path: Path) -> None:
     if not path.is_dir():
         raise MlcwebError(f"model folder {path} does not exist; pass --model with a diffusers Stable Diffusion folder")
@@ -135,10 +159,11 @@ def _check_folder(path: Path) -> None:
         config = path / sub / "config.json"
         if not config.is_file():
             raise MlcwebError(f"{path / sub} has no config.json")
-        data = json.loads(config.read_text())
+        data = _read_config(config)
         found = data.get("_class_name") or (data.get("architectures") or [None])[0]
         if found != cls:
             raise MlcwebError(f"{path / sub} holds a {found}, not the {cls} Stable Diffusion v1.5 needs")
+    check_sample_size(_read_config(path / "unet" / "config.json").get("sample_size"), f"{path / 'unet'} sample_size")
 
 
 def load_networks(size: str = "tiny", model_path: Path | None = None, seed: int = 0) -> Networks:
@@ -148,7 +173,7 @@ def load_networks(size: str = "tiny", model_path: Path | None = None, seed: int 
         clip = CLIPTextModel.from_pretrained(model_path / "text_encoder", attn_implementation="eager")
         unet = UNet2DConditionModel.from_pretrained(model_path / "unet")
         vae = AutoencoderKL.from_pretrained(model_path / "vae")
-        sched = json.loads((model_path / "scheduler" / "scheduler_config.json").read_text())
+        sched = _read_config(model_path / "scheduler" / "scheduler_config.json")
         nets = Networks(clip, unet, vae, sched, model_path / "tokenizer")
     elif size in ("tiny", "full"):
         torch.manual_seed(seed)

@@ -27,7 +27,7 @@ from mlcweb.errors import MlcwebError
 from mlcweb.model import PhaseContext
 
 from . import MODEL_NAME
-from .models import CLIPStage, Networks, UNetStage, VAEStage, load_networks
+from .models import CLIPStage, Networks, UNetStage, VAEStage, check_sample_size, load_networks
 from .schedulers import SCHEDULERS
 from .tokenizer import MAX_LENGTH, write_clip_vocab, write_tokenizer_json
 
@@ -68,9 +68,7 @@ def import_networks(nets: Networks, latent_size: int = 0) -> ImportedModel:
     ``latent_size`` (> 0) compiles for that latent height and width instead of the UNet's ``sample_size``.
     """
     hidden = int(nets.clip.config.hidden_size)
-    if latent_size < 0 or latent_size % 8:
-        raise MlcwebError(f"latent_size must be a positive multiple of 8 (or 0 for the model's own), not {latent_size}")
-    size = latent_size or nets.latent_size
+    size = check_sample_size(latent_size, "--set latent_size") if latent_size else nets.latent_size
     latents = torch.zeros(1, 4, size, size)
     ids = torch.zeros(1, MAX_LENGTH, dtype=torch.int32)
     clip_mod, clip_params = _export(CLIPStage(nets.clip), (ids,), "clip")
@@ -132,7 +130,10 @@ def mlcweb_models() -> list[ModelSpec]:
 def mlcweb_import_model(spec: ModelSpec, options: ImportOptions) -> ImportedModel:
     config = {**spec.default_config, **options.config}
     nets = load_networks(config["size"], options.model_path, config["seed"])
-    return import_networks(nets, int(config["latent_size"]))
+    latent = config["latent_size"]
+    if not isinstance(latent, int) or isinstance(latent, bool):
+        raise MlcwebError(f"--set latent_size={latent!r} is not a whole number; pass 0 for the model's own size")
+    return import_networks(nets, latent)
 
 
 @hookimpl
