@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +40,7 @@ from .manifest import MANIFEST, is_mlcweb_build, write_manifest
 from .model import BuildOptions, ImportedModel, ImportOptions, PhaseContext
 from .plugins import PluginHost, RegisteredModel
 from .targets import TargetInfo, resolve_target
+from .temp_dirs import make_temp_dir, remove_stale
 from .tensor_cache import write_tensor_cache
 from .wasm_runtime import link_wasm
 from .web import write_web_runtime
@@ -164,7 +165,10 @@ def _import(host: PluginHost, resolved: ModelBuild) -> tuple[ImportedModel, bool
         if cached is not None:
             log.info("import cache hit %s", key)
             return cached, True
-    imported = host.import_model(resolved.name, import_options)
+    with warnings.catch_warnings():
+        if not log.isEnabledFor(logging.DEBUG):  # torch.export's own deprecation, nothing a user can act on
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        imported = host.import_model(resolved.name, import_options)
     if options.use_cache:
         cache.store(key, imported)
     return imported, False
@@ -406,33 +410,12 @@ def _prepare_out(out: Path) -> Path:
             )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-        tmp.chmod(0o755)
+        for kind in ("tmp", "old"):
+            remove_stale(out.parent, f".{out.name}.{kind}-")
+        tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
     except OSError as err:
         raise MlcwebError(f"cannot write a build beside {out} ({err.strerror}); pass a folder you can write") from err
     return tmp
-
-
-def _remove_stale(out: Path) -> None:
-    """Temporary and replaced folders of builds of ``out`` whose process is gone (killed builds)."""
-    for leftover in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, rest = leftover.name[len(out.name) + 2 :].partition("-")
-        pid = rest.split("-", 1)[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        log.info("removing %s, left by a build that did not finish", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -443,7 +426,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
             raise MlcwebError(
                 f"--out {out} became a folder that is not an mlcweb build while building; nothing replaced"
             )
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-0")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

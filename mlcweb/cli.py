@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="override the device (cpu, cuda)")
     r.add_argument("--seed", type=int, default=0)
 
+    c = sub.add_parser("cache", help="list or clear the import cache (MLCWEB_CACHE_DIR, ~/.cache/mlcweb)")
+    c.add_argument("action", choices=["list", "clear"])
+    c.add_argument("--keep", type=int, default=0, help="clear: keep the N most recently used imports")
+
     s = sub.add_parser("serve", help="serve an artifact directory or web bundle on 127.0.0.1")
     s.add_argument("directory", type=Path)
     s.add_argument("--host", default="127.0.0.1")
@@ -237,6 +241,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .import_cache import ImportCache
+
+    cache = ImportCache()
+    if args.action == "list":
+        entries = cache.entries()
+        for key, size, used in entries:
+            print(f"{key}  {size / 2**20:9.1f} MiB  last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(used))}")
+        print(f"{len(entries)} imports, {sum(e[1] for e in entries) / 2**20:.1f} MiB in {cache.root}")
+        return 0
+    if args.keep < 0:
+        raise MlcwebError(f"--keep must be 0 or more, not {args.keep}")
+    freed = cache.clear(args.keep)
+    print(f"freed {freed / 2**20:.1f} MiB in {cache.root}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve import is_loopback, make_server
 
@@ -287,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "build": lambda: _cmd_build(args),
         "tune": lambda: _cmd_tune(args),
         "run": lambda: _cmd_run(args),
+        "cache": lambda: _cmd_cache(args),
         "serve": lambda: _cmd_serve(args),
     }
     return run_command(commands[args.command], verbose=args.verbose)

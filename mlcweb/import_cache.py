@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import tvm
 
 from .manifest import versions
 from .model import ImportedModel, ImportOptions
+from .temp_dirs import make_temp_dir, remove_stale
 from .tensor_cache import read_tensor_cache, write_tensor_cache
 
 __all__ = ["ImportCache", "cache_key", "default_cache_dir"]
@@ -65,10 +65,32 @@ class ImportCache:
     def __init__(self, root: Path | None = None) -> None:
         self.root = (root or default_cache_dir()) / "imports"
 
+    def entries(self) -> list[tuple[str, int, float]]:
+        """``(key, bytes, last used)`` of every complete entry, most recently used first."""
+        found = []
+        for entry in self.root.glob("*"):
+            if entry.is_dir() and (entry / "done").is_file():
+                size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+                found.append((entry.name, size, (entry / "done").stat().st_mtime))
+        return sorted(found, key=lambda e: -e[2])
+
+    def clear(self, keep: int = 0) -> int:
+        """Remove all but the ``keep`` most recently used entries, and every unfinished one (a killed
+        write's temporary folder); returns the bytes freed."""
+        freed = 0
+        keep_keys = {key for key, _, _ in self.entries()[:keep]}
+        for entry in self.root.glob("*") if self.root.is_dir() else []:
+            if entry.name in keep_keys:
+                continue
+            freed += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            shutil.rmtree(entry, ignore_errors=True)
+        return freed
+
     def load(self, key: str) -> ImportedModel | None:
         entry = self.root / key
         if not (entry / "done").is_file():
             return None
+        (entry / "done").touch()  # last used, for `mlcweb cache clear --keep N`
         try:
             mod = tvm.ir.load_json((entry / "mod.json").read_text())
             layout = json.loads((entry / "layout.json").read_text())
@@ -88,7 +110,8 @@ class ImportCache:
 
     def store(self, key: str, imported: ImportedModel) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
+        remove_stale(self.root, f".{key}-")
+        tmp = make_temp_dir(self.root, f".{key}-")
         try:
             (tmp / "mod.json").write_text(tvm.ir.save_json(imported.mod))
             flat = {f"{func}/{name}": t for func, ps in imported.params.items() for name, t in ps.items()}

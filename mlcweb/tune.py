@@ -55,7 +55,15 @@ from .model import BuildOptions
 from .plugins import PluginHost
 from .targets import TargetInfo, resolve_target
 
-__all__ = ["Task", "TaskResult", "TuneOptions", "extract_tuning_tasks", "summary_table", "tune"]
+__all__ = [
+    "Task",
+    "TaskResult",
+    "TuneOptions",
+    "extract_tuning_tasks",
+    "stop_popen_workers",
+    "summary_table",
+    "tune",
+]
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +437,27 @@ def tune(
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
+        stop_popen_workers()
     return results
+
+
+def stop_popen_workers(timeout: float = 3.0) -> int:
+    """End the ``tvm.exec.popen_worker`` processes this process started (MetaSchedule's builder and
+    runner pools outlive ``tune_tasks``, about 500 MB each); returns how many were running."""
+    import psutil
+
+    workers = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "tvm.exec.popen_worker" in " ".join(child.cmdline()):
+                workers.append(child)
+                child.terminate()
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(workers, timeout=timeout)
+    for proc in alive:
+        proc.kill()
+    return len(workers)
 
 
 def _tune_task(session: _Session, task: Task, head: str) -> TaskResult:

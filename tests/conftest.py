@@ -38,3 +38,13 @@ def sd_webgpu(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model built for webgpu in float16, with its float32 variant (a few minutes on 2 cores;
     the first webgpu build on a machine also compiles TVM's web runtime, about 2 minutes more)."""
     return build_tiny_sd(tmp_path_factory.mktemp("sd") / "webgpu-float16", "webgpu", "float16")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_workers_left_behind() -> object:
+    """Whatever the suite starts ends with it: MetaSchedule's popen workers (of tuning tests, and of
+    tests that build candidates directly) are stopped when the session ends."""
+    yield
+    from mlcweb.tune import stop_popen_workers
+
+    stop_popen_workers()

@@ -190,3 +190,16 @@ def test_tune_over_rpc_resume_and_a_dying_server(
     with torch.no_grad():
         want = tiny_bert_plugin.reference_model(tiny_bert_plugin.DEFAULT_CONFIG)(torch.from_numpy(ids)).numpy()
     np.testing.assert_allclose(got.numpy(), want, atol=1e-4)
+
+
+def test_tuning_leaves_no_worker_processes(host: PluginHost, tmp_path: Path) -> None:
+    """A tuning run ends the builder and runner processes it started (each holds about 500 MB)."""
+    import psutil
+
+    options = TuneOptions(
+        build=BuildOptions(target="llvm", out=tmp_path), db=tmp_path / "db", trials=1, builders=1, max_tasks=1,
+        search="replay-trace",
+    )  # fmt: skip
+    tune(host, "tiny-bert", options, echo=lambda _: None)
+    workers = [p for p in psutil.Process().children(recursive=True) if "popen_worker" in " ".join(p.cmdline())]
+    assert workers == []
