@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -182,3 +183,43 @@ def test_run_errors_are_one_line(artifacts: Path, tmp_path: Path, args: list[str
     result = _cli("run", str(artifacts), *[str(paths.get(a, a)) for a in args])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert message in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+def test_an_interrupt_a_library_swallows_still_ends_the_work() -> None:
+    import signal
+
+    from mlcweb.interrupts import Interrupts
+
+    with Interrupts() as interrupts, pytest.raises(KeyboardInterrupt):
+        with contextlib.suppress(BaseException):  # as dlight's try_inline does, with a bare except
+            signal.raise_signal(signal.SIGINT)
+        interrupts.check()
+
+
+def test_ctrl_c_during_a_build_keeps_the_old_output(artifacts: Path, tmp_path: Path) -> None:
+    import shutil
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    shutil.copytree(artifacts, out)
+    before = (out / "manifest.json").read_bytes()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.getcwd()]), "MLCWEB_CACHE_DIR": str(tmp_path)}
+    script = tmp_path / "build.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nimport tiny_bert_plugin\n"
+        "from mlcweb import BuildOptions\nfrom mlcweb.build import build\nfrom mlcweb.cli import run_command\n"
+        "from mlcweb.plugins import PluginHost\n"
+        "host = PluginHost([('b', tiny_bert_plugin)], entry_points=False)\n"
+        f"options = BuildOptions(target='llvm', out=Path({str(out)!r}), use_cache=False)\n"
+        "sys.exit(run_command(lambda: build(host, 'tiny-bert', options, progress=False) and 0))\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # into the import or the lowering
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; existing output was left as it was" in err and "Traceback" not in err
+    assert (out / "manifest.json").read_bytes() == before
+    assert not list(tmp_path.glob(".out.tmp-*"))
