@@ -36,6 +36,7 @@ from .rewrites.fuse_softmax import FuseSoftmax
 from .rewrites.geglu_pairs import GegluPairs
 from .rewrites.hoist_narrowing_casts import HoistNarrowingCasts
 from .rewrites.int32_tensors import Int32Tensors
+from .rewrites.integer_cumsum import IntegerCumsum
 from .rewrites.lift_kernel_scratch import LiftKernelScratch
 from .rewrites.linear_weight_layout import LinearWeightLayout
 from .rewrites.memory_plan import FunctionMemory, StaticMemoryPlan, memory_report
@@ -68,6 +69,7 @@ __all__ = [
     "GpuFacts",
     "HoistNarrowingCasts",
     "Int32Tensors",
+    "IntegerCumsum",
     "LiftKernelScratch",
     "LiftedModules",
     "LinearWeightLayout",

@@ -53,6 +53,7 @@ from .rewrites.fuse_ops import FuseOperators
 from .rewrites.fuse_softmax import FuseSoftmax
 from .rewrites.hoist_narrowing_casts import HoistNarrowingCasts
 from .rewrites.int32_tensors import Int32Tensors
+from .rewrites.integer_cumsum import IntegerCumsum
 from .rewrites.lift_kernel_scratch import LiftKernelScratch
 from .rewrites.linear_weight_layout import LinearWeightLayout
 from .rewrites.memory_plan import StaticMemoryPlan
@@ -130,7 +131,7 @@ def weight_phase(
 def graph_phase(
     target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
 ) -> tvm.transform.Sequential:
-    passes: list[tvm.transform.Pass] = [DropSoftmaxGuard(), ClampGatherIndices()]
+    passes: list[tvm.transform.Pass] = [DropSoftmaxGuard(), ClampGatherIndices(), IntegerCumsum()]
     if target.kind.name == "webgpu":
         passes += [Int32Tensors(), FiniteFloatLiterals()]
     passes += _library_dispatch(target)
