@@ -20,6 +20,22 @@ def inlined_blocks(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list[SBlockInfo
     return sch, try_inline(sch, infos)
 
 
+def normalise_gemm(sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV) -> None:
+    """Rewrite GEMM block ``main`` as ``C[S, I, J] += A[S, I, K] * B[S, J, K]`` (dlight's reindexing:
+    the operands and the result copied into that layout, which inlining later folds away)."""
+    from tvm.s_tir.dlight.gpu.matmul import get_index_map
+
+    read_a, read_b = sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1))
+    write_c = sch.reindex(main, ("write", 0))
+    maps = get_index_map(sch.get(main))
+    assert maps is not None
+    matmul_map, a_map, b_map, c_map = maps
+    sch.transform_layout(read_a, ("write", 0), a_map)
+    sch.transform_layout(read_b, ("write", 0), b_map)
+    sch.transform_layout(write_c, ("read", 0), c_map)
+    sch.transform_block_layout(main, matmul_map)
+
+
 def try_inline(sch: s_tir.Schedule, blocks: list[SBlockInfo]) -> list[SBlockInfo]:
     """Inline every block that inlines (into its consumer, else into its producer); the rest. dlight's
     function of the same name catches everything, a KeyboardInterrupt included (a bare ``except``);

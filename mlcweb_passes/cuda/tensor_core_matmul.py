@@ -54,7 +54,7 @@ from tvm.s_tir.dlight.gpu.matmul import (
 )
 from tvm.target import Target
 
-from .._tir import uses_var
+from .._tir import normalise_gemm, uses_var
 from ..targets import GpuFacts, async_copy_config, gpu_facts, sm_version
 
 __all__ = ["TensorCoreMatmul", "TensorCoreTile", "choose_tile", "gemm_shape"]
@@ -262,15 +262,7 @@ def _schedule(
 
 def _normalise(sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV, tile: TensorCoreTile) -> str:
     """``C[S, I, J] += A[S, I, K] * B[S, J, K]``, padded to whole tiles; returns C's dtype."""
-    read_a, read_b = sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1))
-    write_c = sch.reindex(main, ("write", 0))
-    maps = get_index_map(sch.get(main))
-    assert maps is not None
-    matmul_map, a_map, b_map, c_map = maps
-    sch.transform_layout(read_a, ("write", 0), a_map)
-    sch.transform_layout(read_b, ("write", 0), b_map)
-    sch.transform_layout(write_c, ("read", 0), c_map)
-    sch.transform_block_layout(main, matmul_map)
+    normalise_gemm(sch, main)
     sch.pad_einsum(main, [1, tile.block_m, tile.block_n, tile.block_k])
     return str(get_in_out_dtypes(sch.get(main))[1])
 

@@ -40,7 +40,7 @@ from tvm.s_tir.dlight.gpu.matmul import (
 )
 from tvm.target import Target
 
-from .._tir import uses_var
+from .._tir import normalise_gemm, uses_var
 
 __all__ = ["FILL_WORKGROUPS", "WebGPUMatmul", "WebGPUTile", "choose_webgpu_tile"]
 
@@ -127,7 +127,7 @@ class WebGPUMatmul(dl.ScheduleRule):
 
     def _schedule(self, sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV, target: Target) -> s_tir.Schedule | None:
         contiguous = [_contiguous_axis(sch.get(main), index) for index in (0, 1)]
-        _normalise(sch, main)
+        normalise_gemm(sch, main)
         extents = _gemm_extents(sch.get(main))
         if extents is None:
             return None
@@ -160,19 +160,6 @@ class WebGPUMatmul(dl.ScheduleRule):
         auto_inline_consumer_chain(sch, store)
         sch.decompose_reduction(main, ko)
         return sch
-
-
-def _normalise(sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV) -> None:
-    """``C[S, I, J] += A[S, I, K] * B[S, J, K]`` (dlight's reindexing)."""
-    read_a, read_b = sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1))
-    write_c = sch.reindex(main, ("write", 0))
-    maps = get_index_map(sch.get(main))
-    assert maps is not None
-    matmul_map, a_map, b_map, c_map = maps
-    sch.transform_layout(read_a, ("write", 0), a_map)
-    sch.transform_layout(read_b, ("write", 0), b_map)
-    sch.transform_layout(write_c, ("read", 0), c_map)
-    sch.transform_block_layout(main, matmul_map)
 
 
 def _contiguous_axis(block: tirx.SBlock, index: int) -> str:
