@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -70,3 +72,19 @@ def test_build_and_deploy_scripts_write_a_png(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("output", ["DIR", "/proc/none/image.png"])
+def test_deploy_checks_its_output_before_any_work(tmp_path: Path, output: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples/stable_diffusion/deploy.py"),
+            "--artifacts", str(tmp_path / "not-built"),
+            "--prompt", "x",
+            "--output", str(tmp_path) if output == "DIR" else output,
+        ],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--output" in result.stderr and "not-built" not in result.stderr  # refused before loading

@@ -1,0 +1,114 @@
+"""The page's own checks, run in node: its form refuses what deploy.py refuses, and every JSON file it
+reads is checked against the manifest's sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlcweb_stable_diffusion
+import pytest
+
+from mlcweb.serve import make_server
+from mlcweb.source_tree import web_dir
+
+STATIC = Path(mlcweb_stable_diffusion.__file__).parent / "static"
+
+
+def _node(root: Path, script: str) -> str:
+    (root / "run.mjs").write_text(script)
+    done = subprocess.run(["node", "run.mjs"], cwd=root, capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> Path:
+    shutil.copy(STATIC / "request.js", tmp_path / "request.js")
+    shutil.copy(web_dir() / "lib" / "mlcweb.js", tmp_path / "mlcweb.js")
+    return tmp_path
+
+
+CASES = [
+    ({"steps": 20, "guidance": 7.5, "seed": 0}, ""),
+    ({"steps": 0, "guidance": 7.5, "seed": 0}, "Steps must be a whole number between 1 and 500"),
+    ({"steps": 999, "guidance": 7.5, "seed": 0}, "Steps must be"),
+    ({"steps": 20, "guidance": "NaN", "seed": 0}, "guidance scale must be a number between 0 and 100"),
+    ({"steps": 20, "guidance": "Infinity", "seed": 0}, "guidance scale"),
+    ({"steps": 20, "guidance": 7.5, "seed": 2**64}, "seed must be a whole number between 0 and 4294967295"),
+    ({"steps": 20, "guidance": 7.5, "seed": -1}, "seed must be"),
+]
+
+
+@pytest.mark.parametrize(("request_", "message"), CASES)
+def test_the_form_refuses_what_deploy_refuses(page: Path, request_: dict[str, object], message: str) -> None:
+    values = ", ".join(f"{k}: {v}" for k, v in request_.items())
+    out = _node(
+        page,
+        'import { checkRequest } from "./request.js";\n'
+        f"try {{ checkRequest({{ {values} }}, {{ num_train_timesteps: 1000 }}); console.log('ok'); }}\n"
+        "catch (err) { console.log(`${err.name}: ${err.message}`); }\n",
+    )
+    assert out == "ok" if not message else out.startswith("MlcwebError") and message in out
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"), [(r, m) for r, m in CASES if r["guidance"] not in ("NaN", "Infinity")]
+)
+def test_deploy_refuses_the_same(request_: dict[str, int], message: str) -> None:
+    from mlcweb_stable_diffusion.runner import check_request
+
+    from mlcweb.errors import MlcwebError
+
+    args = ("a prompt", "", request_["steps"], float(request_["guidance"]), request_["seed"], 1000)
+    if not message:
+        check_request(*args)
+        return
+    with pytest.raises(MlcwebError, match=r"--(steps|seed) must be between"):
+        check_request(*args)
+
+
+@pytest.mark.parametrize(
+    ("guidance", "prompt"), [(float("nan"), "a prompt"), (float("inf"), "a prompt"), (7.5, "bad \udcff byte")]
+)
+def test_deploy_refuses_non_finite_guidance_and_non_utf8_prompts(guidance: float, prompt: str) -> None:
+    from mlcweb_stable_diffusion.runner import check_request
+
+    from mlcweb.errors import MlcwebError
+
+    with pytest.raises(MlcwebError, match=r"--guidance must be a number|not valid UTF-8"):
+        check_request(prompt, "", 20, guidance, 0, 1000)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    site = tmp_path / "site"
+    site.mkdir()
+    server = make_server(site, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", site
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_json_files_are_checked_against_the_manifest(page: Path, served: tuple[str, Path], corrupt: bool) -> None:
+    base, site = served
+    good = json.dumps({"records": []}).encode()
+    manifest = {"files": [{"path": "tensor-cache.json", "size": len(good), "sha256": hashlib.sha256(good).hexdigest()}]}
+    (site / "tensor-cache.json").write_bytes(b'{"records": [1]}' if corrupt else good)
+    out = _node(
+        page,
+        'import { Model } from "./mlcweb.js";\n'
+        f"const model = new Model(null, null, null, {json.dumps(manifest)}, {{}}, {json.dumps(base)});\n"
+        "try { console.log(JSON.stringify(await model.fetchJSON('tensor-cache.json'))); }\n"
+        "catch (err) { console.log(`${err.name}: ${err.message}`); }\n",
+    )
+    if corrupt:
+        assert out.startswith("MlcwebError: tensor-cache.json does not match the sha256 in manifest.json")
+    else:
+        assert json.loads(out) == {"records": []}
