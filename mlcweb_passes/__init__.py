@@ -31,6 +31,7 @@ from .rewrites.drop_softmax_guard import DropSoftmaxGuard
 from .rewrites.finite_literals import FiniteFloatLiterals
 from .rewrites.float16_norm_inputs import Float16NormInputs
 from .rewrites.float16_residuals import Float16Residuals
+from .rewrites.fold_bool_identities import FoldBoolIdentities
 from .rewrites.fuse_ops import FuseOperators, count_kernels
 from .rewrites.fuse_softmax import FuseSoftmax
 from .rewrites.geglu_pairs import GegluPairs
@@ -61,6 +62,7 @@ __all__ = [
     "FlashAttention",
     "Float16NormInputs",
     "Float16Residuals",
+    "FoldBoolIdentities",
     "FunctionMemory",
     "FunctionNameClashError",
     "FuseOperators",

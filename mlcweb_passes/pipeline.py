@@ -49,6 +49,7 @@ from .rewrites.clamp_gather_indices import ClampGatherIndices
 from .rewrites.conv_layout import ConvLayout
 from .rewrites.drop_softmax_guard import DropSoftmaxGuard
 from .rewrites.finite_literals import FiniteFloatLiterals
+from .rewrites.fold_bool_identities import FoldBoolIdentities
 from .rewrites.fuse_ops import FuseOperators
 from .rewrites.fuse_softmax import FuseSoftmax
 from .rewrites.hoist_narrowing_casts import HoistNarrowingCasts
@@ -131,7 +132,7 @@ def weight_phase(
 def graph_phase(
     target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
 ) -> tvm.transform.Sequential:
-    passes: list[tvm.transform.Pass] = [DropSoftmaxGuard(), ClampGatherIndices(), IntegerCumsum()]
+    passes: list[tvm.transform.Pass] = [DropSoftmaxGuard(), ClampGatherIndices(), IntegerCumsum(), FoldBoolIdentities()]
     if target.kind.name == "webgpu":
         passes += [Int32Tensors(), FiniteFloatLiterals()]
     passes += _library_dispatch(target)
