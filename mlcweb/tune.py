@@ -411,6 +411,7 @@ def tune(
         raise MlcwebError("--trials must be at least 1")
     preload_tensor_intrinsics()
     tasks, target = extract_tuning_tasks(host, model, options)
+    running_before = _children()
     session = _session(options, tasks, target, echo)
     echo(f"{len(tasks)} tasks for {target.kind.name}; {session.total_trials} trials to measure into {options.db}")
     results: list[TaskResult] = []
@@ -437,19 +438,26 @@ def tune(
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
-        stop_popen_workers()
+        stop_popen_workers(keep=running_before)
     return results
 
 
-def stop_popen_workers(timeout: float = 3.0) -> int:
-    """End the ``tvm.exec.popen_worker`` processes this process started (MetaSchedule's builder and
-    runner pools outlive ``tune_tasks``, about 500 MB each); returns how many were running."""
+def _children() -> set[int]:
+    import psutil
+
+    return {child.pid for child in psutil.Process().children()}
+
+
+def stop_popen_workers(keep: set[int] | frozenset[int] = frozenset(), timeout: float = 3.0) -> int:
+    """End the ``tvm.exec.popen_worker`` processes this process started itself, but those in ``keep``
+    (MetaSchedule's builder and runner pools outlive ``tune_tasks``, about 500 MB each; an RPC server's
+    or tracker's own workers are its children, not ours, and stay); returns how many were running."""
     import psutil
 
     workers = []
-    for child in psutil.Process().children(recursive=True):
+    for child in psutil.Process().children():
         try:
-            if "tvm.exec.popen_worker" in " ".join(child.cmdline()):
+            if child.pid not in keep and "tvm.exec.popen_worker" in " ".join(child.cmdline()):
                 workers.append(child)
                 child.terminate()
         except psutil.Error:

@@ -27,7 +27,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     host = PluginHost([("tiny_bert", tiny_bert_plugin)], entry_points=False)
     out = tmp_path_factory.mktemp("bad") / "bert"
-    build(host, "tiny-bert", BuildOptions(target="llvm", out=out), progress=False)
+    build(host, "tiny-bert", BuildOptions(target="llvm", out=out, use_cache=False), progress=False)
     return out
 
 
@@ -70,7 +70,7 @@ def test_out_that_cannot_be_written_is_one_line() -> None:
 def test_a_build_replaces_an_mlcweb_build_and_is_world_readable(artifacts: Path, host: PluginHost) -> None:
     assert artifacts.stat().st_mode & 0o755 == 0o755
     (artifacts.parent / f".{artifacts.name}.tmp-999999999-x").mkdir()  # left by a killed build
-    build(host, "tiny-bert", BuildOptions(target="llvm", out=artifacts), progress=False)
+    build(host, "tiny-bert", BuildOptions(target="llvm", out=artifacts, use_cache=False), progress=False)
     assert json.loads((artifacts / "manifest.json").read_text())["model"] == "tiny-bert"
     assert not list(artifacts.parent.glob(f".{artifacts.name}.*"))
 

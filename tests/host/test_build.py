@@ -35,7 +35,9 @@ def test_build_writes_library_weights_assets_and_manifest(built: Path) -> None:
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in manifest["files"])
     assert manifest["model"] == "tiny-bert" and manifest["target"] == "llvm" and manifest["dtype"] == "float32"
     assert manifest["versions"]["apache-tvm"].startswith("0.27")
-    assert manifest["functions"]["main"]["inputs"] == [{"name": "input_ids", "shape": [1, 16], "dtype": "int32"}]
+    assert manifest["functions"]["main"]["inputs"] == [
+        {"name": "input_ids", "shape": [1, 16], "dtype": "int32", "range": [0, 127]}  # the plugin's vocabulary
+    ]
 
 
 def test_built_model_matches_pytorch(built: Path) -> None:
