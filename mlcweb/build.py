@@ -376,6 +376,12 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
         "weight_encoding": options.weight_encoding,
         "library": library,
         "functions": _functions_info(deploy, weights, imported.input_ranges),
+        # what a WebGPU page must be allowed to bind: each function's planned blocks (activations)
+        "memory": {
+            name: {"planned_bytes": mem.planned_bytes, "largest_block_bytes": mem.largest_bytes}
+            for name, mem in sorted(memory.items())
+            if mem.storages
+        },
         "metadata": imported.metadata,
         "variants": variants,
     }

@@ -112,3 +112,14 @@ def test_json_files_are_checked_against_the_manifest(page: Path, served: tuple[s
         assert out.startswith("MlcwebError: tensor-cache.json does not match the sha256 in manifest.json")
     else:
         assert json.loads(out) == {"records": []}
+
+
+def test_the_page_asks_for_the_largest_planned_block_not_only_weights(page: Path) -> None:
+    manifest = {"memory": {"unet": {"planned_bytes": 900, "largest_block_bytes": 600}}}
+    cache = {"records": [{"records": [{"nbytes": 100}, {"nbytes": 400}]}]}
+    out = _node(
+        page,
+        'import { largestBuffer } from "./mlcweb.js";\n'
+        f"console.log(largestBuffer({json.dumps(manifest)}, {json.dumps(cache)}));\n",
+    )
+    assert out == "600"

@@ -133,6 +133,38 @@ function parseJSON({ bytes }, path) {
   }
 }
 
+/** The largest buffer the model binds: a weight, or a block of activations its memory plan holds. */
+export function largestBuffer(manifest, cacheMeta) {
+  let bytes = 0;
+  for (const shard of cacheMeta.records) for (const r of shard.records) bytes = Math.max(bytes, r.nbytes);
+  for (const mem of Object.values(manifest.memory || {})) bytes = Math.max(bytes, mem.largest_block_bytes);
+  return bytes;
+}
+
+/**
+ * A device with the limits this model needs (its largest buffer, TVM's 10 storage buffers per shader
+ * stage and 32 KiB of workgroup memory) and the features its kernels use where the adapter has them.
+ * WebGPU's defaults bind only 128 MiB; asking for more than the model needs would fail on adapters that
+ * could run it.
+ */
+export async function requestDevice(adapter, needBytes) {
+  const limits = adapter.limits;
+  const binding = Math.max(needBytes, 128 * 2 ** 20);
+  const requiredLimits = {
+    maxStorageBufferBindingSize: Math.min(binding, limits.maxStorageBufferBindingSize),
+    maxBufferSize: Math.min(Math.max(binding, 256 * 2 ** 20), limits.maxBufferSize),
+    maxStorageBuffersPerShaderStage: Math.min(10, limits.maxStorageBuffersPerShaderStage),
+    maxComputeWorkgroupStorageSize: Math.min(32 * 1024, limits.maxComputeWorkgroupStorageSize),
+    maxComputeInvocationsPerWorkgroup: Math.min(1024, limits.maxComputeInvocationsPerWorkgroup),
+  };
+  const requiredFeatures = ["shader-f16", "subgroups"].filter((f) => adapter.features.has(f));
+  try {
+    return await adapter.requestDevice({ requiredLimits, requiredFeatures });
+  } catch (err) {
+    throw new MlcwebError(`This GPU's WebGPU adapter refused the limits the model needs (${err.message}).`, "Try another browser or GPU.");
+  }
+}
+
 /** A compiled model on a WebGPU device. */
 export class Model {
   constructor(tvm, vm, device, manifest, info, base) {
@@ -198,9 +230,8 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
     throw new MlcwebError(`This folder holds a ${manifest.target} build, not a webgpu one.`, "Build with --target webgpu.");
   }
   const cacheMeta = parseJSON(await fetchChecked(base, manifest, "tensor-cache.json"), "tensor-cache.json");
-  let maxBufferBytes = 0;
-  for (const shard of cacheMeta.records) for (const r of shard.records) maxBufferBytes = Math.max(maxBufferBytes, r.nbytes);
-  const gpu = await checkWebGPU({ maxBufferBytes });
+  const needBytes = largestBuffer(manifest, cacheMeta);
+  const gpu = await checkWebGPU({ maxBufferBytes: needBytes });
   const dtype = manifest.dtype;
   if (dtype === "float16" && !gpu.hasF16) {
     const fallback = (manifest.variants || {}).float32;
@@ -223,9 +254,7 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
 
   const wasm = await fetchChecked(base, manifest, manifest.library);
   const tvm = await tvmjs.instantiate(wasm.bytes, tvmjs.createPolyfillWASI(), log);
-  const detected = await tvmjs.detectGPUDevice();
-  if (!detected) throw new MlcwebError("WebGPU adapter disappeared while loading.", "Reload the page.");
-  tvm.initWebGPU(detected.device);
+  tvm.initWebGPU(await requestDevice(gpu.adapter, needBytes));
   const device = tvm.webgpu();
   tvm.beginScope();
   const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(device));
