@@ -223,3 +223,41 @@ def test_ctrl_c_during_a_build_keeps_the_old_output(artifacts: Path, tmp_path: P
     assert "interrupted; existing output was left as it was" in err and "Traceback" not in err
     assert (out / "manifest.json").read_bytes() == before
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+# ------------------------------------------------------------------------------------- cache and noise
+def test_the_import_cache_can_be_listed_and_cleared(tmp_path: Path) -> None:
+    import tiny_bert_plugin
+
+    from mlcweb.import_cache import ImportCache
+
+    os.environ["MLCWEB_CACHE_DIR"] = str(tmp_path / "cache")  # restored by the autouse fixture's monkeypatch
+    host = PluginHost([("tiny_bert", tiny_bert_plugin)], entry_points=False)
+    for width in (32, 48):
+        options = BuildOptions(target="llvm", out=tmp_path / f"b{width}", config={"hidden_size": width})
+        build(host, "tiny-bert", options, progress=False)
+    (tmp_path / "cache" / "imports" / ".deadbeef-999999999-x").mkdir()  # a killed write's leftover
+    cache = ImportCache(tmp_path / "cache")
+    assert len(cache.entries()) == 2
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.getcwd()])}
+    run = subprocess.run([sys.executable, "-m", "mlcweb.cli", "cache", "list"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "2 imports" in run.stdout
+    clear = [sys.executable, "-m", "mlcweb.cli", "cache", "clear", "--keep", "1"]
+    assert subprocess.run(clear, env=env, capture_output=True, text=True).returncode == 0
+    assert len(cache.entries()) == 1 and sorted(p.name for p in cache.root.iterdir()) == [cache.entries()[0][0]]
+
+
+def test_a_build_prints_no_warnings(tmp_path: Path) -> None:
+    """No TVM "Fast mode segfaults" per gather (they clamp now) and no torch.export deprecation."""
+    script = tmp_path / "build.py"
+    script.write_text(
+        "from pathlib import Path\nimport tiny_bert_plugin\nfrom mlcweb import BuildOptions\n"
+        "from mlcweb.build import build\nfrom mlcweb.plugins import PluginHost\n"
+        "host = PluginHost([('b', tiny_bert_plugin)], entry_points=False)\n"
+        f"build(host, 'tiny-bert', BuildOptions(target='llvm', out=Path({str(tmp_path / 'out')!r}), use_cache=False), "
+        "progress=False)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.getcwd()])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr and "warn" not in done.stderr.lower(), done.stderr[-2000:]
