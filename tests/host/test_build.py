@@ -202,3 +202,11 @@ def test_weight_layout_passes_follow_the_target(host: PluginHost) -> None:
     # NHWC asked for on the CPU: the layouts, but no split-K (its tiles are CUDA's)
     cpu_nhwc = names("llvm", dtype="float16", conv_layout="NHWC")
     assert "mlcweb.ConvLayout" in cpu_nhwc and "mlcweb.SplitKConv" not in cpu_nhwc
+
+
+def test_the_cli_offers_every_target_there_is() -> None:
+    """The command line's light list of target names (no TVM import) is the targets module's."""
+    from mlcweb.choices import TARGET_NAMES
+    from mlcweb.targets import TARGETS
+
+    assert tuple(TARGETS) == TARGET_NAMES
