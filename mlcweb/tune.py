@@ -186,15 +186,37 @@ def extract_tuning_tasks(host: PluginHost, model: str, options: TuneOptions) -> 
 
 
 def build_candidate(
-    mod: tvm.IRModule, target: tvm.target.Target, params: Any, *, config: dict[str, Any] | None = None
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    params: Any,
+    *,
+    config: dict[str, Any] | None = None,
+    wgsl: dict[str, Any] | None = None,
 ) -> tvm.runtime.Module:
     """MetaSchedule's default build of one candidate under the PassContext ``config`` (a build's
-    :func:`mlcweb_passes.async_copy_config`). Runs in the builder's worker processes."""
+    :func:`mlcweb_passes.async_copy_config`). Runs in the builder's worker processes.
+
+    ``wgsl``: the WebGPU target (as a config dict) a webgpu build will compile the schedule for. Tuning
+    for WebGPU measures candidates natively; each is also compiled for WebGPU and its WGSL handed to Dawn
+    (:func:`mlcweb.wgsl_check.check_wgsl`), so a schedule no browser accepts fails here, as a candidate
+    that does not build, and never reaches the database."""
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
+    if wgsl is not None:
+        from .wgsl_check import check_wgsl
+
+        check_wgsl(tvm.tirx.build(mod, target=tvm.target.Target(wgsl["target"], host=wgsl["host"])))
     with tvm.transform.PassContext(config=config or {}):
         built: tvm.runtime.Module = default_build(mod, target, params)
     return built
+
+
+def _wgsl_target(options: TuneOptions) -> dict[str, Any] | None:
+    """For webgpu tuning, the target each candidate's WGSL is checked for (a dict: it crosses processes)."""
+    if options.build.target != "webgpu":
+        return None
+    info = resolve_target("webgpu", link=False)
+    return {"target": info.kind, "host": info.host}
 
 
 def _flops(mod: tvm.IRModule) -> float:
@@ -392,7 +414,9 @@ def _session(
         max_workers=options.builders or os.cpu_count() or 1,
         timeout_sec=300,
         initializer=preload_tensor_intrinsics,
-        f_build=functools.partial(build_candidate, config=mp.async_copy_config(build_target)),
+        f_build=functools.partial(
+            build_candidate, config=mp.async_copy_config(build_target), wgsl=_wgsl_target(options)
+        ),
     )
     state = _load_state(options.db)
     total_trials = sum(

@@ -203,3 +203,33 @@ def test_tuning_leaves_no_worker_processes(host: PluginHost, tmp_path: Path) -> 
     tune(host, "tiny-bert", options, echo=lambda _: None)
     workers = [p for p in psutil.Process().children(recursive=True) if "popen_worker" in " ".join(p.cmdline())]
     assert workers == []
+
+
+def test_webgpu_candidates_are_checked_as_wgsl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schedule measured natively for WebGPU is also compiled for WebGPU: one whose WGSL Dawn rejects
+    (here an int8 buffer) fails as a candidate that does not build; a valid one builds."""
+    from tvm.script import tirx as T
+
+    from mlcweb.tune import _wgsl_target, build_candidate
+    from mlcweb.wgsl_check import WGSLCheckError
+
+    monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
+
+    def kernel(dtype: str) -> tvm.IRModule:
+        @T.prim_func(s_tir=True)
+        def add_one(a: T.Buffer((64,), dtype), b: T.Buffer((64,), dtype)) -> None:
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            for i in T.thread_binding(64, thread="threadIdx.x"):
+                with T.sblock("b"):
+                    v = T.axis.spatial(64, i)
+                    b[v] = a[v] + T.cast(1, dtype)
+
+        return tvm.IRModule({"main": add_one})
+
+    options = TuneOptions(build=BuildOptions(target="webgpu", out=Path("unused")), db=Path("unused"))
+    wgsl = _wgsl_target(options)
+    assert wgsl is not None
+    llvm = tvm.target.Target("llvm")
+    with pytest.raises(WGSLCheckError, match="'i8' type used"):
+        build_candidate(kernel("int8"), llvm, None, wgsl=wgsl)
+    assert build_candidate(kernel("float32"), tvm.target.Target("cuda"), None, wgsl=wgsl) is not None
