@@ -31,8 +31,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ from mlcweb_passes.schedules.apply_database import preload_tensor_intrinsics
 from .build import lower_until, resolve
 from .databases import open_database
 from .errors import MlcwebError
+from .interrupts import Interrupts
 from .model import BuildOptions
 from .plugins import PluginHost
 from .targets import TargetInfo, resolve_target
@@ -439,20 +438,14 @@ def tune(
     session = _session(options, tasks, target, echo)
     echo(f"{len(tasks)} tasks for {target.kind.name}; {session.total_trials} trials to measure into {options.db}")
     results: list[TaskResult] = []
-    interrupted = threading.Event()
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        interrupted.set()
-        raise KeyboardInterrupt
-
-    main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread
-    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    interrupts = Interrupts()
     try:
-        for index, task in enumerate(tasks, 1):
-            results.append(_tune_task(session, task, f"[{index}/{len(tasks)}] {task.name}"))
+        with interrupts:
+            for index, task in enumerate(tasks, 1):
+                results.append(_tune_task(session, task, f"[{index}/{len(tasks)}] {task.name}"))
     except (KeyboardInterrupt, RuntimeError) as err:
         # Ctrl-C while MetaSchedule waits in C++ on its builders reaches us as a RuntimeError.
-        if isinstance(err, RuntimeError) and not interrupted.is_set():
+        if isinstance(err, RuntimeError) and not interrupts.seen.is_set():
             raise
         if len(results) < len(tasks):
             task = tasks[len(results)]
@@ -460,8 +453,6 @@ def tune(
             results.append(TaskResult(task.name, task.weight, None, None, have, "interrupted"))
         echo(f"interrupted: the {session.measured} measurements of this run are kept in {options.db}")
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
         stop_popen_workers(keep=running_before)
     return results
 
