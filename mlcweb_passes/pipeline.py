@@ -32,6 +32,8 @@ the layout passes and before the target's splitting of convolutions; in every ot
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -222,7 +224,7 @@ def phases(
     if unknown:
         raise ValueError(f"unknown phase(s) {', '.join(unknown)}; the phases are {', '.join(PHASES)}")
     if is_gpu_target(tgt) and opts.gpu is None:
-        opts = PipelineOptions(**{**opts.__dict__, "gpu": gpu_facts(tgt)})  # read the device once
+        opts = dataclasses.replace(opts, gpu=gpu_facts(tgt))  # read the device once
     return {name: _BUILDERS[name](tgt, opts, tuple(added.get(name, ()))) for name in PHASES}
 
 
@@ -279,7 +281,7 @@ def describe(target: Target | str | dict[str, object], options: PipelineOptions 
     """The phases and their passes for ``target``, one line a phase."""
     lines = []
     for name, seq in phases(target, options).items():
-        passes = [p.info.name for p in seq.passes] if hasattr(seq, "passes") else []
+        passes = [p.info.name for p in seq.passes]
         lines.append(f"{name:<9} {', '.join(passes) or '(nothing for this target)'}")
     return "\n".join(lines)
 
@@ -291,8 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     args = parser.parse_args(argv)
-    import json
-
     target = json.loads(args.target) if args.target.startswith("{") else args.target
     if target == "cuda":
         target = {"kind": "cuda", "arch": "sm_90"}

@@ -11,7 +11,6 @@ architecture's reference part (:data:`REFERENCE_SM_COUNT`) and a log line says s
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -108,8 +107,3 @@ def gpu_facts(target: Target) -> GpuFacts:
         count = _nearest(REFERENCE_SM_COUNT, sm)
         log.info("no sm_%d device on this machine: planning for %d multiprocessors (its reference part)", sm, count)
     return GpuFacts(count, threads, shared, _nearest(RESIDENT_THREADS_PER_SM, sm))
-
-
-def with_sm_count(facts: GpuFacts, sm_count: int) -> GpuFacts:
-    """``facts`` for a part with ``sm_count`` multiprocessors."""
-    return dataclasses.replace(facts, sm_count=sm_count)
