@@ -18,7 +18,7 @@ from .errors import MlcwebError
 if TYPE_CHECKING:
     from .model import BuildOptions
 
-__all__ = ["build_and_report", "main", "run_command"]
+__all__ = ["build_and_report", "check_output_file", "main", "run_command"]
 
 log = logging.getLogger("mlcweb")
 
@@ -203,12 +203,18 @@ def _load_inputs(path: Path, specs: list[dict[str, Any]]) -> list[Any]:
         raise MlcwebError(f"{path} is not a readable .npz of numeric arrays ({err}); save it with numpy.savez") from err
 
 
-def _check_output(path: Path) -> None:
+def check_output_file(path: Path, example: str) -> None:
+    """That ``--output`` can be written, before any work: not a folder, and its folder exists (it is
+    created) and is writable. ``example``: a file name to suggest when ``path`` is a folder."""
     if path.is_dir():
-        raise MlcwebError(f"--output {path} is a folder; pass a file name such as {path / 'outputs.npz'}")
+        raise MlcwebError(f"--output {path} is a folder; pass a file name such as {path / example}")
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise MlcwebError(f"cannot write --output {path}: its folder does not exist or is not writable")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MlcwebError(f"cannot write --output {path}: cannot create its folder ({err.strerror})") from err
+    if not os.access(parent, os.W_OK):
+        raise MlcwebError(f"cannot write --output {path}: its folder is not writable")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -217,7 +223,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import load, outputs_to_numpy
 
     if args.output:
-        _check_output(args.output)  # before the work, not after
+        check_output_file(args.output, "outputs.npz")  # before the work, not after
     arts = load(args.artifacts, args.device)
     func = args.function or arts.functions[0]
     if func not in arts.functions:

@@ -8,28 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from mlcweb_stable_diffusion.runner import StableDiffusion
 from mlcweb_stable_diffusion.schedulers import SCHEDULERS
 
+from mlcweb.cli import check_output_file
 from mlcweb.errors import MlcwebError
 from mlcweb.runtime import load
-
-
-def check_output(path: Path) -> None:
-    """The PNG can be written: not a folder, and its folder exists (or can be made) and is writable."""
-    if path.is_dir():
-        raise MlcwebError(f"--output {path} is a folder; pass a file name such as {path / 'image.png'}")
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise MlcwebError(f"cannot create the folder of --output {path} ({err.strerror})") from err
-    if not os.access(parent, os.W_OK):
-        raise MlcwebError(f"cannot write --output {path}: its folder is not writable")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        check_output(args.output)  # before minutes of work, not after
+        check_output_file(args.output, "image.png")  # before minutes of work, not after
         sd = StableDiffusion(load(args.artifacts, args.device))
         result = sd.generate(
             args.prompt,
