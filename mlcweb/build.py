@@ -12,6 +12,7 @@ into place at the end, so a failed or killed build leaves no half-written output
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -238,18 +239,37 @@ def _lower(
     return lowered, mp.count_kernels(lowered), report, memory
 
 
-def _functions_info(
-    deploy: tvm.IRModule,
+def share_weights(
     weights: dict[str, OrderedDict[str, tvm.runtime.Tensor]],
-    ranges: dict[str, dict[str, tuple[int, int]]],
+) -> tuple[dict[str, tvm.runtime.Tensor], dict[str, list[str]]]:
+    """The tensors to store, each once, and every function's weight names into them: functions that
+    take the same weights (a model's batch-one and batch-two UNet) share one copy in the tensor cache,
+    found by content (dtype, shape and bytes)."""
+    stored: dict[str, tvm.runtime.Tensor] = {}
+    by_content: dict[tuple[str, tuple[int, ...], str], str] = {}
+    names: dict[str, list[str]] = {}
+    for func in sorted(weights):
+        names[func] = []
+        for name, tensor in weights[func].items():
+            array = tensor.numpy()
+            key = (str(array.dtype), tuple(array.shape), hashlib.sha256(array.tobytes()).hexdigest())
+            full = by_content.setdefault(key, f"{func}/{name}")
+            if full == f"{func}/{name}":
+                stored[full] = tensor
+            names[func].append(full)
+    return stored, names
+
+
+def _functions_info(
+    deploy: tvm.IRModule, params: dict[str, list[str]], ranges: dict[str, dict[str, tuple[int, int]]]
 ) -> dict[str, Any]:
     info: dict[str, Any] = {}
-    for func in sorted(weights):
+    for func in sorted(params):
         f = deploy[func]
         n_in = int(f.attrs["num_input"])
         info[func] = {
             "inputs": [_input_spec(p, ranges.get(func, {}).get(p.name)) for p in f.params[:n_in]],
-            "params": [f"{func}/{name}" for name in weights[func]],
+            "params": params[func],
         }
     return info
 
@@ -353,7 +373,7 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
         library = f"{resolved.name}-{info.name}{info.library_suffix}"
         _export(exe, tmp / library, info)
     with stages.stage("weights"):
-        flat = {f"{func}/{name}": t for func, ws in weights.items() for name, t in ws.items()}
+        flat, param_names = share_weights(weights)
         files = [library, *write_tensor_cache(flat, tmp, encoding=options.weight_encoding)]
     with stages.stage("assets"):
         files += host.write_assets(resolved.name, out_dir=tmp, target=target, options=options, imported=imported)
@@ -375,7 +395,7 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
         "conv_layout": resolved.conv_layout,
         "weight_encoding": options.weight_encoding,
         "library": library,
-        "functions": _functions_info(deploy, weights, imported.input_ranges),
+        "functions": _functions_info(deploy, param_names, imported.input_ranges),
         # what a WebGPU page must be allowed to bind: each function's planned blocks (activations)
         "memory": {
             name: {"planned_bytes": mem.planned_bytes, "largest_block_bytes": mem.largest_bytes}

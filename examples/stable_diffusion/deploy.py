@@ -25,9 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--output", type=Path, default=Path("output.png"))
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--scheduler", default="dpm", choices=list(SCHEDULERS))
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument(
+        "--steps", type=int, help="denoising steps (default: the model's, 20 for SD1.5, 1 for SD-Turbo)"
+    )
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="default: the model's")
+    parser.add_argument("--guidance", type=float, help="guidance scale; 1 or less: none (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu or cuda (default: the artifacts' target device)")
     args = parser.parse_args(argv)

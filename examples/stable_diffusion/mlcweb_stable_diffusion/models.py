@@ -1,14 +1,16 @@
-"""The three networks of Stable Diffusion v1.5 and the torch wrappers that are exported to Relax.
+"""The three networks of Stable Diffusion 1.x / 2.x and the torch wrappers that are exported to Relax.
 
-``size="tiny"`` builds seeded random-weight models from small configs with the same classes as SD1.5
-(diffusers ``UNet2DConditionModel``, ``AutoencoderKL``, transformers ``CLIPTextModel``), so the whole
-pipeline compiles and runs in minutes on a CPU; ``size="full"`` builds the SD1.5 architecture with random
-weights (512x512 images); a diffusers folder (``--model PATH``) gives the real weights.
+``size="tiny"`` builds seeded random-weight models from small configs with the same classes as the real
+ones (diffusers ``UNet2DConditionModel``, ``AutoencoderKL``, transformers ``CLIPTextModel``), so the whole
+pipeline compiles and runs in minutes on a CPU; ``size="full"`` builds the real architecture with random
+weights (512x512 images for SD1.5, 768x768 for SD 2.1); the variant (:mod:`.variants`) picks the
+architecture; a diffusers folder (``--model PATH``) gives the real weights and its variant is detected.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,17 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from mlcweb.errors import MlcwebError
 
-__all__ = ["CLIPStage", "Networks", "UNetStage", "VAEStage", "load_networks"]
+from .variants import VARIANTS, Variant, detect, variant_named
+
+__all__ = [
+    "CLIPStage",
+    "EmbeddedGuidanceUNetStage",
+    "Networks",
+    "SingleUNetStage",
+    "UNetStage",
+    "VAEStage",
+    "load_networks",
+]
 
 _TINY_UNET: dict[str, Any] = dict(
     sample_size=16,
@@ -79,6 +91,33 @@ _FULL_CLIP: dict[str, Any] = dict(
     vocab_size=49408,
     projection_dim=768,
 )
+# SD 2.x on top of SD1's: OpenCLIP-H as diffusers ships it (a CLIPTextModel with GELU, already cut to the
+# penultimate layer), linear projections in and out of the transformers, head counts per block.
+_SD2_TINY_UNET: dict[str, Any] = dict(use_linear_projection=True, attention_head_dim=(2, 4))
+_SD2_TINY_CLIP: dict[str, Any] = dict(hidden_act="gelu")
+_SD2_FULL_UNET: dict[str, Any] = dict(
+    sample_size=96,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+    upcast_attention=True,
+)
+_SD2_FULL_CLIP: dict[str, Any] = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    hidden_act="gelu",
+    projection_dim=512,
+)
+_TINY = {
+    "sd1": (_TINY_UNET, _TINY_VAE, _TINY_CLIP),
+    "sd2": (_TINY_UNET | _SD2_TINY_UNET, _TINY_VAE, _TINY_CLIP | _SD2_TINY_CLIP),
+}
+_FULL = {
+    "sd1": (_FULL_UNET, _FULL_VAE, _FULL_CLIP),
+    "sd2": (_FULL_UNET | _SD2_FULL_UNET, _FULL_VAE | {"sample_size": 768}, _FULL_CLIP | _SD2_FULL_CLIP),
+}
 _SUBFOLDERS = {
     "unet": "UNet2DConditionModel",
     "vae": "AutoencoderKL",
@@ -95,6 +134,7 @@ class Networks:
     vae: AutoencoderKL
     scheduler_config: dict[str, Any]
     tokenizer_dir: Path | None
+    variant: Variant = VARIANTS["sd1.5"]
 
     @property
     def latent_size(self) -> int:
@@ -103,21 +143,6 @@ class Networks:
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-
-# SD1.5's scheduler/scheduler_config.json (PNDM), from which the pipelines derive the others.
-SD15_SCHEDULER_CONFIG: dict[str, Any] = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
-}
 
 
 MAX_SAMPLE_SIZE = 256  # latents of 2048x2048 images: past that a build asks for terabytes
@@ -144,7 +169,8 @@ def check_sample_size(size: object, where: str) -> int:
     return size
 
 
-def _check_folder(path: Path) -> None:
+def _check_folder(path: Path) -> Variant:
+    """The folder's variant, after checking it holds the networks a Stable Diffusion build reads."""
     if not path.is_dir():
         raise MlcwebError(f"model folder {path} does not exist; pass --model with a diffusers Stable Diffusion folder")
     missing = [sub for sub in _SUBFOLDERS if not (path / sub).is_dir()]
@@ -153,37 +179,53 @@ def _check_folder(path: Path) -> None:
             f"{path} is not a diffusers Stable Diffusion folder: missing {', '.join(f'{m}/' for m in missing)} "
             "(expected unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
+    configs: dict[str, dict[str, Any]] = {}
     for sub, cls in _SUBFOLDERS.items():
         if cls is None:
             continue
         config = path / sub / "config.json"
         if not config.is_file():
             raise MlcwebError(f"{path / sub} has no config.json")
-        data = _read_config(config)
+        data = configs[sub] = _read_config(config)
         found = data.get("_class_name") or (data.get("architectures") or [None])[0]
         if found != cls:
-            raise MlcwebError(f"{path / sub} holds a {found}, not the {cls} Stable Diffusion v1.5 needs")
-    check_sample_size(_read_config(path / "unet" / "config.json").get("sample_size"), f"{path / 'unet'} sample_size")
+            raise MlcwebError(f"{path / sub} holds a {found}, not the {cls} Stable Diffusion needs")
+    check_sample_size(configs["unet"].get("sample_size"), f"{path / 'unet'} sample_size")
+    sched = path / "scheduler" / "scheduler_config.json"
+    if not sched.is_file():
+        raise MlcwebError(f"{path / 'scheduler'} has no scheduler_config.json")
+    index = path / "model_index.json"
+    return detect(
+        _read_config(index) if index.is_file() else None,
+        configs["unet"],
+        configs["text_encoder"],
+        _read_config(sched),
+        str(path),
+    )
 
 
-def load_networks(size: str = "tiny", model_path: Path | None = None, seed: int = 0) -> Networks:
-    """The three networks in float32 eval mode, from ``model_path`` or built from configs (seeded)."""
+def load_networks(
+    size: str = "tiny", model_path: Path | None = None, seed: int = 0, variant: str = "sd1.5"
+) -> Networks:
+    """The three networks in float32 eval mode, from ``model_path`` (its variant detected) or built from
+    the configs of ``variant`` at ``size`` (seeded random weights)."""
     if model_path is not None:
-        _check_folder(model_path)
+        found = _check_folder(model_path)
         clip = CLIPTextModel.from_pretrained(model_path / "text_encoder", attn_implementation="eager")
         unet = UNet2DConditionModel.from_pretrained(model_path / "unet")
         vae = AutoencoderKL.from_pretrained(model_path / "vae")
-        sched = _read_config(model_path / "scheduler" / "scheduler_config.json")
-        nets = Networks(clip, unet, vae, sched, model_path / "tokenizer")
+        nets = Networks(clip, unet, vae, found.scheduler_config, model_path / "tokenizer", found)
     elif size in ("tiny", "full"):
+        chosen = variant_named(variant)
         torch.manual_seed(seed)
-        unet_cfg, vae_cfg, clip_cfg = (
-            (_TINY_UNET, _TINY_VAE, _TINY_CLIP) if size == "tiny" else (_FULL_UNET, _FULL_VAE, _FULL_CLIP)
-        )
+        unet_cfg, vae_cfg, clip_cfg = (_TINY if size == "tiny" else _FULL)[chosen.architecture]
         clip = CLIPTextModel(CLIPTextConfig(**clip_cfg, attn_implementation="eager"))
+        unet_cfg = unet_cfg | chosen.unet_config
+        if size == "full" and chosen.full_sample_size:
+            unet_cfg["sample_size"] = chosen.full_sample_size
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
-        nets = Networks(clip, unet, vae, dict(SD15_SCHEDULER_CONFIG), None)
+        nets = Networks(clip, unet, vae, dict(chosen.scheduler_config), None, chosen)
     else:
         raise MlcwebError(f"unknown size {size!r}: use 'tiny' or 'full', or pass --model PATH")
     for net in (nets.clip, nets.unet, nets.vae):
@@ -219,6 +261,38 @@ class UNetStage(torch.nn.Module):
         noise = self.unet(doubled, timestep, encoder_hidden_states=embeddings).sample
         uncond, cond = noise.chunk(2)
         return uncond + guidance * (cond - uncond)
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's embedding of ``w = guidance - 1`` (a vector), as diffusers' pipelines compute it."""
+    w = w * 1000.0
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freq[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
+class SingleUNetStage(torch.nn.Module):
+    """The UNet on a batch of one, without classifier-free guidance: guidance-free models (SD-Turbo) and
+    guidance scales of 1 or less (diffusers skips CFG there)."""
+
+    def __init__(self, unet: UNet2DConditionModel) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.unet(latents, timestep, encoder_hidden_states=embeddings).sample
+
+
+class EmbeddedGuidanceUNetStage(SingleUNetStage):
+    """LCM: the batch-one UNet whose guidance scale enters as an embedding (``time_cond_proj_dim``)."""
+
+    def forward(  # type: ignore[override]
+        self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor, guidance: torch.Tensor
+    ) -> torch.Tensor:
+        cond = guidance_scale_embedding(guidance.reshape(1) - 1.0, int(self.unet.config.time_cond_proj_dim))
+        return self.unet(latents, timestep, encoder_hidden_states=embeddings, timestep_cond=cond).sample
 
 
 class VAEStage(torch.nn.Module):

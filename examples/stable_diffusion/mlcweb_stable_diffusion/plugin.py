@@ -4,9 +4,14 @@ Functions of the module (each a Relax function; weights are the trailing argumen
 
 - ``clip(input_ids: int32[1, 77]) -> float32[1, 77, d]``
 - ``concat_embeddings(uncond, cond) -> float32[2, 77, d]`` (unconditional first, as the UNet expects)
-- ``unet(latents[1, 4, h, w], timestep: int32[], embeddings[2, 77, d], guidance: float32[]) -> eps``
-- ``dpm_solver_step`` and ``pndm_step`` (see :mod:`.schedulers`)
+- ``unet(latents[1, 4, h, w], timestep: int32[], embeddings[2, 77, d], guidance: float32[]) -> eps``:
+  classifier-free guidance inside (models that use it)
+- ``unet_single(latents, timestep, embeddings[1, 77, d]) -> eps``: one batch, no guidance (guidance-free
+  models such as SD-Turbo); LCM's takes ``guidance: float32[]`` as a fourth input (an embedding)
+- ``dpm_solver_step``, ``pndm_step`` and ``ancestral_step`` (see :mod:`.schedulers`)
 - ``vae(latents) -> float32[H, W, 4]`` (RGBA, whole numbers 0..255; WGSL has no uint8)
+
+Which UNet functions a build has, and its defaults, come from the model's variant (:mod:`.variants`).
 """
 
 from __future__ import annotations
@@ -27,19 +32,30 @@ from mlcweb.errors import MlcwebError
 from mlcweb.model import PhaseContext
 
 from . import MODEL_NAME
-from .models import CLIPStage, Networks, UNetStage, VAEStage, check_sample_size, load_networks
-from .schedulers import SCHEDULERS
-from .tokenizer import MAX_LENGTH, write_clip_vocab, write_tokenizer_json
+from .models import (
+    CLIPStage,
+    EmbeddedGuidanceUNetStage,
+    Networks,
+    SingleUNetStage,
+    UNetStage,
+    VAEStage,
+    check_sample_size,
+    load_networks,
+)
+from .schedulers import SCHEDULERS, step_functions
+from .tokenizer import MAX_LENGTH, folder_pad_token, pad_token_id, write_clip_vocab, write_tokenizer_json
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "size": "tiny",
+    # which member of the family random weights are built as (--model folders are detected instead)
+    "variant": "sd1.5",
     "seed": 0,
     # Latent height and width (the image is 8x that); 0 keeps the model's own (64 for SD1.5: 512x512).
     "latent_size": 0,
-    "guidance": 7.5,
-    "steps": {"dpm": [20, 10], "pndm": [50, 20]},
+    # scheduler constants to write, {"dpm": [20, 10], ...}; null: the variant's
+    "steps": None,
 }
-STAGES = ("clip", "concat_embeddings", "unet", "dpm_solver_step", "pndm_step", "vae")
+STAGES = ("clip", "concat_embeddings", "unet", "unet_single", "dpm_solver_step", "pndm_step", "ancestral_step", "vae")
 
 
 def _export(stage: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str) -> tuple[tvm.IRModule, Any]:
@@ -62,26 +78,70 @@ def _concat_function(hidden: int) -> relax.Function:
     return bb.get()["concat_embeddings"]
 
 
-def import_networks(nets: Networks, latent_size: int = 0) -> ImportedModel:
-    """Export the three networks and add the Relax-only functions; one module, weights per function.
+def _unet_functions(nets: Networks, latents: torch.Tensor, hidden: int) -> list[tuple[tvm.IRModule, Any]]:
+    step = torch.tensor(1, dtype=torch.int32)
+    out = []
+    for name in nets.variant.unets:
+        if name == "unet":
+            args: tuple[torch.Tensor, ...] = (latents, step, torch.zeros(2, MAX_LENGTH, hidden), torch.tensor(7.5))
+            out.append(_export(UNetStage(nets.unet), args, name))
+        elif nets.variant.guidance_embedding:
+            args = (latents, step, torch.zeros(1, MAX_LENGTH, hidden), torch.tensor(8.0))
+            out.append(_export(EmbeddedGuidanceUNetStage(nets.unet), args, name))
+        else:
+            out.append(_export(SingleUNetStage(nets.unet), (latents, step, torch.zeros(1, MAX_LENGTH, hidden)), name))
+    return out
+
+
+def check_steps(steps: object, train_steps: int) -> dict[str, list[int]]:
+    """``--set steps=...``: scheduler name -> step counts whose constants the build writes."""
+    ok = (
+        isinstance(steps, dict)
+        and steps
+        and all(
+            name in SCHEDULERS
+            and isinstance(counts, list)
+            and counts
+            and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= train_steps // 2 for n in counts)
+            for name, counts in steps.items()
+        )
+    )
+    if not ok or not isinstance(steps, dict):
+        raise MlcwebError(
+            f"--set steps={json.dumps(steps)} is not a map from a scheduler ({', '.join(SCHEDULERS)}) to step "
+            f'counts from 1 to {train_steps // 2}, like {{"dpm": [20, 10]}}'
+        )
+    return {str(name): list(counts) for name, counts in steps.items()}
+
+
+def import_networks(nets: Networks, latent_size: int = 0, steps: dict[str, list[int]] | None = None) -> ImportedModel:
+    """Export the networks and add the Relax-only functions; one module, weights per function.
 
     ``latent_size`` (> 0) compiles for that latent height and width instead of the UNet's ``sample_size``.
+    The UNet functions share their weights (the build stores identical weights once).
     """
     hidden = int(nets.clip.config.hidden_size)
     size = check_sample_size(latent_size, "--set latent_size") if latent_size else nets.latent_size
     latents = torch.zeros(1, 4, size, size)
     ids = torch.zeros(1, MAX_LENGTH, dtype=torch.int32)
     clip_mod, clip_params = _export(CLIPStage(nets.clip), (ids,), "clip")
-    unet_args = (latents, torch.tensor(1, dtype=torch.int32), torch.zeros(2, MAX_LENGTH, hidden), torch.tensor(7.5))
-    unet_mod, unet_params = _export(UNetStage(nets.unet), unet_args, "unet")
+    unets = _unet_functions(nets, latents, hidden)
     vae_mod, vae_params = _export(VAEStage(nets.vae), (latents,), "vae")
-    extra = {"concat_embeddings": _concat_function(hidden)}
-    for cls in SCHEDULERS.values():
-        sched = cls(nets.scheduler_config)
-        extra[sched.function] = sched.step_function(tuple(latents.shape))
-    mod = mp.merge_modules(clip_mod, unet_mod, vae_mod, tvm.IRModule(extra), names=["clip", "unet", "vae", "relax"])
+    extra = {}
+    if "unet" in nets.variant.unets:
+        extra["concat_embeddings"] = _concat_function(hidden)
+    for cls in step_functions().values():
+        extra[cls.function] = cls(nets.scheduler_config).step_function(tuple(latents.shape))
+    names = ["clip", *nets.variant.unets, "vae", "relax"]
+    mod = mp.merge_modules(clip_mod, *(m for m, _ in unets), vae_mod, tvm.IRModule(extra), names=names)
     image = size * nets.vae_scale
+    variant = nets.variant
     metadata = {
+        "variant": variant.name,
+        "architecture": variant.architecture,
+        "prediction_type": variant.prediction_type,
+        "defaults": variant.defaults(),
+        "guidance_embedding": variant.guidance_embedding,
         "latent_shape": [1, 4, size, size],
         "image_shape": [image, image, 4],
         "hidden_size": hidden,
@@ -90,16 +150,15 @@ def import_networks(nets: Networks, latent_size: int = 0) -> ImportedModel:
         "vae_scaling_factor": float(nets.vae.config.scaling_factor),
     }
     train_steps = int(nets.scheduler_config.get("num_train_timesteps", 1000))
-    ranges = {
-        "clip": {"input_ids": (0, int(nets.clip.config.vocab_size) - 1)},
-        "unet": {"timestep": (0, train_steps - 1)},
-    }
-    return ImportedModel(
-        mod=mod,
-        params={"clip": clip_params, "unet": unet_params, "vae": vae_params},
-        metadata=metadata,
-        input_ranges=ranges,
-    )
+    metadata["schedules"] = check_steps(steps if steps is not None else variant.steps, train_steps)
+    pad = folder_pad_token(nets.tokenizer_dir) if nets.tokenizer_dir is not None else variant.pad_token
+    metadata["pad_token"] = pad
+    metadata["pad_token_id"] = pad_token_id(pad, nets.tokenizer_dir)
+    ranges = {"clip": {"input_ids": (0, int(nets.clip.config.vocab_size) - 1)}}
+    ranges.update({name: {"timestep": (0, train_steps - 1)} for name in variant.unets})
+    params = {"clip": clip_params, "vae": vae_params}
+    params.update({name: p for name, (_, p) in zip(variant.unets, unets, strict=True)})
+    return ImportedModel(mod=mod, params=params, metadata=metadata, input_ranges=ranges)
 
 
 @hookimpl
@@ -107,8 +166,8 @@ def mlcweb_models() -> list[ModelSpec]:
     return [
         ModelSpec(
             MODEL_NAME,
-            "Stable Diffusion v1.5 (tiny random weights by default; --model for a diffusers folder, "
-            "--set size=full for the full-size architecture)",
+            "Stable Diffusion 1.x / 2.x, SD-Turbo, LCM (tiny random SD1.5 weights by default; --model for a "
+            "diffusers folder, --set variant=sd2.1|sd-turbo|lcm, --set size=full for the full-size architecture)",
             STAGES,
             dict(DEFAULT_CONFIG),
             # One image with the default 20-step DPM-Solver++: CLIP for the prompt and the negative prompt,
@@ -118,8 +177,10 @@ def mlcweb_models() -> list[ModelSpec]:
                 "clip": 2,
                 "concat_embeddings": 1,
                 "unet": 20,
+                "unet_single": 4,
                 "dpm_solver_step": 20,
                 "pndm_step": 0,
+                "ancestral_step": 4,
                 "vae": 1,
             },
         )
@@ -129,11 +190,11 @@ def mlcweb_models() -> list[ModelSpec]:
 @hookimpl
 def mlcweb_import_model(spec: ModelSpec, options: ImportOptions) -> ImportedModel:
     config = {**spec.default_config, **options.config}
-    nets = load_networks(config["size"], options.model_path, config["seed"])
+    nets = load_networks(config["size"], options.model_path, config["seed"], config["variant"])
     latent = config["latent_size"]
     if not isinstance(latent, int) or isinstance(latent, bool):
         raise MlcwebError(f"--set latent_size={latent!r} is not a whole number; pass 0 for the model's own size")
-    return import_networks(nets, latent)
+    return import_networks(nets, latent, config["steps"])
 
 
 @hookimpl
@@ -171,7 +232,6 @@ def write_scheduler_constants(
 def mlcweb_write_assets(
     spec: ModelSpec, out_dir: Path, target: tvm.target.Target, options: BuildOptions, imported: ImportedModel
 ) -> list[str]:
-    config = {**spec.default_config, **options.config}
     tokenizer_dir = out_dir / "tokenizer"
     if options.model_path is not None:
         tokenizer_dir.mkdir()
@@ -180,7 +240,7 @@ def mlcweb_write_assets(
     else:
         write_clip_vocab(tokenizer_dir)
     written = ["tokenizer/vocab.json", "tokenizer/merges.txt"]
-    written += write_scheduler_constants(out_dir, imported.metadata["scheduler_config"], config["steps"])
+    written += write_scheduler_constants(out_dir, imported.metadata["scheduler_config"], imported.metadata["schedules"])
     if target.kind.name == "webgpu":
         written += write_web_page(out_dir)
     return written

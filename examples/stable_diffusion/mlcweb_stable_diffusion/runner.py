@@ -19,7 +19,7 @@ from mlcweb.errors import MlcwebError
 from mlcweb.runtime import Artifacts
 
 from .schedulers import SCHEDULERS, HostLoop
-from .tokenizer import Tokenizer
+from .tokenizer import END_OF_TEXT, Tokenizer
 
 __all__ = ["Generation", "StableDiffusion", "initial_latents"]
 
@@ -77,7 +77,11 @@ class StableDiffusion:
             raise MlcwebError(f"{artifacts.root} holds {artifacts.manifest['model']!r}, not stable-diffusion")
         self.arts = artifacts
         self.meta = artifacts.manifest["metadata"]
-        self.tokenizer = Tokenizer(artifacts.root / "tokenizer")
+        self.tokenizer = Tokenizer(artifacts.root / "tokenizer", self.meta.get("pad_token", END_OF_TEXT))
+        # builds before the family had no defaults: SD1.5's
+        self.defaults: dict[str, Any] = self.meta.get(
+            "defaults", {"scheduler": "dpm", "steps": 20, "guidance": 7.5, "guidance_free": False}
+        )
         self.device = artifacts.device
 
     def _call(self, func: str, *args: tvm.runtime.Tensor) -> Any:
@@ -97,40 +101,71 @@ class StableDiffusion:
         return SCHEDULERS[scheduler](self.meta["scheduler_config"]).constants(steps)
 
     def encode(self, prompt: str, negative_prompt: str = "") -> tvm.runtime.Tensor:
+        """Embeddings for the guided ``unet``: the negative prompt's, then the prompt's."""
         cond = self._call("clip", self._tensor(self.tokenizer(prompt)))
         uncond = self._call("clip", self._tensor(self.tokenizer(negative_prompt)))
         return self._call("concat_embeddings", uncond, cond)
+
+    def unet_call(self, guidance: float) -> tuple[str, bool]:
+        """Which UNet function runs the steps, and whether it takes the guidance scale. As in diffusers,
+        a scale of 1 or less means no guidance: ``unet_single`` where the build has one (else the guided
+        ``unet`` at scale 1, the same prediction); LCM's ``unet_single`` takes the scale as an input."""
+        if self.meta.get("guidance_embedding"):
+            return "unet_single", True
+        if "unet_single" in self.arts.functions and (guidance <= 1 or "unet" not in self.arts.functions):
+            return "unet_single", False
+        return "unet", True
 
     def generate(
         self,
         prompt: str,
         negative_prompt: str = "",
         *,
-        steps: int = 20,
-        scheduler: str = "dpm",
-        guidance: float = 7.5,
+        steps: int | None = None,
+        scheduler: str | None = None,
+        guidance: float | None = None,
         seed: int = 0,
         latents: np.ndarray | None = None,
         progress: bool = False,
     ) -> Generation:
+        """One image. ``steps``, ``scheduler`` and ``guidance`` default to the model's (``defaults`` in the
+        build's metadata); ``seed`` seeds a torch generator as diffusers' pipelines do: the initial
+        latents (unless ``latents`` is given), then the noise of each step that adds some."""
+        steps = self.defaults["steps"] if steps is None else steps
+        scheduler = self.defaults["scheduler"] if scheduler is None else scheduler
+        guidance = float(self.defaults["guidance"] if guidance is None else guidance)
         train_steps = int(self.meta["scheduler_config"].get("num_train_timesteps", 1000))
         check_request(prompt, negative_prompt, steps, guidance, seed, train_steps)
         seconds: dict[str, float] = {}
         consts = self.scheduler_constants(scheduler, steps)
+        unet, takes_scale = self.unet_call(guidance)
+        if unet == "unet":
+            guidance = max(guidance, 1.0)
         start = time.perf_counter()
-        embeddings = self.encode(prompt, negative_prompt)
+        if unet == "unet":
+            embeddings = self.encode(prompt, negative_prompt)
+        else:
+            embeddings = self._call("clip", self._tensor(self.tokenizer(prompt)))
         self.device.sync()
         seconds["clip"] = time.perf_counter() - start
 
         shape = self.meta["latent_shape"]
-        init = latents if latents is not None else initial_latents(shape, seed, consts["init_noise_sigma"])
-        sample = self._tensor(init.astype(np.float32))
+        generator = torch.Generator().manual_seed(seed)
+        if latents is None:
+            latents = (torch.randn(shape, generator=generator) * consts["init_noise_sigma"]).numpy()
         loop = HostLoop(consts, np.zeros(shape, dtype=np.float32))
-        scale = self._tensor(np.array(guidance, dtype=np.float32))
+        sample = self._tensor(latents.astype(np.float32))
+        model_input = self._tensor(loop.first_input(latents.astype(np.float32)))
+        scale = [self._tensor(np.array(guidance, dtype=np.float32))] if takes_scale else []
+
+        def noise() -> tvm.runtime.Tensor:
+            return self._tensor(torch.randn(shape, generator=generator).numpy())
+
         start = time.perf_counter()
         for i, t in enumerate(tqdm(consts["timesteps"], desc="denoising", unit="step", disable=not progress)):
-            eps = self._call("unet", sample, self._tensor(np.array(t, dtype=np.int32)), embeddings, scale)
-            sample = loop.step(self._call, i, sample, eps, self._tensor)
+            timestep = self._tensor(np.array(t, dtype=np.int32))
+            eps = self._call(unet, model_input, timestep, embeddings, *scale)
+            sample, model_input = loop.step(self._call, i, sample, eps, self._tensor, noise)
         self.device.sync()
         seconds["unet+scheduler"] = time.perf_counter() - start
         seconds["per step"] = seconds["unet+scheduler"] / len(consts["timesteps"])

@@ -19,9 +19,18 @@ from transformers import CLIPTokenizer
 
 from mlcweb.errors import MlcwebError
 
-__all__ = ["MAX_LENGTH", "Tokenizer", "write_clip_vocab", "write_tokenizer_json"]
+__all__ = [
+    "END_OF_TEXT",
+    "MAX_LENGTH",
+    "Tokenizer",
+    "folder_pad_token",
+    "pad_token_id",
+    "write_clip_vocab",
+    "write_tokenizer_json",
+]
 
 MAX_LENGTH = 77
+END_OF_TEXT = "<|endoftext|>"
 _NUM_MERGES = 49152 - 256 - 2
 log = logging.getLogger(__name__)
 
@@ -51,19 +60,56 @@ def _open_clip_merges() -> Path:
     return path
 
 
-def write_clip_vocab(out_dir: Path) -> tuple[Path, Path]:
-    """Write the CLIP vocab.json and merges.txt built from open-clip-torch's merges into ``out_dir``."""
+def _clip_vocab() -> tuple[dict[str, int], list[str]]:
     with gzip.open(_open_clip_merges()) as f:
         lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : _NUM_MERGES + 1]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_clip_vocab(out_dir: Path) -> tuple[Path, Path]:
+    """Write the CLIP vocab.json and merges.txt built from open-clip-torch's merges into ``out_dir``."""
+    vocab, merges = _clip_vocab()
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_path, merges_path = out_dir / "vocab.json", out_dir / "merges.txt"
-    vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False) + "\n")
+    vocab_path.write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
     merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return vocab_path, merges_path
+
+
+def folder_pad_token(files_dir: Path) -> str:
+    """The padding token a diffusers ``tokenizer/`` folder declares (SD 2.x pads with ``!``, SD1 with
+    end-of-text), from tokenizer_config.json or special_tokens_map.json."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = files_dir / name
+        if not path.is_file():
+            continue
+        try:
+            pad = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+            raise MlcwebError(
+                f"{path} is not a readable JSON object ({err}); fix or re-download the model folder"
+            ) from err
+        if isinstance(pad, dict):
+            pad = pad.get("content")
+        if isinstance(pad, str) and pad:
+            return pad
+    return END_OF_TEXT
+
+
+def pad_token_id(pad_token: str, files_dir: Path | None) -> int:
+    """The id of ``pad_token`` in the folder's vocab.json, or in the built-in vocabulary."""
+    if files_dir is None:
+        vocab, _ = _clip_vocab()
+    else:
+        vocab = json.loads((files_dir / "vocab.json").read_text(encoding="utf-8"))
+    if pad_token not in vocab:
+        where = files_dir / "vocab.json" if files_dir else "the CLIP vocabulary"
+        raise MlcwebError(f"the padding token {pad_token!r} is not in {where}")
+    return int(vocab[pad_token])
 
 
 def write_tokenizer_json(files_dir: Path) -> Path:
@@ -74,7 +120,7 @@ def write_tokenizer_json(files_dir: Path) -> Path:
     fast = CLIPTokenizerFast(
         str(files_dir / "vocab.json"),
         str(files_dir / "merges.txt"),
-        pad_token="<|endoftext|>",
+        pad_token=END_OF_TEXT,
         model_max_length=MAX_LENGTH,
     )
     path = files_dir / "tokenizer.json"
@@ -85,15 +131,16 @@ def write_tokenizer_json(files_dir: Path) -> Path:
 
 
 class Tokenizer:
-    """Prompt -> 77 int32 token ids (start, BPE tokens, end, padded with end-of-text)."""
+    """Prompt -> 77 int32 token ids (start, BPE tokens, end, padded with ``pad_token``: end-of-text for
+    SD1, ``!`` for SD 2.x)."""
 
-    def __init__(self, files_dir: Path) -> None:
+    def __init__(self, files_dir: Path, pad_token: str = END_OF_TEXT) -> None:
         vocab, merges = files_dir / "vocab.json", files_dir / "merges.txt"
         missing = [p.name for p in (vocab, merges) if not p.is_file()]
         if missing:
             raise MlcwebError(f"tokenizer folder {files_dir} lacks {', '.join(missing)}")
         self.files_dir = files_dir
-        self.hf = CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>", model_max_length=MAX_LENGTH)
+        self.hf = CLIPTokenizer(str(vocab), str(merges), pad_token=pad_token, model_max_length=MAX_LENGTH)
 
     def __call__(self, prompt: str) -> np.ndarray:
         ids = self.hf(prompt, truncation=False)["input_ids"]
