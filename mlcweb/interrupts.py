@@ -3,7 +3,9 @@
 TVM's dlight rules try schedule steps inside bare ``except:`` clauses, so a ``KeyboardInterrupt`` raised
 while one runs is caught and forgotten, and a build would go on to replace its output. :class:`Interrupts`
 records every SIGINT as well as raising it; :meth:`Interrupts.check` raises again at the next stage
-boundary if the first one was swallowed.
+boundary if the first one was swallowed. Where a library turns the interrupt into another error (torch's
+export re-raises it as an ``UnboundLocalError`` when it lands inside its dispatch), leaving the context
+raises ``KeyboardInterrupt`` from that error instead.
 """
 
 from __future__ import annotations
@@ -42,3 +44,5 @@ class Interrupts:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         if self._installed:
             signal.signal(signal.SIGINT, self._previous)
+        if value is not None and self.seen.is_set() and not isinstance(value, KeyboardInterrupt):
+            raise KeyboardInterrupt from value

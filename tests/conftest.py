@@ -5,23 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from mlcweb import BuildOptions
-from mlcweb.build import build
-from mlcweb.plugins import PluginHost
-
-
-def build_tiny_sd(
-    out: Path, target: str, dtype: str, conv_layout: str = "auto", config: dict[str, object] | None = None
-) -> Path:
-    import mlcweb_stable_diffusion.plugin as plugin
-
-    host = PluginHost([("stable_diffusion", plugin)], entry_points=False)
-    options = BuildOptions(
-        target=target, out=out, dtype=dtype, use_cache=False, conv_layout=conv_layout, config=config or {}
-    )
-    build(host, "stable-diffusion", options, progress=False)
-    return out
+from testutil import build_tiny_sd
 
 
 @pytest.fixture(scope="session")

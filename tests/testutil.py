@@ -102,3 +102,20 @@ def nvcc_ptx(source: str, tmp_path: Path, arch: str = "sm_90") -> str:
 # A GPU of an H100's size, for tests of rules that size their work by the GPU (kernels are planned for
 # it wherever a test checks a choice; on a build machine without a GPU the targets' reference part).
 H100 = GpuFacts(sm_count=132, max_threads=1024, max_shared_bytes=227 * 1024)
+
+
+def build_tiny_sd(
+    out: Path, target: str, dtype: str, conv_layout: str = "auto", config: dict[str, object] | None = None
+) -> Path:
+    import mlcweb_stable_diffusion.plugin as plugin
+
+    from mlcweb import BuildOptions
+    from mlcweb.build import build as build_model
+    from mlcweb.plugins import PluginHost
+
+    host = PluginHost([("stable_diffusion", plugin)], entry_points=False)
+    options = BuildOptions(
+        target=target, out=out, dtype=dtype, use_cache=False, conv_layout=conv_layout, config=config or {}
+    )
+    build_model(host, "stable-diffusion", options, progress=False)
+    return out

@@ -197,6 +197,19 @@ def test_an_interrupt_a_library_swallows_still_ends_the_work() -> None:
         interrupts.check()
 
 
+def test_an_interrupt_a_library_turns_into_another_error_still_ends_the_work() -> None:
+    """torch.export, interrupted inside its dispatch, raises UnboundLocalError instead (seen in a build)."""
+    import signal
+
+    from mlcweb.interrupts import Interrupts
+
+    with pytest.raises(KeyboardInterrupt), Interrupts():
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt as err:
+            raise UnboundLocalError("cannot access local variable 'old_apply_views'") from err
+
+
 def test_ctrl_c_during_a_build_keeps_the_old_output(artifacts: Path, tmp_path: Path) -> None:
     import shutil
     import signal

@@ -76,3 +76,83 @@ def test_latent_size_option_is_checked(latent: int) -> None:
 
     with pytest.raises(MlcwebError, match=r"--set latent_size is .*multiple of 8"):
         import_networks(load_networks("tiny"), latent)
+
+
+def _save_pipeline(root: Path, variant: str, pad: str = "<|endoftext|>") -> Path:
+    """A diffusers folder as save_pretrained writes it, from the tiny networks of ``variant``."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+    from mlcweb_stable_diffusion.schedulers import SCHEDULERS
+    from mlcweb_stable_diffusion.tokenizer import Tokenizer, write_clip_vocab
+
+    nets = load_networks("tiny", None, 0, variant)
+    write_clip_vocab(root / "vocab")
+    tokenizer = Tokenizer(root / "vocab", pad_token=pad).hf
+    name = {"sd2.1": "pndm", "sd-turbo": "euler_a", "lcm": "lcm"}[variant]
+    cls = LatentConsistencyModelPipeline if variant == "lcm" else StableDiffusionPipeline
+    pipe = cls(
+        vae=nets.vae,
+        text_encoder=nets.clip,
+        tokenizer=tokenizer,
+        unet=nets.unet,
+        scheduler=SCHEDULERS[name](nets.scheduler_config).diffusers(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root / variant)
+    return root / variant
+
+
+@pytest.mark.parametrize(
+    ("variant", "pad", "expected"),
+    [
+        ("sd2.1", "!", ("sd2", "v_prediction", ("unet",), "dpm", 20, 7.5, 0)),
+        ("sd-turbo", "!", ("sd2", "epsilon", ("unet_single", "unet"), "euler_a", 1, 0.0, 0)),
+        ("lcm", "<|endoftext|>", ("sd1", "epsilon", ("unet_single",), "lcm", 4, 8.0, 49407)),
+    ],
+)
+def test_the_variant_of_a_folder_is_detected(
+    tmp_path: Path, variant: str, pad: str, expected: tuple[object, ...]
+) -> None:
+    """Architecture, prediction type, UNet functions and defaults from model_index.json and the configs;
+    the padding token from the tokenizer's config."""
+    from mlcweb_stable_diffusion.plugin import import_networks
+
+    folder = _save_pipeline(tmp_path, variant, pad)
+    nets = load_networks(model_path=folder)
+    v = nets.variant
+    defaults = v.defaults()
+    imported = import_networks(nets)
+    got = (v.architecture, v.prediction_type, v.unets, defaults["scheduler"], defaults["steps"], defaults["guidance"])
+    assert (*got, imported.metadata["pad_token_id"]) == expected
+    assert imported.metadata["pad_token"] == pad
+    assert {gv.name_hint for gv in imported.mod.get_global_vars()} >= set(v.unets)
+    # transformers 5 saves tokenizer.json only: the build writes vocab.json + merges.txt from it
+    from mlcweb_stable_diffusion.tokenizer import Tokenizer, copy_tokenizer_files
+
+    copy_tokenizer_files(folder / "tokenizer", tmp_path / "copied")
+    ours = Tokenizer(tmp_path / "copied", pad_token=pad)
+    theirs = Tokenizer(tmp_path / "vocab", pad_token=pad)
+    for prompt in ("a red fox!", "naïve café 2024"):
+        assert ours(prompt).tolist() == theirs(prompt).tolist()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"model_index.json": {"_class_name": "StableDiffusionXLPipeline"}}, "is an SDXL model"),
+        ({"model_index.json": {"_class_name": "KandinskyPipeline"}}, "holds a KandinskyPipeline"),
+        ({"unet/config.json": {"addition_embed_type": "text_time"}}, "added embeddings .*'text_time'"),
+        ({"scheduler/scheduler_config.json": {"prediction_type": "sample"}}, "predicts 'sample'"),
+        ({"scheduler/scheduler_config.json": {"_class_name": "KDPM2DiscreteScheduler"}}, "is a KDPM2Discrete"),
+    ],
+)
+def test_a_folder_the_plugin_cannot_build_is_named(
+    tmp_path: Path, edit: dict[str, dict[str, str]], message: str
+) -> None:
+    folder = _save_pipeline(tmp_path, "sd2.1", "!")
+    for rel, change in edit.items():
+        data = json.loads((folder / rel).read_text())
+        (folder / rel).write_text(json.dumps({**data, **change}))
+    with pytest.raises(MlcwebError, match=message):
+        load_networks(model_path=folder)

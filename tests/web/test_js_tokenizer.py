@@ -38,15 +38,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def js_ids(root: Path, prompts: list[str]) -> list[list[int]]:
+def js_ids(root: Path, prompts: list[str], pad_id: int | None = None) -> list[list[int]]:
     script = """
 import { readFileSync } from "node:fs";
 import { ClipTokenizer } from "./clip_tokenizer.js";
-const tok = new ClipTokenizer(JSON.parse(readFileSync("tokenizer/tokenizer.json", "utf8")));
+const tok = new ClipTokenizer(JSON.parse(readFileSync("tokenizer/tokenizer.json", "utf8")), PAD);
 const prompts = JSON.parse(readFileSync(0, "utf8"));
 console.log(JSON.stringify(prompts.map((p) => Array.from(tok.encode(p)))));
 """
-    (root / "run.mjs").write_text(script)
+    (root / "run.mjs").write_text(script.replace("PAD", "undefined" if pad_id is None else str(pad_id)))
     out = subprocess.run(
         ["node", "run.mjs"], cwd=root, input=json.dumps(prompts), capture_output=True, text=True, check=True
     )
@@ -62,3 +62,15 @@ def test_js_tokenizer_gives_the_python_ids(files: Path) -> None:
         assert ids == want, f"JS and Python tokenizers differ on {prompt!r}"
     assert all(len(ids) == 77 for ids in got)
     assert got[-1][-1] == 49407 and got[-1][-2] != 49407  # truncated: ends with the end token, no padding
+
+
+def test_js_tokenizer_pads_as_sd2_does(files: Path) -> None:
+    """SD 2.x pads with "!" (id 0), from the build's metadata.pad_token_id, as the Python tokenizer does."""
+    sd2 = files.parent / "jstok-sd2"
+    shutil.copytree(files, sd2)
+    write_tokenizer_json(sd2 / "tokenizer", pad_token="!")
+    python = Tokenizer(sd2 / "tokenizer", pad_token="!")
+    got = js_ids(sd2, PROMPTS, pad_id=0)
+    for prompt, ids in zip(PROMPTS, got, strict=True):
+        assert ids == python(prompt)[0].tolist(), f"JS and Python tokenizers differ on {prompt!r}"
+    assert got[0][-1] == 0 and 49407 in got[0]

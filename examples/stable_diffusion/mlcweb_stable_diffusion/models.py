@@ -21,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from mlcweb.errors import MlcwebError
 
+from .tokenizer import check_tokenizer_folder
 from .variants import VARIANTS, Variant, detect, variant_named
 
 __all__ = [
@@ -191,6 +192,7 @@ def _check_folder(path: Path) -> Variant:
         if found != cls:
             raise MlcwebError(f"{path / sub} holds a {found}, not the {cls} Stable Diffusion needs")
     check_sample_size(configs["unet"].get("sample_size"), f"{path / 'unet'} sample_size")
+    check_tokenizer_folder(path / "tokenizer")
     sched = path / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
         raise MlcwebError(f"{path / 'scheduler'} has no scheduler_config.json")

@@ -43,7 +43,15 @@ from .models import (
     load_networks,
 )
 from .schedulers import SCHEDULERS, step_functions
-from .tokenizer import MAX_LENGTH, folder_pad_token, pad_token_id, write_clip_vocab, write_tokenizer_json
+from .tokenizer import (
+    END_OF_TEXT,
+    MAX_LENGTH,
+    copy_tokenizer_files,
+    folder_pad_token,
+    pad_token_id,
+    write_clip_vocab,
+    write_tokenizer_json,
+)
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "size": "tiny",
@@ -234,21 +242,19 @@ def mlcweb_write_assets(
 ) -> list[str]:
     tokenizer_dir = out_dir / "tokenizer"
     if options.model_path is not None:
-        tokenizer_dir.mkdir()
-        for name in ("vocab.json", "merges.txt"):
-            (tokenizer_dir / name).write_bytes((options.model_path / "tokenizer" / name).read_bytes())
+        copy_tokenizer_files(options.model_path / "tokenizer", tokenizer_dir)
     else:
         write_clip_vocab(tokenizer_dir)
     written = ["tokenizer/vocab.json", "tokenizer/merges.txt"]
     written += write_scheduler_constants(out_dir, imported.metadata["scheduler_config"], imported.metadata["schedules"])
     if target.kind.name == "webgpu":
-        written += write_web_page(out_dir)
+        written += write_web_page(out_dir, imported.metadata["pad_token"])
     return written
 
 
-def write_web_page(out_dir: Path) -> list[str]:
+def write_web_page(out_dir: Path, pad_token: str = END_OF_TEXT) -> list[str]:
     """The browser page (this package's ``static/``) and the tokenizer.json its JS tokenizer reads."""
-    write_tokenizer_json(out_dir / "tokenizer")
+    write_tokenizer_json(out_dir / "tokenizer", pad_token)
     written = ["tokenizer/tokenizer.json"]
     static = resources.files(__package__).joinpath("static")
     for src in sorted(static.iterdir(), key=lambda f: f.name):

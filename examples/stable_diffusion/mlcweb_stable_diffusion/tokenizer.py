@@ -23,6 +23,8 @@ __all__ = [
     "END_OF_TEXT",
     "MAX_LENGTH",
     "Tokenizer",
+    "check_tokenizer_folder",
+    "copy_tokenizer_files",
     "folder_pad_token",
     "pad_token_id",
     "write_clip_vocab",
@@ -80,6 +82,41 @@ def write_clip_vocab(out_dir: Path) -> tuple[Path, Path]:
     return vocab_path, merges_path
 
 
+def _bpe_from_tokenizer_json(path: Path) -> tuple[dict[str, int], list[str]]:
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+        vocab, merges = model["vocab"], model["merges"]
+        if model.get("type") != "BPE" or not isinstance(vocab, dict):
+            raise ValueError(f"a {model.get('type')} model, not CLIP's BPE")
+        lines = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise MlcwebError(f"{path} is not a CLIP BPE tokenizer ({err}); fix or re-download the model folder") from err
+    return {str(k): int(v) for k, v in vocab.items()}, lines
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """vocab.json and merges.txt of a folder's ``tokenizer/`` into ``dst``: copied where the folder has
+    them (as the Hub's folders do), else taken from its tokenizer.json (what transformers 5 saves)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
+        for name in ("vocab.json", "merges.txt"):
+            (dst / name).write_bytes((src / name).read_bytes())
+        return
+    vocab, merges = _bpe_from_tokenizer_json(src / "tokenizer.json")
+    (dst / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
+    (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def check_tokenizer_folder(files_dir: Path) -> None:
+    """A model folder's ``tokenizer/`` holds vocab.json + merges.txt or a tokenizer.json."""
+    if (files_dir / "vocab.json").is_file() and (files_dir / "merges.txt").is_file():
+        return
+    if not (files_dir / "tokenizer.json").is_file():
+        raise MlcwebError(
+            f"{files_dir} has neither vocab.json + merges.txt nor tokenizer.json; re-download the model folder"
+        )
+
+
 def folder_pad_token(files_dir: Path) -> str:
     """The padding token a diffusers ``tokenizer/`` folder declares (SD 2.x pads with ``!``, SD1 with
     end-of-text), from tokenizer_config.json or special_tokens_map.json."""
@@ -104,23 +141,26 @@ def pad_token_id(pad_token: str, files_dir: Path | None) -> int:
     """The id of ``pad_token`` in the folder's vocab.json, or in the built-in vocabulary."""
     if files_dir is None:
         vocab, _ = _clip_vocab()
-    else:
+    elif (files_dir / "vocab.json").is_file():
         vocab = json.loads((files_dir / "vocab.json").read_text(encoding="utf-8"))
+    else:
+        vocab, _ = _bpe_from_tokenizer_json(files_dir / "tokenizer.json")
     if pad_token not in vocab:
         where = files_dir / "vocab.json" if files_dir else "the CLIP vocabulary"
         raise MlcwebError(f"the padding token {pad_token!r} is not in {where}")
     return int(vocab[pad_token])
 
 
-def write_tokenizer_json(files_dir: Path) -> Path:
+def write_tokenizer_json(files_dir: Path, pad_token: str = END_OF_TEXT) -> Path:
     """Write ``tokenizer.json`` (the Hugging Face fast-tokenizer format the web page's JS tokenizer reads)
-    next to vocab.json and merges.txt, converted from them by transformers' CLIPTokenizerFast."""
+    next to vocab.json and merges.txt, converted from them by transformers' CLIPTokenizerFast. The padding
+    token is a special token there as in the Python tokenizer (SD 2.x's ``!`` in a prompt is id 0)."""
     from transformers import CLIPTokenizerFast
 
     fast = CLIPTokenizerFast(
         str(files_dir / "vocab.json"),
         str(files_dir / "merges.txt"),
-        pad_token=END_OF_TEXT,
+        pad_token=pad_token,
         model_max_length=MAX_LENGTH,
     )
     path = files_dir / "tokenizer.json"

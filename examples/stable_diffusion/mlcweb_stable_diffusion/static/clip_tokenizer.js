@@ -6,11 +6,13 @@ import { Tokenizer } from "./tokenizers.mjs";
 
 export const MAX_LENGTH = 77;
 
-/** CLIP ids for a prompt: start token, BPE tokens, end token, padded with end-of-text to 77. */
+/** CLIP ids for a prompt: start token, BPE tokens, end token, padded to 77 with `padId` (the build's
+ * metadata.pad_token_id: end-of-text for SD1, "!" for SD 2.x; end-of-text when not given). */
 export class ClipTokenizer {
-  constructor(tokenizerJson) {
+  constructor(tokenizerJson, padId = undefined) {
     this.tok = new Tokenizer(tokenizerJson, {});
     this.end = this.tok.encode("").ids.at(-1);
+    this.pad = padId ?? this.end;
   }
 
   encode(prompt) {
@@ -19,7 +21,7 @@ export class ClipTokenizer {
       console.warn(`prompt is ${ids.length} tokens; CLIP reads ${MAX_LENGTH}, so it is truncated`);
       ids = ids.slice(0, MAX_LENGTH - 1).concat([this.end]);
     }
-    const out = new Int32Array(MAX_LENGTH).fill(this.end);
+    const out = new Int32Array(MAX_LENGTH).fill(this.pad);
     out.set(ids);
     return out;
   }

@@ -1,11 +1,13 @@
 // Stable Diffusion in the page: CLIP tokenizer -> clip -> UNet + scheduler loop -> VAE -> canvas.
 //
-// The host loop mirrors mlcweb_stable_diffusion.schedulers.HostLoop (docs/stable_diffusion.md): each
-// step runs the compiled `unet` (classifier-free guidance inside) and the scheduler's step function
-// with that step's coefficients from scheduler-<name>-<steps>.json.
+// The host loop mirrors mlcweb_stable_diffusion.schedulers.HostLoop and runner.StableDiffusion
+// (docs/stable_diffusion.md): each step runs the compiled `unet` (classifier-free guidance inside) or,
+// for guidance-free models and scales of 1 or less, the batch-one `unet_single`, then the scheduler's
+// step function with that step's coefficients from scheduler-<name>-<steps>.json.
 //
 // For scripts and tests the page exposes window.mlcwebSD = { ready, generate(options) }; options may
-// carry `latents` (a Float32Array) to start from given noise instead of the seeded generator.
+// carry `latents` (a Float32Array) to start from given noise instead of the seeded generator, and
+// `noises` (one Float32Array per step that adds noise) for Euler-ancestral and LCM.
 
 import { loadModel, MlcwebError, checkWebGPU } from "./mlcweb.js";
 import { ClipTokenizer, MAX_LENGTH } from "./clip_tokenizer.js";
@@ -22,8 +24,9 @@ function showError(err) {
   console.error(err);
 }
 
-/** Standard normal samples from a seeded generator (mulberry32 + Box-Muller; not torch.randn's stream). */
-export function seededNormal(count, seed) {
+/** A seeded stream of standard normal samples (mulberry32 + Box-Muller; not torch.randn's stream):
+ * `normals(count)` gives the next `count`, so the initial latents and each step's noise come from one seed. */
+export function normalStream(seed) {
   let state = seed >>> 0;
   const uniform = () => {
     state = (state + 0x6d2b79f5) >>> 0;
@@ -32,22 +35,43 @@ export function seededNormal(count, seed) {
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
-  const out = new Float32Array(count);
-  for (let i = 0; i < count; i += 2) {
-    const r = Math.sqrt(-2 * Math.log(1 - uniform()));
-    const theta = 2 * Math.PI * uniform();
-    out[i] = r * Math.cos(theta);
-    if (i + 1 < count) out[i + 1] = r * Math.sin(theta);
-  }
-  return out;
+  return (count) => {
+    const out = new Float32Array(count);
+    for (let i = 0; i < count; i += 2) {
+      const r = Math.sqrt(-2 * Math.log(1 - uniform()));
+      const theta = 2 * Math.PI * uniform();
+      out[i] = r * Math.cos(theta);
+      if (i + 1 < count) out[i + 1] = r * Math.sin(theta);
+    }
+    return out;
+  };
 }
+
+/** The first `count` samples of seed's stream. */
+export function seededNormal(count, seed) {
+  return normalStream(seed)(count);
+}
+
+export const SCHEDULER_TITLES = { dpm: "DPM-Solver++", pndm: "PNDM", euler: "Euler", euler_a: "Euler ancestral", lcm: "LCM" };
+
+// Builds from before the family carry no defaults: SD1.5's.
+const SD15_DEFAULTS = { scheduler: "dpm", steps: 20, guidance: 7.5, guidance_free: false };
 
 class StableDiffusion {
   constructor(model, tokenizer) {
     this.model = model;
     this.tokenizer = tokenizer;
     this.meta = model.manifest.metadata;
+    this.defaults = this.meta.defaults || SD15_DEFAULTS;
     this.constants = new Map();
+  }
+
+  /** The UNet function for a guidance scale, and whether it takes the scale (runner.unet_call). */
+  unetCall(guidance) {
+    const has = (name) => name in this.model.manifest.functions;
+    if (this.meta.guidance_embedding) return { unet: "unet_single", takesScale: true };
+    if (has("unet_single") && (guidance <= 1 || !has("unet"))) return { unet: "unet_single", takesScale: false };
+    return { unet: "unet", takesScale: true };
   }
 
   schedules() {
@@ -84,27 +108,33 @@ class StableDiffusion {
   }
 
   /** Generate one image; returns { pixels: Uint8ClampedArray (H*W*4 RGBA), seconds, stepTimes }. */
-  async generate({ prompt = "", negative = "", scheduler = "dpm", steps = 20, guidance = 7.5, seed = 0, latents = null, previewEvery = 0, onStep = () => {} } = {}) {
+  async generate({ prompt = "", negative = "", scheduler = this.defaults.scheduler, steps = this.defaults.steps, guidance = this.defaults.guidance, seed = 0, latents = null, noises = null, previewEvery = 0, onStep = () => {} } = {}) {
     checkRequest({ steps, guidance, seed }, this.meta.scheduler_config);
     const m = this.model;
     const tvm = m.tvm;
     const consts = await this.schedulerConstants(scheduler, steps);
     const shape = this.meta.latent_shape;
     const count = shape.reduce((a, b) => a * b, 1);
+    const { unet, takesScale } = this.unetCall(guidance);
+    const scaleValue = unet === "unet" ? Math.max(guidance, 1) : guidance;
     const seconds = {};
     tvm.beginScope();
     try {
       let start = performance.now();
-      const cond = m.call("clip", m.tensor(this.tokenizer.encode(prompt), [1, MAX_LENGTH], "int32"));
-      const uncond = m.call("clip", m.tensor(this.tokenizer.encode(negative), [1, MAX_LENGTH], "int32"));
-      const embeddings = m.call("concat_embeddings", uncond, cond);
+      const encode = (text) => m.call("clip", m.tensor(this.tokenizer.encode(text), [1, MAX_LENGTH], "int32"));
+      const embeddings = unet === "unet" ? m.call("concat_embeddings", encode(negative), encode(prompt)) : encode(prompt);
       await m.sync();
       seconds.clip = (performance.now() - start) / 1000;
 
-      const init = latents ? Float32Array.from(latents) : seededNormal(count, seed).map((x) => x * consts.init_noise_sigma);
+      const normals = normalStream(seed);
+      const init = latents ? Float32Array.from(latents) : normals(count).map((x) => x * consts.init_noise_sigma);
       let sample = m.tensor(init, shape, "float32");
+      const inputScale = consts.input_scale ?? 1;
+      let modelInput = inputScale === 1 ? sample : m.tensor(init.map((x) => x * inputScale), shape, "float32");
       const zeros = m.tensor(new Float32Array(count), shape, "float32");
-      const scale = m.tensor(Float32Array.of(guidance), [], "float32");
+      const scale = takesScale ? [m.tensor(Float32Array.of(scaleValue), [], "float32")] : [];
+      let noiseIndex = 0;
+      const noise = () => m.tensor(noises ? Float32Array.from(noises[noiseIndex++]) : normals(count), shape, "float32");
       let history = [];
       let saved = null;
       start = performance.now();
@@ -112,13 +142,17 @@ class StableDiffusion {
       for (let i = 0; i < consts.timesteps.length; ++i) {
         const stepStart = performance.now();
         const t = m.tensor(Int32Array.of(consts.timesteps[i]), [], "int32");
-        const eps = m.call("unet", sample, t, embeddings, scale);
+        const eps = m.call(unet, modelInput, t, embeddings, ...scale);
         const coeffs = m.tensor(Float32Array.from(consts.coeffs[i]), [consts.coeffs[i].length], "float32");
-        if (consts.scheduler === "dpm") {
+        if (consts.function === "ancestral_step") {
+          const out = m.call(consts.function, sample, eps, consts.noise[i] ? noise() : zeros, coeffs);
+          sample = out.get(0);
+          modelInput = out.get(1);
+        } else if (consts.function === "dpm_solver_step") {
           const prev = history.length ? history[history.length - 1] : zeros;
           const out = m.call(consts.function, sample, eps, prev, coeffs);
           history = [out.get(1)];
-          sample = out.get(0);
+          sample = modelInput = out.get(0);
         } else {
           const flags = consts.flags[i];
           const hist = history.slice(-3).reverse();
@@ -127,7 +161,7 @@ class StableDiffusion {
           if (flags.save_sample) saved = sample;
           const out = m.call(consts.function, stepSample, eps, ...hist, coeffs);
           if (flags.push_eps) history = [...history.slice(-3), eps];
-          sample = out;
+          sample = modelInput = out;
         }
         await m.sync();
         stepTimes.push((performance.now() - stepStart) / 1000);
@@ -184,7 +218,7 @@ async function main() {
       },
       log: (msg) => console.log(msg),
     });
-    tokenizer = new ClipTokenizer(await model.fetchJSON("tokenizer/tokenizer.json"));
+    tokenizer = new ClipTokenizer(await model.fetchJSON("tokenizer/tokenizer.json"), model.manifest.metadata.pad_token_id);
   } catch (err) {
     showError(err);
     return;
@@ -193,10 +227,14 @@ async function main() {
   const sd = new StableDiffusion(model, tokenizer);
   const loadSeconds = (performance.now() - loadStart) / 1000;
   for (const s of sd.schedules()) {
-    const option = new Option(`${s.name === "dpm" ? "DPM-Solver++" : "PNDM"}, ${s.steps} steps`, `${s.name}:${s.steps}`);
-    option.selected = s.name === "dpm" && s.steps === 20;
+    const option = new Option(`${SCHEDULER_TITLES[s.name] || s.name}, ${s.steps} step${s.steps === 1 ? "" : "s"}`, `${s.name}:${s.steps}`);
+    option.selected = s.name === sd.defaults.scheduler && s.steps === sd.defaults.steps;
     $("scheduler").add(option);
   }
+  // The model's own defaults; guidance-free models (SD-Turbo) hide the scale and the negative prompt.
+  $("guidance").value = String(sd.defaults.guidance);
+  $("model").textContent = `${sd.meta.variant || "sd1.5"} · ${sd.meta.image_shape[1]}x${sd.meta.image_shape[0]} · ${sd.meta.prediction_type || "epsilon"} prediction`;
+  document.body.dataset.guidanceFree = String(sd.defaults.guidance_free && !sd.meta.guidance_embedding);
 
   let busy = false;
   const generate = async (options) => {
@@ -226,9 +264,9 @@ async function main() {
       $("generate").disabled = false;
     }
   };
-  $("generate").addEventListener("click", () => {
+  const fromForm = () => {
     const [scheduler, steps] = $("scheduler").value.split(":");
-    generate({
+    return {
       prompt: $("prompt").value,
       negative: $("negative").value,
       scheduler,
@@ -236,7 +274,25 @@ async function main() {
       guidance: Number($("guidance").value),
       seed: Number($("seed").value),
       previewEvery: $("preview").checked ? Number($("preview-every").value) : 0,
-    }).catch(() => {});
+    };
+  };
+  $("generate").addEventListener("click", () => generate(fromForm()).catch(() => {}));
+  // Live mode: an image each time typing pauses; a pause during a generation runs once it ends.
+  $("live").checked = sd.defaults.steps <= 4;
+  let timer = null;
+  let pending = false;
+  const live = () => {
+    if (!$("live").checked) return;
+    if (busy) {
+      pending = true;
+      return;
+    }
+    pending = false;
+    generate(fromForm()).catch(() => {}).finally(() => pending && live());
+  };
+  $("prompt").addEventListener("input", () => {
+    clearTimeout(timer);
+    timer = setTimeout(live, 300);
   });
   window.mlcwebSD = { generate, tokenizer, model, loadSeconds };
   $("generate").disabled = false;
