@@ -105,7 +105,12 @@ H100 = GpuFacts(sm_count=132, max_threads=1024, max_shared_bytes=227 * 1024)
 
 
 def build_tiny_sd(
-    out: Path, target: str, dtype: str, conv_layout: str = "auto", config: dict[str, object] | None = None
+    out: Path,
+    target: str,
+    dtype: str,
+    conv_layout: str = "auto",
+    config: dict[str, object] | None = None,
+    webgpu_fallback: bool = True,
 ) -> Path:
     import mlcweb_stable_diffusion.plugin as plugin
 
@@ -115,7 +120,13 @@ def build_tiny_sd(
 
     host = PluginHost([("stable_diffusion", plugin)], entry_points=False)
     options = BuildOptions(
-        target=target, out=out, dtype=dtype, use_cache=False, conv_layout=conv_layout, config=config or {}
+        target=target,
+        out=out,
+        dtype=dtype,
+        use_cache=False,
+        conv_layout=conv_layout,
+        config=config or {},
+        webgpu_fallback=webgpu_fallback,
     )
     build_model(host, "stable-diffusion", options, progress=False)
     return out

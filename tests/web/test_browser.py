@@ -166,3 +166,67 @@ def test_page_without_webgpu_says_so(playwright: Any, server: str) -> None:
         page.screenshot(path=str(ARTIFACTS / "browser-no-webgpu.png"))
     finally:
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def turbo_webgpu(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SD-Turbo built for webgpu in float32 (no float16 bundle: SwiftShader would fall back anyway)."""
+    from testutil import build_tiny_sd
+
+    out = tmp_path_factory.mktemp("turbo") / "webgpu"
+    return build_tiny_sd(out, "webgpu", "float32", config={"variant": "sd-turbo"}, webgpu_fallback=False)
+
+
+def test_turbo_page_matches_native_llvm(
+    playwright: Any, turbo_webgpu: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A second architecture in the browser: SD 2.x's UNet (linear projections, per-block heads) through
+    the batch-one unet_single and Euler-ancestral with noise between steps. The page hides guidance and
+    picks the model's one-step default; the image of 2 steps, given the latents and the noise the native
+    run draws from its seed, matches native."""
+    import torch
+    from testutil import build_tiny_sd
+
+    native_dir = build_tiny_sd(
+        tmp_path_factory.mktemp("turbo") / "llvm", "llvm", "float32", config={"variant": "sd-turbo"}
+    )
+    native = StableDiffusion(load(native_dir))
+    consts = native.scheduler_constants("euler_a", 2)
+    shape = native.meta["latent_shape"]
+    generator = torch.Generator().manual_seed(9)
+    latents = (torch.randn(shape, generator=generator) * consts["init_noise_sigma"]).numpy()
+    noises = [torch.randn(shape, generator=generator).numpy().reshape(-1).tolist() for _ in consts["timesteps"]]
+    expected = native.generate(PROMPT, steps=2, scheduler="euler_a", seed=9).image
+
+    srv = make_server(turbo_webgpu, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    browser = _launch(playwright, webgpu=True)
+    try:
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(f"http://127.0.0.1:{srv.server_address[1]}/index.html")
+        state = _wait_for(page, ["ready", "error"], 600)
+        assert state == "ready", page.inner_text("#error")
+        assert page.evaluate("document.body.dataset.guidanceFree") == "true"
+        assert not page.is_visible("#guidance") and not page.is_visible("#negative")
+        assert page.input_value("#scheduler") == "euler_a:1" and page.is_checked("#live")
+        pixels = page.evaluate(
+            """async (args) => {
+                const r = await window.mlcwebSD.generate({ ...args, latents: Float32Array.from(args.latents) });
+                return Array.from(r.pixels);
+            }""",
+            {
+                "prompt": PROMPT,
+                "scheduler": "euler_a",
+                "steps": 2,
+                "latents": latents.reshape(-1).tolist(),
+                "noises": noises,
+            },
+        )
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser-sd-turbo.png"), full_page=True, timeout=120_000)
+    finally:
+        browser.close()
+        srv.shutdown()
+    got = np.asarray(pixels, dtype=np.uint8).reshape(expected.shape)
+    diff = np.abs(got.astype(int) - expected.astype(int))
+    assert diff.max() <= MAX_LEVELS and diff.mean() <= MEAN_LEVELS, (int(diff.max()), float(diff.mean()))
