@@ -42,7 +42,7 @@ from .rewrites.lift_kernel_scratch import LiftKernelScratch
 from .rewrites.linear_weight_layout import LinearWeightLayout
 from .rewrites.memory_plan import FunctionMemory, StaticMemoryPlan, memory_report
 from .rewrites.merge_projections import MergeProjections
-from .rewrites.mixed_precision import MixedPrecision
+from .rewrites.mixed_precision import KEEP_FLOAT32_ATTR, MixedPrecision
 from .rewrites.split_k_conv import SplitKConv
 from .schedules.apply_database import ApplyDatabase, ScheduleReport, load_database, schedule_report
 from .schedules.default_schedule import DefaultSchedule, default_rules, is_scheduled
@@ -52,6 +52,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CONV_LAYOUTS",
+    "KEEP_FLOAT32_ATTR",
     "PHASES",
     "ApplyDatabase",
     "ClampGatherIndices",

@@ -13,7 +13,9 @@ model, and lets GPUs use their float16 units. Done naively it breaks numerics: l
   transform module, so the deployed weights are stored in float16.
 
 The function signature is unchanged (float32 in, float32 out) unless ``fp16_inputs`` names inputs
-to take as float16.
+to take as float16. A function carrying the attribute ``KEEP_FLOAT32_ATTR`` (``"mlcweb.keep_float32"``)
+is left in float32: a network whose activations overflow float16 (SDXL's VAE, which diffusers upcasts
+for the same reason) runs in float32 inside an otherwise float16 build.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from tvm import relax
 
 from .._relax import ModulePassBase
 
-__all__ = ["MixedPrecision"]
+__all__ = ["KEEP_FLOAT32_ATTR", "MixedPrecision"]
+
+KEEP_FLOAT32_ATTR = "mlcweb.keep_float32"
 
 
 @tvm.transform.module_pass(opt_level=0, name="mlcweb.MixedPrecision")
@@ -39,10 +43,19 @@ class MixedPrecision(ModulePassBase):
         self.fp16_inputs = list(fp16_inputs)
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return tvm.transform.Sequential(
+        kept = {
+            gv: func
+            for gv, func in mod.functions_items()
+            if func.attrs is not None and KEEP_FLOAT32_ATTR in func.attrs and bool(func.attrs[KEEP_FLOAT32_ATTR])
+        }
+        rest = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in kept}, attrs=mod.attrs)
+        out = tvm.transform.Sequential(
             [
                 relax.transform.ConvertToDataflow(),
                 relax.transform.ToMixedPrecision(self.accumulate_dtype, self.fp16_inputs or None),
                 relax.transform.CanonicalizeBindings(),
             ]
-        )(mod)
+        )(rest)
+        for gv, func in kept.items():
+            out[gv] = func
+        return out

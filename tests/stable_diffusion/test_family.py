@@ -1,5 +1,5 @@
-"""The rest of the family (SD 2.1 with v-prediction, SD-Turbo, LCM), compiled for llvm in float32,
-against the matching diffusers pipeline on the same tiny random weights, prompt and seed.
+"""The rest of the family (SD 2.1 with v-prediction, SD-Turbo, LCM, SDXL, SDXL-Turbo), compiled for llvm
+in float32, against the matching diffusers pipeline on the same tiny random weights, prompt and seed.
 
 Tolerance: the final uint8 image within 1 of 255 per channel, as for SD1.5 (measured: identical for
 every case here). The seed goes to a torch generator on both sides: initial latents, then the noise of
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from mlcweb_stable_diffusion.models import (
     CLIPStage,
     EmbeddedGuidanceUNetStage,
@@ -30,21 +30,35 @@ from testutil import build_tiny_sd
 from mlcweb.runtime import load
 
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk, oil painting", "blurry"
+VARIANTS = ("sd2.1", "sd-turbo", "lcm", "sdxl", "sdxl-turbo")
 
 
 @pytest.fixture(scope="session")
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each variant built for llvm in float32 (about 20-30 s each on 2 cores)."""
     root = tmp_path_factory.mktemp("family")
-    return {v: build_tiny_sd(root / v, "llvm", "float32", config={"variant": v}) for v in ("sd2.1", "sd-turbo", "lcm")}
+    return {v: build_tiny_sd(root / v, "llvm", "float32", config={"variant": v}) for v in VARIANTS}
 
 
 @pytest.fixture(scope="session")
 def networks() -> dict[str, Networks]:
-    return {v: load_networks("tiny", None, 0, v) for v in ("sd2.1", "sd-turbo", "lcm")}
+    return {v: load_networks("tiny", None, 0, v) for v in VARIANTS}
 
 
 def _pipeline(nets: Networks, sd: StableDiffusion, scheduler: str) -> Any:
+    if nets.clip2 is not None:
+        assert sd.tokenizer_2 is not None
+        pipe = StableDiffusionXLPipeline(
+            vae=nets.vae,
+            text_encoder=nets.clip,
+            text_encoder_2=nets.clip2,
+            tokenizer=sd.tokenizer.hf,
+            tokenizer_2=sd.tokenizer_2.hf,
+            unet=nets.unet,
+            scheduler=SCHEDULERS[scheduler](nets.scheduler_config).diffusers(),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     cls = LatentConsistencyModelPipeline if scheduler == "lcm" else StableDiffusionPipeline
     pipe = cls(
         vae=nets.vae,
@@ -60,9 +74,11 @@ def _pipeline(nets: Networks, sd: StableDiffusion, scheduler: str) -> Any:
     return pipe
 
 
-def _diffusers_image(nets: Networks, sd: StableDiffusion, scheduler: str, steps: int, guidance: float) -> np.ndarray:
+def _diffusers_image(
+    nets: Networks, sd: StableDiffusion, scheduler: str, steps: int, guidance: float, negative: str | None = NEGATIVE
+) -> np.ndarray:
     pipe = _pipeline(nets, sd, scheduler)
-    kwargs: dict[str, Any] = {} if scheduler == "lcm" else {"negative_prompt": NEGATIVE}
+    kwargs: dict[str, Any] = {} if scheduler == "lcm" else {"negative_prompt": negative}
     with torch.no_grad():
         out = pipe(
             PROMPT,
@@ -87,6 +103,10 @@ CASES = [
     ("lcm", "lcm", 4, 8.0),  # guidance as the UNet's embedding; noise between steps
     ("lcm", "lcm", 1, 8.0),
     ("lcm", "lcm", 8, 3.0),
+    ("sdxl", "euler", 10, 5.0),  # two text encoders, pooled embedding and size ids into the UNet
+    ("sdxl", "dpm", 10, 5.0),
+    ("sdxl-turbo", "euler_a", 1, 0.0),
+    ("sdxl-turbo", "euler_a", 4, 0.0),
 ]
 
 
@@ -100,6 +120,19 @@ def test_image_matches_the_diffusers_pipeline(
     diff = np.abs(got[..., :3].astype(int) - expected.astype(int))
     assert np.unique(expected).size > 50  # a real image, not a saturated one
     assert diff.max() <= 1, f"max {diff.max()}, mean {diff.mean():.4f}"
+
+
+def test_sdxl_without_a_negative_prompt_guides_against_zeros(
+    family: dict[str, Path], networks: dict[str, Networks]
+) -> None:
+    """diffusers' SDXL pipelines, given no negative prompt, use zero embeddings for it
+    (force_zeros_for_empty_prompt); an empty negative prompt here does the same."""
+    sd = StableDiffusion(load(family["sdxl"]))
+    expected = _diffusers_image(networks["sdxl"], sd, "euler", 10, 5.0, negative=None)
+    got = sd.generate(PROMPT, "", steps=10, scheduler="euler", guidance=5.0, seed=5).image
+    assert np.abs(got[..., :3].astype(int) - expected.astype(int)).max() <= 1
+    with_text = sd.generate(PROMPT, NEGATIVE, steps=10, scheduler="euler", guidance=5.0, seed=5).image
+    assert np.abs(with_text.astype(int) - got.astype(int)).max() > 1  # the negative prompt matters
 
 
 def test_defaults_come_from_the_variant(family: dict[str, Path], networks: dict[str, Networks]) -> None:

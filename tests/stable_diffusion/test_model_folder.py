@@ -80,14 +80,25 @@ def test_latent_size_option_is_checked(latent: int) -> None:
 
 def _save_pipeline(root: Path, variant: str, pad: str = "<|endoftext|>") -> Path:
     """A diffusers folder as save_pretrained writes it, from the tiny networks of ``variant``."""
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from mlcweb_stable_diffusion.schedulers import SCHEDULERS
     from mlcweb_stable_diffusion.tokenizer import Tokenizer, write_clip_vocab
 
     nets = load_networks("tiny", None, 0, variant)
     write_clip_vocab(root / "vocab")
     tokenizer = Tokenizer(root / "vocab", pad_token=pad).hf
-    name = {"sd2.1": "pndm", "sd-turbo": "euler_a", "lcm": "lcm"}[variant]
+    name = {"sd2.1": "pndm", "sd-turbo": "euler_a", "lcm": "lcm", "sdxl": "euler", "sdxl-turbo": "euler_a"}[variant]
+    if nets.clip2 is not None:
+        StableDiffusionXLPipeline(
+            vae=nets.vae,
+            text_encoder=nets.clip,
+            text_encoder_2=nets.clip2,
+            tokenizer=Tokenizer(root / "vocab").hf,
+            tokenizer_2=Tokenizer(root / "vocab", pad_token="!").hf,
+            unet=nets.unet,
+            scheduler=SCHEDULERS[name](nets.scheduler_config).diffusers(),
+        ).save_pretrained(root / variant)
+        return root / variant
     cls = LatentConsistencyModelPipeline if variant == "lcm" else StableDiffusionPipeline
     pipe = cls(
         vae=nets.vae,
@@ -109,6 +120,8 @@ def _save_pipeline(root: Path, variant: str, pad: str = "<|endoftext|>") -> Path
         ("sd2.1", "!", ("sd2", "v_prediction", ("unet",), "dpm", 20, 7.5, 0)),
         ("sd-turbo", "!", ("sd2", "epsilon", ("unet_single", "unet"), "euler_a", 1, 0.0, 0)),
         ("lcm", "<|endoftext|>", ("sd1", "epsilon", ("unet_single",), "lcm", 4, 8.0, 49407)),
+        ("sdxl", "<|endoftext|>", ("sdxl", "epsilon", ("unet",), "euler", 30, 5.0, 49407)),
+        ("sdxl-turbo", "<|endoftext|>", ("sdxl", "epsilon", ("unet_single", "unet"), "euler_a", 1, 0.0, 49407)),
     ],
 )
 def test_the_variant_of_a_folder_is_detected(
@@ -126,6 +139,9 @@ def test_the_variant_of_a_folder_is_detected(
     got = (v.architecture, v.prediction_type, v.unets, defaults["scheduler"], defaults["steps"], defaults["guidance"])
     assert (*got, imported.metadata["pad_token_id"]) == expected
     assert imported.metadata["pad_token"] == pad
+    if v.architecture == "sdxl":  # the second tokenizer pads with "!"
+        assert (imported.metadata["pad_token_2"], imported.metadata["pad_token_id_2"]) == ("!", 0)
+        assert imported.metadata["force_zeros_for_empty_prompt"] is True
     assert {gv.name_hint for gv in imported.mod.get_global_vars()} >= set(v.unets)
     # transformers 5 saves tokenizer.json only: the build writes vocab.json + merges.txt from it
     from mlcweb_stable_diffusion.tokenizer import Tokenizer, copy_tokenizer_files
@@ -140,9 +156,9 @@ def test_the_variant_of_a_folder_is_detected(
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"model_index.json": {"_class_name": "StableDiffusionXLPipeline"}}, "is an SDXL model"),
+        ({"model_index.json": {"_class_name": "StableDiffusionXLPipeline"}}, "names a StableDiffusionXLPipeline, but"),
         ({"model_index.json": {"_class_name": "KandinskyPipeline"}}, "holds a KandinskyPipeline"),
-        ({"unet/config.json": {"addition_embed_type": "text_time"}}, "added embeddings .*'text_time'"),
+        ({"unet/config.json": {"addition_embed_type": "image"}}, "added embeddings of type 'image'"),
         ({"scheduler/scheduler_config.json": {"prediction_type": "sample"}}, "predicts 'sample'"),
         ({"scheduler/scheduler_config.json": {"_class_name": "KDPM2DiscreteScheduler"}}, "is a KDPM2Discrete"),
     ],
@@ -155,4 +171,13 @@ def test_a_folder_the_plugin_cannot_build_is_named(
         data = json.loads((folder / rel).read_text())
         (folder / rel).write_text(json.dumps({**data, **change}))
     with pytest.raises(MlcwebError, match=message):
+        load_networks(model_path=folder)
+
+
+def test_an_sdxl_folder_without_its_second_encoder_is_named(tmp_path: Path) -> None:
+    import shutil
+
+    folder = _save_pipeline(tmp_path, "sdxl")
+    shutil.rmtree(folder / "text_encoder_2")
+    with pytest.raises(MlcwebError, match="SDXL folder without text_encoder_2/"):
         load_networks(model_path=folder)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from mlcweb.errors import MlcwebError
 
@@ -28,6 +28,9 @@ __all__ = [
     "CLIPStage",
     "EmbeddedGuidanceUNetStage",
     "Networks",
+    "SDXLSingleUNetStage",
+    "SDXLTextStage",
+    "SDXLUNetStage",
     "SingleUNetStage",
     "UNetStage",
     "VAEStage",
@@ -111,14 +114,61 @@ _SD2_FULL_CLIP: dict[str, Any] = dict(
     hidden_act="gelu",
     projection_dim=512,
 )
+# SDXL: a UNet of three levels with added "text_time" embeddings (the pooled text embedding and the
+# image size), two text encoders (CLIP ViT-L and OpenCLIP bigG with a projection), a 1024x1024 VAE.
+_SDXL_TINY_UNET: dict[str, Any] = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    cross_attention_dim=64,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + the pooled 32
+    norm_num_groups=32,
+)
+_SDXL_TINY_CLIP2: dict[str, Any] = _TINY_CLIP | dict(hidden_act="gelu", projection_dim=32)
+_SDXL_FULL_UNET: dict[str, Any] = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+_SDXL_FULL_CLIP2: dict[str, Any] = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    vocab_size=49408,
+    projection_dim=1280,
+)
+_SDXL_VAE: dict[str, Any] = dict(scaling_factor=0.13025, force_upcast=True)
 _TINY = {
+    "sdxl": (_SDXL_TINY_UNET, _TINY_VAE | _SDXL_VAE, _TINY_CLIP),
     "sd1": (_TINY_UNET, _TINY_VAE, _TINY_CLIP),
     "sd2": (_TINY_UNET | _SD2_TINY_UNET, _TINY_VAE, _TINY_CLIP | _SD2_TINY_CLIP),
 }
 _FULL = {
     "sd1": (_FULL_UNET, _FULL_VAE, _FULL_CLIP),
     "sd2": (_FULL_UNET | _SD2_FULL_UNET, _FULL_VAE | {"sample_size": 768}, _FULL_CLIP | _SD2_FULL_CLIP),
+    "sdxl": (_SDXL_FULL_UNET, _FULL_VAE | _SDXL_VAE | {"sample_size": 1024}, _FULL_CLIP),
 }
+_CLIP2 = {"tiny": _SDXL_TINY_CLIP2, "full": _SDXL_FULL_CLIP2}
 _SUBFOLDERS = {
     "unet": "UNet2DConditionModel",
     "vae": "AutoencoderKL",
@@ -136,6 +186,10 @@ class Networks:
     scheduler_config: dict[str, Any]
     tokenizer_dir: Path | None
     variant: Variant = VARIANTS["sd1.5"]
+    # SDXL's second text encoder (OpenCLIP bigG with its projection) and its tokenizer folder
+    clip2: CLIPTextModelWithProjection | None = None
+    tokenizer2_dir: Path | None = None
+    force_zeros_for_empty_prompt: bool = True  # SDXL pipelines' config (model_index.json)
 
     @property
     def latent_size(self) -> int:
@@ -197,13 +251,27 @@ def _check_folder(path: Path) -> Variant:
     if not sched.is_file():
         raise MlcwebError(f"{path / 'scheduler'} has no scheduler_config.json")
     index = path / "model_index.json"
-    return detect(
+    found = detect(
         _read_config(index) if index.is_file() else None,
         configs["unet"],
         configs["text_encoder"],
         _read_config(sched),
         str(path),
     )
+    if found.architecture == "sdxl":
+        for sub in ("text_encoder_2", "tokenizer_2"):
+            if not (path / sub).is_dir():
+                raise MlcwebError(f"{path} is an SDXL folder without {sub}/; re-download the model folder")
+        config = path / "text_encoder_2" / "config.json"
+        if not config.is_file():
+            raise MlcwebError(f"{path / 'text_encoder_2'} has no config.json")
+        cls = (_read_config(config).get("architectures") or [None])[0]
+        if cls != "CLIPTextModelWithProjection":
+            raise MlcwebError(
+                f"{path / 'text_encoder_2'} holds a {cls}, not the CLIPTextModelWithProjection SDXL needs"
+            )
+        check_tokenizer_folder(path / "tokenizer_2")
+    return found
 
 
 def load_networks(
@@ -217,6 +285,16 @@ def load_networks(
         unet = UNet2DConditionModel.from_pretrained(model_path / "unet")
         vae = AutoencoderKL.from_pretrained(model_path / "vae")
         nets = Networks(clip, unet, vae, found.scheduler_config, model_path / "tokenizer", found)
+        if found.architecture == "sdxl":
+            nets.clip2 = CLIPTextModelWithProjection.from_pretrained(
+                model_path / "text_encoder_2", attn_implementation="eager"
+            )
+            nets.tokenizer2_dir = model_path / "tokenizer_2"
+            index = model_path / "model_index.json"
+            if index.is_file():
+                nets.force_zeros_for_empty_prompt = bool(
+                    _read_config(index).get("force_zeros_for_empty_prompt", True)
+                )
     elif size in ("tiny", "full"):
         chosen = variant_named(variant)
         torch.manual_seed(seed)
@@ -228,10 +306,13 @@ def load_networks(
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
         nets = Networks(clip, unet, vae, dict(chosen.scheduler_config), None, chosen)
+        if chosen.architecture == "sdxl":
+            nets.clip2 = CLIPTextModelWithProjection(CLIPTextConfig(**_CLIP2[size], attn_implementation="eager"))
     else:
         raise MlcwebError(f"unknown size {size!r}: use 'tiny' or 'full', or pass --model PATH")
-    for net in (nets.clip, nets.unet, nets.vae):
-        net.eval().float()
+    for net in (nets.clip, nets.unet, nets.vae, nets.clip2):
+        if net is not None:
+            net.eval().float()
     return nets
 
 
@@ -247,6 +328,62 @@ class CLIPStage(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.clip(input_ids=input_ids)[0]
+
+
+class SDXLTextStage(torch.nn.Module):
+    """SDXL's two text encoders: int32 ids (1, 77) for each tokenizer -> the penultimate hidden states of
+    both, concatenated (1, 77, 768 + 1280), and the second encoder's projected pooled output (1, 1280)."""
+
+    def __init__(self, clip: CLIPTextModel, clip2: CLIPTextModelWithProjection) -> None:
+        super().__init__()
+        self.first, self.second = CLIPStage(clip), CLIPStage(clip2)
+
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        one = self.first.clip(input_ids=input_ids, output_hidden_states=True)
+        two = self.second.clip(input_ids=input_ids_2, output_hidden_states=True)
+        embeds = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)
+        return embeds, two.text_embeds
+
+
+def sdxl_time_ids(image_size: int) -> torch.Tensor:
+    """SDXL's added time ids for a square image at its own size, uncropped: original size, crop top-left,
+    target size (diffusers' defaults)."""
+    return torch.tensor([[image_size, image_size, 0, 0, image_size, image_size]], dtype=torch.float32)
+
+
+class SDXLUNetStage(torch.nn.Module):
+    """SDXL's UNet with classifier-free guidance: ``pooled`` (2, 1280) is the pooled text embedding of the
+    negative and the positive prompt; the time ids are fixed by the image size the build is for."""
+
+    def __init__(self, unet: UNet2DConditionModel, image_size: int) -> None:
+        super().__init__()
+        self.unet = unet
+        self.time_ids: torch.Tensor
+        self.register_buffer("time_ids", sdxl_time_ids(image_size), persistent=False)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        embeddings: torch.Tensor,
+        pooled: torch.Tensor,
+        guidance: torch.Tensor,
+    ) -> torch.Tensor:
+        doubled = torch.cat([latents, latents], dim=0)
+        added = {"text_embeds": pooled, "time_ids": self.time_ids.repeat(2, 1)}
+        noise = self.unet(doubled, timestep, encoder_hidden_states=embeddings, added_cond_kwargs=added).sample
+        uncond, cond = noise.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+
+class SDXLSingleUNetStage(SDXLUNetStage):
+    """SDXL's UNet on a batch of one, without guidance (SDXL-Turbo, scales of 1 or less)."""
+
+    def forward(  # type: ignore[override]
+        self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        added = {"text_embeds": pooled, "time_ids": self.time_ids}
+        return self.unet(latents, timestep, encoder_hidden_states=embeddings, added_cond_kwargs=added).sample
 
 
 class UNetStage(torch.nn.Module):

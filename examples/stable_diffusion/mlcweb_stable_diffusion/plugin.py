@@ -36,6 +36,9 @@ from .models import (
     CLIPStage,
     EmbeddedGuidanceUNetStage,
     Networks,
+    SDXLSingleUNetStage,
+    SDXLTextStage,
+    SDXLUNetStage,
     SingleUNetStage,
     UNetStage,
     VAEStage,
@@ -75,29 +78,50 @@ def _export(stage: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str) -
     return tvm.IRModule({name: func}), params
 
 
-def _concat_function(hidden: int) -> relax.Function:
+def _concat_function(hidden: int, pooled: int = 0) -> relax.Function:
+    """``(uncond, cond) -> [2, 77, hidden]``; for SDXL also the pooled embeddings, returning both."""
     ty = relax.TensorType((1, MAX_LENGTH, hidden), "float32")
-    uncond, cond = relax.Var("uncond", ty), relax.Var("cond", ty)
+    params = [relax.Var("uncond", ty), relax.Var("cond", ty)]
+    if pooled:
+        pty = relax.TensorType((1, pooled), "float32")
+        params += [relax.Var("uncond_pooled", pty), relax.Var("cond_pooled", pty)]
     bb = relax.BlockBuilder()
-    with bb.function("concat_embeddings", [uncond, cond], attrs={"num_input": 2}):
+    with bb.function("concat_embeddings", params, attrs={"num_input": len(params)}):
         with bb.dataflow():
-            out = bb.emit_output(relax.op.concat([uncond, cond], axis=0))
+            outs = [relax.op.concat(params[i : i + 2], axis=0) for i in range(0, len(params), 2)]
+            out = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         bb.emit_func_output(out)
     return bb.get()["concat_embeddings"]
 
 
-def _unet_functions(nets: Networks, latents: torch.Tensor, hidden: int) -> list[tuple[tvm.IRModule, Any]]:
+def _text_function(nets: Networks) -> tuple[tvm.IRModule, Any]:
+    ids = torch.zeros(1, MAX_LENGTH, dtype=torch.int32)
+    if nets.clip2 is None:
+        return _export(CLIPStage(nets.clip), (ids,), "clip")
+    return _export(SDXLTextStage(nets.clip, nets.clip2), (ids, ids.clone()), "clip")
+
+
+def _unet_functions(
+    nets: Networks, latents: torch.Tensor, hidden: int, pooled: int
+) -> list[tuple[tvm.IRModule, Any]]:
     step = torch.tensor(1, dtype=torch.int32)
+    image = int(latents.shape[-1]) * nets.vae_scale
     out = []
     for name in nets.variant.unets:
-        if name == "unet":
-            args: tuple[torch.Tensor, ...] = (latents, step, torch.zeros(2, MAX_LENGTH, hidden), torch.tensor(7.5))
-            out.append(_export(UNetStage(nets.unet), args, name))
-        elif nets.variant.guidance_embedding:
-            args = (latents, step, torch.zeros(1, MAX_LENGTH, hidden), torch.tensor(8.0))
-            out.append(_export(EmbeddedGuidanceUNetStage(nets.unet), args, name))
+        batch = 2 if name == "unet" else 1
+        args: tuple[torch.Tensor, ...] = (latents, step, torch.zeros(batch, MAX_LENGTH, hidden))
+        stage: torch.nn.Module
+        if pooled:  # SDXL: the pooled text embedding too
+            args += (torch.zeros(batch, pooled),)
+            stage = SDXLUNetStage(nets.unet, image) if batch == 2 else SDXLSingleUNetStage(nets.unet, image)
         else:
-            out.append(_export(SingleUNetStage(nets.unet), (latents, step, torch.zeros(1, MAX_LENGTH, hidden)), name))
+            stage = UNetStage(nets.unet) if batch == 2 else SingleUNetStage(nets.unet)
+        if batch == 2:
+            args += (torch.tensor(7.5),)
+        elif nets.variant.guidance_embedding:
+            args += (torch.tensor(8.0),)
+            stage = EmbeddedGuidanceUNetStage(nets.unet)
+        out.append(_export(stage, args, name))
     return out
 
 
@@ -129,15 +153,21 @@ def import_networks(nets: Networks, latent_size: int = 0, steps: dict[str, list[
     The UNet functions share their weights (the build stores identical weights once).
     """
     hidden = int(nets.clip.config.hidden_size)
+    pooled = 0
+    if nets.clip2 is not None:  # SDXL: both encoders' hidden states side by side, the second's pooled
+        hidden += int(nets.clip2.config.hidden_size)
+        pooled = int(nets.clip2.config.projection_dim)
     size = check_sample_size(latent_size, "--set latent_size") if latent_size else nets.latent_size
     latents = torch.zeros(1, 4, size, size)
-    ids = torch.zeros(1, MAX_LENGTH, dtype=torch.int32)
-    clip_mod, clip_params = _export(CLIPStage(nets.clip), (ids,), "clip")
-    unets = _unet_functions(nets, latents, hidden)
+    clip_mod, clip_params = _text_function(nets)
+    unets = _unet_functions(nets, latents, hidden, pooled)
     vae_mod, vae_params = _export(VAEStage(nets.vae), (latents,), "vae")
+    if nets.vae.config.get("force_upcast") and nets.clip2 is not None:
+        # SDXL's VAE overflows float16 (diffusers upcasts it): it stays float32 in float16 builds
+        vae_mod = tvm.IRModule({"vae": vae_mod["vae"].with_attr(mp.KEEP_FLOAT32_ATTR, True)})
     extra = {}
     if "unet" in nets.variant.unets:
-        extra["concat_embeddings"] = _concat_function(hidden)
+        extra["concat_embeddings"] = _concat_function(hidden, pooled)
     for cls in step_functions().values():
         extra[cls.function] = cls(nets.scheduler_config).step_function(tuple(latents.shape))
     names = ["clip", *nets.variant.unets, "vae", "relax"]
@@ -163,6 +193,14 @@ def import_networks(nets: Networks, latent_size: int = 0, steps: dict[str, list[
     metadata["pad_token"] = pad
     metadata["pad_token_id"] = pad_token_id(pad, nets.tokenizer_dir)
     ranges = {"clip": {"input_ids": (0, int(nets.clip.config.vocab_size) - 1)}}
+    if nets.clip2 is not None:
+        pad2 = folder_pad_token(nets.tokenizer2_dir) if nets.tokenizer2_dir is not None else "!"
+        metadata["pooled_size"] = pooled
+        metadata["pad_token_2"] = pad2
+        metadata["pad_token_id_2"] = pad_token_id(pad2, nets.tokenizer2_dir)
+        # diffusers' SDXL pipelines use zeros, not the empty prompt's embeddings, for no negative prompt
+        metadata["force_zeros_for_empty_prompt"] = nets.force_zeros_for_empty_prompt
+        ranges["clip"]["input_ids_2"] = (0, int(nets.clip2.config.vocab_size) - 1)
     ranges.update({name: {"timestep": (0, train_steps - 1)} for name in variant.unets})
     params = {"clip": clip_params, "vae": vae_params}
     params.update({name: p for name, (_, p) in zip(variant.unets, unets, strict=True)})
@@ -240,22 +278,28 @@ def write_scheduler_constants(
 def mlcweb_write_assets(
     spec: ModelSpec, out_dir: Path, target: tvm.target.Target, options: BuildOptions, imported: ImportedModel
 ) -> list[str]:
-    tokenizer_dir = out_dir / "tokenizer"
-    if options.model_path is not None:
-        copy_tokenizer_files(options.model_path / "tokenizer", tokenizer_dir)
-    else:
-        write_clip_vocab(tokenizer_dir)
-    written = ["tokenizer/vocab.json", "tokenizer/merges.txt"]
+    folders = ["tokenizer", "tokenizer_2"] if "pad_token_2" in imported.metadata else ["tokenizer"]
+    written = []
+    for sub in folders:
+        if options.model_path is not None:
+            copy_tokenizer_files(options.model_path / sub, out_dir / sub)
+        else:
+            write_clip_vocab(out_dir / sub)
+        written += [f"{sub}/vocab.json", f"{sub}/merges.txt"]
     written += write_scheduler_constants(out_dir, imported.metadata["scheduler_config"], imported.metadata["schedules"])
     if target.kind.name == "webgpu":
-        written += write_web_page(out_dir, imported.metadata["pad_token"])
+        written += write_web_page(out_dir, imported.metadata)
     return written
 
 
-def write_web_page(out_dir: Path, pad_token: str = END_OF_TEXT) -> list[str]:
-    """The browser page (this package's ``static/``) and the tokenizer.json its JS tokenizer reads."""
-    write_tokenizer_json(out_dir / "tokenizer", pad_token)
+def write_web_page(out_dir: Path, metadata: dict[str, Any]) -> list[str]:
+    """The browser page (this package's ``static/``) and the tokenizer.json its JS tokenizer reads (one
+    per tokenizer: SDXL has two, padding differently)."""
+    write_tokenizer_json(out_dir / "tokenizer", metadata.get("pad_token", END_OF_TEXT))
     written = ["tokenizer/tokenizer.json"]
+    if "pad_token_2" in metadata:
+        write_tokenizer_json(out_dir / "tokenizer_2", metadata["pad_token_2"])
+        written.append("tokenizer_2/tokenizer.json")
     static = resources.files(__package__).joinpath("static")
     for src in sorted(static.iterdir(), key=lambda f: f.name):
         if src.is_file():

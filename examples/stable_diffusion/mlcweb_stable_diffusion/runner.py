@@ -78,6 +78,10 @@ class StableDiffusion:
         self.arts = artifacts
         self.meta = artifacts.manifest["metadata"]
         self.tokenizer = Tokenizer(artifacts.root / "tokenizer", self.meta.get("pad_token", END_OF_TEXT))
+        # SDXL's second text encoder has its own tokenizer (padding with "!")
+        self.tokenizer_2 = (
+            Tokenizer(artifacts.root / "tokenizer_2", self.meta["pad_token_2"]) if "pad_token_2" in self.meta else None
+        )
         # builds before the family had no defaults: SD1.5's
         self.defaults: dict[str, Any] = self.meta.get(
             "defaults", {"scheduler": "dpm", "steps": 20, "guidance": 7.5, "guidance_free": False}
@@ -100,11 +104,24 @@ class StableDiffusion:
         log.info("no %s; computing %s constants for %d steps", saved.name, scheduler, steps)
         return SCHEDULERS[scheduler](self.meta["scheduler_config"]).constants(steps)
 
-    def encode(self, prompt: str, negative_prompt: str = "") -> tvm.runtime.Tensor:
-        """Embeddings for the guided ``unet``: the negative prompt's, then the prompt's."""
-        cond = self._call("clip", self._tensor(self.tokenizer(prompt)))
-        uncond = self._call("clip", self._tensor(self.tokenizer(negative_prompt)))
-        return self._call("concat_embeddings", uncond, cond)
+    def text(self, prompt: str) -> list[tvm.runtime.Tensor]:
+        """The prompt's embeddings for ``unet_single``: ``[hidden states]``, for SDXL ``[hidden, pooled]``."""
+        if self.tokenizer_2 is None:
+            return [self._call("clip", self._tensor(self.tokenizer(prompt)))]
+        out = self._call("clip", self._tensor(self.tokenizer(prompt)), self._tensor(self.tokenizer_2(prompt)))
+        return [out[0], out[1]]
+
+    def encode(self, prompt: str, negative_prompt: str = "") -> list[tvm.runtime.Tensor]:
+        """Embeddings for the guided ``unet``: the negative prompt's, then the prompt's. SDXL, as its
+        diffusers pipelines with no negative prompt, uses zeros for an empty one
+        (``force_zeros_for_empty_prompt``)."""
+        cond = self.text(prompt)
+        if self.tokenizer_2 is not None and not negative_prompt and self.meta.get("force_zeros_for_empty_prompt"):
+            uncond = [self._tensor(np.zeros(tuple(int(d) for d in t.shape), dtype=np.float32)) for t in cond]
+        else:
+            uncond = self.text(negative_prompt)
+        out = self._call("concat_embeddings", *(x for pair in zip(uncond, cond, strict=True) for x in pair))
+        return [out] if len(cond) == 1 else [out[0], out[1]]
 
     def unet_call(self, guidance: float) -> tuple[str, bool]:
         """Which UNet function runs the steps, and whether it takes the guidance scale. As in diffusers,
@@ -142,10 +159,7 @@ class StableDiffusion:
         if unet == "unet":
             guidance = max(guidance, 1.0)
         start = time.perf_counter()
-        if unet == "unet":
-            embeddings = self.encode(prompt, negative_prompt)
-        else:
-            embeddings = self._call("clip", self._tensor(self.tokenizer(prompt)))
+        embeddings = self.encode(prompt, negative_prompt) if unet == "unet" else self.text(prompt)
         self.device.sync()
         seconds["clip"] = time.perf_counter() - start
 
@@ -164,7 +178,7 @@ class StableDiffusion:
         start = time.perf_counter()
         for i, t in enumerate(tqdm(consts["timesteps"], desc="denoising", unit="step", disable=not progress)):
             timestep = self._tensor(np.array(t, dtype=np.int32))
-            eps = self._call(unet, model_input, timestep, embeddings, *scale)
+            eps = self._call(unet, model_input, timestep, *embeddings, *scale)
             sample, model_input = loop.step(self._call, i, sample, eps, self._tensor, noise)
         self.device.sync()
         seconds["unet+scheduler"] = time.perf_counter() - start

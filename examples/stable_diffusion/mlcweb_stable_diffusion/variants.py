@@ -43,6 +43,17 @@ TURBO_SCHEDULER: dict[str, Any] = {
     "timestep_spacing": "trailing",
     "use_karras_sigmas": False,
 }
+# SDXL base: Euler over leading timesteps.
+SDXL_SCHEDULER: dict[str, Any] = {
+    **_SCALED_LINEAR,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+# SDXL-Turbo: Euler-ancestral over trailing timesteps.
+SDXL_TURBO_SCHEDULER: dict[str, Any] = {**SDXL_SCHEDULER, "timestep_spacing": "trailing"}
 # LCM-distilled SD1.5 (LCM_Dreamshaper_v7): the LCM scheduler over 50 original steps.
 LCM_SCHEDULER: dict[str, Any] = {
     **_SCALED_LINEAR,
@@ -62,7 +73,7 @@ class Variant:
     scheduler constants written per scheduler (the first scheduler and its first count are the default)."""
 
     name: str
-    architecture: str  # "sd1" or "sd2"
+    architecture: str  # "sd1", "sd2" or "sdxl"
     description: str
     scheduler_config: dict[str, Any]
     steps: dict[str, list[int]]
@@ -128,6 +139,24 @@ VARIANTS: dict[str, Variant] = {
             guidance_embedding=True,
             unet_config={"time_cond_proj_dim": 256},
         ),
+        Variant(
+            "sdxl",
+            "sdxl",
+            "Stable Diffusion XL base (two text encoders, size-conditioned UNet, 1024x1024)",
+            SDXL_SCHEDULER,
+            {"euler": [30, 20], "dpm": [20], "euler_a": [30]},
+            5.0,
+        ),
+        Variant(
+            "sdxl-turbo",
+            "sdxl",
+            "SDXL-Turbo (SDXL distilled: 1-4 steps, no guidance, 512x512)",
+            SDXL_TURBO_SCHEDULER,
+            {"euler_a": [1, 2, 4]},
+            0.0,
+            unets=("unet_single", "unet"),
+            full_sample_size=64,
+        ),
     )
 }
 
@@ -143,6 +172,8 @@ _PIPELINES = {
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "LatentConsistencyModelPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
 }
 _SCHEDULER_CLASSES = {
     "PNDMScheduler": "pndm",
@@ -165,14 +196,15 @@ def detect(
     its UNet, text encoder and scheduler; a model the plugin cannot build is one error naming why."""
     pipeline = (model_index or {}).get("_class_name")
     if pipeline is not None and pipeline not in _PIPELINES:
-        if "XL" in str(pipeline):
-            raise MlcwebError(f"{where} is an SDXL model ({pipeline}); this plugin builds SD 1.x and 2.x models")
         raise MlcwebError(f"{where} holds a {pipeline}; this plugin builds {', '.join(sorted(_PIPELINES))} folders")
-    if unet.get("addition_embed_type") is not None:
+    added = unet.get("addition_embed_type")
+    if added not in (None, "text_time"):
         raise MlcwebError(
-            f"{where}/unet uses added embeddings ({unet['addition_embed_type']!r}, as SDXL does); "
-            "this plugin builds SD 1.x and 2.x UNets"
+            f"{where}/unet uses added embeddings of type {added!r}; this plugin builds SD 1.x, 2.x and SDXL "
+            "UNets (none, or SDXL's 'text_time')"
         )
+    if pipeline is not None and ("XL" in pipeline) != (added == "text_time"):
+        raise MlcwebError(f"{where} names a {pipeline}, but its UNet's added embeddings are {added!r}")
     prediction = scheduler.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise MlcwebError(f"{where}/scheduler predicts {prediction!r}; supported: epsilon, v_prediction")
@@ -182,14 +214,20 @@ def detect(
             f"{where}/scheduler is a {sched_class}; this plugin computes {', '.join(sorted(_SCHEDULER_CLASSES))}"
         )
     hidden_act = text_encoder.get("hidden_act", "quick_gelu")
-    architecture = "sd2" if hidden_act == "gelu" or unet.get("use_linear_projection") else "sd1"
+    if added == "text_time":
+        architecture = "sdxl"
+    else:
+        architecture = "sd2" if hidden_act == "gelu" or unet.get("use_linear_projection") else "sd1"
     lcm = unet.get("time_cond_proj_dim") is not None or sched_class == "LCMScheduler"
+    if lcm and architecture == "sdxl":
+        raise MlcwebError(f"{where} is an LCM-distilled SDXL; this plugin builds LCM for SD 1.x and 2.x")
     if lcm:
         base = VARIANTS["lcm"]
     elif scheduler.get("timestep_spacing") == "trailing" and sched_class.startswith("Euler"):
-        base = VARIANTS["sd-turbo"]  # distilled few-step: trailing Euler, no guidance
+        # distilled few-step: trailing Euler, no guidance
+        base = VARIANTS["sdxl-turbo" if architecture == "sdxl" else "sd-turbo"]
     else:
-        base = VARIANTS["sd2.1" if architecture == "sd2" else "sd1.5"]
+        base = VARIANTS[{"sd1": "sd1.5", "sd2": "sd2.1", "sdxl": "sdxl"}[architecture]]
     if lcm and unet.get("time_cond_proj_dim") is None:
         base = replace(base, unets=("unet",), guidance_embedding=False, steps={"lcm": [4, 8]}, guidance=1.0)
     steps = dict(base.steps)

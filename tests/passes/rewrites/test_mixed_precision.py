@@ -68,3 +68,22 @@ def test_float16_numerics_within_tolerance() -> None:
     # float16 has an 11-bit mantissa: relative error ~1e-3 per op; softmax outputs are in [0, 1].
     np.testing.assert_allclose(got, expected, rtol=0, atol=5e-3)
     assert np.abs(got - expected).max() > 0  # it really ran in reduced precision
+
+
+def test_a_function_marked_keep_float32_is_left_alone() -> None:
+    """Before: two copies of the model; after: the unmarked one computes in float16, the one carrying
+    KEEP_FLOAT32_ATTR is structurally unchanged and gives the float32 result exactly."""
+    import tvm
+
+    model, x, mod, params = _setup()
+    main = mod["main"]  # type: ignore[index]
+    both = tvm.IRModule(
+        {"half": main.with_attr("global_symbol", "half"), "full": main.with_attr(mp.KEEP_FLOAT32_ATTR, True)}
+    )
+    converted = mp.MixedPrecision()(both)
+    tvm.ir.assert_structural_equal(converted["full"], both["full"])
+    half = _calls(tvm.IRModule({"main": converted["half"]}), "relax.matmul")
+    assert half and {str(a.ty.dtype) for c in half for a in c.args} == {"float16"}
+    full = tvm.IRModule({"main": converted["full"].without_attr(mp.KEEP_FLOAT32_ATTR)})
+    got = as_numpy(build(full)["main"](*to_tvm(x), *params.values()))[0]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
