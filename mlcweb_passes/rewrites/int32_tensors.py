@@ -8,7 +8,12 @@ itself; what remains are integer *tensors* that torch.export leaves in a traced 
 - ``int64`` constants, e.g. the index tensor of ``x[:, 0]`` (a ``take``) or of an embedding lookup;
 - casts to ``int64`` or ``int8``, e.g. torch SDPA's guard ``any(logical_not(isinf(scores)))``, which
   casts a boolean mask to an integer type to reduce it with ``max``;
-- ``arange(..., dtype="int64")``, e.g. the positions CLIP compares to build its causal mask.
+- ``arange(..., dtype="int64")``, e.g. the positions CLIP compares to build its causal mask;
+- ``argmax`` / ``argmin``, whose result Relax types as ``int64``, e.g. the end-of-text position from which
+  CLIP's pooled output (SDXL's second text encoder) is taken. They become the first position where the
+  value equals the reduction's max (min), as an int32 ``min`` over ``where(x == max, position, n)``.
+  Signed integers are compared as ``uint32`` with the sign bit flipped (the same order), because an
+  int32 ``max`` starts from -2147483648, which WGSL cannot write.
 
 This pass rewrites all three to ``int32`` and lets Relax re-infer the types of everything downstream,
 so the ``take`` with the index works on int32 instead. A cast of a *boolean* mask becomes ``uint32``
@@ -58,7 +63,46 @@ class _ToInt32(PyExprMutator):
             return relax.op.astype(call.args[0], "uint32" if from_bool else "int32")
         if call.op.name == "relax.arange" and str(call.attrs.dtype) in REWRITTEN_DTYPES:
             return relax.op.arange(*call.args, dtype="int32")
+        if call.op.name in ("relax.argmax", "relax.argmin"):
+            return _arg_extreme_int32(self.builder_, call)
         return call
+
+
+def _arg_extreme_int32(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``argmax(x, axis, keepdims)`` (or argmin) with an int32 result: the first position of the extreme."""
+    x = call.args[0]
+    ty = x.ty
+    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
+        return call
+    dims = list(ty.shape.values)
+    axis = call.attrs.axis
+    keepdims = bool(call.attrs.keepdims)
+    if axis is None:  # over all elements
+        total = 1
+        for d in dims:
+            if not isinstance(d, tvm.tirx.IntImm):
+                return call
+            total *= int(d)
+        x, dims, axis = bb.emit(relax.op.reshape(x, [total])), [tvm.tirx.IntImm("int64", total)], 0
+    axis = int(axis) % len(dims)
+    if not isinstance(dims[axis], tvm.tirx.IntImm):
+        return call
+    n = int(dims[axis])
+    dtype = str(ty.dtype)
+    if dtype.startswith("int"):  # order-preserving map to uint32: flip the sign bit
+        x = bb.emit(relax.op.bitwise_xor(relax.op.astype(x, "uint32"), relax.const(2**31, "uint32")))
+    elif dtype == "bool":
+        x = bb.emit(relax.op.astype(x, "uint32"))
+    extreme = relax.op.max if call.op.name == "relax.argmax" else relax.op.min
+    best = bb.emit(extreme(x, axis=axis, keepdims=True))
+    shape = [1] * len(dims)
+    shape[axis] = n
+    positions = relax.const(np.arange(n, dtype=np.int32).reshape(shape), "int32")
+    candidates = bb.emit(relax.op.where(relax.op.equal(x, best), positions, relax.const(n, "int32")))
+    out = relax.op.min(candidates, axis=axis, keepdims=keepdims)
+    if call.attrs.axis is None and keepdims:
+        out = relax.op.reshape(out, [1] * len(list(call.args[0].ty.shape.values)))
+    return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="mlcweb.Int32Tensors")

@@ -170,25 +170,26 @@ def test_page_without_webgpu_says_so(playwright: Any, server: str) -> None:
 
 @pytest.fixture(scope="module")
 def turbo_webgpu(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny SD-Turbo built for webgpu in float32 (no float16 bundle: SwiftShader would fall back anyway)."""
+    """Tiny SDXL-Turbo built for webgpu in float32 (no float16 bundle: SwiftShader would fall back anyway)."""
     from testutil import build_tiny_sd
 
     out = tmp_path_factory.mktemp("turbo") / "webgpu"
-    return build_tiny_sd(out, "webgpu", "float32", config={"variant": "sd-turbo"}, webgpu_fallback=False)
+    return build_tiny_sd(out, "webgpu", "float32", config={"variant": "sdxl-turbo"}, webgpu_fallback=False)
 
 
-def test_turbo_page_matches_native_llvm(
+def test_sdxl_turbo_page_matches_native_llvm(
     playwright: Any, turbo_webgpu: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """A second architecture in the browser: SD 2.x's UNet (linear projections, per-block heads) through
-    the batch-one unet_single and Euler-ancestral with noise between steps. The page hides guidance and
-    picks the model's one-step default; the image of 2 steps, given the latents and the noise the native
-    run draws from its seed, matches native."""
+    """A second architecture in the browser: SDXL's two tokenizers and text encoders, the pooled embedding
+    and size ids into the UNet, Euler-ancestral with noise between steps; once guidance-free through the
+    batch-one unet_single, once guided with no negative prompt (zeros, as diffusers' SDXL pipelines use).
+    The page hides guidance and picks the model's one-step default; given the latents and the noise the
+    native run draws from its seed, each image matches native."""
     import torch
     from testutil import build_tiny_sd
 
     native_dir = build_tiny_sd(
-        tmp_path_factory.mktemp("turbo") / "llvm", "llvm", "float32", config={"variant": "sd-turbo"}
+        tmp_path_factory.mktemp("turbo") / "llvm", "llvm", "float32", config={"variant": "sdxl-turbo"}
     )
     native = StableDiffusion(load(native_dir))
     consts = native.scheduler_constants("euler_a", 2)
@@ -196,7 +197,10 @@ def test_turbo_page_matches_native_llvm(
     generator = torch.Generator().manual_seed(9)
     latents = (torch.randn(shape, generator=generator) * consts["init_noise_sigma"]).numpy()
     noises = [torch.randn(shape, generator=generator).numpy().reshape(-1).tolist() for _ in consts["timesteps"]]
-    expected = native.generate(PROMPT, steps=2, scheduler="euler_a", seed=9).image
+    requests = [{"guidance": 0.0}, {"guidance": 3.0}]
+    expected = [
+        native.generate(PROMPT, steps=2, scheduler="euler_a", seed=9, guidance=r["guidance"]).image for r in requests
+    ]
 
     srv = make_server(turbo_webgpu, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -209,24 +213,25 @@ def test_turbo_page_matches_native_llvm(
         assert page.evaluate("document.body.dataset.guidanceFree") == "true"
         assert not page.is_visible("#guidance") and not page.is_visible("#negative")
         assert page.input_value("#scheduler") == "euler_a:1" and page.is_checked("#live")
-        pixels = page.evaluate(
-            """async (args) => {
-                const r = await window.mlcwebSD.generate({ ...args, latents: Float32Array.from(args.latents) });
-                return Array.from(r.pixels);
-            }""",
-            {
-                "prompt": PROMPT,
-                "scheduler": "euler_a",
-                "steps": 2,
-                "latents": latents.reshape(-1).tolist(),
-                "noises": noises,
-            },
-        )
+        images = []
+        for request in requests:
+            args = {"prompt": PROMPT, "scheduler": "euler_a", "steps": 2, "noises": noises, **request}
+            args["latents"] = latents.reshape(-1).tolist()
+            images.append(
+                page.evaluate(
+                    """async (args) => {
+                        const r = await window.mlcwebSD.generate({ ...args, latents: Float32Array.from(args.latents) });
+                        return Array.from(r.pixels);
+                    }""",
+                    args,
+                )
+            )
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "browser-sd-turbo.png"), full_page=True, timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "browser-sdxl-turbo.png"), full_page=True, timeout=120_000)
     finally:
         browser.close()
         srv.shutdown()
-    got = np.asarray(pixels, dtype=np.uint8).reshape(expected.shape)
-    diff = np.abs(got.astype(int) - expected.astype(int))
-    assert diff.max() <= MAX_LEVELS and diff.mean() <= MEAN_LEVELS, (int(diff.max()), float(diff.mean()))
+    for pixels, want, request in zip(images, expected, requests, strict=True):
+        got = np.asarray(pixels, dtype=np.uint8).reshape(want.shape)
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.max() <= MAX_LEVELS and diff.mean() <= MEAN_LEVELS, (request, int(diff.max()), float(diff.mean()))

@@ -189,7 +189,9 @@ export class Model {
     if (!spec) throw new MlcwebError(`The build has no function ${name}.`);
     if (!this.functions.has(name)) {
       this.functions.set(name, this.tvm.detachFromCurrentScope(this.vm.getFunction(name)));
-      const weights = spec.params.map((p) => this.tvm.tensorCacheGet(p));
+      // tensorCacheGet returns a new handle in the current scope: detached, or the caller's endScope
+      // (each generation's) would dispose it and the next call would fail ("already been disposed").
+      const weights = spec.params.map((p) => this.tvm.detachFromCurrentScope(this.tvm.tensorCacheGet(p)));
       this.params.set(name, weights);
     }
     return this.functions.get(name)(...inputs, ...this.params.get(name));

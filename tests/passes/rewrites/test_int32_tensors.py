@@ -74,3 +74,35 @@ def test_constant_outside_int32_is_an_error() -> None:
 
     with pytest.raises(Exception, match="outside int32"):
         mp.Int32Tensors()(Big)
+
+
+@I.ir_module
+class PooledBefore:
+    # CLIP's pooled output: the hidden state at the (first) position of the largest id, end-of-text.
+    @R.function
+    def main(ids: R.Tensor((2, 6), "int32"), hidden: R.Tensor((2, 6, 3), "float32")):
+        with R.dataflow():
+            eot = R.argmax(ids, axis=-1)
+            rows = R.arange(0, 2, 1, dtype="int64")
+            first = R.argmin(ids, axis=1, keepdims=True)
+            flat = R.argmax(ids)
+            pooled = R.take(R.reshape(hidden, (12, 3)), R.add(R.multiply(rows, R.const(6, "int64")), eot), axis=0)
+            R.output(pooled, first, flat)
+        return (pooled, first, flat)
+
+
+def test_argmax_and_argmin_give_int32_first_positions() -> None:
+    """Before: argmax/argmin typed int64 (a WebGPU build fails on the int64 reduction). After: every
+    integer tensor is int32 and the numbers are the same, ties included (the first position wins)."""
+    assert "eot" in narrow_integer_tensors(PooledBefore)["main"]
+    after = mp.Int32Tensors()(PooledBefore)
+    assert narrow_integer_tensors(after) == {}
+    ids = np.array([[5, 9, 1, 9, -7, 3], [49406, 320, 49407, 49407, 0, -2**31]], dtype="int32")
+    hidden = np.random.default_rng(0).standard_normal((2, 6, 3)).astype("float32")
+    results = []
+    for mod in (PooledBefore, after):
+        vm = relax.VirtualMachine(tvm.compile(mod, "llvm"), tvm.cpu())
+        results.append([r.numpy() for r in vm["main"](tvm.runtime.tensor(ids), tvm.runtime.tensor(hidden))])
+    for before, now in zip(*results, strict=True):
+        np.testing.assert_array_equal(before, now)
+    np.testing.assert_array_equal(results[1][0], hidden[[0, 1], [1, 2]])  # first max: positions 1 and 2

@@ -58,12 +58,33 @@ export const SCHEDULER_TITLES = { dpm: "DPM-Solver++", pndm: "PNDM", euler: "Eul
 const SD15_DEFAULTS = { scheduler: "dpm", steps: 20, guidance: 7.5, guidance_free: false };
 
 class StableDiffusion {
-  constructor(model, tokenizer) {
+  constructor(model, tokenizer, tokenizer2 = null) {
     this.model = model;
     this.tokenizer = tokenizer;
+    this.tokenizer2 = tokenizer2; // SDXL's second text encoder's
     this.meta = model.manifest.metadata;
     this.defaults = this.meta.defaults || SD15_DEFAULTS;
     this.constants = new Map();
+  }
+
+  /** The prompt's embeddings for unet_single: [hidden states], for SDXL [hidden states, pooled] (runner.text). */
+  text(prompt) {
+    const m = this.model;
+    const ids = (tok) => m.tensor(tok.encode(prompt), [1, MAX_LENGTH], "int32");
+    if (!this.tokenizer2) return [m.call("clip", ids(this.tokenizer))];
+    const out = m.call("clip", ids(this.tokenizer), ids(this.tokenizer2));
+    return [out.get(0), out.get(1)];
+  }
+
+  /** Embeddings for the guided unet: negative, then prompt; SDXL guides an empty negative prompt against
+   * zeros, as diffusers' SDXL pipelines do with none (runner.encode). */
+  guidedText(prompt, negative) {
+    const m = this.model;
+    const cond = this.text(prompt);
+    const zeros = (t) => m.tensor(new Float32Array(t.shape.reduce((a, b) => a * b, 1)), Array.from(t.shape), "float32");
+    const uncond = this.tokenizer2 && !negative && this.meta.force_zeros_for_empty_prompt ? cond.map(zeros) : this.text(negative);
+    const out = m.call("concat_embeddings", ...uncond.flatMap((u, i) => [u, cond[i]]));
+    return cond.length === 1 ? [out] : [out.get(0), out.get(1)];
   }
 
   /** The UNet function for a guidance scale, and whether it takes the scale (runner.unet_call). */
@@ -121,8 +142,7 @@ class StableDiffusion {
     tvm.beginScope();
     try {
       let start = performance.now();
-      const encode = (text) => m.call("clip", m.tensor(this.tokenizer.encode(text), [1, MAX_LENGTH], "int32"));
-      const embeddings = unet === "unet" ? m.call("concat_embeddings", encode(negative), encode(prompt)) : encode(prompt);
+      const embeddings = unet === "unet" ? this.guidedText(prompt, negative) : this.text(prompt);
       await m.sync();
       seconds.clip = (performance.now() - start) / 1000;
 
@@ -142,7 +162,7 @@ class StableDiffusion {
       for (let i = 0; i < consts.timesteps.length; ++i) {
         const stepStart = performance.now();
         const t = m.tensor(Int32Array.of(consts.timesteps[i]), [], "int32");
-        const eps = m.call(unet, modelInput, t, embeddings, ...scale);
+        const eps = m.call(unet, modelInput, t, ...embeddings, ...scale);
         const coeffs = m.tensor(Float32Array.from(consts.coeffs[i]), [consts.coeffs[i].length], "float32");
         if (consts.function === "ancestral_step") {
           const out = m.call(consts.function, sample, eps, consts.noise[i] ? noise() : zeros, coeffs);
@@ -209,6 +229,7 @@ async function main() {
   const loadStart = performance.now();
   let model;
   let tokenizer;
+  let tokenizer2 = null;
   try {
     model = await loadModel(base, {
       onProgress: ({ loaded, total, cached, text }) => {
@@ -218,13 +239,15 @@ async function main() {
       },
       log: (msg) => console.log(msg),
     });
-    tokenizer = new ClipTokenizer(await model.fetchJSON("tokenizer/tokenizer.json"), model.manifest.metadata.pad_token_id);
+    const meta = model.manifest.metadata;
+    tokenizer = new ClipTokenizer(await model.fetchJSON("tokenizer/tokenizer.json"), meta.pad_token_id);
+    if (meta.pad_token_2 !== undefined) tokenizer2 = new ClipTokenizer(await model.fetchJSON("tokenizer_2/tokenizer.json"), meta.pad_token_id_2);
   } catch (err) {
     showError(err);
     return;
   }
   $("gpu").textContent += ` ${model.info.message}`;
-  const sd = new StableDiffusion(model, tokenizer);
+  const sd = new StableDiffusion(model, tokenizer, tokenizer2);
   const loadSeconds = (performance.now() - loadStart) / 1000;
   for (const s of sd.schedules()) {
     const option = new Option(`${SCHEDULER_TITLES[s.name] || s.name}, ${s.steps} step${s.steps === 1 ? "" : "s"}`, `${s.name}:${s.steps}`);
