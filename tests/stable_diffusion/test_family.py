@@ -183,3 +183,97 @@ def test_unet_functions_share_one_copy_of_the_weights(family: dict[str, Path]) -
     lcm = json.loads((family["lcm"] / "manifest.json").read_text())
     assert "unet" not in lcm["functions"] and "concat_embeddings" not in lcm["functions"]
     assert [i["name"] for i in lcm["functions"]["unet_single"]["inputs"]][-1] == "guidance"
+
+
+def init_image(h: int, w: int) -> np.ndarray:
+    """A deterministic RGB test image: gradients plus seeded noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    noise = rng.integers(0, 64, (h, w))
+    return np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (h + w) + noise], -1).astype(np.uint8)
+
+
+def diffusers_img2img(
+    nets: Networks, sd: StableDiffusion, scheduler: str, steps: int, guidance: float, strength: float
+) -> np.ndarray:
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    text2img = _pipeline(nets, sd, scheduler)
+    if nets.clip2 is not None:
+        pipe = StableDiffusionXLImg2ImgPipeline(**text2img.components, requires_aesthetics_score=False)
+    else:
+        pipe = StableDiffusionImg2ImgPipeline(**text2img.components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    h, w = sd.meta["image_shape"][:2]
+    with torch.no_grad():
+        out = pipe(
+            PROMPT,
+            image=Image.fromarray(init_image(h, w)),
+            negative_prompt=NEGATIVE,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(5),
+            output_type="np",
+        ).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+IMG2IMG = [
+    ("sd2.1", "dpm", 10, 7.5, 0.6),  # v-prediction; DPM starts first-order part-way through
+    ("sd-turbo", "euler_a", 2, 0.0, 0.5),  # SD-Turbo's image-to-image: steps x strength >= 1
+    ("sd-turbo", "euler", 4, 0.0, 0.75),
+    ("sdxl-turbo", "euler_a", 2, 0.0, 0.5),
+]
+
+
+@pytest.mark.parametrize(("variant", "scheduler", "steps", "guidance", "strength"), IMG2IMG)
+def test_image_to_image_matches_the_diffusers_pipeline(
+    family: dict[str, Path],
+    networks: dict[str, Networks],
+    variant: str,
+    scheduler: str,
+    steps: int,
+    guidance: float,
+    strength: float,
+) -> None:
+    """The compiled VAE encoder (sampled with the generator's first draw), add_noise at the start step
+    and the tail of the schedule against StableDiffusion(XL)Img2ImgPipeline."""
+    sd = StableDiffusion(load(family[variant]))
+    expected = diffusers_img2img(networks[variant], sd, scheduler, steps, guidance, strength)
+    h, w = sd.meta["image_shape"][:2]
+    got = sd.generate(
+        PROMPT,
+        NEGATIVE,
+        steps=steps,
+        scheduler=scheduler,
+        guidance=guidance,
+        seed=5,
+        init_image=init_image(h, w),
+        strength=strength,
+    ).image
+    diff = np.abs(got[..., :3].astype(int) - expected.astype(int))
+    assert diff.max() <= 1, f"max {diff.max()}, mean {diff.mean():.4f}"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"strength": 0.0}, r"--strength must be a number in \(0, 1\]"),
+        ({"strength": 1.5}, r"--strength must be a number in \(0, 1\]"),
+        ({"strength": 0.2, "steps": 2}, "runs no step"),
+        ({"scheduler": "pndm", "steps": 20}, "runs with dpm, euler or euler_a, not pndm"),
+        ({"image": (8, 8, 3)}, r"this build takes \(32, 32, 3\) RGB"),
+    ],
+)
+def test_image_to_image_requests_that_cannot_run_are_one_line(
+    family: dict[str, Path], change: dict[str, Any], message: str
+) -> None:
+    from mlcweb.errors import MlcwebError
+
+    sd = StableDiffusion(load(family["sd2.1"]))
+    image = init_image(*change.pop("image", (32, 32, 3))[:2])
+    args: dict[str, Any] = {"steps": 10, "scheduler": "dpm", "strength": 0.5, **change}
+    with pytest.raises(MlcwebError, match=message):
+        sd.generate(PROMPT, init_image=image, **args)

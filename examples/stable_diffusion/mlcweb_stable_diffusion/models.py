@@ -33,6 +33,7 @@ __all__ = [
     "SDXLUNetStage",
     "SingleUNetStage",
     "UNetStage",
+    "VAEEncodeStage",
     "VAEStage",
     "load_networks",
 ]
@@ -454,3 +455,24 @@ class VAEStage(torch.nn.Module):
         rgb = (image[0].permute(1, 2, 0) * 255).round()
         alpha = torch.full_like(rgb[:, :, :1], 255.0)
         return torch.cat([rgb, alpha], dim=-1)
+
+
+class VAEEncodeStage(torch.nn.Module):
+    """RGB image (H, W, 3), values 0..255, and a standard normal (1, 4, h, w) -> the latents image-to-image
+    starts from: the encoder's Gaussian sampled with that noise (``latent_dist.sample``), times the
+    scaling factor, as diffusers' img2img pipelines prepare them."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        x = (image / 255.0 * 2.0 - 1.0).permute(2, 0, 1)[None]
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return (mean + std * noise) * self.scaling_factor

@@ -10,6 +10,7 @@ Functions of the module (each a Relax function; weights are the trailing argumen
   models such as SD-Turbo); LCM's takes ``guidance: float32[]`` as a fourth input (an embedding)
 - ``dpm_solver_step``, ``pndm_step`` and ``ancestral_step`` (see :mod:`.schedulers`)
 - ``vae(latents) -> float32[H, W, 4]`` (RGBA, whole numbers 0..255; WGSL has no uint8)
+- ``vae_encode(image: float32[H, W, 3], noise: float32[1, 4, h, w]) -> latents``: image-to-image's start
 
 Which UNet functions a build has, and its defaults, come from the model's variant (:mod:`.variants`).
 """
@@ -41,6 +42,7 @@ from .models import (
     SDXLUNetStage,
     SingleUNetStage,
     UNetStage,
+    VAEEncodeStage,
     VAEStage,
     check_sample_size,
     load_networks,
@@ -66,7 +68,17 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # scheduler constants to write, {"dpm": [20, 10], ...}; null: the variant's
     "steps": None,
 }
-STAGES = ("clip", "concat_embeddings", "unet", "unet_single", "dpm_solver_step", "pndm_step", "ancestral_step", "vae")
+STAGES = (
+    "clip",
+    "concat_embeddings",
+    "unet",
+    "unet_single",
+    "dpm_solver_step",
+    "pndm_step",
+    "ancestral_step",
+    "vae",
+    "vae_encode",
+)
 
 
 def _export(stage: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str) -> tuple[tvm.IRModule, Any]:
@@ -162,17 +174,23 @@ def import_networks(nets: Networks, latent_size: int = 0, steps: dict[str, list[
     clip_mod, clip_params = _text_function(nets)
     unets = _unet_functions(nets, latents, hidden, pooled)
     vae_mod, vae_params = _export(VAEStage(nets.vae), (latents,), "vae")
+    image = size * nets.vae_scale
+    encode_mod, encode_params = _export(
+        VAEEncodeStage(nets.vae), (torch.zeros(image, image, 3), torch.zeros(latents.shape)), "vae_encode"
+    )
     if nets.vae.config.get("force_upcast") and nets.clip2 is not None:
         # SDXL's VAE overflows float16 (diffusers upcasts it): it stays float32 in float16 builds
         vae_mod = tvm.IRModule({"vae": vae_mod["vae"].with_attr(mp.KEEP_FLOAT32_ATTR, True)})
+        encode_mod = tvm.IRModule({"vae_encode": encode_mod["vae_encode"].with_attr(mp.KEEP_FLOAT32_ATTR, True)})
     extra = {}
     if "unet" in nets.variant.unets:
         extra["concat_embeddings"] = _concat_function(hidden, pooled)
     for cls in step_functions().values():
         extra[cls.function] = cls(nets.scheduler_config).step_function(tuple(latents.shape))
-    names = ["clip", *nets.variant.unets, "vae", "relax"]
-    mod = mp.merge_modules(clip_mod, *(m for m, _ in unets), vae_mod, tvm.IRModule(extra), names=names)
-    image = size * nets.vae_scale
+    names = ["clip", *nets.variant.unets, "vae", "vae_encode", "relax"]
+    mod = mp.merge_modules(
+        clip_mod, *(m for m, _ in unets), vae_mod, encode_mod, tvm.IRModule(extra), names=names
+    )
     variant = nets.variant
     metadata = {
         "variant": variant.name,
@@ -202,7 +220,7 @@ def import_networks(nets: Networks, latent_size: int = 0, steps: dict[str, list[
         metadata["force_zeros_for_empty_prompt"] = nets.force_zeros_for_empty_prompt
         ranges["clip"]["input_ids_2"] = (0, int(nets.clip2.config.vocab_size) - 1)
     ranges.update({name: {"timestep": (0, train_steps - 1)} for name in variant.unets})
-    params = {"clip": clip_params, "vae": vae_params}
+    params = {"clip": clip_params, "vae": vae_params, "vae_encode": encode_params}
     params.update({name: p for name, (_, p) in zip(variant.unets, unets, strict=True)})
     return ImportedModel(mod=mod, params=params, metadata=metadata, input_ranges=ranges)
 
@@ -228,6 +246,7 @@ def mlcweb_models() -> list[ModelSpec]:
                 "pndm_step": 0,
                 "ancestral_step": 4,
                 "vae": 1,
+                "vae_encode": 0,
             },
         )
     ]

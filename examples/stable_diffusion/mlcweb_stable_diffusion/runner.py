@@ -123,6 +123,33 @@ class StableDiffusion:
         out = self._call("concat_embeddings", *(x for pair in zip(uncond, cond, strict=True) for x in pair))
         return [out] if len(cond) == 1 else [out[0], out[1]]
 
+    def img2img_start(self, consts: dict[str, Any], steps: int, strength: float, image: np.ndarray) -> int:
+        """The step image-to-image starts at, after checking the request (one clear line each)."""
+        if "vae_encode" not in self.arts.functions:
+            raise MlcwebError(f"{self.arts.root} has no VAE encoder (built before image-to-image); rebuild it")
+        if "add_noise" not in consts:
+            raise MlcwebError(f"image-to-image runs with dpm, euler or euler_a, not {consts['scheduler']}")
+        if not math.isfinite(strength) or not 0 < strength <= 1:
+            raise MlcwebError(f"--strength must be a number in (0, 1], not {strength}")
+        kept = min(int(steps * strength), steps)
+        if kept < 1:
+            raise MlcwebError(f"--strength {strength} of {steps} steps runs no step; raise --strength or --steps")
+        h, w = self.meta["image_shape"][:2]
+        if image.shape != (h, w, 3):
+            raise MlcwebError(f"the init image is {image.shape}; this build takes ({h}, {w}, 3) RGB")
+        return steps - kept
+
+    def encode_image(
+        self, image: np.ndarray, consts: dict[str, Any], first: int, generator: torch.Generator
+    ) -> np.ndarray:
+        """The latents at step ``first`` from ``image``: encoded, then noised with ``add_noise``."""
+        shape = self.meta["latent_shape"]
+        sample_noise = torch.randn(shape, generator=generator).numpy()
+        encoded = self._call("vae_encode", self._tensor(image.astype(np.float32)), self._tensor(sample_noise))
+        noise = torch.randn(shape, generator=generator).numpy()
+        a, b = consts["add_noise"][first]
+        return (np.float32(a) * encoded.numpy() + np.float32(b) * noise).astype(np.float32)
+
     def unet_call(self, guidance: float) -> tuple[str, bool]:
         """Which UNet function runs the steps, and whether it takes the guidance scale. As in diffusers,
         a scale of 1 or less means no guidance: ``unet_single`` where the build has one (else the guided
@@ -143,11 +170,17 @@ class StableDiffusion:
         guidance: float | None = None,
         seed: int = 0,
         latents: np.ndarray | None = None,
+        init_image: np.ndarray | None = None,
+        strength: float = 0.8,
         progress: bool = False,
     ) -> Generation:
         """One image. ``steps``, ``scheduler`` and ``guidance`` default to the model's (``defaults`` in the
         build's metadata); ``seed`` seeds a torch generator as diffusers' pipelines do: the initial
-        latents (unless ``latents`` is given), then the noise of each step that adds some."""
+        latents (unless ``latents`` is given), then the noise of each step that adds some.
+
+        Image-to-image: ``init_image`` (H, W, 3) RGB 0..255 at the build's image size is encoded (the
+        encoder's sample drawn first from the generator, then the noise added at the start step) and
+        denoised from step ``steps - int(steps * strength)`` on, as diffusers' img2img pipelines do."""
         steps = self.defaults["steps"] if steps is None else steps
         scheduler = self.defaults["scheduler"] if scheduler is None else scheduler
         guidance = float(self.defaults["guidance"] if guidance is None else guidance)
@@ -155,6 +188,7 @@ class StableDiffusion:
         check_request(prompt, negative_prompt, steps, guidance, seed, train_steps)
         seconds: dict[str, float] = {}
         consts = self.scheduler_constants(scheduler, steps)
+        first = 0 if init_image is None else self.img2img_start(consts, steps, strength, init_image)
         unet, takes_scale = self.unet_call(guidance)
         if unet == "unet":
             guidance = max(guidance, 1.0)
@@ -165,9 +199,11 @@ class StableDiffusion:
 
         shape = self.meta["latent_shape"]
         generator = torch.Generator().manual_seed(seed)
-        if latents is None:
+        if init_image is not None:
+            latents = self.encode_image(init_image, consts, first, generator)
+        elif latents is None:
             latents = (torch.randn(shape, generator=generator) * consts["init_noise_sigma"]).numpy()
-        loop = HostLoop(consts, np.zeros(shape, dtype=np.float32))
+        loop = HostLoop(consts, np.zeros(shape, dtype=np.float32), start=first)
         sample = self._tensor(latents.astype(np.float32))
         model_input = self._tensor(loop.first_input(latents.astype(np.float32)))
         scale = [self._tensor(np.array(guidance, dtype=np.float32))] if takes_scale else []
@@ -176,13 +212,14 @@ class StableDiffusion:
             return self._tensor(torch.randn(shape, generator=generator).numpy())
 
         start = time.perf_counter()
-        for i, t in enumerate(tqdm(consts["timesteps"], desc="denoising", unit="step", disable=not progress)):
-            timestep = self._tensor(np.array(t, dtype=np.int32))
+        timesteps = consts["timesteps"]
+        for i in tqdm(range(first, len(timesteps)), desc="denoising", unit="step", disable=not progress):
+            timestep = self._tensor(np.array(timesteps[i], dtype=np.int32))
             eps = self._call(unet, model_input, timestep, *embeddings, *scale)
             sample, model_input = loop.step(self._call, i, sample, eps, self._tensor, noise)
         self.device.sync()
         seconds["unet+scheduler"] = time.perf_counter() - start
-        seconds["per step"] = seconds["unet+scheduler"] / len(consts["timesteps"])
+        seconds["per step"] = seconds["unet+scheduler"] / (len(timesteps) - first)
 
         start = time.perf_counter()
         image = self._call("vae", sample).numpy().astype(np.uint8)  # whole numbers 0..255 in float32

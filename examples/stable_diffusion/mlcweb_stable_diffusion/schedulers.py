@@ -57,9 +57,13 @@ class Scheduler:
     def constants(self, num_steps: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    img2img: ClassVar[bool] = True
+
     def _constants(self, sched: Any, num_steps: int, rows: list[list[float]], **extra: Any) -> dict[str, Any]:
-        """The JSON a host loop needs: timesteps, one coefficient row per step, and ``extra``."""
-        return {
+        """The JSON a host loop needs: timesteps, one coefficient row per step, and ``extra``; for
+        image-to-image, per step the ``add_noise`` pair ``(a, b)`` that starts there from an encoded image
+        (``a * latents + b * noise``, diffusers' ``add_noise`` with its begin index set to that step)."""
+        data = {
             "scheduler": self.name,
             "function": self.function,
             "num_steps": num_steps,
@@ -68,6 +72,18 @@ class Scheduler:
             "init_noise_sigma": float(sched.init_noise_sigma),
             **extra,
         }
+        if self.img2img:
+            data["add_noise"] = [self._add_noise(num_steps, start) for start in range(len(rows))]
+        return data
+
+    def _add_noise(self, num_steps: int, start: int) -> list[float]:
+        sched = self.diffusers()
+        sched.set_timesteps(num_steps)
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+        t = sched.timesteps[start : start + 1]
+        one, zero = torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
+        return [float(sched.add_noise(one, zero, t)), float(sched.add_noise(zero, one, t))]
 
     def _signature(self, shape: tuple[int, ...]) -> tuple[relax.Var, relax.Var, list[relax.Var], relax.Var]:
         ty = relax.TensorType(shape, "float32")
@@ -125,6 +141,7 @@ class DPMSolver(Scheduler):
         sigmas = sched.sigmas.to(torch.float32)
         n = len(sched.timesteps)
         rows = []
+        first_order: list[list[float]] = []
         lower_order_nums = 0
         cfg = sched.config
 
@@ -142,6 +159,7 @@ class DPMSolver(Scheduler):
             h = lambda_t - lambda_s
             e = alpha_t * (torch.exp(-h) - 1.0)
             a = sigma_t / sigma_s
+            first_order.append([float(a), float(-e), 0.0])
             if cfg.solver_order == 1 or lower_order_nums < 1 or lower_final:
                 b, c = -e, torch.tensor(0.0)
             else:
@@ -156,8 +174,10 @@ class DPMSolver(Scheduler):
                 x0_coeffs = [float(sigma_s), float(1.0 / alpha_s)]
                 sample_coeff = 1.0
             rows.append([*x0_coeffs, float(a), float(b), float(c), sample_coeff])
+            first_order[-1] = [*x0_coeffs, *first_order[-1], sample_coeff]
             lower_order_nums = min(lower_order_nums + 1, cfg.solver_order)
-        return self._constants(sched, num_steps, rows)
+        # image-to-image starts part-way: its first step has no history, so it is first order there
+        return self._constants(sched, num_steps, rows, first_order=first_order)
 
 
 class PNDM(Scheduler):
@@ -172,6 +192,7 @@ class PNDM(Scheduler):
 
     name = "pndm"
     function = "pndm_step"
+    img2img = False  # PLMS's warm-up bookkeeping assumes it starts at the first step
     history = 3
     num_coeffs = 6
 
@@ -238,7 +259,8 @@ class Ancestral(Scheduler):
 
     Step: ``x0 = c0 * sample + c1 * model_output``; ``out = c2 * x0 + c3 * sample + c4 * noise``;
     returns ``(out, c5 * out)``, the second being the next step's UNet input (Euler scales it by
-    ``1 / sqrt(sigma^2 + 1)``). ``input_scale`` scales the first step's input; per-step ``noise`` flags
+    ``1 / sqrt(sigma^2 + 1)``). ``input_scales[i]`` is that scale at step ``i`` (the first step's input is
+    scaled by the host); per-step ``noise`` flags
     say when the host draws fresh noise (a standard normal of the latents' shape) for ``noise``.
     """
 
@@ -309,7 +331,7 @@ class EulerAncestral(Ancestral):
                 [*x0, float(-ratio), float(1.0 + ratio), float(sigma_up), scales[i + 1] if i + 1 < len(scales) else 1.0]
             )
             noise.append(bool(self.ancestral))
-        return self._constants(sched, num_steps, rows, input_scale=scales[0], noise=noise)
+        return self._constants(sched, num_steps, rows, input_scales=scales, noise=noise)
 
 
 class Euler(EulerAncestral):
@@ -334,6 +356,7 @@ class LCM(Ancestral):
     whose output is ``denoised``."""
 
     name = "lcm"
+    img2img = False  # diffusers' LCM img2img pipeline picks its timesteps from the strength: not this path
 
     def diffusers(self) -> LCMScheduler:
         sched = LCMScheduler.from_config(self.config)
@@ -361,7 +384,7 @@ class LCM(Ancestral):
             fresh = 0.0 if last else float((1 - alpha_prev).sqrt())
             rows.append([*x0, float(keep * c_out), float(keep * c_skip), fresh, 1.0])
             noise.append(not last)
-        return self._constants(sched, num_steps, rows, input_scale=1.0, noise=noise)
+        return self._constants(sched, num_steps, rows, input_scales=[1.0] * len(rows), noise=noise)
 
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
@@ -401,14 +424,20 @@ class HostLoop:
         self.history: list[Any] = []  # DPM: [prev_x0]; PNDM: stored eps, newest last
         self.saved_sample: Any = None
 
+    start: int = 0  # image-to-image: the step the schedule starts at
+
     def first_input(self, latents: np.ndarray) -> np.ndarray:
         """The first step's UNet input from the initial latents (Euler scales it)."""
-        scale = float(self.constants.get("input_scale", 1.0))
+        scales = self.constants.get("input_scales")
+        scale = float(scales[self.start]) if scales else 1.0
         return latents if scale == 1.0 else (latents * np.float32(scale)).astype(np.float32)
 
     def step(self, call: Any, index: int, sample: Any, eps: Any, to_device: Any, noise: Any = None) -> tuple[Any, Any]:
         """``(next sample, next UNet input)``: the same tensor except for the one-step family."""
-        coeffs = to_device(np.asarray(self.constants["coeffs"][index], dtype=np.float32))
+        row = self.constants["coeffs"][index]
+        if index == self.start and self.start and "first_order" in self.constants:
+            row = self.constants["first_order"][index]
+        coeffs = to_device(np.asarray(row, dtype=np.float32))
         function = self.constants["function"]
         if function == "ancestral_step":
             fresh = noise() if self.constants["noise"][index] else to_device(self.zeros)

@@ -97,7 +97,7 @@ def test_argmax_and_argmin_give_int32_first_positions() -> None:
     assert "eot" in narrow_integer_tensors(PooledBefore)["main"]
     after = mp.Int32Tensors()(PooledBefore)
     assert narrow_integer_tensors(after) == {}
-    ids = np.array([[5, 9, 1, 9, -7, 3], [49406, 320, 49407, 49407, 0, -2**31]], dtype="int32")
+    ids = np.array([[5, 9, 1, 9, -7, 3], [49406, 320, 49407, 49407, 0, -(2**31)]], dtype="int32")
     hidden = np.random.default_rng(0).standard_normal((2, 6, 3)).astype("float32")
     results = []
     for mod in (PooledBefore, after):

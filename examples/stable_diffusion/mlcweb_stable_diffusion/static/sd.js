@@ -149,7 +149,7 @@ class StableDiffusion {
       const normals = normalStream(seed);
       const init = latents ? Float32Array.from(latents) : normals(count).map((x) => x * consts.init_noise_sigma);
       let sample = m.tensor(init, shape, "float32");
-      const inputScale = consts.input_scale ?? 1;
+      const inputScale = consts.input_scales ? consts.input_scales[0] : 1;
       let modelInput = inputScale === 1 ? sample : m.tensor(init.map((x) => x * inputScale), shape, "float32");
       const zeros = m.tensor(new Float32Array(count), shape, "float32");
       const scale = takesScale ? [m.tensor(Float32Array.of(scaleValue), [], "float32")] : [];
