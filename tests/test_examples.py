@@ -57,6 +57,20 @@ def test_build_and_deploy_scripts_write_a_png(tmp_path: Path) -> None:
     image = Image.open(png)
     assert image.size == (32, 32) and image.mode == "RGBA"
     assert "per step" in deploy.stdout
+    # image-to-image from that picture (its alpha dropped); an unreadable one is one line
+    again = tmp_path / "again.png"
+    (tmp_path / "notimage.png").write_text("not an image")
+    for init, code in ((png, 0), (tmp_path / "notimage.png", 2)):
+        run = subprocess.run(
+            [
+                sys.executable, str(ROOT / "examples/stable_diffusion/deploy.py"), "--artifacts", str(out),
+                "--prompt", "a green apple", "--steps", "4", "--init-image", str(init), "--strength", "0.5",
+                "--output", str(again),
+            ],
+            capture_output=True, text=True, env=env, check=False,
+        )  # fmt: skip
+        assert run.returncode == code and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert Image.open(again).size == (32, 32) and "is not an image this machine can read" in run.stderr
     bad = subprocess.run(
         [
             sys.executable,

@@ -4,6 +4,7 @@
 python examples/stable_diffusion/build.py                       # tiny model, llvm, dist/llvm
 python examples/stable_diffusion/build.py --target cuda --model ~/sd-v1-5 --dtype float16
 python examples/stable_diffusion/build.py --target cuda --size full   # SD1.5 architecture, random weights
+python examples/stable_diffusion/build.py --target webgpu --variant sd-turbo   # tiny SD-Turbo for the page
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from mlcweb_stable_diffusion import MODEL_NAME
+from mlcweb_stable_diffusion.variants import VARIANTS
 
 from mlcweb import BuildOptions
 from mlcweb.choices import DTYPES
@@ -24,9 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="llvm", choices=list(TARGETS))
     parser.add_argument("--out", type=Path, help="artifact directory (default dist/<target>)")
-    parser.add_argument("--model", type=Path, help="local diffusers SD1.5 folder (default: the tiny random model)")
+    parser.add_argument(
+        "--model", type=Path, help="local diffusers folder, any SD 1.x / 2.x / XL (default: the tiny random model)"
+    )
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--size", default="tiny", choices=["tiny", "full"], help="random-weight size without --model")
+    parser.add_argument(
+        "--variant", default="sd1.5", choices=list(VARIANTS), help="which model random weights are built as"
+    )
     parser.add_argument("--db", type=Path, help="MetaSchedule database to apply")
     parser.add_argument("--arch", help="cuda architecture (default sm_90)")
     parser.add_argument("--no-cache", action="store_true")
@@ -39,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         database=args.db,
         use_cache=not args.no_cache,
-        config={"size": args.size},
+        config={"size": args.size, "variant": args.variant},
         arch=args.arch,
     )
     return run_command(lambda: build_and_report(MODEL_NAME, options), verbose=args.verbose)

@@ -2,6 +2,7 @@
 """Generate an image natively from artifacts built by build.py.
 
 python examples/stable_diffusion/deploy.py --artifacts dist/llvm --prompt "a lighthouse at dusk" --output out.png
+python examples/stable_diffusion/deploy.py --prompt "the same, in winter" --init-image out.png --strength 0.6
 """
 
 from __future__ import annotations
@@ -11,12 +12,29 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 from mlcweb_stable_diffusion.runner import StableDiffusion
 from mlcweb_stable_diffusion.schedulers import SCHEDULERS
 
 from mlcweb.cli import check_output_file
 from mlcweb.errors import MlcwebError
 from mlcweb.runtime import load
+
+
+def read_init_image(path: Path, image_shape: list[int]) -> np.ndarray:
+    """``path`` as RGB at the build's size (resized with Lanczos, as diffusers' image processor does)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise MlcwebError(f"--init-image {path} is not an image this machine can read ({err})") from err
+    h, w = image_shape[:2]
+    if rgb.size != (w, h):
+        print(f"deploy: resizing --init-image from {rgb.size[0]}x{rgb.size[1]} to the build's {w}x{h}", file=sys.stderr)
+        rgb = rgb.resize((w, h), Image.Resampling.LANCZOS)
+    return np.asarray(rgb, dtype=np.uint8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="default: the model's")
     parser.add_argument("--guidance", type=float, help="guidance scale; 1 or less: none (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture (PNG, JPEG, ...)")
+    parser.add_argument(
+        "--strength", type=float, default=0.8, help="image-to-image: how much of the picture to redraw, (0, 1]"
+    )
     parser.add_argument("--device", help="cpu or cuda (default: the artifacts' target device)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_output_file(args.output, "image.png")  # before minutes of work, not after
         sd = StableDiffusion(load(args.artifacts, args.device))
+        init = None if args.init_image is None else read_init_image(args.init_image, sd.meta["image_shape"])
         result = sd.generate(
             args.prompt,
             args.negative_prompt,
@@ -44,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             scheduler=args.scheduler,
             guidance=args.guidance,
             seed=args.seed,
+            init_image=init,
+            strength=args.strength,
             progress=True,
         )
         result.save_png(args.output)

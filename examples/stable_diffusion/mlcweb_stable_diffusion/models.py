@@ -293,9 +293,7 @@ def load_networks(
             nets.tokenizer2_dir = model_path / "tokenizer_2"
             index = model_path / "model_index.json"
             if index.is_file():
-                nets.force_zeros_for_empty_prompt = bool(
-                    _read_config(index).get("force_zeros_for_empty_prompt", True)
-                )
+                nets.force_zeros_for_empty_prompt = bool(_read_config(index).get("force_zeros_for_empty_prompt", True))
     elif size in ("tiny", "full"):
         chosen = variant_named(variant)
         torch.manual_seed(seed)

@@ -113,9 +113,7 @@ def _text_function(nets: Networks) -> tuple[tvm.IRModule, Any]:
     return _export(SDXLTextStage(nets.clip, nets.clip2), (ids, ids.clone()), "clip")
 
 
-def _unet_functions(
-    nets: Networks, latents: torch.Tensor, hidden: int, pooled: int
-) -> list[tuple[tvm.IRModule, Any]]:
+def _unet_functions(nets: Networks, latents: torch.Tensor, hidden: int, pooled: int) -> list[tuple[tvm.IRModule, Any]]:
     step = torch.tensor(1, dtype=torch.int32)
     image = int(latents.shape[-1]) * nets.vae_scale
     out = []
@@ -188,9 +186,7 @@ def import_networks(nets: Networks, latent_size: int = 0, steps: dict[str, list[
     for cls in step_functions().values():
         extra[cls.function] = cls(nets.scheduler_config).step_function(tuple(latents.shape))
     names = ["clip", *nets.variant.unets, "vae", "vae_encode", "relax"]
-    mod = mp.merge_modules(
-        clip_mod, *(m for m, _ in unets), vae_mod, encode_mod, tvm.IRModule(extra), names=names
-    )
+    mod = mp.merge_modules(clip_mod, *(m for m, _ in unets), vae_mod, encode_mod, tvm.IRModule(extra), names=names)
     variant = nets.variant
     metadata = {
         "variant": variant.name,
