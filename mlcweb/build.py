@@ -160,7 +160,9 @@ def _import(host: PluginHost, resolved: ModelBuild) -> tuple[ImportedModel, bool
     if options.model_path is not None and not options.model_path.exists():
         raise MlcwebError(f"model folder {options.model_path} does not exist; pass --model with an existing folder")
     cache = ImportCache()
-    key = cache_key(resolved.name, resolved.config, import_options, host.source_digest(resolved.registered.plugin))
+    spec = resolved.registered.spec
+    digest = host.source_digest(resolved.registered.plugin)
+    key = cache_key(resolved.name, resolved.config, import_options, digest, spec.file_options)
     if options.use_cache:
         cached = cache.load(key)
         if cached is not None:

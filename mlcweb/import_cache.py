@@ -44,12 +44,37 @@ def _folder_fingerprint(path: Path | None) -> list[tuple[str, int, int]]:
     )
 
 
-def cache_key(model: str, config: dict[str, Any], options: ImportOptions, plugin_digest: str = "") -> str:
+def config_files(config: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """Size and modification time of the files that the config values under ``keys`` name (a string or
+    a list of strings, each a path with an optional ``:suffix`` such as a LoRA's scale), so a changed
+    file is a new import, as a changed model folder is."""
+    found = []
+    for key in keys:
+        values = config.get(key)
+        for value in values if isinstance(values, list) else [values]:
+            if not isinstance(value, str):
+                continue
+            for candidate in (value, value.rpartition(":")[0]):
+                path = Path(candidate).expanduser()
+                if candidate and path.is_file():
+                    found.append((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns))
+                    break
+    return sorted(found)
+
+
+def cache_key(
+    model: str,
+    config: dict[str, Any],
+    options: ImportOptions,
+    plugin_digest: str = "",
+    file_keys: tuple[str, ...] = (),
+) -> str:
     blob = json.dumps(
         {
             "model": model,
             "plugin_sources": plugin_digest,
             "config": config,
+            "config_files": config_files(config, file_keys),
             "dtype": options.dtype,
             "model_path": str(options.model_path.resolve()) if options.model_path else None,
             "files": _folder_fingerprint(options.model_path),

@@ -23,6 +23,8 @@ class ModelSpec:
     own configuration (JSON-serialisable: it is part of the import cache key and the manifest).
     ``runs_per_use`` says how often each function runs for one use of the model (one image: CLIP twice,
     the UNet once per step); ``mlcweb tune`` weights kernels by it. Functions not named run once.
+    ``file_options`` names config keys whose values are files (a path, or a list of paths, each with an
+    optional ``:suffix`` the plugin reads): the import cache notices when those files change.
     """
 
     name: str
@@ -30,6 +32,7 @@ class ModelSpec:
     components: tuple[str, ...] = ("main",)
     default_config: dict[str, Any] = field(default_factory=dict)
     runs_per_use: dict[str, int] = field(default_factory=dict)
+    file_options: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ python examples/stable_diffusion/build.py                       # tiny model, ll
 python examples/stable_diffusion/build.py --target cuda --model ~/sd-v1-5 --dtype float16
 python examples/stable_diffusion/build.py --target cuda --size full   # SD1.5 architecture, random weights
 python examples/stable_diffusion/build.py --target webgpu --variant sd-turbo   # tiny SD-Turbo for the page
+python examples/stable_diffusion/build.py --model ~/sd-v1-5 --lora ~/loras/watercolor.safetensors:0.8
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--size", default="tiny", choices=["tiny", "full"], help="random-weight size without --model")
     parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA (.safetensors, diffusers or kohya format) into the UNet and text encoders; repeatable",
+    )
+    parser.add_argument(
         "--variant", default="sd1.5", choices=list(VARIANTS), help="which model random weights are built as"
     )
     parser.add_argument("--db", type=Path, help="MetaSchedule database to apply")
@@ -46,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         database=args.db,
         use_cache=not args.no_cache,
-        config={"size": args.size, "variant": args.variant},
+        config={"size": args.size, "variant": args.variant, "lora": args.lora},
         arch=args.arch,
     )
     return run_command(lambda: build_and_report(MODEL_NAME, options), verbose=args.verbose)

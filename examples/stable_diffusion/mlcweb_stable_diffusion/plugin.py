@@ -33,6 +33,7 @@ from mlcweb.errors import MlcwebError
 from mlcweb.model import PhaseContext
 
 from . import MODEL_NAME
+from .lora import fuse_loras, parse_lora
 from .models import (
     CLIPStage,
     EmbeddedGuidanceUNetStage,
@@ -67,6 +68,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "latent_size": 0,
     # scheduler constants to write, {"dpm": [20, 10], ...}; null: the variant's
     "steps": None,
+    # LoRA files fused into the UNet and text encoders: ["FILE", "FILE:SCALE", ...]
+    "lora": [],
 }
 STAGES = (
     "clip",
@@ -244,6 +247,7 @@ def mlcweb_models() -> list[ModelSpec]:
                 "vae": 1,
                 "vae_encode": 0,
             },
+            file_options=("lora",),
         )
     ]
 
@@ -251,11 +255,18 @@ def mlcweb_models() -> list[ModelSpec]:
 @hookimpl
 def mlcweb_import_model(spec: ModelSpec, options: ImportOptions) -> ImportedModel:
     config = {**spec.default_config, **options.config}
+    loras = config["lora"]
+    if not isinstance(loras, list):
+        raise MlcwebError(f"--set lora={loras!r} is not a list of FILE or FILE:SCALE")
+    specs = [parse_lora(x) for x in loras]  # before minutes of loading
     nets = load_networks(config["size"], options.model_path, config["seed"], config["variant"])
+    fuse_loras(nets, specs)
     latent = config["latent_size"]
     if not isinstance(latent, int) or isinstance(latent, bool):
         raise MlcwebError(f"--set latent_size={latent!r} is not a whole number; pass 0 for the model's own size")
-    return import_networks(nets, latent, config["steps"])
+    imported = import_networks(nets, latent, config["steps"])
+    imported.metadata["lora"] = [{"file": s.path.name, "scale": s.scale, "sha256": s.sha256()} for s in specs]
+    return imported
 
 
 @hookimpl
