@@ -52,6 +52,7 @@ from .rewrites.conv_layout import ConvLayout
 from .rewrites.drop_softmax_guard import DropSoftmaxGuard
 from .rewrites.finite_literals import FiniteFloatLiterals
 from .rewrites.fold_bool_identities import FoldBoolIdentities
+from .rewrites.fold_pad_into_conv import FoldPadIntoConv
 from .rewrites.fuse_ops import FuseOperators
 from .rewrites.fuse_softmax import FuseSoftmax
 from .rewrites.hoist_narrowing_casts import HoistNarrowingCasts
@@ -134,7 +135,13 @@ def weight_phase(
 def graph_phase(
     target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
 ) -> tvm.transform.Sequential:
-    passes: list[tvm.transform.Pass] = [DropSoftmaxGuard(), ClampGatherIndices(), IntegerCumsum(), FoldBoolIdentities()]
+    passes: list[tvm.transform.Pass] = [
+        DropSoftmaxGuard(),
+        ClampGatherIndices(),
+        IntegerCumsum(),
+        FoldBoolIdentities(),
+        FoldPadIntoConv(),
+    ]
     if target.kind.name == "webgpu":
         passes += [Int32Tensors(), FiniteFloatLiterals()]
     passes += _library_dispatch(target)

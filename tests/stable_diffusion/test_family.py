@@ -277,3 +277,23 @@ def test_image_to_image_requests_that_cannot_run_are_one_line(
     args: dict[str, Any] = {"steps": 10, "scheduler": "dpm", "strength": 0.5, **change}
     with pytest.raises(MlcwebError, match=message):
         sd.generate(PROMPT, init_image=image, **args)
+
+
+def test_sdxl_float16_keeps_its_vae_in_float32(
+    tmp_path_factory: pytest.TempPathFactory, networks: dict[str, Networks], family: dict[str, Path]
+) -> None:
+    """SDXL's VAE overflows float16 (diffusers upcasts it, force_upcast): in a float16 build the UNet and
+    text encoders store float16 weights, the VAE float32 ones, and the image stays within the float16
+    tolerance of SD1.5's build (4 of 255, mean under 0.5)."""
+    out = build_tiny_sd(tmp_path_factory.mktemp("sdxl16") / "b", "llvm", "float16", config={"variant": "sdxl"})
+    cache = json.loads((out / "tensor-cache.json").read_text())
+    dtypes = {rec["name"]: rec["dtype"] for shard in cache["records"] for rec in shard["records"]}
+    functions = json.loads((out / "manifest.json").read_text())["functions"]
+    for func, want in (("vae", "float32"), ("vae_encode", "float32"), ("unet", "float16")):
+        kinds = {dtypes[n] for n in functions[func]["params"] if len(n) and dtypes[n].startswith("float")}
+        assert want in kinds and (want == "float16" or kinds == {"float32"}), (func, kinds)
+    sd = StableDiffusion(load(out))
+    expected = _diffusers_image(networks["sdxl"], StableDiffusion(load(family["sdxl"])), "euler", 10, 5.0)
+    got = sd.generate(PROMPT, NEGATIVE, steps=10, scheduler="euler", guidance=5.0, seed=5).image
+    diff = np.abs(got[..., :3].astype(int) - expected.astype(int))
+    assert diff.max() <= 4 and diff.mean() < 0.5, f"max {diff.max()}, mean {diff.mean():.3f}"

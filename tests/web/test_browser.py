@@ -182,7 +182,8 @@ def test_sdxl_turbo_page_matches_native_llvm(
 ) -> None:
     """A second architecture in the browser: SDXL's two tokenizers and text encoders, the pooled embedding
     and size ids into the UNet, Euler-ancestral with noise between steps; once guidance-free through the
-    batch-one unet_single, once guided with no negative prompt (zeros, as diffusers' SDXL pipelines use).
+    batch-one unet_single, once guided with no negative prompt (zeros, as diffusers' SDXL pipelines use),
+    once image-to-image from the first image (the compiled encoder, add_noise, half the schedule).
     The page hides guidance and picks the model's one-step default; given the latents and the noise the
     native run draws from its seed, each image matches native."""
     import torch
@@ -197,10 +198,22 @@ def test_sdxl_turbo_page_matches_native_llvm(
     generator = torch.Generator().manual_seed(9)
     latents = (torch.randn(shape, generator=generator) * consts["init_noise_sigma"]).numpy()
     noises = [torch.randn(shape, generator=generator).numpy().reshape(-1).tolist() for _ in consts["timesteps"]]
-    requests = [{"guidance": 0.0}, {"guidance": 3.0}]
+    requests: list[dict[str, Any]] = [{"guidance": 0.0}, {"guidance": 3.0}]
     expected = [
         native.generate(PROMPT, steps=2, scheduler="euler_a", seed=9, guidance=r["guidance"]).image for r in requests
     ]
+    # image-to-image from step 1 of 2: the encoder's sample and add_noise's noise are the seed's first draws
+    h, w = native.meta["image_shape"][:2]
+    picture = np.asarray(expected[0][..., :3])
+    generator = torch.Generator().manual_seed(9)
+    draws = [torch.randn(shape, generator=generator).numpy().reshape(-1).tolist() for _ in range(3)]
+    requests.append(
+        {"guidance": 0.0, "initImage": picture.reshape(-1).tolist(), "strength": 0.5, "encodeNoises": draws[:2],
+         "noises": draws[2:]}
+    )  # fmt: skip
+    expected.append(
+        native.generate(PROMPT, steps=2, scheduler="euler_a", seed=9, init_image=picture, strength=0.5).image
+    )
 
     srv = make_server(turbo_webgpu, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -216,11 +229,14 @@ def test_sdxl_turbo_page_matches_native_llvm(
         images = []
         for request in requests:
             args = {"prompt": PROMPT, "scheduler": "euler_a", "steps": 2, "noises": noises, **request}
+            assert (h, w) == (32, 32)
             args["latents"] = latents.reshape(-1).tolist()
             images.append(
                 page.evaluate(
                     """async (args) => {
-                        const r = await window.mlcwebSD.generate({ ...args, latents: Float32Array.from(args.latents) });
+                        const initImage = args.initImage ? Float32Array.from(args.initImage) : null;
+                        const latents = Float32Array.from(args.latents);
+                        const r = await window.mlcwebSD.generate({ ...args, initImage, latents });
                         return Array.from(r.pixels);
                     }""",
                     args,

@@ -87,6 +87,20 @@ class StableDiffusion {
     return cond.length === 1 ? [out] : [out.get(0), out.get(1)];
   }
 
+  /** The step image-to-image starts at (runner.img2img_start), after the same checks. */
+  img2imgStart(consts, steps, strength, image) {
+    if (!("vae_encode" in this.model.manifest.functions)) {
+      throw new MlcwebError("This build has no VAE encoder, so it cannot start from an image.", "Rebuild it with this version of mlcweb.");
+    }
+    if (!consts.add_noise) throw new MlcwebError(`Image-to-image runs with DPM-Solver++, Euler or Euler ancestral, not ${SCHEDULER_TITLES[consts.scheduler] || consts.scheduler}.`, "Pick another scheduler.");
+    if (!Number.isFinite(strength) || strength <= 0 || strength > 1) throw new MlcwebError(`The strength must be a number in (0, 1], not ${strength}.`);
+    const kept = Math.min(Math.trunc(steps * strength), steps);
+    if (kept < 1) throw new MlcwebError(`A strength of ${strength} with ${steps} steps runs no step.`, "Raise the strength or the steps.");
+    const [h, w] = this.meta.image_shape;
+    if (image.length !== h * w * 3) throw new MlcwebError(`The start image has ${image.length} values; this build takes ${h}x${w} RGB.`);
+    return steps - kept;
+  }
+
   /** The UNet function for a guidance scale, and whether it takes the scale (runner.unet_call). */
   unetCall(guidance) {
     const has = (name) => name in this.model.manifest.functions;
@@ -129,11 +143,12 @@ class StableDiffusion {
   }
 
   /** Generate one image; returns { pixels: Uint8ClampedArray (H*W*4 RGBA), seconds, stepTimes }. */
-  async generate({ prompt = "", negative = "", scheduler = this.defaults.scheduler, steps = this.defaults.steps, guidance = this.defaults.guidance, seed = 0, latents = null, noises = null, previewEvery = 0, onStep = () => {} } = {}) {
+  async generate({ prompt = "", negative = "", scheduler = this.defaults.scheduler, steps = this.defaults.steps, guidance = this.defaults.guidance, seed = 0, latents = null, noises = null, initImage = null, strength = 0.8, encodeNoises = null, previewEvery = 0, onStep = () => {} } = {}) {
     checkRequest({ steps, guidance, seed }, this.meta.scheduler_config);
     const m = this.model;
     const tvm = m.tvm;
     const consts = await this.schedulerConstants(scheduler, steps);
+    const first = initImage ? this.img2imgStart(consts, steps, strength, initImage) : 0;
     const shape = this.meta.latent_shape;
     const count = shape.reduce((a, b) => a * b, 1);
     const { unet, takesScale } = this.unetCall(guidance);
@@ -147,11 +162,27 @@ class StableDiffusion {
       seconds.clip = (performance.now() - start) / 1000;
 
       const normals = normalStream(seed);
-      const init = latents ? Float32Array.from(latents) : normals(count).map((x) => x * consts.init_noise_sigma);
-      let sample = m.tensor(init, shape, "float32");
-      const inputScale = consts.input_scales ? consts.input_scales[0] : 1;
-      let modelInput = inputScale === 1 ? sample : m.tensor(init.map((x) => x * inputScale), shape, "float32");
       const zeros = m.tensor(new Float32Array(count), shape, "float32");
+      let sample;
+      let modelInput;
+      if (initImage) {
+        // Image-to-image (runner.encode_image): the encoder's sample drawn first, then add_noise at the
+        // start step, a * latents + b * noise, done by ancestral_step with coefficients [0, 0, 0, a, b, scale].
+        const [h, w] = this.meta.image_shape;
+        const draw = (k) => m.tensor(encodeNoises ? Float32Array.from(encodeNoises[k]) : normals(count), shape, "float32");
+        const encoded = m.call("vae_encode", m.tensor(Float32Array.from(initImage), [h, w, 3], "float32"), draw(0));
+        const [a, b] = consts.add_noise[first];
+        const firstScale = consts.input_scales ? consts.input_scales[first] : 1;
+        const coeffs = m.tensor(Float32Array.of(0, 0, 0, a, b, firstScale), [6], "float32");
+        const out = m.call("ancestral_step", encoded, zeros, draw(1), coeffs);
+        sample = out.get(0);
+        modelInput = out.get(1);
+      } else {
+        const init = latents ? Float32Array.from(latents) : normals(count).map((x) => x * consts.init_noise_sigma);
+        sample = m.tensor(init, shape, "float32");
+        const inputScale = consts.input_scales ? consts.input_scales[0] : 1;
+        modelInput = inputScale === 1 ? sample : m.tensor(init.map((x) => x * inputScale), shape, "float32");
+      }
       const scale = takesScale ? [m.tensor(Float32Array.of(scaleValue), [], "float32")] : [];
       let noiseIndex = 0;
       const noise = () => m.tensor(noises ? Float32Array.from(noises[noiseIndex++]) : normals(count), shape, "float32");
@@ -159,11 +190,13 @@ class StableDiffusion {
       let saved = null;
       start = performance.now();
       const stepTimes = [];
-      for (let i = 0; i < consts.timesteps.length; ++i) {
+      for (let i = first; i < consts.timesteps.length; ++i) {
         const stepStart = performance.now();
         const t = m.tensor(Int32Array.of(consts.timesteps[i]), [], "int32");
         const eps = m.call(unet, modelInput, t, ...embeddings, ...scale);
-        const coeffs = m.tensor(Float32Array.from(consts.coeffs[i]), [consts.coeffs[i].length], "float32");
+        // image-to-image's first DPM step has no history: first order there
+        const row = i === first && first > 0 && consts.first_order ? consts.first_order[i] : consts.coeffs[i];
+        const coeffs = m.tensor(Float32Array.from(row), [row.length], "float32");
         if (consts.function === "ancestral_step") {
           const out = m.call(consts.function, sample, eps, consts.noise[i] ? noise() : zeros, coeffs);
           sample = out.get(0);
@@ -185,13 +218,15 @@ class StableDiffusion {
         }
         await m.sync();
         stepTimes.push((performance.now() - stepStart) / 1000);
-        if (previewEvery > 0 && (i + 1) % previewEvery === 0 && i + 1 < consts.timesteps.length) {
+        const done = i + 1 - first;
+        const total = consts.timesteps.length - first;
+        if (previewEvery > 0 && done % previewEvery === 0 && done < total) {
           this.drawImage(await this.readImage(m.call("vae", sample)));
         }
-        onStep(i + 1, consts.timesteps.length, stepTimes[i]);
+        onStep(done, total, stepTimes[stepTimes.length - 1]);
       }
       seconds["unet+scheduler"] = (performance.now() - start) / 1000;
-      seconds["per step"] = seconds["unet+scheduler"] / consts.timesteps.length;
+      seconds["per step"] = seconds["unet+scheduler"] / (consts.timesteps.length - first);
       start = performance.now();
       const pixels = await this.readImage(m.call("vae", sample));
       seconds.vae = (performance.now() - start) / 1000;
@@ -287,9 +322,29 @@ async function main() {
       $("generate").disabled = false;
     }
   };
+  // Image-to-image: the chosen picture drawn at the build's size (the browser's resampling), as RGB.
+  let initImage = null;
+  $("init-image").addEventListener("change", async () => {
+    const file = $("init-image").files[0];
+    initImage = null;
+    if (!file) return;
+    try {
+      const bitmap = await createImageBitmap(file);
+      const [h, w] = sd.meta.image_shape;
+      const canvas = new OffscreenCanvas(w, h);
+      canvas.getContext("2d").drawImage(bitmap, 0, 0, w, h);
+      const rgba = canvas.getContext("2d").getImageData(0, 0, w, h).data;
+      initImage = new Float32Array(h * w * 3);
+      for (let p = 0; p < h * w; ++p) for (let c = 0; c < 3; ++c) initImage[p * 3 + c] = rgba[p * 4 + c];
+    } catch (err) {
+      showError(new MlcwebError(`${file.name} is not an image this browser can read.`, "Pick a PNG, JPEG or WebP file."));
+    }
+  });
   const fromForm = () => {
     const [scheduler, steps] = $("scheduler").value.split(":");
     return {
+      initImage,
+      strength: Number($("strength").value),
       prompt: $("prompt").value,
       negative: $("negative").value,
       scheduler,
