@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from sd_bench import median_ms
+
 log = logging.getLogger("sd_family")
 
 
@@ -51,18 +53,6 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     result = build(host, "stable-diffusion", options, progress=True)
     return {"seconds": time.perf_counter() - start, "kernels": result.kernels, "stages": result.stage_seconds}
-
-
-def _timed(fn: Any, sync: Any, repeat: int) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,8 +83,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     latents = sd._tensor(np.random.default_rng(0).standard_normal(meta["latent_shape"]).astype(np.float32))
     t = sd._tensor(np.array(500, dtype=np.int32))
     scale = [sd._tensor(np.array(max(float(defaults["guidance"]), 1.0), dtype=np.float32))] if takes_scale else []
-    unet_ms = _timed(lambda: sd._call(unet, latents, t, *embeddings, *scale), sd.device.sync, args.repeat)
-    vae_ms = _timed(lambda: sd._call("vae", latents), sd.device.sync, args.repeat)
+    unet_ms = median_ms(lambda: sd._call(unet, latents, t, *embeddings, *scale), sd.device.sync, args.repeat)
+    vae_ms = median_ms(lambda: sd._call("vae", latents), sd.device.sync, args.repeat)
     image = gen.image[..., :3]
     if not np.isfinite(image).all() or np.unique(image).size < 16:
         raise SystemExit(f"sd_family: the {args.variant} image is flat or not finite: a broken build")

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -130,3 +131,23 @@ def build_tiny_sd(
     )
     build_model(host, "stable-diffusion", options, progress=False)
     return out
+
+
+def sd_pipeline(nets: Any, tokenizer: Any, scheduler: str, cls: Any = None) -> Any:
+    """diffusers' text-to-image pipeline (``cls``, StableDiffusionPipeline by default) over the tiny
+    networks ``nets``, with the compiled build's scheduler ``scheduler`` as diffusers configures it."""
+    from diffusers import StableDiffusionPipeline
+    from mlcweb_stable_diffusion.schedulers import SCHEDULERS
+
+    pipe = (cls or StableDiffusionPipeline)(
+        vae=nets.vae,
+        text_encoder=nets.clip,
+        tokenizer=tokenizer,
+        unet=nets.unet,
+        scheduler=SCHEDULERS[scheduler](nets.scheduler_config).diffusers(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -9,7 +9,8 @@ WebGPU's 32 KiB, so the build fails). Relax's ``conv2d`` pads each side on its o
 unpadded input and treats the border as zeros, as the pad did.
 
 Only a constant pad with value 0 on the two spatial axes of the convolution's layout (NCHW or NHWC)
-folds; other pads stay. A pad with other users stays for them.
+folds, directly or through a cast (float16 builds cast the padded tensor); other pads stay. A pad with
+other users stays for them.
 """
 
 from __future__ import annotations
@@ -48,17 +49,22 @@ class _Fold(FunctionMutator):
         if op_name(call) != "relax.nn.conv2d" or self.bindings is None:
             return call
         pad = self.bindings.value(call.args[0])
+        cast = None
+        if op_name(pad) == "relax.astype":  # float16 builds: the pad in float32, then a cast
+            cast = str(pad.attrs.dtype)
+            pad = self.bindings.value(pad.args[0])
         if op_name(pad) != "relax.nn.pad":
             return call
         extra = _spatial_pads(pad, str(call.attrs.data_layout))
         if extra is None:
             return call
+        data = pad.args[0] if cast is None else relax.op.astype(pad.args[0], cast)
         attrs = call.attrs
         padding = [int(p) + e for p, e in zip(attrs.padding, extra, strict=True)]
         out_dtype = str(attrs.out_dtype)
         self.rewritten += 1
         return relax.op.nn.conv2d(
-            pad.args[0],
+            data,
             call.args[1],
             strides=[int(s) for s in attrs.strides],
             padding=padding,

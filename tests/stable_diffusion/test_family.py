@@ -25,7 +25,7 @@ from mlcweb_stable_diffusion.models import (
 )
 from mlcweb_stable_diffusion.runner import StableDiffusion
 from mlcweb_stable_diffusion.schedulers import SCHEDULERS
-from testutil import build_tiny_sd
+from testutil import build_tiny_sd, sd_pipeline
 
 from mlcweb.runtime import load
 
@@ -60,25 +60,18 @@ def _pipeline(nets: Networks, sd: StableDiffusion, scheduler: str) -> Any:
         pipe.set_progress_bar_config(disable=True)
         return pipe
     cls = LatentConsistencyModelPipeline if scheduler == "lcm" else StableDiffusionPipeline
-    pipe = cls(
-        vae=nets.vae,
-        text_encoder=nets.clip,
-        tokenizer=sd.tokenizer.hf,
-        unet=nets.unet,
-        scheduler=SCHEDULERS[scheduler](nets.scheduler_config).diffusers(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return sd_pipeline(nets, sd.tokenizer.hf, scheduler, cls)
 
 
 def _diffusers_image(
     nets: Networks, sd: StableDiffusion, scheduler: str, steps: int, guidance: float, negative: str | None = NEGATIVE
 ) -> np.ndarray:
-    pipe = _pipeline(nets, sd, scheduler)
     kwargs: dict[str, Any] = {} if scheduler == "lcm" else {"negative_prompt": negative}
+    return _run(_pipeline(nets, sd, scheduler), steps=steps, guidance=guidance, **kwargs)
+
+
+def _run(pipe: Any, steps: int, guidance: float, **kwargs: Any) -> np.ndarray:
+    """The uint8 image of ``pipe`` for PROMPT with seed 5."""
     with torch.no_grad():
         out = pipe(
             PROMPT,
@@ -206,18 +199,8 @@ def diffusers_img2img(
         pipe = StableDiffusionImg2ImgPipeline(**text2img.components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     h, w = sd.meta["image_shape"][:2]
-    with torch.no_grad():
-        out = pipe(
-            PROMPT,
-            image=Image.fromarray(init_image(h, w)),
-            negative_prompt=NEGATIVE,
-            strength=strength,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator().manual_seed(5),
-            output_type="np",
-        ).images[0]
-    return (out * 255).round().astype(np.uint8)
+    image = Image.fromarray(init_image(h, w))
+    return _run(pipe, steps, guidance, image=image, negative_prompt=NEGATIVE, strength=strength)
 
 
 IMG2IMG = [

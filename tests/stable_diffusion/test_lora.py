@@ -10,11 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from mlcweb_stable_diffusion.models import Networks, load_networks
 from mlcweb_stable_diffusion.runner import StableDiffusion
-from mlcweb_stable_diffusion.schedulers import SCHEDULERS
-from testutil import build_tiny_sd
+from testutil import build_tiny_sd, sd_pipeline
 
 from mlcweb.errors import MlcwebError
 from mlcweb.runtime import load
@@ -74,17 +72,7 @@ def test_fused_build_matches_diffusers_with_the_lora_loaded(lora_file: Path, tmp
     sd = StableDiffusion(load(out))
     assert sd.meta["lora"] == [{"file": "lora.safetensors", "scale": scale, "sha256": sd.meta["lora"][0]["sha256"]}]
     nets = load_networks("tiny")
-    pipe = StableDiffusionPipeline(
-        vae=nets.vae,
-        text_encoder=nets.clip,
-        tokenizer=sd.tokenizer.hf,
-        unet=nets.unet,
-        scheduler=SCHEDULERS["dpm"](nets.scheduler_config).diffusers(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd_pipeline(nets, sd.tokenizer.hf, "dpm")
     args = {"negative_prompt": NEGATIVE, "num_inference_steps": 10, "output_type": "np"}
     with torch.no_grad():
         plain = pipe(PROMPT, generator=torch.Generator().manual_seed(3), **args).images[0]

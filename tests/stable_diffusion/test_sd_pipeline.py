@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline
 from mlcweb_stable_diffusion.models import CLIPStage, Networks, UNetStage, VAEStage
 from mlcweb_stable_diffusion.runner import StableDiffusion, initial_latents
 from mlcweb_stable_diffusion.schedulers import SCHEDULERS
+from testutil import sd_pipeline
 
 from mlcweb.runtime import load
 
@@ -22,16 +23,8 @@ PROMPT, NEGATIVE = "a watercolor painting of a fox in the snow", "blurry, low qu
 
 
 def _pipeline(nets: Networks, sd: StableDiffusion, scheduler: str) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
-        vae=nets.vae,
-        text_encoder=nets.clip,
-        tokenizer=sd.tokenizer.hf,
-        unet=nets.unet,
-        scheduler=SCHEDULERS[scheduler](nets.scheduler_config).diffusers(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe: StableDiffusionPipeline = sd_pipeline(nets, sd.tokenizer.hf, scheduler)
+    return pipe
 
 
 def _diffusers_image(

@@ -48,6 +48,28 @@ def test_same_numbers() -> None:
 
 
 @I.ir_module
+class CastBetween:
+    # a float16 build: MixedPrecision casts the padded tensor for the convolution
+    @R.function
+    def main(x: R.Tensor((1, 4, 8, 8), "float32"), w: R.Tensor((6, 4, 3, 3), "float16")):
+        with R.dataflow():
+            padded = R.nn.pad(x, pad_width=[0, 0, 0, 0, 0, 1, 0, 1], pad_value=0.0)
+            half = R.astype(padded, "float16")
+            y = R.nn.conv2d(half, w, strides=[2, 2], padding=[0, 0, 0, 0], out_dtype="float32")
+            R.output(y)
+        return y
+
+
+def test_the_pad_folds_through_a_cast() -> None:
+    after = mp.FoldPadIntoConv()(CastBetween)
+    assert op_names(after) == ["relax.astype", "relax.nn.conv2d"]
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((1, 4, 8, 8)).astype("float32"), rng.standard_normal((6, 4, 3, 3)).astype("float16")
+    before = as_numpy(build(CastBetween)["main"](*to_tvm(x, w)))[0]
+    np.testing.assert_allclose(as_numpy(build(after)["main"](*to_tvm(x, w)))[0], before, rtol=1e-3, atol=1e-3)
+
+
+@I.ir_module
 class ChannelPad:
     @R.function
     def main(x: R.Tensor((1, 4, 8, 8), "float32"), w: R.Tensor((6, 5, 3, 3), "float32")):
