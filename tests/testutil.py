@@ -133,21 +133,25 @@ def build_tiny_sd(
     return out
 
 
-def sd_pipeline(nets: Any, tokenizer: Any, scheduler: str, cls: Any = None) -> Any:
-    """diffusers' text-to-image pipeline (``cls``, StableDiffusionPipeline by default) over the tiny
-    networks ``nets``, with the compiled build's scheduler ``scheduler`` as diffusers configures it."""
-    from diffusers import StableDiffusionPipeline
+def sd_pipeline(nets: Any, tokenizer: Any, scheduler: str, cls: Any = None, tokenizer_2: Any = None) -> Any:
+    """diffusers' text-to-image pipeline over the tiny networks ``nets`` (StableDiffusionXLPipeline for
+    SDXL's, else ``cls``, StableDiffusionPipeline by default), with the compiled build's scheduler
+    ``scheduler`` as diffusers configures it."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from mlcweb_stable_diffusion.schedulers import SCHEDULERS
 
-    pipe = (cls or StableDiffusionPipeline)(
-        vae=nets.vae,
-        text_encoder=nets.clip,
-        tokenizer=tokenizer,
-        unet=nets.unet,
-        scheduler=SCHEDULERS[scheduler](nets.scheduler_config).diffusers(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {
+        "vae": nets.vae,
+        "text_encoder": nets.clip,
+        "tokenizer": tokenizer,
+        "unet": nets.unet,
+        "scheduler": SCHEDULERS[scheduler](nets.scheduler_config).diffusers(),
+    }
+    if nets.clip2 is not None:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=nets.clip2, tokenizer_2=tokenizer_2)
+    else:
+        pipe = (cls or StableDiffusionPipeline)(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import LatentConsistencyModelPipeline
 from mlcweb_stable_diffusion.models import (
     CLIPStage,
     EmbeddedGuidanceUNetStage,
@@ -24,7 +24,6 @@ from mlcweb_stable_diffusion.models import (
     load_networks,
 )
 from mlcweb_stable_diffusion.runner import StableDiffusion
-from mlcweb_stable_diffusion.schedulers import SCHEDULERS
 from testutil import build_tiny_sd, sd_pipeline
 
 from mlcweb.runtime import load
@@ -46,21 +45,9 @@ def networks() -> dict[str, Networks]:
 
 
 def _pipeline(nets: Networks, sd: StableDiffusion, scheduler: str) -> Any:
-    if nets.clip2 is not None:
-        assert sd.tokenizer_2 is not None
-        pipe = StableDiffusionXLPipeline(
-            vae=nets.vae,
-            text_encoder=nets.clip,
-            text_encoder_2=nets.clip2,
-            tokenizer=sd.tokenizer.hf,
-            tokenizer_2=sd.tokenizer_2.hf,
-            unet=nets.unet,
-            scheduler=SCHEDULERS[scheduler](nets.scheduler_config).diffusers(),
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    cls = LatentConsistencyModelPipeline if scheduler == "lcm" else StableDiffusionPipeline
-    return sd_pipeline(nets, sd.tokenizer.hf, scheduler, cls)
+    cls = LatentConsistencyModelPipeline if scheduler == "lcm" else None
+    second = None if sd.tokenizer_2 is None else sd.tokenizer_2.hf
+    return sd_pipeline(nets, sd.tokenizer.hf, scheduler, cls, tokenizer_2=second)
 
 
 def _diffusers_image(

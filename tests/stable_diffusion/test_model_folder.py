@@ -80,36 +80,16 @@ def test_latent_size_option_is_checked(latent: int) -> None:
 
 def _save_pipeline(root: Path, variant: str, pad: str = "<|endoftext|>") -> Path:
     """A diffusers folder as save_pretrained writes it, from the tiny networks of ``variant``."""
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from mlcweb_stable_diffusion.schedulers import SCHEDULERS
+    from diffusers import LatentConsistencyModelPipeline
     from mlcweb_stable_diffusion.tokenizer import Tokenizer, write_clip_vocab
+    from testutil import sd_pipeline
 
     nets = load_networks("tiny", None, 0, variant)
     write_clip_vocab(root / "vocab")
     tokenizer = Tokenizer(root / "vocab", pad_token=pad).hf
     name = {"sd2.1": "pndm", "sd-turbo": "euler_a", "lcm": "lcm", "sdxl": "euler", "sdxl-turbo": "euler_a"}[variant]
-    if nets.clip2 is not None:
-        StableDiffusionXLPipeline(
-            vae=nets.vae,
-            text_encoder=nets.clip,
-            text_encoder_2=nets.clip2,
-            tokenizer=Tokenizer(root / "vocab").hf,
-            tokenizer_2=Tokenizer(root / "vocab", pad_token="!").hf,
-            unet=nets.unet,
-            scheduler=SCHEDULERS[name](nets.scheduler_config).diffusers(),
-        ).save_pretrained(root / variant)
-        return root / variant
-    cls = LatentConsistencyModelPipeline if variant == "lcm" else StableDiffusionPipeline
-    pipe = cls(
-        vae=nets.vae,
-        text_encoder=nets.clip,
-        tokenizer=tokenizer,
-        unet=nets.unet,
-        scheduler=SCHEDULERS[name](nets.scheduler_config).diffusers(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    cls = LatentConsistencyModelPipeline if variant == "lcm" else None
+    pipe = sd_pipeline(nets, tokenizer, name, cls, tokenizer_2=Tokenizer(root / "vocab", pad_token="!").hf)
     pipe.save_pretrained(root / variant)
     return root / variant
 
