@@ -236,7 +236,7 @@ def detect(
         steps = {own: [20], **steps}
     return replace(
         base,
-        name=f"{base.name} (from {where})",
+        name=base.name,  # the kind, not the path: manifests stay the same wherever the folder lives
         architecture=architecture,
         scheduler_config=dict(scheduler),
         steps=steps,
