@@ -73,17 +73,21 @@ class Scheduler:
             **extra,
         }
         if self.img2img:
-            data["add_noise"] = [self._add_noise(num_steps, start) for start in range(len(rows))]
+            data["add_noise"] = self._add_noise(num_steps, len(rows))
         return data
 
-    def _add_noise(self, num_steps: int, start: int) -> list[float]:
+    def _add_noise(self, num_steps: int, count: int) -> list[list[float]]:
+        """``(a, b)`` for each start step, from one diffusers scheduler with its begin index moved."""
         sched = self.diffusers()
         sched.set_timesteps(num_steps)
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(start)
-        t = sched.timesteps[start : start + 1]
         one, zero = torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
-        return [float(sched.add_noise(one, zero, t)), float(sched.add_noise(zero, one, t))]
+        pairs = []
+        for start in range(count):
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(start)
+            t = sched.timesteps[start : start + 1]
+            pairs.append([float(sched.add_noise(one, zero, t)), float(sched.add_noise(zero, one, t))])
+        return pairs
 
     def _signature(self, shape: tuple[int, ...]) -> tuple[relax.Var, relax.Var, list[relax.Var], relax.Var]:
         ty = relax.TensorType(shape, "float32")
