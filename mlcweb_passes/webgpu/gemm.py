@@ -58,6 +58,7 @@ class WebGPUTile:
     virtual_i: int = 2
     virtual_j: int = 2
     step_k: int = 16
+    vector_k: int = 4
 
     @property
     def tile_i(self) -> int:
@@ -71,9 +72,14 @@ class WebGPUTile:
     def threads(self) -> int:
         return self.threads_i * self.threads_j
 
+    @property
+    def row_pad(self) -> int:
+        """Elements between workgroup-memory rows: one for scalar reads, ``vector_k`` for vector ones."""
+        return max(1, self.vector_k)
+
     def shared_bytes(self, dtype_bytes: int) -> int:
-        """Workgroup memory of both operand tiles, rows padded by one element."""
-        return (self.tile_i + self.tile_j) * (self.step_k + 1) * dtype_bytes
+        """Workgroup memory of both operand tiles, rows padded by :attr:`row_pad`."""
+        return (self.tile_i + self.tile_j) * (self.step_k + self.row_pad) * dtype_bytes
 
 
 LARGE = WebGPUTile(16, 16, 8, 8, 4, 4, 16)  # 128 x 128
@@ -143,7 +149,8 @@ class WebGPUMatmul(dl.ScheduleRule):
         bi, vi, ti, ii = sch.split(i, [None, tile.virtual_i, tile.threads_i, tile.micro_i // tile.virtual_i])
         bj, vj, tj, ij = sch.split(j, [None, tile.virtual_j, tile.threads_j, tile.micro_j // tile.virtual_j])
         ko, ki = sch.split(kk, [None, tile.step_k])
-        sch.reorder(bi, bj, vi, vj, ti, tj, ko, ki, ii, ij)
+        kio, kii = sch.split(ki, [None, tile.vector_k])
+        sch.reorder(bi, bj, vi, vj, ti, tj, ko, kio, kii, ii, ij)
         sch.bind(sch.fuse(b, bi), "blockIdx.y")
         sch.bind(bj, "blockIdx.x")
         sch.bind(vi, "vthread.y")
@@ -156,7 +163,8 @@ class WebGPUMatmul(dl.ScheduleRule):
         store = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(store, tj, preserve_unit_loops=True)
         for index in (0, 1):
-            _fetch(sch, main, ko, tile, index, contiguous[index])
+            shared = _fetch(sch, main, ko, tile, index, contiguous[index])
+            _registers(sch, main, kio, shared, tile)
         auto_inline_consumer_chain(sch, store)
         sch.decompose_reduction(main, ko)
         return sch
@@ -183,19 +191,41 @@ def _fetch(
     tile: WebGPUTile,
     index: int,
     contiguous: str,
-) -> None:
-    """Operand ``index``'s tile into workgroup memory, copied by every thread along its contiguous axis."""
+) -> s_tir.schedule.SBlockRV:
+    """Operand ``index``'s tile into workgroup memory, copied by every thread along its contiguous axis:
+    ``vector_k`` elements a thread where that axis is the reduction, one where it is rows or columns."""
     copy = sch.cache_read(main, index, "shared")
     sch.compute_at(copy, ko, preserve_unit_loops=True)
     rows, cols = sch.get_loops(copy)[-2:]  # (tile_i or tile_j, step_k)
+    vector = tile.vector_k if contiguous == "k" else 1
     if contiguous == "mn":
         sch.reorder(cols, rows)
-    # Scalar copies: the padded rows below rule out vector stores, and neighbouring threads already
-    # read neighbouring words.
     fused = sch.fuse(*sch.get_loops(copy)[-2:])
-    _, ty, tx = sch.split(fused, [None, tile.threads_i, tile.threads_j])
+    _, ty, tx, vec = sch.split(fused, [None, tile.threads_i, tile.threads_j, vector])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
+    if vector > 1:
+        sch.vectorize(vec)
     ndim = len(sch.get(copy).writes[0].source.shape)
-    sch.storage_align(copy, 0, axis=ndim - 2, factor=tile.step_k, offset=1)  # rows step_k + 1 apart
+    # rows step_k + pad apart: 4-wide reads of one row stay aligned, a subgroup's rows spread over banks
+    sch.storage_align(copy, 0, axis=ndim - 2, factor=tile.step_k, offset=tile.row_pad)
     auto_inline_producers(sch, copy)
+    return copy
+
+
+def _registers(
+    sch: s_tir.Schedule,
+    main: s_tir.schedule.SBlockRV,
+    kio: s_tir.schedule.LoopRV,
+    shared: s_tir.schedule.SBlockRV,
+    tile: WebGPUTile,
+) -> None:
+    """A thread's rows (or columns) of ``vector_k`` reduction steps from workgroup memory into registers,
+    one ``vector_k``-wide read each, before the multiply-adds that use them."""
+    if tile.vector_k == 1:
+        return
+    buffer = sch.get(shared).writes[0].source
+    index = next(i for i, r in enumerate(sch.get(main).reads) if r.source.same_as(buffer))
+    local = sch.cache_read(main, index, "local")
+    sch.compute_at(local, kio, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(local)[-1])

@@ -6,6 +6,7 @@ convolutions on this rule, on SwiftShader) gives the image the native build give
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import tvm
 from tvm.script import ir as I
@@ -67,3 +68,64 @@ def test_the_pipeline_uses_it_and_dawn_accepts_every_shader(monkeypatch: pytest.
     gemms = [code for name, code in sources.items() if "matmul" in name or "conv2d" in name]
     assert len(gemms) == 2 and all("@workgroup_size(16, 16, 1)" in code for code in gemms)
     assert check_wgsl(exe.mod) == len(sources)
+
+
+def _gemm_module(kind: str, x: tuple[int, ...], w: tuple[int, ...], layout: str) -> tvm.IRModule:
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    xv, wv = relax.Var("x", relax.TensorType(x, "float32")), relax.Var("w", relax.TensorType(w, "float32"))
+    with bb.function("main", [xv, wv]):
+        with bb.dataflow():
+            if kind == "conv":
+                y = relax.op.nn.conv2d(xv, wv, padding=[1, 1, 1, 1], data_layout=layout)
+            elif kind == "linear":  # a torch linear: the weight [N, K] transposed
+                y = relax.op.matmul(xv, relax.op.permute_dims(wv))
+            else:
+                y = relax.op.matmul(xv, wv)
+            out = bb.emit_output(bb.emit(y))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _reference(kind: str, x: np.ndarray, w: np.ndarray, layout: str) -> np.ndarray:
+    import torch
+
+    if kind == "conv":
+        tx = torch.from_numpy(x if layout == "NCHW" else x.transpose(0, 3, 1, 2).copy())
+        y = torch.nn.functional.conv2d(tx, torch.from_numpy(w), padding=1).numpy()
+        return y if layout == "NCHW" else y.transpose(0, 2, 3, 1)
+    return x @ (w.T if kind == "linear" else w)
+
+
+@pytest.mark.parametrize(
+    ("kind", "x", "w", "layout"),
+    [
+        ("conv", (2, 32, 16, 16), (64, 32, 3, 3), "NCHW"),  # the input's copy walks the pixels
+        ("conv", (2, 16, 16, 32), (64, 32, 3, 3), "NHWC"),  # both copies 4-wide along K
+        ("conv", (1, 16, 16, 5), (40, 5, 3, 3), "NHWC"),  # K = 45: 4-wide reads across kernel positions
+        ("linear", (2, 100, 64), (96, 64), "-"),  # rows not a whole tile
+        ("matmul", (4, 128, 40), (4, 40, 72), "-"),  # K = 40 padded to 48, a [K, N] operand
+    ],
+)
+def test_tiles_compute_the_gemm_on_webgpu(kind: str, x: tuple[int, ...], w: tuple[int, ...], layout: str) -> None:
+    """WebGPUMatmul's kernels (4-wide register reads along K, vector copies where K is contiguous) give
+    numpy's/PyTorch's result on Dawn (SwiftShader), float32: within 1e-5 relative to the output's scale."""
+    from webgpu_node import WEBGPU as NODE_TARGET
+    from webgpu_node import run_on_webgpu
+
+    rng = np.random.default_rng(0)
+    xa = rng.standard_normal(x).astype(np.float32)
+    wa = (rng.standard_normal(w) / np.sqrt(np.prod(w[1:]))).astype(np.float32)
+    mod = _gemm_module(kind, x, w, layout if layout != "-" else "NCHW")
+    if kind == "conv" and layout == "NHWC":
+        from tvm import relax
+
+        # keep the given layout: the pipeline's ConvLayout would otherwise add transposes of its own
+        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
+    exe = tvm.compile(mod, NODE_TARGET, relax_pipeline=mp.pipeline(NODE_TARGET, mp.PipelineOptions(conv_layout="NHWC")))
+    kernels = [n for n in wgsl_sources(exe.mod) if "matmul" in n or "conv2d" in n]
+    assert kernels, "no GEMM kernel"
+    got = run_on_webgpu(exe, "main", [xa, wa])
+    want = _reference(kind, xa, wa, layout)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))

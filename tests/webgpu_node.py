@@ -1,0 +1,79 @@
+"""Run a compiled Relax module on WebGPU in node: Dawn (npm ``webgpu``) on SwiftShader, TVM's JS runtime,
+the wasm ``mlcweb build`` would link. The numeric checks of the webgpu kernel family use it to compare a
+kernel's output with numpy on the CPU (SwiftShader has no shader-f16 here: float32 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+from mlcweb.source_tree import web_dir
+from mlcweb.wasm_runtime import link_wasm
+from mlcweb.wgsl_check import SWIFTSHADER
+
+WEBGPU = tvm.target.Target(
+    {"kind": "webgpu", "max_shared_memory_per_block": 32768},
+    host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"},
+)
+
+RUN = """
+import fs from "node:fs";
+const [dawn, tvmjsPath, dir] = process.argv.slice(2);
+const { create, globals } = await import(dawn + "/index.js");
+Object.assign(globalThis, globals);
+globalThis.navigator = { gpu: create([]) };
+const tvmjs = (await import("node:module")).createRequire(import.meta.url)(tvmjsPath);
+const spec = JSON.parse(fs.readFileSync(dir + "/spec.json", "utf8"));
+const adapter = await navigator.gpu.requestAdapter();
+const device = await adapter.requestDevice({ requiredLimits: {
+  maxComputeWorkgroupStorageSize: 32768, maxComputeInvocationsPerWorkgroup: 256 } });
+const wasm = new Uint8Array(fs.readFileSync(dir + "/lib.wasm"));
+const tvm = await tvmjs.instantiate(wasm, tvmjs.createPolyfillWASI(), () => {});
+tvm.initWebGPU(device);
+const gpu = tvm.webgpu();
+tvm.beginScope();
+const vm = tvm.createVirtualMachine(gpu);
+await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
+const args = spec.inputs.map((t, i) => {
+  const cpu = tvm.empty(t.shape, t.dtype, tvm.cpu());
+  cpu.copyFromRawBytes(new Uint8Array(fs.readFileSync(`${dir}/in${i}.bin`)));
+  const dev = tvm.empty(t.shape, t.dtype, gpu);
+  dev.copyFrom(cpu);
+  return dev;
+});
+const out = vm.getFunction(spec.func)(...args);
+const cpu = tvm.empty(out.shape, out.dtype, tvm.cpu());
+cpu.copyFrom(out);
+await gpu.sync();
+fs.writeFileSync(dir + "/out.bin", cpu.toRawBytes());
+fs.writeFileSync(dir + "/out.json", JSON.stringify({ shape: out.shape, dtype: out.dtype }));
+tvm.endScope();
+process.exit(0);
+"""
+
+
+def run_on_webgpu(exe: tvm.runtime.Executable, func: str, inputs: list[np.ndarray]) -> np.ndarray:
+    """``func`` of ``exe`` (compiled for :data:`WEBGPU`) on ``inputs``, run in node on SwiftShader."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        exe.export_library(str(d / "lib.wasm"), fcompile=link_wasm)
+        specs = []
+        for i, a in enumerate(inputs):
+            (d / f"in{i}.bin").write_bytes(np.ascontiguousarray(a).tobytes())
+            specs.append({"shape": list(a.shape), "dtype": str(a.dtype)})
+        (d / "spec.json").write_text(json.dumps({"func": func, "inputs": specs}))
+        (d / "run.mjs").write_text(RUN)
+        modules = web_dir() / "node_modules"
+        tvmjs = modules / "@mlc-ai" / "web-runtime" / "lib" / "index.js"
+        env = {**os.environ, "VK_ICD_FILENAMES": str(SWIFTSHADER), "LD_LIBRARY_PATH": str(SWIFTSHADER.parent)}
+        cmd = ["node", str(d / "run.mjs"), str(modules / "webgpu"), str(tvmjs), str(d)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        meta = json.loads((d / "out.json").read_text())
+        return np.frombuffer((d / "out.bin").read_bytes(), dtype=meta["dtype"]).reshape(meta["shape"])
