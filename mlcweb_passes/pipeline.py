@@ -81,11 +81,13 @@ class PipelineOptions:
 
     ``dtype``: ``"float16"`` computes in float16 with float32 accumulators (:class:`MixedPrecision`).
     ``conv_layout``: ``"auto"`` (NHWC for cuda float16, where tensor-core implicit GEMMs want channels
-    last; the imported NCHW elsewhere), ``"NCHW"`` or ``"NHWC"``. ``flash_attention``: float16 attention
-    as one kernel where the target supports it. ``split_k``: split the reduction of NHWC float16
-    convolutions with few output tiles on CUDA sm_70+. ``wgmma``: float16 GEMMs as generated Hopper
-    kernels on sm_90. ``database``: a MetaSchedule database to take tuned schedules from. ``gpu``: the GPU
-    to size kernels for (default: :func:`~mlcweb_passes.targets.gpu_facts` of the target).
+    last, and for webgpu, where :class:`~mlcweb_passes.webgpu.gemm.WebGPUMatmul` reads both operands of
+    a convolution 4 elements at a time along its reduction; the imported NCHW elsewhere), ``"NCHW"`` or
+    ``"NHWC"``. ``flash_attention``: float16 attention as one kernel where the target supports it.
+    ``split_k``: split the reduction of NHWC convolutions with few output tiles (float16 on CUDA sm_70+;
+    float16 and float32 on WebGPU). ``wgmma``: float16 GEMMs as generated Hopper kernels on sm_90.
+    ``database``: a MetaSchedule database to take tuned schedules from. ``gpu``: the GPU to size kernels
+    for (default: :func:`~mlcweb_passes.targets.gpu_facts` of the target).
     """
 
     dtype: str = "float32"
@@ -107,6 +109,8 @@ def conv_layout(target: Target, options: PipelineOptions) -> str:
     """The convolution layout ``options`` give for ``target``, "auto" resolved."""
     if options.conv_layout != "auto":
         return options.conv_layout
+    if target.kind.name == "webgpu":
+        return "NHWC"  # both operands of an implicit-GEMM convolution K-contiguous: 4-wide loads
     return "NHWC" if target.kind.name == "cuda" and options.dtype == "float16" else "NCHW"
 
 
@@ -126,9 +130,10 @@ def weight_phase(
         # become part of the weight transform (or, for linears, disappear).
         passes += [ConvLayout("NHWC", "OHWI"), LinearWeightLayout()]
     passes += extra
-    if nhwc and options.split_k and sm_version(target) >= 70:
+    if nhwc and options.split_k and (sm_version(target) >= 70 or target.kind.name == "webgpu"):
         # here, so the kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the transform
-        passes.append(SplitKConv(sm_count=_gpu(target, options).sm_count))
+        dtypes = ("float16", "float32") if target.kind.name == "webgpu" else ("float16",)
+        passes.append(SplitKConv(sm_count=_gpu(target, options).sm_count, dtypes=dtypes))
     return _sequential("weights", passes)
 
 

@@ -21,6 +21,7 @@ from tvm.target import Target
 __all__ = [
     "GPU_KINDS",
     "REFERENCE_SM_COUNT",
+    "WEBGPU_PLANNING_SMS",
     "GpuFacts",
     "async_copy_config",
     "gpu_facts",
@@ -41,6 +42,9 @@ RESIDENT_THREADS_PER_SM = {70: 2048, 75: 1024, 80: 2048, 86: 1536, 89: 1536, 90:
 # opt-in, 48 KiB.
 OPT_IN_SHARED_BYTES = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
+# WebGPU tells a page nothing about multiprocessors: schedules and rewrites that size their grid by the
+# GPU plan for a desktop GPU of this many (a smaller GPU runs the same grid in more waves).
+WEBGPU_PLANNING_SMS = 128
 ASYNC_COPY_CONFIG = {"tirx.use_async_copy": True}
 
 
@@ -100,6 +104,8 @@ def gpu_facts(target: Target) -> GpuFacts:
     sm = sm_version(target)
     if sm < 0:
         shared = int(target.attrs.get("max_shared_memory_per_block", 48 * 1024))
+        if target.kind.name == "webgpu":  # no multiprocessor count in WebGPU: plan for a desktop GPU
+            return GpuFacts(WEBGPU_PLANNING_SMS, threads, shared)
         return GpuFacts(sm_count=1, max_threads=threads, max_shared_bytes=shared)
     shared = int(target.attrs.get("max_shared_memory_per_block", _nearest(OPT_IN_SHARED_BYTES, sm)))
     count = _device_sm_count(sm)

@@ -8,15 +8,15 @@ for guidance) a 3x3 convolution of 1280 channels is 128 rows x 1280 columns over
 products. That is 40 tiles of 64x64, a third of a Hopper GPU's multiprocessors, each stepping through
 11,520 products alone while the rest of the chip idles.
 
-The pass rewrites such a float16 ``conv2d`` (NHWC data, OHWI kernel, after
+The pass rewrites such a float16 ``conv2d`` (float16 or float32 on WebGPU; NHWC data, OHWI kernel, after
 :class:`~mlcweb_passes.ConvLayout`) into
 
 1. ``partial[s, n, h, w, o]``: the convolution over the ``s``-th of ``splits`` slices of input channels,
    accumulated in float32. The input and kernel are viewed as ``[..., splits, channels / splits]``
    (reshapes, no copy), so the slice is a batch axis of the GEMM:
-   :class:`~mlcweb_passes.TensorCoreMatmul` tiles it like any batched GEMM, ``splits`` times as many
-   blocks, each over a reduction ``splits`` times shorter. The PrimFunc is marked opaque, so fusion
-   does not merge the sum into it;
+   :class:`~mlcweb_passes.TensorCoreMatmul` (on WebGPU ``WebGPUMatmul``) tiles it like any batched
+   GEMM, ``splits`` times as many blocks, each over a reduction ``splits`` times shorter. The PrimFunc
+   is marked opaque, so fusion does not merge the sum into it;
 2. ``sum_s partial[s]`` in the convolution's output dtype: an elementwise kernel, into which fusion
    folds whatever followed the convolution (bias, residual adds, casts).
 
@@ -115,10 +115,11 @@ def _sum_splits(partial: te.Tensor, out_dtype: str) -> te.Tensor:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, splits: int | None, sms: int) -> None:
+    def __init__(self, mod: tvm.IRModule, splits: int | None, sms: int, dtypes: tuple[str, ...]) -> None:
         super().__init__(mod)
         self.splits = splits
         self.sms = sms
+        self.dtypes = dtypes
         self.rewritten: list[int] = []
 
     def _split_count(self, call: relax.Call, x_shape: list[int], w_shape: list[int], out_shape: list[int]) -> int:
@@ -129,7 +130,8 @@ class _Rewriter(PyExprMutator):
             or str(attrs.data_layout) != "NHWC"
             or str(attrs.kernel_layout) != "OHWI"
             or str(attrs.out_layout) != "NHWC"
-            or any(str(a.ty.dtype) != "float16" for a in call.args)
+            or any(str(a.ty.dtype) not in self.dtypes for a in call.args)
+            or len({str(a.ty.dtype) for a in call.args}) != 1
         ):
             return 1
         channels = x_shape[3]
@@ -154,8 +156,9 @@ class _Rewriter(PyExprMutator):
         attrs = call.attrs
         x5 = self.builder_.emit(relax.op.reshape(x, [n, h, wd, splits, c // splits]))
         w5 = self.builder_.emit(relax.op.reshape(w, [o, kh, kw, splits, c // splits]))
-        x_te = te.placeholder((n, h, wd, splits, c // splits), "float16", name="x")
-        w_te = te.placeholder((o, kh, kw, splits, c // splits), "float16", name="w")
+        dtype = str(call.args[0].ty.dtype)
+        x_te = te.placeholder((n, h, wd, splits, c // splits), dtype, name="x")
+        w_te = te.placeholder((o, kh, kw, splits, c // splits), dtype, name="w")
         partial = _partials(
             x_te,
             w_te,
@@ -175,24 +178,29 @@ class _Rewriter(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="mlcweb.SplitKConv")
 class SplitKConv(ModulePassBase):
-    """Split the reduction of float16 NHWC convolutions with few output tiles (see the module docstring).
+    """Split the reduction of NHWC convolutions with few output tiles (see the module docstring).
 
-    ``splits`` fixes the slice count for every convolution whose channels divide into it (benchmarks,
-    tests); by default :func:`choose_splits` picks one per shape for ``sm_count`` multiprocessors (the
-    current target's :func:`~mlcweb_passes.targets.gpu_facts` when not given).
+    ``dtypes``: the convolutions' dtypes it takes (float16 on CUDA, where the tiles are tensor cores;
+    the WebGPU pipeline passes float32 too). ``splits`` fixes the slice count for every convolution
+    whose channels divide into it (benchmarks, tests); by default :func:`choose_splits` picks one per
+    shape for ``sm_count`` multiprocessors (the current target's
+    :func:`~mlcweb_passes.targets.gpu_facts` when not given).
     """
 
-    def __init__(self, splits: int | None = None, sm_count: int | None = None) -> None:
+    def __init__(
+        self, splits: int | None = None, sm_count: int | None = None, dtypes: Sequence[str] = ("float16",)
+    ) -> None:
         if splits is not None and splits < 1:
             raise ValueError(f"splits must be at least 1, not {splits}")
         self.splits = splits
         self.sm_count = sm_count
+        self.dtypes = tuple(dtypes)
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         sms = self.sm_count
         if sms is None and self.splits is None:
             sms = gpu_facts(tvm.target.Target.current(allow_none=False)).sm_count
-        rewriter = _Rewriter(mod, self.splits, sms or 1)
+        rewriter = _Rewriter(mod, self.splits, sms or 1, self.dtypes)
         result = rewrite_and_clean(mod, rewriter)
         if rewriter.rewritten:
             log.info("%d convolutions split their reduction (%s slices)", len(rewriter.rewritten), rewriter.rewritten)

@@ -1,4 +1,4 @@
-"""A CUDA schedule rule for group norm over channels-last (NHWC) activations.
+"""A GPU schedule rule (CUDA, WebGPU) for group norm over channels-last (NHWC) activations.
 
 In NHWC a group's elements are ``C/G`` contiguous channels (10 in SD's 320-channel UNet levels, 4 in the
 VAE's 128-channel ones) of every pixel. :class:`~mlcweb_passes.row_reduction.RowReduction` gives each of
@@ -37,7 +37,7 @@ __all__ = ["ChannelsLastNorm"]
 
 
 class ChannelsLastNorm(dl.ScheduleRule):
-    """Pixel-split group norm for channels-last activations on CUDA (see the module docstring); the
+    """Pixel-split group norm for channels-last activations on CUDA and WebGPU (see the module docstring); the
     partial-sum kernel aims to fill ``gpu``'s resident threads."""
 
     def __init__(
@@ -57,7 +57,7 @@ class ChannelsLastNorm(dl.ScheduleRule):
         self.unroll = unroll
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "webgpu"):
             return None
         found = one_reduction(func)
         if found is None:
