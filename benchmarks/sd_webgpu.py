@@ -86,7 +86,7 @@ def pack(args: argparse.Namespace) -> int:
     """Three carry folders under ``out``, each small enough to travel beside half of the TVM bundle:
 
     - ``wgpu-a``: node (xz) and the Vulkan loader debs (staged by the first call);
-    - ``wgpu-b``: Dawn, tvmjs, the runners and the builds;
+    - ``wgpu-b``: Dawn, tvmjs, the runners, the builds (and ``webgpu_kernels.py``'s, with ``--kernels``);
     - ``wgpu-c``: onnxruntime-web (for the ``ort`` call).
     """
     out = Path(args.out)
@@ -116,6 +116,9 @@ def pack(args: argparse.Namespace) -> int:
         "webgpu/dist/linux-x64/dawn.node": modules / "webgpu" / "dist" / "linux-x64" / "dawn.node",
         "tvmjs.js": ROOT / "web" / "node_modules" / "@mlc-ai" / "web-runtime" / "lib" / "index.js",
         "runner.mjs": HERE / "webgpu" / "runner.mjs",
+        "common.mjs": HERE / "webgpu" / "common.mjs",
+        "kernels.mjs": HERE / "webgpu" / "kernels.mjs",
+        "mlcweb.js": ROOT / "web" / "lib" / "mlcweb.js",
         "ort_runner.mjs": HERE / "webgpu" / "ort_runner.mjs",
     }
     ort = modules / "onnxruntime-web" / "dist"
@@ -127,9 +130,10 @@ def pack(args: argparse.Namespace) -> int:
         for arc, src in files.items():
             if src.exists():
                 tar.add(src, arcname=arc)
-        for build_dir in sorted(Path(args.builds).iterdir()):
-            if build_dir.is_dir():
-                tar.add(build_dir, arcname=f"builds/{build_dir.name}")
+        for folder, arc in ((args.builds, "builds"), (args.kernels, "kernels")):
+            for build_dir in sorted(Path(folder).iterdir()) if folder else ():
+                if build_dir.is_dir():
+                    tar.add(build_dir, arcname=f"{arc}/{build_dir.name}")
     for d in (a, b, c):
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
         print(f"{d}: {size / 2**20:.1f} MiB")
@@ -193,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
             "--toggle", F16_TOGGLE,
             "--toggle", UNROUNDED,
             "--profile",
+            "--stream", str(args.stream),
             "--out", str(results / f"webgpu-{name}.json"),
         ]  # fmt: skip
         if name.endswith("float32"):
@@ -367,25 +372,31 @@ def ort(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------- report
 def _row(label: str, r: dict[str, Any]) -> str:
-    ms = r["ms"]
-    cells = [ms["clip"], ms["unet"], ms["scheduler"], ms["vae"], ms["image"]]
+    ms, streamed = r["ms"], r.get("ms_streamed") or {}
+    cells = [f"{ms['clip']:.1f}", f"{ms['unet']:.1f}", f"{ms['vae']:.1f}", f"{ms['image']:.0f}"]
+    cells += [f"{streamed[k]:.1f}" if k in streamed else "-" for k in ("unet", "vae")]
+    cells.append(f"{streamed['image']:.0f}" if "image" in streamed else "-")
     finite = "yes" if all(r["finite"].values()) else "NO"
-    ref = r.get("against_reference")
-    err = (
-        f"{ref['unet_max_abs']:.3g} (of {ref['unet_ref_abs_max']:.3g}); VAE {ref['vae_max_abs']:.0f}/255" if ref else ""
+    ref = r.get("against_reference") or {}
+    unet, vae = ref.get("unet", {}), ref.get("vae", {})
+    err = "; ".join(
+        [
+            *([f"UNet rel. RMS {unet['rel_rms']:.2g}"] if "rel_rms" in unet else []),
+            *([f"VAE mean {vae['mean_abs']:.2f}/255, max {vae['max_abs']:.0f}"] if "mean_abs" in vae else []),
+            *([f"{k} weights differ" for k, v in ref.items() if v.get("comparable") is False]),
+        ]
     )
-    return (
-        f"| {label} | "
-        + " | ".join(f"{c:.1f}" for c in cells)
-        + f" | {r['pipeline_creation_s']:.1f} s | {finite} | {err} |"
-    )
+    return f"| {label} | " + " | ".join(cells) + f" | {r['pipeline_creation_s']:.1f} s | {finite} | {err} |"
 
 
 def report(args: argparse.Namespace) -> int:
     files = sorted(Path(args.dir).glob("webgpu-*.json"))
     runs = {p.stem.removeprefix("webgpu-"): json.loads(p.read_text()) for p in files}
-    print("| build (ms) | CLIP | UNet step | scheduler | VAE | 20-step image | pipelines | finite | vs float32 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| build (ms) | CLIP | UNet step | VAE | 20-step image | UNet, streamed | VAE, streamed | image, streamed"
+        " | pipelines | finite | vs float32 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
         print(_row(name, r))
     for name, r in runs.items():
@@ -408,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--size", default="full", choices=["tiny", "full"])
     p = sub.add_parser("pack")
     p.add_argument("--builds", required=True)
+    p.add_argument("--kernels", help="webgpu_kernels.py builds to carry too")
     p.add_argument("--out", required=True)
     st = sub.add_parser("stage")
     st.add_argument("--carry", required=True)
@@ -415,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--carry", required=True)
     r.add_argument("--results", required=True)
     r.add_argument("--repeat", type=int, default=10)
+    r.add_argument(
+        "--stream", type=int, default=32, help="also time with commands submitted every N dispatches (0: not)"
+    )
     r.add_argument("--timeout", type=int, default=400)
     c = sub.add_parser("cuda")
     c.add_argument("--results", required=True)

@@ -165,6 +165,35 @@ export async function requestDevice(adapter, needBytes) {
   }
 }
 
+/**
+ * Submit tvmjs' batched GPU commands every `every` dispatches. tvmjs encodes every kernel of a call into
+ * one command encoder and submits it at the next sync or copy, so the GPU waits while the JS side encodes
+ * a whole UNet step (hundreds of dispatches); submitting in pieces lets the GPU start on the first
+ * kernels meanwhile (benchmarks/README.md: 18% off a float16 UNet step on an H200). It works through
+ * tvmjs' `pendingEncoder` field, which tvmjs reads before it opens each compute pass.
+ */
+export function streamCommands(ctx, every = 32) {
+  let encoder = ctx.pendingEncoder;
+  let flushing = false;
+  Object.defineProperty(ctx, "pendingEncoder", {
+    configurable: true,
+    get() {
+      if (encoder && !flushing && ctx.pendingDispatchCount >= every) {
+        flushing = true;
+        try {
+          ctx.flushCommands();
+        } finally {
+          flushing = false;
+        }
+      }
+      return encoder;
+    },
+    set(value) {
+      encoder = value;
+    },
+  });
+}
+
 /** A compiled model on a WebGPU device. */
 export class Model {
   constructor(tvm, vm, device, manifest, info, base) {
@@ -257,6 +286,7 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   const wasm = await fetchChecked(base, manifest, manifest.library);
   const tvm = await tvmjs.instantiate(wasm.bytes, tvmjs.createPolyfillWASI(), log);
   tvm.initWebGPU(await requestDevice(gpu.adapter, needBytes));
+  if (tvm.lib.webGPUContext && "pendingEncoder" in tvm.lib.webGPUContext) streamCommands(tvm.lib.webGPUContext);
   const device = tvm.webgpu();
   tvm.beginScope();
   const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(device));

@@ -1,0 +1,104 @@
+// Times single GEMM and convolution kernels of a webgpu build (benchmarks/webgpu_kernels.py builds them)
+// in node on Dawn through TVM's JS runtime: GPU time from timestamp queries around every dispatch, wall
+// time per call, and a sample of each output so variants can be checked against each other.
+//
+//   node kernels.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 20] [--toggle ...] --out result.json
+import fs from "node:fs";
+import path from "node:path";
+import { createRequire } from "node:module";
+import { WeightFiller, installDawn, median, openDevice } from "./common.mjs";
+
+const args = { repeat: 20, toggle: [] };
+const argv = process.argv.slice(2);
+for (let i = 0; i < argv.length; ++i) {
+  const key = argv[i].replace(/^--/, "");
+  if (key === "toggle") args.toggle.push(argv[++i]);
+  else args[key] = argv[++i];
+}
+args.repeat = Number(args.repeat);
+for (const need of ["build", "tvmjs", "dawn", "out"]) {
+  if (!args[need]) throw new Error(`kernels.mjs: --${need} is required`);
+}
+await installDawn(args.dawn, args.toggle);
+const tvmjs = createRequire(import.meta.url)(path.resolve(args.tvmjs));
+const GEMM = /conv2d|matmul/;
+const SAMPLES = 4096;
+
+function halfToFloat(bits) {
+  const out = new Float32Array(bits.length);
+  for (let i = 0; i < bits.length; ++i) {
+    const h = bits[i], s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    out[i] = e === 0 ? s * m * 2 ** -24 : e === 31 ? (m ? NaN : s * Infinity) : s * (1 + m / 1024) * 2 ** (e - 15);
+  }
+  return out;
+}
+
+async function main() {
+  const build = path.resolve(args.build);
+  const specs = JSON.parse(fs.readFileSync(path.join(build, "specs.json"), "utf8"));
+  const { device, profiler, info } = await openDevice({ profile: true, needF16: specs.dtype === "float16" });
+  const wasm = fs.readFileSync(path.join(build, specs.library));
+  const tvm = await tvmjs.instantiate(new Uint8Array(wasm), tvmjs.createPolyfillWASI(), () => {});
+  tvm.initWebGPU(device);
+  const gpu = tvm.webgpu();
+  tvm.beginScope();
+  const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(gpu));
+  await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
+  const filler = new WeightFiller(device);
+  const result = { variant: specs.variant, dtype: specs.dtype, adapter: info, repeat: args.repeat, kernels: {} };
+  for (const fn of specs.functions) {
+    tvm.beginScope();
+    const inputs = fn.inputs.map((rec) => {
+      const t = tvm.empty(rec.shape, rec.dtype, gpu);
+      filler.fill(tvm.lib.webGPUContext.gpuBufferFromPtr(t.getDataPtr()), { ...rec, name: `${fn.name}/${rec.name}` });
+      return t;
+    });
+    const f = vm.getFunction(fn.name);
+    f(...inputs);
+    await gpu.sync();
+    const wall = [];
+    profiler.start();
+    for (let r = 0; r < args.repeat; ++r) {
+      const s = performance.now();
+      f(...inputs);
+      await gpu.sync();
+      wall.push(performance.now() - s);
+    }
+    const records = await profiler.stop();
+    const gemm = records.filter((k) => GEMM.test(k.name));
+    const perCall = [];
+    for (let r = 0; r < args.repeat; ++r) {
+      const n = gemm.length / args.repeat;
+      perCall.push(gemm.slice(r * n, (r + 1) * n).reduce((s, k) => s + k.ms, 0));
+    }
+    const out = f(...inputs);
+    const cpu = tvm.empty(out.shape, out.dtype, tvm.cpu());
+    cpu.copyFrom(out);
+    await gpu.sync();
+    const values = out.dtype === "float16" ? halfToFloat(new Uint16Array(cpu.toRawBytes().buffer)) : cpu.toArray();
+    const step = Math.max(1, Math.floor(values.length / SAMPLES));
+    const sample = Array.from({ length: Math.min(SAMPLES, values.length) }, (_, i) => Number(values[i * step]));
+    const ms = median(perCall);
+    result.kernels[fn.name] = {
+      gemm_ms: ms,
+      wall_ms: median(wall),
+      tflops: fn.flops / ms / 1e9,
+      dispatches: records.length / args.repeat,
+      names: [...new Set(gemm.map((k) => k.name))],
+      finite: values.every((v) => Number.isFinite(Number(v))),
+      sample,
+    };
+    console.log(`${specs.variant} ${specs.dtype} ${fn.name}: ${ms.toFixed(3)} ms, ${(fn.flops / ms / 1e9).toFixed(1)} TFLOPS`);
+    tvm.endScope();
+  }
+  fs.writeFileSync(args.out, JSON.stringify(result));
+  tvm.endScope();
+}
+
+main().then(
+  () => process.exit(0),
+  (err) => {
+    console.error(err && err.stack ? err.stack : err);
+    process.exit(1);
+  },
+);
