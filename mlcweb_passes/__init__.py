@@ -25,6 +25,7 @@ from .detach_params import ParamNameError, detach_params, param_names, unique_pa
 from .lift_transform_params import LiftedModules, apply_transform_params, compile_transform, split_transform_params
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
 from .pipeline import CONV_LAYOUTS, PHASES, PipelineOptions, conv_layout, phases, pipeline
+from .rewrites.chunk_attention import ChunkAttentionRows
 from .rewrites.clamp_gather_indices import ClampGatherIndices
 from .rewrites.conv_layout import ConvLayout
 from .rewrites.drop_softmax_guard import DropSoftmaxGuard
@@ -56,6 +57,7 @@ __all__ = [
     "KEEP_FLOAT32_ATTR",
     "PHASES",
     "ApplyDatabase",
+    "ChunkAttentionRows",
     "ClampGatherIndices",
     "ConvLayout",
     "DefaultSchedule",

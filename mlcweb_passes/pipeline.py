@@ -47,6 +47,7 @@ from tvm.target import Target
 from .cuda.flash_attention import FlashAttention
 from .cuda.flash_kernel import supports_flash_attention
 from .cuda.wgmma_gemm import WgmmaGemm, supports_wgmma
+from .rewrites.chunk_attention import ChunkAttentionRows
 from .rewrites.clamp_gather_indices import ClampGatherIndices
 from .rewrites.conv_layout import ConvLayout
 from .rewrites.drop_softmax_guard import DropSoftmaxGuard
@@ -148,7 +149,8 @@ def graph_phase(
         FoldPadIntoConv(),
     ]
     if target.kind.name == "webgpu":
-        passes += [Int32Tensors(), FiniteFloatLiterals()]
+        # no fused attention kernel on WebGPU: keep every score matrix under 256 MiB (buffers under 512 MiB)
+        passes += [Int32Tensors(), FiniteFloatLiterals(), ChunkAttentionRows()]
     passes += _library_dispatch(target)
     if options.flash_attention and supports_flash_attention(target):
         passes.append(FlashAttention())
