@@ -69,3 +69,11 @@ def test_the_plugin_adds_its_rewrites_to_the_weights_phase_where_they_pay() -> N
     sm80 = weights(target="cuda", arch="sm_80", dtype="float16")
     assert "mlcweb.Float16Residuals" in sm80 and "mlcweb.GegluPairs" not in sm80
     assert weights(target="llvm") == []
+    # webgpu convolutions are channels last in both dtypes; only the float16 build rounds to float16
+    assert "mlcweb.Float16Residuals" in weights(target="webgpu", dtype="float16")
+    assert weights(target="webgpu", dtype="float32") == [
+        "mlcweb.ConvLayout",
+        "mlcweb.LinearWeightLayout",
+        "mlcweb.SplitKConv",
+    ]
+    assert "mlcweb.Float16Residuals" not in weights(target="cuda", arch="sm_90", dtype="float32", conv_layout="NHWC")

@@ -271,7 +271,7 @@ def mlcweb_import_model(spec: ModelSpec, options: ImportOptions) -> ImportedMode
 
 @hookimpl
 def mlcweb_phase_passes(spec: ModelSpec, phase: str, context: PhaseContext) -> list[tvm.transform.Pass]:
-    """SD's own rewrites, before weight lifting, where the build uses tensor-core layouts (NHWC):
+    """SD's own rewrites, before weight lifting, where a float16 build uses channels-last layouts (NHWC):
 
     - float16 between GEMM epilogues and norms, shortcut branches and upsampler inputs (measured with
       these layouts, on cuda); the norms' float16 scale and shift are stored;
@@ -279,7 +279,9 @@ def mlcweb_phase_passes(spec: ModelSpec, phase: str, context: PhaseContext) -> l
       computes ``a * gelu(g)``, and each attention's projections of one input merged into one GEMM that
       flash attention reads in place.
     """
-    if phase != "weights" or mp.conv_layout(context.target, context.pipeline) != "NHWC":
+    if phase != "weights" or context.pipeline.dtype != "float16":
+        return []  # a float32 build stays float32 throughout
+    if mp.conv_layout(context.target, context.pipeline) != "NHWC":
         return []
     passes: list[tvm.transform.Pass] = [mp.Float16NormInputs(), mp.Float16Residuals()]
     if context.pipeline.wgmma and mp.supports_wgmma(context.target):
