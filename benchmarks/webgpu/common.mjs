@@ -229,3 +229,14 @@ export async function streamCommands(ctx, every) {
   const { streamCommands: stream } = await import(found);
   stream(ctx, every);
 }
+
+/** Run a runner's async main: exit 0 when it resolves, print the error and exit 1 when it throws. */
+export function runMain(main) {
+  main().then(
+    () => process.exit(0),
+    (err) => {
+      console.error(err && err.stack ? err.stack : err);
+      process.exit(1);
+    },
+  );
+}

@@ -6,7 +6,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { createRequire } from "node:module";
-import { WeightFiller, installDawn, median, openDevice } from "./common.mjs";
+import { WeightFiller, installDawn, median, openDevice, runMain } from "./common.mjs";
 
 const args = { repeat: 20, toggle: [] };
 const argv = process.argv.slice(2);
@@ -95,10 +95,4 @@ async function main() {
   tvm.endScope();
 }
 
-main().then(
-  () => process.exit(0),
-  (err) => {
-    console.error(err && err.stack ? err.stack : err);
-    process.exit(1);
-  },
-);
+runMain(main);

@@ -8,7 +8,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { createRequire } from "node:module";
-import { WeightFiller, installDawn, median, openDevice, streamCommands, summarise } from "./common.mjs";
+import { WeightFiller, installDawn, median, openDevice, runMain, streamCommands, summarise } from "./common.mjs";
 
 const args = parseArgs(process.argv.slice(2));
 const require = createRequire(import.meta.url);
@@ -221,10 +221,4 @@ async function main() {
   tvm.endScope();
 }
 
-main().then(
-  () => process.exit(0),
-  (err) => {
-    console.error(err && err.stack ? err.stack : err);
-    process.exit(1);
-  },
-);
+runMain(main);
