@@ -371,7 +371,8 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
         with tvm.transform.PassContext(config=_pass_config(resolved)):
             exe = tvm.compile(lowered, target, relax_pipeline=None)
         if info.name == "webgpu":
-            check_wgsl(exe.mod)  # a shader WebGPU rejects is a build error, not a page error
+            # a shader WebGPU rejects is a build error, not a page error
+            check_wgsl(exe.mod, float16=resolved.pipeline.dtype == "float16")
         library = f"{resolved.name}-{info.name}{info.library_suffix}"
         _export(exe, tmp / library, info)
     with stages.stage("weights"):

@@ -66,13 +66,23 @@ def _environment() -> tuple[list[str], dict[str, str]] | str:
     return [node, str(web_dir() / "lib" / "check_wgsl.mjs"), str(dawn)], env
 
 
-def check_wgsl(module: Any) -> int:
+def check_wgsl(module: Any, float16: bool = True) -> int:
     """Compile every WGSL shader of ``module`` with Dawn; raises :class:`WGSLCheckError` naming the first
-    kernel that fails. Returns how many shaders were checked (0 when the check could not run)."""
+    kernel that fails, or, with ``float16=False`` (a float32 build, the one pages load on adapters without
+    ``shader-f16``), the first kernel that uses f16 at all. Returns how many shaders were checked (0 when
+    the check could not run)."""
     mode = os.environ.get("MLCWEB_WGSL_CHECK", "auto")
     if mode == "off":
         return 0
     sources = wgsl_sources(module)
+    if not float16:
+        uses_f16 = sorted(name for name, code in sources.items() if re.search(r"^\s*enable f16;", code, re.M))
+        if uses_f16:
+            raise WGSLCheckError(
+                f"kernel {uses_f16[0]} of this float32 build uses float16 (WGSL `enable f16`)"
+                + (f", as do {len(uses_f16) - 1} more" if len(uses_f16) > 1 else "")
+                + ": a GPU without shader-f16 could not run it. A pass put float16 into a float32 build"
+            )
     setup = _environment()
     if isinstance(setup, str):
         if mode == "require":

@@ -53,6 +53,17 @@ def test_a_shader_dawn_rejects_is_an_error_naming_its_kernel(monkeypatch: pytest
         check_wgsl(_Module(bad))
 
 
+def test_float16_in_a_float32_build_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page runs the float32 build where the adapter lacks shader-f16, so no kernel of it may use f16
+    (SwiftShader's check spells f16 as f32 and would pass it)."""
+    monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
+    body = "@compute @workgroup_size(1) fn add_kernel() { var h : f16 = 1.0h; }"
+    half = f"// Function: add_kernel\n//----\nenable f16;\n{body}\n"
+    with pytest.raises(WGSLCheckError, match=r"kernel add_kernel of this float32 build uses float16"):
+        check_wgsl(_Module(half), float16=False)
+    assert check_wgsl(_Module(half)) == 1  # fine in a float16 build
+
+
 def test_the_check_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLCWEB_WGSL_CHECK", "off")
     assert check_wgsl(_Module("not wgsl at all")) == 0
