@@ -68,8 +68,9 @@ class _Rewriter(PyExprMutator):
                 return None
             if name in ("relax.reshape", "relax.broadcast_to"):
                 before, after = static_shape(value.args[0].ty.shape), static_shape(value.ty.shape)
-                keeps = before == after if name == "relax.broadcast_to" else before[-2:] == after[-2:]
-                if before is None or after is None or not keeps:
+                if before is None or after is None:
+                    return None
+                if not (before == after if name == "relax.broadcast_to" else before[-2:] == after[-2:]):
                     return None
             ops.append(value)
             value = self.bindings.value(value.args[0])
