@@ -67,11 +67,24 @@ function makeInput(spec) {
   }
 }
 
+/** A whole file as bytes, read in 1 GiB pieces: readFileSync stops at 2 GiB (a float32 UNet's weights
+ * are 3.4 GB). */
+function readLarge(file) {
+  const bytes = new Uint8Array(fs.statSync(file).size);
+  const fd = fs.openSync(file, "r");
+  try {
+    for (let at = 0; at < bytes.length; ) at += fs.readSync(fd, bytes, at, Math.min(2 ** 30, bytes.length - at), at);
+  } finally {
+    fs.closeSync(fd);
+  }
+  return bytes;
+}
+
 async function main() {
   const specs = JSON.parse(fs.readFileSync(args.inputs, "utf8"));
   const options = { executionProviders: ["webgpu"], graphOptimizationLevel: "all" };
   if (args.data) {
-    options.externalData = [{ path: path.basename(args.data), data: new Uint8Array(fs.readFileSync(args.data)) }];
+    options.externalData = [{ path: path.basename(args.data), data: readLarge(args.data) }];
   }
   let t = performance.now();
   const model = new Uint8Array(fs.readFileSync(args.model));
