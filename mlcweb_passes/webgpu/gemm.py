@@ -15,8 +15,13 @@ and padding to whole tiles) as follows:
 - the reduction walks ``step_k`` at a time: both operands' tiles are copied into workgroup memory by all
   threads, neighbouring threads taking neighbouring elements along the axis that is contiguous in
   global memory (the output pixels of an NCHW convolution's input, the reduction of a ``[N, K]``
-  weight, the output columns of a ``[K, N]`` one), so each subgroup's loads coalesce; the tiles' rows
-  are padded by one element so the compute loop's column reads spread over the banks;
+  weight or of an NHWC convolution's operands, the output columns of a ``[K, N]`` one), so each
+  subgroup's loads coalesce; where that axis is the reduction, each thread copies ``vector_k`` (4)
+  elements at once;
+- the tiles' rows are padded by ``vector_k`` elements, and each thread reads its rows and columns
+  ``vector_k`` reduction steps at a time into registers (one ``vec4`` workgroup read feeding
+  ``4 x micro_j`` multiply-adds) before multiplying; the padding keeps those reads aligned and spreads a
+  subgroup's rows over the banks. ``vector_k=1`` gives the scalar schedule (one-element padding);
 - the epilogue fused after the GEMM (bias, activation, casts, residual additions) runs on the
   accumulators in registers before the store.
 
