@@ -6,7 +6,9 @@ each from the TVM target where it says (``max_num_threads``, ``max_shared_memory
 the CUDA device of the build machine when it has one of the target's architecture. Building on a
 machine without that GPU (cross-compiling), the multiprocessor count falls back to the one of the
 architecture's reference part (:data:`REFERENCE_SM_COUNT`) and a log line says so; pass
-``GpuFacts`` explicitly (``PipelineOptions.gpu``) to plan for another part.
+``GpuFacts`` explicitly (``PipelineOptions.gpu``) to plan for another part. WebGPU tells a page
+nothing about multiprocessors: a webgpu target plans for a desktop GPU of
+:data:`WEBGPU_PLANNING_SMS` (split-K and grid sizes; a smaller GPU runs the same grid in more waves).
 """
 
 from __future__ import annotations
