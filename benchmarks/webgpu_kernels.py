@@ -22,12 +22,14 @@ from a hash of their names), so a faster schedule that computes something else s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,49 +88,67 @@ def _module(dtype: str, shapes: dict[str, tuple[str, tuple[int, ...], tuple[int,
     return bb.get()
 
 
+@contextlib.contextmanager
+def _tiles(gemm: Any, vector_k: int) -> Iterator[None]:
+    """This benchmark's knob: ``WebGPUMatmul``'s tiles with ``vector_k`` while building (the library picks
+    its own tiles; nothing else sets them), restored afterwards even on an error."""
+    saved = {name: getattr(gemm, name) for name in ("LARGE", "MEDIUM", "SMALL")}
+    try:
+        for name, tile in saved.items():
+            setattr(gemm, name, dataclasses.replace(tile, vector_k=vector_k))
+        yield
+    finally:
+        for name, tile in saved.items():
+            setattr(gemm, name, tile)
+
+
+def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any], target: Any, options: Any) -> None:
+    """One variant's library and its specs.json (what ``kernels.mjs`` calls, with the FLOPs of each)."""
+    import tvm
+
+    import mlcweb_passes as mp
+    from mlcweb.wasm_runtime import link_wasm
+
+    dest.mkdir(parents=True, exist_ok=True)
+    exe = tvm.compile(_module(dtype, shapes), target, relax_pipeline=mp.pipeline(target, options))
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / "kernels.wasm"
+        exe.export_library(str(lib), fcompile=link_wasm)
+        (dest / "kernels.wasm").write_bytes(lib.read_bytes())
+    functions = [
+        {
+            "name": name,
+            "flops": _flops(kind, xs, ws),
+            "inputs": [
+                {"name": "x", "shape": list(xs), "dtype": dtype},
+                {"name": "w", "shape": list(ws), "dtype": dtype},
+            ],
+        }
+        for name, (kind, xs, ws) in shapes.items()
+    ]
+    specs = {"variant": variant, "dtype": dtype, "library": "kernels.wasm", "functions": functions}
+    (dest / "specs.json").write_text(json.dumps(specs, indent=1))
+
+
 def build(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT))
     import tvm
 
     import mlcweb_passes as mp
-    from mlcweb.wasm_runtime import link_wasm
     from mlcweb_passes.webgpu import gemm
 
     target = tvm.target.Target(
         {"kind": "webgpu", "max_shared_memory_per_block": 32768},
         host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"},
     )
-    tiles = {name: getattr(gemm, name) for name in ("LARGE", "MEDIUM", "SMALL")}
     shapes = TINY if args.tiny else SHAPES
     for variant in args.variants.split(","):
         vector_k, layout = VARIANTS[variant]
-        for name, tile in tiles.items():  # this benchmark's knob; the library picks its own
-            setattr(gemm, name, dataclasses.replace(tile, vector_k=vector_k))
-        for dtype in args.dtypes.split(","):
-            dest = Path(args.out) / f"{variant}-{dtype}"
-            dest.mkdir(parents=True, exist_ok=True)
-            options = mp.PipelineOptions(conv_layout=layout)
-            exe = tvm.compile(_module(dtype, shapes), target, relax_pipeline=mp.pipeline(target, options))
-            with tempfile.TemporaryDirectory() as tmp:
-                lib = Path(tmp) / "kernels.wasm"
-                exe.export_library(str(lib), fcompile=link_wasm)
-                (dest / "kernels.wasm").write_bytes(lib.read_bytes())
-            functions = [
-                {
-                    "name": name,
-                    "flops": _flops(kind, xs, ws),
-                    "inputs": [
-                        {"name": "x", "shape": list(xs), "dtype": dtype},
-                        {"name": "w", "shape": list(ws), "dtype": dtype},
-                    ],
-                }
-                for name, (kind, xs, ws) in shapes.items()
-            ]
-            specs = {"variant": variant, "dtype": dtype, "library": "kernels.wasm", "functions": functions}
-            (dest / "specs.json").write_text(json.dumps(specs, indent=1))
-            print(f"built {dest}", flush=True)
-        for name, tile in tiles.items():
-            setattr(gemm, name, tile)
+        with _tiles(gemm, vector_k):
+            for dtype in args.dtypes.split(","):
+                dest = Path(args.out) / f"{variant}-{dtype}"
+                _build_library(dest, variant, dtype, shapes, target, mp.PipelineOptions(conv_layout=layout))
+                print(f"built {dest}", flush=True)
     return 0
 
 
