@@ -103,7 +103,7 @@ class _Rewriter(PyExprMutator):
                 x = self.builder_.emit(self._reapply(op, x, step))
             outs.append(self.builder_.emit(relax.op.matmul(x, v, out_dtype=call.attrs.out_dtype)))
         self.rewritten.append(chunks)
-        return relax.op.concat(outs, axis=len(static_shape(call.ty.shape) or shape) - 2)
+        return relax.op.concat(outs, axis=len(call.ty.shape) - 2)
 
     @staticmethod
     def _reapply(op: relax.Call, x: relax.Expr, rows: int) -> relax.Expr:
