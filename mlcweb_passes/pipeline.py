@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -66,6 +67,7 @@ from .rewrites.mixed_precision import MixedPrecision
 from .rewrites.split_k_conv import SplitKConv
 from .schedules.apply_database import ApplyDatabase
 from .targets import GpuFacts, gpu_facts, is_gpu_target, sm_version
+from .webgpu.flash_attention import fits_webgpu_flash_attention, webgpu_flash_attention_kernel
 
 __all__ = ["CONV_LAYOUTS", "PHASES", "PipelineOptions", "conv_layout", "phases", "pipeline"]
 
@@ -84,7 +86,8 @@ class PipelineOptions:
     ``conv_layout``: ``"auto"`` (NHWC for cuda float16, where tensor-core implicit GEMMs want channels
     last, and for webgpu, where :class:`~mlcweb_passes.webgpu.gemm.WebGPUMatmul` reads both operands of
     a convolution 4 elements at a time along its reduction; the imported NCHW elsewhere), ``"NCHW"`` or
-    ``"NHWC"``. ``flash_attention``: float16 attention as one kernel where the target supports it.
+    ``"NHWC"``. ``flash_attention``: attention as one kernel where the target has one (float16 on CUDA
+    sm_80+, float16 and float32 on WebGPU).
     ``split_k``: split the reduction of NHWC convolutions with few output tiles (float16 on CUDA sm_70+;
     float16 and float32 on WebGPU). ``wgmma``: float16 GEMMs as generated Hopper kernels on sm_90.
     ``database``: a MetaSchedule database to take tuned schedules from. ``gpu``: the GPU to size kernels
@@ -149,12 +152,30 @@ def graph_phase(
         FoldPadIntoConv(),
     ]
     if target.kind.name == "webgpu":
-        # no fused attention kernel on WebGPU: keep every score matrix under 256 MiB (buffers under 512 MiB)
-        passes += [Int32Tensors(), FiniteFloatLiterals(), ChunkAttentionRows()]
+        passes += [Int32Tensors(), FiniteFloatLiterals()]
     passes += _library_dispatch(target)
-    if options.flash_attention and supports_flash_attention(target):
-        passes.append(FlashAttention())
+    passes += _flash_attention(target, options)
+    if target.kind.name == "webgpu":
+        # attention the kernel does not take (a mask, the VAE's 512-wide head, flash_attention=False):
+        # every score matrix under 256 MiB, so buffers stay under 512 MiB
+        passes.append(ChunkAttentionRows())
     return _sequential("graph", [*passes, *extra])
+
+
+def _flash_attention(target: Target, options: PipelineOptions) -> list[tvm.transform.Pass]:
+    """The target's flash-attention rewrite: tensor-core kernels on CUDA sm_80+ (float16), the portable
+    kernel on WebGPU sized by the target's workgroup limits (float16 and float32); else none."""
+    if not options.flash_attention:
+        return []
+    if supports_flash_attention(target):
+        return [FlashAttention()]
+    if target.kind.name == "webgpu":
+        gpu = _gpu(target, options)
+        shared, threads = gpu.max_shared_bytes, gpu.max_threads
+        kernel = functools.partial(webgpu_flash_attention_kernel, max_shared=shared, max_threads=threads)
+        supports = functools.partial(fits_webgpu_flash_attention, max_shared=shared, max_threads=threads)
+        return [FlashAttention(kernel, dtypes=("float16", "float32"), supports=supports)]
+    return []
 
 
 def fuse_phase(

@@ -1,8 +1,10 @@
-"""Flash attention as a Relax rewrite: each float16 attention over head transposes becomes one kernel.
+"""Flash attention as a Relax rewrite: each attention over head transposes becomes one kernel.
 
 :class:`FlashAttention` finds ``matmul -> [scale] -> softmax -> matmul`` over head transposes (as
-torch.export and :class:`~mlcweb_passes.MixedPrecision` leave SDPA) and calls
-:func:`~mlcweb_passes.cuda.flash_kernel.flash_attention_kernel`, which never stores the score matrix.
+torch.export and :class:`~mlcweb_passes.MixedPrecision` leave SDPA) and calls a kernel that never
+stores the score matrix: :func:`~mlcweb_passes.cuda.flash_kernel.flash_attention_kernel` (CUDA, float16)
+by default, :func:`~mlcweb_passes.webgpu.flash_attention.webgpu_flash_attention_kernel` (float16 and
+float32) on WebGPU.
 The kernel's inputs and output are ``[batch, seq, heads, head_dim]``, the layout attention's projections
 produce before torch's head transposes, so the transposes go too. Masked attention (an added mask, e.g.
 CLIP's causal one) and head dimensions over :data:`~mlcweb_passes.cuda.flash_kernel.MAX_HEAD_DIM` (the
@@ -28,18 +30,22 @@ __all__ = ["FlashAttention", "match_attention"]
 log = logging.getLogger(__name__)
 
 
-KernelFactory = Callable[..., tirx.PrimFunc]  # (shape, scale, views=NO_VIEWS): flash_attention_kernel's
+# (shape, scale, views=NO_VIEWS, dtype="float16"): flash_attention_kernel's; views and dtype are passed
+# only when they are not the defaults, so a factory for plain float16 attention may take neither
+KernelFactory = Callable[..., tirx.PrimFunc]
+Supports = Callable[[AttentionShape, str], bool]  # whether the kernel takes (shape, dtype)
 
 
 @dataclass(frozen=True)
 class _Match:
-    """One attention found in the graph: its ``[B, N, H, D]`` inputs, scale and shape."""
+    """One attention found in the graph: its ``[B, N, H, D]`` inputs, scale, shape and dtype."""
 
     q: relax.Expr
     k: relax.Expr
     v: relax.Expr
     scale: float
     shape: AttentionShape
+    dtype: str = "float16"
 
 
 class _Walker(Bindings):
@@ -54,7 +60,9 @@ class _Walker(Bindings):
             return float(value.value.numpy().reshape(()))
         return None
 
-    def heads_view(self, expr: Any, perm: list[int]) -> tuple[Any, float] | None:
+    def heads_view(
+        self, expr: Any, perm: list[int], dtypes: tuple[str, ...] = ("float16",)
+    ) -> tuple[Any, float] | None:
         """For ``expr`` = permutes (composing to ``perm``) and scalar multiplies of a 4-D tensor ``x``:
         ``(x, product of the scalars)``; else None. ``expr`` itself is first followed back through
         reshapes and broadcasts that only split or merge the batch and head axes."""
@@ -73,7 +81,7 @@ class _Walker(Bindings):
                 break
             expr = value.args[0]
             value = self.value(expr)
-        if axes != perm or len(expr.ty.shape) != 4 or str(expr.ty.dtype) != "float16":
+        if axes != perm or len(expr.ty.shape) != 4 or str(expr.ty.dtype) not in dtypes:
             return None
         return expr, scale
 
@@ -87,9 +95,12 @@ def _through_permute(axes: list[int], call: relax.Call) -> list[int] | None:
     return [int(perm[i]) for i in axes]
 
 
-def match_attention(walker: _Walker, call: relax.Call) -> _Match | None:
+def match_attention(
+    walker: _Walker, call: relax.Call, dtypes: tuple[str, ...] = ("float16",), supports: Supports | None = None
+) -> _Match | None:
     """``matmul(softmax(matmul(q', k') * c), v')`` where q', k', v' are head transposes of
-    ``[B, N, H, D]`` float16 tensors, else None."""
+    ``[B, N, H, D]`` tensors of one of ``dtypes`` (all three the same) whose shape the kernel takes
+    (``supports``, default :meth:`AttentionShape.supported`), else None."""
     if op_name(call) != "relax.matmul":
         return None
     _, soft = walker.through(call.args[0], ("relax.astype", "relax.reshape", "relax.broadcast_to"))
@@ -102,29 +113,37 @@ def match_attention(walker: _Walker, call: relax.Call) -> _Match | None:
         _, scores = walker.through(scores.args[0], ("relax.astype", "relax.reshape"))
     if op_name(scores) != "relax.matmul":
         return None
-    q = walker.heads_view(scores.args[0], [0, 2, 1, 3])
-    k = walker.heads_view(scores.args[1], [0, 2, 3, 1])
-    v = walker.heads_view(call.args[1], [0, 2, 1, 3])
+    q = walker.heads_view(scores.args[0], [0, 2, 1, 3], dtypes)
+    k = walker.heads_view(scores.args[1], [0, 2, 3, 1], dtypes)
+    v = walker.heads_view(call.args[1], [0, 2, 1, 3], dtypes)
     if q is None or k is None or v is None or v[1] != 1.0:  # a scaled V would scale the output instead
+        return None
+    dtype = str(q[0].ty.dtype)
+    if str(k[0].ty.dtype) != dtype or str(v[0].ty.dtype) != dtype:
         return None
     qs, ks, vs = (static_shape(x[0].ty.shape) for x in (q, k, v))
     if qs is None or ks is None or vs is None or ks != vs or qs[0] != ks[0] or qs[2:] != ks[2:]:
         return None
     shape = AttentionShape(qs[0], qs[1], ks[1], qs[2], qs[3])
     total_scale = scale * q[1] * k[1]
-    if not shape.supported() or total_scale <= 0:  # a softmax temperature is positive
+    takes = supports(shape, dtype) if supports is not None else shape.supported()
+    if not takes or total_scale <= 0:  # a softmax temperature is positive
         return None
-    return _Match(q[0], k[0], v[0], total_scale, shape)
+    return _Match(q[0], k[0], v[0], total_scale, shape, dtype)
 
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, kernel: KernelFactory, pack: bool) -> None:
+    def __init__(
+        self, mod: tvm.IRModule, kernel: KernelFactory, pack: bool, dtypes: tuple[str, ...], supports: Supports | None
+    ) -> None:
         super().__init__(mod)
         self.kernel = kernel
         self.pack = pack
+        self.dtypes = dtypes
+        self.supports = supports
         self.walker: _Walker | None = None
-        self.kernels: dict[tuple[AttentionShape, float, Views], tvm.ir.GlobalVar] = {}
+        self.kernels: dict[tuple[AttentionShape, float, Views, str], tvm.ir.GlobalVar] = {}
         self.outputs: dict[relax.Call, relax.Var] = {}  # attention matmul -> its kernel call's output
         self.rewritten = 0
 
@@ -132,11 +151,15 @@ class _Rewriter(PyExprMutator):
         self.walker = _Walker(func)
         return super().visit_function_(func)
 
-    def _kernel(self, shape: AttentionShape, scale: float, views: Views) -> tvm.ir.GlobalVar:
-        key = (shape, scale, views)
+    def _kernel(self, shape: AttentionShape, scale: float, views: Views, dtype: str) -> tvm.ir.GlobalVar:
+        key = (shape, scale, views, dtype)
         if key not in self.kernels:
-            func = self.kernel(shape, scale, views=views) if views != NO_VIEWS else self.kernel(shape, scale)
-            self.kernels[key] = self.builder_.add_func(func, "flash_attention")
+            extra: dict[str, Any] = {}
+            if views != NO_VIEWS:
+                extra["views"] = views
+            if dtype != "float16":
+                extra["dtype"] = dtype
+            self.kernels[key] = self.builder_.add_func(self.kernel(shape, scale, **extra), "flash_attention")
         return self.kernels[key]
 
     def _view(self, x: relax.Expr, shape: AttentionShape) -> tuple[relax.Expr, tuple[str, ...], int, int] | None:
@@ -196,7 +219,7 @@ class _Rewriter(PyExprMutator):
     def _heads_last(self, call: relax.Call) -> relax.Var | None:
         """For permutes that move the attention's ``[B, H, N, D]`` output (reshaped, maybe cast) back to
         ``[B, N, H, D]``, torch's transpose after attention: the kernel's output, which is that already."""
-        if self.walker is None or op_name(call) != "relax.permute_dims" or str(call.ty.dtype) != "float16":
+        if self.walker is None or op_name(call) != "relax.permute_dims" or str(call.ty.dtype) not in self.dtypes:
             return None
         axes, value = list(range(4)), call
         while op_name(value) == "relax.permute_dims":
@@ -215,14 +238,14 @@ class _Rewriter(PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         if (out := self._heads_last(call)) is not None:
             return out
-        found = match_attention(self.walker, call) if self.walker is not None else None
+        found = match_attention(self.walker, call, self.dtypes, self.supports) if self.walker is not None else None
         if found is None:
             return super().visit_call_(call)
         s = found.shape
         args, views = self._inputs(found)
-        kernel = self._kernel(s, found.scale, views)
+        kernel = self._kernel(s, found.scale, views, found.dtype)
         out = self.builder_.emit(
-            relax.call_tir(kernel, args, relax.TensorType((s.batch, s.q_len, s.heads, s.head_dim), "float16"))
+            relax.call_tir(kernel, args, relax.TensorType((s.batch, s.q_len, s.heads, s.head_dim), found.dtype))
         )
         self.rewritten += 1
         self.outputs[call] = out
@@ -234,18 +257,28 @@ class _Rewriter(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="mlcweb.FlashAttention")
 class FlashAttention(ModulePassBase):
-    """Replace each float16 ``softmax(Q @ K^T * scale) @ V`` over head transposes with one call of a
-    flash-attention kernel (``kernel``: :func:`flash_attention_kernel` by default, CUDA sm_80+), reading
-    Q, K and V as the ``[B, N, H, D]`` tensors the transposes started from, or, with ``pack`` (default),
-    where they are in the merged projections they were split from (:class:`MergeProjections`), so the
-    splits are not computed."""
+    """Replace each ``softmax(Q @ K^T * scale) @ V`` over head transposes whose inputs are one of
+    ``dtypes`` (float16 by default) with one call of a flash-attention kernel (``kernel``:
+    :func:`flash_attention_kernel` by default, CUDA sm_80+), reading Q, K and V as the ``[B, N, H, D]``
+    tensors the transposes started from, or, with ``pack`` (default), where they are in the merged
+    projections they were split from (:class:`MergeProjections`), so the splits are not computed.
+    ``supports(shape, dtype)`` says which attentions the kernel takes (default: head dimensions up to
+    :data:`~mlcweb_passes.cuda.flash_kernel.MAX_HEAD_DIM`); the others are left as they are."""
 
-    def __init__(self, kernel: KernelFactory | None = None, pack: bool = True) -> None:
+    def __init__(
+        self,
+        kernel: KernelFactory | None = None,
+        pack: bool = True,
+        dtypes: tuple[str, ...] = ("float16",),
+        supports: Supports | None = None,
+    ) -> None:
         self.kernel = kernel or flash_attention_kernel
         self.pack = pack
+        self.dtypes = tuple(dtypes)
+        self.supports = supports
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _Rewriter(mod, self.kernel, self.pack)
+        rewriter = _Rewriter(mod, self.kernel, self.pack, self.dtypes, self.supports)
         result = rewrite_and_clean(mod, rewriter)
         if rewriter.rewritten:
             log.info("%d attentions became flash-attention kernels", rewriter.rewritten)

@@ -120,6 +120,7 @@ def flash_attention_kernel(
     block_n: int | None = None,
     m_tiles: int | None = None,
     views: Views = NO_VIEWS,
+    dtype: str = "float16",
 ) -> tirx.PrimFunc:
     """The kernel ``o = softmax(q @ k^T * scale) @ v`` for ``shape`` (float16 in and out, float32 inside),
     marked ``tirx.is_scheduled`` so schedule rules leave it alone. CUDA sm_80+ (``mma.sync``).
@@ -129,7 +130,10 @@ def flash_attention_kernel(
 
     ``views``: for each of Q, K, V, None (a ``[B, N, H, D]`` tensor) or ``(count, index)``: the input is a
     ``[B, N, count, H, D]`` tensor of which the kernel reads part ``index`` (projections merged by
-    :class:`~mlcweb_passes.MergeProjections`, read where they are instead of split out)."""
+    :class:`~mlcweb_passes.MergeProjections`, read where they are instead of split out). ``dtype`` must be
+    float16 (the tensor cores' operands)."""
+    if dtype != "float16":
+        raise ValueError(f"the CUDA flash-attention kernel takes float16 inputs, not {dtype}")
     if not shape.supported():
         raise ValueError(f"flash attention does not support {shape} (head_dim must be 1..{MAX_HEAD_DIM})")
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
@@ -334,22 +338,27 @@ def flash_attention_kernel(
     return flash.with_attr(SOURCE_ATTR, HAND_WRITTEN)
 
 
-def _view(name: str, b: int, n: int, h: int, d: int, view: tuple[int, int] | None) -> tuple[te.Tensor, te.Tensor]:
+def _view(
+    name: str, b: int, n: int, h: int, d: int, view: tuple[int, int] | None, dtype: str
+) -> tuple[te.Tensor, te.Tensor]:
     """A ``[B, N, H, D]`` input: the placeholder and the tensor read (part ``index`` of a
     ``[B, N, count, H, D]`` placeholder for ``view = (count, index)``)."""
     if view is None:
-        x = te.placeholder((b, n, h, d), "float16", name=name)
+        x = te.placeholder((b, n, h, d), dtype, name=name)
         return x, x
-    whole = te.placeholder((b, n, view[0], h, d), "float16", name=name)
+    whole = te.placeholder((b, n, view[0], h, d), dtype, name=name)
     return whole, te.compute((b, n, h, d), lambda i, m, j, c: whole[i, m, view[1], j, c], name=f"{name}_part")
 
 
-def reference_attention_kernel(shape: AttentionShape, scale: float, views: Views = NO_VIEWS) -> tirx.PrimFunc:
+def reference_attention_kernel(
+    shape: AttentionShape, scale: float, views: Views = NO_VIEWS, dtype: str = "float16"
+) -> tirx.PrimFunc:
     """The same computation as :func:`flash_attention_kernel` written plainly in TE (scores materialised),
-    for targets without tensor cores and to check :class:`FlashAttention`'s rewrite anywhere."""
+    for targets without tensor cores and to check :class:`FlashAttention`'s rewrite anywhere; ``dtype``
+    in and out (the probabilities in it too), float32 inside."""
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
     (qp, q), (kp, k), (vp, v) = (
-        _view(name, b, n, h, d, view) for name, n, view in zip("qkv", (nq, nk, nk), views, strict=True)
+        _view(name, b, n, h, d, view, dtype) for name, n, view in zip("qkv", (nq, nk, nk), views, strict=True)
     )
     rd = te.reduce_axis((0, d), name="rd")
     dot = te.compute(
@@ -363,14 +372,14 @@ def reference_attention_kernel(shape: AttentionShape, scale: float, views: Views
     e = te.compute((b, h, nq, nk), lambda i, j, m, n: te.exp((dot[i, j, m, n] - mx[i, j, m]) * f32_scale), name="exp")
     rs = te.reduce_axis((0, nk), name="rs")
     total = te.compute((b, h, nq), lambda i, j, m: te.sum(e[i, j, m, rs], axis=rs), name="row_sum")
-    p = te.compute((b, h, nq, nk), lambda i, j, m, n: (e[i, j, m, n] / total[i, j, m]).astype("float16"), name="probs")
+    p = te.compute((b, h, nq, nk), lambda i, j, m, n: (e[i, j, m, n] / total[i, j, m]).astype(dtype), name="probs")
     rv = te.reduce_axis((0, nk), name="rv")
     acc = te.compute(
         (b, nq, h, d),
         lambda i, m, j, c: te.sum(p[i, j, m, rv].astype("float32") * v[i, rv, j, c].astype("float32"), axis=rv),
         name="weighted",
     )
-    o = te.compute((b, nq, h, d), lambda *i: acc[i].astype("float16"), name="attention")
+    o = te.compute((b, nq, h, d), lambda *i: acc[i].astype(dtype), name="attention")
     return te.create_prim_func([qp, kp, vp, o]).without_attr("global_symbol")
 
 

@@ -89,7 +89,11 @@ def test_phases_follow_the_target_and_options() -> None:
     llvm = mp.phases("llvm")
     assert _names(llvm["weights"]) == [] and _names(llvm["kernels"]) == []
     webgpu = _names(mp.phases({"kind": "webgpu"})["graph"])
-    assert "mlcweb.Int32Tensors" in webgpu and "mlcweb.FlashAttention" not in webgpu
+    # the portable flash kernel first, then chunks for the attention it does not take
+    assert "mlcweb.Int32Tensors" in webgpu and webgpu[-2:] == ["mlcweb.FlashAttention", "mlcweb.ChunkAttentionRows"]
+    no_flash = _names(mp.phases({"kind": "webgpu"}, mp.PipelineOptions(flash_attention=False))["graph"])
+    assert "mlcweb.FlashAttention" not in no_flash
+    assert "mlcweb.FlashAttention" not in _names(mp.phases("vulkan")["graph"])
     cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     off = mp.phases(cuda, mp.PipelineOptions(dtype="float16", split_k=False, wgmma=False, gpu=H100))
     assert "mlcweb.SplitKConv" not in _names(off["weights"]) and _names(off["kernels"]) == []

@@ -1,0 +1,151 @@
+"""The WebGPU flash-attention kernel: tile choice, the pipeline's rewrite for float16 and float32, and its
+numbers on Dawn (SwiftShader, float32) against numpy and PyTorch. The float16 kernels' WGSL is compiled
+by Dawn here; their numbers are checked on a GPU by benchmarks/sd_webgpu.py (float16 against the float32
+build on the same weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from testutil import import_torch, op_names
+from tvm import relax
+
+import mlcweb_passes as mp
+from mlcweb.wgsl_check import check_wgsl, wgsl_sources
+from mlcweb_passes.cuda.flash_kernel import AttentionShape
+from mlcweb_passes.webgpu.flash_attention import (
+    TILES,
+    WebGPUFlashTile,
+    choose_webgpu_flash_tile,
+    webgpu_flash_attention_kernel,
+)
+
+WEBGPU = tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
+
+
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    s = np.einsum("bnhd,bmhd->bhnm", q.astype(np.float64), k) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhnm,bmhd->bnhd", p / p.sum(-1, keepdims=True), v)
+
+
+def _kernel_module(shape: AttentionShape, scale: float, tile: WebGPUFlashTile | None) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    s = shape
+    args = [
+        relax.Var(name, relax.TensorType((s.batch, n, s.heads, s.head_dim), "float32"))
+        for name, n in (("q", s.q_len), ("k", s.kv_len), ("v", s.kv_len))
+    ]
+    kernel = webgpu_flash_attention_kernel(s, scale, dtype="float32", max_shared=32768, tile=tile)
+    with bb.function("main", args):
+        with bb.dataflow():
+            gv = bb.add_func(kernel, "flash_attention")
+            call = relax.call_tir(gv, args, relax.TensorType((s.batch, s.q_len, s.heads, s.head_dim), "float32"))
+            out = bb.emit_output(bb.emit(call))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_tile_choice_fits_the_workgroup_memory() -> None:
+    sd = AttentionShape(2, 4096, 4096, 8, 40)
+    assert choose_webgpu_flash_tile(sd, "float16", 32768) == TILES[0]  # 64 query rows, 128 threads
+    for dtype in ("float16", "float32"):
+        for d in (40, 80, 160):
+            for limit in (16384, 32768):
+                tile = choose_webgpu_flash_tile(AttentionShape(2, 4096, 77, 8, d), dtype, limit)
+                assert tile.shared_bytes(d, dtype) <= limit and tile.threads <= 256
+    assert choose_webgpu_flash_tile(AttentionShape(1, 10, 10, 1, 8), "float32").rows == 16  # no idle rows
+    with pytest.raises(ValueError, match="fits 1024 bytes"):
+        choose_webgpu_flash_tile(sd, "float32", 1024)
+    with pytest.raises(ValueError, match="does not support"):
+        webgpu_flash_attention_kernel(AttentionShape(1, 64, 64, 1, 512), 1.0)  # the VAE's head
+
+
+@pytest.mark.parametrize(
+    ("shape", "tile"),
+    [
+        (AttentionShape(1, 70, 70, 2, 20), None),  # partial query and key tiles, head padded 20 -> 24
+        (AttentionShape(2, 33, 19, 1, 16), WebGPUFlashTile(16, 8, 2)),  # cross-attention, smallest tile
+    ],
+)
+def test_kernel_computes_attention_on_webgpu(shape: AttentionShape, tile: WebGPUFlashTile | None) -> None:
+    """Float32 in and out on Dawn (SwiftShader): within 1e-5 of float64 numpy."""
+    from webgpu_node import WEBGPU as NODE_TARGET
+    from webgpu_node import run_on_webgpu
+
+    rng = np.random.default_rng(0)
+    q, k, v = (
+        rng.standard_normal((shape.batch, n, shape.heads, shape.head_dim)).astype(np.float32)
+        for n in (shape.q_len, shape.kv_len, shape.kv_len)
+    )
+    scale = shape.head_dim**-0.5
+    exe = tvm.compile(_kernel_module(shape, scale, tile), NODE_TARGET)
+    got = run_on_webgpu(exe, "main", [q, k, v])
+    np.testing.assert_allclose(got, _attention(q, k, v, scale), rtol=0, atol=1e-5)
+
+
+class CrossAttention(torch.nn.Module):
+    """diffusers' Attention with AttnProcessor2_0: projections, SDPA, heads transposed back."""
+
+    def __init__(self, dim: int = 32, context_dim: int = 24, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = torch.nn.Linear(dim, dim, bias=False)
+        self.to_k = torch.nn.Linear(context_dim, dim, bias=False)
+        self.to_v = torch.nn.Linear(context_dim, dim, bias=False)
+        self.to_out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (t.view(b, -1, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.to_out(o.transpose(1, 2).reshape(b, n, c))
+
+
+def _imported() -> tuple[torch.nn.Module, list[torch.Tensor], tvm.IRModule, list[np.ndarray]]:
+    torch.manual_seed(0)
+    model = CrossAttention().eval()
+    inputs = [torch.randn(2, 24, 32), torch.randn(2, 7, 24)]
+    mod, params = mp.detach_params(import_torch(model, inputs))
+    return model, inputs, mod, [p.numpy() for p in params.values()]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_pipeline_rewrites_attention_for_both_dtypes(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The webgpu pipeline turns the attention into one kernel with no score matrix and no head
+    transposes, in float32 and float16, and Dawn compiles every shader."""
+    monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
+    _, _, mod, _ = _imported()
+    options = mp.PipelineOptions(dtype=dtype)
+    with WEBGPU:
+        graph = mp.pipeline(WEBGPU, options, until="graph")(mod)
+    assert "relax.nn.softmax" not in op_names(graph) and "relax.permute_dims" not in op_names(graph)
+    kernels = [gv.name_hint for gv in graph.functions if gv.name_hint.startswith("flash_attention")]
+    assert kernels == ["flash_attention"]
+    exe = tvm.compile(mod, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU, options))
+    sources = wgsl_sources(exe.mod)
+    assert any(name.startswith("flash_attention") for name in sources)
+    assert check_wgsl(exe.mod, float16=dtype == "float16") == len(sources)
+
+
+def test_without_flash_attention_the_scores_are_materialised() -> None:
+    _, _, mod, _ = _imported()
+    with WEBGPU:
+        graph = mp.pipeline(WEBGPU, mp.PipelineOptions(flash_attention=False), until="graph")(mod)
+    assert "relax.nn.softmax" in op_names(graph)
+
+
+def test_the_pipelines_attention_matches_pytorch_on_webgpu() -> None:
+    """The whole float32 webgpu pipeline (projections, the flash kernel, output projection) on Dawn
+    gives PyTorch's SDPA result within 1e-5."""
+    from webgpu_node import WEBGPU as NODE_TARGET
+    from webgpu_node import run_on_webgpu
+
+    model, inputs, mod, params = _imported()
+    exe = tvm.compile(mod, NODE_TARGET, relax_pipeline=mp.pipeline(NODE_TARGET))
+    got = run_on_webgpu(exe, "main", [x.numpy() for x in inputs] + params)
+    want = model(*inputs).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
