@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""SD1.5's heaviest GEMMs and convolutions as single WebGPU kernels, per schedule variant, timed on the
-GPU machine in node + Dawn (``webgpu/kernels.mjs``): the quick loop for WebGPU kernel work, where a whole
-UNet build takes minutes.
+"""SD1.5's heaviest GEMMs, convolutions and attentions as single WebGPU functions, per schedule variant,
+timed on the GPU machine in node + Dawn (``webgpu/kernels.mjs``): the quick loop for WebGPU kernel work,
+where a whole UNet build takes minutes. A GEMM's time is its GEMM kernels' GPU time; an attention's is
+every kernel of the function (the flash kernel, or the unfused variant's score GEMMs, softmax and
+transposes).
 
 ::
 
@@ -45,15 +47,25 @@ SHAPES: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {
     "vae_conv_512": ("conv", (1, 128, 512, 512), (128, 128, 3, 3)),
     "unet_ff_64": ("linear", (2, 4096, 320), (2560, 320)),
     "unet_scores_64": ("bmm", (8, 4096, 40), (8, 40, 4096)),
+    # attention: (q [B, N, H, D], k and v [B, N_kv, H, D]) as torch.export leaves SDPA
+    "unet_attn_64": ("attention", (2, 4096, 8, 40), (2, 4096, 8, 40)),
+    "unet_attn_32": ("attention", (2, 1024, 8, 80), (2, 1024, 8, 80)),
+    "unet_xattn_64": ("attention", (2, 4096, 8, 40), (2, 77, 8, 40)),
 }
 # the same kinds at a size SwiftShader runs in seconds (to check the runner and the numbers without a GPU)
 TINY: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {
     "conv": ("conv", (2, 32, 16, 16), (64, 32, 3, 3)),
     "linear": ("linear", (2, 256, 64), (96, 64)),
     "bmm": ("bmm", (4, 128, 40), (4, 40, 128)),
+    "attention": ("attention", (1, 96, 2, 40), (1, 77, 2, 40)),
 }
-# variant: (vector_k of the tiles, conv layout)
-VARIANTS = {"scalar-nchw": (1, "NCHW"), "vec4-nchw": (4, "NCHW"), "vec4-nhwc": (4, "NHWC")}
+# variant: (vector_k of the tiles, conv layout, flash attention)
+VARIANTS = {
+    "scalar-nchw": (1, "NCHW", True),
+    "vec4-nchw": (4, "NCHW", True),
+    "vec4-nhwc": (4, "NHWC", True),
+    "vec4-nhwc-unfused": (4, "NHWC", False),
+}
 
 
 def _flops(kind: str, x: tuple[int, ...], w: tuple[int, ...]) -> int:
@@ -62,7 +74,26 @@ def _flops(kind: str, x: tuple[int, ...], w: tuple[int, ...]) -> int:
         return 2 * n * h * wd * math.prod(w)
     if kind == "linear":
         return 2 * math.prod(x[:-1]) * w[0] * w[1]
+    if kind == "attention":  # Q @ K^T and P @ V
+        return 4 * x[0] * x[2] * x[1] * w[1] * x[3]
     return 2 * x[0] * x[1] * x[2] * w[2]
+
+
+def _inputs(kind: str, xs: tuple[int, ...], ws: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    return [("q", xs), ("k", ws), ("v", ws)] if kind == "attention" else [("x", xs), ("w", ws)]
+
+
+def _attention(bb: Any, q: Any, k: Any, v: Any, dtype: str) -> Any:
+    """SDPA as torch.export and mixed precision leave it: head transposes, float32 scores and softmax."""
+    from tvm import relax
+
+    op = relax.op
+    d = int(q.ty.shape[3])
+    qh, kh, vh = op.permute_dims(q, [0, 2, 1, 3]), op.permute_dims(k, [0, 2, 3, 1]), op.permute_dims(v, [0, 2, 1, 3])
+    scores = bb.emit(op.matmul(qh, kh, out_dtype="float32"))
+    probs = bb.emit(op.nn.softmax(op.multiply(scores, relax.const(d**-0.5, "float32")), axis=-1))
+    out = bb.emit(op.matmul(op.astype(probs, dtype), vh, out_dtype="float32"))
+    return bb.emit(op.permute_dims(op.astype(out, dtype), [0, 2, 1, 3]))
 
 
 def _module(dtype: str, shapes: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]) -> Any:
@@ -71,17 +102,19 @@ def _module(dtype: str, shapes: dict[str, tuple[str, tuple[int, ...], tuple[int,
     bb = relax.BlockBuilder()
     acc = "float32" if dtype == "float16" else None
     for name, (kind, xs, ws) in shapes.items():
-        x = relax.Var("x", relax.TensorType(xs, dtype))
-        w = relax.Var("w", relax.TensorType(ws, dtype))
-        with bb.function(name, [x, w]):
+        args = [relax.Var(arg, relax.TensorType(shape, dtype)) for arg, shape in _inputs(kind, xs, ws)]
+        x, w = args[:2]
+        with bb.function(name, args):
             with bb.dataflow():
-                if kind == "conv":
+                if kind == "attention":
+                    y = _attention(bb, *args, dtype)
+                elif kind == "conv":
                     y = bb.emit(relax.op.nn.conv2d(x, w, padding=[1, 1, 1, 1], out_dtype=acc))
                 elif kind == "linear":
                     y = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w), out_dtype=acc))
                 else:
                     y = bb.emit(relax.op.matmul(x, w, out_dtype=acc))
-                if acc:
+                if acc and kind != "attention":
                     y = bb.emit(relax.op.astype(y, dtype))
                 out = bb.emit_output(y)
             bb.emit_func_output(out)
@@ -119,10 +152,8 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
         {
             "name": name,
             "flops": _flops(kind, xs, ws),
-            "inputs": [
-                {"name": "x", "shape": list(xs), "dtype": dtype},
-                {"name": "w", "shape": list(ws), "dtype": dtype},
-            ],
+            "time": "all" if kind == "attention" else "gemm",
+            "inputs": [{"name": arg, "shape": list(shape), "dtype": dtype} for arg, shape in _inputs(kind, xs, ws)],
         }
         for name, (kind, xs, ws) in shapes.items()
     ]
@@ -143,11 +174,12 @@ def build(args: argparse.Namespace) -> int:
     )
     shapes = TINY if args.tiny else SHAPES
     for variant in args.variants.split(","):
-        vector_k, layout = VARIANTS[variant]
+        vector_k, layout, flash = VARIANTS[variant]
+        options = mp.PipelineOptions(conv_layout=layout, flash_attention=flash)
         with _tiles(gemm, vector_k):
             for dtype in args.dtypes.split(","):
                 dest = Path(args.out) / f"{variant}-{dtype}"
-                _build_library(dest, variant, dtype, shapes, target, mp.PipelineOptions(conv_layout=layout))
+                _build_library(dest, variant, dtype, shapes, target, options)
                 print(f"built {dest}", flush=True)
     return 0
 

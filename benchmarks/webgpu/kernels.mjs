@@ -1,6 +1,7 @@
-// Times single GEMM and convolution kernels of a webgpu build (benchmarks/webgpu_kernels.py builds them)
-// in node on Dawn through TVM's JS runtime: GPU time from timestamp queries around every dispatch, wall
-// time per call, and a sample of each output so variants can be checked against each other.
+// Times single GEMM, convolution and attention functions of a webgpu build (benchmarks/webgpu_kernels.py
+// builds them) in node on Dawn through TVM's JS runtime: GPU time from timestamp queries around every
+// dispatch (a GEMM's GEMM kernels, or every kernel where the spec says time: "all"), wall time per call,
+// and a sample of each output so variants can be checked against each other.
 //
 //   node kernels.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 20] [--toggle ...] --out result.json
 import fs from "node:fs";
@@ -65,7 +66,7 @@ async function main() {
       wall.push(performance.now() - s);
     }
     const records = await profiler.stop();
-    const gemm = records.filter((k) => GEMM.test(k.name));
+    const gemm = fn.time === "all" ? records : records.filter((k) => GEMM.test(k.name));
     const perCall = [];
     for (let r = 0; r < args.repeat; ++r) {
       const n = gemm.length / args.repeat;
