@@ -56,7 +56,7 @@ def build(args: argparse.Namespace) -> int:
                 target="webgpu",
                 out=Path(tmp) / "build",
                 dtype=dtype,
-                config={"size": args.size},
+                config={"size": args.size, "variant": args.variant},
                 webgpu_fallback=False,
             )
             result = mlcweb_build(host, "stable-diffusion", options, progress=False)
@@ -393,12 +393,13 @@ def report(args: argparse.Namespace) -> int:
     files = sorted(Path(args.dir).glob("webgpu-*.json"))
     runs = {p.stem.removeprefix("webgpu-"): json.loads(p.read_text()) for p in files}
     print(
-        "| build (ms) | CLIP | UNet step | VAE | 20-step image | UNet, streamed | VAE, streamed | image, streamed"
+        "| build, UNet, scheduler and steps (ms) | CLIP | UNet step | VAE | image | UNet, streamed | VAE, streamed"
+        " | image, streamed"
         " | pipelines | finite | vs float32 |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
-        print(_row(name, r))
+        print(_row(f"{name}, {r.get('unet', 'unet')}, {r.get('scheduler', 'dpm')} x{r['steps']}", r))
     for name, r in runs.items():
         for stage, prof in (r.get("profile") or {}).items():
             where = f"{prof['dispatches']} dispatches of {prof['kernels']} kernels"
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--name", default="mlcweb")
     b.add_argument("--dtypes", default="float16,float32")
     b.add_argument("--size", default="full", choices=["tiny", "full"])
+    b.add_argument("--variant", default="sd1.5", help="the SD family member (sd1.5, sd2.1, sd-turbo)")
     p = sub.add_parser("pack")
     p.add_argument("--builds", required=True)
     p.add_argument("--kernels", help="webgpu_kernels.py builds to carry too")

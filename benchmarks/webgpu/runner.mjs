@@ -1,8 +1,11 @@
 // Times an mlcweb Stable Diffusion webgpu build in node, on Dawn (npm `webgpu`) through TVM's JS runtime,
 // the way the page runs it, with weights generated on the GPU from the build's tensor-cache.json (no
 // shards needed). Writes one JSON result. Run by benchmarks/sd_webgpu.py; see benchmarks/README.md.
+// The model's defaults (metadata.defaults) pick the scheduler, steps and UNet as the page does: SD1.5's
+// guided batch-2 `unet` with DPM-Solver++ 20 steps, SD-Turbo's batch-1 `unet_single` with one
+// Euler-ancestral step (noise from a fixed pattern). SD1.x and SD2.x builds (one text encoder).
 //
-//   node runner.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 10] [--steps 20]
+//   node runner.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 10] [--steps N] [--scheduler NAME]
 //        [--profile] [--stream N] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
 //        [--save-outputs out.bin] [--compare ref.bin] --out result.json
 import fs from "node:fs";
@@ -16,7 +19,7 @@ await installDawn(args.dawn, args.toggle);
 const tvmjs = require(path.resolve(args.tvmjs));
 
 function parseArgs(argv) {
-  const out = { repeat: 10, steps: 20, stream: 0, toggle: [], profile: false };
+  const out = { repeat: 10, steps: 0, stream: 0, toggle: [], profile: false };
   for (let i = 0; i < argv.length; ++i) {
     const key = argv[i].replace(/^--/, "").replace(/-(\w)/g, (_, c) => c.toUpperCase());
     if (key === "profile") out.profile = true;
@@ -38,8 +41,17 @@ async function main() {
   const build = path.resolve(args.build);
   const manifest = JSON.parse(fs.readFileSync(path.join(build, "manifest.json"), "utf8"));
   const cache = JSON.parse(fs.readFileSync(path.join(build, "tensor-cache.json"), "utf8"));
-  const sched = JSON.parse(fs.readFileSync(path.join(build, `scheduler-dpm-${args.steps}.json`), "utf8"));
-  const result = { build: manifest.model, dtype: manifest.dtype, config: manifest.config, steps: args.steps, repeat: args.repeat, toggles: args.toggle };
+  const meta = manifest.metadata;
+  const defaults = meta.defaults || { scheduler: "dpm", steps: 20, guidance: 7.5, guidance_free: false };
+  const schedName = args.scheduler || defaults.scheduler;
+  const steps = args.steps || defaults.steps;
+  const sched = JSON.parse(fs.readFileSync(path.join(build, `scheduler-${schedName}-${steps}.json`), "utf8"));
+  if (!["dpm_solver_step", "ancestral_step"].includes(sched.function)) throw new Error(`runner.mjs: scheduler ${schedName} (${sched.function}) is not supported`);
+  if (meta.guidance_embedding || meta.architecture === "sdxl") throw new Error("runner.mjs: LCM and SDXL builds are not supported");
+  // the UNet the page calls at the default guidance (sd.js unetCall)
+  const guided = !("unet_single" in manifest.functions && (defaults.guidance <= 1 || !("unet" in manifest.functions)));
+  const unetName = guided ? "unet" : "unet_single";
+  const result = { build: manifest.model, dtype: manifest.dtype, config: manifest.config, scheduler: schedName, steps, unet: unetName, repeat: args.repeat, toggles: args.toggle };
   const t0 = performance.now();
 
   const { device, profiler: prof, info } = await openDevice({ profile: args.profile, needF16: manifest.dtype === "float16" });
@@ -93,29 +105,37 @@ async function main() {
     await gpu.sync();
     return cpu.toArray();
   };
-  const meta = manifest.metadata;
   const latentShape = meta.latent_shape;
   const latentCount = latentShape.reduce((a, b) => a * b, 1);
   const ids = Int32Array.from({ length: meta.max_length }, (_, i) => (i === 0 ? 49406 : i < 8 ? 320 + i * 37 : 49407));
   const noise = Float32Array.from({ length: latentCount }, (_, i) => Math.sin(i * 12.9898) * 0.8);
 
   // one timed closure per stage; each ends with a sync, as the page's step does
+  const text = (uncond, cond) => (guided ? call("concat_embeddings", uncond, cond) : cond);
   const embeddings = (() => {
     const c = call("clip", upload(ids, [1, meta.max_length], "int32"));
-    return tvm.detachFromCurrentScope(call("concat_embeddings", c, c));
+    return tvm.detachFromCurrentScope(text(c, c));
   })();
   const sample = tvm.detachFromCurrentScope(upload(noise, latentShape, "float32"));
   const zeros = tvm.detachFromCurrentScope(upload(new Float32Array(latentCount), latentShape, "float32"));
-  const scale = tvm.detachFromCurrentScope(upload(Float32Array.of(7.5), [], "float32"));
+  const stepNoise = tvm.detachFromCurrentScope(upload(noise.map((x, i) => Math.cos(i * 7.31) * 0.9), latentShape, "float32"));
+  const scaleArgs = guided ? [tvm.detachFromCurrentScope(upload(Float32Array.of(Math.max(defaults.guidance, 1)), [], "float32"))] : [];
   const timestep = tvm.detachFromCurrentScope(upload(Int32Array.of(sched.timesteps[0]), [], "int32"));
   const coeffs = tvm.detachFromCurrentScope(upload(Float32Array.from(sched.coeffs[0]), [sched.coeffs[0].length], "float32"));
-  const eps = tvm.detachFromCurrentScope(call("unet", sample, timestep, embeddings, scale));
+  const unet = (x, t, emb) => call(unetName, x, t, emb, ...scaleArgs);
+  const eps = tvm.detachFromCurrentScope(unet(sample, timestep, embeddings));
   await gpu.sync();
+  // one scheduler step: DPM-Solver++ takes the last model output, Euler ancestral a noise tensor (or zeros)
+  const schedulerStep = (i, x, e, prev) => {
+    const row = upload(Float32Array.from(sched.coeffs[i]), [sched.coeffs[i].length], "float32");
+    if (sched.function === "ancestral_step") return call(sched.function, x, e, sched.noise[i] ? stepNoise : zeros, row);
+    return call(sched.function, x, e, prev, row);
+  };
 
   const stages = {
     clip: () => call("clip", upload(ids, [1, meta.max_length], "int32")),
-    unet: () => call("unet", sample, timestep, embeddings, scale),
-    scheduler: () => call(sched.function, sample, eps, zeros, coeffs),
+    unet: () => unet(sample, timestep, embeddings),
+    scheduler: () => (sched.function === "ancestral_step" ? call(sched.function, sample, eps, stepNoise, coeffs) : call(sched.function, sample, eps, zeros, coeffs)),
     vae: () => call("vae", sample),
   };
   const timeStages = async (names) => {
@@ -135,7 +155,7 @@ async function main() {
     }
     return [ms, firstMs];
   };
-  // a whole image: CLIP twice, the guided UNet and the scheduler per step, the VAE
+  // a whole image: CLIP (twice when guided), the UNet and the scheduler per step, the VAE
   let pixels = null;
   const timeImage = async () => {
     const images = [];
@@ -143,15 +163,16 @@ async function main() {
       tvm.beginScope();
       const s = performance.now();
       const cond = call("clip", upload(ids, [1, meta.max_length], "int32"));
-      const uncond = call("clip", upload(ids, [1, meta.max_length], "int32"));
-      const emb = call("concat_embeddings", uncond, cond);
-      let x = upload(noise, latentShape, "float32");
+      const emb = guided ? text(call("clip", upload(ids, [1, meta.max_length], "int32")), cond) : cond;
+      let x = upload(noise.map((v) => v * (sched.init_noise_sigma || 1)), latentShape, "float32");
+      let input = sched.input_scales ? upload(noise.map((v) => v * (sched.init_noise_sigma || 1) * sched.input_scales[0]), latentShape, "float32") : x;
       let prev = zeros;
       for (let i = 0; i < sched.timesteps.length; ++i) {
-        const e = call("unet", x, upload(Int32Array.of(sched.timesteps[i]), [], "int32"), emb, scale);
-        const out = call(sched.function, x, e, prev, upload(Float32Array.from(sched.coeffs[i]), [sched.coeffs[i].length], "float32"));
+        const e = unet(input, upload(Int32Array.of(sched.timesteps[i]), [], "int32"), emb);
+        const out = schedulerStep(i, x, e, prev);
         prev = out.get(1);
         x = out.get(0);
+        input = sched.function === "ancestral_step" ? out.get(1) : x;
         await gpu.sync();
       }
       pixels = await read(call("vae", x));
@@ -172,7 +193,7 @@ async function main() {
 
   // outputs: finite, and against a reference run of another build on the same weights
   tvm.beginScope();
-  const unetOut = await read(call("unet", sample, timestep, embeddings, scale));
+  const unetOut = await read(unet(sample, timestep, embeddings));
   const vaeOut = await read(call("vae", sample));
   tvm.endScope();
   const finite = (a) => a.every((v) => Number.isFinite(v));
@@ -181,7 +202,7 @@ async function main() {
   // which weights each function was given: hash-filled values agree between two builds only where these do
   const shapes = new Map(cache.records.flatMap((s) => s.records.map((rec) => [rec.name, rec.shape.join("x")])));
   const weightsOf = (fn) => manifest.functions[fn].params.map((n) => `${n}:${shapes.get(n)}`).join(",");
-  const outputs = { unet: Array.from(unetOut), vae: Array.from(vaeOut), weights: { unet: weightsOf("unet"), vae: weightsOf("vae") } };
+  const outputs = { unet: Array.from(unetOut), vae: Array.from(vaeOut), weights: { unet: weightsOf(unetName), vae: weightsOf("vae") } };
   if (args.saveOutputs) fs.writeFileSync(args.saveOutputs, JSON.stringify(outputs));
   if (args.compare && fs.existsSync(args.compare)) {
     // A float16 build lifts its weight transforms (casts folded into merged or transposed weights) into
@@ -216,7 +237,7 @@ async function main() {
   result.total_s = (performance.now() - t0) / 1000;
   fs.writeFileSync(args.out, JSON.stringify(result, null, 1));
   const f = (x) => x.toFixed(1);
-  console.log(`${manifest.dtype}: pipelines ${f(result.pipeline_creation_s)} s, clip ${f(result.ms.clip)} ms, unet ${f(result.ms.unet)} ms, ` +
+  console.log(`${manifest.dtype} ${unetName} ${schedName} ${steps}: pipelines ${f(result.pipeline_creation_s)} s, clip ${f(result.ms.clip)} ms, unet ${f(result.ms.unet)} ms, ` +
     `scheduler ${f(result.ms.scheduler)} ms, vae ${f(result.ms.vae)} ms, image ${f(result.ms.image)} ms, finite ${JSON.stringify(result.finite)}`);
   tvm.endScope();
 }
