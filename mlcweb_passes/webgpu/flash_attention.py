@@ -12,7 +12,8 @@ cores to ask for portably):
   ``x, x + 8, ...`` of each key tile and output columns ``x, x + 8, ...`` of the head, so neighbouring
   threads read neighbouring workgroup-memory words and the rows of a subgroup fall in distinct banks;
 - the Q tile is copied to workgroup memory once; the keys are walked ``keys`` at a time, K's tile copied
-  into a buffer that V's tile then reuses, rows padded by one element;
+  into a buffer that V's tile then reuses, rows padded by one element; each thread copies the rows and
+  columns it owns (no index division), eight neighbouring columns a row;
 - each thread computes its ``rows_per_thread x keys / 8`` scores in registers (float32 accumulators),
   takes its rows' maxima, and the eight threads sharing a row combine theirs through workgroup memory;
   the online softmax keeps the running maximum in base 2 over raw scores (the scale is positive), so a
@@ -76,6 +77,7 @@ class WebGPUFlashTile:
         return (
             self.rows % self.rows_per_thread == 0
             and self.keys % COLUMN_GROUPS == 0
+            and self.keys % self.row_groups == 0
             and min(self.rows, self.keys, self.rows_per_thread) > 0
         )
 
@@ -158,18 +160,19 @@ def webgpu_flash_attention_kernel(
         raise ValueError(f"views must be three None or (count, index) with index < count, not {views}")
     tile = tile or choose_webgpu_flash_tile(shape, dtype, max_shared, max_threads)
     if not tile.valid():
-        raise ValueError(f"invalid flash-attention tile {tile}: rows a multiple of rows_per_thread, keys of 8")
+        raise ValueError(
+            f"invalid flash-attention tile {tile}: rows a multiple of rows_per_thread, keys of 8 and of the row groups"
+        )
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
     q_shape, k_shape, v_shape = (
         (b, n, view[0], h, d) if view is not None else (b, n, h, d) for view, n in zip(views, (nq, nk, nk), strict=True)
     )
     g = COLUMN_GROUPS
     br, bc, rm, ry = tile.rows, tile.keys, tile.rows_per_thread, tile.row_groups
-    nt = tile.threads
     dp = _padded(d)
     qrow, prow = dp + 1, bc + 1  # workgroup-memory row strides: a subgroup's rows in distinct banks
     jc, jd = bc // g, dp // g  # a thread's key columns of a tile, output columns of the head
-    q_copies, kv_copies = -(-br * dp // nt), -(-bc * dp // nt)
+    kv_rows = bc // ry  # K/V tile rows a thread copies (rows y, y + row_groups, ...; its own columns)
     n_qt, n_kt = -(-nq // br), -(-nk // bc)
     scale2 = float(scale) * 1.4426950408889634  # scores kept in base 2: exp2(s * scale2 - m)
     neg = NEG_INF
@@ -203,15 +206,13 @@ def webgpu_flash_attention_kernel(
         mx = T.decl_buffer((1,), "float32", scope="local")
         bb = by // h
         hh = by % h
-        t = ty * g + tx
-        # the Q tile, zero-padded: thread t copies elements t, t + nt, ... of the br x dp tile
-        for i in T.unroll(q_copies):
-            if i * nt + t < br * dp:
-                if bx * br + (i * nt + t) // dp < nq and (i * nt + t) % dp < d:
-                    qs[(i * nt + t) // dp * qrow + (i * nt + t) % dp] = at(
-                        q, 0, bb, bx * br + (i * nt + t) // dp, hh, (i * nt + t) % dp)
+        # the Q tile, zero-padded: each thread copies its own rows and columns
+        for i in T.unroll(rm):
+            for j in T.unroll(jd):
+                if bx * br + row(i, ty) < nq and tx + g * j < d:
+                    qs[row(i, ty) * qrow + tx + g * j] = at(q, 0, bb, bx * br + row(i, ty), hh, tx + g * j)
                 else:
-                    qs[(i * nt + t) // dp * qrow + (i * nt + t) % dp] = T.Cast(dtype, 0)
+                    qs[row(i, ty) * qrow + tx + g * j] = T.Cast(dtype, 0)
         for i0 in T.unroll(rm * jd):
             acc[i0] = T.float32(0)
         for r0 in T.unroll(rm):
@@ -219,13 +220,12 @@ def webgpu_flash_attention_kernel(
             l_r[r0] = T.float32(0)
         for kt in range(n_kt):
             T.tvm_storage_sync("shared")  # the last step's reads of kv and ps are done
-            for i1 in T.unroll(kv_copies):
-                if i1 * nt + t < bc * dp:
-                    if kt * bc + (i1 * nt + t) // dp < nk and (i1 * nt + t) % dp < d:
-                        kv[(i1 * nt + t) // dp * qrow + (i1 * nt + t) % dp] = at(
-                            k, 1, bb, kt * bc + (i1 * nt + t) // dp, hh, (i1 * nt + t) % dp)
+            for i1 in T.unroll(kv_rows):
+                for j0 in T.unroll(jd):
+                    if kt * bc + row(i1, ty) < nk and tx + g * j0 < d:
+                        kv[row(i1, ty) * qrow + tx + g * j0] = at(k, 1, bb, kt * bc + row(i1, ty), hh, tx + g * j0)
                     else:
-                        kv[(i1 * nt + t) // dp * qrow + (i1 * nt + t) % dp] = T.Cast(dtype, 0)
+                        kv[row(i1, ty) * qrow + tx + g * j0] = T.Cast(dtype, 0)
             T.tvm_storage_sync("shared")
             # S = Q @ K^T for the thread's rows and key columns
             for i2 in T.unroll(rm * jc):
@@ -256,13 +256,12 @@ def webgpu_flash_attention_kernel(
                     mx[0] = mx[0] + sc[r2 * jc + j2]
                     ps[row(r2, ty) * prow + tx + g * j2] = T.Cast(dtype, sc[r2 * jc + j2])
                 red_l[row(r2, ty) * g + tx] = mx[0]
-            for i3 in T.unroll(kv_copies):
-                if i3 * nt + t < bc * dp:
-                    if kt * bc + (i3 * nt + t) // dp < nk and (i3 * nt + t) % dp < d:
-                        kv[(i3 * nt + t) // dp * qrow + (i3 * nt + t) % dp] = at(
-                            v, 2, bb, kt * bc + (i3 * nt + t) // dp, hh, (i3 * nt + t) % dp)
+            for i3 in T.unroll(kv_rows):
+                for j6 in T.unroll(jd):
+                    if kt * bc + row(i3, ty) < nk and tx + g * j6 < d:
+                        kv[row(i3, ty) * qrow + tx + g * j6] = at(v, 2, bb, kt * bc + row(i3, ty), hh, tx + g * j6)
                     else:
-                        kv[(i3 * nt + t) // dp * qrow + (i3 * nt + t) % dp] = T.Cast(dtype, 0)
+                        kv[row(i3, ty) * qrow + tx + g * j6] = T.Cast(dtype, 0)
             T.tvm_storage_sync("shared")
             for r3 in T.unroll(rm):
                 mx[0] = T.float32(0)
