@@ -45,7 +45,7 @@ from .temp_dirs import make_temp_dir, remove_stale
 from .tensor_cache import write_tensor_cache
 from .wasm_runtime import link_wasm
 from .web import write_web_runtime
-from .wgsl_check import check_wgsl
+from .wgsl_check import check_wgsl, wgsl_sources, workgroup_needs
 
 __all__ = ["BuildResult", "ModelBuild", "build", "build_phases", "lower_until", "resolve"]
 
@@ -370,9 +370,11 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
     with stages.stage("compile"):
         with tvm.transform.PassContext(config=_pass_config(resolved)):
             exe = tvm.compile(lowered, target, relax_pipeline=None)
+        device_needs: dict[str, int] = {}
         if info.name == "webgpu":
             # a shader WebGPU rejects is a build error, not a page error
             check_wgsl(exe.mod, float16=resolved.pipeline.dtype == "float16")
+            device_needs = workgroup_needs(wgsl_sources(exe.mod)).manifest()
         library = f"{resolved.name}-{info.name}{info.library_suffix}"
         _export(exe, tmp / library, info)
     with stages.stage("weights"):
@@ -405,6 +407,8 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
             for name, mem in sorted(memory.items())
             if mem.storages
         },
+        # what its kernels need of the device's limits (the page asks for these, or says what is short)
+        **({"webgpu": device_needs} if device_needs else {}),
         "metadata": imported.metadata,
         "variants": variants,
     }

@@ -18,18 +18,79 @@ import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import MlcwebError
 from .source_tree import web_dir
 
-__all__ = ["WGSLCheckError", "check_wgsl", "wgsl_sources"]
+__all__ = ["WGSLCheckError", "WorkgroupNeeds", "check_wgsl", "wgsl_sources", "workgroup_needs"]
 
 log = logging.getLogger(__name__)
 
 SWIFTSHADER = Path("/usr/lib/chromium/vk_swiftshader_icd.json")
 _HEADER = re.compile(r"^// Function: (\S+)\n//-+\n", re.M)
+_WORKGROUP_VAR = re.compile(r"^var<workgroup>\s+\w+\s*:\s*(.+?)\s*;", re.M)
+_WORKGROUP_SIZE = re.compile(r"@workgroup_size\(\s*(\d+)u?\s*(?:,\s*(\d+)u?\s*)?(?:,\s*(\d+)u?\s*)?\)")
+_SCALAR_BYTES = {"f16": 2, "f32": 4, "i32": 4, "u32": 4, "bool": 4}
+_TYPE = re.compile(r"^(?:array<(.+),\s*(\d+)u?>|vec([234])<(\w+)>|(\w+))$")
+
+# WebGPU's defaults, which every adapter grants without asking
+DEFAULT_WORKGROUP_STORAGE = 16384
+DEFAULT_INVOCATIONS = 256
+
+
+@dataclass(frozen=True)
+class WorkgroupNeeds:
+    """What a build's kernels need of a WebGPU device beyond buffers: the most workgroup memory one
+    kernel declares (WGSL's size rule: each variable rounded up to 16 bytes) and the most invocations
+    of one workgroup."""
+
+    storage_bytes: int
+    invocations: int
+
+    def manifest(self) -> dict[str, int]:
+        return {"workgroup_storage_bytes": self.storage_bytes, "invocations_per_workgroup": self.invocations}
+
+
+def _type_bytes(wgsl_type: str) -> int:
+    """Bytes of a WGSL workgroup variable's type: scalars, vectors and (nested) arrays of them."""
+    m = _TYPE.match(wgsl_type.strip())
+    if m is None:
+        raise ValueError(f"unknown WGSL workgroup type {wgsl_type!r}")
+    element, count, lanes, lane_type, scalar = m.groups()
+    if element is not None:
+        size = _type_bytes(element)
+        stride = -(-size // _align(element)) * _align(element)
+        return stride * int(count)
+    if lanes is not None:
+        return int(lanes) * _SCALAR_BYTES[lane_type]
+    return _SCALAR_BYTES[scalar]
+
+
+def _align(wgsl_type: str) -> int:
+    m = _TYPE.match(wgsl_type.strip())
+    if m is None or m.group(1) is not None:
+        return _align(m.group(1)) if m is not None else 4
+    if m.group(3) is not None:  # vec3 aligns as vec4
+        lanes = 4 if m.group(3) == "3" else int(m.group(3))
+        return lanes * _SCALAR_BYTES[m.group(4)]
+    return _SCALAR_BYTES[m.group(5)]
+
+
+def workgroup_needs(sources: dict[str, str]) -> WorkgroupNeeds:
+    """The largest workgroup memory and workgroup size over ``sources`` (:func:`wgsl_sources`)."""
+    storage, invocations = 0, 1
+    for code in sources.values():
+        total = sum(-(-_type_bytes(t) // 16) * 16 for t in _WORKGROUP_VAR.findall(code))
+        storage = max(storage, total)
+        for size in _WORKGROUP_SIZE.findall(code):
+            count = 1
+            for part in size:
+                count *= int(part) if part else 1
+            invocations = max(invocations, count)
+    return WorkgroupNeeds(storage, invocations)
 
 
 class WGSLCheckError(MlcwebError):

@@ -67,3 +67,19 @@ def test_float16_in_a_float32_build_is_an_error(monkeypatch: pytest.MonkeyPatch)
 def test_the_check_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLCWEB_WGSL_CHECK", "off")
     assert check_wgsl(_Module("not wgsl at all")) == 0
+
+
+def test_workgroup_needs_follow_wgsl_size_rules() -> None:
+    """Each workgroup variable is rounded up to 16 bytes and a kernel's are summed; the most over kernels."""
+    from mlcweb.wgsl_check import workgroup_needs
+
+    sources = {
+        "a": "var<workgroup> q : array<f16, 2623>;\nvar<workgroup> m : array<f32, 512>;\n"
+        "@compute @workgroup_size(8, 16, 1)\nfn a() {}",
+        "b": "var<workgroup> x : array<vec4<f32>, 3>;\nvar<workgroup> y : f32;\n@compute @workgroup_size(256)\nfn b() {}",
+    }
+    needs = workgroup_needs(sources)
+    assert (needs.storage_bytes, needs.invocations) == (5248 + 2048, 256)
+    exe = tvm.compile(MatmulSoftmax, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU))
+    built = workgroup_needs(wgsl_sources(exe.mod))
+    assert 0 < built.storage_bytes <= 32768 and built.invocations == 256  # the 16x16 GEMM tile

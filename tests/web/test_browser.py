@@ -83,6 +83,9 @@ def test_webgpu_bundle_is_complete(sd_webgpu: Path) -> None:
     assert "float32/stable-diffusion-webgpu.wasm" in names and "float32/manifest.json" in names
     inner = json.loads((sd_webgpu / "float32" / "manifest.json").read_text())
     assert inner["dtype"] == "float32" and inner["target"] == "webgpu"
+    # what the kernels need of a workgroup, which the page requests (flash attention takes workgroup memory)
+    for needs in (manifest["webgpu"], inner["webgpu"]):
+        assert 0 < needs["workgroup_storage_bytes"] <= 32768 and 0 < needs["invocations_per_workgroup"] <= 256
     # The wasm imports only WASI / emscripten / tvmjs functions: a C++ (mangled) import would be a
     # runtime symbol missing from the link, and the page would fail to instantiate it.
     script = (

@@ -123,3 +123,33 @@ def test_the_page_asks_for_the_largest_planned_block_not_only_weights(page: Path
         f"console.log(largestBuffer({json.dumps(manifest)}, {json.dumps(cache)}));\n",
     )
     assert out == "600"
+
+
+ADAPTER = """
+const limits = { maxStorageBufferBindingSize: 2 ** 30, maxBufferSize: 2 ** 30, maxStorageBuffersPerShaderStage: 10,
+  maxComputeWorkgroupStorageSize: %d, maxComputeInvocationsPerWorkgroup: 256 };
+const asked = [];
+const adapter = { limits, features: new Set(), info: {},
+  requestDevice: async (descriptor) => { asked.push(descriptor); return {}; } };
+globalThis.navigator = { gpu: { requestAdapter: async () => adapter } };
+"""
+
+
+@pytest.mark.parametrize(("adapter_bytes", "message"), [(32768, ""), (16384, "at most 16.0 KiB of workgroup memory")])
+def test_the_page_asks_for_the_workgroup_memory_the_build_needs(page: Path, adapter_bytes: int, message: str) -> None:
+    """The manifest's ``webgpu`` needs become the device's limits, or one plain error when the adapter
+    has less (instead of a pipeline error once the kernels are created)."""
+    manifest = {"webgpu": {"workgroup_storage_bytes": 24576, "invocations_per_workgroup": 128}}
+    out = _node(
+        page,
+        'import { checkWebGPU, requestDevice, workgroupNeeds } from "./mlcweb.js";\n'
+        + ADAPTER % adapter_bytes
+        + f"const needs = workgroupNeeds({json.dumps(manifest)});\n"
+        "try {\n"
+        "  const gpu = await checkWebGPU({ maxBufferBytes: 2 ** 20, ...needs });\n"
+        "  await requestDevice(gpu.adapter, 2 ** 20, needs);\n"
+        "  const l = asked[0].requiredLimits;\n"
+        "  console.log(`ok ${l.maxComputeWorkgroupStorageSize} ${l.maxComputeInvocationsPerWorkgroup}`);\n"
+        "} catch (err) { console.log(`${err.name}: ${err.message}`); }\n",
+    )
+    assert out == "ok 24576 256" if not message else out.startswith("MlcwebError") and message in out

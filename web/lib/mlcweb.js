@@ -22,6 +22,10 @@ function mib(bytes) {
   return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 }
 
+function kib(bytes) {
+  return `${(bytes / 1024).toFixed(1)} KiB`;
+}
+
 /**
  * Check WebGPU before downloading anything. Returns { adapter, info, hasF16, limits } or throws
  * MlcwebError in plain words: no WebGPU in this browser, no adapter, or limits the model exceeds.
@@ -48,6 +52,20 @@ export async function checkWebGPU(needs = {}) {
     throw new MlcwebError(
       `This GPU lets a page bind buffers of at most ${mib(binding)}, and the model needs ${mib(need)}.`,
       "Try a machine with a larger GPU, or a smaller build of the model (float16 halves the buffers).",
+    );
+  }
+  const workgroupBytes = needs.workgroupBytes || 0;
+  if (workgroupBytes > limits.maxComputeWorkgroupStorageSize) {
+    throw new MlcwebError(
+      `This GPU gives a shader at most ${kib(limits.maxComputeWorkgroupStorageSize)} of workgroup memory, and the model's kernels need ${kib(workgroupBytes)}.`,
+      "Try another browser or GPU: desktop GPUs give 32 KiB.",
+    );
+  }
+  const invocations = needs.invocations || 0;
+  if (invocations > limits.maxComputeInvocationsPerWorkgroup) {
+    throw new MlcwebError(
+      `This GPU runs at most ${limits.maxComputeInvocationsPerWorkgroup} threads in a workgroup, and the model's kernels need ${invocations}.`,
+      "Try a machine with another GPU.",
     );
   }
   if (limits.maxStorageBuffersPerShaderStage < 10) {
@@ -133,6 +151,12 @@ function parseJSON({ bytes }, path) {
   }
 }
 
+/** What the model's kernels need of a workgroup (the manifest's `webgpu`, written by mlcweb build). */
+export function workgroupNeeds(manifest) {
+  const webgpu = manifest.webgpu || {};
+  return { workgroupBytes: webgpu.workgroup_storage_bytes || 0, invocations: webgpu.invocations_per_workgroup || 0 };
+}
+
 /** The largest buffer the model binds: a weight, or a block of activations its memory plan holds. */
 export function largestBuffer(manifest, cacheMeta) {
   let bytes = 0;
@@ -143,19 +167,21 @@ export function largestBuffer(manifest, cacheMeta) {
 
 /**
  * A device with the limits this model needs (its largest buffer, TVM's 10 storage buffers per shader
- * stage and 32 KiB of workgroup memory) and the features its kernels use where the adapter has them.
- * WebGPU's defaults bind only 128 MiB; asking for more than the model needs would fail on adapters that
- * could run it.
+ * stage, the workgroup memory and size its kernels declare: `needs` from the manifest's `webgpu`, 32 KiB
+ * and 1024 threads, capped by the adapter, for builds that do not say) and the features its kernels use
+ * where the adapter has them. WebGPU's defaults bind only 128 MiB; asking for more than the model needs
+ * would fail on adapters that could run it.
  */
-export async function requestDevice(adapter, needBytes) {
+export async function requestDevice(adapter, needBytes, needs = {}) {
   const limits = adapter.limits;
   const binding = Math.max(needBytes, 128 * 2 ** 20);
+  const atLeast = (need, fallback, defaultLimit) => Math.max(need || fallback, defaultLimit);
   const requiredLimits = {
     maxStorageBufferBindingSize: Math.min(binding, limits.maxStorageBufferBindingSize),
     maxBufferSize: Math.min(Math.max(binding, 256 * 2 ** 20), limits.maxBufferSize),
     maxStorageBuffersPerShaderStage: Math.min(10, limits.maxStorageBuffersPerShaderStage),
-    maxComputeWorkgroupStorageSize: Math.min(32 * 1024, limits.maxComputeWorkgroupStorageSize),
-    maxComputeInvocationsPerWorkgroup: Math.min(1024, limits.maxComputeInvocationsPerWorkgroup),
+    maxComputeWorkgroupStorageSize: Math.min(atLeast(needs.workgroupBytes, 32 * 1024, 16384), limits.maxComputeWorkgroupStorageSize),
+    maxComputeInvocationsPerWorkgroup: Math.min(atLeast(needs.invocations, 1024, 256), limits.maxComputeInvocationsPerWorkgroup),
   };
   const requiredFeatures = ["shader-f16", "subgroups"].filter((f) => adapter.features.has(f));
   try {
@@ -262,7 +288,8 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   }
   const cacheMeta = parseJSON(await fetchChecked(base, manifest, "tensor-cache.json"), "tensor-cache.json");
   const needBytes = largestBuffer(manifest, cacheMeta);
-  const gpu = await checkWebGPU({ maxBufferBytes: needBytes });
+  const kernelNeeds = workgroupNeeds(manifest);
+  const gpu = await checkWebGPU({ maxBufferBytes: needBytes, ...kernelNeeds });
   const dtype = manifest.dtype;
   if (dtype === "float16" && !gpu.hasF16) {
     const fallback = (manifest.variants || {}).float32;
@@ -285,7 +312,7 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
 
   const wasm = await fetchChecked(base, manifest, manifest.library);
   const tvm = await tvmjs.instantiate(wasm.bytes, tvmjs.createPolyfillWASI(), log);
-  tvm.initWebGPU(await requestDevice(gpu.adapter, needBytes));
+  tvm.initWebGPU(await requestDevice(gpu.adapter, needBytes, kernelNeeds));
   if (tvm.lib.webGPUContext && "pendingEncoder" in tvm.lib.webGPUContext) streamCommands(tvm.lib.webGPUContext);
   const device = tvm.webgpu();
   tvm.beginScope();
