@@ -40,7 +40,7 @@ from .interrupts import Interrupts
 from .manifest import MANIFEST, is_mlcweb_build, write_manifest
 from .model import BuildOptions, ImportedModel, ImportOptions, PhaseContext
 from .plugins import PluginHost, RegisteredModel
-from .targets import TargetInfo, resolve_target
+from .targets import TargetInfo, resolve_target, with_subgroups
 from .temp_dirs import make_temp_dir, remove_stale
 from .tensor_cache import write_tensor_cache
 from .wasm_runtime import link_wasm
@@ -139,6 +139,8 @@ def resolve(host: PluginHost, model: str, options: BuildOptions, *, link: bool =
     registered = host.model(model)
     config = {**registered.spec.default_config, **options.config}
     target_info = resolve_target(options.target, arch=options.arch, link=link)
+    if target_info.name == "webgpu" and options.webgpu_subgroup_size:
+        with_subgroups(target_info, options.webgpu_subgroup_size)  # a bad size fails before the import
     target = target_info.tvm_target()
     gpu = mp.gpu_facts(target) if mp.is_gpu_target(target) else None
     pipeline = mp.PipelineOptions(
@@ -325,6 +327,8 @@ def build(
     info = resolved.target_info
     with_variant = info.name == "webgpu" and options.dtype == "float16" and options.webgpu_fallback
     names = ["import", "lift", "lower", "compile", "weights", "assets", "manifest"]
+    if info.name == "webgpu" and options.webgpu_subgroup_size:
+        names.insert(names.index("compile") + 1, "subgroup library")
     if with_variant:
         names.insert(-1, "float32 variant")
     with Interrupts() as interrupts:
@@ -377,9 +381,17 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
             device_needs = workgroup_needs(wgsl_sources(exe.mod)).manifest()
         library = f"{resolved.name}-{info.name}{info.library_suffix}"
         _export(exe, tmp / library, info)
+    subgroups: dict[str, Any] = {}
+    if info.name == "webgpu" and options.webgpu_subgroup_size:
+        with stages.stage("subgroup library"):
+            subgroups = _subgroup_library(host, resolved, deploy, tmp)
     with stages.stage("weights"):
         flat, param_names = share_weights(weights)
-        files = [library, *write_tensor_cache(flat, tmp, encoding=options.weight_encoding)]
+        files = [
+            library,
+            *([subgroups["library"]] if subgroups else []),
+            *write_tensor_cache(flat, tmp, encoding=options.weight_encoding),
+        ]
     with stages.stage("assets"):
         files += host.write_assets(resolved.name, out_dir=tmp, target=target, options=options, imported=imported)
         if info.name == "webgpu":
@@ -409,10 +421,27 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
         },
         # what its kernels need of the device's limits (the page asks for these, or says what is short)
         **({"webgpu": device_needs} if device_needs else {}),
+        # the same functions with subgroup reductions, for adapters whose subgroups are exactly that wide
+        **({"subgroups": subgroups} if subgroups else {}),
         "metadata": imported.metadata,
         "variants": variants,
     }
     return _Built(files, manifest_info, kernels, memory, schedules, from_cache)
+
+
+def _subgroup_library(host: PluginHost, resolved: ModelBuild, deploy: tvm.IRModule, tmp: Path) -> dict[str, Any]:
+    """Lower and compile ``deploy`` again for the webgpu target with subgroups of the build's size into
+    ``tmp``: the same functions, weights and memory plan, reductions through subgroup operations. Returns
+    the manifest's ``subgroups`` entry (library, subgroup size, workgroup needs)."""
+    size = resolved.options.webgpu_subgroup_size
+    variant = dataclasses.replace(resolved, target_info=with_subgroups(resolved.target_info, size))
+    lowered, _, _, _ = _lower(deploy, variant, build_phases(host, variant))
+    with tvm.transform.PassContext(config=_pass_config(variant)):
+        exe = tvm.compile(lowered, variant.target, relax_pipeline=None)
+    check_wgsl(exe.mod, float16=resolved.pipeline.dtype == "float16")
+    library = f"{resolved.name}-{variant.target_info.name}-subgroups{variant.target_info.library_suffix}"
+    _export(exe, tmp / library, variant.target_info)
+    return {"library": library, "subgroup_size": size, "webgpu": workgroup_needs(wgsl_sources(exe.mod)).manifest()}
 
 
 def _float32_variant(host: PluginHost, model: str, options: BuildOptions, tmp: Path) -> list[str]:

@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--arch", help="GPU architecture for cuda (default sm_90)")
     b.add_argument("--no-cuda-graph", action="store_true", help="cuda: launch kernels one by one, no CUDA graph")
     b.add_argument(
+        "--subgroup-size",
+        type=int,
+        default=32,
+        help="webgpu: also build a library with subgroup reductions for adapters whose subgroups are this "
+        "wide (32, NVIDIA and Apple GPUs, the default and the one size TVM builds for; 0: none)",
+    )
+    b.add_argument(
         "--conv-layout",
         choices=["auto", "NCHW", "NHWC"],
         default="auto",
@@ -133,6 +140,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         use_shipped_database=not args.no_db,
         cuda_graph=not args.no_cuda_graph,
         conv_layout=args.conv_layout,
+        webgpu_subgroup_size=args.subgroup_size,
     )
     if args.db is not None and args.no_db:
         raise MlcwebError("--db and --no-db contradict each other; pass one")

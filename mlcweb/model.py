@@ -84,6 +84,9 @@ class BuildOptions:
     arch: str | None = None
     # webgpu + float16 only: also build a float32 variant in <out>/float32/ for adapters without shader-f16
     webgpu_fallback: bool = True
+    # webgpu only: also build a library whose reductions use subgroup operations, for adapters with the
+    # subgroups feature and exactly this subgroup size (32, NVIDIA and Apple; TVM builds no other); 0: none
+    webgpu_subgroup_size: int = 32
     # cuda only: capture each function's kernel launches once in a CUDA graph and replay it on later calls
     cuda_graph: bool = True
     # layout of 2-D convolutions: "auto" (NHWC for cuda float16, as imported elsewhere), "NCHW" or "NHWC"

@@ -10,7 +10,11 @@ import tvm
 
 from .errors import TargetUnavailableError
 
-__all__ = ["TARGETS", "TargetInfo", "resolve_target"]
+__all__ = ["SUBGROUP_SIZES", "TARGETS", "TargetInfo", "resolve_target", "with_subgroups"]
+
+# subgroup sizes a webgpu library can be built for: TVM's webgpu target lowers reductions for 32-wide
+# subgroups only (supports_subgroups sets thread_warp_size to 32)
+SUBGROUP_SIZES = (32,)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,26 @@ _CODEGEN = {
     "metal": "target.build.metal",
     "webgpu": "target.build.webgpu",
 }
+
+
+def with_subgroups(info: TargetInfo, size: int) -> TargetInfo:
+    """The webgpu target whose cross-thread reductions use WGSL subgroup operations (``enable subgroups``)
+    for subgroups of ``size`` invocations: TVM lowers a reduction over threads to shuffles within each
+    ``size``-wide group and one exchange through workgroup memory between groups, instead of a tree of
+    workgroup-memory steps with a barrier each. Correct only where the adapter's subgroups are exactly
+    ``size`` wide (the page checks ``subgroupMinSize`` and ``subgroupMaxSize``); TVM builds for 32 only
+    (:data:`SUBGROUP_SIZES`), the width of NVIDIA's and Apple's subgroups."""
+    if info.name != "webgpu":
+        raise TargetUnavailableError(f"subgroup libraries are for the webgpu target, not {info.name!r}")
+    if size not in SUBGROUP_SIZES:
+        raise TargetUnavailableError(
+            f"subgroup size {size} is not one TVM builds webgpu reductions for; choose "
+            f"{' or '.join(map(str, SUBGROUP_SIZES))} (NVIDIA and Apple GPUs), or 0 for no subgroup library"
+        )
+    kind = {**info.kind, "supports_subgroups": True, "thread_warp_size": size}
+    return TargetInfo(
+        info.name, kind, info.host, info.device, info.library_suffix, f"{info.description}, subgroups of {size}"
+    )
 
 
 def resolve_target(name: str, *, arch: str | None = None, link: bool = True) -> TargetInfo:

@@ -112,6 +112,7 @@ def build_tiny_sd(
     conv_layout: str = "auto",
     config: dict[str, object] | None = None,
     webgpu_fallback: bool = True,
+    webgpu_subgroup_size: int = 32,
 ) -> Path:
     import mlcweb_stable_diffusion.plugin as plugin
 
@@ -128,6 +129,7 @@ def build_tiny_sd(
         conv_layout=conv_layout,
         config=config or {},
         webgpu_fallback=webgpu_fallback,
+        webgpu_subgroup_size=webgpu_subgroup_size,
     )
     build_model(host, "stable-diffusion", options, progress=False)
     return out

@@ -31,8 +31,8 @@ globalThis.navigator = { gpu: create([]) };
 const tvmjs = (await import("node:module")).createRequire(import.meta.url)(tvmjsPath);
 const spec = JSON.parse(fs.readFileSync(dir + "/spec.json", "utf8"));
 const adapter = await navigator.gpu.requestAdapter();
-const device = await adapter.requestDevice({ requiredLimits: {
-  maxComputeWorkgroupStorageSize: 32768, maxComputeInvocationsPerWorkgroup: 256 } });
+const device = await adapter.requestDevice({ requiredFeatures: ["subgroups"].filter((f) => adapter.features.has(f)),
+  requiredLimits: { maxComputeWorkgroupStorageSize: 32768, maxComputeInvocationsPerWorkgroup: 256 } });
 const wasm = new Uint8Array(fs.readFileSync(dir + "/lib.wasm"));
 const tvm = await tvmjs.instantiate(wasm, tvmjs.createPolyfillWASI(), () => {});
 tvm.initWebGPU(device);

@@ -67,6 +67,18 @@ def test_out_that_cannot_be_written_is_one_line() -> None:
     assert "mlcweb: error: cannot write a build beside /proc/mlcweb-out" in result.stderr
 
 
+@pytest.mark.parametrize("size", ["16", "-1"])
+def test_a_subgroup_size_tvm_cannot_build_is_one_line(tmp_path: Path, size: str) -> None:
+    result = _cli(
+        "build", "stable-diffusion", "--target", "webgpu", "--subgroup-size", size, "--out", str(tmp_path / "w")
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        f"mlcweb: error: subgroup size {size} is not one TVM builds webgpu reductions for; choose 32" in result.stderr
+    )
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_build_replaces_an_mlcweb_build_and_is_world_readable(artifacts: Path, host: PluginHost) -> None:
     assert artifacts.stat().st_mode & 0o755 == 0o755
     (artifacts.parent / f".{artifacts.name}.tmp-999999999-x").mkdir()  # left by a killed build

@@ -76,7 +76,8 @@ def test_workgroup_needs_follow_wgsl_size_rules() -> None:
     sources = {
         "a": "var<workgroup> q : array<f16, 2623>;\nvar<workgroup> m : array<f32, 512>;\n"
         "@compute @workgroup_size(8, 16, 1)\nfn a() {}",
-        "b": "var<workgroup> x : array<vec4<f32>, 3>;\nvar<workgroup> y : f32;\n@compute @workgroup_size(256)\nfn b() {}",
+        "b": "var<workgroup> x : array<vec4<f32>, 3>;\nvar<workgroup> y : f32;\n"
+        "@compute @workgroup_size(256)\nfn b() {}",
     }
     needs = workgroup_needs(sources)
     assert (needs.storage_bytes, needs.invocations) == (5248 + 2048, 256)

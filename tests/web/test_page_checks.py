@@ -153,3 +153,37 @@ def test_the_page_asks_for_the_workgroup_memory_the_build_needs(page: Path, adap
         "} catch (err) { console.log(`${err.name}: ${err.message}`); }\n",
     )
     assert out == "ok 24576 256" if not message else out.startswith("MlcwebError") and message in out
+
+
+@pytest.mark.parametrize(
+    ("features", "sizes", "library"),
+    [
+        (["subgroups"], (32, 32), "m-webgpu-subgroups.wasm"),  # NVIDIA, Apple
+        (["subgroups"], (4, 4), "m-webgpu.wasm"),  # SwiftShader
+        (["subgroups"], (32, 64), "m-webgpu.wasm"),  # AMD: 32 or 64 wide, so not known to be 32
+        ([], (32, 32), "m-webgpu.wasm"),  # no subgroups feature
+    ],
+)
+def test_the_page_loads_the_subgroup_library_only_where_subgroups_fit_it(
+    page: Path, features: list[str], sizes: tuple[int, int], library: str
+) -> None:
+    manifest = {
+        "library": "m-webgpu.wasm",
+        "webgpu": {"workgroup_storage_bytes": 8192, "invocations_per_workgroup": 256},
+        "subgroups": {
+            "library": "m-webgpu-subgroups.wasm",
+            "subgroup_size": 32,
+            "webgpu": {"workgroup_storage_bytes": 4096, "invocations_per_workgroup": 256},
+        },
+    }
+    adapter = (
+        f"{{ features: new Set({json.dumps(features)}), limits: {{ maxComputeWorkgroupStorageSize: 32768 }}, "
+        f"info: {{ subgroupMinSize: {sizes[0]}, subgroupMaxSize: {sizes[1]} }} }}"
+    )
+    out = _node(
+        page,
+        'import { chooseLibrary } from "./mlcweb.js";\n'
+        f"const c = chooseLibrary({json.dumps(manifest)}, {adapter});\n"
+        "console.log(`${c.library} ${c.subgroups} ${c.needs.workgroupBytes}`);\n",
+    )
+    assert out == (f"{library} 32 4096" if "subgroups" in library else f"{library} 0 8192")

@@ -157,6 +157,25 @@ export function workgroupNeeds(manifest) {
   return { workgroupBytes: webgpu.workgroup_storage_bytes || 0, invocations: webgpu.invocations_per_workgroup || 0 };
 }
 
+/**
+ * The library to load: the build's subgroup library (reductions through subgroup operations) when the
+ * adapter has the `subgroups` feature and its subgroups are exactly as wide as the library was built for
+ * (NVIDIA and Apple GPUs: 32), else the portable one. Returns { library, needs, subgroups }.
+ */
+export function chooseLibrary(manifest, adapter) {
+  const sg = manifest.subgroups;
+  const info = adapter.info || {};
+  const limits = adapter.limits || {};
+  const fits =
+    sg &&
+    adapter.features.has("subgroups") &&
+    info.subgroupMinSize === sg.subgroup_size &&
+    info.subgroupMaxSize === sg.subgroup_size &&
+    workgroupNeeds(sg).workgroupBytes <= limits.maxComputeWorkgroupStorageSize;
+  if (!fits) return { library: manifest.library, needs: workgroupNeeds(manifest), subgroups: 0 };
+  return { library: sg.library, needs: workgroupNeeds(sg), subgroups: sg.subgroup_size };
+}
+
 /** The largest buffer the model binds: a weight, or a block of activations its memory plan holds. */
 export function largestBuffer(manifest, cacheMeta) {
   let bytes = 0;
@@ -228,7 +247,7 @@ export class Model {
     this.vm = vm;
     this.device = device;
     this.manifest = manifest;
-    this.info = info; // { adapter, hasF16, dtype, message }
+    this.info = info; // { adapter, hasF16, dtype, message, library, subgroups }
     this.functions = new Map();
     this.params = new Map();
   }
@@ -288,8 +307,7 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   }
   const cacheMeta = parseJSON(await fetchChecked(base, manifest, "tensor-cache.json"), "tensor-cache.json");
   const needBytes = largestBuffer(manifest, cacheMeta);
-  const kernelNeeds = workgroupNeeds(manifest);
-  const gpu = await checkWebGPU({ maxBufferBytes: needBytes, ...kernelNeeds });
+  const gpu = await checkWebGPU({ maxBufferBytes: needBytes, ...workgroupNeeds(manifest) });
   const dtype = manifest.dtype;
   if (dtype === "float16" && !gpu.hasF16) {
     const fallback = (manifest.variants || {}).float32;
@@ -310,9 +328,11 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
       : `The page runs the float32 build (float32 weights and kernels)${gpu.hasF16 ? "; this adapter also has shader-f16, so a float16 build would be smaller and faster" : ""}.`;
   log(message);
 
-  const wasm = await fetchChecked(base, manifest, manifest.library);
+  const chosen = chooseLibrary(manifest, gpu.adapter);
+  if (chosen.subgroups) log(`The adapter's subgroups are ${chosen.subgroups} wide: loading the library with subgroup reductions.`);
+  const wasm = await fetchChecked(base, manifest, chosen.library);
   const tvm = await tvmjs.instantiate(wasm.bytes, tvmjs.createPolyfillWASI(), log);
-  tvm.initWebGPU(await requestDevice(gpu.adapter, needBytes, kernelNeeds));
+  tvm.initWebGPU(await requestDevice(gpu.adapter, needBytes, chosen.needs));
   if (tvm.lib.webGPUContext && "pendingEncoder" in tvm.lib.webGPUContext) streamCommands(tvm.lib.webGPUContext);
   const device = tvm.webgpu();
   tvm.beginScope();
@@ -345,5 +365,6 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   }
   tvm.endScope();
   onProgress({ stage: "weights", loaded: total, total, cached: allCached, text: `${mib(total)} ${allCached ? "(from browser cache)" : "(downloaded)"}` });
-  return new Model(tvm, vm, device, manifest, { adapter: gpu.info, hasF16: gpu.hasF16, dtype, message }, base);
+  const info = { adapter: gpu.info, hasF16: gpu.hasF16, dtype, message, library: chosen.library, subgroups: chosen.subgroups };
+  return new Model(tvm, vm, device, manifest, info, base);
 }
