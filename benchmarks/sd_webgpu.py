@@ -70,7 +70,8 @@ def _keep_light(build_dir: Path, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    names = [*KEEP, manifest["library"], *(p.name for p in build_dir.glob("scheduler-*.json"))]
+    libraries = [manifest["library"], *([manifest["subgroups"]["library"]] if "subgroups" in manifest else [])]
+    names = [*KEEP, *libraries, *(p.name for p in build_dir.glob("scheduler-*.json"))]
     for name in names:
         shutil.copyfile(build_dir / name, dest / name)
 
@@ -178,6 +179,9 @@ def _node_env() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Every build in node + Dawn: its portable library (the float32 build's outputs saved as the
+    reference), then, where the build has one, its subgroup library (what the page loads on an adapter
+    whose subgroups fit it), each into ``webgpu-<build>[-subgroups].json``."""
     root = _unpack(Path(args.carry))
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -187,26 +191,29 @@ def run(args: argparse.Namespace) -> int:
         name = build_dir.name
         prefix = name.rsplit("-", 1)[0]
         reference = root / f"{prefix}-float32-outputs.json"
-        cmd = [
-            str(root / "node"),
-            str(root / "runner.mjs"),
-            "--build", str(build_dir),
-            "--tvmjs", str(root / "tvmjs.js"),
-            "--dawn", str(root / "webgpu"),
-            "--repeat", str(args.repeat),
-            "--toggle", F16_TOGGLE,
-            "--toggle", UNROUNDED,
-            "--profile",
-            "--stream", str(args.stream),
-            "--out", str(results / f"webgpu-{name}.json"),
-        ]  # fmt: skip
-        if name.endswith("float32"):
-            cmd += ["--save-outputs", str(reference)]
-        else:
-            cmd += ["--compare", str(reference)]
-        print("$", " ".join(cmd[1:4]), "...", flush=True)
-        done = subprocess.run(cmd, env=_node_env(), check=False, timeout=args.timeout)
-        failed += done.returncode != 0
+        has_subgroups = "subgroups" in json.loads((build_dir / "manifest.json").read_text())
+        for subgroups in (False, True) if has_subgroups and args.subgroups else (False,):
+            cmd = [
+                str(root / "node"),
+                str(root / "runner.mjs"),
+                "--build", str(build_dir),
+                "--tvmjs", str(root / "tvmjs.js"),
+                "--dawn", str(root / "webgpu"),
+                "--repeat", str(args.repeat),
+                "--toggle", F16_TOGGLE,
+                "--toggle", UNROUNDED,
+                "--profile",
+                "--stream", str(args.stream),
+                "--out", str(results / f"webgpu-{name}{'-subgroups' if subgroups else ''}.json"),
+            ]  # fmt: skip
+            cmd += [] if subgroups else ["--no-subgroups"]
+            if name.endswith("float32") and not subgroups:
+                cmd += ["--save-outputs", str(reference)]
+            else:
+                cmd += ["--compare", str(reference)]
+            print("$", " ".join(cmd[1:4]), "...", flush=True)
+            done = subprocess.run(cmd, env=_node_env(), check=False, timeout=args.timeout)
+            failed += done.returncode != 0
     return 1 if failed else 0
 
 
@@ -399,7 +406,8 @@ def report(args: argparse.Namespace) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
-        print(_row(f"{name}, {r.get('unet', 'unet')}, {r.get('scheduler', 'dpm')} x{r['steps']}", r))
+        library = f", subgroups of {r['subgroups']}" if r.get("subgroups") else ""
+        print(_row(f"{name}, {r.get('unet', 'unet')}, {r.get('scheduler', 'dpm')} x{r['steps']}{library}", r))
     for name, r in runs.items():
         for stage, prof in (r.get("profile") or {}).items():
             where = f"{prof['dispatches']} dispatches of {prof['kernels']} kernels"
@@ -433,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         "--stream", type=int, default=32, help="also time with commands submitted every N dispatches (0: not)"
     )
     r.add_argument("--timeout", type=int, default=400)
+    r.add_argument(
+        "--no-subgroups", dest="subgroups", action="store_false", help="run only the builds' portable libraries"
+    )
     c = sub.add_parser("cuda")
     c.add_argument("--results", required=True)
     c.add_argument("--build-dir", default="/tmp/sd15-cuda")

@@ -37,7 +37,13 @@ export async function openDevice({ profile = false, needF16 = false } = {}) {
     profiler = new Profiler(device);
     profiler.wrap();
   }
-  const info = { ...(adapter.info || {}), features: [...adapter.features].sort(), subgroupMatrixConfigs: adapter.info?.subgroupMatrixConfigs ?? [] };
+  // GPUAdapterInfo's fields are getters: spread copies none of them
+  const a = adapter.info || {};
+  const info = {
+    vendor: a.vendor, architecture: a.architecture, device: a.device, description: a.description,
+    subgroupMinSize: a.subgroupMinSize, subgroupMaxSize: a.subgroupMaxSize,
+    features: [...adapter.features].sort(), subgroupMatrixConfigs: a.subgroupMatrixConfigs ?? [],
+  };
   return { adapter, device, profiler, info };
 }
 
@@ -221,13 +227,23 @@ export function summarise(kernels, top = 25) {
   return { total_ms: total, dispatches: kernels.length, kernels: rows.length, top: rows.slice(0, top).map((r) => ({ ...r, share: r.ms / total })) };
 }
 
-/** web/lib/mlcweb.js' streamCommands (what the page does), from the repository or beside this file when
- * packed for the GPU machine. */
-export async function streamCommands(ctx, every) {
+/** web/lib/mlcweb.js (the page's module), from the repository or beside this file when packed for the
+ * GPU machine: the runners do what the page does with its streamCommands and chooseLibrary. */
+async function pageModule() {
   const here = path.dirname(fileURLToPath(import.meta.url));
   const found = [path.join(here, "mlcweb.js"), path.join(here, "..", "..", "web", "lib", "mlcweb.js")].find((f) => fs.existsSync(f));
-  const { streamCommands: stream } = await import(found);
-  stream(ctx, every);
+  return import(found);
+}
+
+export async function streamCommands(ctx, every) {
+  (await pageModule()).streamCommands(ctx, every);
+}
+
+/** The library the page would load on this adapter ({ library, needs, subgroups }); `portable` forces
+ * the build's portable one. */
+export async function chooseLibrary(manifest, adapter, portable = false) {
+  const { chooseLibrary: choose, workgroupNeeds } = await pageModule();
+  return portable ? { library: manifest.library, needs: workgroupNeeds(manifest), subgroups: 0 } : choose(manifest, adapter);
 }
 
 /** Run a runner's async main: exit 0 when it resolves, print the error and exit 1 when it throws. */

@@ -6,12 +6,12 @@
 // Euler-ancestral step (noise from a fixed pattern). SD1.x and SD2.x builds (one text encoder).
 //
 //   node runner.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 10] [--steps N] [--scheduler NAME]
-//        [--profile] [--stream N] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
+//        [--profile] [--stream N] [--no-subgroups] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
 //        [--save-outputs out.bin] [--compare ref.bin] --out result.json
 import fs from "node:fs";
 import path from "node:path";
 import { createRequire } from "node:module";
-import { WeightFiller, installDawn, median, openDevice, runMain, streamCommands, summarise } from "./common.mjs";
+import { WeightFiller, chooseLibrary, installDawn, median, openDevice, runMain, streamCommands, summarise } from "./common.mjs";
 
 const args = parseArgs(process.argv.slice(2));
 const require = createRequire(import.meta.url);
@@ -23,6 +23,7 @@ function parseArgs(argv) {
   for (let i = 0; i < argv.length; ++i) {
     const key = argv[i].replace(/^--/, "").replace(/-(\w)/g, (_, c) => c.toUpperCase());
     if (key === "profile") out.profile = true;
+    else if (key === "noSubgroups") out.noSubgroups = true;
     else if (key === "toggle") out.toggle.push(argv[++i]);
     else out[key] = argv[++i];
   }
@@ -54,9 +55,13 @@ async function main() {
   const result = { build: manifest.model, dtype: manifest.dtype, config: manifest.config, scheduler: schedName, steps, unet: unetName, repeat: args.repeat, toggles: args.toggle };
   const t0 = performance.now();
 
-  const { device, profiler: prof, info } = await openDevice({ profile: args.profile, needF16: manifest.dtype === "float16" });
+  const { adapter, device, profiler: prof, info } = await openDevice({ profile: args.profile, needF16: manifest.dtype === "float16" });
   result.adapter = info;
-  const wasm = fs.readFileSync(path.join(build, manifest.library));
+  // as the page: the subgroup library where the adapter's subgroups fit it (--no-subgroups: the portable one)
+  const chosen = await chooseLibrary(manifest, adapter, args.noSubgroups);
+  result.library = chosen.library;
+  result.subgroups = chosen.subgroups;
+  const wasm = fs.readFileSync(path.join(build, chosen.library));
   const tvm = await tvmjs.instantiate(new Uint8Array(wasm), tvmjs.createPolyfillWASI(), () => {});
   tvm.initWebGPU(device);
   const gpu = tvm.webgpu();
@@ -237,7 +242,7 @@ async function main() {
   result.total_s = (performance.now() - t0) / 1000;
   fs.writeFileSync(args.out, JSON.stringify(result, null, 1));
   const f = (x) => x.toFixed(1);
-  console.log(`${manifest.dtype} ${unetName} ${schedName} ${steps}: pipelines ${f(result.pipeline_creation_s)} s, clip ${f(result.ms.clip)} ms, unet ${f(result.ms.unet)} ms, ` +
+  console.log(`${manifest.dtype} ${unetName} ${schedName} ${steps}${chosen.subgroups ? ` subgroups ${chosen.subgroups}` : ""}: pipelines ${f(result.pipeline_creation_s)} s, clip ${f(result.ms.clip)} ms, unet ${f(result.ms.unet)} ms, ` +
     `scheduler ${f(result.ms.scheduler)} ms, vae ${f(result.ms.vae)} ms, image ${f(result.ms.image)} ms, finite ${JSON.stringify(result.finite)}`);
   tvm.endScope();
 }
