@@ -1,9 +1,10 @@
 """Attention in query chunks: no score matrix larger than a bound.
 
-Without a fused attention kernel (WebGPU has none here), attention computes its whole score matrix:
-SD1.5's UNet at 64x64 latents holds ``[2 x 8 heads, 4096, 4096]`` scores, 1 GiB in float32 and 512 MiB
-in float16, one buffer the memory plan cannot split. That is the largest buffer of the model, exactly the
-1 GiB binding limit tvmjs asks adapters for, and more than many adapters grant.
+Attention that no fused kernel takes (on WebGPU: masked attention, the VAE's 512-wide head, or every
+attention with ``flash_attention=False``) computes its whole score matrix: SD1.5's UNet at 64x64
+latents holds ``[2 x 8 heads, 4096, 4096]`` scores, 1 GiB in float32 and 512 MiB in float16, one buffer
+the memory plan cannot split, exactly the 1 GiB binding limit tvmjs asks adapters for, and more than
+many adapters grant. The webgpu pipeline runs this pass after ``FlashAttention``.
 
 :class:`ChunkAttentionRows` finds ``matmul(P, v)`` where ``P`` is ``softmax(matmul(q, k) * c)`` through
 casts, scalar scales and reshapes that keep the last two axes, and whose largest score tensor is over
