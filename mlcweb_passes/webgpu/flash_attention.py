@@ -185,6 +185,18 @@ def webgpu_flash_attention_kernel(
         return ty + ry * i
 
     # fmt: off
+    @T.macro
+    def copy_rows(dst: Any, src: Any, which: int, first: Any, limit: int, rows: int, bb: Any, hh: Any, ty: Any,
+                  tx: Any) -> None:
+        """Rows ``first + row(i, ty)`` (i < rows) of Q, K or V into ``dst``, the thread's own columns,
+        zero past ``limit`` rows and the head dimension."""
+        for i in T.unroll(rows):
+            for j in T.unroll(jd):
+                if first + row(i, ty) < limit and tx + g * j < d:
+                    dst[row(i, ty) * qrow + tx + g * j] = at(src, which, bb, first + row(i, ty), hh, tx + g * j)
+                else:
+                    dst[row(i, ty) * qrow + tx + g * j] = T.Cast(dtype, 0)
+
     @T.prim_func(private=True)
     def flash(q: T.Buffer(q_shape, dtype), k: T.Buffer(k_shape, dtype),  # type: ignore[valid-type,no-untyped-def]
               v: T.Buffer(v_shape, dtype), o: T.Buffer((b, nq, h, d), dtype)):  # type: ignore[valid-type]
@@ -207,12 +219,7 @@ def webgpu_flash_attention_kernel(
         bb = by // h
         hh = by % h
         # the Q tile, zero-padded: each thread copies its own rows and columns
-        for i in T.unroll(rm):
-            for j in T.unroll(jd):
-                if bx * br + row(i, ty) < nq and tx + g * j < d:
-                    qs[row(i, ty) * qrow + tx + g * j] = at(q, 0, bb, bx * br + row(i, ty), hh, tx + g * j)
-                else:
-                    qs[row(i, ty) * qrow + tx + g * j] = T.Cast(dtype, 0)
+        copy_rows(qs, q, 0, bx * br, nq, rm, bb, hh, ty, tx)
         for i0 in T.unroll(rm * jd):
             acc[i0] = T.float32(0)
         for r0 in T.unroll(rm):
@@ -220,12 +227,7 @@ def webgpu_flash_attention_kernel(
             l_r[r0] = T.float32(0)
         for kt in range(n_kt):
             T.tvm_storage_sync("shared")  # the last step's reads of kv and ps are done
-            for i1 in T.unroll(kv_rows):
-                for j0 in T.unroll(jd):
-                    if kt * bc + row(i1, ty) < nk and tx + g * j0 < d:
-                        kv[row(i1, ty) * qrow + tx + g * j0] = at(k, 1, bb, kt * bc + row(i1, ty), hh, tx + g * j0)
-                    else:
-                        kv[row(i1, ty) * qrow + tx + g * j0] = T.Cast(dtype, 0)
+            copy_rows(kv, k, 1, kt * bc, nk, kv_rows, bb, hh, ty, tx)
             T.tvm_storage_sync("shared")
             # S = Q @ K^T for the thread's rows and key columns
             for i2 in T.unroll(rm * jc):
@@ -256,12 +258,7 @@ def webgpu_flash_attention_kernel(
                     mx[0] = mx[0] + sc[r2 * jc + j2]
                     ps[row(r2, ty) * prow + tx + g * j2] = T.Cast(dtype, sc[r2 * jc + j2])
                 red_l[row(r2, ty) * g + tx] = mx[0]
-            for i3 in T.unroll(kv_rows):
-                for j6 in T.unroll(jd):
-                    if kt * bc + row(i3, ty) < nk and tx + g * j6 < d:
-                        kv[row(i3, ty) * qrow + tx + g * j6] = at(v, 2, bb, kt * bc + row(i3, ty), hh, tx + g * j6)
-                    else:
-                        kv[row(i3, ty) * qrow + tx + g * j6] = T.Cast(dtype, 0)
+            copy_rows(kv, v, 2, kt * bc, nk, kv_rows, bb, hh, ty, tx)
             T.tvm_storage_sync("shared")
             for r3 in T.unroll(rm):
                 mx[0] = T.float32(0)
