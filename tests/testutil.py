@@ -25,6 +25,25 @@ def import_torch(model: torch.nn.Module, args: Sequence[torch.Tensor]) -> tvm.IR
     return from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
 
 
+class DiffusersAttention(torch.nn.Module):
+    """diffusers' Attention with AttnProcessor2_0: separate projections, SDPA, heads transposed back."""
+
+    def __init__(self, dim: int = 32, context_dim: int = 24, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = torch.nn.Linear(dim, dim, bias=False)
+        self.to_k = torch.nn.Linear(context_dim, dim, bias=False)
+        self.to_v = torch.nn.Linear(context_dim, dim, bias=False)
+        self.to_out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (t.view(b, -1, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.to_out(o.transpose(1, 2).reshape(b, n, c))
+
+
 def build(mod: tvm.IRModule, target: str = "llvm", **options: object) -> relax.VirtualMachine:
     """``mod`` compiled by the whole pipeline with ``PipelineOptions(**options)``, on the CPU."""
     tgt = tvm.target.Target(target)

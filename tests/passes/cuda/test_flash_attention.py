@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from testutil import as_numpy, build, import_torch, nvcc_ptx, op_names, to_tvm
+from testutil import DiffusersAttention, as_numpy, build, import_torch, nvcc_ptx, op_names, to_tvm
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -75,25 +75,6 @@ def test_rewritten_attention_computes_the_same() -> None:
     after = mp.FlashAttention(reference_attention_kernel)(HeadsAttention)
     got = as_numpy(build(after, flash_attention=False)["main"](*to_tvm(*args)))[0].astype(np.float32)
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3)
-
-
-class DiffusersAttention(torch.nn.Module):
-    """diffusers' Attention with AttnProcessor2_0: separate projections, SDPA, heads transposed back."""
-
-    def __init__(self, dim: int = 32, context_dim: int = 24, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.to_q = torch.nn.Linear(dim, dim, bias=False)
-        self.to_k = torch.nn.Linear(context_dim, dim, bias=False)
-        self.to_v = torch.nn.Linear(context_dim, dim, bias=False)
-        self.to_out = torch.nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (t.view(b, -1, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.to_out(o.transpose(1, 2).reshape(b, n, c))
 
 
 def test_torch_cross_attention_is_matched_after_mixed_precision_and_matches_pytorch() -> None:

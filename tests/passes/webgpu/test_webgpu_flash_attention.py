@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from testutil import import_torch, op_names
+from testutil import DiffusersAttention, import_torch, op_names
 from tvm import relax
 
 import mlcweb_passes as mp
@@ -86,28 +86,9 @@ def test_kernel_computes_attention_on_webgpu(shape: AttentionShape, tile: WebGPU
     np.testing.assert_allclose(got, _attention(q, k, v, scale), rtol=0, atol=1e-5)
 
 
-class CrossAttention(torch.nn.Module):
-    """diffusers' Attention with AttnProcessor2_0: projections, SDPA, heads transposed back."""
-
-    def __init__(self, dim: int = 32, context_dim: int = 24, heads: int = 2) -> None:
-        super().__init__()
-        self.heads = heads
-        self.to_q = torch.nn.Linear(dim, dim, bias=False)
-        self.to_k = torch.nn.Linear(context_dim, dim, bias=False)
-        self.to_v = torch.nn.Linear(context_dim, dim, bias=False)
-        self.to_out = torch.nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (t.view(b, -1, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.to_out(o.transpose(1, 2).reshape(b, n, c))
-
-
 def _imported() -> tuple[torch.nn.Module, list[torch.Tensor], tvm.IRModule, list[np.ndarray]]:
     torch.manual_seed(0)
-    model = CrossAttention().eval()
+    model = DiffusersAttention(heads=2).eval()
     inputs = [torch.randn(2, 24, 32), torch.randn(2, 7, 24)]
     mod, params = mp.detach_params(import_torch(model, inputs))
     return model, inputs, mod, [p.numpy() for p in params.values()]
