@@ -292,6 +292,20 @@ def _export(exe: relax.VMExecutable, path: Path, target: TargetInfo) -> None:
         exe.export_library(str(path))
 
 
+def _compile_library(lowered: tvm.IRModule, resolved: ModelBuild, path: Path) -> dict[str, int]:
+    """Compile ``lowered`` for ``resolved``'s target into the library ``path``. For webgpu, every shader is
+    first checked with Dawn (a shader WebGPU rejects is a build error, not a page error), and the result
+    is what the kernels need of a workgroup (the manifest's ``webgpu``); else nothing."""
+    with tvm.transform.PassContext(config=_pass_config(resolved)):
+        exe = tvm.compile(lowered, resolved.target, relax_pipeline=None)
+    needs: dict[str, int] = {}
+    if resolved.target_info.name == "webgpu":
+        check_wgsl(exe.mod, float16=resolved.pipeline.dtype == "float16")
+        needs = workgroup_needs(wgsl_sources(exe.mod)).manifest()
+    _export(exe, path, resolved.target_info)
+    return needs
+
+
 def _with_shipped_database(resolved: ModelBuild) -> tuple[ModelBuild, str | None]:
     """``resolved`` with the project's tuned database for its target where no ``--db`` was given (and the
     shipped ones are not turned off), and the manifest's note of which database applied."""
@@ -372,15 +386,8 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
     with stages.stage("lower"):
         lowered, kernels, schedules, memory = _lower(deploy, resolved, phases)
     with stages.stage("compile"):
-        with tvm.transform.PassContext(config=_pass_config(resolved)):
-            exe = tvm.compile(lowered, target, relax_pipeline=None)
-        device_needs: dict[str, int] = {}
-        if info.name == "webgpu":
-            # a shader WebGPU rejects is a build error, not a page error
-            check_wgsl(exe.mod, float16=resolved.pipeline.dtype == "float16")
-            device_needs = workgroup_needs(wgsl_sources(exe.mod)).manifest()
         library = f"{resolved.name}-{info.name}{info.library_suffix}"
-        _export(exe, tmp / library, info)
+        device_needs = _compile_library(lowered, resolved, tmp / library)
     subgroups: dict[str, Any] = {}
     if info.name == "webgpu" and options.webgpu_subgroup_size:
         with stages.stage("subgroup library"):
@@ -436,12 +443,8 @@ def _subgroup_library(host: PluginHost, resolved: ModelBuild, deploy: tvm.IRModu
     size = resolved.options.webgpu_subgroup_size
     variant = dataclasses.replace(resolved, target_info=with_subgroups(resolved.target_info, size))
     lowered, _, _, _ = _lower(deploy, variant, build_phases(host, variant))
-    with tvm.transform.PassContext(config=_pass_config(variant)):
-        exe = tvm.compile(lowered, variant.target, relax_pipeline=None)
-    check_wgsl(exe.mod, float16=resolved.pipeline.dtype == "float16")
     library = f"{resolved.name}-{variant.target_info.name}-subgroups{variant.target_info.library_suffix}"
-    _export(exe, tmp / library, variant.target_info)
-    return {"library": library, "subgroup_size": size, "webgpu": workgroup_needs(wgsl_sources(exe.mod)).manifest()}
+    return {"library": library, "subgroup_size": size, "webgpu": _compile_library(lowered, variant, tmp / library)}
 
 
 def _float32_variant(host: PluginHost, model: str, options: BuildOptions, tmp: Path) -> list[str]:
