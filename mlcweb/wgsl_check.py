@@ -36,10 +36,6 @@ _WORKGROUP_SIZE = re.compile(r"@workgroup_size\(\s*(\d+)u?\s*(?:,\s*(\d+)u?\s*)?
 _SCALAR_BYTES = {"f16": 2, "f32": 4, "i32": 4, "u32": 4, "bool": 4}
 _TYPE = re.compile(r"^(?:array<(.+),\s*(\d+)u?>|vec([234])<(\w+)>|(\w+))$")
 
-# WebGPU's defaults, which every adapter grants without asking
-DEFAULT_WORKGROUP_STORAGE = 16384
-DEFAULT_INVOCATIONS = 256
-
 
 @dataclass(frozen=True)
 class WorkgroupNeeds:
@@ -54,36 +50,27 @@ class WorkgroupNeeds:
         return {"workgroup_storage_bytes": self.storage_bytes, "invocations_per_workgroup": self.invocations}
 
 
-def _type_bytes(wgsl_type: str) -> int:
-    """Bytes of a WGSL workgroup variable's type: scalars, vectors and (nested) arrays of them."""
+def _layout(wgsl_type: str) -> tuple[int, int]:
+    """(size, alignment) in bytes of a WGSL workgroup variable's type: scalars, vectors (vec3 aligned as
+    vec4) and (nested) arrays of them, whose stride is the element size rounded up to its alignment."""
     m = _TYPE.match(wgsl_type.strip())
     if m is None:
         raise ValueError(f"unknown WGSL workgroup type {wgsl_type!r}")
     element, count, lanes, lane_type, scalar = m.groups()
     if element is not None:
-        size = _type_bytes(element)
-        stride = -(-size // _align(element)) * _align(element)
-        return stride * int(count)
+        size, align = _layout(element)
+        return -(-size // align) * align * int(count), align
     if lanes is not None:
-        return int(lanes) * _SCALAR_BYTES[lane_type]
-    return _SCALAR_BYTES[scalar]
-
-
-def _align(wgsl_type: str) -> int:
-    m = _TYPE.match(wgsl_type.strip())
-    if m is None or m.group(1) is not None:
-        return _align(m.group(1)) if m is not None else 4
-    if m.group(3) is not None:  # vec3 aligns as vec4
-        lanes = 4 if m.group(3) == "3" else int(m.group(3))
-        return lanes * _SCALAR_BYTES[m.group(4)]
-    return _SCALAR_BYTES[m.group(5)]
+        scalar_bytes = _SCALAR_BYTES[lane_type]
+        return int(lanes) * scalar_bytes, (4 if lanes == "3" else int(lanes)) * scalar_bytes
+    return _SCALAR_BYTES[scalar], _SCALAR_BYTES[scalar]
 
 
 def workgroup_needs(sources: dict[str, str]) -> WorkgroupNeeds:
     """The largest workgroup memory and workgroup size over ``sources`` (:func:`wgsl_sources`)."""
     storage, invocations = 0, 1
     for code in sources.values():
-        total = sum(-(-_type_bytes(t) // 16) * 16 for t in _WORKGROUP_VAR.findall(code))
+        total = sum(-(-_layout(t)[0] // 16) * 16 for t in _WORKGROUP_VAR.findall(code))
         storage = max(storage, total)
         for size in _WORKGROUP_SIZE.findall(code):
             count = 1
