@@ -126,13 +126,13 @@ async function main() {
   const stepNoise = tvm.detachFromCurrentScope(upload(noise.map((x, i) => Math.cos(i * 7.31) * 0.9), latentShape, "float32"));
   const scaleArgs = guided ? [tvm.detachFromCurrentScope(upload(Float32Array.of(Math.max(defaults.guidance, 1)), [], "float32"))] : [];
   const timestep = tvm.detachFromCurrentScope(upload(Int32Array.of(sched.timesteps[0]), [], "int32"));
-  const coeffs = tvm.detachFromCurrentScope(upload(Float32Array.from(sched.coeffs[0]), [sched.coeffs[0].length], "float32"));
+  const coeffsAt = (i) => upload(Float32Array.from(sched.coeffs[i]), [sched.coeffs[i].length], "float32");
+  const coeffs = tvm.detachFromCurrentScope(coeffsAt(0));
   const unet = (x, t, emb) => call(unetName, x, t, emb, ...scaleArgs);
   const eps = tvm.detachFromCurrentScope(unet(sample, timestep, embeddings));
   await gpu.sync();
   // one scheduler step: DPM-Solver++ takes the last model output, Euler ancestral a noise tensor (or zeros)
-  const schedulerStep = (i, x, e, prev) => {
-    const row = upload(Float32Array.from(sched.coeffs[i]), [sched.coeffs[i].length], "float32");
+  const schedulerStep = (i, x, e, prev, row = coeffsAt(i)) => {
     if (sched.function === "ancestral_step") return call(sched.function, x, e, sched.noise[i] ? stepNoise : zeros, row);
     return call(sched.function, x, e, prev, row);
   };
@@ -140,7 +140,7 @@ async function main() {
   const stages = {
     clip: () => call("clip", upload(ids, [1, meta.max_length], "int32")),
     unet: () => unet(sample, timestep, embeddings),
-    scheduler: () => (sched.function === "ancestral_step" ? call(sched.function, sample, eps, stepNoise, coeffs) : call(sched.function, sample, eps, zeros, coeffs)),
+    scheduler: () => schedulerStep(0, sample, eps, zeros, coeffs),
     vae: () => call("vae", sample),
   };
   const timeStages = async (names) => {
