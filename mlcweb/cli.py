@@ -285,6 +285,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
     try:
         server = make_server(args.directory, args.host, args.port)
+    except FileNotFoundError as err:  # an OSError too, but about the folder, not the port
+        raise MlcwebError(str(err)) from err
     except OSError as err:
         raise MlcwebError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); pick another --port") from err
     print(f"serving {args.directory} at http://{args.host}:{server.server_address[1]}/ (Ctrl-C to stop)")

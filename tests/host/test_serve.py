@@ -136,3 +136,16 @@ def test_serve_imports_no_tvm() -> None:
 
     code = "import sys, mlcweb.cli, mlcweb.serve; sys.exit('tvm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_serve_names_a_missing_folder(tmp_path: Path) -> None:
+    """A folder that does not exist is what the one line says, not a port to change."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "nothing-here"
+    result = subprocess.run(
+        [sys.executable, "-m", "mlcweb.cli", "serve", str(missing)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{missing} is not a directory" in result.stderr and "--port" not in result.stderr
