@@ -96,26 +96,34 @@ def _attention(bb: Any, q: Any, k: Any, v: Any, dtype: str) -> Any:
     return bb.emit(op.permute_dims(op.astype(out, dtype), [0, 2, 1, 3]))
 
 
+def _io(dtype: str) -> tuple[str, str]:
+    """(input dtype, output dtype) of a ``--dtypes`` entry: ``float16``, or ``float16-to-float32`` for a
+    GEMM that reads one and writes the other (to tell the cost of float16 reads from float16 writes)."""
+    inp, _, out = dtype.partition("-to-")
+    return inp, out or inp
+
+
 def _module(dtype: str, shapes: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]) -> Any:
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    acc = "float32" if dtype == "float16" else None
+    inp, out_dtype = _io(dtype)
+    acc = "float32" if "float16" in (inp, out_dtype) else None
     for name, (kind, xs, ws) in shapes.items():
-        args = [relax.Var(arg, relax.TensorType(shape, dtype)) for arg, shape in _inputs(kind, xs, ws)]
+        args = [relax.Var(arg, relax.TensorType(shape, inp)) for arg, shape in _inputs(kind, xs, ws)]
         x, w = args[:2]
         with bb.function(name, args):
             with bb.dataflow():
                 if kind == "attention":
-                    y = _attention(bb, *args, dtype)
+                    y = _attention(bb, *args, inp)
                 elif kind == "conv":
                     y = bb.emit(relax.op.nn.conv2d(x, w, padding=[1, 1, 1, 1], out_dtype=acc))
                 elif kind == "linear":
                     y = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w), out_dtype=acc))
                 else:
                     y = bb.emit(relax.op.matmul(x, w, out_dtype=acc))
-                if acc and kind != "attention":
-                    y = bb.emit(relax.op.astype(y, dtype))
+                if acc and kind != "attention" and out_dtype != "float32":
+                    y = bb.emit(relax.op.astype(y, out_dtype))
                 out = bb.emit_output(y)
             bb.emit_func_output(out)
     return bb.get()
@@ -153,7 +161,7 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
             "name": name,
             "flops": _flops(kind, xs, ws),
             "time": "all" if kind == "attention" else "gemm",
-            "inputs": [{"name": arg, "shape": list(shape), "dtype": dtype} for arg, shape in _inputs(kind, xs, ws)],
+            "inputs": [{"name": arg, "shape": list(shape), "dtype": _io(dtype)[0]} for arg, shape in _inputs(kind, xs, ws)],
         }
         for name, (kind, xs, ws) in shapes.items()
     ]
@@ -229,7 +237,7 @@ def report(args: argparse.Namespace) -> int:
             k = r["kernels"][name]
             ref = (f32 or reference[r["dtype"]])["kernels"][name]
             err = _rel_rms(k["sample"], ref["sample"])
-            ok = "" if k["finite"] and err < (2e-2 if r["dtype"] == "float16" else 1e-4) else f" (rel. RMS {err:.1g}!)"
+            ok = "" if k["finite"] and err < (2e-2 if "float16" in r["dtype"] else 1e-4) else f" (rel. RMS {err:.1g}!)"
             cells.append(f"{k['gemm_ms']:.2f} ms, {k['tflops']:.1f} TF{ok}")
         print(f"| {r['variant']} | {r['dtype']} | " + " | ".join(cells) + " |")
     return 0
@@ -241,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build")
     b.add_argument("--out", required=True)
     b.add_argument("--variants", default=",".join(VARIANTS))
-    b.add_argument("--dtypes", default="float32,float16")
+    b.add_argument("--dtypes", default="float32,float16", help="float32, float16, or IN-to-OUT (GEMMs that read IN and write OUT)")
     b.add_argument("--tiny", action="store_true", help="small shapes, for SwiftShader")
     r = sub.add_parser("run")
     r.add_argument("--carry", required=True)

@@ -37,7 +37,7 @@ function halfToFloat(bits) {
 async function main() {
   const build = path.resolve(args.build);
   const specs = JSON.parse(fs.readFileSync(path.join(build, "specs.json"), "utf8"));
-  const { device, profiler, info } = await openDevice({ profile: true, needF16: specs.dtype === "float16" });
+  const { device, profiler, info } = await openDevice({ profile: true, needF16: specs.dtype.includes("float16") });
   const wasm = fs.readFileSync(path.join(build, specs.library));
   const tvm = await tvmjs.instantiate(new Uint8Array(wasm), tvmjs.createPolyfillWASI(), () => {});
   tvm.initWebGPU(device);
