@@ -59,7 +59,7 @@ TINY: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {
     "bmm": ("bmm", (4, 128, 40), (4, 40, 128)),
     "attention": ("attention", (1, 96, 2, 40), (1, 77, 2, 40)),
 }
-# variant: (vector_k of the tiles, conv layout, flash attention, float16 GEMM operands widened once)
+# variant: (vector_k of the tiles, conv layout, flash attention, WidenGemmOperands)
 VARIANTS = {
     "scalar-nchw": (1, "NCHW", True, False),
     "vec4-nchw": (4, "NCHW", True, False),
@@ -104,27 +104,7 @@ def _io(dtype: str) -> tuple[str, str]:
     return inp, out or inp
 
 
-def _widened_gemm(kind: str, out_dtype: str) -> Any:
-    """A linear or batched GEMM whose operands are cast to float32 in producer stages of the same kernel:
-    the GEMM schedule inlines them into its workgroup-memory copies, so each element is converted once
-    per workgroup instead of once per multiply-add (the ``wide`` variants)."""
-    from tvm import te
-
-    def gemm(x: Any, w: Any) -> Any:
-        x32 = te.compute(x.shape, lambda *i: x(*i).astype("float32"), name="x32")
-        w32 = te.compute(w.shape, lambda *i: w(*i).astype("float32"), name="w32")
-        k = te.reduce_axis((0, x.shape[-1]), "k")
-        if kind == "linear":  # x [B, N, K], w [O, K]
-            shape, body = (*x.shape[:2], w.shape[0]), lambda b, n, o: te.sum(x32[b, n, k] * w32[o, k], axis=k)
-        else:  # x [B, N, K], w [B, K, M]
-            shape, body = (*x.shape[:2], w.shape[2]), lambda b, n, m: te.sum(x32[b, n, k] * w32[b, k, m], axis=k)
-        y = te.compute(shape, body, name="matmul")
-        return y if out_dtype == "float32" else te.compute(shape, lambda *i: y(*i).astype(out_dtype), name="cast")
-
-    return gemm
-
-
-def _module(dtype: str, shapes: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]], wide: bool = False) -> Any:
+def _module(dtype: str, shapes: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]) -> Any:
     from tvm import relax
 
     bb = relax.BlockBuilder()
@@ -137,15 +117,13 @@ def _module(dtype: str, shapes: dict[str, tuple[str, tuple[int, ...], tuple[int,
             with bb.dataflow():
                 if kind == "attention":
                     y = _attention(bb, *args, inp)
-                elif wide and inp == "float16" and kind in ("linear", "bmm"):
-                    y = bb.emit(bb.call_te(_widened_gemm(kind, out_dtype), x, w))
                 elif kind == "conv":
                     y = bb.emit(relax.op.nn.conv2d(x, w, padding=[1, 1, 1, 1], out_dtype=acc))
                 elif kind == "linear":
                     y = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w), out_dtype=acc))
                 else:
                     y = bb.emit(relax.op.matmul(x, w, out_dtype=acc))
-                if acc and kind != "attention" and out_dtype != "float32" and y.ty.dtype != out_dtype:
+                if acc and kind != "attention" and out_dtype != "float32":
                     y = bb.emit(relax.op.astype(y, out_dtype))
                 out = bb.emit_output(y)
             bb.emit_func_output(out)
@@ -166,9 +144,7 @@ def _tiles(gemm: Any, vector_k: int) -> Iterator[None]:
             setattr(gemm, name, tile)
 
 
-def _build_library(
-    dest: Path, variant: str, dtype: str, shapes: dict[str, Any], target: Any, options: Any, wide: bool = False
-) -> None:
+def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any], target: Any, options: Any) -> None:
     """One variant's library and its specs.json (what ``kernels.mjs`` calls, with the FLOPs of each)."""
     import tvm
 
@@ -176,7 +152,7 @@ def _build_library(
     from mlcweb.wasm_runtime import link_wasm
 
     dest.mkdir(parents=True, exist_ok=True)
-    exe = tvm.compile(_module(dtype, shapes, wide), target, relax_pipeline=mp.pipeline(target, options))
+    exe = tvm.compile(_module(dtype, shapes), target, relax_pipeline=mp.pipeline(target, options))
     with tempfile.TemporaryDirectory() as tmp:
         lib = Path(tmp) / "kernels.wasm"
         exe.export_library(str(lib), fcompile=link_wasm)
@@ -208,11 +184,11 @@ def build(args: argparse.Namespace) -> int:
     shapes = TINY if args.tiny else SHAPES
     for variant in args.variants.split(","):
         vector_k, layout, flash, wide = VARIANTS[variant]
-        options = mp.PipelineOptions(conv_layout=layout, flash_attention=flash)
+        options = mp.PipelineOptions(conv_layout=layout, flash_attention=flash, widen_gemm_operands=wide)
         with _tiles(gemm, vector_k):
             for dtype in args.dtypes.split(","):
                 dest = Path(args.out) / f"{variant}-{dtype}"
-                _build_library(dest, variant, dtype, shapes, target, options, wide)
+                _build_library(dest, variant, dtype, shapes, target, options)
                 print(f"built {dest}", flush=True)
     return 0
 

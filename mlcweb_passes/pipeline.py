@@ -68,6 +68,7 @@ from .rewrites.split_k_conv import SplitKConv
 from .schedules.apply_database import ApplyDatabase
 from .targets import GpuFacts, gpu_facts, is_gpu_target, sm_version
 from .webgpu.flash_attention import fits_webgpu_flash_attention, webgpu_flash_attention_kernel
+from .webgpu.widen_gemm_operands import WidenGemmOperands
 
 __all__ = ["CONV_LAYOUTS", "PHASES", "PipelineOptions", "conv_layout", "phases", "pipeline"]
 
@@ -90,6 +91,8 @@ class PipelineOptions:
     sm_80+, float16 and float32 on WebGPU).
     ``split_k``: split the reduction of NHWC convolutions with few output tiles (float16 on CUDA sm_70+;
     float16 and float32 on WebGPU). ``wgmma``: float16 GEMMs as generated Hopper kernels on sm_90.
+    ``widen_gemm_operands``: on WebGPU, float16 GEMMs with float32 results convert their operands once
+    per workgroup copy instead of once per multiply-add (:class:`~mlcweb_passes.webgpu.widen_gemm_operands.WidenGemmOperands`).
     ``database``: a MetaSchedule database to take tuned schedules from. ``gpu``: the GPU to size kernels
     for (default: :func:`~mlcweb_passes.targets.gpu_facts` of the target).
     """
@@ -99,6 +102,7 @@ class PipelineOptions:
     flash_attention: bool = True
     split_k: bool = True
     wgmma: bool = True
+    widen_gemm_operands: bool = True
     database: Database | None = None
     gpu: GpuFacts | None = None
 
@@ -181,7 +185,10 @@ def _flash_attention(target: Target, options: PipelineOptions) -> list[tvm.trans
 def fuse_phase(
     target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
 ) -> tvm.transform.Sequential:
-    passes: list[tvm.transform.Pass] = [
+    passes: list[tvm.transform.Pass] = []
+    if target.kind.name == "webgpu" and options.widen_gemm_operands:
+        passes.append(WidenGemmOperands())
+    passes += [
         FuseSoftmax(),
         HoistNarrowingCasts(),
         # One copy of repeated work, e.g. the text embeddings' cast for each cross-attention's K and V: a
