@@ -140,8 +140,10 @@ def weight_phase(
     passes += extra
     if nhwc and options.split_k and (sm_version(target) >= 70 or target.kind.name == "webgpu"):
         # here, so the kernels' reshape to [out, kh, kw, slices, channels / slice] is part of the transform
-        dtypes = ("float16", "float32") if target.kind.name == "webgpu" else ("float16",)
-        passes.append(SplitKConv(sm_count=_gpu(target, options).sm_count, dtypes=dtypes))
+        webgpu = target.kind.name == "webgpu"
+        dtypes = ("float16", "float32") if webgpu else ("float16",)
+        widen = webgpu and options.widen_gemm_operands
+        passes.append(SplitKConv(sm_count=_gpu(target, options).sm_count, dtypes=dtypes, widen=widen))
     return _sequential("weights", passes)
 
 

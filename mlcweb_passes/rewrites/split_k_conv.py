@@ -75,6 +75,10 @@ def choose_splits(rows: int, cols: int, channels: int, window: int, sms: int) ->
     return best
 
 
+def _float32(t: te.Tensor) -> te.Tensor:
+    return te.compute(t.shape, lambda *i: t(*i).astype("float32"), name=f"{t.op.name}_f32")
+
+
 def _partials(
     x: te.Tensor,
     w: te.Tensor,
@@ -82,9 +86,14 @@ def _partials(
     padding: Sequence[int],
     dilation: Sequence[int],
     out_hw: Sequence[int],
+    widen: bool = False,
 ) -> te.Tensor:
     """``partial[s, n, h, w, o]``: the convolution of ``x[n, h, w, s, c]`` with ``w[o, kh, kw, s, c]``
-    over the kernel window and ``c``, in float32."""
+    over the kernel window and ``c``, in float32; with ``widen``, both operands are cast to float32 in
+    producer stages (what :class:`~mlcweb_passes.webgpu.widen_gemm_operands.WidenGemmOperands` does
+    for the other GEMMs: a WebGPU schedule then converts each element once per workgroup copy)."""
+    if widen:
+        x, w = _float32(x), _float32(w)
     top, left, bottom, right = padding
     padded = topi.nn.pad(x, [0, top, left, 0, 0], [0, bottom, right, 0, 0]) if any(padding) else x
     _, kh, kw, splits, channels = w.shape
@@ -115,11 +124,14 @@ def _sum_splits(partial: te.Tensor, out_dtype: str) -> te.Tensor:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, splits: int | None, sms: int, dtypes: tuple[str, ...]) -> None:
+    def __init__(
+        self, mod: tvm.IRModule, splits: int | None, sms: int, dtypes: tuple[str, ...], widen: bool = False
+    ) -> None:
         super().__init__(mod)
         self.splits = splits
         self.sms = sms
         self.dtypes = dtypes
+        self.widen = widen
         self.rewritten: list[int] = []
 
     def _split_count(self, call: relax.Call, x_shape: list[int], w_shape: list[int], out_shape: list[int]) -> int:
@@ -166,6 +178,7 @@ class _Rewriter(PyExprMutator):
             [int(v) for v in attrs.padding],
             [int(v) for v in attrs.dilation],
             (oh, ow),
+            widen=self.widen and dtype == "float16",
         )
         func = te.create_prim_func([x_te, w_te, partial]).without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
         gv = self.builder_.add_func(func, "conv2d_split_k")
@@ -184,23 +197,29 @@ class SplitKConv(ModulePassBase):
     the WebGPU pipeline passes float32 too). ``splits`` fixes the slice count for every convolution
     whose channels divide into it (benchmarks, tests); by default :func:`choose_splits` picks one per
     shape for ``sm_count`` multiprocessors (the current target's
-    :func:`~mlcweb_passes.targets.gpu_facts` when not given).
+    :func:`~mlcweb_passes.targets.gpu_facts` when not given). ``widen``: float16 partial GEMMs cast
+    their operands to float32 in producer stages (WebGPU; see :func:`_partials`).
     """
 
     def __init__(
-        self, splits: int | None = None, sm_count: int | None = None, dtypes: Sequence[str] = ("float16",)
+        self,
+        splits: int | None = None,
+        sm_count: int | None = None,
+        dtypes: Sequence[str] = ("float16",),
+        widen: bool = False,
     ) -> None:
         if splits is not None and splits < 1:
             raise ValueError(f"splits must be at least 1, not {splits}")
         self.splits = splits
         self.sm_count = sm_count
         self.dtypes = tuple(dtypes)
+        self.widen = widen
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         sms = self.sm_count
         if sms is None and self.splits is None:
             sms = gpu_facts(tvm.target.Target.current(allow_none=False)).sm_count
-        rewriter = _Rewriter(mod, self.splits, sms or 1, self.dtypes)
+        rewriter = _Rewriter(mod, self.splits, sms or 1, self.dtypes, self.widen)
         result = rewrite_and_clean(mod, rewriter)
         if rewriter.rewritten:
             log.info("%d convolutions split their reduction (%s slices)", len(rewriter.rewritten), rewriter.rewritten)

@@ -95,6 +95,19 @@ def test_split_convolution_computes_the_same(module: tvm.IRModule, splits: int) 
         np.testing.assert_allclose(got, expected, rtol=0, atol=2 * step)
 
 
+def test_widened_partials_compute_the_same_bit_for_bit() -> None:
+    """``widen=True`` (WebGPU) casts the operands in producer stages of the partial GEMM kernel: the same
+    float32 products and sums as casting them inside the reduction."""
+    widened = mp.SplitKConv(splits=4, widen=True)(DeepConv)
+    script = widened["conv2d_split_k"].script()
+    assert 'T.Cast("float32", x[' in script and 'T.Cast("float32", w[' in script and "x_f32[" in script
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal([int(d) for d in p.ty.shape]).astype(np.float16) for p in DeepConv["main"].params]
+    got = as_numpy(build(widened)["main"](*to_tvm(*arrays)))[0]
+    want = as_numpy(build(mp.SplitKConv(splits=4)(DeepConv))["main"](*to_tvm(*arrays)))[0]
+    np.testing.assert_array_equal(got, want)
+
+
 @I.ir_module
 class LeftAlone:
     @R.function
