@@ -162,7 +162,9 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
             "name": name,
             "flops": _flops(kind, xs, ws),
             "time": "all" if kind == "attention" else "gemm",
-            "inputs": [{"name": arg, "shape": list(shape), "dtype": _io(dtype)[0]} for arg, shape in _inputs(kind, xs, ws)],
+            "inputs": [
+                {"name": arg, "shape": list(shape), "dtype": _io(dtype)[0]} for arg, shape in _inputs(kind, xs, ws)
+            ],
         }
         for name, (kind, xs, ws) in shapes.items()
     ]
@@ -250,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build")
     b.add_argument("--out", required=True)
     b.add_argument("--variants", default=",".join(VARIANTS))
-    b.add_argument("--dtypes", default="float32,float16", help="float32, float16, or IN-to-OUT (GEMMs that read IN and write OUT)")
+    b.add_argument(
+        "--dtypes", default="float32,float16", help="float32, float16, or IN-to-OUT (GEMMs reading IN, writing OUT)"
+    )
     b.add_argument("--tiny", action="store_true", help="small shapes, for SwiftShader")
     r = sub.add_parser("run")
     r.add_argument("--carry", required=True)

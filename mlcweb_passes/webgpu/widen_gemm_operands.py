@@ -77,6 +77,11 @@ def _wide_conv2d(attrs: Any) -> Any:
     return conv
 
 
+def _is_plain_nt_matmul(call: relax.Call) -> bool:
+    """A ``matmul_nt`` kernel itself, not a variant with its own epilogue (``matmul_nt_geglu``)."""
+    return str(call.args[0].name_hint).rstrip("0123456789_") == NT_MATMUL_NAME
+
+
 def _narrow_operands(*args: relax.Expr) -> bool:
     return all(str(getattr(a.ty, "dtype", "")) == _NARROW for a in args)
 
@@ -98,8 +103,7 @@ class _Rewriter(PyExprMutator):
         if str(getattr(call.ty, "dtype", "")) != _WIDE:
             return None
         gemm = nt_matmul_args(call)
-        callee = call.args[0] if gemm is not None else None
-        if gemm is not None and callee.name_hint.rstrip("0123456789_") == NT_MATMUL_NAME and _narrow_operands(*gemm):
+        if gemm is not None and _is_plain_nt_matmul(call) and _narrow_operands(*gemm):
             a, b = (self.visit_expr(x) for x in gemm)
             return self.builder_.call_te(_wide_nt_matmul, a, b, primfunc_name_hint=WIDE_MATMUL_NAME)
         if op_name(call) == "relax.nn.conv2d" and _narrow_operands(*call.args):
