@@ -187,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     results.mkdir(parents=True, exist_ok=True)
     builds = sorted((root / "builds").iterdir(), key=lambda p: (p.name.split("-")[0], p.name.endswith("float16")))
     if args.only:
-        builds = [b for b in builds if b.name.split("-")[0] in args.only.split(",")]
+        wanted = args.only.split(",")
+        builds = [b for b in builds if b.name in wanted or b.name.split("-")[0] in wanted]
         if not builds:
             print(f"sd_webgpu run: no build named {args.only!r} in {root / 'builds'}", file=sys.stderr)
             return 2
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "--stream", type=int, default=32, help="also time with commands submitted every N dispatches (0: not)"
     )
     r.add_argument("--timeout", type=int, default=400)
-    r.add_argument("--only", help="run only these builds (comma-separated names given to `build --name`)")
+    r.add_argument("--only", help="run only these builds: names given to `build --name`, or NAME-DTYPE (comma-separated)")
     r.add_argument(
         "--no-subgroups", dest="subgroups", action="store_false", help="run only the builds' portable libraries"
     )
