@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "--stream", type=int, default=32, help="also time with commands submitted every N dispatches (0: not)"
     )
     r.add_argument("--timeout", type=int, default=400)
-    r.add_argument("--only", help="run only these builds: names given to `build --name`, or NAME-DTYPE (comma-separated)")
+    r.add_argument("--only", help="run only these builds: `build --name` names or NAME-DTYPE, comma-separated")
     r.add_argument(
         "--no-subgroups", dest="subgroups", action="store_false", help="run only the builds' portable libraries"
     )
