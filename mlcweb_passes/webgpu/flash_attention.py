@@ -13,16 +13,14 @@ cores to ask for portably):
   threads read neighbouring workgroup-memory words and the rows of a subgroup fall in distinct banks;
 - the Q tile is copied to workgroup memory once; the keys are walked ``keys`` at a time, K's tile copied
   into a buffer that V's tile then reuses, rows padded by one element; each thread copies the rows and
-  columns it owns (no index division), eight neighbouring columns a row. The tiles are float32 whatever
-  the input dtype: a float16 element is converted once, when copied, not at each of the multiply-adds
-  that read it (several per element and thread);
+  columns it owns (no index division), eight neighbouring columns a row;
 - each thread computes its ``rows_per_thread x keys / 8`` scores in registers (float32 accumulators),
   takes its rows' maxima, and the eight threads sharing a row combine theirs through workgroup memory;
   the online softmax keeps the running maximum in base 2 over raw scores (the scale is positive), so a
   probability is ``exp2(s * scale * log2(e) - m)`` and the running output is rescaled by
   ``exp2(m_old - m_new)``;
-- the probabilities go to workgroup memory (float32), and each thread adds its rows' share of ``P @ V``
-  to float32 accumulators;
+- the probabilities go to workgroup memory (in the input's dtype, as tensor-core kernels cast them for
+  their second product), and each thread adds its rows' share of ``P @ V`` to float32 accumulators;
 - at the end each row is divided by its sum and stored in the input's ``[B, N, H, D]`` layout.
 
 Keys past the sequence get a score of -1e30 (finite: no ``inf - inf``) and zero values; query rows past
@@ -84,11 +82,12 @@ class WebGPUFlashTile:
         )
 
     def shared_bytes(self, head_dim: int, dtype: str) -> int:
-        """Workgroup memory: the Q tile, the K/V tile, the probabilities (all float32, whatever the input
-        dtype, rows padded by one element) and two float32 words a thread for the row maxima and sums."""
+        """Workgroup memory: the Q tile, the K/V tile, the probabilities (all in ``dtype``, rows padded by
+        one element) and two float32 words a thread for the row maxima and sums."""
+        size = 2 if dtype == "float16" else 4
         dp = _padded(head_dim)
         tiles = self.rows * (dp + 1) + self.keys * (dp + 1) + self.rows * (self.keys + 1)
-        return (tiles + 2 * self.threads) * 4
+        return tiles * size + 2 * self.threads * 4
 
 
 # Largest first: more rows share each K/V tile copied; fewer keys a step keep the scores' registers few.
@@ -194,10 +193,9 @@ def webgpu_flash_attention_kernel(
         for i in T.unroll(rows):
             for j in T.unroll(jd):
                 if first + row(i, ty) < limit and tx + g * j < d:
-                    dst[row(i, ty) * qrow + tx + g * j] = T.Cast(
-                        "float32", at(src, which, bb, first + row(i, ty), hh, tx + g * j))
+                    dst[row(i, ty) * qrow + tx + g * j] = at(src, which, bb, first + row(i, ty), hh, tx + g * j)
                 else:
-                    dst[row(i, ty) * qrow + tx + g * j] = T.float32(0)
+                    dst[row(i, ty) * qrow + tx + g * j] = T.Cast(dtype, 0)
 
     @T.prim_func(private=True)
     def flash(q: T.Buffer(q_shape, dtype), k: T.Buffer(k_shape, dtype),  # type: ignore[valid-type,no-untyped-def]
@@ -207,11 +205,9 @@ def webgpu_flash_attention_kernel(
         by = T.launch_thread("blockIdx.y", b * h)
         tx = T.launch_thread("threadIdx.x", g)
         ty = T.launch_thread("threadIdx.y", ry)
-        # float32 tiles whatever the input dtype: each element converted once, as it is copied, not at
-        # every multiply-add that reads it
-        qs = T.decl_buffer((br * qrow,), "float32", scope="shared")
-        kv = T.decl_buffer((bc * qrow,), "float32", scope="shared")  # K's tile, then V's
-        ps = T.decl_buffer((br * prow,), "float32", scope="shared")
+        qs = T.decl_buffer((br * qrow,), dtype, scope="shared")
+        kv = T.decl_buffer((bc * qrow,), dtype, scope="shared")  # K's tile, then V's
+        ps = T.decl_buffer((br * prow,), dtype, scope="shared")
         red_m = T.decl_buffer((br * g,), "float32", scope="shared")  # each thread's row maxima
         red_l = T.decl_buffer((br * g,), "float32", scope="shared")  # ... and row sums
         sc = T.decl_buffer((rm * jc,), "float32", scope="local")
@@ -239,7 +235,8 @@ def webgpu_flash_attention_kernel(
             for c in range(dp):
                 for ri in T.unroll(rm):
                     for j in T.unroll(jc):
-                        sc[ri * jc + j] = sc[ri * jc + j] + qs[row(ri, ty) * qrow + c] * kv[(tx + g * j) * qrow + c]
+                        sc[ri * jc + j] = sc[ri * jc + j] + T.Cast("float32", qs[row(ri, ty) * qrow + c]) * T.Cast(
+                            "float32", kv[(tx + g * j) * qrow + c])
             # each row's maximum over the tile: the thread's share, then the 8 shares of the row
             for r1 in T.unroll(rm):
                 mx[0] = T.float32(neg)
@@ -259,7 +256,7 @@ def webgpu_flash_attention_kernel(
                 for j2 in T.unroll(jc):
                     sc[r2 * jc + j2] = T.exp2(sc[r2 * jc + j2] * T.float32(scale2) - m_r[r2])
                     mx[0] = mx[0] + sc[r2 * jc + j2]
-                    ps[row(r2, ty) * prow + tx + g * j2] = sc[r2 * jc + j2]
+                    ps[row(r2, ty) * prow + tx + g * j2] = T.Cast(dtype, sc[r2 * jc + j2])
                 red_l[row(r2, ty) * g + tx] = mx[0]
             copy_rows(kv, v, 2, kt * bc, nk, kv_rows, bb, hh, ty, tx)
             T.tvm_storage_sync("shared")
@@ -274,8 +271,8 @@ def webgpu_flash_attention_kernel(
             for c1 in range(bc):
                 for r4 in T.unroll(rm):
                     for j4 in T.unroll(jd):
-                        pv = ps[row(r4, ty) * prow + c1] * kv[c1 * qrow + tx + g * j4]
-                        acc[r4 * jd + j4] = acc[r4 * jd + j4] + pv
+                        acc[r4 * jd + j4] = acc[r4 * jd + j4] + T.Cast("float32", ps[row(r4, ty) * prow + c1]) * T.Cast(
+                            "float32", kv[c1 * qrow + tx + g * j4])
         for r5 in T.unroll(rm):
             for j5 in T.unroll(jd):
                 if bx * br + row(r5, ty) < nq and tx + g * j5 < d:
