@@ -40,6 +40,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .._relax import ModulePassBase, op_name, rewrite_and_clean, static_shape
 from ..targets import gpu_facts
+from ..webgpu.widen_gemm_operands import widened
 
 __all__ = ["SplitKConv", "choose_splits"]
 
@@ -75,10 +76,6 @@ def choose_splits(rows: int, cols: int, channels: int, window: int, sms: int) ->
     return best
 
 
-def _float32(t: te.Tensor) -> te.Tensor:
-    return te.compute(t.shape, lambda *i: t(*i).astype("float32"), name=f"{t.op.name}_f32")
-
-
 def _partials(
     x: te.Tensor,
     w: te.Tensor,
@@ -93,7 +90,7 @@ def _partials(
     producer stages (what :class:`~mlcweb_passes.webgpu.widen_gemm_operands.WidenGemmOperands` does
     for the other GEMMs: a WebGPU schedule then converts each element once per workgroup copy)."""
     if widen:
-        x, w = _float32(x), _float32(w)
+        x, w = widened(x), widened(w)
     top, left, bottom, right = padding
     padded = topi.nn.pad(x, [0, top, left, 0, 0], [0, bottom, right, 0, 0]) if any(padding) else x
     _, kh, kw, splits, channels = w.shape

@@ -34,7 +34,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from .._relax import ModulePassBase, op_name, rewrite_and_clean
 from ..rewrites.linear_weight_layout import NT_MATMUL_NAME, nt_matmul_args
 
-__all__ = ["WIDE_CONV_NAME", "WIDE_MATMUL_NAME", "WidenGemmOperands"]
+__all__ = ["WIDE_CONV_NAME", "WIDE_MATMUL_NAME", "WidenGemmOperands", "widened"]
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,14 @@ WIDE_CONV_NAME = "conv2d_wide"
 _NARROW, _WIDE = "float16", "float32"
 
 
-def _widened(t: te.Tensor) -> te.Tensor:
+def widened(t: te.Tensor) -> te.Tensor:
+    """``t`` cast to float32 in a stage of its own (``<name>_f32``), for a GEMM schedule to inline."""
     return te.compute(t.shape, lambda *i: t(*i).astype(_WIDE), name=f"{t.op.name}_f32")
 
 
 def _wide_nt_matmul(a: te.Tensor, b: te.Tensor) -> te.Tensor:
     """``a[..., k] x b[n, k]`` summed over k in float32, both operands widened in producer stages."""
-    a32, b32 = _widened(a), _widened(b)
+    a32, b32 = widened(a), widened(b)
     k = te.reduce_axis((0, a.shape[-1]), name="k")
     return te.compute(
         (*a.shape[:-1], b.shape[0]),
@@ -63,8 +64,8 @@ def _wide_conv2d(attrs: Any) -> Any:
 
     def conv(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
         return topi.nn.conv(
-            inp=_widened(data),
-            filt=_widened(weight),
+            inp=widened(data),
+            filt=widened(weight),
             stride=strides,
             padding=padding,
             dilation=dilation,
