@@ -92,8 +92,8 @@ class PipelineOptions:
     ``split_k``: split the reduction of NHWC convolutions with few output tiles (float16 on CUDA sm_70+;
     float16 and float32 on WebGPU). ``wgmma``: float16 GEMMs as generated Hopper kernels on sm_90.
     ``widen_gemm_operands``: on WebGPU, float16 GEMMs with float32 results convert their operands once
-    per workgroup copy instead of once per multiply-add (``webgpu.widen_gemm_operands``; off: slower
-    on an H100, the float32 tiles cost more than the conversions they save).
+    per workgroup copy instead of once per multiply-add (``webgpu.widen_gemm_operands``; off by default,
+    as measured in benchmarks/README.md).
     ``database``: a MetaSchedule database to take tuned schedules from. ``gpu``: the GPU to size kernels
     for (default: :func:`~mlcweb_passes.targets.gpu_facts` of the target).
     """
