@@ -4,7 +4,7 @@ A float16 build computes its GEMMs with float32 accumulators: the fused kernel's
 ``f32(a[i, k]) * f32(b[j, k])``. :class:`~mlcweb_passes.webgpu.gemm.WebGPUMatmul` copies the float16
 tiles into workgroup memory and registers as they are, so every multiply-add converts both of its
 operands again: a thread converts each register value for every output it feeds (8 of them in the
-large tile), and on NVIDIA GPUs a conversion issues at a fraction of the multiply-add rate.
+large tile), and a conversion may issue at a fraction of the multiply-add rate.
 
 This pass rewrites each such GEMM as a ``call_tir`` of a kernel whose operands are cast to float32 in
 producer stages of the same PrimFunc (``a32 = f32(a)``, ``b32 = f32(b)``, then the GEMM on them):
@@ -32,7 +32,7 @@ from tvm import relax, te, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .._relax import ModulePassBase, op_name, rewrite_and_clean
-from ..rewrites.linear_weight_layout import NT_MATMUL_NAME, nt_matmul_args
+from ..rewrites.linear_weight_layout import NT_MATMUL_NAME, nt_matmul, nt_matmul_args
 
 __all__ = ["WIDE_CONV_NAME", "WIDE_MATMUL_NAME", "WidenGemmOperands", "widened"]
 
@@ -49,14 +49,8 @@ def widened(t: te.Tensor) -> te.Tensor:
 
 
 def _wide_nt_matmul(a: te.Tensor, b: te.Tensor) -> te.Tensor:
-    """``a[..., k] x b[n, k]`` summed over k in float32, both operands widened in producer stages."""
-    a32, b32 = widened(a), widened(b)
-    k = te.reduce_axis((0, a.shape[-1]), name="k")
-    return te.compute(
-        (*a.shape[:-1], b.shape[0]),
-        lambda *i: te.sum(a32[(*i[:-1], k)] * b32[i[-1], k], axis=k),
-        name="matmul",
-    )
+    """:func:`~mlcweb_passes.rewrites.linear_weight_layout.nt_matmul` on operands widened in producer stages."""
+    return nt_matmul(widened(a), widened(b), _WIDE)
 
 
 def _wide_conv2d(attrs: Any) -> Any:
