@@ -23,7 +23,13 @@ and padding to whole tiles) as follows:
   ``4 x micro_j`` multiply-adds) before multiplying; the padding keeps those reads aligned and spreads a
   subgroup's rows over the banks. ``vector_k=1`` gives the scalar schedule (one-element padding);
 - the epilogue fused after the GEMM (bias, activation, casts, residual additions) runs on the
-  accumulators in registers before the store.
+  accumulators in registers before the store;
+- with ``prefetch``, each thread loads its share of the next reduction step's tiles from global memory
+  into registers before this step's multiply-adds (a two-stage software pipeline over the reduction), so
+  the loads' latency overlaps arithmetic instead of stalling at the barrier; the copies then give each
+  thread one adjacent run of its tile (whole sectors per subgroup still), which its registers hold with
+  constant indices. Off by default: it is a measured choice (``benchmarks/webgpu_kernels.py``'s
+  ``vec4-nhwc-prefetch`` variant), not yet made.
 
 The tile comes from :func:`choose_webgpu_tile`: 128x128 (8x8 a thread) where the GEMM makes enough
 workgroups to fill a large GPU, 64x64 (4x4) otherwise, 32x64 for the narrowest. WebGPU exposes no
@@ -64,6 +70,7 @@ class WebGPUTile:
     virtual_j: int = 2
     step_k: int = 16
     vector_k: int = 4
+    prefetch: bool = False
 
     @property
     def tile_i(self) -> int:
@@ -172,6 +179,11 @@ class WebGPUMatmul(dl.ScheduleRule):
             _registers(sch, main, kio, shared, tile)
         auto_inline_consumer_chain(sch, store)
         sch.decompose_reduction(main, ko)
+        if tile.prefetch:
+            # ko's body: A's loads, A's copy, B's loads, B's copy, the multiply-adds. The loads of step
+            # k + 1 are issued before step k's copies and multiply-adds, which hide their latency.
+            sch.annotate(ko, "software_pipeline_stage", [0, 1, 0, 1, 1])
+            sch.annotate(ko, "software_pipeline_order", [2, 0, 3, 1, 4])
         return sch
 
 
@@ -198,24 +210,57 @@ def _fetch(
     contiguous: str,
 ) -> s_tir.schedule.SBlockRV:
     """Operand ``index``'s tile into workgroup memory, copied by every thread along its contiguous axis:
-    ``vector_k`` elements a thread where that axis is the reduction, one where it is rows or columns."""
+    ``vector_k`` elements a thread where that axis is the reduction, one where it is rows or columns.
+    With ``tile.prefetch`` the copy goes through registers (a ``local`` stage that reads global memory),
+    so the software pipeline can issue the next step's loads before this step's multiply-adds."""
     copy = sch.cache_read(main, index, "shared")
     sch.compute_at(copy, ko, preserve_unit_loops=True)
-    rows, cols = sch.get_loops(copy)[-2:]  # (tile_i or tile_j, step_k)
     vector = tile.vector_k if contiguous == "k" else 1
+    loads = copy
+    if tile.prefetch:
+        loads = sch.cache_read(copy, 0, "local")
+        sch.compute_at(loads, ko, preserve_unit_loops=True)
+        _spread(sch, loads, tile, contiguous, vector)
+        # A thread's registers hold its own run of the tile: fold the tile-shaped buffer onto that run,
+        # which region compaction leaves as a tile-offset expression Tint cannot index as a constant.
+        run = _per_thread(tile, tile.tile_i if index == 0 else tile.tile_j, contiguous)
+        axis = -1 if contiguous == "k" else -2
+        sch.transform_layout(loads, ("write", 0), lambda *idx: (idx[axis] % run,), assume_injective_transform=True)
+    _spread(sch, copy, tile, contiguous, vector)
+    ndim = len(sch.get(copy).writes[0].source.shape)
+    # rows step_k + pad apart: 4-wide reads of one row stay aligned, a subgroup's rows spread over banks
+    sch.storage_align(copy, 0, axis=ndim - 2, factor=tile.step_k, offset=tile.row_pad)
+    auto_inline_producers(sch, loads)
+    return copy
+
+
+def _per_thread(tile: WebGPUTile, rows: int, contiguous: str) -> int:
+    """Elements of a ``rows x step_k`` operand tile that one thread copies with ``prefetch``: adjacent
+    elements along the contiguous axis, starting at a multiple of their count."""
+    run = rows * tile.step_k // tile.threads
+    assert run * tile.threads == rows * tile.step_k and (tile.step_k if contiguous == "k" else rows) % run == 0
+    return run
+
+
+def _spread(
+    sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, tile: WebGPUTile, contiguous: str, vector: int
+) -> None:
+    """A tile copy's (rows, step_k) loops over the workgroup's threads, neighbouring threads on
+    neighbouring elements of the ``contiguous`` axis, ``vector`` elements a thread."""
+    rows, cols = sch.get_loops(block)[-2:]  # (tile_i or tile_j, step_k)
     if contiguous == "mn":
         sch.reorder(cols, rows)
-    fused = sch.fuse(*sch.get_loops(copy)[-2:])
-    _, ty, tx, vec = sch.split(fused, [None, tile.threads_i, tile.threads_j, vector])
+    fused = sch.fuse(*sch.get_loops(block)[-2:])
+    if tile.prefetch:
+        # each thread's elements adjacent (a warp still reads whole sectors), so its registers hold one
+        # compact run that indexes as constants
+        ty, tx, _, vec = sch.split(fused, [tile.threads_i, tile.threads_j, None, vector])
+    else:
+        _, ty, tx, vec = sch.split(fused, [None, tile.threads_i, tile.threads_j, vector])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     if vector > 1:
         sch.vectorize(vec)
-    ndim = len(sch.get(copy).writes[0].source.shape)
-    # rows step_k + pad apart: 4-wide reads of one row stay aligned, a subgroup's rows spread over banks
-    sch.storage_align(copy, 0, axis=ndim - 2, factor=tile.step_k, offset=tile.row_pad)
-    auto_inline_producers(sch, copy)
-    return copy
 
 
 def _registers(

@@ -6,6 +6,8 @@ convolutions on this rule, on SwiftShader) gives the image the native build give
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tvm
@@ -98,19 +100,17 @@ def _reference(kind: str, x: np.ndarray, w: np.ndarray, layout: str) -> np.ndarr
     return x @ (w.T if kind == "linear" else w)
 
 
-@pytest.mark.parametrize(
-    ("kind", "x", "w", "layout"),
-    [
-        ("conv", (2, 32, 16, 16), (64, 32, 3, 3), "NCHW"),  # the input's copy walks the pixels
-        ("conv", (2, 16, 16, 32), (64, 32, 3, 3), "NHWC"),  # both copies 4-wide along K
-        ("conv", (1, 16, 16, 5), (40, 5, 3, 3), "NHWC"),  # K = 45: 4-wide reads across kernel positions
-        ("linear", (2, 100, 64), (96, 64), "-"),  # rows not a whole tile
-        ("matmul", (4, 128, 40), (4, 40, 72), "-"),  # K = 40 padded to 48, a [K, N] operand
-    ],
-)
-def test_tiles_compute_the_gemm_on_webgpu(kind: str, x: tuple[int, ...], w: tuple[int, ...], layout: str) -> None:
-    """WebGPUMatmul's kernels (4-wide register reads along K, vector copies where K is contiguous) give
-    numpy's/PyTorch's result on Dawn (SwiftShader), float32: within 1e-5 relative to the output's scale."""
+CASES = [
+    ("conv", (2, 32, 16, 16), (64, 32, 3, 3), "NCHW"),  # the input's copy walks the pixels
+    ("conv", (2, 16, 16, 32), (64, 32, 3, 3), "NHWC"),  # both copies 4-wide along K
+    ("conv", (1, 16, 16, 5), (40, 5, 3, 3), "NHWC"),  # K = 45: 4-wide reads across kernel positions
+    ("linear", (2, 100, 64), (96, 64), "-"),  # rows not a whole tile
+    ("matmul", (4, 128, 40), (4, 40, 72), "-"),  # K = 40 padded to 48, a [K, N] operand
+]
+
+
+def _run_gemm(kind: str, x: tuple[int, ...], w: tuple[int, ...], layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """(WebGPU's result on Dawn/SwiftShader, PyTorch's) for one GEMM through the whole pipeline."""
     from webgpu_node import WEBGPU as NODE_TARGET
     from webgpu_node import run_on_webgpu
 
@@ -126,6 +126,50 @@ def test_tiles_compute_the_gemm_on_webgpu(kind: str, x: tuple[int, ...], w: tupl
     exe = tvm.compile(mod, NODE_TARGET, relax_pipeline=mp.pipeline(NODE_TARGET, mp.PipelineOptions(conv_layout="NHWC")))
     kernels = [n for n in wgsl_sources(exe.mod) if "matmul" in n or "conv2d" in n]
     assert kernels, "no GEMM kernel"
-    got = run_on_webgpu(exe, "main", [xa, wa])
-    want = _reference(kind, xa, wa, layout)
+    return run_on_webgpu(exe, "main", [xa, wa]), _reference(kind, xa, wa, layout)
+
+
+@pytest.mark.parametrize(("kind", "x", "w", "layout"), CASES)
+def test_tiles_compute_the_gemm_on_webgpu(kind: str, x: tuple[int, ...], w: tuple[int, ...], layout: str) -> None:
+    """WebGPUMatmul's kernels (4-wide register reads along K, vector copies where K is contiguous) give
+    numpy's/PyTorch's result on Dawn (SwiftShader), float32: within 1e-5 relative to the output's scale."""
+    got, want = _run_gemm(kind, x, w, layout)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("size", ["medium", "large"])
+@pytest.mark.parametrize(("kind", "x", "w", "layout"), [CASES[0], CASES[1], CASES[4]])
+def test_prefetched_tiles_compute_the_gemm_on_webgpu(
+    kind: str, x: tuple[int, ...], w: tuple[int, ...], layout: str, size: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``prefetch`` (each thread's next tile loads issued before this tile's multiply-adds, through
+    registers), in the 64x64 tile and in the 128x128 one (forced here; it needs large GEMMs otherwise),
+    along K (NHWC) and along the rows or columns (NCHW input, a [K, N] weight): PyTorch's result, as above."""
+    from mlcweb_passes.webgpu import gemm
+
+    tile = dataclasses.replace(LARGE if size == "large" else MEDIUM, prefetch=True)
+    monkeypatch.setattr(gemm, "choose_webgpu_tile", lambda *_: tile)
+    got, want = _run_gemm(kind, x, w, layout)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_prefetched_tiles_load_through_registers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefetch schedule: a software pipeline over the reduction steps, whose register stage folds
+    onto each thread's own run of the tile (4 elements of a 64x16 operand tile for 256 threads), so
+    WGSL indexes the registers with constants instead of holding a tile-sized private array."""
+    from mlcweb_passes.webgpu import gemm
+
+    fused = _fused(Layers)
+    func = next(f for gv, f in fused.functions_items() if gv.name_hint.startswith("conv2d"))
+    tile = dataclasses.replace(MEDIUM, prefetch=True)
+    sch = WebGPUMatmul(tile=tile).apply(func, WEBGPU, False)
+    assert sch is not None and "software_pipeline_stage" in sch.mod.script()
+    monkeypatch.setattr(gemm, "choose_webgpu_tile", lambda *_: tile)
+    exe = tvm.compile(Layers, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU))
+    code = next(c for name, c in wgsl_sources(exe.mod).items() if "conv2d" in name)
+    lines = [line.strip() for line in code.splitlines()]
+    registers = [
+        line for line in lines if line.startswith("var ") and "_reindex_local :" in line and "conv2d" not in line
+    ]
+    # the pipeline's NHWC layout: each operand's run is one vec4 along K
+    assert registers and all(r.endswith("array<vec4<f32>, 1>;") for r in registers), registers
