@@ -59,14 +59,16 @@ TINY: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {
     "bmm": ("bmm", (4, 128, 40), (4, 40, 128)),
     "attention": ("attention", (1, 96, 2, 40), (1, 77, 2, 40)),
 }
-# variant: (vector_k of the tiles, conv layout, flash attention, WidenGemmOperands, prefetch)
-VARIANTS = {
-    "scalar-nchw": (1, "NCHW", True, False, False),
-    "vec4-nchw": (4, "NCHW", True, False, False),
-    "vec4-nhwc": (4, "NHWC", True, False, False),
-    "vec4-nhwc-unfused": (4, "NHWC", False, False, False),
-    "vec4-nhwc-wide": (4, "NHWC", True, True, False),
-    "vec4-nhwc-prefetch": (4, "NHWC", True, False, True),
+# variant: (WebGPUTile fields changed from the library's tiles, conv layout, flash attention,
+# WidenGemmOperands)
+VARIANTS: dict[str, tuple[dict[str, Any], str, bool, bool]] = {
+    "scalar-nchw": ({"vector_k": 1}, "NCHW", True, False),
+    "vec4-nchw": ({}, "NCHW", True, False),
+    "vec4-nhwc": ({}, "NHWC", True, False),
+    "vec4-nhwc-unfused": ({}, "NHWC", False, False),
+    "vec4-nhwc-wide": ({}, "NHWC", True, True),
+    "vec4-nhwc-prefetch": ({"prefetch": True}, "NHWC", True, False),
+    "vec4-nhwc-prefetch-k32": ({"prefetch": True, "step_k": 32}, "NHWC", True, False),
 }
 
 
@@ -132,13 +134,14 @@ def _module(dtype: str, shapes: dict[str, tuple[str, tuple[int, ...], tuple[int,
 
 
 @contextlib.contextmanager
-def _tiles(gemm: Any, vector_k: int, prefetch: bool) -> Iterator[None]:
-    """This benchmark's knob: ``WebGPUMatmul``'s tiles with ``vector_k`` and ``prefetch`` while building
-    (the library picks its own tiles; nothing else sets them), restored afterwards even on an error."""
+def _tiles(gemm: Any, changes: dict[str, Any]) -> Iterator[None]:
+    """This benchmark's knob: ``WebGPUMatmul``'s tiles with ``changes`` (``vector_k``, ``prefetch``,
+    ``step_k``) while building (the library picks its own tiles; nothing else sets them), restored
+    afterwards even on an error."""
     saved = {name: getattr(gemm, name) for name in ("LARGE", "MEDIUM", "SMALL")}
     try:
         for name, tile in saved.items():
-            setattr(gemm, name, dataclasses.replace(tile, vector_k=vector_k, prefetch=prefetch))
+            setattr(gemm, name, dataclasses.replace(tile, **changes))
         yield
     finally:
         for name, tile in saved.items():
@@ -186,9 +189,9 @@ def build(args: argparse.Namespace) -> int:
     )
     shapes = TINY if args.tiny else SHAPES
     for variant in args.variants.split(","):
-        vector_k, layout, flash, wide, prefetch = VARIANTS[variant]
+        changes, layout, flash, wide = VARIANTS[variant]
         options = mp.PipelineOptions(conv_layout=layout, flash_attention=flash, widen_gemm_operands=wide)
-        with _tiles(gemm, vector_k, prefetch):
+        with _tiles(gemm, changes):
             for dtype in args.dtypes.split(","):
                 dest = Path(args.out) / f"{variant}-{dtype}"
                 _build_library(dest, variant, dtype, shapes, target, options)
