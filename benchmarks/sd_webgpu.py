@@ -402,6 +402,42 @@ def _row(label: str, r: dict[str, Any]) -> str:
     return f"| {label} | " + " | ".join(cells) + f" | {r['pipeline_creation_s']:.1f} s | {finite} | {err} |"
 
 
+def _peers(results: Path, runs: dict[str, dict[str, Any]], build: str) -> None:
+    """The UNet step and VAE of ``build`` as the page runs it (the subgroup library where this adapter
+    took it, streamed submission) beside onnxruntime-web and the CUDA build of the same session, as ratios
+    (mlcweb's time over the peer's: below 1 is faster)."""
+    cuda = {json.loads(p.read_text())["dtype"]: json.loads(p.read_text()) for p in results.glob("cuda-*.json")}
+    ort = {p.stem.removeprefix("ort-"): json.loads(p.read_text()) for p in results.glob("ort-*.json")}
+    rows = []
+    for dtype in ("float16", "float32"):
+        run = runs.get(f"{build}-{dtype}-subgroups") or runs.get(f"{build}-{dtype}")
+        if run is None:
+            continue
+        for stage in ("unet", "vae"):
+            plain, streamed = run["ms"][stage], (run.get("ms_streamed") or {}).get(stage)
+            peer = ort.get(f"{stage}-{dtype}", {}).get("ms")
+            native = cuda.get(dtype, {}).get("ms", {}).get(stage)
+            best = streamed or plain
+            cells = [
+                f"{plain:.1f}",
+                f"{streamed:.1f}" if streamed else "-",
+                f"{peer:.1f}" if peer else "-",
+                f"{native:.2f}" if native else "-",
+                f"{plain / peer:.2f}x / {best / peer:.2f}x" if peer else "-",
+                f"{best / native:.1f}x" if native else "-",
+            ]
+            rows.append(f"| {stage} {dtype} | " + " | ".join(cells) + " |")
+    if not rows or not (cuda or ort):
+        return
+    print(f"\nPeers of `{build}` in the same session (ms; the page's library; ratios are mlcweb over the peer)\n")
+    print(
+        "| stage | mlcweb WebGPU | mlcweb WebGPU, streamed | onnxruntime-web WebGPU EP | mlcweb CUDA"
+        " | vs ORT (plain / streamed) | streamed vs CUDA |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
 def report(args: argparse.Namespace) -> int:
     files = sorted(Path(args.dir).glob("webgpu-*.json"))
     runs = {p.stem.removeprefix("webgpu-"): json.loads(p.read_text()) for p in files}
@@ -414,6 +450,7 @@ def report(args: argparse.Namespace) -> int:
     for name, r in runs.items():
         library = f", subgroups of {r['subgroups']}" if r.get("subgroups") else ""
         print(_row(f"{name}, {r.get('unet', 'unet')}, {r.get('scheduler', 'dpm')} x{r['steps']}{library}", r))
+    _peers(Path(args.dir), runs, args.peer_build)
     for name, r in runs.items():
         for stage, prof in (r.get("profile") or {}).items():
             where = f"{prof['dispatches']} dispatches of {prof['kernels']} kernels"
@@ -467,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report")
     rep.add_argument("dir")
     rep.add_argument("--top", type=int, default=12)
+    rep.add_argument("--peer-build", default="sd15", help="the build (`build --name`) compared with the peers")
     args = parser.parse_args(argv)
     commands = {"build": build, "pack": pack, "stage": stage, "run": run, "cuda": cuda, "ort": ort, "report": report}
     return commands[args.command](args)

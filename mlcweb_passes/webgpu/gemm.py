@@ -28,8 +28,8 @@ and padding to whole tiles) as follows:
   into registers before this step's multiply-adds (a two-stage software pipeline over the reduction), so
   the loads' latency overlaps arithmetic instead of stalling at the barrier; the copies then give each
   thread one adjacent run of its tile (whole sectors per subgroup still), which its registers hold with
-  constant indices. Off by default: it is a measured choice (``benchmarks/webgpu_kernels.py``'s
-  ``vec4-nhwc-prefetch`` variant), not yet made.
+  constant indices. Off by default: measured slower on an H100 (benchmarks/README.md); kept for GPUs
+  that hide less load latency with other workgroups.
 
 The tile comes from :func:`choose_webgpu_tile`: 128x128 (8x8 a thread) where the GEMM makes enough
 workgroups to fill a large GPU, 64x64 (4x4) otherwise, 32x64 for the narrowest. WebGPU exposes no

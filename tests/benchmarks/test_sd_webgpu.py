@@ -1,0 +1,36 @@
+"""benchmarks/sd_webgpu.py's report: the peers table puts the page's library (the subgroup one where the
+adapter took it, streamed) beside onnxruntime-web and the CUDA build of the same session, as mlcweb's time
+over the peer's."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import sd_webgpu
+
+
+def _run(unet: float, streamed: float) -> dict[str, object]:
+    return {
+        "ms": {"clip": 1.0, "unet": unet, "vae": 50.0, "image": 2000.0},
+        "ms_streamed": {"unet": streamed, "vae": 40.0, "image": 1500.0},
+        "steps": 20,
+        "finite": {"unet": True},
+        "pipeline_creation_s": 4.0,
+    }
+
+
+def test_peers_table_uses_the_page_library_and_states_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "webgpu-sd15-float16.json").write_text(json.dumps(_run(150.0, 120.0)))
+    (tmp_path / "webgpu-sd15-float16-subgroups.json").write_text(json.dumps({**_run(140.0, 100.0), "subgroups": 32}))
+    (tmp_path / "ort-unet-float16.json").write_text(json.dumps({"ms": 200.0}))
+    (tmp_path / "cuda-float16.json").write_text(json.dumps({"dtype": "float16", "ms": {"unet": 10.0, "vae": 8.0}}))
+    assert sd_webgpu.main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| unet float16 | 140.0 | 100.0 | 200.0 | 10.00 | 0.70x / 0.50x | 10.0x |" in out
+    assert "| vae float16 | 50.0 | 40.0 | - | 8.00 | - | 5.0x |" in out
