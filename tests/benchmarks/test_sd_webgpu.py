@@ -25,7 +25,9 @@ def _run(unet: float, streamed: float) -> dict[str, object]:
     }
 
 
-def test_peers_table_uses_the_page_library_and_states_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_peers_table_uses_the_page_library_and_states_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "webgpu-sd15-float16.json").write_text(json.dumps(_run(150.0, 120.0)))
     (tmp_path / "webgpu-sd15-float16-subgroups.json").write_text(json.dumps({**_run(140.0, 100.0), "subgroups": 32}))
     (tmp_path / "ort-unet-float16.json").write_text(json.dumps({"ms": 200.0}))
