@@ -406,7 +406,7 @@ def _peers(results: Path, runs: dict[str, dict[str, Any]], build: str) -> None:
     """The UNet step and VAE of ``build`` as the page runs it (the subgroup library where this adapter
     took it, streamed submission) beside onnxruntime-web and the CUDA build of the same session, as ratios
     (mlcweb's time over the peer's: below 1 is faster)."""
-    cuda = {json.loads(p.read_text())["dtype"]: json.loads(p.read_text()) for p in results.glob("cuda-*.json")}
+    cuda = {r["dtype"]: r for r in (json.loads(p.read_text()) for p in results.glob("cuda-*.json"))}
     ort = {p.stem.removeprefix("ort-"): json.loads(p.read_text()) for p in results.glob("ort-*.json")}
     rows = []
     for dtype in ("float16", "float32"):

@@ -180,8 +180,9 @@ class WebGPUMatmul(dl.ScheduleRule):
         auto_inline_consumer_chain(sch, store)
         sch.decompose_reduction(main, ko)
         if tile.prefetch:
-            # ko's body: A's loads, A's copy, B's loads, B's copy, the multiply-adds. The loads of step
-            # k + 1 are issued before step k's copies and multiply-adds, which hide their latency.
+            # ko's body: A's loads, A's copy, B's loads, B's copy, the multiply-adds. Each iteration
+            # stores step k's registers to workgroup memory, issues step k + 1's loads into the freed
+            # registers, then runs step k's multiply-adds, which hide those loads' latency.
             sch.annotate(ko, "software_pipeline_stage", [0, 1, 0, 1, 1])
             sch.annotate(ko, "software_pipeline_order", [2, 0, 3, 1, 4])
         return sch
