@@ -42,13 +42,29 @@ UNROUNDED = "disable-dawn-features=timestamp_quantization"
 
 # ------------------------------------------------------------------------------------------- build (here)
 def build(args: argparse.Namespace) -> int:
-    """Build each dtype for webgpu into ``out/<name>-<dtype>``, keeping what the runner reads."""
+    """Build each dtype for webgpu into ``out/<name>-<dtype>``, keeping what the runner reads; ``--tile``
+    changes every ``WebGPUMatmul`` tile as ``webgpu_kernels.py``'s variants do."""
     sys.path.insert(0, str(ROOT))
-    from mlcweb.build import build as mlcweb_build
-    from mlcweb.model import BuildOptions
     from mlcweb.plugins import PluginHost
 
+    sys.path.insert(0, str(HERE))
+    from webgpu_kernels import _tiles
+
+    from mlcweb_passes.webgpu import gemm
+
+    changes = {}
+    for item in args.tile:  # FIELD=INT, converted to the field's type (prefetch=1)
+        field, _, value = item.partition("=")
+        changes[field] = type(getattr(gemm.LARGE, field))(int(value))
     host = PluginHost()
+    with _tiles(gemm, changes):
+        return _build_dtypes(args, host)
+
+
+def _build_dtypes(args: argparse.Namespace, host: Any) -> int:
+    from mlcweb.build import build as mlcweb_build
+    from mlcweb.model import BuildOptions
+
     for dtype in args.dtypes.split(","):
         dest = Path(args.out) / f"{args.name}-{dtype}"
         with tempfile.TemporaryDirectory() as tmp:
@@ -470,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtypes", default="float16,float32")
     b.add_argument("--size", default="full", choices=["tiny", "full"])
     b.add_argument("--variant", default="sd1.5", help="the SD family member (sd1.5, sd2.1, sd-turbo)")
+    b.add_argument(
+        "--tile", action="append", default=[], help="FIELD=INT: a WebGPUTile field for every tile (prefetch=1)"
+    )
     p = sub.add_parser("pack")
     p.add_argument("--builds", required=True)
     p.add_argument("--kernels", help="webgpu_kernels.py builds to carry too")
