@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -47,7 +48,7 @@ from .wasm_runtime import link_wasm
 from .web import write_web_runtime
 from .wgsl_check import check_wgsl, wgsl_sources, workgroup_needs
 
-__all__ = ["BuildResult", "ModelBuild", "build", "build_phases", "lower_until", "resolve"]
+__all__ = ["BuildResult", "MemoryPlan", "ModelBuild", "build", "build_phases", "lower_until", "plan_memory", "resolve"]
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,9 @@ def build_phases(host: PluginHost, resolved: ModelBuild) -> dict[str, tvm.transf
     return mp.phases(resolved.target, resolved.pipeline, {k: v for k, v in extra.items() if v})
 
 
-def _import(host: PluginHost, resolved: ModelBuild) -> tuple[ImportedModel, bool]:
+def _import(host: PluginHost, resolved: ModelBuild, *, params: bool = True) -> tuple[ImportedModel, bool]:
+    """The model imported by its plugin, or from the import cache (without its weights unless ``params``:
+    a plan needs only the graph, and an SDXL's float32 weights fill a small machine's memory)."""
     options = resolved.options
     import_options = ImportOptions(model_path=options.model_path, dtype=options.dtype, config=resolved.config)
     if options.model_path is not None and not options.model_path.exists():
@@ -166,7 +169,7 @@ def _import(host: PluginHost, resolved: ModelBuild) -> tuple[ImportedModel, bool
     digest = host.source_digest(resolved.registered.plugin)
     key = cache_key(resolved.name, resolved.config, import_options, digest, spec.file_options)
     if options.use_cache:
-        cached = cache.load(key)
+        cached = cache.load(key, params=params)
         if cached is not None:
             log.info("import cache hit %s", key)
             return cached, True
@@ -234,13 +237,114 @@ def _pass_config(resolved: ModelBuild) -> dict[str, Any]:
 def _lower(
     mod: tvm.IRModule, resolved: ModelBuild, phases: dict[str, tvm.transform.Sequential]
 ) -> tuple[tvm.IRModule, int, mp.ScheduleReport, dict[str, mp.FunctionMemory]]:
-    planning = [phases[name] for name in ("graph", "fuse", "kernels", "schedule", "memory")]
     with resolved.target, tvm.transform.PassContext(config=_pass_config(resolved)):
-        planned = tvm.transform.Sequential(planning)(mod)
+        planned = _planned(mod, phases)
         report = mp.schedule_report(planned)
         memory = mp.memory_report(planned)
         lowered = phases["finalize"](planned)
     return lowered, mp.count_kernels(lowered), report, memory
+
+
+def _planned(mod: tvm.IRModule, phases: dict[str, tvm.transform.Sequential]) -> tvm.IRModule:
+    """``mod`` (lifted) through the phases up to memory planning (under the caller's target and pass
+    context)."""
+    planning = [phases[name] for name in ("graph", "fuse", "kernels", "schedule", "memory")]
+    return tvm.transform.Sequential(planning)(mod)
+
+
+@dataclass
+class MemoryPlan:
+    """What a build holds in device memory, from its plan alone (:func:`plan_memory`).
+
+    ``weight_bytes``: each function's deploy weights (after lifting: float16 where the build converts
+    them); ``stored_weight_bytes``: all of them, a weight that several functions take (a batch-one and a
+    batch-two UNet) counted once: the build stores such a weight once, found by content, and a plan
+    without weights finds it by name, shape and dtype; ``functions``: each function's planned blocks.
+    """
+
+    model: str
+    target: str
+    dtype: str
+    weight_bytes: dict[str, int]
+    stored_weight_bytes: int
+    functions: dict[str, mp.FunctionMemory]
+
+    @property
+    def largest_block_bytes(self) -> int:
+        return max((m.largest_bytes for m in self.functions.values()), default=0)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Weights plus every function's planned blocks: the Relax VM's pooled allocator keeps a call's
+        blocks for the next call, so a session that runs every function holds them all (blocks of equal
+        size are shared, so this is an upper bound)."""
+        return self.stored_weight_bytes + sum(m.planned_bytes for m in self.functions.values())
+
+    def summary(self) -> str:
+        mib = 2**-20
+        lines = [f"memory plan of {self.model} for {self.target} ({self.dtype}); nothing written"]
+        held = {n for n, b in self.weight_bytes.items() if b} | {n for n, m in self.functions.items() if m.storages}
+        for name in sorted(held):
+            line = f"  {name:<18} weights {self.weight_bytes.get(name, 0) * mib:9.1f} MiB"
+            mem = self.functions.get(name)
+            if mem is not None and mem.storages:
+                planned, largest = mem.planned_bytes * mib, mem.largest_bytes * mib
+                line += f", {planned:9.1f} MiB planned, largest block {largest:7.1f} MiB"
+            lines.append(line)
+        lines.append(f"  weights stored     {self.stored_weight_bytes * mib:9.1f} MiB")
+        lines.append(f"  largest buffer     {self.largest_block_bytes * mib:9.1f} MiB")
+        lines.append(f"  peak (weights + every planned block) {self.peak_bytes * mib:9.1f} MiB")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "target": self.target,
+            "dtype": self.dtype,
+            "weight_bytes": dict(self.weight_bytes),
+            "stored_weight_bytes": self.stored_weight_bytes,
+            "planned": {
+                name: {"planned_bytes": m.planned_bytes, "largest_block_bytes": m.largest_bytes}
+                for name, m in self.functions.items()
+                if m.storages
+            },
+            "largest_block_bytes": self.largest_block_bytes,
+            "peak_bytes": self.peak_bytes,
+        }
+
+
+def _weight_bytes(deploy: tvm.IRModule) -> tuple[dict[str, int], int]:
+    """Each entry function's weight bytes (its parameters after ``num_input``) and all of them, counted
+    once per (name, shape, dtype)."""
+    per_function: dict[str, int] = {}
+    stored: dict[tuple[str, tuple[int, ...], str], int] = {}
+    for func in _entry_functions(deploy):
+        f = deploy[func]
+        names = mp.unique_param_names(f)
+        total = 0
+        for name, param in zip(names, f.params[int(f.attrs["num_input"]) :], strict=True):
+            shape = tuple(int(d) for d in param.ty.shape)
+            nbytes = math.prod(shape) * tvm.runtime.DataType(str(param.ty.dtype)).bits // 8
+            stored[(name, shape, str(param.ty.dtype))] = nbytes
+            total += nbytes
+        per_function[func] = total
+    return per_function, sum(stored.values())
+
+
+def plan_memory(host: PluginHost, model: str, options: BuildOptions) -> MemoryPlan:
+    """A build's memory from its plan: ``model`` imported (or its graph from the import cache), lifted
+    and planned for ``options`` as :func:`build` would, without computing weights or compiling kernels.
+    Minutes instead of a build's hour for a large model, and within a small machine's memory."""
+    resolved = resolve(host, model, options, link=False)
+    imported, _ = _import(host, resolved, params=False)
+    phases = build_phases(host, resolved)
+    with resolved.target:
+        lifted = mp.split_transform_params(phases["weights"](imported.mod))
+    weights, stored = _weight_bytes(lifted.deploy)
+    with resolved.target, tvm.transform.PassContext(config=_pass_config(resolved)):
+        memory = mp.memory_report(_planned(lifted.deploy, phases))
+    functions = {name: memory[name] for name in _entry_functions(lifted.deploy) if name in memory}
+    return MemoryPlan(model, resolved.target_info.name, options.dtype, weights, stored, functions)
 
 
 def share_weights(

@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--weight-encoding", choices=ENCODINGS, default="raw", help="f32-to-bf16 halves float32 weights")
     b.add_argument("--no-cache", action="store_true", help="re-import instead of using the import cache")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plugin config value")
+    b.add_argument(
+        "--plan-memory",
+        action="store_true",
+        help="print each function's weights and planned memory, the largest buffer and the peak, and stop "
+        "(no weights computed, no kernels compiled, nothing written)",
+    )
 
     t = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule into a database")
     t.add_argument("model", help="model name (see `mlcweb list`)")
@@ -144,15 +150,19 @@ def _cmd_build(args: argparse.Namespace) -> int:
     )
     if args.db is not None and args.no_db:
         raise MlcwebError("--db and --no-db contradict each other; pass one")
-    return build_and_report(args.model, options)
+    return build_and_report(args.model, options, plan_only=args.plan_memory)
 
 
-def build_and_report(model: str, options: BuildOptions) -> int:
+def build_and_report(model: str, options: BuildOptions, *, plan_only: bool = False) -> int:
     """Build ``model`` with the installed plugins and print the build's summary (what ``mlcweb build``
-    does once its arguments are parsed; run it under :func:`run_command` for the CLI's error handling)."""
-    from .build import build
+    does once its arguments are parsed; run it under :func:`run_command` for the CLI's error handling);
+    with ``plan_only``, print its memory plan instead (:func:`~mlcweb.build.plan_memory`)."""
+    from .build import build, plan_memory
     from .plugins import PluginHost
 
+    if plan_only:
+        print(plan_memory(PluginHost(), model, options).summary())
+        return 0
     result = build(PluginHost(), model, options, progress=sys.stderr.isatty())
     print(result.summary())
     return 0

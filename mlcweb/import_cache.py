@@ -111,7 +111,9 @@ class ImportCache:
             shutil.rmtree(entry, ignore_errors=True)
         return freed
 
-    def load(self, key: str) -> ImportedModel | None:
+    def load(self, key: str, *, params: bool = True) -> ImportedModel | None:
+        """The entry ``key``, or None where there is none (or it is damaged); without ``params`` its graph
+        alone (no weights read: every function's parameters empty)."""
         entry = self.root / key
         if not (entry / "done").is_file():
             return None
@@ -119,19 +121,19 @@ class ImportCache:
         try:
             mod = tvm.ir.load_json((entry / "mod.json").read_text())
             layout = json.loads((entry / "layout.json").read_text())
-            tensors, _ = read_tensor_cache(entry / "params")
+            tensors = read_tensor_cache(entry / "params")[0] if params else {}
+            weights = {
+                func: OrderedDict((name, tensors[f"{func}/{name}"]) for name in names) if params else OrderedDict()
+                for func, names in layout["params"].items()
+            }
         except Exception as err:  # a damaged entry is rebuilt, never trusted
             log.warning("ignoring damaged import cache entry %s: %s", entry, err)
             return None
-        params = {
-            func: OrderedDict((name, tensors[f"{func}/{name}"]) for name in names)
-            for func, names in layout["params"].items()
-        }
         ranges = {
             func: {name: (int(r[0]), int(r[1])) for name, r in inputs.items()}
             for func, inputs in layout.get("input_ranges", {}).items()
         }
-        return ImportedModel(mod=mod, params=params, metadata=layout["metadata"], input_ranges=ranges)
+        return ImportedModel(mod=mod, params=weights, metadata=layout["metadata"], input_ranges=ranges)
 
     def store(self, key: str, imported: ImportedModel) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

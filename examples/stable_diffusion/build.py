@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", type=Path, help="MetaSchedule database to apply")
     parser.add_argument("--arch", help="cuda architecture (default sm_90)")
     parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument(
+        "--plan-memory",
+        action="store_true",
+        help="print the weights and planned memory of each function and the peak, and stop (nothing written)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     options = BuildOptions(
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         config={"size": args.size, "variant": args.variant, "lora": args.lora},
         arch=args.arch,
     )
-    return run_command(lambda: build_and_report(MODEL_NAME, options), verbose=args.verbose)
+    return run_command(lambda: build_and_report(MODEL_NAME, options, plan_only=args.plan_memory), verbose=args.verbose)
 
 
 if __name__ == "__main__":

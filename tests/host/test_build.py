@@ -7,7 +7,7 @@ import tiny_bert_plugin
 import torch
 
 from mlcweb import BuildOptions, MlcwebError
-from mlcweb.build import build, build_phases, resolve
+from mlcweb.build import build, build_phases, plan_memory, resolve
 from mlcweb.cli import main as cli_main
 from mlcweb.errors import CorruptArtifactError, TargetUnavailableError
 from mlcweb.plugins import PluginHost
@@ -38,6 +38,26 @@ def test_build_writes_library_weights_assets_and_manifest(built: Path) -> None:
     assert manifest["functions"]["main"]["inputs"] == [
         {"name": "input_ids", "shape": [1, 16], "dtype": "int32", "range": [0, 127]}  # the plugin's vocabulary
     ]
+
+
+def test_memory_plan_matches_the_build(
+    built: Path, tmp_path: Path, host: PluginHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan (no weights computed) gives the build's planned blocks and each function's weight bytes,
+    from a fresh import and from the import cache's graph alone; the build stores less where tensors are
+    equal (random models' LayerNorm ones and zeros), so the plan's stored bytes are an upper bound."""
+    monkeypatch.setenv("MLCWEB_CACHE_DIR", str(tmp_path / "cache"))
+    manifest = json.loads((built / "manifest.json").read_text())
+    index = json.loads((built / "tensor-cache.json").read_text())
+    nbytes = {r["name"]: r["nbytes"] for shard in index["records"] for r in shard["records"]}
+    taken = sum(nbytes[name] for name in manifest["functions"]["main"]["params"])  # a shared tensor per use
+    options = BuildOptions(target="llvm", out=tmp_path / "never-written")
+    fresh, cached = (plan_memory(host, "tiny-bert", options) for _ in range(2))
+    for plan in (fresh, cached):
+        assert plan.as_dict()["planned"] == manifest["memory"] and manifest["memory"]["main"]["planned_bytes"] > 0
+        assert plan.weight_bytes["main"] == plan.stored_weight_bytes == taken > sum(nbytes.values())
+        assert plan.peak_bytes == taken + manifest["memory"]["main"]["planned_bytes"]
+    assert not (tmp_path / "never-written").exists()
 
 
 def test_built_model_matches_pytorch(built: Path) -> None:
@@ -171,6 +191,10 @@ def test_cli_build_prints_a_summary(
     assert f"built tiny-bert for llvm (float32) in {out}" in text
     assert "kernels" in text and "tiny-bert-llvm.so" in text
     assert (out / "manifest.json").is_file()
+    assert cli_main(["build", "tiny-bert", "--out", str(tmp_path / "plan"), "--plan-memory"]) == 0
+    text = capsys.readouterr().out
+    assert "memory plan of tiny-bert for llvm (float32)" in text and "peak" in text
+    assert not (tmp_path / "plan").exists()
     assert cli_main(["build", "tiny-bert", "--out", str(out), "--set", "oops"]) == 2
 
 
