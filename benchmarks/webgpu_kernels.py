@@ -69,6 +69,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, bool, bool]] = {
     "vec4-nhwc-wide": ({}, "NHWC", True, True),
     "vec4-nhwc-prefetch": ({"prefetch": True}, "NHWC", True, False),
     "vec4-nhwc-prefetch-k32": ({"prefetch": True, "step_k": 32}, "NHWC", True, False),
+    # the library's tiles before 2026-12-06: a thread's outputs in adjacent pairs (2-way bank conflicts)
+    "vec4-nhwc-pairs": ({"virtual_i": "half_micro_i", "virtual_j": "half_micro_j"}, "NHWC", True, False),
 }
 
 
@@ -133,15 +135,26 @@ def _module(dtype: str, shapes: dict[str, tuple[str, tuple[int, ...], tuple[int,
     return bb.get()
 
 
+def _tile_value(tile: Any, value: Any) -> Any:
+    """``value``, or the field of ``tile`` it names (``micro_i``; ``half_micro_i``: half of it)."""
+    if not isinstance(value, str):
+        return value
+    name = value.removeprefix("half_")
+    return getattr(tile, name) // 2 if name != value else getattr(tile, name)
+
+
 @contextlib.contextmanager
 def _tiles(gemm: Any, changes: dict[str, Any]) -> Iterator[None]:
     """This benchmark's knob: ``WebGPUMatmul``'s tiles with ``changes`` (``vector_k``, ``prefetch``,
-    ``step_k``) while building (the library picks its own tiles; nothing else sets them), restored
-    afterwards even on an error."""
+    ``step_k``; a value that names a field takes that field of each tile: ``virtual_i="micro_i"``, and
+    ``half_<field>`` half of it) while
+    building (the library picks its own tiles; nothing else sets them), restored afterwards even on an
+    error."""
     saved = {name: getattr(gemm, name) for name in ("LARGE", "MEDIUM", "SMALL")}
     try:
         for name, tile in saved.items():
-            setattr(gemm, name, dataclasses.replace(tile, **changes))
+            values = {k: _tile_value(tile, v) for k, v in changes.items()}
+            setattr(gemm, name, dataclasses.replace(tile, **values))
         yield
     finally:
         for name, tile in saved.items():
@@ -176,17 +189,51 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
     (dest / "specs.json").write_text(json.dumps(specs, indent=1))
 
 
-def build(args: argparse.Namespace) -> int:
+def _target() -> Any:
+    import tvm
+
+    return tvm.target.Target(
+        {"kind": "webgpu", "max_shared_memory_per_block": 32768},
+        host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"},
+    )
+
+
+def dump(args: argparse.Namespace) -> int:
+    """The float16 WGSL of each variant's kernel for a linear shape, as ``f16_math.mjs --tvm`` reads it:
+    ``<out>/<M>x<N>x<K>-<variant>.wgsl``."""
     sys.path.insert(0, str(ROOT))
     import tvm
 
     import mlcweb_passes as mp
+    from mlcweb.wgsl_check import wgsl_sources
     from mlcweb_passes.webgpu import gemm
 
-    target = tvm.target.Target(
-        {"kind": "webgpu", "max_shared_memory_per_block": 32768},
-        host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"},
-    )
+    kind, xs, ws = SHAPES[args.shape]
+    if kind != "linear":
+        print(f"webgpu_kernels dump: {args.shape} is a {kind}; f16_math.mjs binds linear GEMMs only", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for variant in args.variants.split(","):
+        changes, layout, flash, wide = VARIANTS[variant]
+        options = mp.PipelineOptions(conv_layout=layout, flash_attention=flash, widen_gemm_operands=wide)
+        with _tiles(gemm, changes):
+            target = _target()
+            module = _module("float16", {args.shape: SHAPES[args.shape]})
+            exe = tvm.compile(module, target, relax_pipeline=mp.pipeline(target, options))
+        (source,) = wgsl_sources(exe.mod).values()
+        dest = out / f"{math.prod(xs[:-1])}x{ws[0]}x{ws[1]}-{variant}.wgsl"
+        dest.write_text(source.lstrip("\n"))
+        print(f"wrote {dest}")
+    return 0
+
+
+def build(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(ROOT))
+    import mlcweb_passes as mp
+    from mlcweb_passes.webgpu import gemm
+
+    target = _target()
     shapes = TINY if args.tiny else SHAPES
     for variant in args.variants.split(","):
         changes, layout, flash, wide = VARIANTS[variant]
@@ -267,8 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--timeout", type=int, default=300)
     rep = sub.add_parser("report")
     rep.add_argument("dir")
+    d = sub.add_parser("dump", help="float16 WGSL of a linear GEMM's kernel per variant, for webgpu/f16_math.mjs")
+    d.add_argument("--out", required=True)
+    d.add_argument("--shape", default="unet_ff_64")
+    d.add_argument("--variants", default="vec4-nhwc,vec4-nhwc-pairs")
     args = parser.parse_args(argv)
-    return {"build": build, "run": run, "report": report}[args.command](args)
+    return {"build": build, "run": run, "report": report, "dump": dump}[args.command](args)
 
 
 if __name__ == "__main__":

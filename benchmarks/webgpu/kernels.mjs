@@ -24,6 +24,7 @@ await installDawn(args.dawn, args.toggle);
 const tvmjs = createRequire(import.meta.url)(path.resolve(args.tvmjs));
 const GEMM = /conv2d|matmul/;
 const SAMPLES = 4096;
+const WARM_MS = 500;
 
 function halfToFloat(bits) {
   const out = new Float32Array(bits.length);
@@ -55,16 +56,26 @@ async function main() {
       return t;
     });
     const f = vm.getFunction(fn.name);
-    f(...inputs);
-    await gpu.sync();
-    const wall = [];
-    profiler.start();
-    for (let r = 0; r < args.repeat; ++r) {
-      const s = performance.now();
+    // each call in its own scope: its output goes back to the VM's pool for the next call to reuse
+    const call = () => {
+      tvm.beginScope();
       f(...inputs);
+      tvm.endScope();
+    };
+    // Keep the GPU busy for WARM_MS before timing, then time calls queued back to back: kernels that
+    // follow idle time (input filling, a sync after each call) ran up to 4x slower (f16_math.mjs timed
+    // one kernel at 0.39 and at 1.3-1.9 ms by what ran before it), which made float16 numbers of
+    // identical kernels move between runs.
+    const warmEnd = performance.now() + WARM_MS;
+    while (performance.now() < warmEnd) {
+      for (let r = 0; r < 8; ++r) call();
       await gpu.sync();
-      wall.push(performance.now() - s);
     }
+    profiler.start();
+    const start = performance.now();
+    for (let r = 0; r < args.repeat; ++r) call();
+    await gpu.sync();
+    const wall = [(performance.now() - start) / args.repeat];
     const records = await profiler.stop();
     const gemm = fn.time === "all" ? records : records.filter((k) => GEMM.test(k.name));
     const perCall = [];

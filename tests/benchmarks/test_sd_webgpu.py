@@ -36,3 +36,16 @@ def test_peers_table_uses_the_page_library_and_states_ratios(
     out = capsys.readouterr().out
     assert "| unet float16 | 140.0 | 100.0 | 200.0 | 10.00 | 0.70x / 0.50x | 10.0x |" in out
     assert "| vae float16 | 50.0 | 40.0 | - | 8.00 | - | 5.0x |" in out
+
+
+def test_tile_changes_name_fields_of_each_tile() -> None:
+    """The benchmarks' tile knob: an integer for every tile, or a field (or half of it) of each tile, as the
+    pairs layout the library had before (``virtual = micro / 2``) is rebuilt; restored afterwards."""
+    import webgpu_kernels
+
+    from mlcweb_passes.webgpu import gemm
+
+    before = (gemm.LARGE, gemm.MEDIUM, gemm.SMALL)
+    with webgpu_kernels._tiles(gemm, {"virtual_j": "half_micro_j", "step_k": 32}):
+        assert (gemm.LARGE.virtual_j, gemm.MEDIUM.virtual_j, gemm.LARGE.step_k) == (4, 2, 32)
+    assert before == (gemm.LARGE, gemm.MEDIUM, gemm.SMALL)
