@@ -10,8 +10,10 @@ and padding to whole tiles) as follows:
 
 - a workgroup of ``threads_y x threads_x`` threads computes a ``tile_i x tile_j`` output tile; each
   thread holds ``micro_i x micro_j`` accumulators, spread over the tile in ``virtual_i x virtual_j``
-  strided groups of ``micro / virtual`` adjacent outputs (virtual threads), so the threads of a
-  subgroup read different banks of workgroup memory;
+  strided groups of ``micro / virtual`` adjacent outputs (virtual threads). The tiles take one output a
+  group (rows and columns ``threads`` apart), so neighbouring threads read neighbouring rows of
+  workgroup memory, each in its own banks; pairs of adjacent outputs made every read of the ``B`` tile a
+  2-way bank conflict (rows 2 apart on a 40- or 80-byte row pitch);
 - the reduction walks ``step_k`` at a time: both operands' tiles are copied into workgroup memory by all
   threads, neighbouring threads taking neighbouring elements along the axis that is contiguous in
   global memory (the output pixels of an NCHW convolution's input, the reduction of a ``[N, K]``
@@ -94,9 +96,9 @@ class WebGPUTile:
         return (self.tile_i + self.tile_j) * (self.step_k + self.row_pad) * dtype_bytes
 
 
-LARGE = WebGPUTile(16, 16, 8, 8, 4, 4, 16)  # 128 x 128
-MEDIUM = WebGPUTile(16, 16, 4, 4, 2, 2, 16)  # 64 x 64
-SMALL = WebGPUTile(8, 16, 4, 4, 2, 2, 16)  # 32 x 64
+LARGE = WebGPUTile(16, 16, 8, 8, 8, 8, 16)  # 128 x 128
+MEDIUM = WebGPUTile(16, 16, 4, 4, 4, 4, 16)  # 64 x 64
+SMALL = WebGPUTile(8, 16, 4, 4, 4, 4, 16)  # 32 x 64
 
 
 def choose_webgpu_tile(batch: int, m: int, n: int, max_threads: int = 256, max_shared: int = 16384) -> WebGPUTile:

@@ -16,7 +16,7 @@ from tvm.script import relax as R
 
 import mlcweb_passes as mp
 from mlcweb.wgsl_check import check_wgsl, wgsl_sources
-from mlcweb_passes.webgpu.gemm import LARGE, MEDIUM, SMALL, WebGPUMatmul, choose_webgpu_tile
+from mlcweb_passes.webgpu.gemm import LARGE, MEDIUM, SMALL, WebGPUMatmul, WebGPUTile, choose_webgpu_tile
 
 WEBGPU = tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
 
@@ -61,6 +61,26 @@ def test_tile_choice_follows_the_work() -> None:
     assert choose_webgpu_tile(1, 512, 320, 256, shared) == MEDIUM
     assert choose_webgpu_tile(1, 32, 64, 256, shared) == SMALL
     assert choose_webgpu_tile(2, 4096, 1280, 128, shared) == SMALL  # an adapter of 128 threads
+
+
+@pytest.mark.parametrize("tile", [LARGE, MEDIUM, SMALL], ids=["large", "medium", "small"])
+@pytest.mark.parametrize("dtype_bytes", [2, 4])
+def test_register_reads_take_one_bank_each(tile: WebGPUTile, dtype_bytes: int) -> None:
+    """Each step a thread reads one ``vector_k``-wide piece of a row of each operand tile; the threads of
+    a memory phase (128 bytes: 16 threads of 8-byte float16 pieces, 8 of 16-byte float32 ones) read
+    different rows along ``threadIdx.x`` and must hit different banks (32 of 4 bytes). With a thread's
+    outputs in adjacent pairs (the old ``virtual = micro / 2``), rows 2 apart made every read 2-way."""
+    piece = tile.vector_k * dtype_bytes
+    pitch_words = (tile.step_k + tile.row_pad) * dtype_bytes // 4
+    adjacent = tile.micro_j // tile.virtual_j
+    phase = min(tile.threads_j, 128 // piece)
+    banks = [
+        (t * adjacent * pitch_words + w) % 32 for t in range(phase) for w in range(piece // 4)
+    ]  # the words each thread's first read covers
+    assert len(set(banks)) == len(banks)
+    old = dataclasses.replace(tile, virtual_j=tile.micro_j // 2)
+    old_rows = [t * (old.micro_j // old.virtual_j) * pitch_words % 32 for t in range(phase)]
+    assert len(set(old_rows)) < phase
 
 
 def test_the_pipeline_uses_it_and_dawn_accepts_every_shader(monkeypatch: pytest.MonkeyPatch) -> None:
