@@ -71,7 +71,16 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, bool, bool]] = {
     "vec4-nhwc-prefetch-k32": ({"prefetch": True, "step_k": 32}, "NHWC", True, False),
     # the library's tiles before 2026-12-06: a thread's outputs in adjacent pairs (2-way bank conflicts)
     "vec4-nhwc-pairs": ({"virtual_i": "half_micro_i", "virtual_j": "half_micro_j"}, "NHWC", True, False),
+    # vec4 global loads: storage buffers read only in aligned vec4s declared array<vec4<T>>
+    "vec4-nhwc-vecload": ({}, "NHWC", True, False),
 }
+VECTOR_STORAGE = {"vec4-nhwc-vecload"}  # variants compiled with mlcweb_passes.webgpu.vector_storage's pipeline
+
+
+def _tir_pipeline(variant: str) -> str:
+    from mlcweb_passes.webgpu.vector_storage import tir_pipeline
+
+    return tir_pipeline() if variant in VECTOR_STORAGE else "default"
 
 
 def _flops(kind: str, x: tuple[int, ...], w: tuple[int, ...]) -> int:
@@ -169,7 +178,9 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
     from mlcweb.wasm_runtime import link_wasm
 
     dest.mkdir(parents=True, exist_ok=True)
-    exe = tvm.compile(_module(dtype, shapes), target, relax_pipeline=mp.pipeline(target, options))
+    exe = tvm.compile(
+        _module(dtype, shapes), target, relax_pipeline=mp.pipeline(target, options), tir_pipeline=_tir_pipeline(variant)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         lib = Path(tmp) / "kernels.wasm"
         exe.export_library(str(lib), fcompile=link_wasm)
@@ -220,7 +231,9 @@ def dump(args: argparse.Namespace) -> int:
         with _tiles(gemm, changes):
             target = _target()
             module = _module("float16", {args.shape: SHAPES[args.shape]})
-            exe = tvm.compile(module, target, relax_pipeline=mp.pipeline(target, options))
+            exe = tvm.compile(
+                module, target, relax_pipeline=mp.pipeline(target, options), tir_pipeline=_tir_pipeline(variant)
+            )
         (source,) = wgsl_sources(exe.mod).values()
         dest = out / f"{math.prod(xs[:-1])}x{ws[0]}x{ws[1]}-{variant}.wgsl"
         dest.write_text(source.lstrip("\n"))
@@ -317,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("dump", help="float16 WGSL of a linear GEMM's kernel per variant, for webgpu/f16_math.mjs")
     d.add_argument("--out", required=True)
     d.add_argument("--shape", default="unet_ff_64")
-    d.add_argument("--variants", default="vec4-nhwc,vec4-nhwc-pairs")
+    d.add_argument("--variants", default="vec4-nhwc,vec4-nhwc-pairs,vec4-nhwc-vecload")
     args = parser.parse_args(argv)
     return {"build": build, "run": run, "report": report, "dump": dump}[args.command](args)
 
