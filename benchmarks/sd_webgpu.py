@@ -48,15 +48,11 @@ def build(args: argparse.Namespace) -> int:
     from mlcweb.plugins import PluginHost
 
     sys.path.insert(0, str(HERE))
-    from webgpu_kernels import _tiles
+    from webgpu_kernels import _tiles, tile_change
 
     from mlcweb_passes.webgpu import gemm
 
-    changes: dict[str, Any] = {}
-    for item in args.tile:  # FIELD=INT converted to the field's type (prefetch=1), or FIELD=FIELD
-        field, _, value = item.partition("=")
-        named = hasattr(gemm.LARGE, value.removeprefix("half_"))
-        changes[field] = value if named else type(getattr(gemm.LARGE, field))(int(value))
+    changes = dict(tile_change(item, gemm.LARGE) for item in args.tile)
     host = PluginHost()
     with _tiles(gemm, changes):
         return _build_dtypes(args, host)

@@ -144,6 +144,15 @@ def _module(dtype: str, shapes: dict[str, tuple[str, tuple[int, ...], tuple[int,
     return bb.get()
 
 
+def tile_change(item: str, fields: Any) -> tuple[str, Any]:
+    """One ``FIELD=VALUE`` of a command line as a :func:`_tiles` change: an integer converted to the
+    field's type (``prefetch=1``), or the name of a field of ``fields`` (a tile), maybe ``half_``."""
+    field, _, value = item.partition("=")
+    if hasattr(fields, value.removeprefix("half_")):
+        return field, value
+    return field, type(getattr(fields, field))(int(value))
+
+
 def _tile_value(tile: Any, value: Any) -> Any:
     """``value``, or the field of ``tile`` it names (``micro_i``; ``half_micro_i``: half of it)."""
     if not isinstance(value, str):
@@ -156,9 +165,8 @@ def _tile_value(tile: Any, value: Any) -> Any:
 def _tiles(gemm: Any, changes: dict[str, Any]) -> Iterator[None]:
     """This benchmark's knob: ``WebGPUMatmul``'s tiles with ``changes`` (``vector_k``, ``prefetch``,
     ``step_k``; a value that names a field takes that field of each tile: ``virtual_i="micro_i"``, and
-    ``half_<field>`` half of it) while
-    building (the library picks its own tiles; nothing else sets them), restored afterwards even on an
-    error."""
+    ``half_<field>`` half of it) while building (the library picks its own tiles; nothing else sets
+    them), restored afterwards even on an error."""
     saved = {name: getattr(gemm, name) for name in ("LARGE", "MEDIUM", "SMALL")}
     try:
         for name, tile in saved.items():

@@ -75,7 +75,7 @@ async function main() {
     const start = performance.now();
     for (let r = 0; r < args.repeat; ++r) call();
     await gpu.sync();
-    const wall = [(performance.now() - start) / args.repeat];
+    const wallMs = (performance.now() - start) / args.repeat;
     const records = await profiler.stop();
     const gemm = fn.time === "all" ? records : records.filter((k) => GEMM.test(k.name));
     const perCall = [];
@@ -93,7 +93,7 @@ async function main() {
     const ms = median(perCall);
     result.kernels[fn.name] = {
       gemm_ms: ms,
-      wall_ms: median(wall),
+      wall_ms: wallMs,
       tflops: fn.flops / ms / 1e9,
       dispatches: records.length / args.repeat,
       names: [...new Set(gemm.map((k) => k.name))],

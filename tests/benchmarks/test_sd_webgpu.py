@@ -45,6 +45,8 @@ def test_tile_changes_name_fields_of_each_tile() -> None:
 
     from mlcweb_passes.webgpu import gemm
 
+    assert webgpu_kernels.tile_change("virtual_j=half_micro_j", gemm.LARGE) == ("virtual_j", "half_micro_j")
+    assert webgpu_kernels.tile_change("prefetch=1", gemm.LARGE) == ("prefetch", True)
     before = (gemm.LARGE, gemm.MEDIUM, gemm.SMALL)
     with webgpu_kernels._tiles(gemm, {"virtual_j": "half_micro_j", "step_k": 32}):
         assert (gemm.LARGE.virtual_j, gemm.MEDIUM.virtual_j, gemm.LARGE.step_k) == (4, 2, 32)
