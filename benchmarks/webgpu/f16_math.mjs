@@ -11,18 +11,22 @@
 // Each variant's GPU time comes from timestamp queries (median of --repeat dispatches); its error is
 // the relative RMS of sampled outputs against a float64 reference on the CPU from the same float16 inputs.
 //
+// Shape variants (float32 multiply-adds): tm x tn outputs a thread (tile 16*tm x 16*tn), reduction steps
+// of `step`, and `double`: two workgroup-memory buffers, the next step's global loads issued before this
+// step's multiply-adds and stored after them (one barrier a step).
+//
 // With --tvm DIR, each DIR/<M>x<N>x<K>-<name>.wgsl is timed beside them as variant tvm-<name>: a GEMM
 // kernel TVM generated for that shape (webgpu_kernels.py dump), bound as TVM binds it (output, B, A,
 // then the uniform packGridDimX) on a grid of N/128 x M/128 workgroups.
 //
 //   node f16_math.mjs --dawn DIR/webgpu [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia]
-//        [--repeat 20] [--shapes MxNxK,...] [--tvm DIR] [--out result.json]
+//        [--repeat 20] [--shapes MxNxK,...] [--variants NAME,...] [--tvm DIR] [--out result.json]
 import fs from "node:fs";
 import { installDawn, median, openDevice, runMain } from "./common.mjs";
 
 // SD1.5's feed-forward linear (64x64 latents, batch 2), a 3x3 convolution at 16x16 (1280 channels) and
 // one of the VAE's at 256x256 (256 channels), as GEMMs; M and N multiples of 128, K of 16
-const args = { repeat: 20, toggle: [], shapes: "8192x2560x320,512x1280x11520,65536x256x2304", out: "" };
+const args = { repeat: 20, toggle: [], shapes: "8192x2560x320,512x1280x11520,65536x256x2304", out: "", variants: "" };
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i += 2) {
   const key = argv[i].replace(/^--/, "");
@@ -30,9 +34,7 @@ for (let i = 0; i < argv.length; i += 2) {
   else args[key] = argv[i + 1];
 }
 
-const TILE = 128;
-const STEP = 16; // reduction depth of a workgroup-memory step: 4 vec4 per row
-const ROW = STEP / 4 + 1; // vec4 per workgroup-memory row, one of padding (spreads a subgroup's rows over the banks)
+const STEP = 16; // default reduction depth of a workgroup-memory step: 4 vec4 per row
 // pairs: a thread's rows (and columns) in pairs of adjacent ones 32 apart, as TVM's schedule had them with
 // 2 virtual threads of 4 for 8x8 outputs; else one row every 16 (2-way bank conflicts against none)
 // scalar-loads: operands bound as array<f16>, each vec4 built from four scalar loads (as TVM's WGSL does);
@@ -45,25 +47,36 @@ export const VARIANTS = {
   "f32-shared": { shared: "f32", chain: 0 },
 };
 for (const chain of [4, 8, 16]) VARIANTS[`f16x2-${chain}`] = { shared: "f16", chain };
+VARIANTS["f32-k32"] = { shared: "f16", chain: 0, step: 32 };
+VARIANTS["f32-double"] = { shared: "f16", chain: 0, double: true };
+VARIANTS["f32-double-k32"] = { shared: "f16", chain: 0, double: true, step: 32 };
+VARIANTS["f32-8x4"] = { shared: "f16", chain: 0, tn: 4 };
+VARIANTS["f32-8x4-double"] = { shared: "f16", chain: 0, tn: 4, double: true };
+VARIANTS["f32-4x4"] = { shared: "f16", chain: 0, tm: 4, tn: 4 };
+VARIANTS["f16x2-16-double"] = { shared: "f16", chain: 16, double: true };
 const WARM_MS = 500;
 
 /** The WGSL of one variant for an M x N x K GEMM (M, N multiples of 128, K of 16). */
 export function gemmShader(name, m, n, k) {
-  const { shared, chain, pairs, scalarLoads, loop } = VARIANTS[name];
+  const { shared, chain, pairs, scalarLoads, loop, tm = 8, tn = 8, step = STEP, double = false } = VARIANTS[name];
+  const ROW = step / 4 + 1; // vec4 per workgroup-memory row, one of padding (spreads a subgroup's rows over the banks)
+  const [tileM, tileN] = [16 * tm, 16 * tn];
   const k4 = k / 4;
   const at = (t, g) => (pairs ? `${t} * 2u + ${(g % 2) + 32 * Math.floor(g / 2)}u` : `${t} + ${16 * g}u`);
   const lines = [];
-  const R = [...Array(8).keys()];
+  const R = [...Array(tm).keys()];
+  const C = [...Array(tn).keys()];
   const acc = (r, c) => `c${r}_${c}`;
-  for (const r of R) for (const c of R) lines.push(`  var ${acc(r, c)} : f32 = 0.0;`);
+  for (const r of R) for (const c of C) lines.push(`  var ${acc(r, c)} : f32 = 0.0;`);
   const body = [];
   const flushEvery = chain / 4; // vec4 operands per float16 sum: each gives 4 products, 2 a lane
-  for (let q = 0; q < (loop ? 1 : STEP / 4); q++) {
+  const base = double ? "cur + " : "";
+  for (let q = 0; q < (loop ? 1 : step / 4); q++) {
     const qi = loop ? "q" : `${q}u`;
-    for (const r of R) body.push(`    let a${r}_${q} = As[(${at("ty", r)}) * ${ROW}u + ${qi}];`);
-    for (const c of R) body.push(`    let b${c}_${q} = Bs[(${at("tx", c)}) * ${ROW}u + ${qi}];`);
+    for (const r of R) body.push(`    let a${r}_${q} = As[${base}(${at("ty", r)}) * ${ROW}u + ${qi}];`);
+    for (const c of C) body.push(`    let b${c}_${q} = Bs[${base}(${at("tx", c)}) * ${ROW}u + ${qi}];`);
     for (const r of R) {
-      for (const c of R) {
+      for (const c of C) {
         const a = `a${r}_${q}`, b = `b${c}_${q}`, s = acc(r, c);
         if (!chain && shared === "f32") {
           for (const l of "xyzw") body.push(`    ${s} = fma(${a}.${l}, ${b}.${l}, ${s});`);
@@ -80,41 +93,68 @@ export function gemmShader(name, m, n, k) {
     }
   }
   const stores = [];
-  for (const r of R) for (const c of R) stores.push(`  C[(row0 + ${at("ty", r)}) * ${n}u + col0 + ${at("tx", c)}] = f16(${acc(r, c)});`);
+  for (const r of R) for (const c of C) stores.push(`  C[(row0 + ${at("ty", r)}) * ${n}u + col0 + ${at("tx", c)}] = f16(${acc(r, c)});`);
   const cast = shared === "f32" ? "vec4<f32>" : "";
   const element = scalarLoads ? "f16" : "vec4<f16>";
   const load = (buf, index) =>
     scalarLoads ? `vec4<f16>(${[0, 1, 2, 3].map((l) => `${buf}[4u * (${index}) + ${l}u]`).join(", ")})` : `${buf}[${index}]`;
-  const steps = loop ? [`    for (var q = 0u; q < ${STEP / 4}u; q++) {`, ...body.map((l) => `  ${l}`), "    }"] : body;
+  const steps = loop ? [`    for (var q = 0u; q < ${step / 4}u; q++) {`, ...body.map((l) => `  ${l}`), "    }"] : body;
+  // global -> workgroup copies: each thread moves `per` vec4 of A and of B a step
+  const [perA, perB] = [(tileM * step) / 4 / 256, (tileN * step) / 4 / 256];
+  const copy = (into, kk, regs) => {
+    const out = [];
+    for (const [buf, shm, per, origin] of [["A", "As", perA, "row0"], ["B", "Bs", perB, "col0"]]) {
+      for (let l = 0; l < per; l++) {
+        const e = `(li + ${l * 256}u)`;
+        const [row, q] = [`(${e} / ${step / 4}u)`, `(${e} % ${step / 4}u)`];
+        const value = `${cast}(${load(buf, `(${origin} + ${row}) * ${k4}u + ${kk} + ${q}`)})`;
+        if (regs === "load") out.push(`    let p${buf}${l} = ${value};`);
+        else out.push(`    ${shm}[${into}${row} * ${ROW}u + ${q}] = ${regs === "store" ? `p${buf}${l}` : value};`);
+      }
+    }
+    return out;
+  };
+  const half = `${tileM * ROW}u`;
+  const loopBody = double
+    ? [
+        "    workgroupBarrier();",
+        `    let next = k4 + ${step / 4}u < ${k4}u;`,
+        ...copy("", `select(k4, k4 + ${step / 4}u, next)`, "load"),
+        ...steps,
+        `    let cur2 = ${half} - cur;`,
+        ...copy("cur2 + ", "", "store"),
+        "    cur = cur2;",
+      ]
+    : ["    workgroupBarrier();", ...copy("", "k4", "direct"), "    workgroupBarrier();", ...steps];
+  const prologue = double ? ["  var cur = 0u;", ...copy("", "0u", "direct")] : [];
+  const copies = double ? 2 : 1;
   return `enable f16;
 @group(0) @binding(0) var<storage, read> A : array<${element}>;
 @group(0) @binding(1) var<storage, read> B : array<${element}>;
 @group(0) @binding(2) var<storage, read_write> C : array<f16>;
-var<workgroup> As : array<vec4<${shared}>, ${TILE * ROW}>;
-var<workgroup> Bs : array<vec4<${shared}>, ${TILE * ROW}>;
+var<workgroup> As : array<vec4<${shared}>, ${copies * tileM * ROW}>;
+var<workgroup> Bs : array<vec4<${shared}>, ${copies * Math.max(tileM, tileN) * ROW}>; // cur offsets both by As' half
 @compute @workgroup_size(16, 16, 1)
 fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_id) lid : vec3<u32>,
         @builtin(local_invocation_index) li : u32) {
   let tx = lid.x;
   let ty = lid.y;
-  let row0 = wg.y * ${TILE}u;
-  let col0 = wg.x * ${TILE}u;
+  let row0 = wg.y * ${tileM}u;
+  let col0 = wg.x * ${tileN}u;
 ${lines.join("\n")}
-  for (var k4 = 0u; k4 < ${k4}u; k4 += ${STEP / 4}u) {
-    workgroupBarrier();
-    for (var l = 0u; l < 2u; l++) {
-      let e = li + l * 256u;
-      let row = e / 4u;
-      let q = e % 4u;
-      As[row * ${ROW}u + q] = ${cast}(${load("A", `(row0 + row) * ${k4}u + k4 + q`)});
-      Bs[row * ${ROW}u + q] = ${cast}(${load("B", `(col0 + row) * ${k4}u + k4 + q`)});
-    }
-    workgroupBarrier();
-${steps.join("\n")}
+${prologue.join("\n")}
+  for (var k4 = 0u; k4 < ${k4}u; k4 += ${step / 4}u) {
+${loopBody.join("\n")}
   }
 ${stores.join("\n")}
 }
 `;
+}
+
+/** Workgroups along N and M of a variant's tiles. */
+export function gemmGrid(name, m, n) {
+  const { tm = 8, tn = 8 } = VARIANTS[name] ?? {};
+  return [n / (16 * tn), m / (16 * tm), 1];
 }
 
 // ------------------------------------------------------------------------------------- float16 data
@@ -218,19 +258,29 @@ async function main() {
     const bufB = buffer(device, b, storage);
     const bufC = device.createBuffer({ size: m * n * 2, usage: storage | GPUBufferUsage.COPY_SRC });
     const row = { m, n, k, flops: 2 * m * n * k, variants: {} };
-    const grid = [n / TILE, m / TILE, 1];
-    const kernels = Object.keys(VARIANTS).map((name) => ({ name, code: gemmShader(name, m, n, k), entry: "main", buffers: [bufA, bufB, bufC] }));
+    const grid = [n / 128, m / 128, 1]; // TVM's kernels: 128x128 tiles
+    const only = args.variants ? args.variants.split(",") : Object.keys(VARIANTS);
+    const kernels = only.map((name) => ({
+      name, code: gemmShader(name, m, n, k), entry: "main", buffers: [bufA, bufB, bufC], grid: gemmGrid(name, m, n),
+    }));
     if (args.tvm) {
       const pod = buffer(device, Uint32Array.of(grid[0] * grid[2] - 1, 0, 0, 0), GPUBufferUsage.UNIFORM);
       for (const file of fs.readdirSync(args.tvm).filter((f) => f.startsWith(`${shape}-`) && f.endsWith(".wgsl")).sort()) {
         const code = fs.readFileSync(`${args.tvm}/${file}`, "utf8");
         const entry = /fn (\w+)\(/.exec(code.slice(code.indexOf("@compute")))[1];
-        kernels.push({ name: `tvm-${file.slice(shape.length + 1, -5)}`, code, entry, buffers: [bufC, bufB, bufA, pod] });
+        kernels.push({ name: `tvm-${file.slice(shape.length + 1, -5)}`, code, entry, buffers: [bufC, bufB, bufA, pod], grid });
       }
     }
-    for (const { name, code, entry, buffers } of kernels) {
+    for (const { name, code, entry, buffers, grid } of kernels) {
       const module = device.createShaderModule({ code });
-      const pipeline = await device.createComputePipelineAsync({ layout: "auto", compute: { module, entryPoint: entry } });
+      let pipeline;
+      try {
+        pipeline = await device.createComputePipelineAsync({ layout: "auto", compute: { module, entryPoint: entry } });
+      } catch (error) {
+        console.log(`${shape} ${name}: not run (${error.message.split("\n")[0]})`);
+        row.variants[name] = { error: error.message.split("\n")[0] };
+        continue;
+      }
       const group = device.createBindGroup({
         layout: pipeline.getBindGroupLayout(0),
         entries: buffers.map((buf, binding) => ({ binding, resource: { buffer: buf } })),
