@@ -22,6 +22,7 @@ WebGPU timestamp queries around every dispatch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import lzma
 import os
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,8 @@ UNROUNDED = "disable-dawn-features=timestamp_quantization"
 # ------------------------------------------------------------------------------------------- build (here)
 def build(args: argparse.Namespace) -> int:
     """Build each dtype for webgpu into ``out/<name>-<dtype>``, keeping what the runner reads; ``--tile``
-    changes every ``WebGPUMatmul`` tile as ``webgpu_kernels.py``'s variants do."""
+    changes every ``WebGPUMatmul`` tile as ``webgpu_kernels.py``'s variants do, ``--[no-]vector-loads``
+    the pipeline's ``vector_loads``."""
     sys.path.insert(0, str(ROOT))
     from mlcweb.plugins import PluginHost
 
@@ -54,8 +57,28 @@ def build(args: argparse.Namespace) -> int:
 
     changes = dict(tile_change(item, gemm.LARGE) for item in args.tile)
     host = PluginHost()
-    with _tiles(gemm, changes):
+    with _tiles(gemm, changes), _vector_loads(args.vector_loads):
         return _build_dtypes(args, host)
+
+
+@contextlib.contextmanager
+def _vector_loads(on: bool | None) -> Iterator[None]:
+    """The builds' TIR pipeline with ``PipelineOptions.vector_loads`` set to ``on`` (None: the default)."""
+    import dataclasses
+    from unittest import mock
+
+    import mlcweb_passes as mp
+
+    if on is None:
+        yield
+        return
+    chosen = mp.tir_pipeline
+
+    def forced(target: Any, options: Any = None) -> str:
+        return chosen(target, dataclasses.replace(options or mp.PipelineOptions(), vector_loads=on))
+
+    with mock.patch.object(mp, "tir_pipeline", forced):
+        yield
 
 
 def _build_dtypes(args: argparse.Namespace, host: Any) -> int:
@@ -490,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="FIELD=INT: a WebGPUTile field for every tile (prefetch=1); FIELD=FIELD takes another field of each "
         "tile (virtual_i=micro_i), FIELD=half_FIELD half of it",
+    )
+    b.add_argument(
+        "--vector-loads",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="PipelineOptions.vector_loads on or off (default: the pipeline's default)",
     )
     p = sub.add_parser("pack")
     p.add_argument("--builds", required=True)

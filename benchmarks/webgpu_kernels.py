@@ -71,16 +71,24 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, bool, bool]] = {
     "vec4-nhwc-prefetch-k32": ({"prefetch": True, "step_k": 32}, "NHWC", True, False),
     # the library's tiles before 2026-12-06: a thread's outputs in adjacent pairs (2-way bank conflicts)
     "vec4-nhwc-pairs": ({"virtual_i": "half_micro_i", "virtual_j": "half_micro_j"}, "NHWC", True, False),
-    # vec4 global loads: storage buffers read only in aligned vec4s declared array<vec4<T>>
-    "vec4-nhwc-vecload": ({}, "NHWC", True, False),
+    # the library before 2026-12-06's vector loads: every storage buffer array<T>, each vec4 four loads
+    "vec4-nhwc-scalarload": ({}, "NHWC", True, False),
+    # 32-deep reduction steps (float16 tiles 18 KiB of workgroup memory at 128x128)
+    "vec4-nhwc-k32": ({"step_k": 32}, "NHWC", True, False),
+    # the large tile 128x64 (8x4 a thread): more workgroups where N is 320 or 640
+    "vec4-nhwc-128x64": ({"micro_j": 4, "virtual_j": 4}, "NHWC", True, False),
 }
-VECTOR_STORAGE = {"vec4-nhwc-vecload"}  # variants compiled with mlcweb_passes.webgpu.vector_storage's pipeline
+SCALAR_LOADS = {"vec4-nhwc-scalarload"}  # variants built with PipelineOptions(vector_loads=False)
 
 
-def _tir_pipeline(variant: str) -> str:
-    from mlcweb_passes.webgpu.vector_storage import tir_pipeline
+def _options(variant: str) -> Any:
+    """The variant's pipeline options (its layout, flash attention, operand widening and loads)."""
+    import mlcweb_passes as mp
 
-    return tir_pipeline() if variant in VECTOR_STORAGE else "default"
+    _, layout, flash, wide = VARIANTS[variant]
+    return mp.PipelineOptions(
+        conv_layout=layout, flash_attention=flash, widen_gemm_operands=wide, vector_loads=variant not in SCALAR_LOADS
+    )
 
 
 def _flops(kind: str, x: tuple[int, ...], w: tuple[int, ...]) -> int:
@@ -187,7 +195,10 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
 
     dest.mkdir(parents=True, exist_ok=True)
     exe = tvm.compile(
-        _module(dtype, shapes), target, relax_pipeline=mp.pipeline(target, options), tir_pipeline=_tir_pipeline(variant)
+        _module(dtype, shapes),
+        target,
+        relax_pipeline=mp.pipeline(target, options),
+        tir_pipeline=mp.tir_pipeline(target, options),
     )
     with tempfile.TemporaryDirectory() as tmp:
         lib = Path(tmp) / "kernels.wasm"
@@ -234,13 +245,15 @@ def dump(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for variant in args.variants.split(","):
-        changes, layout, flash, wide = VARIANTS[variant]
-        options = mp.PipelineOptions(conv_layout=layout, flash_attention=flash, widen_gemm_operands=wide)
-        with _tiles(gemm, changes):
+        options = _options(variant)
+        with _tiles(gemm, VARIANTS[variant][0]):
             target = _target()
             module = _module("float16", {args.shape: SHAPES[args.shape]})
             exe = tvm.compile(
-                module, target, relax_pipeline=mp.pipeline(target, options), tir_pipeline=_tir_pipeline(variant)
+                module,
+                target,
+                relax_pipeline=mp.pipeline(target, options),
+                tir_pipeline=mp.tir_pipeline(target, options),
             )
         (source,) = wgsl_sources(exe.mod).values()
         dest = out / f"{math.prod(xs[:-1])}x{ws[0]}x{ws[1]}-{variant}.wgsl"
@@ -251,15 +264,13 @@ def dump(args: argparse.Namespace) -> int:
 
 def build(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT))
-    import mlcweb_passes as mp
     from mlcweb_passes.webgpu import gemm
 
     target = _target()
     shapes = TINY if args.tiny else SHAPES
     for variant in args.variants.split(","):
-        changes, layout, flash, wide = VARIANTS[variant]
-        options = mp.PipelineOptions(conv_layout=layout, flash_attention=flash, widen_gemm_operands=wide)
-        with _tiles(gemm, changes):
+        options = _options(variant)
+        with _tiles(gemm, VARIANTS[variant][0]):
             for dtype in args.dtypes.split(","):
                 dest = Path(args.out) / f"{variant}-{dtype}"
                 _build_library(dest, variant, dtype, shapes, target, options)
@@ -338,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("dump", help="float16 WGSL of a linear GEMM's kernel per variant, for webgpu/f16_math.mjs")
     d.add_argument("--out", required=True)
     d.add_argument("--shape", default="unet_ff_64")
-    d.add_argument("--variants", default="vec4-nhwc,vec4-nhwc-pairs,vec4-nhwc-vecload")
+    d.add_argument("--variants", default="vec4-nhwc,vec4-nhwc-pairs,vec4-nhwc-scalarload")
     args = parser.parse_args(argv)
     return {"build": build, "run": run, "report": report, "dump": dump}[args.command](args)
 

@@ -401,7 +401,8 @@ def _compile_library(lowered: tvm.IRModule, resolved: ModelBuild, path: Path) ->
     first checked with Dawn (a shader WebGPU rejects is a build error, not a page error), and the result
     is what the kernels need of a workgroup (the manifest's ``webgpu``); else nothing."""
     with tvm.transform.PassContext(config=_pass_config(resolved)):
-        exe = tvm.compile(lowered, resolved.target, relax_pipeline=None)
+        tir = mp.tir_pipeline(resolved.target, resolved.pipeline)
+        exe = tvm.compile(lowered, resolved.target, relax_pipeline=None, tir_pipeline=tir)
     needs: dict[str, int] = {}
     if resolved.target_info.name == "webgpu":
         check_wgsl(exe.mod, float16=resolved.pipeline.dtype == "float16")

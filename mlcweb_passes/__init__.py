@@ -4,11 +4,11 @@ Standalone: it imports TVM and nothing of ``mlcweb``, so any TVM project can use
 
     import mlcweb_passes as mp
     mod, params = mp.detach_params(imported_mod)
-    exe = tvm.compile(mod, target, relax_pipeline=mp.pipeline(target))
+    exe = tvm.compile(mod, target, relax_pipeline=mp.pipeline(target), tir_pipeline=mp.tir_pipeline(target))
 
 The package, by kind (one pass per module; see ``docs/passes.md``):
 
-- ``pipeline``: the phases (:data:`PHASES`) and :func:`pipeline`; ``targets``: GPU facts;
+- ``pipeline``: the phases (:data:`PHASES`), :func:`pipeline` and :func:`tir_pipeline`; ``targets``: GPU facts;
 - top level: parameter detaching, weight lifting, module utilities;
 - ``rewrites/``: Relax graph rewrites (layouts, precision, fusion, memory planning);
 - ``schedules/``: schedule rules (dlight-style) and database application;
@@ -24,7 +24,7 @@ from .cuda.wgmma_gemm import WgmmaGemm, supports_wgmma
 from .detach_params import ParamNameError, detach_params, param_names, unique_param_names
 from .lift_transform_params import LiftedModules, apply_transform_params, compile_transform, split_transform_params
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
-from .pipeline import CONV_LAYOUTS, PHASES, PipelineOptions, conv_layout, phases, pipeline
+from .pipeline import CONV_LAYOUTS, PHASES, PipelineOptions, conv_layout, phases, pipeline, tir_pipeline
 from .rewrites.chunk_attention import ChunkAttentionRows
 from .rewrites.clamp_gather_indices import ClampGatherIndices
 from .rewrites.conv_layout import ConvLayout
@@ -109,5 +109,6 @@ __all__ = [
     "schedule_report",
     "split_transform_params",
     "supports_wgmma",
+    "tir_pipeline",
     "unique_param_names",
 ]

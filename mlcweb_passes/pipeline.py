@@ -15,7 +15,8 @@ target and one :class:`PipelineOptions`; :data:`PHASES` is their order::
 
 Compile a module in one call (weights stay arguments)::
 
-    exe = tvm.compile(mod, target, relax_pipeline=mlcweb_passes.pipeline(target))
+    exe = tvm.compile(mod, target, relax_pipeline=mlcweb_passes.pipeline(target),
+                      tir_pipeline=mlcweb_passes.tir_pipeline(target))
 
 or lift the weights between the ``weights`` phase and the rest, as ``mlcweb build`` does::
 
@@ -67,10 +68,11 @@ from .rewrites.mixed_precision import MixedPrecision
 from .rewrites.split_k_conv import SplitKConv
 from .schedules.apply_database import ApplyDatabase
 from .targets import GpuFacts, gpu_facts, is_gpu_target, sm_version
+from .webgpu import vector_storage
 from .webgpu.flash_attention import fits_webgpu_flash_attention, webgpu_flash_attention_kernel
 from .webgpu.widen_gemm_operands import WidenGemmOperands
 
-__all__ = ["CONV_LAYOUTS", "PHASES", "PipelineOptions", "conv_layout", "phases", "pipeline"]
+__all__ = ["CONV_LAYOUTS", "PHASES", "PipelineOptions", "conv_layout", "phases", "pipeline", "tir_pipeline"]
 
 PHASES = ("weights", "graph", "fuse", "kernels", "schedule", "memory", "finalize")
 CONV_LAYOUTS = ("auto", "NCHW", "NHWC")
@@ -94,6 +96,9 @@ class PipelineOptions:
     ``widen_gemm_operands``: on WebGPU, float16 GEMMs with float32 results convert their operands once
     per workgroup copy instead of once per multiply-add (``webgpu.widen_gemm_operands``; off by default,
     as measured in benchmarks/README.md).
+    ``vector_loads``: on WebGPU, storage buffers a kernel only reads in aligned 4-wide vectors are declared
+    ``array<vec4<T>>`` and read with one load each (``webgpu.vector_storage``, a TIR-level pass: give
+    :func:`tir_pipeline`'s name to ``tvm.compile``).
     ``database``: a MetaSchedule database to take tuned schedules from. ``gpu``: the GPU to size kernels
     for (default: :func:`~mlcweb_passes.targets.gpu_facts` of the target).
     """
@@ -104,6 +109,7 @@ class PipelineOptions:
     split_k: bool = True
     wgmma: bool = True
     widen_gemm_operands: bool = False
+    vector_loads: bool = True
     database: Database | None = None
     gpu: GpuFacts | None = None
 
@@ -294,6 +300,16 @@ def pipeline(
             return sequence(mod)
 
     return _pipeline
+
+
+def tir_pipeline(target: Target | str | dict[str, object], options: PipelineOptions | None = None) -> str:
+    """The TIR pipeline (a registered name) that ``tvm.compile(..., tir_pipeline=...)`` takes beside
+    :func:`pipeline` for ``target`` and ``options``: TVM's default, or on WebGPU with ``vector_loads`` the
+    default followed by :class:`~mlcweb_passes.webgpu.vector_storage.WebGPUVectorStorage`."""
+    opts = options or PipelineOptions()
+    if _target(target).kind.name == "webgpu" and opts.vector_loads:
+        return vector_storage.tir_pipeline()
+    return "default"
 
 
 def _span(after: str | None, until: str | None) -> tuple[str, ...]:

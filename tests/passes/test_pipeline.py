@@ -101,6 +101,16 @@ def test_phases_follow_the_target_and_options() -> None:
     assert _names(nchw["weights"]) == ["mlcweb.MixedPrecision"]
 
 
+def test_tir_pipeline_adds_vector_loads_on_webgpu_only() -> None:
+    from mlcweb_passes.webgpu.vector_storage import TIR_PIPELINE
+
+    webgpu = {"kind": "webgpu"}
+    assert mp.tir_pipeline(webgpu) == TIR_PIPELINE
+    assert TIR_PIPELINE in tvm.tirx.compilation_pipeline.PIPELINE_MAP  # registered for tvm.compile
+    assert mp.tir_pipeline(webgpu, mp.PipelineOptions(vector_loads=False)) == "default"
+    assert mp.tir_pipeline("llvm") == "default" and mp.tir_pipeline("vulkan") == "default"
+
+
 def test_extra_passes_join_their_phase() -> None:
     """A caller's passes run inside the phase they are given for: in ``weights`` after the layouts and
     before the convolution split, elsewhere at the phase's end."""

@@ -71,8 +71,11 @@ def test_a_gemm_reads_vec4_arrays_and_computes_the_same_on_webgpu(dtype: str) ->
             out = bb.emit_output(bb.emit(relax.op.nn.conv2d(x, w, padding=[1, 1, 1, 1], data_layout="NHWC")))
         bb.emit_func_output(out)
     mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(bb.get())
-    options = mp.PipelineOptions(conv_layout="NHWC")
-    exe = tvm.compile(mod, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU, options), tir_pipeline=tir_pipeline())
+    options = mp.PipelineOptions(conv_layout="NHWC")  # vector_loads on by default
+    assert mp.tir_pipeline(WEBGPU, options) == tir_pipeline()
+    exe = tvm.compile(
+        mod, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU, options), tir_pipeline=mp.tir_pipeline(WEBGPU, options)
+    )
     conv = next(code for name, code in wgsl_sources(exe.mod).items() if "conv2d" in name)
     assert conv.count("array<vec4<f32>>") == 2
     rng = np.random.default_rng(0)
