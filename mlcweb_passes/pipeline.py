@@ -23,7 +23,8 @@ or lift the weights between the ``weights`` phase and the rest, as ``mlcweb buil
     phases = mlcweb_passes.phases(target, options)
     mod = phases["weights"](mod)                        # under ``with target:``
     lifted = mlcweb_passes.split_transform_params(mod)
-    exe = tvm.compile(lifted.deploy, target, relax_pipeline=mlcweb_passes.pipeline(target, options, after="weights"))
+    exe = tvm.compile(lifted.deploy, target, relax_pipeline=mlcweb_passes.pipeline(target, options, after="weights"),
+                      tir_pipeline=mlcweb_passes.tir_pipeline(target, options))
 
 ``extra`` adds a caller's passes to a phase (a model plugin's rewrites): in ``weights`` they run after
 the layout passes and before the target's splitting of convolutions; in every other phase, at its end.

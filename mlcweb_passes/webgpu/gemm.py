@@ -34,13 +34,18 @@ and padding to whole tiles) as follows:
   that hide less load latency with other workgroups.
 
 The tile comes from :func:`choose_webgpu_tile`: 128x128 (8x8 a thread) where the GEMM makes enough
-workgroups to fill a large GPU, 64x64 (4x4) otherwise, 32x64 for the narrowest. WebGPU exposes no
+workgroups to fill a large GPU, 64x64 (4x4) otherwise, 32x64 for the narrowest. With float16 operands
+its reduction steps are 32 deep (:data:`DEEP_STEP_K`: half the barriers and loop overhead of 16) where
+both operand tiles still fit the target's workgroup memory (18 KiB at 128x128) and the reduction pads to
+no more than with 16 (attention's 40-wide heads keep 16); float32 tiles keep 16-deep steps, which
+measured faster for them. WebGPU exposes no
 multiprocessor count, so "enough" is a fixed workgroup count (:data:`FILL_WORKGROUPS`, sized for
 desktop GPUs; a smaller GPU is full sooner and loses nothing).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
@@ -55,9 +60,10 @@ from tvm.target import Target
 
 from .._tir import normalise_gemm, uses_var
 
-__all__ = ["FILL_WORKGROUPS", "WebGPUMatmul", "WebGPUTile", "choose_webgpu_tile"]
+__all__ = ["DEEP_STEP_K", "FILL_WORKGROUPS", "WebGPUMatmul", "WebGPUTile", "choose_webgpu_tile"]
 
 FILL_WORKGROUPS = 256  # workgroups of large tiles that keep a desktop GPU's compute units busy
+DEEP_STEP_K = 32  # reduction depth a step where the workgroup memory holds it: half the barriers
 
 
 @dataclass(frozen=True)
@@ -101,15 +107,35 @@ MEDIUM = WebGPUTile(16, 16, 4, 4, 4, 4, 16)  # 64 x 64
 SMALL = WebGPUTile(8, 16, 4, 4, 4, 4, 16)  # 32 x 64
 
 
-def choose_webgpu_tile(batch: int, m: int, n: int, max_threads: int = 256, max_shared: int = 16384) -> WebGPUTile:
+def choose_webgpu_tile(
+    batch: int,
+    m: int,
+    n: int,
+    max_threads: int = 256,
+    max_shared: int = 16384,
+    dtype_bytes: int = 4,
+    k: int | None = None,
+) -> WebGPUTile:
     """The largest tile whose workgroups still fill a large GPU (:data:`FILL_WORKGROUPS`) and fit the
-    target's limits (threads per workgroup, workgroup memory for float32 operands)."""
+    target's limits (threads per workgroup, workgroup memory for operands of ``dtype_bytes``); for
+    float16 operands with :data:`DEEP_STEP_K`-deep reduction steps where they fit too and a reduction of
+    ``k`` pads to no more than with the tile's own steps (attention's 40-wide heads keep 16)."""
     for tile in (LARGE, MEDIUM):
         blocks = batch * -(-m // tile.tile_i) * -(-n // tile.tile_j)
-        fits = tile.threads <= max_threads and tile.shared_bytes(4) <= max_shared
+        fits = tile.threads <= max_threads and tile.shared_bytes(dtype_bytes) <= max_shared
         if fits and blocks >= FILL_WORKGROUPS:
-            return tile
-    return MEDIUM if MEDIUM.threads <= max_threads and m >= 64 else SMALL
+            return _deeper(tile, max_shared, dtype_bytes, k)
+    tile = MEDIUM if MEDIUM.threads <= max_threads and m >= 64 else SMALL
+    return _deeper(tile, max_shared, dtype_bytes, k)
+
+
+def _deeper(tile: WebGPUTile, max_shared: int, dtype_bytes: int, k: int | None) -> WebGPUTile:
+    # float16 operands only: 32-deep steps made float32's 64x64 tiles slower (benchmarks/README.md)
+    if k is None or tile.step_k >= DEEP_STEP_K or dtype_bytes > 2:
+        return tile
+    deep = dataclasses.replace(tile, step_k=DEEP_STEP_K)
+    same_padding = -(-k // DEEP_STEP_K) * DEEP_STEP_K == -(-k // tile.step_k) * tile.step_k
+    return deep if same_padding and deep.shared_bytes(dtype_bytes) <= max_shared else tile
 
 
 def _gemm_extents(block: tirx.SBlock) -> tuple[int, int, int] | None:
@@ -157,7 +183,8 @@ class WebGPUMatmul(dl.ScheduleRule):
             return None
         threads = int(target.attrs.get("max_num_threads", 256))
         shared = int(target.attrs.get("max_shared_memory_per_block", 16384))
-        tile = self.tile or choose_webgpu_tile(batch, m, n, threads, shared)
+        operand_bytes = max(region.source.dtype.bits for region in sch.get(main).reads[:2]) // 8
+        tile = self.tile or choose_webgpu_tile(batch, m, n, threads, shared, operand_bytes, k)
         sch.pad_einsum(main, [1, tile.tile_i, tile.tile_j, tile.step_k])
         b, i, j, kk = sch.get_loops(main)
         bi, vi, ti, ii = sch.split(i, [None, tile.virtual_i, tile.threads_i, tile.micro_i // tile.virtual_i])

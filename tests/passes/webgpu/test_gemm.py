@@ -16,7 +16,15 @@ from tvm.script import relax as R
 
 import mlcweb_passes as mp
 from mlcweb.wgsl_check import check_wgsl, wgsl_sources
-from mlcweb_passes.webgpu.gemm import LARGE, MEDIUM, SMALL, WebGPUMatmul, WebGPUTile, choose_webgpu_tile
+from mlcweb_passes.webgpu.gemm import (
+    DEEP_STEP_K,
+    LARGE,
+    MEDIUM,
+    SMALL,
+    WebGPUMatmul,
+    WebGPUTile,
+    choose_webgpu_tile,
+)
 
 WEBGPU = tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
 
@@ -58,6 +66,15 @@ def test_tile_choice_follows_the_work() -> None:
     shared = int(WEBGPU.attrs["max_shared_memory_per_block"])  # 32 KiB, what the page asks the adapter for
     assert choose_webgpu_tile(2, 4096, 1280, 256, shared) == LARGE  # enough 128x128 workgroups
     assert choose_webgpu_tile(2, 4096, 1280, 256, 16384) == MEDIUM  # WebGPU's default 16 KiB
+    assert choose_webgpu_tile(2, 4096, 1280, 256, 16384, dtype_bytes=2) == LARGE  # float16 tiles: 10 KiB
+    # 32-deep steps where both tiles still fit and the reduction pads no further than with 16
+    deep = choose_webgpu_tile(2, 4096, 1280, 256, shared, dtype_bytes=2, k=320)
+    assert (deep.tile_i, deep.tile_j, deep.step_k) == (128, 128, DEEP_STEP_K)  # float16: 18 KiB of 32
+    assert choose_webgpu_tile(2, 4096, 1280, 256, shared, dtype_bytes=4, k=320) == LARGE  # float32: 36 KiB
+    assert choose_webgpu_tile(2, 4096, 1280, 256, 16384, dtype_bytes=2, k=320) == LARGE  # a 16 KiB adapter
+    assert choose_webgpu_tile(16, 4096, 4096, 256, shared, dtype_bytes=2, k=40) == LARGE  # 40 -> 48, not 64
+    assert choose_webgpu_tile(1, 512, 320, 256, shared, dtype_bytes=2, k=2880).step_k == DEEP_STEP_K  # 64x64
+    assert choose_webgpu_tile(1, 512, 320, 256, shared, dtype_bytes=4, k=2880) == MEDIUM  # float32: measured slower
     assert choose_webgpu_tile(1, 512, 320, 256, shared) == MEDIUM
     assert choose_webgpu_tile(1, 32, 64, 256, shared) == SMALL
     assert choose_webgpu_tile(2, 4096, 1280, 128, shared) == SMALL  # an adapter of 128 threads
