@@ -240,8 +240,19 @@ def test_ctrl_c_during_a_build_keeps_the_old_output(artifacts: Path, tmp_path: P
         f"options = BuildOptions(target='llvm', out=Path({str(out)!r}), use_cache=False)\n"
         "sys.exit(run_command(lambda: build(host, 'tiny-bert', options, progress=False) and 0))\n"
     )
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)  # into the import or the lowering
+    # Ctrl-C as a terminal sends it, whatever this suite inherited (a shell's background job ignores SIGINT,
+    # and a child started so would ignore it until the build installs its handler)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # Python, torch and TVM imported: the build has made its temporary folder
+    time.sleep(1)  # into the import or the lowering
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
