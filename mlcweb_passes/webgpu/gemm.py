@@ -38,9 +38,8 @@ workgroups to fill a large GPU, 64x64 (4x4) otherwise, 32x64 for the narrowest. 
 its reduction steps are 32 deep (:data:`DEEP_STEP_K`: half the barriers and loop overhead of 16) where
 both operand tiles still fit the target's workgroup memory (18 KiB at 128x128) and the reduction pads to
 no more than with 16 (attention's 40-wide heads keep 16); float32 tiles keep 16-deep steps, which
-measured faster for them. WebGPU exposes no
-multiprocessor count, so "enough" is a fixed workgroup count (:data:`FILL_WORKGROUPS`, sized for
-desktop GPUs; a smaller GPU is full sooner and loses nothing).
+measured faster for them. WebGPU exposes no multiprocessor count, so "enough" is a fixed workgroup count
+(:data:`FILL_WORKGROUPS`, sized for desktop GPUs; a smaller GPU is full sooner and loses nothing).
 """
 
 from __future__ import annotations
