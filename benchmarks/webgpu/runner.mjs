@@ -6,7 +6,7 @@
 // Euler-ancestral step (noise from a fixed pattern). SD1.x and SD2.x builds (one text encoder).
 //
 //   node runner.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 10] [--steps N] [--scheduler NAME]
-//        [--profile] [--stream N] [--no-subgroups] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
+//        [--profile [--profile-top 25]] [--stream N] [--no-subgroups] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
 //        [--save-outputs out.bin] [--compare ref.bin] --out result.json
 import fs from "node:fs";
 import path from "node:path";
@@ -235,7 +235,7 @@ async function main() {
       prof.start();
       stages[name]();
       await gpu.sync();
-      result.profile[name] = summarise(await prof.stop());
+      result.profile[name] = summarise(await prof.stop(), Number(args.profileTop || 25));
       tvm.endScope();
     }
   }
