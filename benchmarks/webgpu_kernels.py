@@ -188,18 +188,10 @@ def _tiles(gemm: Any, changes: dict[str, Any]) -> Iterator[None]:
 
 def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any], target: Any, options: Any) -> None:
     """One variant's library and its specs.json (what ``kernels.mjs`` calls, with the FLOPs of each)."""
-    import tvm
-
-    import mlcweb_passes as mp
     from mlcweb.wasm_runtime import link_wasm
 
     dest.mkdir(parents=True, exist_ok=True)
-    exe = tvm.compile(
-        _module(dtype, shapes),
-        target,
-        relax_pipeline=mp.pipeline(target, options),
-        tir_pipeline=mp.tir_pipeline(target, options),
-    )
+    exe = _compile(_module(dtype, shapes), target, options)
     with tempfile.TemporaryDirectory() as tmp:
         lib = Path(tmp) / "kernels.wasm"
         exe.export_library(str(lib), fcompile=link_wasm)
@@ -219,6 +211,17 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
     (dest / "specs.json").write_text(json.dumps(specs, indent=1))
 
 
+def _compile(module: Any, target: Any, options: Any) -> Any:
+    """``module`` through the library's Relax and TIR pipelines for ``options``, as builds compile."""
+    import tvm
+
+    import mlcweb_passes as mp
+
+    return tvm.compile(
+        module, target, relax_pipeline=mp.pipeline(target, options), tir_pipeline=mp.tir_pipeline(target, options)
+    )
+
+
 def _target() -> Any:
     import tvm
 
@@ -232,9 +235,6 @@ def dump(args: argparse.Namespace) -> int:
     """The float16 WGSL of each variant's kernel for a linear shape, as ``f16_math.mjs --tvm`` reads it:
     ``<out>/<M>x<N>x<K>-<variant>.wgsl``."""
     sys.path.insert(0, str(ROOT))
-    import tvm
-
-    import mlcweb_passes as mp
     from mlcweb.wgsl_check import wgsl_sources
     from mlcweb_passes.webgpu import gemm
 
@@ -244,17 +244,10 @@ def dump(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    target = _target()
     for variant in args.variants.split(","):
-        options = _options(variant)
         with _tiles(gemm, VARIANTS[variant][0]):
-            target = _target()
-            module = _module("float16", {args.shape: SHAPES[args.shape]})
-            exe = tvm.compile(
-                module,
-                target,
-                relax_pipeline=mp.pipeline(target, options),
-                tir_pipeline=mp.tir_pipeline(target, options),
-            )
+            exe = _compile(_module("float16", {args.shape: SHAPES[args.shape]}), target, _options(variant))
         (source,) = wgsl_sources(exe.mod).values()
         dest = out / f"{math.prod(xs[:-1])}x{ws[0]}x{ws[1]}-{variant}.wgsl"
         dest.write_text(source.lstrip("\n"))
