@@ -160,7 +160,9 @@ def _run_gemm(kind: str, x: tuple[int, ...], w: tuple[int, ...], layout: str) ->
 
         # keep the given layout: the pipeline's ConvLayout would otherwise add transposes of its own
         mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
-    exe = tvm.compile(mod, NODE_TARGET, relax_pipeline=mp.pipeline(NODE_TARGET, mp.PipelineOptions(conv_layout="NHWC")))
+    options = mp.PipelineOptions(conv_layout="NHWC")  # and vector loads, as builds compile
+    relax_pipeline, tir_pipeline = mp.pipeline(NODE_TARGET, options), mp.tir_pipeline(NODE_TARGET, options)
+    exe = tvm.compile(mod, NODE_TARGET, relax_pipeline=relax_pipeline, tir_pipeline=tir_pipeline)
     kernels = [n for n in wgsl_sources(exe.mod) if "matmul" in n or "conv2d" in n]
     assert kernels, "no GEMM kernel"
     return run_on_webgpu(exe, "main", [xa, wa]), _reference(kind, xa, wa, layout)
@@ -171,6 +173,18 @@ def test_tiles_compute_the_gemm_on_webgpu(kind: str, x: tuple[int, ...], w: tupl
     """WebGPUMatmul's kernels (4-wide register reads along K, vector copies where K is contiguous) give
     numpy's/PyTorch's result on Dawn (SwiftShader), float32: within 1e-5 relative to the output's scale."""
     got, want = _run_gemm(kind, x, w, layout)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_deep_steps_compute_the_gemm_on_webgpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 32-deep reduction steps the library takes for float16 operands, forced here on the 64x64 tile
+    with float32 operands (SwiftShader has no float16; float32 128x128 tiles would take 36 KiB of
+    workgroup memory), copies 4-wide along K (NHWC, K = 288): PyTorch's result, as above."""
+    from mlcweb_passes.webgpu import gemm
+
+    tile = dataclasses.replace(MEDIUM, step_k=DEEP_STEP_K)
+    monkeypatch.setattr(gemm, "choose_webgpu_tile", lambda *_: tile)
+    got, want = _run_gemm(*CASES[1])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
 
 
