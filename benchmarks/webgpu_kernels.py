@@ -288,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
             "--tvmjs",
             str(root / "tvmjs.js"),
         ]
-        cmd += ["--dawn", str(root / "webgpu"), "--repeat", str(args.repeat), "--toggle", F16_TOGGLE]
+        cmd += ["--dawn", str(root / "webgpu"), "--repeat", str(args.repeat), "--warm-ms", str(args.warm_ms)]
+        cmd += ["--toggle", F16_TOGGLE]
         cmd += ["--toggle", UNROUNDED, "--out", str(results / f"kernels-{build_dir.name}.json")]
         failed += subprocess.run(cmd, env=_node_env(), check=False, timeout=args.timeout).returncode != 0
     return 1 if failed else 0
@@ -337,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--results", required=True)
     r.add_argument("--repeat", type=int, default=20)
     r.add_argument("--timeout", type=int, default=300)
+    r.add_argument("--warm-ms", type=int, default=500, help="GPU kept busy before each function's timing")
     rep = sub.add_parser("report")
     rep.add_argument("dir")
     d = sub.add_parser("dump", help="float16 WGSL of a linear GEMM's kernel per variant, for webgpu/f16_math.mjs")

@@ -40,6 +40,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeAlias
 
 import tvm
@@ -71,6 +72,7 @@ from .schedules.apply_database import ApplyDatabase
 from .targets import GpuFacts, gpu_facts, is_gpu_target, sm_version
 from .webgpu import vector_storage
 from .webgpu.flash_attention import fits_webgpu_flash_attention, webgpu_flash_attention_kernel
+from .webgpu.gemm import TILE_TABLE_FILE, WebGPUTile, read_tile_table
 from .webgpu.widen_gemm_operands import WidenGemmOperands
 
 __all__ = ["CONV_LAYOUTS", "PHASES", "PipelineOptions", "conv_layout", "phases", "pipeline", "tir_pipeline"]
@@ -100,8 +102,11 @@ class PipelineOptions:
     ``vector_loads``: on WebGPU, storage buffers a kernel only reads in aligned 4-wide vectors are declared
     ``array<vec4<T>>`` and read with one load each (``webgpu.vector_storage``, a TIR-level pass: give
     :func:`tir_pipeline`'s name to ``tvm.compile``).
-    ``database``: a MetaSchedule database to take tuned schedules from. ``gpu``: the GPU to size kernels
-    for (default: :func:`~mlcweb_passes.targets.gpu_facts` of the target).
+    ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
+    WebGPU tile table, ``webgpu_gemm_tiles.json``, gives WebGPU GEMMs its tiles too). ``webgpu_tiles``: a
+    tile table (:func:`~mlcweb_passes.webgpu.gemm.read_tile_table`) for WebGPU GEMMs, instead of the
+    database directory's. ``gpu``: the GPU to size kernels for (default:
+    :func:`~mlcweb_passes.targets.gpu_facts` of the target).
     """
 
     dtype: str = "float32"
@@ -112,6 +117,7 @@ class PipelineOptions:
     widen_gemm_operands: bool = False
     vector_loads: bool = True
     database: Database | None = None
+    webgpu_tiles: Mapping[str, WebGPUTile] | None = None
     gpu: GpuFacts | None = None
 
     def __post_init__(self) -> None:
@@ -222,11 +228,25 @@ def schedule_phase(
     target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
 ) -> tvm.transform.Sequential:
     gpu = _gpu(target, options) if is_gpu_target(target) else None
-    passes: list[tvm.transform.Pass] = [ApplyDatabase(target, options.database, gpu), *extra]
+    tiles = _webgpu_tiles(target, options)
+    passes: list[tvm.transform.Pass] = [ApplyDatabase(target, options.database, gpu, tiles), *extra]
     # Kernels' global scratch as planned tensors: CUDA graphs capture addresses, which the runtime's
     # workspace pool may free and reallocate between calls.
     passes.append(LiftKernelScratch())
     return _sequential("schedule", passes)
+
+
+def _webgpu_tiles(target: Target, options: PipelineOptions) -> Mapping[str, WebGPUTile] | None:
+    """On WebGPU, ``options.webgpu_tiles``, else the tile table in the database directory (if any)."""
+    if target.kind.name != "webgpu":
+        return None
+    if options.webgpu_tiles is not None:
+        return options.webgpu_tiles
+    if isinstance(options.database, (str, os.PathLike)):
+        table = Path(options.database) / TILE_TABLE_FILE
+        if table.is_file():
+            return read_tile_table(table)
+    return None
 
 
 def memory_phase(

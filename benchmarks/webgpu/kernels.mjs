@@ -3,13 +3,14 @@
 // dispatch (a GEMM's GEMM kernels, or every kernel where the spec says time: "all"), wall time per call,
 // and a sample of each output so variants can be checked against each other.
 //
-//   node kernels.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 20] [--toggle ...] --out result.json
+//   node kernels.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 20] [--warm-ms 500] [--toggle ...]
+//     --out result.json
 import fs from "node:fs";
 import path from "node:path";
 import { createRequire } from "node:module";
 import { WeightFiller, installDawn, median, openDevice, runMain } from "./common.mjs";
 
-const args = { repeat: 20, toggle: [] };
+const args = { repeat: 20, "warm-ms": 500, toggle: [] };
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; ++i) {
   const key = argv[i].replace(/^--/, "");
@@ -17,6 +18,7 @@ for (let i = 0; i < argv.length; ++i) {
   else args[key] = argv[++i];
 }
 args.repeat = Number(args.repeat);
+const WARM_MS = Number(args["warm-ms"]);
 for (const need of ["build", "tvmjs", "dawn", "out"]) {
   if (!args[need]) throw new Error(`kernels.mjs: --${need} is required`);
 }
@@ -24,7 +26,6 @@ await installDawn(args.dawn, args.toggle);
 const tvmjs = createRequire(import.meta.url)(path.resolve(args.tvmjs));
 const GEMM = /conv2d|matmul/;
 const SAMPLES = 4096;
-const WARM_MS = 500;
 
 function halfToFloat(bits) {
   const out = new Float32Array(bits.length);
@@ -62,7 +63,7 @@ async function main() {
       f(...inputs);
       tvm.endScope();
     };
-    // Keep the GPU busy for WARM_MS before timing, then time calls queued back to back: kernels that
+    // Keep the GPU busy for --warm-ms before timing, then time calls queued back to back: kernels that
     // follow idle time (input filling, a sync after each call) ran up to 4x slower (f16_math.mjs timed
     // one kernel at 0.39 and at 1.3-1.9 ms by what ran before it), which made float16 numbers of
     // identical kernels move between runs.

@@ -16,6 +16,7 @@ import inspect
 import os
 import sys
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import tvm
@@ -26,6 +27,7 @@ from tvm.target import Target
 from .._relax import ModulePassBase
 from .._tir import HAND_WRITTEN, SOURCE_ATTR
 from ..targets import GpuFacts
+from ..webgpu.gemm import WebGPUTile
 from .default_schedule import DefaultSchedule, is_scheduled
 
 __all__ = ["ApplyDatabase", "ScheduleReport", "load_database", "schedule_report"]
@@ -97,17 +99,20 @@ class ScheduleReport:
 @tvm.transform.module_pass(opt_level=0, name="mlcweb.ApplyDatabase")
 class ApplyDatabase(ModulePassBase):
     """Apply ``database`` where it has records, default schedules elsewhere (``database=None``: only
-    the default schedules, sized for ``gpu`` on GPU targets)."""
+    the default schedules, sized for ``gpu`` on GPU targets; WebGPU GEMMs tiled as the tile table
+    ``tiles`` says for the shapes it holds)."""
 
     def __init__(
         self,
         target: Target,
         database: ms.Database | str | os.PathLike[str] | None = None,
         gpu: GpuFacts | None = None,
+        tiles: Mapping[str, WebGPUTile] | None = None,
     ) -> None:
         self.target = target
         self.database = load_database(database) if database is not None else None
         self.gpu = gpu
+        self.tiles = tiles
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with self.target:
@@ -118,7 +123,7 @@ class ApplyDatabase(ModulePassBase):
                 for gv, func in list(mod.functions_items()):
                     if is_scheduled(func) and gv.name_hint not in before:
                         mod[gv] = func.with_attr(SOURCE_ATTR, "tuned")
-            return DefaultSchedule(self.target, self.gpu)(mod)
+            return DefaultSchedule(self.target, self.gpu, self.tiles)(mod)
 
 
 def schedule_report(mod: tvm.IRModule) -> ScheduleReport:

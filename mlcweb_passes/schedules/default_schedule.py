@@ -24,6 +24,7 @@ Functions it schedules get the attribute ``mlcweb.schedule = "default"``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import tvm
 from tvm import s_tir, tirx
@@ -34,7 +35,7 @@ from .._relax import ModulePassBase
 from .._tir import SCHEDULED_ATTR, SOURCE_ATTR
 from ..cuda.tensor_core_matmul import TensorCoreMatmul
 from ..targets import GpuFacts, gpu_facts, is_gpu_target
-from ..webgpu.gemm import WebGPUMatmul
+from ..webgpu.gemm import WebGPUMatmul, WebGPUTile
 from .channels_last_norm import ChannelsLastNorm
 from .cpu import CPUParallel
 from .row_reduction import RowReduction
@@ -46,9 +47,12 @@ log = logging.getLogger(__name__)
 __all__ = ["DefaultSchedule", "default_rules", "is_scheduled"]
 
 
-def default_rules(target: Target, gpu: GpuFacts | None = None) -> list[dl.ScheduleRule]:
+def default_rules(
+    target: Target, gpu: GpuFacts | None = None, tiles: Mapping[str, WebGPUTile] | None = None
+) -> list[dl.ScheduleRule]:
     """The rules :class:`DefaultSchedule` applies for ``target``, in priority order; GPU rules size their
-    work for ``gpu`` (:func:`~mlcweb_passes.targets.gpu_facts` of the target when not given)."""
+    work for ``gpu`` (:func:`~mlcweb_passes.targets.gpu_facts` of the target when not given), WebGPU
+    GEMMs take their tiles from the tile table ``tiles`` where it has their shape."""
     if is_gpu_target(target):
         facts = gpu or gpu_facts(target)
         return [
@@ -57,7 +61,7 @@ def default_rules(target: Target, gpu: GpuFacts | None = None) -> list[dl.Schedu
             ShortRowReduction(),
             TensorCoreMatmul(gpu=facts),
             SkinnyMatmul(),
-            WebGPUMatmul(),
+            WebGPUMatmul(tiles=tiles),
             dl.gpu.Matmul(),
             dl.gpu.GEMV(),
             dl.gpu.Reduction(),
@@ -73,13 +77,16 @@ def default_rules(target: Target, gpu: GpuFacts | None = None) -> list[dl.Schedu
 class DefaultSchedule(ModulePassBase):
     """Schedule every not-yet-scheduled PrimFunc with :func:`default_rules` for ``target``."""
 
-    def __init__(self, target: Target | None = None, gpu: GpuFacts | None = None) -> None:
+    def __init__(
+        self, target: Target | None = None, gpu: GpuFacts | None = None, tiles: Mapping[str, WebGPUTile] | None = None
+    ) -> None:
         self.target = target
         self.gpu = gpu
+        self.tiles = tiles
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         target = self.target or Target.current(allow_none=False)
-        rules = default_rules(target, self.gpu)
+        rules = default_rules(target, self.gpu, self.tiles)
         updates = {}
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):

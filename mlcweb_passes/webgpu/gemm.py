@@ -40,11 +40,21 @@ both operand tiles still fit the target's workgroup memory (18 KiB at 128x128) a
 no more than with 16 (attention's 40-wide heads keep 16); float32 tiles keep 16-deep steps, which
 measured faster for them. WebGPU exposes no multiprocessor count, so "enough" is a fixed workgroup count
 (:data:`FILL_WORKGROUPS`, sized for desktop GPUs; a smaller GPU is full sooner and loses nothing).
+
+A tile table (``tiles``: :func:`read_tile_table` of a ``webgpu_gemm_tiles.json``) overrides that choice
+per GEMM shape: its keys are :class:`GemmShape` keys (operand width, batch x rows x columns x reduction,
+which axis each operand walks contiguously), its tiles measured fastest for that shape on a GPU by
+``benchmarks/webgpu_tiles.py`` among :func:`tile_candidates`. A shape the table lacks, or a tile that
+does not fit the target's limits, gets the rule's own choice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
@@ -59,10 +69,26 @@ from tvm.target import Target
 
 from .._tir import normalise_gemm, uses_var
 
-__all__ = ["DEEP_STEP_K", "FILL_WORKGROUPS", "WebGPUMatmul", "WebGPUTile", "choose_webgpu_tile"]
+__all__ = [
+    "DEEP_STEP_K",
+    "FILL_WORKGROUPS",
+    "TILE_TABLE_FILE",
+    "GemmShape",
+    "WebGPUMatmul",
+    "WebGPUTile",
+    "choose_webgpu_tile",
+    "gemm_shape",
+    "read_tile_table",
+    "tile_candidates",
+    "write_tile_table",
+]
+
+log = logging.getLogger(__name__)
 
 FILL_WORKGROUPS = 256  # workgroups of large tiles that keep a desktop GPU's compute units busy
 DEEP_STEP_K = 32  # reduction depth a step where the workgroup memory holds it: half the barriers
+TILE_TABLE_FILE = "webgpu_gemm_tiles.json"  # a tile table's name inside a database directory
+TILE_TABLE_FORMAT = "mlcweb-webgpu-gemm-tiles/1"
 
 
 @dataclass(frozen=True)
@@ -100,10 +126,48 @@ class WebGPUTile:
         """Workgroup memory of both operand tiles, rows padded by :attr:`row_pad`."""
         return (self.tile_i + self.tile_j) * (self.step_k + self.row_pad) * dtype_bytes
 
+    def fits(self, max_threads: int, max_shared: int, dtype_bytes: int) -> bool:
+        """Whether the tile's workgroup and its operand tiles fit the target's limits."""
+        return self.threads <= max_threads and self.shared_bytes(dtype_bytes) <= max_shared
+
+    def __post_init__(self) -> None:
+        sizes = (self.threads_i, self.threads_j, self.micro_i, self.micro_j, self.virtual_i, self.virtual_j)
+        if min(*sizes, self.step_k, self.vector_k) < 1:
+            raise ValueError(f"a WebGPU tile's sizes are positive: {self}")
+        if self.micro_i % self.virtual_i or self.micro_j % self.virtual_j or self.step_k % self.vector_k:
+            raise ValueError(
+                f"a WebGPU tile's micro tile splits into its virtual threads, its step into vectors: {self}"
+            )
+
 
 LARGE = WebGPUTile(16, 16, 8, 8, 8, 8, 16)  # 128 x 128
+WIDE = WebGPUTile(16, 16, 8, 4, 8, 4, 16)  # 128 x 64 (a tuning candidate)
+TALL = WebGPUTile(16, 16, 4, 8, 4, 8, 16)  # 64 x 128 (a tuning candidate)
 MEDIUM = WebGPUTile(16, 16, 4, 4, 4, 4, 16)  # 64 x 64
 SMALL = WebGPUTile(8, 16, 4, 4, 4, 4, 16)  # 32 x 64
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    """What a GEMM's tile depends on, after normalisation to ``C[S, I, J] += A[S, I, K] * B[S, J, K]``:
+    the operands' width in bits, the extents, and which axis each operand walks contiguously in global
+    memory ("k": the reduction, "mn": its rows or columns)."""
+
+    bits: int
+    batch: int
+    m: int
+    n: int
+    k: int
+    contiguous: tuple[str, str]
+
+    @property
+    def key(self) -> str:
+        """The tile table's key, e.g. ``16bit 1x8192x320x5760 k/k``."""
+        return f"{self.bits}bit {self.batch}x{self.m}x{self.n}x{self.k} {'/'.join(self.contiguous)}"
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.batch * self.m * self.n * self.k
 
 
 def choose_webgpu_tile(
@@ -121,8 +185,7 @@ def choose_webgpu_tile(
     ``k`` pads to no more than with the tile's own steps (attention's 40-wide heads keep 16)."""
     for tile in (LARGE, MEDIUM):
         blocks = batch * -(-m // tile.tile_i) * -(-n // tile.tile_j)
-        fits = tile.threads <= max_threads and tile.shared_bytes(dtype_bytes) <= max_shared
-        if fits and blocks >= FILL_WORKGROUPS:
+        if tile.fits(max_threads, max_shared, dtype_bytes) and blocks >= FILL_WORKGROUPS:
             return _deeper(tile, max_shared, dtype_bytes, k)
     tile = MEDIUM if MEDIUM.threads <= max_threads and m >= 64 else SMALL
     return _deeper(tile, max_shared, dtype_bytes, k)
@@ -132,9 +195,72 @@ def _deeper(tile: WebGPUTile, max_shared: int, dtype_bytes: int, k: int | None) 
     # float16 operands only: 32-deep steps made float32's 64x64 tiles slower (benchmarks/README.md)
     if k is None or tile.step_k >= DEEP_STEP_K or dtype_bytes > 2:
         return tile
-    deep = dataclasses.replace(tile, step_k=DEEP_STEP_K)
+    deep = _deep(tile, k)
+    return deep if deep is not None and deep.shared_bytes(dtype_bytes) <= max_shared else tile
+
+
+def _deep(tile: WebGPUTile, k: int) -> WebGPUTile | None:
+    """``tile`` with :data:`DEEP_STEP_K`-deep steps, or None where they would pad ``k`` further."""
     same_padding = -(-k // DEEP_STEP_K) * DEEP_STEP_K == -(-k // tile.step_k) * tile.step_k
-    return deep if same_padding and deep.shared_bytes(dtype_bytes) <= max_shared else tile
+    return dataclasses.replace(tile, step_k=DEEP_STEP_K) if same_padding else None
+
+
+def tile_candidates(shape: GemmShape, max_threads: int = 256, max_shared: int = 16384) -> list[WebGPUTile]:
+    """The tiles a tuner measures for ``shape``: the rule's own choice first, then 128x128, 128x64,
+    64x128, 64x64 and 32x64 tiles with 16- and 32-deep steps (any operand width), each fitting the
+    limits, padding ``k`` no further than 16-deep steps, and at least half of it inside the GEMM."""
+    bytes_ = shape.bits // 8
+    chosen = choose_webgpu_tile(shape.batch, shape.m, shape.n, max_threads, max_shared, bytes_, shape.k)
+    found = [chosen]
+    for base in (LARGE, WIDE, TALL, MEDIUM, SMALL):
+        for tile in (base, _deep(base, shape.k)):
+            if tile is None or tile in found or not tile.fits(max_threads, max_shared, bytes_):
+                continue
+            if tile.tile_i >= 2 * shape.m or tile.tile_j >= 2 * shape.n:
+                continue
+            found.append(tile)
+    return found
+
+
+def read_tile_table(path: str | os.PathLike[str]) -> dict[str, WebGPUTile]:
+    """The tiles of a tile table file (:func:`write_tile_table`), by :attr:`GemmShape.key`; a
+    ``ValueError`` naming the file for anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the WebGPU tile table {os.fspath(path)}: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != TILE_TABLE_FORMAT or not isinstance(data.get("tiles"), dict):
+        raise ValueError(f"{os.fspath(path)} is not a WebGPU tile table (format {TILE_TABLE_FORMAT!r})")
+    names = {f.name for f in dataclasses.fields(WebGPUTile)}
+    tiles = {}
+    for key, entry in data["tiles"].items():
+        values = entry.get("tile") if isinstance(entry, dict) else None
+        if not isinstance(values, dict) or set(values) - names:
+            raise ValueError(f"{os.fspath(path)}: entry {key!r} has no tile of the fields {sorted(names)}")
+        try:
+            tiles[key] = WebGPUTile(**values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{os.fspath(path)}: entry {key!r}: {err}") from err
+    return tiles
+
+
+def write_tile_table(
+    path: str | os.PathLike[str],
+    tiles: Mapping[str, WebGPUTile],
+    about: Mapping[str, object] | None = None,
+    notes: Mapping[str, Mapping[str, object]] | None = None,
+) -> None:
+    """Write ``tiles`` (by :attr:`GemmShape.key`) as a tile table: ``about`` says where they were
+    measured, ``notes[key]`` what was measured for a shape. Written to a temporary file and renamed."""
+    entries = {
+        key: {"tile": dataclasses.asdict(tiles[key]), **dict((notes or {}).get(key, {}))} for key in sorted(tiles)
+    }
+    data = {"format": TILE_TABLE_FORMAT, **dict(about or {}), "tiles": entries}
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
 
 
 def _gemm_extents(block: tirx.SBlock) -> tuple[int, int, int] | None:
@@ -145,45 +271,81 @@ def _gemm_extents(block: tirx.SBlock) -> tuple[int, int, int] | None:
     return int(extents[0]), int(extents[1]), int(extents[2])
 
 
+def _main_block(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, s_tir.schedule.SBlockRV] | None:
+    """A schedule of ``func`` and its one GEMM block, or None where it has none (or several)."""
+    sch = s_tir.Schedule(func)
+    blocks = get_reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
+    if not blocks or len(blocks) != 1 or get_index_map(sch.get(blocks[0])) is None:
+        return None
+    return sch, blocks[0]
+
+
+def _analyse(sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV) -> GemmShape | None:
+    """Normalise GEMM block ``main`` and read its :class:`GemmShape` (None for symbolic extents)."""
+    contiguous = (_contiguous_axis(sch.get(main), 0), _contiguous_axis(sch.get(main), 1))
+    normalise_gemm(sch, main)
+    extents = _gemm_extents(sch.get(main))
+    if extents is None:
+        return None
+    bits = max(region.source.dtype.bits for region in sch.get(main).reads[:2])
+    return GemmShape(int(bits), *extents, int(sch.get(main).iter_vars[3].dom.extent), contiguous)
+
+
+def gemm_shape(func: tirx.PrimFunc) -> GemmShape | None:
+    """The :class:`GemmShape` of ``func``'s GEMM where :class:`WebGPUMatmul` could tile it, else None."""
+    found = _main_block(func)
+    if found is None:
+        return None
+    try:
+        return _analyse(*found)
+    except (AssertionError, s_tir.ScheduleError):
+        return None
+
+
 class WebGPUMatmul(dl.ScheduleRule):
     """Large-tile GEMM schedule for WebGPU (see the module docstring). ``tile`` fixes the tile for every
-    GEMM (tests, benchmarks); by default :func:`choose_webgpu_tile` picks one per shape. GEMMs with a
-    non-batch axis shorter than ``min_extent`` (GEMVs, attention's 40-wide heads against 77 tokens) are
-    left to the next rule."""
+    GEMM (tests, benchmarks); ``tiles`` (a tile table) gives the tile of each shape it holds; elsewhere
+    :func:`choose_webgpu_tile` picks one per shape. GEMMs with a non-batch axis shorter than
+    ``min_extent`` (GEMVs, attention's 40-wide heads against 77 tokens) are left to the next rule."""
 
-    def __init__(self, tile: WebGPUTile | None = None, min_extent: int = 32) -> None:
+    def __init__(
+        self, tile: WebGPUTile | None = None, min_extent: int = 32, tiles: Mapping[str, WebGPUTile] | None = None
+    ) -> None:
         self.tile = tile
         self.min_extent = min_extent
+        self.tiles = dict(tiles or {})
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "webgpu":
             return None
-        sch = s_tir.Schedule(func)
-        blocks = get_reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
-        if not blocks or len(blocks) != 1:
+        found = _main_block(func)
+        if found is None:
             return None
-        main = blocks[0]
-        if get_index_map(sch.get(main)) is None:
-            return None
+        sch, main = found
         try:
-            return self._schedule(sch, main, target)
+            shape = _analyse(sch, main)
+            if shape is None or min(shape.m, shape.n, shape.k) < self.min_extent:
+                return None
+            return self._schedule(sch, main, shape, self._tile(shape, target))
         except (AssertionError, s_tir.ScheduleError):  # a layout the tiling cannot cover
             return None
 
-    def _schedule(self, sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV, target: Target) -> s_tir.Schedule | None:
-        contiguous = [_contiguous_axis(sch.get(main), index) for index in (0, 1)]
-        normalise_gemm(sch, main)
-        extents = _gemm_extents(sch.get(main))
-        if extents is None:
-            return None
-        batch, m, n = extents
-        k = int(sch.get(main).iter_vars[3].dom.extent)
-        if min(m, n, k) < self.min_extent:
-            return None
+    def _tile(self, shape: GemmShape, target: Target) -> WebGPUTile:
+        """The fixed tile, else the table's for ``shape`` where it fits the target, else the rule's own."""
         threads = int(target.attrs.get("max_num_threads", 256))
         shared = int(target.attrs.get("max_shared_memory_per_block", 16384))
-        operand_bytes = max(region.source.dtype.bits for region in sch.get(main).reads[:2]) // 8
-        tile = self.tile or choose_webgpu_tile(batch, m, n, threads, shared, operand_bytes, k)
+        if self.tile is not None:
+            return self.tile
+        listed = self.tiles.get(shape.key)
+        if listed is not None and listed.fits(threads, shared, shape.bits // 8):
+            return listed
+        if listed is not None:
+            log.info("the tile table's tile for %s does not fit the target's limits; using the rule's", shape.key)
+        return choose_webgpu_tile(shape.batch, shape.m, shape.n, threads, shared, shape.bits // 8, shape.k)
+
+    def _schedule(
+        self, sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV, shape: GemmShape, tile: WebGPUTile
+    ) -> s_tir.Schedule:
         sch.pad_einsum(main, [1, tile.tile_i, tile.tile_j, tile.step_k])
         b, i, j, kk = sch.get_loops(main)
         bi, vi, ti, ii = sch.split(i, [None, tile.virtual_i, tile.threads_i, tile.micro_i // tile.virtual_i])
@@ -203,7 +365,7 @@ class WebGPUMatmul(dl.ScheduleRule):
         store = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(store, tj, preserve_unit_loops=True)
         for index in (0, 1):
-            shared = _fetch(sch, main, ko, tile, index, contiguous[index])
+            shared = _fetch(sch, main, ko, tile, index, shape.contiguous[index])
             _registers(sch, main, kio, shared, tile)
         auto_inline_consumer_chain(sch, store)
         sch.decompose_reduction(main, ko)

@@ -7,6 +7,7 @@ convolutions on this rule, on SwiftShader) gives the image the native build give
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +22,17 @@ from mlcweb_passes.webgpu.gemm import (
     LARGE,
     MEDIUM,
     SMALL,
+    TALL,
+    TILE_TABLE_FILE,
+    WIDE,
+    GemmShape,
     WebGPUMatmul,
     WebGPUTile,
     choose_webgpu_tile,
+    gemm_shape,
+    read_tile_table,
+    tile_candidates,
+    write_tile_table,
 )
 
 WEBGPU = tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
@@ -226,3 +235,104 @@ def test_prefetched_tiles_load_through_registers(monkeypatch: pytest.MonkeyPatch
     ]
     # the pipeline's NHWC layout: each operand's run is one vec4 along K
     assert registers and all(r.endswith("array<vec4<f32>, 1>;") for r in registers), registers
+
+
+# ------------------------------------------------------------------------------------ tile tables
+
+
+def _gemm_funcs() -> dict[str, tvm.tirx.PrimFunc]:
+    fused = _fused(Layers)
+    return {name: next(f for gv, f in fused.functions_items() if gv.name_hint.startswith(name)) for name in CONV_MM}
+
+
+CONV_MM = ("matmul", "conv2d")
+
+
+def test_gemm_shapes_name_extents_width_and_contiguous_axes() -> None:
+    """The tile table's key: x [256, 128] @ w [128, 192] reads A along K and B along its columns; the NCHW
+    convolution (64 outputs of 32 x 3 x 3 over 16 x 16 pixels) reads its input (A) along the pixels and
+    its weight along K."""
+    shapes = {name: gemm_shape(func) for name, func in _gemm_funcs().items()}
+    assert shapes["matmul"] == GemmShape(32, 1, 256, 192, 128, ("k", "mn"))
+    assert shapes["matmul"].key == "32bit 1x256x192x128 k/mn"
+    assert shapes["conv2d"] == GemmShape(32, 1, 256, 64, 288, ("mn", "k"))  # pixels x outputs x (32 x 3 x 3)
+    assert shapes["matmul"].flops == 2 * 256 * 192 * 128
+
+
+def test_tile_candidates_start_with_the_rules_choice_and_fit() -> None:
+    shape = GemmShape(16, 1, 8192, 320, 5760, ("k", "k"))
+    found = tile_candidates(shape, 256, 32768)
+    assert found[0] == choose_webgpu_tile(1, 8192, 320, 256, 32768, 2, 5760)
+    assert len(set(found)) == len(found) and all(t.fits(256, 32768, 2) for t in found)
+    assert {(t.tile_i, t.tile_j) for t in found} == {(128, 128), (128, 64), (64, 128), (64, 64), (32, 64)}
+    assert {t.step_k for t in found} == {16, DEEP_STEP_K}
+    # float32 128x128 tiles with 32-deep steps would take 36 KiB; a 60-row GEMM gets no 128-row tile (half padding)
+    assert all(
+        t.shared_bytes(4) <= 32768 for t in tile_candidates(GemmShape(32, 1, 8192, 320, 5760, ("k", "k")), 256, 32768)
+    )
+    assert all(t.tile_i <= 64 for t in tile_candidates(GemmShape(32, 1, 60, 768, 768, ("k", "k")), 256, 32768))
+    # K = 40: 32-deep steps would pad it to 64 (16-deep: 48), so none
+    assert {t.step_k for t in tile_candidates(GemmShape(16, 16, 4096, 4096, 40, ("k", "k")), 256, 32768)} == {16}
+
+
+def test_tile_tables_round_trip_and_bad_ones_are_named(tmp_path: Path) -> None:
+    path = tmp_path / TILE_TABLE_FILE
+    write_tile_table(
+        path, {"16bit 1x8192x320x5760 k/k": WIDE}, {"measured_on": "a GPU"}, {"16bit 1x8192x320x5760 k/k": {"ms": 1.0}}
+    )
+    assert read_tile_table(path) == {"16bit 1x8192x320x5760 k/k": WIDE}
+    assert not list(tmp_path.glob("*.tmp-*"))
+    bad = tmp_path / "bad.json"
+    for text in (
+        "{",
+        '{"format": "x", "tiles": {}}',
+        '{"format": "mlcweb-webgpu-gemm-tiles/1", "tiles": {"k": {"tile": {"micro_i": 3}}}}',
+    ):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=r"bad\.json"):
+            read_tile_table(bad)
+    with pytest.raises(ValueError, match="virtual"):
+        WebGPUTile(micro_i=4, virtual_i=3)
+
+
+def _workgroups(options: mp.PipelineOptions) -> dict[str, str]:
+    exe = tvm.compile(Layers, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU, options))
+    found = {}
+    for name, code in wgsl_sources(exe.mod).items():
+        kind = next((k for k in CONV_MM if k in name), None)
+        if kind:
+            found[kind] = next(line for line in code.splitlines() if "@workgroup_size" in line).strip()
+    return found
+
+
+def test_the_pipeline_takes_tiles_from_a_table_or_a_database_directory(tmp_path: Path) -> None:
+    """The table's tile for the matmul's shape (32x64: 8x16 threads) and the rule's own for the
+    convolution, which the table lacks; the same from a database directory that holds the table; a
+    tile the target cannot fit (36 KiB of float32 operands) falls back to the rule's."""
+    key = gemm_shape(_gemm_funcs()["matmul"]).key  # type: ignore[union-attr]
+    assert _workgroups(mp.PipelineOptions()) == {k: "@compute @workgroup_size(16, 16, 1)" for k in CONV_MM}
+    tabled = _workgroups(mp.PipelineOptions(webgpu_tiles={key: SMALL}))
+    assert tabled == {"matmul": "@compute @workgroup_size(16, 8, 1)", "conv2d": "@compute @workgroup_size(16, 16, 1)"}
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        (tmp_path / name).write_text("")
+    write_tile_table(tmp_path / TILE_TABLE_FILE, {key: SMALL})
+    assert _workgroups(mp.PipelineOptions(database=tmp_path)) == tabled
+    too_big = dataclasses.replace(LARGE, step_k=DEEP_STEP_K)
+    assert _workgroups(mp.PipelineOptions(webgpu_tiles={key: too_big}))["matmul"].endswith("(16, 16, 1)")
+
+
+@pytest.mark.parametrize(
+    ("case", "tile"),
+    [(1, dataclasses.replace(WIDE, step_k=DEEP_STEP_K)), (4, TALL)],
+    ids=["128x64-deep-nhwc", "64x128-kn"],
+)
+def test_tuning_candidates_compute_the_gemm_on_webgpu(
+    case: int, tile: WebGPUTile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The candidates only tuning picks (128x64 with 32-deep steps over an NHWC convolution, 64x128 over a
+    [K, N] weight) give PyTorch's result on Dawn (SwiftShader), as the rule's own tiles do above."""
+    from mlcweb_passes.webgpu import gemm
+
+    monkeypatch.setattr(gemm, "choose_webgpu_tile", lambda *_: tile)
+    got, want = _run_gemm(*CASES[case])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
