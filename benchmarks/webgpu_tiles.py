@@ -37,6 +37,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 REL_RMS = {"float16": 2e-2, "float32": 1e-4}  # candidates' outputs against the rule's tile's
+# A function timed after the GPU idled (reading back the previous function's output) can run several
+# times slower than in the model; with --profile, a shape whose rule's tile took more than this times
+# its time in the model's profile is left to the rule.
+INFLATED = 1.15
 
 
 @dataclasses.dataclass
@@ -161,6 +165,8 @@ def build(args: argparse.Namespace) -> int:
         b, m, n, k = (int(x) for x in dims.split("x"))
         shape = GemmShape(int(bits.removesuffix("bit")), b, m, n, k, tuple(contiguous.split("/")))  # type: ignore[arg-type]
         candidates[s.key] = tile_candidates(shape, threads, shared)
+    if args.prior:
+        shapes, candidates = _finalists(shapes, candidates, Path(args.prior), args.top)
     index = {
         "model": args.model,
         "size": args.size,
@@ -190,6 +196,36 @@ def build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finalists(
+    shapes: list[Shape], candidates: dict[str, list[Any]], prior: Path, top: int
+) -> tuple[list[Shape], dict[str, list[Any]]]:
+    """A second round from a first one's results (``prior``: its ``--results``, with the first build's
+    ``tiles-index.json`` copied in): only the shapes where a candidate beat the rule's tile, each with the
+    rule's tile and the ``top`` fastest others. A GPU that idled before a function (reading back the
+    previous one's output) can time it several times too slow, so first-round winners are re-timed."""
+    from mlcweb_passes.webgpu.gemm import WebGPUTile
+
+    index = json.loads((prior / "tiles-index.json").read_text())
+    runs = {}
+    for path in prior.glob("kernels-tiles-c*.json"):
+        result = json.loads(path.read_text())
+        runs[int(result["variant"].removeprefix("c"))] = result["kernels"]
+    kept, finalists = [], {}
+    for i, entry in enumerate(index["shapes"]):
+        if entry["key"] not in candidates:
+            continue
+        timed = sorted(
+            (runs[j][f"g{i}"]["gemm_ms"], j) for j in range(len(entry["candidates"])) if f"g{i}" in runs.get(j, {})
+        )
+        if not timed or timed[0][1] == 0:
+            continue  # the rule's tile won
+        rule = candidates[entry["key"]][0]
+        others = [WebGPUTile(**entry["candidates"][j]) for _, j in timed if j != 0][:top]
+        finalists[entry["key"]] = [rule, *others]
+        kept.append(next(s for s in shapes if s.key == entry["key"]))
+    return kept, finalists
+
+
 def _compile_after_kernels(module: Any, target: Any, options: Any, mp: Any) -> Any:
     """``module`` (kernels already fused) through the pipeline's phases after ``kernels``."""
     import tvm
@@ -207,7 +243,7 @@ def _rel_rms(a: list[float], b: list[float]) -> float:
 def pick(args: argparse.Namespace) -> int:
     """The fastest tile of each shape whose output matches the rule's tile's, into ``--out``'s table."""
     sys.path.insert(0, str(ROOT))
-    from mlcweb_passes.webgpu.gemm import TILE_TABLE_FILE, WebGPUTile, write_tile_table
+    from mlcweb_passes.webgpu.gemm import TILE_TABLE_FILE, WebGPUTile
 
     index = json.loads((Path(args.kernels) / "tiles-index.json").read_text())
     runs = {}
@@ -218,12 +254,19 @@ def pick(args: argparse.Namespace) -> int:
     if 0 not in runs:
         print(f"no results of the rule's own tiles (kernels-tiles-c0-*.json) in {args.results}", file=sys.stderr)
         return 2
-    tiles, notes, rows = {}, {}, []
+    profiled = _profiled(args.profile or [])
+    tiles, notes, rows, unchecked = {}, {}, [], []
     total_before = total_after = 0.0
     for i, shape in enumerate(index["shapes"]):
         name = f"g{i}"
         base = runs[0]["kernels"].get(name)
         if base is None or not base["finite"]:
+            continue
+        in_model = profiled.get(f"{shape['kernel']}_kernel")
+        if profiled and (in_model is None or base["gemm_ms"] > INFLATED * in_model):
+            unchecked.append(
+                f"{shape['key']} (rule's tile {base['gemm_ms']:.3f} ms here, {in_model or 0:.3f} in the model)"
+            )
             continue
         timed = []
         for j, tile in enumerate(shape["candidates"]):
@@ -244,19 +287,57 @@ def pick(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = runs[0].get("adapter", {})
-    about = {
-        "measured_on": f"{gpu.get('vendor', '?')} {gpu.get('architecture', '')} {gpu.get('description', '')}".strip(),
-        "model": f"{index['model']} ({index['size']}, {index['dtype']})",
-    }
-    write_tile_table(out / TILE_TABLE_FILE, tiles, about, notes)
+    measured_on = " ".join(str(gpu.get(k, "")) for k in ("vendor", "device", "description")).split()
+    about = {"measured_on": " ".join(measured_on), "models": [f"{index['model']} ({index['size']}, {index['dtype']})"]}
+    _merge_into(out / TILE_TABLE_FILE, tiles, about, notes)
     print("| GEMM shape | runs per use | rule's tile (ms) | fastest (ms) | fastest tile |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
+    if unchecked:
+        print(f"\nleft to the rule (its time here not confirmed by the model's profile): {'; '.join(unchecked)}")
     print(
         f"\nGEMM time for one use: {total_before:.1f} ms with the rule's tiles, {total_after:.1f} ms with the "
         f"table's ({len(tiles)} shapes) -> {out / TILE_TABLE_FILE}"
     )
     return 0
+
+
+def _profiled(paths: list[str]) -> dict[str, float]:
+    """Per-call GPU time of every kernel in the profiles of ``sd_webgpu.py`` results (``{"top": [{name,
+    ms, calls}]}`` anywhere in each JSON), the fastest where a kernel appears more than once."""
+    found: dict[str, float] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k in node.get("top", []) if isinstance(node.get("top"), list) else []:
+                if isinstance(k, dict) and k.get("calls"):
+                    per_call = k["ms"] / k["calls"]
+                    found[k["name"]] = min(per_call, found.get(k["name"], per_call))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path in paths:
+        walk(json.loads(Path(path).read_text()))
+    return found
+
+
+def _merge_into(path: Path, tiles: dict[str, Any], about: dict[str, Any], notes: dict[str, Any]) -> None:
+    """Write the table at ``path`` with ``tiles``, keeping the entries of other shapes it already holds
+    (another dtype's, another model's) and naming every model measured."""
+    from mlcweb_passes.webgpu.gemm import read_tile_table, write_tile_table
+
+    if path.exists():
+        old = json.loads(path.read_text())
+        kept = {k: v for k, v in read_tile_table(path).items() if k not in tiles}
+        notes = {**{k: {n: v for n, v in e.items() if n != "tile"} for k, e in old["tiles"].items()}, **notes}
+        tiles = {**kept, **tiles}
+        if old.get("measured_on") not in (None, about["measured_on"]):
+            about["measured_on"] = f"{old['measured_on']}; {about['measured_on']}"
+        about["models"] = sorted({*old.get("models", []), *about["models"]})
+    write_tile_table(path, tiles, about, {k: notes[k] for k in tiles})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,10 +349,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--size", default="full")
     b.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     b.add_argument("--max-shapes", type=int, default=0, help="only the N heaviest shapes")
+    b.add_argument("--prior", help="a first round's results (with its tiles-index.json): re-time its winners")
+    b.add_argument("--top", type=int, default=3, help="with --prior: the fastest N candidates besides the rule's")
     p = sub.add_parser("pick", help="the fastest tile per shape into a tile table")
     p.add_argument("results")
     p.add_argument("--kernels", required=True, help="build's --out (its tiles-index.json)")
     p.add_argument("--out", required=True, help="the directory the table is written into")
+    p.add_argument(
+        "--profile",
+        action="append",
+        help="sd_webgpu.py results of a build with the rule's tiles: keep only shapes whose rule's tile timed "
+        "here as in the model (repeatable)",
+    )
     args = parser.parse_args(argv)
     return {"build": build, "pick": pick}[args.command](args)
 

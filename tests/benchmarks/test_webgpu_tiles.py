@@ -69,3 +69,34 @@ def test_pick_needs_the_rules_own_tiles(tmp_path: Path) -> None:
     assert (
         webgpu_tiles.main(["pick", str(tmp_path / "r"), "--kernels", str(tmp_path / "k"), "--out", str(tmp_path)]) == 2
     )
+
+
+def test_pick_with_a_profile_leaves_inflated_and_unprofiled_shapes_to_the_rule(tmp_path: Path) -> None:
+    """A rule's tile timed 1.0 ms here but 0.2 ms in the model's profile was timed after an idle GPU:
+    its shape keeps the rule's tile; a shape missing from the profile too."""
+    _write(tmp_path / "k", tmp_path / "r", wrong=(-1, -1))
+    profile = {"profile": {"unet": {"top": [{"name": "k0_kernel", "ms": 0.4, "calls": 2}]}}}
+    (tmp_path / "p.json").write_text(json.dumps(profile))
+    args = ["pick", str(tmp_path / "r"), "--kernels", str(tmp_path / "k"), "--out", str(tmp_path / "db")]
+    assert webgpu_tiles.main([*args, "--profile", str(tmp_path / "p.json")]) == 0
+    assert read_tile_table(tmp_path / "db" / TILE_TABLE_FILE) == {}
+    profile["profile"]["unet"]["top"] += [
+        {"name": "k0_kernel", "ms": 0.95, "calls": 1},
+        {"name": "k1_kernel", "ms": 0.5, "calls": 1},
+    ]
+    profile["profile"]["unet"]["top"][0]["ms"] = 2.0  # now 1.0 a call: confirmed
+    (tmp_path / "p.json").write_text(json.dumps(profile))
+    assert webgpu_tiles.main([*args, "--profile", str(tmp_path / "p.json")]) == 0
+    assert read_tile_table(tmp_path / "db" / TILE_TABLE_FILE) == {SHAPES[0]: WIDE, SHAPES[1]: LARGE}
+
+
+def test_a_second_round_retimes_the_first_rounds_winners(tmp_path: Path) -> None:
+    """--prior: shapes where a candidate beat the rule's tile, with the rule's tile and the fastest
+    others; a shape the rule's tile won drops out."""
+    _write(tmp_path / "k", tmp_path / "r", wrong=(-1, -1))
+    (tmp_path / "r" / "tiles-index.json").write_text((tmp_path / "k" / "tiles-index.json").read_text())
+    shapes = [webgpu_tiles.Shape(key, 1, f"k{i}") for i, key in enumerate(SHAPES)]
+    candidates = {key: list(CANDIDATES[i]) for i, key in enumerate(SHAPES)}
+    kept, finalists = webgpu_tiles._finalists(shapes, candidates, tmp_path / "r", top=1)
+    assert [s.key for s in kept] == [SHAPES[0]]
+    assert finalists == {SHAPES[0]: [MEDIUM, WIDE]}
