@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import tempfile
 from collections import Counter
@@ -47,11 +46,14 @@ INFLATED = 1.15
 class Shape:
     """One GEMM shape of the model: its heaviest kernel, how often its kernels run for one use."""
 
-    key: str
-    flops: int
+    gemm: Any  # mlcweb_passes.webgpu.gemm.GemmShape
     kernel: str
     runs: int = 0
     kernels: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return str(self.gemm.key)
 
 
 def _calls(mod: Any, runs_per_use: dict[str, int]) -> tuple[Counter[str], dict[str, Any]]:
@@ -95,10 +97,10 @@ def _shapes(mod: Any, runs_per_use: dict[str, int]) -> tuple[list[Shape], dict[s
         shape = gemm_shape(func)
         if shape is None or min(shape.m, shape.n, shape.k) < 32:
             continue
-        entry = shapes.setdefault(shape.key, Shape(shape.key, shape.flops, name))
+        entry = shapes.setdefault(shape.key, Shape(shape, name))
         entry.runs += counts[name]
         entry.kernels.append(name)
-    ordered = sorted(shapes.values(), key=lambda s: (-s.runs * s.flops, s.key))
+    ordered = sorted(shapes.values(), key=lambda s: (-s.runs * s.gemm.flops, s.key))
     return ordered, calls
 
 
@@ -126,7 +128,7 @@ def _library_module(mod: Any, shapes: list[Shape], calls: dict[str, Any]) -> tup
             }
             for i, v in enumerate(params)
         ]
-        specs.append({"name": name, "key": shape.key, "flops": shape.flops, "time": "all", "inputs": inputs})
+        specs.append({"name": name, "key": shape.key, "flops": shape.gemm.flops, "time": "all", "inputs": inputs})
     return bb.get(), specs
 
 
@@ -137,7 +139,7 @@ def build(args: argparse.Namespace) -> int:
     from mlcweb.model import BuildOptions
     from mlcweb.plugins import PluginHost
     from mlcweb.wasm_runtime import link_wasm
-    from mlcweb_passes.webgpu.gemm import GemmShape, tile_candidates
+    from mlcweb_passes.webgpu.gemm import tile_candidates
 
     sys.path.insert(0, str(HERE))
     from webgpu_kernels import _target
@@ -159,12 +161,7 @@ def build(args: argparse.Namespace) -> int:
     shapes = shapes[: args.max_shapes] if args.max_shapes else shapes
     target = _target()
     threads, shared = int(target.attrs["max_num_threads"]), int(target.attrs["max_shared_memory_per_block"])
-    candidates = {}
-    for s in shapes:
-        bits, dims, contiguous = s.key.split(" ")
-        b, m, n, k = (int(x) for x in dims.split("x"))
-        shape = GemmShape(int(bits.removesuffix("bit")), b, m, n, k, tuple(contiguous.split("/")))  # type: ignore[arg-type]
-        candidates[s.key] = tile_candidates(shape, threads, shared)
+    candidates = {s.key: tile_candidates(s.gemm, threads, shared) for s in shapes}
     if args.prior:
         shapes, candidates = _finalists(shapes, candidates, Path(args.prior), args.top)
     index = {
@@ -172,7 +169,8 @@ def build(args: argparse.Namespace) -> int:
         "size": args.size,
         "dtype": args.dtype,
         "shapes": [
-            {**dataclasses.asdict(s), "candidates": [dataclasses.asdict(t) for t in candidates[s.key]]} for s in shapes
+            {**dataclasses.asdict(s), "key": s.key, "candidates": [dataclasses.asdict(t) for t in candidates[s.key]]}
+            for s in shapes
         ],
     }
     (out / "tiles-index.json").write_text(json.dumps(index, indent=1))
@@ -234,16 +232,13 @@ def _compile_after_kernels(module: Any, target: Any, options: Any, mp: Any) -> A
     return tvm.compile(module, target, relax_pipeline=relax_pipeline, tir_pipeline=mp.tir_pipeline(target, options))
 
 
-def _rel_rms(a: list[float], b: list[float]) -> float:
-    num = sum((x - y) ** 2 for x, y in zip(a, b, strict=True))
-    den = sum(y * y for y in b) or 1.0
-    return math.sqrt(num / den)
-
-
 def pick(args: argparse.Namespace) -> int:
     """The fastest tile of each shape whose output matches the rule's tile's, into ``--out``'s table."""
     sys.path.insert(0, str(ROOT))
     from mlcweb_passes.webgpu.gemm import TILE_TABLE_FILE, WebGPUTile
+
+    sys.path.insert(0, str(HERE))
+    from webgpu_kernels import _rel_rms
 
     index = json.loads((Path(args.kernels) / "tiles-index.json").read_text())
     runs = {}
@@ -264,9 +259,8 @@ def pick(args: argparse.Namespace) -> int:
             continue
         in_model = profiled.get(f"{shape['kernel']}_kernel")
         if profiled and (in_model is None or base["gemm_ms"] > INFLATED * in_model):
-            unchecked.append(
-                f"{shape['key']} (rule's tile {base['gemm_ms']:.3f} ms here, {in_model or 0:.3f} in the model)"
-            )
+            seen = f"{in_model:.3f} ms in the model" if in_model else "not in the profile"
+            unchecked.append(f"{shape['key']} (rule's tile {base['gemm_ms']:.3f} ms here, {seen})")
             continue
         timed = []
         for j, tile in enumerate(shape["candidates"]):

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import webgpu_tiles
 
-from mlcweb_passes.webgpu.gemm import LARGE, MEDIUM, SMALL, TILE_TABLE_FILE, WIDE, read_tile_table
+from mlcweb_passes.webgpu.gemm import LARGE, MEDIUM, SMALL, TILE_TABLE_FILE, WIDE, GemmShape, read_tile_table
 
 SHAPES = ["16bit 1x8192x320x5760 k/k", "16bit 2x4096x2560x320 k/k"]
 CANDIDATES = [[MEDIUM, WIDE, SMALL], [LARGE, MEDIUM]]
@@ -95,8 +95,15 @@ def test_a_second_round_retimes_the_first_rounds_winners(tmp_path: Path) -> None
     others; a shape the rule's tile won drops out."""
     _write(tmp_path / "k", tmp_path / "r", wrong=(-1, -1))
     (tmp_path / "r" / "tiles-index.json").write_text((tmp_path / "k" / "tiles-index.json").read_text())
-    shapes = [webgpu_tiles.Shape(key, 1, f"k{i}") for i, key in enumerate(SHAPES)]
+    shapes = [webgpu_tiles.Shape(_gemm(key), f"k{i}") for i, key in enumerate(SHAPES)]
     candidates = {key: list(CANDIDATES[i]) for i, key in enumerate(SHAPES)}
     kept, finalists = webgpu_tiles._finalists(shapes, candidates, tmp_path / "r", top=1)
     assert [s.key for s in kept] == [SHAPES[0]]
     assert finalists == {SHAPES[0]: [MEDIUM, WIDE]}
+
+
+def _gemm(key: str) -> GemmShape:
+    bits, dims, axes = key.split(" ")
+    b, m, n, k = (int(x) for x in dims.split("x"))
+    a_axis, b_axis = axes.split("/")
+    return GemmShape(int(bits.removesuffix("bit")), b, m, n, k, (a_axis, b_axis))
