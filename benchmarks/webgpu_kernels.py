@@ -188,14 +188,6 @@ def _tiles(gemm: Any, changes: dict[str, Any]) -> Iterator[None]:
 
 def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any], target: Any, options: Any) -> None:
     """One variant's library and its specs.json (what ``kernels.mjs`` calls, with the FLOPs of each)."""
-    from mlcweb.wasm_runtime import link_wasm
-
-    dest.mkdir(parents=True, exist_ok=True)
-    exe = _compile(_module(dtype, shapes), target, options)
-    with tempfile.TemporaryDirectory() as tmp:
-        lib = Path(tmp) / "kernels.wasm"
-        exe.export_library(str(lib), fcompile=link_wasm)
-        (dest / "kernels.wasm").write_bytes(lib.read_bytes())
     functions = [
         {
             "name": name,
@@ -207,19 +199,31 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
         }
         for name, (kind, xs, ws) in shapes.items()
     ]
+    _write_library(dest, _compile(_module(dtype, shapes), target, options), variant, dtype, functions)
+
+
+def _write_library(dest: Path, exe: Any, variant: str, dtype: str, functions: list[dict[str, Any]]) -> None:
+    """``exe`` linked as ``dest/kernels.wasm`` beside the specs.json ``kernels.mjs`` reads."""
+    from mlcweb.wasm_runtime import link_wasm
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / "kernels.wasm"
+        exe.export_library(str(lib), fcompile=link_wasm)
+        (dest / "kernels.wasm").write_bytes(lib.read_bytes())
     specs = {"variant": variant, "dtype": dtype, "library": "kernels.wasm", "functions": functions}
     (dest / "specs.json").write_text(json.dumps(specs, indent=1))
 
 
-def _compile(module: Any, target: Any, options: Any) -> Any:
-    """``module`` through the library's Relax and TIR pipelines for ``options``, as builds compile."""
+def _compile(module: Any, target: Any, options: Any, after: str | None = None) -> Any:
+    """``module`` through the library's Relax and TIR pipelines for ``options``, as builds compile
+    (``after``: only the phases after that one, for kernels already fused)."""
     import tvm
 
     import mlcweb_passes as mp
 
-    return tvm.compile(
-        module, target, relax_pipeline=mp.pipeline(target, options), tir_pipeline=mp.tir_pipeline(target, options)
-    )
+    relax_pipeline = mp.pipeline(target, options, after=after)
+    return tvm.compile(module, target, relax_pipeline=relax_pipeline, tir_pipeline=mp.tir_pipeline(target, options))
 
 
 def _target() -> Any:

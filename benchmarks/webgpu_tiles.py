@@ -138,11 +138,10 @@ def build(args: argparse.Namespace) -> int:
     from mlcweb.build import lower_until, resolve
     from mlcweb.model import BuildOptions
     from mlcweb.plugins import PluginHost
-    from mlcweb.wasm_runtime import link_wasm
     from mlcweb_passes.webgpu.gemm import tile_candidates
 
     sys.path.insert(0, str(HERE))
-    from webgpu_kernels import _target
+    from webgpu_kernels import _compile, _target, _write_library
 
     host = PluginHost()
     out = Path(args.out)
@@ -181,15 +180,8 @@ def build(args: argparse.Namespace) -> int:
         pipeline_options = mp.PipelineOptions(
             dtype=args.dtype, webgpu_tiles={s.key: candidates[s.key][j] for s in chosen}
         )
-        exe = _compile_after_kernels(module, target, pipeline_options, mp)
         dest = out / f"tiles-c{j}-{args.dtype}"
-        dest.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            lib = Path(tmp) / "kernels.wasm"
-            exe.export_library(str(lib), fcompile=link_wasm)
-            (dest / "kernels.wasm").write_bytes(lib.read_bytes())
-        spec = {"variant": f"c{j}", "dtype": args.dtype, "library": "kernels.wasm", "functions": specs}
-        (dest / "specs.json").write_text(json.dumps(spec, indent=1))
+        _write_library(dest, _compile(module, target, pipeline_options, after="kernels"), f"c{j}", args.dtype, specs)
         print(f"built {dest}: {len(chosen)} kernels", flush=True)
     return 0
 
@@ -222,14 +214,6 @@ def _finalists(
         finalists[entry["key"]] = [rule, *others]
         kept.append(next(s for s in shapes if s.key == entry["key"]))
     return kept, finalists
-
-
-def _compile_after_kernels(module: Any, target: Any, options: Any, mp: Any) -> Any:
-    """``module`` (kernels already fused) through the pipeline's phases after ``kernels``."""
-    import tvm
-
-    relax_pipeline = mp.pipeline(target, options, after="kernels")
-    return tvm.compile(module, target, relax_pipeline=relax_pipeline, tir_pipeline=mp.tir_pipeline(target, options))
 
 
 def pick(args: argparse.Namespace) -> int:
