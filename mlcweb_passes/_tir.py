@@ -95,6 +95,11 @@ def reduce_across_lanes(
         sch.set_scope(block, index, scope)
 
 
+def dtype_of(e: Any) -> str:
+    """The element type of a TIR expression."""
+    return str(e.ty.dtype)
+
+
 def uses_var(expr: tirx.PrimExpr, var: tirx.Var) -> bool:
     """True when ``var`` occurs in ``expr``."""
     return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))

@@ -7,7 +7,7 @@ from typing import Any
 import tvm
 from tvm import tirx
 
-from .._tir import buffer_loads
+from .._tir import buffer_loads, dtype_of
 
 __all__ = ["C_TYPES", "CExprPrinter", "UnsupportedExprError", "dtype_of"]
 
@@ -43,11 +43,6 @@ _FLOAT_CALLS = {
 
 class UnsupportedExprError(Exception):
     """The expression has no C++ form here (a free variable, an op the printer does not know)."""
-
-
-def dtype_of(e: Any) -> str:
-    """The element type of a TIR expression."""
-    return str(e.ty.dtype)
 
 
 class CExprPrinter:
