@@ -8,18 +8,31 @@ import { fileURLToPath } from "node:url";
 export async function installDawn(dawnDir, toggles) {
   const { create, globals } = await import(path.resolve(dawnDir, "index.js"));
   Object.assign(globalThis, globals);
-  globalThis.navigator = { gpu: create(toggles) };
+  globalThis.navigator = { gpu: create(mergeToggles(toggles)) };
+}
+
+/** Dawn's node binding keeps one value a flag (a second `enable-dawn-features=...` replaces the first):
+ * the values of repeated flags joined by commas, which it splits. */
+export function mergeToggles(toggles) {
+  const merged = new Map();
+  for (const toggle of toggles) {
+    const at = toggle.indexOf("=");
+    const [key, value] = at < 0 ? [toggle, ""] : [toggle.slice(0, at), toggle.slice(at + 1)];
+    merged.set(key, merged.has(key) && value ? `${merged.get(key)},${value}` : value || merged.get(key) || "");
+  }
+  return [...merged].map(([key, value]) => (value ? `${key}=${value}` : key));
 }
 
 /** A device with the adapter's own limits (tvmjs's detectGPUDevice caps buffers at 1 GiB and asks no
  * timestamp-query), f16, subgroups and timestamps where offered; with a profiler when `profile`. */
-export async function openDevice({ profile = false, needF16 = false } = {}) {
+export async function openDevice({ profile = false, needF16 = false, matrix = false } = {}) {
   const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
   if (needF16 && !adapter.features.has("shader-f16")) {
     throw new Error("this adapter has no shader-f16 (on NVIDIA/Vulkan pass --toggle enable-dawn-features=vulkan_enable_f16_on_nvidia)");
   }
   const lim = adapter.limits;
-  const features = ["shader-f16", "subgroups", "timestamp-query"].filter((f) => adapter.features.has(f));
+  const wanted = ["shader-f16", "subgroups", "timestamp-query", ...(matrix ? [MATRIX_FEATURE] : [])];
+  const features = wanted.filter((f) => adapter.features.has(f));
   const device = await adapter.requestDevice({
     requiredFeatures: features,
     requiredLimits: {
@@ -46,6 +59,8 @@ export async function openDevice({ profile = false, needF16 = false } = {}) {
   };
   return { adapter, device, profiler, info };
 }
+
+export const MATRIX_FEATURE = "chromium-experimental-subgroup-matrix";
 
 export const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
@@ -239,11 +254,16 @@ export async function streamCommands(ctx, every) {
   (await pageModule()).streamCommands(ctx, every);
 }
 
-/** The library the page would load on this adapter ({ library, needs, subgroups }); `portable` forces
- * the build's portable one. */
+/** The library the page would load on this adapter ({ library, needs, subgroups, matrix }); `portable`
+ * forces the build's portable one (with its subgroup-matrix kernels where the adapter runs them). */
 export async function chooseLibrary(manifest, adapter, portable = false) {
-  const { chooseLibrary: choose, workgroupNeeds } = await pageModule();
-  return portable ? { library: manifest.library, needs: workgroupNeeds(manifest), subgroups: 0 } : choose(manifest, adapter);
+  const { chooseLibrary: choose, chooseMatrix, workgroupNeeds } = await pageModule();
+  if (!portable) return choose(manifest, adapter);
+  return { library: manifest.library, needs: workgroupNeeds(manifest), subgroups: 0, matrix: chooseMatrix(manifest, adapter) };
+}
+
+export async function installMatrixKernels(ctx, table) {
+  (await pageModule()).installMatrixKernels(ctx, table);
 }
 
 /** Run a runner's async main: exit 0 when it resolves, print the error and exit 1 when it throws. */

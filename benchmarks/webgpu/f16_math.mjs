@@ -177,7 +177,7 @@ function fromHalf(h) {
 }
 /** `count` uniform float16 values in +-scale: 4096 drawn, then picked by a hash of the index (converting
  * every one of a VAE GEMM's 151 M inputs took most of a device call). */
-function randomHalves(count, scale, seed) {
+export function randomHalves(count, scale, seed) {
   let s = seed >>> 0;
   const table = new Uint16Array(4096);
   for (let i = 0; i < table.length; i++) {
@@ -189,13 +189,13 @@ function randomHalves(count, scale, seed) {
   return out;
 }
 
-function buffer(device, data, usage) {
+export function buffer(device, data, usage) {
   const buf = device.createBuffer({ size: Math.ceil(data.byteLength / 4) * 4, usage: usage | GPUBufferUsage.COPY_DST });
   device.queue.writeBuffer(buf, 0, data.buffer, data.byteOffset, Math.ceil(data.byteLength / 4) * 4);
   return buf;
 }
 
-async function readHalves(device, src, count) {
+export async function readHalves(device, src, count) {
   const bytes = Math.ceil((count * 2) / 4) * 4;
   const read = device.createBuffer({ size: bytes, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
   const encoder = device.createCommandEncoder();
@@ -207,7 +207,7 @@ async function readHalves(device, src, count) {
   return out;
 }
 
-async function timeDispatches(device, pipeline, group, grid, repeat) {
+export async function timeDispatches(device, pipeline, group, grid, repeat) {
   const querySet = device.createQuerySet({ type: "timestamp", count: 2 * repeat });
   const encoder = device.createCommandEncoder();
   for (let i = 0; i < repeat; i++) {
@@ -230,7 +230,7 @@ async function timeDispatches(device, pipeline, group, grid, repeat) {
 }
 
 /** Relative RMS error of sampled outputs against float64 sums of the same float16 inputs. */
-function sampledError(a, b, out, m, n, k, samples = 512) {
+export function sampledError(a, b, out, m, n, k, samples = 512) {
   let err = 0;
   let ref = 0;
   for (let s = 0; s < samples; s++) {

@@ -7,11 +7,12 @@
 // inputs.json: [{name, dims, type: "float32" | "float16" | "int64" | "int32"}], filled deterministically.
 import fs from "node:fs";
 import path from "node:path";
+import { mergeToggles } from "./common.mjs";
 
 const args = parseArgs(process.argv.slice(2));
 const { create, globals } = await import(path.resolve(args.dawn, "index.js"));
 Object.assign(globalThis, globals);
-const gpu = create(args.toggle);
+const gpu = create(mergeToggles(args.toggle));
 Object.defineProperty(globalThis, "navigator", { value: { gpu }, configurable: true });
 
 // dawn.node's writeBuffer rejects views of a SharedArrayBuffer (ORT's wasm memory): copy those first.

@@ -2,6 +2,7 @@
 // experimental subgroup-matrix feature shows, its configurations (cooperative matrix shapes).
 //   node probe.mjs --dawn DIR [--toggle enable-dawn-features=allow_unsafe_apis ...]
 import path from "node:path";
+import { mergeToggles } from "./common.mjs";
 
 const args = { toggle: [] };
 for (let i = 2; i < process.argv.length; i += 2) {
@@ -11,11 +12,11 @@ for (let i = 2; i < process.argv.length; i += 2) {
 }
 const { create, globals } = await import(path.resolve(args.dawn, "index.js"));
 Object.assign(globalThis, globals);
-const gpu = create(args.toggle);
+const gpu = create(mergeToggles(args.toggle));
 const adapter = await gpu.requestAdapter({ powerPreference: "high-performance" });
 const info = adapter.info || {};
 const out = {
-  toggles: args.toggle,
+  toggles: mergeToggles(args.toggle),
   description: info.description,
   subgroupMinSize: info.subgroupMinSize,
   subgroupMaxSize: info.subgroupMaxSize,

@@ -1,0 +1,184 @@
+// Tensor cores from WebGPU: float16 GEMMs through `chromium-experimental-subgroup-matrix` (Vulkan's
+// cooperative matrices), beside the best hand-written multiply-add kernel of f16_math.mjs, same shapes,
+// same inputs, same timing. The question before any pass is written: how fast are they through Dawn?
+//
+// C[M, N] = A[M, K] . B[N, K]^T, float16 in and out, K contiguous in both (an NHWC convolution's or a
+// linear layer's GEMM), float32 accumulators (the adapter's f16 -> f32 configuration). Variants:
+//   shared-BMxBN-kBK  a workgroup of 8 subgroups takes a BM x BN tile; A's and B's BK-deep slices are
+//                     copied to workgroup memory (rows padded by 8 halves), each subgroup multiplies its
+//                     (BM/4) x (BN/2) share from there; the float32 results go through a per-subgroup
+//                     scratch in workgroup memory to be rounded to float16 and stored
+//   direct-BMxBN      the same tiles loaded straight from the storage buffers (no workgroup copies)
+//
+//   node matrix_gemm.mjs --dawn DIR/webgpu --toggle enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia
+//        [--repeat 20] [--shapes MxNxK,...] [--variants NAME,...] [--out result.json]
+import fs from "node:fs";
+import { MATRIX_FEATURE, installDawn, median, openDevice, runMain } from "./common.mjs";
+import { buffer, gemmGrid, gemmShader, randomHalves, readHalves, sampledError, timeDispatches } from "./f16_math.mjs";
+
+const args = { repeat: 20, toggle: [], shapes: "8192x2560x320,512x1280x11520,65536x256x2304", out: "", variants: "" };
+const argv = process.argv.slice(2);
+for (let i = 0; i < argv.length; i += 2) {
+  const key = argv[i].replace(/^--/, "");
+  if (key === "toggle") args.toggle.push(argv[i + 1]);
+  else args[key] = argv[i + 1];
+}
+const WARM_MS = 500;
+const PAD = 8; // halves of padding a workgroup-memory row: 16-byte aligned rows in distinct banks
+
+export const VARIANTS = {
+  "shared-128x128-k32": { bm: 128, bn: 128, bk: 32 },
+  "shared-128x128-k64": { bm: 128, bn: 128, bk: 64 },
+  "shared-64x128-k32": { bm: 64, bn: 128, bk: 32 },
+  "shared-128x64-k32": { bm: 128, bn: 64, bk: 32 },
+  "direct-128x128": { bm: 128, bn: 128, direct: true },
+};
+
+/** The WGSL of a subgroup-matrix variant for an M x N x K GEMM with an sm x sn x sk configuration. */
+export function matrixShader(name, m, n, k, [sm, sn, sk]) {
+  const { bm, bn, bk = 16, direct = false } = VARIANTS[name];
+  const [wm, wn] = [bm / 4, bn / 2]; // a subgroup's share: 8 subgroups as 4 x 2
+  const [ti, tj] = [wm / sm, wn / sn]; // result matrices a subgroup holds
+  const lds = bk + PAD;
+  const left = `subgroup_matrix_left<f16, ${sk}, ${sm}>`;
+  const right = `subgroup_matrix_right<f16, ${sn}, ${sk}>`;
+  const result = `subgroup_matrix_result<f32, ${sn}, ${sm}>`;
+  const I = [...Array(ti).keys()];
+  const J = [...Array(tj).keys()];
+  const lines = [];
+  for (const i of I) for (const j of J) lines.push(`  var c${i}_${j} = ${result}();`);
+  const body = [];
+  if (direct) {
+    for (let kk = 0; kk < bk; kk += sk) {
+      for (const i of I) body.push(`    let a${i} = subgroupMatrixLoad<${left}>(&A, (row0 + wm + ${i * sm}u) * ${k}u + k0 + ${kk}u, false, ${k}u);`);
+      for (const j of J) body.push(`    let b${j} = subgroupMatrixLoad<${right}>(&B, (col0 + wn + ${j * sn}u) * ${k}u + k0 + ${kk}u, true, ${k}u);`);
+      for (const i of I) for (const j of J) body.push(`    c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${i}, b${j}, c${i}_${j});`);
+    }
+  } else {
+    body.push("    workgroupBarrier();");
+    // global -> workgroup: vec4 of A and B (bk / 4 a row), 256 threads
+    for (const [buf, shm, rows, origin] of [["A4", "As", bm, "row0"], ["B4", "Bs", bn, "col0"]]) {
+      const per = (rows * bk) / 4 / 256;
+      for (let l = 0; l < per; l++) {
+        const e = `(li + ${l * 256}u)`;
+        const [row, q] = [`(${e} / ${bk / 4}u)`, `(${e} % ${bk / 4}u)`];
+        body.push(`    { let v = ${buf}[(${origin} + ${row}) * ${k / 4}u + k0 / 4u + ${q}]; let dst = ${row} * ${lds}u + 4u * ${q};`);
+        body.push(`      ${shm}[dst] = v.x; ${shm}[dst + 1u] = v.y; ${shm}[dst + 2u] = v.z; ${shm}[dst + 3u] = v.w; }`);
+      }
+    }
+    body.push("    workgroupBarrier();");
+    for (let kk = 0; kk < bk; kk += sk) {
+      for (const i of I) body.push(`    let a${i}_${kk} = subgroupMatrixLoad<${left}>(&As, (wm + ${i * sm}u) * ${lds}u + ${kk}u, false, ${lds}u);`);
+      for (const j of J) body.push(`    let b${j}_${kk} = subgroupMatrixLoad<${right}>(&Bs, (wn + ${j * sn}u) * ${lds}u + ${kk}u, true, ${lds}u);`);
+      for (const i of I) for (const j of J) body.push(`    c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${i}_${kk}, b${j}_${kk}, c${i}_${j});`);
+    }
+  }
+  // epilogue: each result matrix through the subgroup's scratch, rounded to float16 by its lanes
+  const tile = sm * sn;
+  const stores = [];
+  for (const i of I) {
+    for (const j of J) {
+      stores.push("  workgroupBarrier();");
+      stores.push(`  subgroupMatrixStore(&Cs, sg * ${tile}u, c${i}_${j}, false, ${sn}u);`);
+      stores.push("  workgroupBarrier();");
+      stores.push(`  for (var e = lane; e < ${tile}u; e += 32u) {`);
+      stores.push(`    C[(row0 + wm + ${i * sm}u + e / ${sn}u) * ${n}u + col0 + wn + ${j * sn}u + e % ${sn}u] = f16(Cs[sg * ${tile}u + e]);`);
+      stores.push("  }");
+    }
+  }
+  const shared = direct
+    ? ""
+    : `var<workgroup> As : array<f16, ${bm * lds}>;\nvar<workgroup> Bs : array<f16, ${bn * lds}>;\n`;
+  const bindings = direct
+    ? `@group(0) @binding(0) var<storage, read> A : array<f16>;\n@group(0) @binding(1) var<storage, read> B : array<f16>;`
+    : `@group(0) @binding(0) var<storage, read> A4 : array<vec4<f16>>;\n@group(0) @binding(1) var<storage, read> B4 : array<vec4<f16>>;`;
+  return `enable f16;
+enable subgroups;
+enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
+${bindings}
+@group(0) @binding(2) var<storage, read_write> C : array<f16>;
+${shared}var<workgroup> Cs : array<f32, ${8 * tile}>;
+@compute @workgroup_size(256, 1, 1)
+fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) li : u32,
+        @builtin(subgroup_id) sg : u32, @builtin(subgroup_invocation_id) lane : u32) {
+  let row0 = wg.y * ${bm}u;
+  let col0 = wg.x * ${bn}u;
+  let wm = (sg / 2u) * ${wm}u;
+  let wn = (sg % 2u) * ${wn}u;
+${lines.join("\n")}
+  for (var k0 = 0u; k0 < ${k}u; k0 += ${bk}u) {
+${body.join("\n")}
+  }
+${stores.join("\n")}
+}
+`;
+}
+
+/** The adapter's float16 -> float32 configuration, 16x16x16 first ([M, N, K]), or null. */
+function chooseConfig(configs) {
+  const ok = configs.filter((c) => c.componentType === "f16" && c.resultComponentType === "f32");
+  ok.sort((a, b) => (b.M === 16 && b.N === 16) - (a.M === 16 && a.N === 16) || b.M * b.N * b.K - a.M * a.N * a.K);
+  return ok.length ? [ok[0].M, ok[0].N, ok[0].K] : null;
+}
+
+async function main() {
+  await installDawn(args.dawn, args.toggle);
+  const { device, info } = await openDevice({ needF16: true, matrix: true });
+  const configs = info.subgroupMatrixConfigs.map((c) => ({
+    componentType: c.componentType, resultComponentType: c.resultComponentType, M: c.M, N: c.N, K: c.K,
+  }));
+  const config = chooseConfig(configs);
+  const results = { adapter: info.description, features: [...device.features].sort(), configs, config, repeat: Number(args.repeat), shapes: [] };
+  console.log(`adapter ${info.description}; ${MATRIX_FEATURE}: ${device.features.has(MATRIX_FEATURE)}; configs ${JSON.stringify(configs)}`);
+  for (const shape of args.shapes.split(",")) {
+    const [m, n, k] = shape.split("x").map(Number);
+    const a = randomHalves(m * k, 1, 1);
+    const b = randomHalves(n * k, 1 / Math.sqrt(k), 2);
+    const storage = GPUBufferUsage.STORAGE;
+    const bufA = buffer(device, a, storage);
+    const bufB = buffer(device, b, storage);
+    const bufC = device.createBuffer({ size: m * n * 2, usage: storage | GPUBufferUsage.COPY_SRC });
+    const row = { m, n, k, flops: 2 * m * n * k, variants: {} };
+    const kernels = [{ name: "simt-f32-k32", code: gemmShader("f32-k32", m, n, k), grid: gemmGrid("f32-k32", m, n) }];
+    const only = args.variants ? args.variants.split(",") : Object.keys(VARIANTS);
+    if (config && device.features.has(MATRIX_FEATURE)) {
+      for (const name of only) {
+        const { bm, bn } = VARIANTS[name];
+        if (m % bm || n % bn) continue;
+        kernels.push({ name, code: matrixShader(name, m, n, k, config), grid: [n / bn, m / bm, 1] });
+      }
+    }
+    for (const { name, code, grid } of kernels) {
+      device.pushErrorScope("validation");
+      const module = device.createShaderModule({ code });
+      let pipeline;
+      try {
+        pipeline = await device.createComputePipelineAsync({ layout: "auto", compute: { module, entryPoint: "main" } });
+      } catch (error) {
+        const messages = (await module.getCompilationInfo()).messages.map((x) => `${x.lineNum}:${x.linePos} ${x.message}`);
+        console.log(`${shape} ${name}: not run (${error.message.split("\n")[0]}) ${messages.slice(0, 3).join(" | ")}`);
+        row.variants[name] = { error: error.message.split("\n")[0], messages };
+        await device.popErrorScope();
+        continue;
+      }
+      await device.popErrorScope();
+      const group = device.createBindGroup({
+        layout: pipeline.getBindGroupLayout(0),
+        entries: [bufA, bufB, bufC].map((buf, binding) => ({ binding, resource: { buffer: buf } })),
+      });
+      const once = median(await timeDispatches(device, pipeline, group, grid, 3));
+      await timeDispatches(device, pipeline, group, grid, Math.min(4000, Math.ceil(WARM_MS / once)));
+      const ms = median(await timeDispatches(device, pipeline, group, grid, Number(args.repeat)));
+      const out = await readHalves(device, bufC, m * n);
+      const error = sampledError(a, b, out, m, n, k);
+      row.variants[name] = { ms, tflops: row.flops / ms / 1e9, rel_rms: error };
+      console.log(`${shape} ${name.padEnd(20)} ${ms.toFixed(3)} ms ${(row.flops / ms / 1e9).toFixed(1)} TFLOPS rel RMS ${error.toExponential(2)}`);
+    }
+    results.shapes.push(row);
+    for (const buf of [bufA, bufB, bufC]) buf.destroy();
+  }
+  if (args.out) fs.writeFileSync(args.out, JSON.stringify(results, null, 1));
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) runMain(main);
