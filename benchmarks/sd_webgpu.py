@@ -40,6 +40,9 @@ ROOT = HERE.parent
 KEEP = ("manifest.json", "tensor-cache.json")  # besides the library and scheduler constants: no shards
 F16_TOGGLE = "enable-dawn-features=vulkan_enable_f16_on_nvidia"
 UNROUNDED = "disable-dawn-features=timestamp_quantization"
+# Dawn exposes chromium-experimental-subgroup-matrix only with unsafe APIs allowed (Chrome:
+# --enable-unsafe-webgpu); its float16 configurations need shader-f16 too (F16_TOGGLE, merged by common.mjs)
+UNSAFE = "enable-dawn-features=allow_unsafe_apis"
 
 
 # ------------------------------------------------------------------------------------------- build (here)
@@ -107,7 +110,12 @@ def _keep_light(build_dir: Path, dest: Path) -> None:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     libraries = [manifest["library"], *([manifest["subgroups"]["library"]] if "subgroups" in manifest else [])]
-    names = [*KEEP, *libraries, *(p.name for p in build_dir.glob("scheduler-*.json"))]
+    matrix = [
+        e["webgpu"]["matrix"]["kernels"]
+        for e in (manifest, manifest.get("subgroups", {}))
+        if "matrix" in e.get("webgpu", {})
+    ]
+    names = [*KEEP, *libraries, *matrix, *(p.name for p in build_dir.glob("scheduler-*.json"))]
     for name in names:
         shutil.copyfile(build_dir / name, dest / name)
 
@@ -234,8 +242,13 @@ def run(args: argparse.Namespace) -> int:
         # the float32 build of the same model is the reference: sd15-strided-float16 is checked against
         # sd15-float32's outputs (a schedule variant computes the same function)
         reference = root / f"{name.split('-')[0]}-float32-outputs.json"
-        has_subgroups = "subgroups" in json.loads((build_dir / "manifest.json").read_text())
-        for subgroups in (False, True) if has_subgroups and args.subgroups else (False,):
+        manifest = json.loads((build_dir / "manifest.json").read_text())
+        has_subgroups = "subgroups" in manifest
+        has_matrix = "matrix" in manifest.get("webgpu", {}) and args.matrix
+        own = root / f"{name}-outputs.json"  # the portable library's outputs: what --matrix is checked against
+        runs = [(False, False), *([(True, False)] if has_subgroups and args.subgroups else [])]
+        for subgroups, matrix in runs + ([(False, True)] if has_matrix else []):
+            suffix = ("-subgroups" if subgroups else "") + ("-matrix" if matrix else "")
             cmd = [
                 str(root / "node"),
                 str(root / "runner.mjs"),
@@ -247,13 +260,16 @@ def run(args: argparse.Namespace) -> int:
                 "--toggle", UNROUNDED,
                 "--profile",
                 "--stream", str(args.stream),
-                "--out", str(results / f"webgpu-{name}{'-subgroups' if subgroups else ''}.json"),
+                "--out", str(results / f"webgpu-{name}{suffix}.json"),
             ]  # fmt: skip
             cmd += [] if subgroups else ["--no-subgroups"]
-            if name.endswith("float32") and not subgroups:
+            if matrix:
+                cmd += ["--matrix", "--compare", str(own), "--toggle", UNSAFE]
+            elif name.endswith("float32") and not subgroups:
                 cmd += ["--save-outputs", str(reference)]
             else:
                 cmd += ["--compare", str(reference)]
+                cmd += ["--save-outputs", str(own)] if has_matrix and not subgroups else []
             print("$", " ".join(cmd[1:4]), "...", flush=True)
             done = subprocess.run(cmd, env=_node_env(), check=False, timeout=args.timeout)
             failed += done.returncode != 0
@@ -537,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--only", help="run only these builds: `build --name` names or NAME-DTYPE, comma-separated")
     r.add_argument(
         "--no-subgroups", dest="subgroups", action="store_false", help="run only the builds' portable libraries"
+    )
+    r.add_argument(
+        "--no-matrix", dest="matrix", action="store_false", help="skip the runs on builds' subgroup-matrix kernels"
     )
     c = sub.add_parser("cuda")
     c.add_argument("--results", required=True)

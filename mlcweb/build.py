@@ -32,6 +32,7 @@ from tqdm import tqdm
 from tvm import relax
 
 import mlcweb_passes as mp
+from mlcweb_passes.webgpu.matrix_gemm import PLANS_ATTR, MatrixConfig, matrix_kernels
 
 from .choices import DTYPES
 from .databases import shipped_database
@@ -144,8 +145,9 @@ def resolve(host: PluginHost, model: str, options: BuildOptions, *, link: bool =
         with_subgroups(target_info, options.webgpu_subgroup_size)  # a bad size fails before the import
     target = target_info.tvm_target()
     gpu = mp.gpu_facts(target) if mp.is_gpu_target(target) else None
+    matrix = MatrixConfig() if options.webgpu_matrix and target_info.name == "webgpu" else None
     pipeline = mp.PipelineOptions(
-        dtype=options.dtype, conv_layout=options.conv_layout, database=options.database, gpu=gpu
+        dtype=options.dtype, conv_layout=options.conv_layout, database=options.database, gpu=gpu, webgpu_matrix=matrix
     )
     return ModelBuild(model, registered, config, options, target_info, pipeline)
 
@@ -396,19 +398,47 @@ def _export(exe: relax.VMExecutable, path: Path, target: TargetInfo) -> None:
         exe.export_library(str(path))
 
 
-def _compile_library(lowered: tvm.IRModule, resolved: ModelBuild, path: Path) -> dict[str, int]:
+def _compile_library(lowered: tvm.IRModule, resolved: ModelBuild, path: Path) -> dict[str, Any]:
     """Compile ``lowered`` for ``resolved``'s target into the library ``path``. For webgpu, every shader is
     first checked with Dawn (a shader WebGPU rejects is a build error, not a page error), and the result
-    is what the kernels need of a workgroup (the manifest's ``webgpu``); else nothing."""
+    is what the kernels need of a workgroup (the manifest's ``webgpu``), with ``matrix`` where the
+    build planned subgroup-matrix kernels (:func:`_matrix_kernels`); else nothing."""
     with tvm.transform.PassContext(config=_pass_config(resolved)):
         tir = mp.tir_pipeline(resolved.target, resolved.pipeline)
         exe = tvm.compile(lowered, resolved.target, relax_pipeline=None, tir_pipeline=tir)
-    needs: dict[str, int] = {}
+    needs: dict[str, Any] = {}
     if resolved.target_info.name == "webgpu":
         check_wgsl(exe.mod, float16=resolved.pipeline.dtype == "float16")
-        needs = workgroup_needs(wgsl_sources(exe.mod)).manifest()
+        sources = wgsl_sources(exe.mod)
+        needs = dict(workgroup_needs(sources).manifest())
+        matrix = _matrix_kernels(lowered, resolved, sources, path)
+        if matrix:
+            needs["matrix"] = matrix
     _export(exe, path, resolved.target_info)
     return needs
+
+
+def _matrix_kernels(lowered: tvm.IRModule, resolved: ModelBuild, sources: dict[str, str], path: Path) -> dict[str, Any]:
+    """The subgroup-matrix kernels planned for ``lowered`` (:class:`mlcweb_passes.webgpu.matrix_gemm.PlanMatrixGemms`),
+    written beside the library ``path`` as ``<library>-matrix.json`` ({shader: {code, grid}}); returns the
+    manifest's ``matrix`` entry (file, configuration, what the kernels need of a workgroup), or {} when none."""
+    config = resolved.pipeline.webgpu_matrix
+    plans = lowered.attrs.get(PLANS_ATTR) if lowered.attrs is not None else None
+    if config is None or not plans:
+        return {}
+    kernels = matrix_kernels({str(k): str(v) for k, v in plans.items()}, sources, config)
+    if not kernels:
+        return {}
+    name = f"{path.stem}-matrix.json"
+    table = {k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}
+    (path.parent / name).write_text(json.dumps(table, sort_keys=True, indent=1) + "\n")
+    log.info("%d GEMM kernels on subgroup matrices in %s", len(kernels), name)
+    return {
+        "kernels": name,
+        "count": len(kernels),
+        "config": config.manifest(),
+        **workgroup_needs({k.name: k.code for k in kernels.values()}).manifest(),
+    }
 
 
 def _with_shipped_database(resolved: ModelBuild) -> tuple[ModelBuild, str | None]:
@@ -502,6 +532,7 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
         files = [
             library,
             *([subgroups["library"]] if subgroups else []),
+            *_matrix_files(device_needs, subgroups.get("webgpu", {})),
             *write_tensor_cache(flat, tmp, encoding=options.weight_encoding),
         ]
     with stages.stage("assets"):
@@ -539,6 +570,11 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
         "variants": variants,
     }
     return _Built(files, manifest_info, kernels, memory, schedules, from_cache)
+
+
+def _matrix_files(*needs: dict[str, Any]) -> list[str]:
+    """The subgroup-matrix kernel files of the libraries whose workgroup needs are ``needs``."""
+    return [entry["matrix"]["kernels"] for entry in needs if "matrix" in entry]
 
 
 def _subgroup_library(host: PluginHost, resolved: ModelBuild, deploy: tvm.IRModule, tmp: Path) -> dict[str, Any]:

@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
         "wide (32, NVIDIA and Apple GPUs, the default and the one size TVM builds for; 0: none)",
     )
     b.add_argument(
+        "--no-matrix",
+        action="store_true",
+        help="webgpu float16: write no subgroup-matrix (tensor core) kernels beside the portable ones",
+    )
+    b.add_argument(
         "--conv-layout",
         choices=["auto", "NCHW", "NHWC"],
         default="auto",
@@ -147,6 +152,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         cuda_graph=not args.no_cuda_graph,
         conv_layout=args.conv_layout,
         webgpu_subgroup_size=args.subgroup_size,
+        webgpu_matrix=not args.no_matrix,
     )
     if args.db is not None and args.no_db:
         raise MlcwebError("--db and --no-db contradict each other; pass one")

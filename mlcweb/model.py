@@ -87,6 +87,9 @@ class BuildOptions:
     # webgpu only: also build a library whose reductions use subgroup operations, for adapters with the
     # subgroups feature and exactly this subgroup size (32, NVIDIA and Apple; TVM builds no other); 0: none
     webgpu_subgroup_size: int = 32
+    # webgpu + float16 only: also write kernels on subgroup matrices (tensor cores) for the GEMMs, which the
+    # page uses where the adapter offers chromium-experimental-subgroup-matrix with float16 -> float32
+    webgpu_matrix: bool = True
     # cuda only: capture each function's kernel launches once in a CUDA graph and replay it on later calls
     cuda_graph: bool = True
     # layout of 2-D convolutions: "auto" (NHWC for cuda float16, as imported elsewhere), "NCHW" or "NHWC"

@@ -9,6 +9,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tvm
@@ -24,18 +25,23 @@ WEBGPU = tvm.target.Target(
 
 RUN = """
 import fs from "node:fs";
-const [dawn, tvmjsPath, dir] = process.argv.slice(2);
+const [dawn, tvmjsPath, dir, page] = process.argv.slice(2);
 const { create, globals } = await import(dawn + "/index.js");
 Object.assign(globalThis, globals);
 globalThis.navigator = { gpu: create([]) };
 const tvmjs = (await import("node:module")).createRequire(import.meta.url)(tvmjsPath);
 const spec = JSON.parse(fs.readFileSync(dir + "/spec.json", "utf8"));
 const adapter = await navigator.gpu.requestAdapter();
-const device = await adapter.requestDevice({ requiredFeatures: ["subgroups"].filter((f) => adapter.features.has(f)),
+const features = ["subgroups", "shader-f16"].filter((f) => adapter.features.has(f));
+const device = await adapter.requestDevice({ requiredFeatures: features,
   requiredLimits: { maxComputeWorkgroupStorageSize: 32768, maxComputeInvocationsPerWorkgroup: 256 } });
 const wasm = new Uint8Array(fs.readFileSync(dir + "/lib.wasm"));
 const tvm = await tvmjs.instantiate(wasm, tvmjs.createPolyfillWASI(), () => {});
 tvm.initWebGPU(device);
+if (fs.existsSync(dir + "/matrix.json")) {
+  const { installMatrixKernels } = await import(page);
+  installMatrixKernels(tvm.lib.webGPUContext, JSON.parse(fs.readFileSync(dir + "/matrix.json", "utf8")));
+}
 const gpu = tvm.webgpu();
 tvm.beginScope();
 const vm = tvm.createVirtualMachine(gpu);
@@ -58,11 +64,25 @@ process.exit(0);
 """
 
 
-def run_on_webgpu(exe: tvm.runtime.Executable, func: str, inputs: list[np.ndarray]) -> np.ndarray:
-    """``func`` of ``exe`` (compiled for :data:`WEBGPU`) on ``inputs``, run in node on SwiftShader."""
+LAVAPIPE = Path("/usr/share/vulkan/icd.d/lvp_icd.json")  # Mesa's CPU Vulkan driver: shader-f16 (Mesa 25)
+
+
+def run_on_webgpu(
+    exe: tvm.runtime.Executable,
+    func: str,
+    inputs: list[np.ndarray],
+    *,
+    icd: Path = SWIFTSHADER,
+    matrix: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """``func`` of ``exe`` (compiled for :data:`WEBGPU`) on ``inputs``, run in node on the Vulkan driver
+    ``icd`` (SwiftShader; :data:`LAVAPIPE` for float16), with ``matrix``'s shaders installed in place of
+    the library's (mlcweb.js ``installMatrixKernels``, as the page does) when given."""
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         exe.export_library(str(d / "lib.wasm"), fcompile=link_wasm)
+        if matrix is not None:
+            (d / "matrix.json").write_text(json.dumps(matrix))
         specs = []
         for i, a in enumerate(inputs):
             (d / f"in{i}.bin").write_bytes(np.ascontiguousarray(a).tobytes())
@@ -71,8 +91,11 @@ def run_on_webgpu(exe: tvm.runtime.Executable, func: str, inputs: list[np.ndarra
         (d / "run.mjs").write_text(RUN)
         modules = web_dir() / "node_modules"
         tvmjs = modules / "@mlc-ai" / "web-runtime" / "lib" / "index.js"
-        env = {**os.environ, "VK_ICD_FILENAMES": str(SWIFTSHADER), "LD_LIBRARY_PATH": str(SWIFTSHADER.parent)}
-        cmd = ["node", str(d / "run.mjs"), str(modules / "webgpu"), str(tvmjs), str(d)]
+        env = {**os.environ, "VK_ICD_FILENAMES": str(icd), "XDG_RUNTIME_DIR": tmp}
+        if icd == SWIFTSHADER:
+            env["LD_LIBRARY_PATH"] = str(SWIFTSHADER.parent)
+        page = web_dir() / "lib" / "mlcweb.js"
+        cmd = ["node", str(d / "run.mjs"), str(modules / "webgpu"), str(tvmjs), str(d), str(page)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         meta = json.loads((d / "out.json").read_text())

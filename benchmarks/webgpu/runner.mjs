@@ -6,12 +6,12 @@
 // Euler-ancestral step (noise from a fixed pattern). SD1.x and SD2.x builds (one text encoder).
 //
 //   node runner.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 10] [--steps N] [--scheduler NAME]
-//        [--profile [--profile-top 25]] [--stream N] [--no-subgroups] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
+//        [--profile [--profile-top 25]] [--stream N] [--no-subgroups] [--matrix] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
 //        [--save-outputs out.bin] [--compare ref.bin] --out result.json
 import fs from "node:fs";
 import path from "node:path";
 import { createRequire } from "node:module";
-import { WeightFiller, chooseLibrary, installDawn, median, openDevice, runMain, streamCommands, summarise } from "./common.mjs";
+import { WeightFiller, chooseLibrary, installDawn, installMatrixKernels, median, openDevice, runMain, streamCommands, summarise } from "./common.mjs";
 
 const args = parseArgs(process.argv.slice(2));
 const require = createRequire(import.meta.url);
@@ -24,6 +24,7 @@ function parseArgs(argv) {
     const key = argv[i].replace(/^--/, "").replace(/-(\w)/g, (_, c) => c.toUpperCase());
     if (key === "profile") out.profile = true;
     else if (key === "noSubgroups") out.noSubgroups = true;
+    else if (key === "matrix") out.matrix = true;
     else if (key === "toggle") out.toggle.push(argv[++i]);
     else out[key] = argv[++i];
   }
@@ -55,15 +56,19 @@ async function main() {
   const result = { build: manifest.model, dtype: manifest.dtype, config: manifest.config, scheduler: schedName, steps, unet: unetName, repeat: args.repeat, toggles: args.toggle };
   const t0 = performance.now();
 
-  const { adapter, device, profiler: prof, info } = await openDevice({ profile: args.profile, needF16: manifest.dtype === "float16" });
+  const { adapter, device, profiler: prof, info } = await openDevice({ profile: args.profile, needF16: manifest.dtype === "float16", matrix: args.matrix });
   result.adapter = info;
-  // as the page: the subgroup library where the adapter's subgroups fit it (--no-subgroups: the portable one)
+  // as the page: the subgroup library where the adapter's subgroups fit it (--no-subgroups: the portable
+  // one), and with --matrix its subgroup-matrix kernels where the adapter runs them
   const chosen = await chooseLibrary(manifest, adapter, args.noSubgroups);
+  if (args.matrix && !chosen.matrix) throw new Error(`runner.mjs: --matrix, but ${chosen.library} has no subgroup-matrix kernels this adapter runs`);
   result.library = chosen.library;
   result.subgroups = chosen.subgroups;
+  result.matrix_kernels = args.matrix ? chosen.matrix.count : 0;
   const wasm = fs.readFileSync(path.join(build, chosen.library));
   const tvm = await tvmjs.instantiate(new Uint8Array(wasm), tvmjs.createPolyfillWASI(), () => {});
   tvm.initWebGPU(device);
+  if (args.matrix) await installMatrixKernels(tvm.lib.webGPUContext, JSON.parse(fs.readFileSync(path.join(build, chosen.matrix.kernels), "utf8")));
   const gpu = tvm.webgpu();
   tvm.beginScope();
   const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(gpu));

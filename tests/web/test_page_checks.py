@@ -187,3 +187,78 @@ def test_the_page_loads_the_subgroup_library_only_where_subgroups_fit_it(
         "console.log(`${c.library} ${c.subgroups} ${c.needs.workgroupBytes}`);\n",
     )
     assert out == (f"{library} 32 4096" if "subgroups" in library else f"{library} 0 8192")
+
+
+MATRIX = {"componentType": "f16", "resultComponentType": "f32", "M": 16, "N": 16, "K": 16, "subgroup_size": 32}
+F16_16 = {"componentType": "f16", "resultComponentType": "f32", "M": 16, "N": 16, "K": 16}
+BOTH = ["subgroups", "chromium-experimental-subgroup-matrix"]
+
+
+@pytest.mark.parametrize(
+    ("features", "configs", "sizes", "storage", "used"),
+    [
+        (["subgroups", "chromium-experimental-subgroup-matrix"], [F16_16], (32, 32), 32768, True),
+        (["subgroups"], [F16_16], (32, 32), 32768, False),  # no subgroup-matrix feature (Chrome without the flag)
+        (
+            ["subgroups", "chromium-experimental-subgroup-matrix"],
+            [{**F16_16, "componentType": "i8"}],
+            (32, 32),
+            32768,
+            False,
+        ),
+        (
+            ["subgroups", "chromium-experimental-subgroup-matrix"],
+            [{**F16_16, "M": 8, "N": 8, "K": 8}],
+            (32, 32),
+            32768,
+            False,
+        ),
+        (["subgroups", "chromium-experimental-subgroup-matrix"], [F16_16], (32, 64), 32768, False),  # not 32 wide
+        (["subgroups", "chromium-experimental-subgroup-matrix"], [F16_16], (32, 32), 16384, False),  # 28 KiB needed
+    ],
+)
+def test_the_page_runs_matrix_kernels_only_where_the_adapter_offers_their_configuration(
+    page: Path, features: list[str], configs: list[dict[str, object]], sizes: tuple[int, int], storage: int, used: bool
+) -> None:
+    """chooseMatrix: the library's subgroup-matrix kernels where the adapter has the feature, their float16
+    -> float32 configuration, 32-wide subgroups and the workgroup memory they declare; the device request
+    then asks for the feature and the larger workgroup memory."""
+    matrix = {"kernels": "m-webgpu-matrix.json", "count": 3, "config": MATRIX, "workgroup_storage_bytes": 28672}
+    manifest = {"library": "m-webgpu.wasm", "webgpu": {"workgroup_storage_bytes": 8192, "matrix": matrix}}
+    adapter = (
+        f"{{ features: new Set({json.dumps(features)}), limits: {{ maxComputeWorkgroupStorageSize: {storage},"
+        " maxComputeInvocationsPerWorkgroup: 1024 },"
+        f" info: {{ subgroupMinSize: {sizes[0]}, subgroupMaxSize: {sizes[1]},"
+        f" subgroupMatrixConfigs: {json.dumps(configs)} }} }}"
+    )
+    out = _node(
+        page,
+        'import { chooseLibrary } from "./mlcweb.js";\n'
+        f"const c = chooseLibrary({json.dumps(manifest)}, {adapter});\n"
+        "console.log(`${c.matrix ? c.matrix.kernels : 'none'} ${c.needs.workgroupBytes} ${!!c.needs.matrix}`);\n",
+    )
+    assert out == ("m-webgpu-matrix.json 28672 true" if used else "none 8192 false")
+
+
+def test_matrix_kernels_replace_the_library_shaders_of_their_names(page: Path) -> None:
+    """installMatrixKernels: a listed shader is created from the kernel's code, dispatched on the kernel's
+    grid in place of the library's launch dimensions (its buffer and POD arguments passed as they are);
+    other shaders are untouched."""
+    out = _node(
+        page,
+        'import { installMatrixKernels } from "./mlcweb.js";\n'
+        "const made = [];\n"
+        "const ctx = { createShaderAsync: async (finfo, code) => {\n"
+        "  made.push([finfo.name, code, finfo.launch_param_tags]); return (...args) => args; } };\n"
+        "ctx.createShader = ctx.createShaderAsync;\n"
+        'installMatrixKernels(ctx, { k_kernel: { code: "MATRIX", grid: [5, 7, 1] } });\n'
+        'const tags = ["blockIdx.x", "threadIdx.x", "threadIdx.y", "paramWriteAccess:[0,1]"];\n'
+        "const info = (name, args) => ({ name, arg_types: args, launch_param_tags: tags });\n"
+        'const f = await ctx.createShaderAsync(info("k_kernel", ["handle", "handle"]), "TVM");\n'
+        'const g = await ctx.createShaderAsync(info("other_kernel", ["handle"]), "TVM");\n'
+        "console.log(JSON.stringify([made, f('a', 'b', 40, 16, 16), g('a', 40, 16, 16)]));\n",
+    )
+    made, replaced, other = json.loads(out)
+    assert made[0] == ["k_kernel", "MATRIX", ["blockIdx.x", "blockIdx.y", "paramWriteAccess:[0,1]"]]
+    assert made[1] == ["other_kernel", "TVM", ["blockIdx.x", "threadIdx.x", "threadIdx.y", "paramWriteAccess:[0,1]"]]
+    assert replaced == ["a", "b", 5, 7] and other == ["a", 40, 16, 16]

@@ -160,7 +160,8 @@ export function workgroupNeeds(manifest) {
 /**
  * The library to load: the build's subgroup library (reductions through subgroup operations) when the
  * adapter has the `subgroups` feature and its subgroups are exactly as wide as the library was built for
- * (NVIDIA and Apple GPUs: 32), else the portable one. Returns { library, needs, subgroups }.
+ * (NVIDIA and Apple GPUs: 32), else the portable one, with its subgroup-matrix kernels where the adapter
+ * runs them (chooseMatrix). Returns { library, needs, subgroups, matrix }.
  */
 export function chooseLibrary(manifest, adapter) {
   const sg = manifest.subgroups;
@@ -172,8 +173,60 @@ export function chooseLibrary(manifest, adapter) {
     info.subgroupMinSize === sg.subgroup_size &&
     info.subgroupMaxSize === sg.subgroup_size &&
     workgroupNeeds(sg).workgroupBytes <= limits.maxComputeWorkgroupStorageSize;
-  if (!fits) return { library: manifest.library, needs: workgroupNeeds(manifest), subgroups: 0 };
-  return { library: sg.library, needs: workgroupNeeds(sg), subgroups: sg.subgroup_size };
+  const chosen = fits
+    ? { library: sg.library, needs: workgroupNeeds(sg), subgroups: sg.subgroup_size, matrix: chooseMatrix(sg, adapter) }
+    : { library: manifest.library, needs: workgroupNeeds(manifest), subgroups: 0, matrix: chooseMatrix(manifest, adapter) };
+  if (chosen.matrix) {
+    chosen.needs = {
+      workgroupBytes: Math.max(chosen.needs.workgroupBytes, chosen.matrix.workgroup_storage_bytes || 0),
+      invocations: Math.max(chosen.needs.invocations, chosen.matrix.invocations_per_workgroup || 0),
+      matrix: true,
+    };
+  }
+  return chosen;
+}
+
+export const MATRIX_FEATURE = "chromium-experimental-subgroup-matrix";
+
+/**
+ * The library's subgroup-matrix kernels (its `webgpu.matrix` entry: float16 GEMMs on tensor cores) when
+ * the adapter offers `chromium-experimental-subgroup-matrix` with their configuration, subgroups exactly
+ * as wide as they were written for, and the workgroup memory they declare; else null.
+ */
+export function chooseMatrix(entry, adapter) {
+  const matrix = entry && entry.webgpu && entry.webgpu.matrix;
+  if (!matrix || !adapter.features.has(MATRIX_FEATURE) || !adapter.features.has("subgroups")) return null;
+  const info = adapter.info || {};
+  const want = matrix.config;
+  const offered = [...(info.subgroupMatrixConfigs || [])].some(
+    (c) => c.componentType === want.componentType && c.resultComponentType === want.resultComponentType && c.M === want.M && c.N === want.N && c.K === want.K,
+  );
+  const size = info.subgroupMinSize === want.subgroup_size && info.subgroupMaxSize === want.subgroup_size;
+  const limits = adapter.limits || {};
+  const fits =
+    (matrix.workgroup_storage_bytes || 0) <= limits.maxComputeWorkgroupStorageSize &&
+    (matrix.invocations_per_workgroup || 0) <= limits.maxComputeInvocationsPerWorkgroup;
+  return offered && size && fits ? matrix : null;
+}
+
+/**
+ * Run `table`'s kernels (shader name -> { code, grid }, a build's `<library>-matrix.json`) instead of the
+ * library's shaders of the same names: each declares the same bindings as the shader it replaces and is
+ * dispatched on its own grid. Patches tvmjs' WebGPU context before its pipelines are created.
+ */
+export function installMatrixKernels(ctx, table) {
+  const wrap = (create) => (finfo, code) => {
+    const kernel = table[finfo.name];
+    if (!kernel) return create(finfo, code);
+    const tags = finfo.launch_param_tags.filter((t) => t.startsWith("paramWriteAccess:"));
+    const launches = finfo.launch_param_tags.length - tags.length;
+    const info = { ...finfo, launch_param_tags: ["blockIdx.x", "blockIdx.y", ...tags] };
+    const bind = (submit) => (...args) => submit(...args.slice(0, args.length - launches), kernel.grid[0], kernel.grid[1]);
+    const made = create(info, kernel.code);
+    return made && typeof made.then === "function" ? made.then(bind) : bind(made);
+  };
+  ctx.createShader = wrap(ctx.createShader.bind(ctx));
+  ctx.createShaderAsync = wrap(ctx.createShaderAsync.bind(ctx));
 }
 
 /** The largest buffer the model binds: a weight, or a block of activations its memory plan holds. */
@@ -202,7 +255,7 @@ export async function requestDevice(adapter, needBytes, needs = {}) {
     maxComputeWorkgroupStorageSize: Math.min(atLeast(needs.workgroupBytes, 32 * 1024, 16384), limits.maxComputeWorkgroupStorageSize),
     maxComputeInvocationsPerWorkgroup: Math.min(atLeast(needs.invocations, 1024, 256), limits.maxComputeInvocationsPerWorkgroup),
   };
-  const requiredFeatures = ["shader-f16", "subgroups"].filter((f) => adapter.features.has(f));
+  const requiredFeatures = ["shader-f16", "subgroups", ...(needs.matrix ? [MATRIX_FEATURE] : [])].filter((f) => adapter.features.has(f));
   try {
     return await adapter.requestDevice({ requiredLimits, requiredFeatures });
   } catch (err) {
@@ -247,7 +300,7 @@ export class Model {
     this.vm = vm;
     this.device = device;
     this.manifest = manifest;
-    this.info = info; // { adapter, hasF16, dtype, message, library, subgroups }
+    this.info = info; // { adapter, hasF16, dtype, message, library, subgroups, matrix }
     this.functions = new Map();
     this.params = new Map();
   }
@@ -334,6 +387,10 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   const tvm = await tvmjs.instantiate(wasm.bytes, tvmjs.createPolyfillWASI(), log);
   tvm.initWebGPU(await requestDevice(gpu.adapter, needBytes, chosen.needs));
   if (tvm.lib.webGPUContext && "pendingEncoder" in tvm.lib.webGPUContext) streamCommands(tvm.lib.webGPUContext);
+  if (chosen.matrix) {
+    installMatrixKernels(tvm.lib.webGPUContext, parseJSON(await fetchChecked(base, manifest, chosen.matrix.kernels), chosen.matrix.kernels));
+    log(`The adapter offers float16 subgroup matrices: ${chosen.matrix.count} GEMM kernels run on them.`);
+  }
   const device = tvm.webgpu();
   tvm.beginScope();
   const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(device));
@@ -365,6 +422,6 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   }
   tvm.endScope();
   onProgress({ stage: "weights", loaded: total, total, cached: allCached, text: `${mib(total)} ${allCached ? "(from browser cache)" : "(downloaded)"}` });
-  const info = { adapter: gpu.info, hasF16: gpu.hasF16, dtype, message, library: chosen.library, subgroups: chosen.subgroups };
+  const info = { adapter: gpu.info, hasF16: gpu.hasF16, dtype, message, library: chosen.library, subgroups: chosen.subgroups, matrix: chosen.matrix ? chosen.matrix.count : 0 };
   return new Model(tvm, vm, device, manifest, info, base);
 }

@@ -1,0 +1,502 @@
+"""Float16 GEMMs on WebGPU's subgroup matrices (tensor cores), generated from each fused PrimFunc.
+
+WebGPU's portable kernels multiply-add on the GPU's scalar lanes: on an H100 through Dawn the best of them
+reach about half the float32 peak. Where the adapter offers ``chromium-experimental-subgroup-matrix``
+with float16 operands and float32 results (Vulkan's cooperative matrices, NVIDIA's tensor cores), this
+module writes each float16 GEMM of a webgpu build (a PrimFunc :mod:`~mlcweb_passes.gemm_analysis`
+accepts: a linear layer, an implicit-GEMM NHWC convolution, a split-K slice, with producers and an
+elementwise epilogue) as a WGSL kernel on them:
+
+- a workgroup of 8 subgroups takes a ``rows x cols`` tile of one batch (:class:`MatrixTile`); each
+  ``depth``-deep slice of the two operands is copied to workgroup memory in 4-wide vectors (the
+  operand's addressing, a convolution's window and zero padding included, printed from the PrimFunc),
+  rows padded by 8 halves;
+- each subgroup multiplies a ``rows/4 x cols/2`` share from there, its results in float32 subgroup
+  matrices;
+- at the end each result matrix goes through a per-subgroup scratch in workgroup memory, and the
+  subgroup's lanes apply the PrimFunc's epilogue (casts, bias, scale, residual) and store.
+
+TVM's WebGPU code generator has no subgroup-matrix types, so these kernels do not replace the PrimFunc
+in the module. :class:`PlanMatrixGemms` records a plan per PrimFunc (module attribute
+:data:`PLANS_ATTR`), and after compilation :func:`matrix_kernels` writes each planned kernel's WGSL
+with the bindings TVM's own kernel for that function declares (same buffers, same order), and the grid
+it needs. The page swaps them in for TVM's shaders when the adapter offers the configuration, and keeps
+TVM's (the portable kernels) when it does not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import tvm
+from tvm import tirx
+
+from .._relax import ModulePassBase
+from .._tir import SCHEDULED_ATTR, dtype_of
+from ..cuda.c_expr import CExprPrinter, UnsupportedExprError
+from ..gemm_analysis import Gemm, Operand, UnsupportedGemmError, analyze_gemm_func, epilogue, flatten_axes
+
+__all__ = [
+    "PLANS_ATTR",
+    "MatrixConfig",
+    "MatrixKernel",
+    "MatrixPlan",
+    "MatrixTile",
+    "PlanMatrixGemms",
+    "WGSLExprPrinter",
+    "choose_matrix_tile",
+    "matrix_kernels",
+    "plan_matrix_gemm",
+]
+
+log = logging.getLogger(__name__)
+
+PLANS_ATTR = "mlcweb.matrix_gemms"  # module attribute: {PrimFunc name: MatrixPlan as JSON}
+SUBGROUPS = 8  # a workgroup's subgroups, as 4 rows x 2 columns of shares
+PAD = 8  # halves of padding a workgroup-memory row: rows 16-byte aligned, a subgroup's rows in distinct banks
+WGSL_TYPES = {"float16": "f16", "float32": "f32", "int32": "i32", "int64": "i32", "bool": "bool"}
+
+
+@dataclass(frozen=True)
+class MatrixConfig:
+    """A subgroup-matrix configuration (``GPUSubgroupMatrixConfig``): ``m x k`` float16 left and ``k x n``
+    right operands into an ``m x n`` float32 result, on subgroups of ``subgroup_size`` lanes."""
+
+    m: int = 16
+    n: int = 16
+    k: int = 16
+    subgroup_size: int = 32
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest's description: what the page matches against the adapter's configurations."""
+        return {
+            "componentType": "f16",
+            "resultComponentType": "f32",
+            "M": self.m,
+            "N": self.n,
+            "K": self.k,
+            "subgroup_size": self.subgroup_size,
+        }
+
+
+@dataclass(frozen=True)
+class MatrixTile:
+    """A workgroup's share of a GEMM: ``rows x cols`` outputs, walking the reduction ``depth`` at a time."""
+
+    rows: int = 128
+    cols: int = 128
+    depth: int = 32
+
+    def shared_bytes(self, config: MatrixConfig) -> int:
+        """Workgroup memory: the two operand slices (float16, padded rows) and the float32 scratch."""
+        return 2 * (self.rows + self.cols) * (self.depth + PAD) + 4 * SUBGROUPS * config.m * config.n
+
+
+def choose_matrix_tile(m: int, n: int, k: int, config: MatrixConfig, max_shared: int = 16384) -> MatrixTile:
+    """The largest of 128 or 64 rows and 128, 64 or 32 columns that divides the GEMM with whole subgroup
+    matrices per subgroup, 32-deep (16 where ``k`` is not a multiple of 32), within ``max_shared`` bytes;
+    raises :class:`UnsupportedGemmError` where none does."""
+    depth = 32 if k % 32 == 0 else config.k
+    if k % depth or depth % config.k:
+        raise UnsupportedGemmError(f"reduction of {k} is not a multiple of {config.k}")
+    for rows in (128, 64):
+        for cols in (128, 64, 32):
+            tile = MatrixTile(rows, cols, depth)
+            shares = (rows // 4) % config.m == 0 and (cols // 2) % config.n == 0
+            copies = all((r * depth // 4) % (SUBGROUPS * config.subgroup_size) == 0 for r in (rows, cols))
+            if m % rows == 0 and n % cols == 0 and shares and copies and tile.shared_bytes(config) <= max_shared:
+                return tile
+    raise UnsupportedGemmError(f"no tile divides {m} x {n}")
+
+
+class WGSLExprPrinter(CExprPrinter):
+    """TIR expressions as WGSL: :class:`~mlcweb_passes.cuda.c_expr.CExprPrinter` with WGSL's literals,
+    conversions, ``select`` and built-ins. Integer expressions print as ``i32`` (every buffer of a planned
+    kernel has fewer than 2**31 elements); a buffer element is read through the function
+    ``mlcweb_get_<buffer>(offset)``, written once its binding's type is known (scalar or 4-wide)."""
+
+    def _emit(self, e: Any, simplified: bool) -> str:
+        def child(x: Any) -> str:
+            return self._emit(x, True) if simplified else self(x)
+
+        if isinstance(e, tirx.IntImm):
+            if dtype_of(e) == "bool":
+                return "true" if e.value else "false"
+            return f"{int(e.value)}i"
+        if isinstance(e, tirx.FloatImm):
+            suffix = {"float16": "h", "float32": "f"}.get(dtype_of(e))
+            if suffix is None:
+                raise UnsupportedExprError(f"{dtype_of(e)} constant")
+            return f"{float(e.value)!r}{suffix}"
+        if isinstance(e, tirx.FloorDiv | tirx.FloorMod) and not self._truncates_as_floor(e):
+            a, b = child(e.a), child(e.b)
+            quotient = (
+                f"select(({a}) / ({b}), ({a}) / ({b}) - 1i, (({a}) % ({b}) != 0i) && ((({a}) < 0i) != (({b}) < 0i)))"
+            )
+            return quotient if isinstance(e, tirx.FloorDiv) else f"(({a}) - {quotient} * ({b}))"
+        if isinstance(e, tirx.Min | tirx.Max):
+            return f"{'max' if isinstance(e, tirx.Max) else 'min'}({child(e.a)}, {child(e.b)})"
+        if isinstance(e, tirx.Select):
+            return f"select({child(e.false_value)}, {child(e.true_value)}, {child(e.condition)})"
+        return super()._emit(e, simplified)
+
+    def _cast(self, to: str, frm: str, text: str) -> str:
+        wgsl_to, wgsl_from = WGSL_TYPES.get(to), WGSL_TYPES.get(frm)
+        if wgsl_to is None or wgsl_from is None:
+            raise UnsupportedExprError(f"cast from {frm} to {to}")
+        return text if wgsl_to == wgsl_from else f"{wgsl_to}({text})"
+
+    def _load(self, e: Any) -> str:
+        if self.acc is not None and e.source.same_as(self.acc):
+            if any(e.same_as(load) for load in self.acc1):
+                raise UnsupportedExprError("an epilogue over column pairs")
+            return "acc"
+        for buf, name in self.buffers.items():
+            if buf.same_as(e.source):
+                return f"mlcweb_get_{name}({self.offset(buf, list(e.indices))})"
+        raise UnsupportedExprError(f"load of {e.source}, not a parameter")
+
+    def _call(self, e: Any, child: Any) -> str:
+        name = e.op.name
+        if name in ("prim.if_then_else", "tirx.if_then_else"):
+            cond, a, b = e.args
+            return f"select({child(b)}, {child(a)}, {child(cond)})"
+        if name in ("tirx.exp", "tirx.tanh", "tirx.sqrt") and dtype_of(e) in ("float32", "float16"):
+            return f"{name.split('.')[-1]}({child(e.args[0])})"
+        if name == "tirx.sigmoid" and dtype_of(e) == "float32":
+            return f"(1.0f / (1.0f + exp(-({child(e.args[0])}))))"
+        raise UnsupportedExprError(f"call {name}")
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """A planned kernel, WGSL still to be bound to TVM's buffer names: the GEMM's sizes, its tile, the
+    PrimFunc's parameter names (the names TVM's WGSL gives their bindings) and three WGSL functions,
+    with ``{P0}``, ``{P1}``... for parameter ``i``'s binding (elements read through ``mlcweb_get_{Pi}``
+    and ``mlcweb_get4_{Pi}``, defined with the binding): ``mlcweb_a(s, m, k)`` and
+    ``mlcweb_b(s, n, k)`` returning 4 operand elements from ``k`` on, ``mlcweb_out(s, m, n, acc)``
+    applying the epilogue to the accumulator ``acc`` and storing."""
+
+    batch: int
+    m: int
+    n: int
+    k: int
+    tile: MatrixTile
+    params: tuple[str, ...]
+    helpers: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> MatrixPlan:
+        data = json.loads(text)
+        data["tile"] = MatrixTile(**data["tile"])
+        data["params"] = tuple(data["params"])
+        return MatrixPlan(**data)
+
+
+_FLAT = {"s": "gemm_s", "m": "gemm_m", "n": "gemm_n", "k": "gemm_k"}
+
+
+def plan_matrix_gemm(func: tirx.PrimFunc, config: MatrixConfig, max_shared: int = 16384) -> MatrixPlan:
+    """The subgroup-matrix kernel for ``func``; raises :class:`UnsupportedGemmError` when it has none:
+    not a float16 GEMM of :mod:`~mlcweb_passes.gemm_analysis`'s kind, sizes no tile divides, an
+    epilogue over column pairs or with an operation WGSL lacks (``erf``)."""
+    found = analyze_gemm_func(func)
+    gemm = found.gemm
+    sizes = gemm.sizes
+    tile = choose_matrix_tile(sizes["m"], sizes["n"], sizes["k"], config, max_shared)
+    if any(str(p.dtype) not in WGSL_TYPES or str(p.dtype) == "bool" for p in func.params):
+        raise UnsupportedGemmError("a parameter of a type the kernel does not take")
+    params = tuple(str(p.name) for p in func.params)
+    if len(set(params)) != len(params) or set(params) & {"gemm_s", "gemm_m", "gemm_n", "gemm_k", "acc"}:
+        raise UnsupportedGemmError("parameter names clash")
+    try:
+        helpers = _helpers(func, gemm, found.last)
+    except UnsupportedExprError as err:
+        raise UnsupportedGemmError(str(err)) from err
+    return MatrixPlan(sizes["s"], sizes["m"], sizes["n"], sizes["k"], tile, params, helpers)
+
+
+def _helpers(func: tirx.PrimFunc, gemm: Gemm, last: Any) -> str:
+    analyzer, flat = flatten_axes(gemm.groups)
+    names = {var: _FLAT[key] for var, key in flat.items()}
+    placeholders = {p: f"{{P{i}}}" for i, p in enumerate(func.params)}
+    printer = WGSLExprPrinter(names, placeholders, analyzer)
+    store = gemm.store
+    out = func.params[-1]
+    if last is None:
+        if not store.buffer.same_as(out):
+            raise UnsupportedGemmError("GEMM result is not the output")
+        value, write = tirx.BufferLoad(store.buffer, list(store.indices)), list(store.indices)
+    else:
+        value, write, acc1, paired = epilogue(last, store, analyzer, out)
+        if paired or acc1:
+            raise UnsupportedGemmError("an epilogue over column pairs")
+    if str(out.dtype) not in ("float16", "float32"):
+        raise UnsupportedGemmError(f"output dtype {out.dtype}")
+    epi = WGSLExprPrinter(names, placeholders, analyzer, acc=store.buffer)
+    text = "\n".join(
+        [
+            _operand_fn("mlcweb_a", "gemm_m", gemm.x, printer, placeholders),
+            _operand_fn("mlcweb_b", "gemm_n", gemm.y, printer, placeholders),
+            "fn mlcweb_out(gemm_s : i32, gemm_m : i32, gemm_n : i32, acc : f32) {",
+            f"  mlcweb_set_{placeholders[out]}({epi.offset(out, write)}, {epi(value)});",
+            "}",
+        ]
+    )
+    return text
+
+
+def _operand_fn(name: str, rows: str, operand: Operand, printer: WGSLExprPrinter, buffers: dict[Any, str]) -> str:
+    """``fn name(gemm_s, rows, gemm_k) -> vec4<f16>``: 4 elements of the operand from ``gemm_k`` on (the
+    reduction axis is innermost and unit-stride; zeros where the operand's condition is false)."""
+    base = next((text for buf, text in buffers.items() if buf.same_as(operand.buffer)), None)
+    if base is None:
+        raise UnsupportedGemmError("operand is computed in the kernel")
+    offset = printer.offset(operand.buffer, operand.indices)
+    body = [f"  let v = mlcweb_get4_{base}(max({offset}, 0i) / 4i);"]
+    if operand.condition is not None:
+        body.append(f"  return select(vec4<f16>(), v, {printer(operand.condition)});")
+    else:
+        body.append("  return v;")
+    return "\n".join([f"fn {name}(gemm_s : i32, {rows} : i32, gemm_k : i32) -> vec4<f16> {{", *body, "}"])
+
+
+@tvm.transform.module_pass(opt_level=0, name="mlcweb.PlanMatrixGemms")
+class PlanMatrixGemms(ModulePassBase):
+    """Plan a subgroup-matrix kernel for every float16 GEMM PrimFunc (WebGPU only; the module is otherwise
+    unchanged): the plans go to the module attribute :data:`PLANS_ATTR`, for :func:`matrix_kernels` after
+    compilation. See the module docstring."""
+
+    def __init__(self, config: MatrixConfig, max_shared: int | None = None) -> None:
+        self.config = config
+        self.max_shared = max_shared  # None: the target's max_shared_memory_per_block
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        target = tvm.target.Target.current(allow_none=True)
+        if target is None or target.kind.name != "webgpu":
+            return mod
+        limit = self.max_shared or int(target.attrs.get("max_shared_memory_per_block", 16384))
+        plans: dict[str, str] = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or SCHEDULED_ATTR in func.attrs:
+                continue
+            try:
+                plans[gv.name_hint] = plan_matrix_gemm(func, self.config, limit).to_json()
+            except UnsupportedGemmError as why:
+                log.debug("%s keeps its portable kernel only: %s", gv.name_hint, why)
+        log.info("subgroup matrices: %d GEMM kernels planned", len(plans))
+        return mod.with_attr(PLANS_ATTR, plans) if plans else mod
+
+
+@dataclass(frozen=True)
+class MatrixKernel:
+    """A kernel that replaces TVM's shader ``name``: its WGSL and the workgroups to dispatch."""
+
+    name: str
+    code: str
+    grid: tuple[int, int, int]
+
+
+_BINDING = re.compile(
+    r"^@group\(0\) @binding\((\d+)\)\s*var<storage,\s*(read|read_write)>\s*(\w+)\s*:\s*(array<[^;]*>);", re.M
+)
+
+
+def matrix_kernels(
+    plans: dict[str, str], sources: dict[str, str], config: MatrixConfig, emulate: bool = False
+) -> dict[str, MatrixKernel]:
+    """Each planned function's kernel, by the name of the TVM shader it replaces (``<function>_kernel``,
+    whose storage bindings it declares as TVM does). ``sources``: TVM's WGSL by shader name
+    (:func:`mlcweb.wgsl_check.wgsl_sources`). A plan whose shader is missing, or whose bindings do not
+    name every parameter it reads, is left out (logged).
+
+    ``emulate``: the same kernels with each subgroup-matrix load, multiply-add and store done by the
+    subgroup's lanes on the same workgroup memory (subgroups taken as runs of ``subgroup_size``
+    invocations): slow, but it runs on any adapter with shader-f16, so the generated addressing, epilogue,
+    bindings and grid can be checked where no subgroup matrices are (tests, on lavapipe)."""
+    kernels: dict[str, MatrixKernel] = {}
+    for func, text in sorted(plans.items()):
+        shader = f"{func}_kernel"
+        if shader not in sources:
+            log.info("%s: no shader %s to replace", func, shader)
+            continue
+        plan = MatrixPlan.from_json(str(text))
+        try:
+            kernels[shader] = _kernel(shader, plan, sources[shader], config, emulate)
+        except UnsupportedGemmError as why:
+            log.info("%s keeps TVM's shader: %s", shader, why)
+    return kernels
+
+
+def _kernel(shader: str, plan: MatrixPlan, tvm_source: str, config: MatrixConfig, emulate: bool) -> MatrixKernel:
+    bindings = {m.group(3): m for m in _BINDING.finditer(tvm_source)}
+    helpers, access = plan.helpers, []
+    for i, param in enumerate(plan.params):
+        if f"{{P{i}}}" not in helpers:
+            continue
+        name = next((n for n in (f"{param}_ptr", param) if n in bindings), None)  # TVM's: <buffer>_ptr
+        if name is None:
+            raise UnsupportedGemmError(f"TVM's shader has no binding for {param}")
+        helpers = helpers.replace(f"{{P{i}}}", name)
+        access.append(_accessors(name, bindings[name].group(4), bindings[name].group(2) == "read_write"))
+    declarations = "\n".join(m.group(0) for m in sorted(bindings.values(), key=lambda m: int(m.group(1))))
+    code = _source(shader, plan, config, declarations, "\n".join([*access, helpers]), emulate)
+    return MatrixKernel(shader, code, _grid(plan))
+
+
+def _accessors(name: str, array: str, writable: bool) -> str:
+    """``mlcweb_get_<name>(i)`` (element ``i``), ``mlcweb_get4_<name>(i)`` (elements ``4i`` to ``4i + 3``) and,
+    for a writable binding, ``mlcweb_set_<name>(i, v)``, over its declared ``array<T>`` or ``array<vec4<T>>``."""
+    match = re.fullmatch(r"array<(vec4<)?(f16|f32|i32|u32)>?>", array.replace(" ", ""))
+    if match is None:
+        raise UnsupportedGemmError(f"binding {name} is {array}")
+    vec4, scalar = match.group(1) is not None, match.group(2)
+    if vec4:
+        fns = [
+            f"fn mlcweb_get_{name}(i : i32) -> {scalar} {{ return {name}[i / 4i][i % 4i]; }}",
+            f"fn mlcweb_get4_{name}(i : i32) -> vec4<{scalar}> {{ return {name}[i]; }}",
+        ]
+        setter = f"{name}[i / 4i][i % 4i] = v;"
+    else:
+        four = ", ".join(f"{name}[4i * i + {lane}i]" for lane in range(4))
+        fns = [
+            f"fn mlcweb_get_{name}(i : i32) -> {scalar} {{ return {name}[i]; }}",
+            f"fn mlcweb_get4_{name}(i : i32) -> vec4<{scalar}> {{ return vec4<{scalar}>({four}); }}",
+        ]
+        setter = f"{name}[i] = v;"
+    if writable:
+        fns.append(f"fn mlcweb_set_{name}(i : i32, v : {scalar}) {{ {setter} }}")
+    return "\n".join(fns)
+
+
+def _grid(plan: MatrixPlan) -> tuple[int, int, int]:
+    return (plan.n // plan.tile.cols, plan.batch * (plan.m // plan.tile.rows), 1)
+
+
+def _source(
+    shader: str, plan: MatrixPlan, config: MatrixConfig, declarations: str, helpers: str, emulate: bool = False
+) -> str:
+    tile, sm, sn, sk = plan.tile, config.m, config.n, config.k
+    threads = SUBGROUPS * config.subgroup_size
+    wm, wn = tile.rows // 4, tile.cols // 2
+    ti, tj = wm // sm, wn // sn
+    lds = tile.depth + PAD
+    left = f"subgroup_matrix_left<f16, {sk}, {sm}>"
+    right = f"subgroup_matrix_right<f16, {sn}, {sk}>"
+    result = f"subgroup_matrix_result<f32, {sn}, {sm}>"
+    row_tiles = plan.m // tile.rows
+    lines = [f"  var c{i}_{j} = {result}();" for i in range(ti) for j in range(tj)]
+    body = ["    workgroupBarrier();"]
+    for fn, buf, rows, origin in (
+        ("mlcweb_a", "mlcweb_as", tile.rows, "row0"),
+        ("mlcweb_b", "mlcweb_bs", tile.cols, "col0"),
+    ):
+        per = rows * tile.depth // 4 // threads
+        for copy in range(per):
+            quads = tile.depth // 4
+            body.append(f"    {{ let e = i32(li) + {copy * threads}i; let r = e / {quads}i; let q = e % {quads}i;")
+            body.append(f"      let v = {fn}(gemm_s, {origin} + r, k0 + 4i * q); let o = r * {lds}i + 4i * q;")
+            body.append(f"      {buf}[o] = v.x; {buf}[o + 1i] = v.y; {buf}[o + 2i] = v.z; {buf}[o + 3i] = v.w; }}")
+    body.append("    workgroupBarrier();")
+    for kk in range(0, tile.depth, sk):
+        if emulate:
+            body += _emulated_mma(ti, tj, kk, lds, config)
+            continue
+        for i in range(ti):
+            at = f"u32((wm + {i * sm}i) * {lds}i + {kk}i)"
+            body.append(f"    let a{i}_{kk} = subgroupMatrixLoad<{left}>(&mlcweb_as, {at}, false, {lds}u);")
+        for j in range(tj):
+            at = f"u32((wn + {j * sn}i) * {lds}i + {kk}i)"
+            body.append(f"    let b{j}_{kk} = subgroupMatrixLoad<{right}>(&mlcweb_bs, {at}, true, {lds}u);")
+        for i in range(ti):
+            for j in range(tj):
+                body.append(f"    c{i}_{j} = subgroupMatrixMultiplyAccumulate(a{i}_{kk}, b{j}_{kk}, c{i}_{j});")
+    size = sm * sn
+    stores = []
+    for i in range(ti):
+        for j in range(tj):
+            stores += [
+                "  workgroupBarrier();",
+                _emulated_store(i, j, config)
+                if emulate
+                else f"  subgroupMatrixStore(&mlcweb_cs, sg * {size}u, c{i}_{j}, false, {sn}u);",
+                "  workgroupBarrier();",
+                f"  for (var e = lane; e < {size}u; e += {config.subgroup_size}u) {{",
+                f"    let r = row0 + wm + {i * sm}i + i32(e / {sn}u);",
+                f"    mlcweb_out(gemm_s, r, col0 + wn + {j * sn}i + i32(e % {sn}u), mlcweb_cs[sg * {size}u + e]);",
+                "  }",
+            ]
+    if emulate:
+        header = "enable f16;"
+        builtins = "@builtin(local_invocation_index) li : u32"
+        lanes = f"  let sg = li / {config.subgroup_size}u;\n  let lane = li % {config.subgroup_size}u;\n"
+        lines = [f"  var c{i}_{j} : array<f32, {size // config.subgroup_size}>;" for i in range(ti) for j in range(tj)]
+    else:
+        header = (
+            "enable f16;\nenable subgroups;\nenable chromium_experimental_subgroup_matrix;\n"
+            "diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);"
+        )
+        builtins = (
+            "@builtin(local_invocation_index) li : u32,\n"
+            "        @builtin(subgroup_id) sg : u32, @builtin(subgroup_invocation_id) lane : u32"
+        )
+        lanes = ""
+    return f"""{header}
+// mlcweb: {plan.batch} x {plan.m} x {plan.n} x {plan.k} on {sm}x{sn}x{sk} subgroup matrices,
+// {tile.rows}x{tile.cols} tiles {tile.depth} deep{" (emulated by lanes)" if emulate else ""}
+{declarations}
+var<workgroup> mlcweb_as : array<f16, {tile.rows * lds}>;
+var<workgroup> mlcweb_bs : array<f16, {tile.cols * lds}>;
+var<workgroup> mlcweb_cs : array<f32, {SUBGROUPS * size}>;
+{helpers}
+@compute @workgroup_size({threads}, 1, 1)
+fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
+{lanes}  let gemm_s = i32(wg.y / {row_tiles}u);
+  let row0 = i32(wg.y % {row_tiles}u) * {tile.rows}i;
+  let col0 = i32(wg.x) * {tile.cols}i;
+  let wm = i32(sg / 2u) * {wm}i;
+  let wn = i32(sg % 2u) * {wn}i;
+{chr(10).join(lines)}
+  for (var k0 = 0i; k0 < {plan.k}i; k0 += {tile.depth}i) {{
+{chr(10).join(body)}
+  }}
+{chr(10).join(stores)}
+}}
+"""
+
+
+def _emulated_mma(ti: int, tj: int, kk: int, lds: int, config: MatrixConfig) -> list[str]:
+    """Each subgroup's multiply-adds of one ``config.k``-deep step by its lanes: element ``e`` of result
+    matrix ``(i, j)`` (row-major, as ``subgroupMatrixStore`` lays it out) is lane ``e % subgroup_size``'s
+    ``e / subgroup_size``-th, from the same workgroup-memory rows the subgroup-matrix loads read."""
+    sm, sn, sk, lanes = config.m, config.n, config.k, config.subgroup_size
+    out = []
+    for i in range(ti):
+        for j in range(tj):
+            out += [
+                f"    for (var t = 0u; t < {sm * sn // lanes}u; t++) {{",
+                f"      let e = lane + t * {lanes}u; let r = i32(e / {sn}u); let c = i32(e % {sn}u);",
+                f"      var sum = c{i}_{j}[t];",
+                f"      for (var x = 0i; x < {sk}i; x++) {{",
+                f"        sum += f32(mlcweb_as[(wm + {i * sm}i + r) * {lds}i + {kk}i + x])"
+                f" * f32(mlcweb_bs[(wn + {j * sn}i + c) * {lds}i + {kk}i + x]);",
+                "      }",
+                f"      c{i}_{j}[t] = sum;",
+                "    }",
+            ]
+    return out
+
+
+def _emulated_store(i: int, j: int, config: MatrixConfig) -> str:
+    lanes, size = config.subgroup_size, config.m * config.n
+    return (
+        f"  for (var t = 0u; t < {size // lanes}u; t++) {{"
+        f" mlcweb_cs[sg * {size}u + lane + t * {lanes}u] = c{i}_{j}[t]; }}"
+    )

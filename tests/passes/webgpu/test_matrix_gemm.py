@@ -1,0 +1,150 @@
+"""webgpu/matrix_gemm: float16 GEMMs on subgroup matrices, written from each fused PrimFunc.
+
+No adapter here has subgroup matrices, so the kernels are run as written except for the matrix
+operations, which ``emulate=True`` has the lanes do on the same workgroup memory (lavapipe, which has
+shader-f16): operand addressing (a padded 3x3 window, a split-K slice), the copies to workgroup memory,
+the epilogue, the bindings TVM's shader declares and the grid are all checked against numpy on the CPU.
+The matrix operations themselves run on the GPU machine (benchmarks/webgpu/matrix_gemm.mjs and
+``sd_webgpu.py run``, which compares the model's outputs with and without them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from gemm_fixtures import Gemms
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+import mlcweb_passes as mp
+from mlcweb.wgsl_check import wgsl_sources
+from mlcweb_passes.gemm_analysis import UnsupportedGemmError
+from mlcweb_passes.webgpu.matrix_gemm import (
+    PLANS_ATTR,
+    MatrixConfig,
+    MatrixPlan,
+    MatrixTile,
+    choose_matrix_tile,
+    matrix_kernels,
+    plan_matrix_gemm,
+)
+
+CONFIG = MatrixConfig()
+
+
+def test_plans_the_gemms_it_can_run() -> None:
+    """A padded 3x3 convolution with bias, scale and residual and a split-K slice are planned; fewer than
+    32 output columns, column pairs (GEGLU) and a strided reduction are not."""
+    conv = plan_matrix_gemm(Gemms["conv3x3_bias_residual"], CONFIG, 32768)
+    assert (conv.batch, conv.m, conv.n, conv.k, conv.tile) == (1, 128, 128, 576, MatrixTile(128, 128, 32))
+    assert conv.params == ("x", "w", "bias", "res", "out")
+    assert "select(vec4<f16>(), v, " in conv.helpers  # the window's zero padding
+    assert "mlcweb_set_{P4}(((gemm_m * 128i) + gemm_n)" in conv.helpers
+    split = plan_matrix_gemm(Gemms["conv_split_k"], CONFIG, 32768)
+    assert (split.batch, split.m, split.n, split.tile.cols) == (2, 128, 64, 64)
+    assert MatrixPlan.from_json(split.to_json()) == split
+    for name, why in [
+        ("conv_out", "no tile divides"),
+        ("geglu", "computed indices"),
+        ("strided_weight", "not innermost"),
+    ]:
+        with pytest.raises(UnsupportedGemmError, match=why):
+            plan_matrix_gemm(Gemms[name], CONFIG, 32768)
+
+
+def test_tiles() -> None:
+    """The widest tile that divides the GEMM and fits the workgroup memory; 16-deep when K is 16 * odd."""
+    assert choose_matrix_tile(8192, 320, 2880, CONFIG, 32768) == MatrixTile(128, 64, 32)
+    assert choose_matrix_tile(64, 1280, 48, CONFIG, 32768) == MatrixTile(64, 128, 16)
+    assert choose_matrix_tile(8192, 1280, 1280, CONFIG, 16384) == MatrixTile(64, 32, 32)  # WebGPU default limit
+    with pytest.raises(UnsupportedGemmError):
+        choose_matrix_tile(154, 768, 768, CONFIG, 32768)  # CLIP's 2 x 77 tokens
+
+
+@I.ir_module
+class Layers:
+    @R.function
+    def conv(
+        x: R.Tensor((2, 16, 8, 64), "float16"),
+        w: R.Tensor((128, 3, 3, 64), "float16"),
+        b: R.Tensor((128,), "float16"),
+        res: R.Tensor((2, 16, 8, 128), "float16"),
+    ) -> R.Tensor((2, 16, 8, 128), "float16"):
+        with R.dataflow():
+            y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1], data_layout="NHWC", kernel_layout="OHWI", out_dtype="float32")
+            z = R.astype(R.add(y, R.astype(b, "float32")), "float16")
+            out = R.add(z, res)
+            R.output(out)
+        return out
+
+    @R.function
+    def linear(t: R.Tensor((2, 128, 64), "float16"), lw: R.Tensor((96, 64), "float16")) -> R.Tensor(
+        (2, 128, 96), "float16"
+    ):
+        with R.dataflow():
+            out = R.astype(R.matmul(t, R.permute_dims(lw), out_dtype="float32"), "float16")
+            R.output(out)
+        return out
+
+
+def _compile(mod: tvm.IRModule) -> tuple[relax.VMExecutable, dict[str, str]]:
+    from webgpu_node import WEBGPU
+
+    options = mp.PipelineOptions(dtype="float16", conv_layout="NHWC", webgpu_matrix=CONFIG)
+    with WEBGPU:
+        lowered = mp.pipeline(WEBGPU, options)(mod)
+    exe = tvm.compile(lowered, WEBGPU, relax_pipeline=None, tir_pipeline=mp.tir_pipeline(WEBGPU, options))
+    plans = {str(k): str(v) for k, v in lowered.attrs[PLANS_ATTR].items()}
+    return exe, plans
+
+
+def test_kernels_declare_tvms_bindings() -> None:
+    """Each kernel replaces TVM's shader of the function: the same storage bindings (TVM's names, read or
+    read_write), its entry point, its own grid (N / cols x batch * M / rows) and 256 invocations."""
+    exe, plans = _compile(Layers)
+    sources = wgsl_sources(exe.mod)
+    kernels = matrix_kernels(plans, sources, CONFIG)
+    assert len(kernels) == 2
+    for name, kernel in kernels.items():
+        tvm_bindings = [line for line in sources[name].splitlines() if "var<storage" in line]
+        assert tvm_bindings and all(line in kernel.code for line in tvm_bindings)
+        assert f"fn {name}(" in kernel.code and "@workgroup_size(256, 1, 1)" in kernel.code
+        assert "subgroupMatrixMultiplyAccumulate" in kernel.code
+    # conv: 256 rows (2 x 16 x 8 pixels) x 128 channels on 128 x 128 tiles; linear: 256 x 96 on 128 x 32
+    assert sorted(k.grid for k in kernels.values()) == [(1, 2, 1), (3, 2, 1)]
+
+
+@pytest.mark.skipif(not Path("/usr/share/vulkan/icd.d/lvp_icd.json").is_file(), reason="needs Mesa's lavapipe")
+def test_emulated_kernels_compute_the_layer() -> None:
+    """The generated kernels, matrix operations done by lanes, installed in place of TVM's shaders as the
+    page installs them: numpy's result on lavapipe, within float16 rounding (1e-2 of the output's scale)."""
+    from webgpu_node import LAVAPIPE, run_on_webgpu
+
+    exe, plans = _compile(Layers)
+    kernels = matrix_kernels(plans, wgsl_sources(exe.mod), CONFIG, emulate=True)
+    assert len(kernels) == 2
+    table = json.loads(json.dumps({k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 8, 64)).astype(np.float16)
+    w = (rng.standard_normal((128, 3, 3, 64)) / 24).astype(np.float16)
+    b = rng.standard_normal(128).astype(np.float16)
+    res = rng.standard_normal((2, 16, 8, 128)).astype(np.float16)
+    got = run_on_webgpu(exe, "conv", [x, w, b, res], icd=LAVAPIPE, matrix=table).astype(np.float32)
+    padded = np.pad(x.astype(np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    conv = sum(
+        np.einsum("nhwc,fc->nhwf", padded[:, i : i + 16, j : j + 8], w[:, i, j].astype(np.float32))
+        for i in range(3)
+        for j in range(3)
+    )
+    want = (conv + b.astype(np.float32)).astype(np.float16).astype(np.float32) + res.astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max()))
+    t = rng.standard_normal((2, 128, 64)).astype(np.float16)
+    lw = (rng.standard_normal((96, 64)) / 8).astype(np.float16)
+    got = run_on_webgpu(exe, "linear", [t, lw], icd=LAVAPIPE, matrix=table).astype(np.float32)
+    want = t.astype(np.float32) @ lw.astype(np.float32).T
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max()))
