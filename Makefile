@@ -12,9 +12,9 @@ PLUGINS := $(wildcard examples/*/pyproject.toml)
 SYSTEM_TOOLS := emcc:emscripten chromium:chromium node:nodejs npm:npm
 WEB_MODULES := web/node_modules/.package-lock.json
 
-.PHONY: demo test install system-deps lint typecheck pytest clean
+.PHONY: demo test install system-deps lavapipe lint typecheck pytest clean
 
-install: system-deps $(STAMP) $(WEB_MODULES)
+install: system-deps lavapipe $(STAMP) $(WEB_MODULES)
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
@@ -23,6 +23,22 @@ system-deps:
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y $$missing; \
+	fi
+
+# Mesa's CPU Vulkan driver (lavapipe) with shader-f16, which Dawn needs Mesa 25 for: the float16 WebGPU
+# kernel tests run on it (tests/passes/webgpu/test_matrix_gemm.py). Debian 12 ships Mesa 22, so it comes
+# from bookworm-backports there; elsewhere the distribution's own mesa-vulkan-drivers is used as it is.
+LAVAPIPE := /usr/share/vulkan/icd.d/lvp_icd.json
+lavapipe:
+	@version=$$(dpkg-query -W -f='$${Version}' mesa-vulkan-drivers 2>/dev/null); \
+	if [ -f $(LAVAPIPE) ] && dpkg --compare-versions "$$version" ge 25; then exit 0; fi; \
+	SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	if grep -qs '^12' /etc/debian_version; then \
+	  echo "installing Mesa 25's lavapipe from bookworm-backports (float16 WebGPU tests)"; \
+	  echo "deb http://deb.debian.org/debian bookworm-backports main" | $$SUDO tee /etc/apt/sources.list.d/mlcweb-bookworm-backports.list >/dev/null; \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -t bookworm-backports mesa-vulkan-drivers; \
+	elif command -v apt-get >/dev/null; then \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y mesa-vulkan-drivers; \
 	fi
 
 # TVM's JS runtime and the tokenizer, pinned by web/package-lock.json.

@@ -497,11 +497,12 @@ def report(args: argparse.Namespace) -> int:
     print(
         "| build, UNet, scheduler and steps (ms) | CLIP | UNet step | VAE | image | UNet, streamed | VAE, streamed"
         " | image, streamed"
-        " | pipelines | finite | vs float32 |"
+        " | pipelines | finite | vs reference (float32, or the portable kernels for matrix runs) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
         library = f", subgroups of {r['subgroups']}" if r.get("subgroups") else ""
+        library += f", {r['matrix_kernels']} GEMMs on subgroup matrices" if r.get("matrix_kernels") else ""
         print(_row(f"{name}, {r.get('unet', 'unet')}, {r.get('scheduler', 'dpm')} x{r['steps']}{library}", r))
     _peers(Path(args.dir), runs, args.peer_build)
     for name, r in runs.items():
