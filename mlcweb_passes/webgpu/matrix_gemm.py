@@ -96,20 +96,25 @@ class MatrixTile:
         return 2 * (self.rows + self.cols) * (self.depth + PAD) + 4 * SUBGROUPS * config.m * config.n
 
 
+# Tiles in order of preference. On an H100 through Dawn (benchmarks/results/2026-12-06-h100-matrix_gemm.md),
+# 64 x 128 tiles beat 128 x 128 ones on all three of SD1.5's GEMMs timed (102 against 68, 38 against 33 and
+# 118 against 98 TFLOPS): half the result matrices a subgroup, twice the workgroups.
+TILE_ORDER = ((64, 128), (64, 64), (64, 32), (128, 128), (128, 64), (128, 32))
+
+
 def choose_matrix_tile(m: int, n: int, k: int, config: MatrixConfig, max_shared: int = 16384) -> MatrixTile:
-    """The largest of 128 or 64 rows and 128, 64 or 32 columns that divides the GEMM with whole subgroup
-    matrices per subgroup, 32-deep (16 where ``k`` is not a multiple of 32), within ``max_shared`` bytes;
-    raises :class:`UnsupportedGemmError` where none does."""
+    """The first of :data:`TILE_ORDER` that divides the GEMM with whole subgroup matrices per subgroup,
+    32-deep (16 where ``k`` is not a multiple of 32), within ``max_shared`` bytes; raises
+    :class:`UnsupportedGemmError` where none does."""
     depth = 32 if k % 32 == 0 else config.k
     if k % depth or depth % config.k:
         raise UnsupportedGemmError(f"reduction of {k} is not a multiple of {config.k}")
-    for rows in (128, 64):
-        for cols in (128, 64, 32):
-            tile = MatrixTile(rows, cols, depth)
-            shares = (rows // 4) % config.m == 0 and (cols // 2) % config.n == 0
-            copies = all((r * depth // 4) % (SUBGROUPS * config.subgroup_size) == 0 for r in (rows, cols))
-            if m % rows == 0 and n % cols == 0 and shares and copies and tile.shared_bytes(config) <= max_shared:
-                return tile
+    for rows, cols in TILE_ORDER:
+        tile = MatrixTile(rows, cols, depth)
+        shares = (rows // 4) % config.m == 0 and (cols // 2) % config.n == 0
+        copies = all((r * depth // 4) % (SUBGROUPS * config.subgroup_size) == 0 for r in (rows, cols))
+        if m % rows == 0 and n % cols == 0 and shares and copies and tile.shared_bytes(config) <= max_shared:
+            return tile
     raise UnsupportedGemmError(f"no tile divides {m} x {n}")
 
 
