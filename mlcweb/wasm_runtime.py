@@ -38,10 +38,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import TargetUnavailableError
+from .errors import MlcwebError, TargetUnavailableError
 from .source_tree import web_dir
 
-__all__ = ["RUNTIME_OBJECTS", "emcc_path", "ensure_runtime", "link_wasm", "runtime_key"]
+__all__ = ["LINK_OPT_ENV", "RUNTIME_OBJECTS", "emcc_path", "ensure_runtime", "link_opt", "link_wasm", "runtime_key"]
 
 log = logging.getLogger(__name__)
 
@@ -214,11 +214,29 @@ def ensure_runtime(cache_dir: Path | None = None) -> Path:
     return out
 
 
+LINK_OPT_ENV = "MLCWEB_WASM_LINK_OPT"
+LINK_OPTS = ("-O0", "-O1", "-O2", "-O3", "-Os", "-Oz")
+
+
+def link_opt() -> str:
+    """emcc's optimisation level for the link: ``-O3`` (what builds ship: binaryen shrinks the wasm by
+    about 40%, at about a minute a library), or ``$MLCWEB_WASM_LINK_OPT`` (the test suite links with
+    ``-O1``, about a second: the same code, a larger file)."""
+    level = os.environ.get(LINK_OPT_ENV, "-O3")
+    if level not in LINK_OPTS:
+        raise MlcwebError(
+            f"{LINK_OPT_ENV}={level!r} is not an emcc optimisation level: "
+            f"use one of {', '.join(LINK_OPTS)}, or unset it"
+        )
+    return level
+
+
 def link_wasm(output: str, objects: Sequence[str] | str, options: Sequence[str] | None = None) -> None:
-    """``fcompile`` for ``export_library``: link a model's wasm objects with the web runtime."""
+    """``fcompile`` for ``export_library``: link a model's wasm objects with the web runtime (at
+    :func:`link_opt`'s level)."""
     runtime = ensure_runtime()
     objs = [objects] if isinstance(objects, str) else list(objects)
-    cmd = [emcc_path(), "-O3", *_LINK_FLAGS, "-o", output, *(str(runtime / n) for n in RUNTIME_OBJECTS), *objs]
+    cmd = [emcc_path(), link_opt(), *_LINK_FLAGS, "-o", output, *(str(runtime / n) for n in RUNTIME_OBJECTS), *objs]
     cmd += list(options or [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_emcc_env())
     if proc.returncode != 0:

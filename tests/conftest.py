@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from testutil import build_tiny_sd
+
+from mlcweb.wasm_runtime import LINK_OPT_ENV
+
+# Every webgpu test links a wasm; emcc -O3 (what builds ship: binaryen shrinks the file) takes about a
+# minute a link on 2 cores, -O1 about a second, for the same code. `make demo` links with -O3.
+os.environ.setdefault(LINK_OPT_ENV, "-O1")
 
 
 @pytest.fixture(scope="session")
