@@ -96,10 +96,11 @@ class MatrixTile:
         return 2 * (self.rows + self.cols) * (self.depth + PAD) + 4 * SUBGROUPS * config.m * config.n
 
 
-# Tiles in order of preference. On an H100 through Dawn (benchmarks/results/2026-12-06-h100-matrix_gemm.md),
-# 64 x 128 tiles beat 128 x 128 ones on all three of SD1.5's GEMMs timed (102 against 68, 38 against 33 and
-# 118 against 98 TFLOPS): half the result matrices a subgroup, twice the workgroups.
-TILE_ORDER = ((64, 128), (64, 64), (64, 32), (128, 128), (128, 64), (128, 32))
+# Tiles in order of preference: what the eighth run measured in the model (H100, UNet step 50.4 ms,
+# benchmarks/results/2026-12-06-h100-sd_webgpu-8.md). matrix_gemm.mjs timed 64 x 128 tiles ahead of
+# 128 x 128 ones on single GEMMs (0.655 against 0.786 ms on the largest); a build with 64-row tiles first
+# is yet to be timed in the model.
+TILE_ORDER = ((128, 128), (128, 64), (128, 32), (64, 128), (64, 64), (64, 32))
 
 
 def choose_matrix_tile(m: int, n: int, k: int, config: MatrixConfig, max_shared: int = 16384) -> MatrixTile:
