@@ -245,6 +245,35 @@ export function sampledError(a, b, out, m, n, k, samples = 512) {
   return Math.sqrt(err / ref);
 }
 
+/** One kernel of an M x N x K GEMM (`gemm`: the device, the float16 inputs `a` and `b`, the output buffer
+ * and the result row): its pipeline (a compile error is recorded, with Dawn's messages, and skipped),
+ * its GPU time (median of `repeat` after WARM_MS of warm-up) and its sampled error, into
+ * `gemm.row.variants[kernel.name]`. */
+export async function timeKernel(gemm, { name, code, entry = "main", buffers, grid }) {
+  const { device, a, b, out: bufC, m, n, k, row, shape, repeat } = gemm;
+  const module = device.createShaderModule({ code });
+  let pipeline;
+  try {
+    pipeline = await device.createComputePipelineAsync({ layout: "auto", compute: { module, entryPoint: entry } });
+  } catch (error) {
+    const messages = (await module.getCompilationInfo()).messages.map((x) => `${x.lineNum}:${x.linePos} ${x.message}`);
+    console.log(`${shape} ${name}: not run (${error.message.split("\n")[0]}) ${messages.slice(0, 3).join(" | ")}`);
+    row.variants[name] = { error: error.message.split("\n")[0], messages };
+    return;
+  }
+  const group = device.createBindGroup({
+    layout: pipeline.getBindGroupLayout(0),
+    entries: buffers.map((buf, binding) => ({ binding, resource: { buffer: buf } })),
+  });
+  // the GPU busy for WARM_MS first: after idle time (filling the inputs) kernels ran up to 4x slower
+  const once = median(await timeDispatches(device, pipeline, group, grid, 3));
+  await timeDispatches(device, pipeline, group, grid, Math.min(4000, Math.ceil(WARM_MS / once)));
+  const ms = median(await timeDispatches(device, pipeline, group, grid, repeat));
+  const error = sampledError(a, b, await readHalves(device, bufC, m * n), m, n, k);
+  row.variants[name] = { ms, tflops: row.flops / ms / 1e9, rel_rms: error };
+  console.log(`${shape} ${name.padEnd(20)} ${ms.toFixed(3)} ms ${(row.flops / ms / 1e9).toFixed(1)} TFLOPS rel RMS ${error.toExponential(2)}`);
+}
+
 async function main() {
   await installDawn(args.dawn, args.toggle);
   const { device, info } = await openDevice({ needF16: true });
@@ -271,29 +300,8 @@ async function main() {
         kernels.push({ name: `tvm-${file.slice(shape.length + 1, -5)}`, code, entry, buffers: [bufC, bufB, bufA, pod], grid });
       }
     }
-    for (const { name, code, entry, buffers, grid } of kernels) {
-      const module = device.createShaderModule({ code });
-      let pipeline;
-      try {
-        pipeline = await device.createComputePipelineAsync({ layout: "auto", compute: { module, entryPoint: entry } });
-      } catch (error) {
-        console.log(`${shape} ${name}: not run (${error.message.split("\n")[0]})`);
-        row.variants[name] = { error: error.message.split("\n")[0] };
-        continue;
-      }
-      const group = device.createBindGroup({
-        layout: pipeline.getBindGroupLayout(0),
-        entries: buffers.map((buf, binding) => ({ binding, resource: { buffer: buf } })),
-      });
-      // the GPU busy for WARM_MS first: after idle time (filling the inputs) kernels ran up to 4x slower
-      const once = median(await timeDispatches(device, pipeline, group, grid, 3));
-      await timeDispatches(device, pipeline, group, grid, Math.min(4000, Math.ceil(WARM_MS / once)));
-      const ms = median(await timeDispatches(device, pipeline, group, grid, Number(args.repeat)));
-      const out = await readHalves(device, bufC, m * n);
-      const error = sampledError(a, b, out, m, n, k);
-      row.variants[name] = { ms, tflops: row.flops / ms / 1e9, rel_rms: error };
-      console.log(`${shape} ${name.padEnd(10)} ${ms.toFixed(3)} ms ${(row.flops / ms / 1e9).toFixed(1)} TFLOPS rel RMS ${error.toExponential(2)}`);
-    }
+    const gemm = { device, a, b, out: bufC, m, n, k, row, shape, repeat: Number(args.repeat) };
+    for (const kernel of kernels) await timeKernel(gemm, kernel);
     results.shapes.push(row);
     for (const buf of [bufA, bufB, bufC]) buf.destroy();
   }
