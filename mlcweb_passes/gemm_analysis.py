@@ -40,6 +40,7 @@ __all__ = [
     "find_gemm",
     "flatten_axes",
     "inline_around",
+    "output_value",
 ]
 
 _LOAD = tvm.ir.TensorLoad
@@ -205,6 +206,19 @@ def epilogue(block: Any, store: Any, analyzer: Any, out: Any, inner_n: Any = Non
     for var, gemm_index in index_of.items():
         analyzer.bind(var, gemm_index)
     return final.value, [_resolve(i, index_of) for i in final.indices], acc1, paired
+
+
+def output_value(gemm: Gemm, last: Any, analyzer: Any, out: Any, inner_n: Any = None) -> tuple:
+    """What the kernel writes to ``out``: :func:`epilogue`'s ``(value, indices, acc1, paired)`` for the
+    last epilogue block ``last``, or, when the GEMM writes ``out`` itself (``last`` is None), the
+    accumulator at the GEMM's own indices."""
+    store = gemm.store
+    if last is None:
+        if not store.buffer.same_as(out):
+            raise UnsupportedGemmError("GEMM result is not the output")
+        indices = list(store.indices)
+        return tirx.BufferLoad(store.buffer, indices), indices, [], False
+    return epilogue(last, store, analyzer, out, inner_n)
 
 
 def _pair_column(index: Any, own: list[Any]) -> tuple[Any, int] | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from tvm import tirx
 
-from ..gemm_analysis import Gemm, Operand, UnsupportedGemmError, analyze_gemm_func, epilogue, flatten_axes
+from ..gemm_analysis import Gemm, Operand, UnsupportedGemmError, analyze_gemm_func, flatten_axes, output_value
 from .c_expr import C_TYPES, CExprPrinter, UnsupportedExprError
 from .wgmma_source import BLOCK_K, BLOCK_M, WgmmaKernel, WgmmaTile
 
@@ -75,7 +75,6 @@ def _operand_source(printer: CExprPrinter, buffers: dict[Any, str], operand: Ope
 def _kernel(func: tirx.PrimFunc, name: str, gemm: Gemm, last: Any, sms: int, tile: WgmmaTile | None) -> WgmmaKernel:
     """The kernel's C++ parts for ``gemm`` and its epilogue block ``last`` (None: the GEMM writes the output)."""
     groups, sizes, store = gemm.groups, gemm.sizes, gemm.store
-    out_indices = list(store.indices)
     analyzer, names = flatten_axes(groups)
     buffers = {p: f"p{i}" for i, p in enumerate(func.params)}
     params = tuple(
@@ -85,15 +84,8 @@ def _kernel(func: tirx.PrimFunc, name: str, gemm: Gemm, last: Any, sms: int, til
     printer = CExprPrinter(names, buffers, analyzer)
     a_src, b_src = _operand_source(printer, buffers, gemm.x), _operand_source(printer, buffers, gemm.y)
     out_buffer = func.params[-1]
-    acc1: list[Any] = []
-    paired = False
-    if last is None:  # the GEMM writes the output
-        if not store.buffer.same_as(out_buffer):
-            raise UnsupportedGemmError("GEMM result is not the output")
-        epilogue_value, write_indices = tirx.BufferLoad(store.buffer, out_indices), out_indices
-    else:
-        inner_n_var = groups["n"][-1][0] if len(groups["n"]) == 1 and sizes["n"] % 2 == 0 else None
-        epilogue_value, write_indices, acc1, paired = epilogue(last, store, analyzer, out_buffer, inner_n_var)
+    inner_n_var = groups["n"][-1][0] if len(groups["n"]) == 1 and sizes["n"] % 2 == 0 else None
+    epilogue_value, write_indices, acc1, paired = output_value(gemm, last, analyzer, out_buffer, inner_n_var)
     epi_printer = CExprPrinter(names, buffers, analyzer, acc=store.buffer, acc1=acc1)
     out_type = C_TYPES.get(str(out_buffer.dtype))
     if out_type not in ("half", "float"):

@@ -38,7 +38,7 @@ from tvm import tirx
 from .._relax import ModulePassBase
 from .._tir import SCHEDULED_ATTR, dtype_of
 from ..cuda.c_expr import CExprPrinter, UnsupportedExprError
-from ..gemm_analysis import Gemm, Operand, UnsupportedGemmError, analyze_gemm_func, epilogue, flatten_axes
+from ..gemm_analysis import Gemm, Operand, UnsupportedGemmError, analyze_gemm_func, flatten_axes, output_value
 
 __all__ = [
     "PLANS_ATTR",
@@ -234,19 +234,13 @@ def _helpers(func: tirx.PrimFunc, gemm: Gemm, last: Any) -> str:
     names = {var: _FLAT[key] for var, key in flat.items()}
     placeholders = {p: f"{{P{i}}}" for i, p in enumerate(func.params)}
     printer = WGSLExprPrinter(names, placeholders, analyzer)
-    store = gemm.store
     out = func.params[-1]
-    if last is None:
-        if not store.buffer.same_as(out):
-            raise UnsupportedGemmError("GEMM result is not the output")
-        value, write = tirx.BufferLoad(store.buffer, list(store.indices)), list(store.indices)
-    else:
-        value, write, acc1, paired = epilogue(last, store, analyzer, out)
-        if paired or acc1:
-            raise UnsupportedGemmError("an epilogue over column pairs")
+    value, write, acc1, paired = output_value(gemm, last, analyzer, out)
+    if paired or acc1:
+        raise UnsupportedGemmError("an epilogue over column pairs")
     if str(out.dtype) not in ("float16", "float32"):
         raise UnsupportedGemmError(f"output dtype {out.dtype}")
-    epi = WGSLExprPrinter(names, placeholders, analyzer, acc=store.buffer)
+    epi = WGSLExprPrinter(names, placeholders, analyzer, acc=gemm.store.buffer)
     text = "\n".join(
         [
             _operand_fn("mlcweb_a", "gemm_m", gemm.x, printer, placeholders),
