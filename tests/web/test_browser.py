@@ -90,6 +90,15 @@ def test_webgpu_bundle_is_complete(sd_webgpu: Path) -> None:
     for folder, m in (("", manifest), ("float32/", inner)):
         assert m["subgroups"]["subgroup_size"] == 32 and f"{folder}{m['subgroups']['library']}" in names
         assert m["subgroups"]["library"] != m["library"]
+    # float16 libraries carry their GEMMs as subgroup-matrix kernels too (each a shader of the library it
+    # replaces, on its own grid), listed with their sha256; the float32 variant has none
+    for entry in (manifest["webgpu"], manifest["subgroups"]["webgpu"]):
+        matrix = entry["matrix"]
+        assert matrix["kernels"] in names and matrix["count"] > 0 and matrix["config"]["resultComponentType"] == "f32"
+        kernels = json.loads((sd_webgpu / matrix["kernels"]).read_text())
+        assert len(kernels) == matrix["count"]
+        assert all(f"fn {name}(" in k["code"] and len(k["grid"]) == 3 for name, k in kernels.items())
+    assert "matrix" not in inner["webgpu"]
     # The wasm imports only WASI / emscripten / tvmjs functions: a C++ (mangled) import would be a
     # runtime symbol missing from the link, and the page would fail to instantiate it.
     script = (
