@@ -274,19 +274,24 @@ export async function timeKernel(gemm, { name, code, entry = "main", buffers, gr
   console.log(`${shape} ${name.padEnd(20)} ${ms.toFixed(3)} ms ${(row.flops / ms / 1e9).toFixed(1)} TFLOPS rel RMS ${error.toExponential(2)}`);
 }
 
+/** An "MxNxK" GEMM's float16 inputs (A uniform in +-1, B in +-1/sqrt(K)) on the device, its output
+ * buffer and an empty result row. */
+export function gemmInputs(device, shape) {
+  const [m, n, k] = shape.split("x").map(Number);
+  const a = randomHalves(m * k, 1, 1);
+  const b = randomHalves(n * k, 1 / Math.sqrt(k), 2);
+  const storage = GPUBufferUsage.STORAGE;
+  const bufC = device.createBuffer({ size: m * n * 2, usage: storage | GPUBufferUsage.COPY_SRC });
+  const row = { m, n, k, flops: 2 * m * n * k, variants: {} };
+  return { m, n, k, a, b, bufA: buffer(device, a, storage), bufB: buffer(device, b, storage), bufC, row };
+}
+
 async function main() {
   await installDawn(args.dawn, args.toggle);
   const { device, info } = await openDevice({ needF16: true });
   const results = { adapter: info.description, repeat: Number(args.repeat), shapes: [] };
   for (const shape of args.shapes.split(",")) {
-    const [m, n, k] = shape.split("x").map(Number);
-    const a = randomHalves(m * k, 1, 1);
-    const b = randomHalves(n * k, 1 / Math.sqrt(k), 2);
-    const storage = GPUBufferUsage.STORAGE;
-    const bufA = buffer(device, a, storage);
-    const bufB = buffer(device, b, storage);
-    const bufC = device.createBuffer({ size: m * n * 2, usage: storage | GPUBufferUsage.COPY_SRC });
-    const row = { m, n, k, flops: 2 * m * n * k, variants: {} };
+    const { m, n, k, a, b, bufA, bufB, bufC, row } = gemmInputs(device, shape);
     const grid = [n / 128, m / 128, 1]; // TVM's kernels: 128x128 tiles
     const only = args.variants ? args.variants.split(",") : Object.keys(VARIANTS);
     const kernels = only.map((name) => ({

@@ -16,7 +16,7 @@
 // (without the second toggle Dawn rounds timestamps: 65.5 us steps on the H100 of 2026-12-06)
 import fs from "node:fs";
 import { MATRIX_FEATURE, installDawn, openDevice, runMain } from "./common.mjs";
-import { buffer, gemmGrid, gemmShader, randomHalves, timeKernel } from "./f16_math.mjs";
+import { gemmGrid, gemmInputs, gemmShader, timeKernel } from "./f16_math.mjs";
 
 const args = { repeat: 20, toggle: [], shapes: "8192x2560x320,512x1280x11520,65536x256x2304", out: "", variants: "" };
 const argv = process.argv.slice(2);
@@ -133,14 +133,7 @@ async function main() {
   const results = { adapter: info.description, features: [...device.features].sort(), configs, config, repeat: Number(args.repeat), shapes: [] };
   console.log(`adapter ${info.description}; ${MATRIX_FEATURE}: ${device.features.has(MATRIX_FEATURE)}; configs ${JSON.stringify(configs)}`);
   for (const shape of args.shapes.split(",")) {
-    const [m, n, k] = shape.split("x").map(Number);
-    const a = randomHalves(m * k, 1, 1);
-    const b = randomHalves(n * k, 1 / Math.sqrt(k), 2);
-    const storage = GPUBufferUsage.STORAGE;
-    const bufA = buffer(device, a, storage);
-    const bufB = buffer(device, b, storage);
-    const bufC = device.createBuffer({ size: m * n * 2, usage: storage | GPUBufferUsage.COPY_SRC });
-    const row = { m, n, k, flops: 2 * m * n * k, variants: {} };
+    const { m, n, k, a, b, bufA, bufB, bufC, row } = gemmInputs(device, shape);
     const kernels = [{ name: "simt-f32-k32", code: gemmShader("f32-k32", m, n, k), grid: gemmGrid("f32-k32", m, n) }];
     const only = args.variants ? args.variants.split(",") : Object.keys(VARIANTS);
     if (config && device.features.has(MATRIX_FEATURE)) {
