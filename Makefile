@@ -36,9 +36,11 @@ lavapipe:
 	if grep -qs '^12' /etc/debian_version; then \
 	  echo "installing Mesa 25's lavapipe from bookworm-backports (float16 WebGPU tests)"; \
 	  echo "deb http://deb.debian.org/debian bookworm-backports main" | $$SUDO tee /etc/apt/sources.list.d/mlcweb-bookworm-backports.list >/dev/null; \
-	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -t bookworm-backports mesa-vulkan-drivers; \
+	  ($$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -t bookworm-backports mesa-vulkan-drivers) \
+	    || echo "warning: Mesa 25's lavapipe could not be installed; the float16 WebGPU kernel tests will be skipped"; \
 	elif command -v apt-get >/dev/null; then \
-	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y mesa-vulkan-drivers; \
+	  ($$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y mesa-vulkan-drivers) \
+	    || echo "warning: lavapipe could not be installed; the float16 WebGPU kernel tests will be skipped"; \
 	fi
 
 # TVM's JS runtime and the tokenizer, pinned by web/package-lock.json.
