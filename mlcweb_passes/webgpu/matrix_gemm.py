@@ -39,6 +39,7 @@ from .._relax import ModulePassBase
 from .._tir import SCHEDULED_ATTR, dtype_of
 from ..cuda.c_expr import CExprPrinter, UnsupportedExprError
 from ..gemm_analysis import Gemm, Operand, UnsupportedGemmError, analyze_gemm_func, flatten_axes, output_value
+from .flash_attention import WEBGPU_DEFAULT_SHARED
 
 __all__ = [
     "PLANS_ATTR",
@@ -103,7 +104,9 @@ class MatrixTile:
 TILE_ORDER = ((128, 128), (128, 64), (128, 32), (64, 128), (64, 64), (64, 32))
 
 
-def choose_matrix_tile(m: int, n: int, k: int, config: MatrixConfig, max_shared: int = 16384) -> MatrixTile:
+def choose_matrix_tile(
+    m: int, n: int, k: int, config: MatrixConfig, max_shared: int = WEBGPU_DEFAULT_SHARED
+) -> MatrixTile:
     """The first of :data:`TILE_ORDER` that divides the GEMM with whole subgroup matrices per subgroup,
     32-deep (16 where ``k`` is not a multiple of 32), within ``max_shared`` bytes; raises
     :class:`UnsupportedGemmError` where none does."""
@@ -209,7 +212,7 @@ class MatrixPlan:
 _FLAT = {"s": "gemm_s", "m": "gemm_m", "n": "gemm_n", "k": "gemm_k"}
 
 
-def plan_matrix_gemm(func: tirx.PrimFunc, config: MatrixConfig, max_shared: int = 16384) -> MatrixPlan:
+def plan_matrix_gemm(func: tirx.PrimFunc, config: MatrixConfig, max_shared: int = WEBGPU_DEFAULT_SHARED) -> MatrixPlan:
     """The subgroup-matrix kernel for ``func``; raises :class:`UnsupportedGemmError` when it has none:
     not a float16 GEMM of :mod:`~mlcweb_passes.gemm_analysis`'s kind, sizes no tile divides, an
     epilogue over column pairs or with an operation WGSL lacks (``erf``)."""
@@ -220,7 +223,7 @@ def plan_matrix_gemm(func: tirx.PrimFunc, config: MatrixConfig, max_shared: int 
     if any(str(p.dtype) not in WGSL_TYPES or str(p.dtype) == "bool" for p in func.params):
         raise UnsupportedGemmError("a parameter of a type the kernel does not take")
     params = tuple(str(p.name) for p in func.params)
-    if len(set(params)) != len(params) or set(params) & {"gemm_s", "gemm_m", "gemm_n", "gemm_k", "acc"}:
+    if len(set(params)) != len(params) or set(params) & {*_FLAT.values(), "acc"}:
         raise UnsupportedGemmError("parameter names clash")
     try:
         helpers = _helpers(func, gemm, found.last)
@@ -233,20 +236,19 @@ def _helpers(func: tirx.PrimFunc, gemm: Gemm, last: Any) -> str:
     analyzer, flat = flatten_axes(gemm.groups)
     names = {var: _FLAT[key] for var, key in flat.items()}
     placeholders = {p: f"{{P{i}}}" for i, p in enumerate(func.params)}
-    printer = WGSLExprPrinter(names, placeholders, analyzer)
+    printer = WGSLExprPrinter(names, placeholders, analyzer, acc=gemm.store.buffer)
     out = func.params[-1]
     value, write, acc1, paired = output_value(gemm, last, analyzer, out)
     if paired or acc1:
         raise UnsupportedGemmError("an epilogue over column pairs")
     if str(out.dtype) not in ("float16", "float32"):
         raise UnsupportedGemmError(f"output dtype {out.dtype}")
-    epi = WGSLExprPrinter(names, placeholders, analyzer, acc=gemm.store.buffer)
     text = "\n".join(
         [
             _operand_fn("mlcweb_a", "gemm_m", gemm.x, printer, placeholders),
             _operand_fn("mlcweb_b", "gemm_n", gemm.y, printer, placeholders),
             "fn mlcweb_out(gemm_s : i32, gemm_m : i32, gemm_n : i32, acc : f32) {",
-            f"  mlcweb_set_{placeholders[out]}({epi.offset(out, write)}, {epi(value)});",
+            f"  mlcweb_set_{placeholders[out]}({printer.offset(out, write)}, {printer(value)});",
             "}",
         ]
     )
@@ -282,7 +284,7 @@ class PlanMatrixGemms(ModulePassBase):
         target = tvm.target.Target.current(allow_none=True)
         if target is None or target.kind.name != "webgpu":
             return mod
-        limit = self.max_shared or int(target.attrs.get("max_shared_memory_per_block", 16384))
+        limit = self.max_shared or int(target.attrs.get("max_shared_memory_per_block", WEBGPU_DEFAULT_SHARED))
         plans: dict[str, str] = {}
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or SCHEDULED_ATTR in func.attrs:
