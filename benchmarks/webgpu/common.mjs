@@ -31,6 +31,7 @@ export async function openDevice({ profile = false, needF16 = false, matrix = fa
     throw new Error("this adapter has no shader-f16 (on NVIDIA/Vulkan pass --toggle enable-dawn-features=vulkan_enable_f16_on_nvidia)");
   }
   const lim = adapter.limits;
+  const { MATRIX_FEATURE } = await pageModule();
   const wanted = ["shader-f16", "subgroups", "timestamp-query", ...(matrix ? [MATRIX_FEATURE] : [])];
   const features = wanted.filter((f) => adapter.features.has(f));
   const device = await adapter.requestDevice({
@@ -56,11 +57,10 @@ export async function openDevice({ profile = false, needF16 = false, matrix = fa
     vendor: a.vendor, architecture: a.architecture, device: a.device, description: a.description,
     subgroupMinSize: a.subgroupMinSize, subgroupMaxSize: a.subgroupMaxSize,
     features: [...adapter.features].sort(), subgroupMatrixConfigs: a.subgroupMatrixConfigs ?? [],
+    subgroupMatrix: device.features.has(MATRIX_FEATURE),
   };
   return { adapter, device, profiler, info };
 }
-
-export const MATRIX_FEATURE = "chromium-experimental-subgroup-matrix";
 
 export const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 

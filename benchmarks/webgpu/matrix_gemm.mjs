@@ -15,7 +15,7 @@
 //        [--variants NAME,...] [--out result.json]
 // (without the second toggle Dawn rounds timestamps: 65.5 us steps on the H100 of 2026-12-06)
 import fs from "node:fs";
-import { MATRIX_FEATURE, installDawn, openDevice, runMain } from "./common.mjs";
+import { installDawn, openDevice, runMain } from "./common.mjs";
 import { gemmGrid, gemmInputs, gemmShader, timeKernel } from "./f16_math.mjs";
 
 const args = { repeat: 20, toggle: [], shapes: "8192x2560x320,512x1280x11520,65536x256x2304", out: "", variants: "" };
@@ -131,12 +131,12 @@ async function main() {
   }));
   const config = chooseConfig(configs);
   const results = { adapter: info.description, features: [...device.features].sort(), configs, config, repeat: Number(args.repeat), shapes: [] };
-  console.log(`adapter ${info.description}; ${MATRIX_FEATURE}: ${device.features.has(MATRIX_FEATURE)}; configs ${JSON.stringify(configs)}`);
+  console.log(`adapter ${info.description}; subgroup matrices: ${info.subgroupMatrix}; configs ${JSON.stringify(configs)}`);
   for (const shape of args.shapes.split(",")) {
     const { m, n, k, a, b, bufA, bufB, bufC, row } = gemmInputs(device, shape);
     const kernels = [{ name: "simt-f32-k32", code: gemmShader("f32-k32", m, n, k), grid: gemmGrid("f32-k32", m, n) }];
     const only = args.variants ? args.variants.split(",") : Object.keys(VARIANTS);
-    if (config && device.features.has(MATRIX_FEATURE)) {
+    if (config && info.subgroupMatrix) {
       for (const name of only) {
         const { bm, bn } = VARIANTS[name];
         if (m % bm || n % bn) continue;
