@@ -97,11 +97,10 @@ class MatrixTile:
         return 2 * (self.rows + self.cols) * (self.depth + PAD) + 4 * SUBGROUPS * config.m * config.n
 
 
-# Tiles in order of preference: what the eighth run measured in the model (H100, UNet step 50.4 ms,
-# benchmarks/results/2026-12-06-h100-sd_webgpu-8.md). matrix_gemm.mjs timed 64 x 128 tiles ahead of
-# 128 x 128 ones on single GEMMs (0.655 against 0.786 ms on the largest); a build with 64-row tiles first
-# is yet to be timed in the model.
-TILE_ORDER = ((128, 128), (128, 64), (128, 32), (64, 128), (64, 64), (64, 32))
+# Tiles in order of preference, 64 rows (each subgroup a 16-row share): in the model on an H100 they beat
+# 128-row tiles (UNet step 47.6 against 50.4 ms, VAE 30.5 against 32.6, same machine session;
+# benchmarks/results/2026-12-06-h100-sd_webgpu-9.md), as matrix_gemm.mjs had timed on single GEMMs.
+TILE_ORDER = ((64, 128), (64, 64), (64, 32))
 
 
 def choose_matrix_tile(

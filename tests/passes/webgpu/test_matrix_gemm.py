@@ -41,7 +41,7 @@ def test_plans_the_gemms_it_can_run() -> None:
     """A padded 3x3 convolution with bias, scale and residual and a split-K slice are planned; fewer than
     32 output columns, column pairs (GEGLU) and a strided reduction are not."""
     conv = plan_matrix_gemm(Gemms["conv3x3_bias_residual"], CONFIG, 32768)
-    assert (conv.batch, conv.m, conv.n, conv.k, conv.tile) == (1, 128, 128, 576, MatrixTile(128, 128, 32))
+    assert (conv.batch, conv.m, conv.n, conv.k, conv.tile) == (1, 128, 128, 576, MatrixTile(64, 128, 32))
     assert conv.params == ("x", "w", "bias", "res", "out")
     assert "select(vec4<f16>(), v, " in conv.helpers  # the window's zero padding
     assert "mlcweb_set_{P4}(((gemm_m * 128i) + gemm_n)" in conv.helpers
@@ -60,9 +60,9 @@ def test_plans_the_gemms_it_can_run() -> None:
 def test_tiles() -> None:
     """The first tile of TILE_ORDER that divides the GEMM and fits the workgroup memory; 16-deep when K is
     16 * odd."""
-    assert choose_matrix_tile(8192, 2560, 320, CONFIG, 32768) == MatrixTile(128, 128, 32)
-    assert choose_matrix_tile(8192, 320, 2880, CONFIG, 32768) == MatrixTile(128, 64, 32)
-    assert choose_matrix_tile(128, 96, 64, CONFIG, 32768) == MatrixTile(128, 32, 32)
+    assert choose_matrix_tile(8192, 2560, 320, CONFIG, 32768) == MatrixTile(64, 128, 32)
+    assert choose_matrix_tile(8192, 320, 2880, CONFIG, 32768) == MatrixTile(64, 64, 32)
+    assert choose_matrix_tile(128, 96, 64, CONFIG, 32768) == MatrixTile(64, 32, 32)
     assert choose_matrix_tile(64, 1280, 48, CONFIG, 32768) == MatrixTile(64, 128, 16)
     assert choose_matrix_tile(8192, 1280, 1280, CONFIG, 16384) == MatrixTile(64, 32, 32)  # WebGPU default limit
     with pytest.raises(UnsupportedGemmError):
@@ -118,8 +118,8 @@ def test_kernels_declare_tvms_bindings() -> None:
         assert tvm_bindings and all(line in kernel.code for line in tvm_bindings)
         assert f"fn {name}(" in kernel.code and "@workgroup_size(256, 1, 1)" in kernel.code
         assert "subgroupMatrixMultiplyAccumulate" in kernel.code
-    # conv: 256 rows (2 x 16 x 8 pixels) x 128 channels on 128 x 128 tiles; linear: 256 x 96 on 128 x 32
-    assert sorted(k.grid for k in kernels.values()) == [(1, 2, 1), (3, 2, 1)]
+    # conv: 256 rows (2 x 16 x 8 pixels) x 128 channels on 64 x 128 tiles; linear: 256 x 96 on 64 x 32
+    assert sorted(k.grid for k in kernels.values()) == [(1, 4, 1), (3, 4, 1)]
 
 
 @pytest.mark.skipif(not Path("/usr/share/vulkan/icd.d/lvp_icd.json").is_file(), reason="needs Mesa's lavapipe")
