@@ -263,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
                 "--out", str(results / f"webgpu-{name}{suffix}.json"),
             ]  # fmt: skip
             cmd += [] if subgroups else ["--no-subgroups"]
+            cmd += ["--pipeline-times"] if args.pipeline_times else []
             if matrix:
                 cmd += ["--matrix", "--compare", str(own), "--toggle", UNSAFE]
             elif name.endswith("float32") and not subgroups:
@@ -551,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         "--stream", type=int, default=32, help="also time with commands submitted every N dispatches (0: not)"
     )
     r.add_argument("--timeout", type=int, default=400)
+    r.add_argument(
+        "--pipeline-times", action="store_true", help="create pipelines one at a time, timing each (slower to start)"
+    )
     r.add_argument("--only", help="run only these builds: `build --name` names or NAME-DTYPE, comma-separated")
     r.add_argument(
         "--no-subgroups", dest="subgroups", action="store_false", help="run only the builds' portable libraries"

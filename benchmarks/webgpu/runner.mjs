@@ -25,6 +25,7 @@ function parseArgs(argv) {
     if (key === "profile") out.profile = true;
     else if (key === "noSubgroups") out.noSubgroups = true;
     else if (key === "matrix") out.matrix = true;
+    else if (key === "pipelineTimes") out.pipelineTimes = true;
     else if (key === "toggle") out.toggle.push(argv[++i]);
     else out[key] = argv[++i];
   }
@@ -37,6 +38,38 @@ function parseArgs(argv) {
   return out;
 }
 
+
+/**
+ * --pipeline-times: each shader module and pipeline made one at a time (createComputePipeline in place
+ * of the async call tvmjs makes), each timed; `summary(names)` gives the totals, those of the kernels in
+ * `names` (the subgroup-matrix ones) apart, and the 15 slowest.
+ */
+function timePipelines(device) {
+  const modules = new Map();
+  const times = [];
+  const createModule = device.createShaderModule.bind(device);
+  device.createShaderModule = (desc) => {
+    const t = performance.now();
+    const module = createModule(desc);
+    modules.set(module, performance.now() - t);
+    return module;
+  };
+  device.createComputePipelineAsync = async (desc) => {
+    const t = performance.now();
+    const pipeline = device.createComputePipeline(desc);
+    times.push({ name: desc.compute.entryPoint, module_ms: modules.get(desc.compute.module) || 0, pipeline_ms: performance.now() - t });
+    return pipeline;
+  };
+  return {
+    summary(names) {
+      const special = new Set(names);
+      const total = (list) => list.reduce((a, x) => a + x.module_ms + x.pipeline_ms, 0) / 1000;
+      const matrix = times.filter((x) => special.has(x.name));
+      const slowest = [...times].sort((a, b) => b.module_ms + b.pipeline_ms - a.module_ms - a.pipeline_ms).slice(0, 15);
+      return { count: times.length, total_s: total(times), matrix_count: matrix.length, matrix_s: total(matrix), slowest };
+    },
+  };
+}
 
 // ---------------------------------------------------------------------------------- the model
 async function main() {
@@ -72,9 +105,11 @@ async function main() {
   const gpu = tvm.webgpu();
   tvm.beginScope();
   const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(gpu));
+  const timings = args.pipelineTimes ? timePipelines(device) : null;
   let t = performance.now();
   await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
   result.pipeline_creation_s = (performance.now() - t) / 1000;
+  if (timings) result.pipeline_times = timings.summary(args.matrix ? Object.keys(JSON.parse(fs.readFileSync(path.join(build, chosen.matrix.kernels), "utf8"))) : []);
   result.wasm_bytes = wasm.length;
 
   // weights, generated on the GPU
