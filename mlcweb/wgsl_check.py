@@ -25,7 +25,7 @@ from typing import Any
 from .errors import MlcwebError
 from .source_tree import web_dir
 
-__all__ = ["WGSLCheckError", "WorkgroupNeeds", "check_wgsl", "wgsl_sources", "workgroup_needs"]
+__all__ = ["WGSLCheckError", "WorkgroupNeeds", "check_matrix_wgsl", "check_wgsl", "wgsl_sources", "workgroup_needs"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,19 @@ def check_wgsl(module: Any, float16: bool = True) -> int:
                 + (f", as do {len(uses_f16) - 1} more" if len(uses_f16) > 1 else "")
                 + ": a GPU without shader-f16 could not run it. A pass put float16 into a float32 build"
             )
+    return _check(sources, mode)
+
+
+def check_matrix_wgsl(sources: dict[str, str]) -> int:
+    """Compile kernels written on ``chromium-experimental-subgroup-matrix`` ({shader name: WGSL}) with
+    Dawn's null backend, which offers the feature no CPU driver does (Tint's whole validation, no code
+    generation); raises :class:`WGSLCheckError` naming the first that fails. Returns how many were checked
+    (0 when the check could not run, as for :func:`check_wgsl`)."""
+    mode = os.environ.get("MLCWEB_WGSL_CHECK", "auto")
+    return 0 if mode == "off" or not sources else _check(sources, mode, "matrix")
+
+
+def _check(sources: dict[str, str], mode: str, *flags: str) -> int:
     setup = _environment()
     if isinstance(setup, str):
         if mode == "require":
@@ -141,7 +154,7 @@ def check_wgsl(module: Any, float16: bool = True) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sources.json"
         path.write_text(json.dumps(sources))
-        done = subprocess.run([*command, str(path)], capture_output=True, text=True, env=env, check=False)
+        done = subprocess.run([*command, str(path), *flags], capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["node failed"])[-1]
         if mode == "require":

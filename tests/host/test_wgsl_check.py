@@ -8,7 +8,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import mlcweb_passes as mp
-from mlcweb.wgsl_check import WGSLCheckError, check_wgsl, wgsl_sources
+from mlcweb.wgsl_check import WGSLCheckError, check_matrix_wgsl, check_wgsl, wgsl_sources
 
 WEBGPU = tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
 
@@ -62,6 +62,23 @@ def test_float16_in_a_float32_build_is_an_error(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(WGSLCheckError, match=r"kernel add_kernel of this float32 build uses float16"):
         check_wgsl(_Module(half), float16=False)
     assert check_wgsl(_Module(half)) == 1  # fine in a float16 build
+
+
+def test_subgroup_matrix_kernels_are_checked_on_dawns_null_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CPU driver offers subgroup matrices; Dawn's null backend does, so Tint validates such kernels
+    at build time too: a valid one passes, one without the extension enabled is an error naming it."""
+    monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
+    head = "enable f16;\nenable subgroups;\nenable chromium_experimental_subgroup_matrix;\n"
+    body = (
+        "var<workgroup> t : array<f16, 256>;\n"
+        "@compute @workgroup_size(32) fn mm_kernel() {\n"
+        "  let a = subgroupMatrixLoad<subgroup_matrix_left<f16, 16, 16>>(&t, 0u, false, 16u);\n"
+        "  let b = subgroupMatrixLoad<subgroup_matrix_right<f16, 16, 16>>(&t, 0u, true, 16u);\n"
+        "  var c = subgroupMatrixMultiply<f32>(a, b);\n}\n"
+    )
+    assert check_matrix_wgsl({"mm_kernel": head + body}) == 1
+    with pytest.raises(WGSLCheckError, match=r"kernel mm_kernel does not compile"):
+        check_matrix_wgsl({"mm_kernel": body})  # the extension not enabled
 
 
 def test_the_check_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:

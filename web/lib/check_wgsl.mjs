@@ -4,20 +4,30 @@
 //
 // Where the adapter has no shader-f16 (SwiftShader on a machine without a GPU), float16 shaders are
 // checked with f16 spelled f32: everything but the f16 arithmetic itself is still validated.
+//
+// With argv[3] "matrix" (kernels on chromium-experimental-subgroup-matrix, which no CPU driver offers),
+// the shaders go to Dawn's null backend instead, which offers the feature: Tint parses and validates
+// them (types, builtins, uniformity) without a GPU to run them.
 import fs from "node:fs";
 import path from "node:path";
 
-const [dawnDir, sourcesPath] = process.argv.slice(2);
+const [dawnDir, sourcesPath, mode] = process.argv.slice(2);
 const { create, globals } = await import(path.resolve(dawnDir, "index.js"));
 Object.assign(globalThis, globals);
-const gpu = create([]);
+const matrix = mode === "matrix";
+const gpu = create(matrix ? ["backend=null", "enable-dawn-features=allow_unsafe_apis"] : []);
 const adapter = await gpu.requestAdapter();
 if (!adapter) {
   console.error("no WebGPU adapter (install a Vulkan driver, or Debian's chromium for SwiftShader)");
   process.exit(3);
 }
 const hasF16 = adapter.features.has("shader-f16");
-const features = ["shader-f16", "subgroups"].filter((f) => adapter.features.has(f));
+const wanted = ["shader-f16", "subgroups", ...(matrix ? ["chromium-experimental-subgroup-matrix"] : [])];
+const features = wanted.filter((f) => adapter.features.has(f));
+if (features.length < wanted.length && matrix) {
+  console.error(`Dawn's null backend lacks ${wanted.filter((f) => !features.includes(f)).join(", ")}`);
+  process.exit(3);
+}
 const device = await adapter.requestDevice({ requiredFeatures: features });
 
 function withoutF16(code) {
