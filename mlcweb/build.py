@@ -32,6 +32,7 @@ from tqdm import tqdm
 from tvm import relax
 
 import mlcweb_passes as mp
+from mlcweb_passes.webgpu import matrix_attention
 from mlcweb_passes.webgpu.matrix_gemm import PLANS_ATTR, MatrixConfig, matrix_kernels
 
 from .choices import DTYPES
@@ -47,7 +48,7 @@ from .temp_dirs import make_temp_dir, remove_stale
 from .tensor_cache import write_tensor_cache
 from .wasm_runtime import link_wasm
 from .web import write_web_runtime
-from .wgsl_check import check_wgsl, wgsl_sources, workgroup_needs
+from .wgsl_check import check_matrix_wgsl, check_wgsl, wgsl_sources, workgroup_needs
 
 __all__ = ["BuildResult", "MemoryPlan", "ModelBuild", "build", "build_phases", "lower_until", "plan_memory", "resolve"]
 
@@ -419,23 +420,34 @@ def _compile_library(lowered: tvm.IRModule, resolved: ModelBuild, path: Path) ->
 
 
 def _matrix_kernels(lowered: tvm.IRModule, resolved: ModelBuild, sources: dict[str, str], path: Path) -> dict[str, Any]:
-    """The subgroup-matrix kernels planned for ``lowered`` (:class:`mlcweb_passes.webgpu.matrix_gemm.PlanMatrixGemms`),
-    written beside the library ``path`` as ``<library>-matrix.json`` ({shader: {code, grid}}); returns the
-    manifest's ``matrix`` entry (file, configuration, what the kernels need of a workgroup), or {} when none."""
+    """The subgroup-matrix kernels planned for ``lowered`` (GEMMs by
+    :class:`mlcweb_passes.webgpu.matrix_gemm.PlanMatrixGemms`, flash attentions by
+    :class:`mlcweb_passes.webgpu.matrix_attention.PlanMatrixAttention`), written beside the library
+    ``path`` as ``<library>-matrix.json`` ({shader: {code, grid}}); returns the manifest's ``matrix`` entry
+    (file, counts, configuration, what the kernels need of a workgroup), or {} when none."""
     config = resolved.pipeline.webgpu_matrix
-    plans = lowered.attrs.get(PLANS_ATTR) if lowered.attrs is not None else None
-    if config is None or not plans:
+    attrs = lowered.attrs if lowered.attrs is not None else {}
+
+    def plans(key: str) -> dict[str, str]:
+        return {str(k): str(v) for k, v in attrs.get(key, {}).items()}
+
+    if config is None:
         return {}
-    kernels = matrix_kernels({str(k): str(v) for k, v in plans.items()}, sources, config)
+    gemms = matrix_kernels(plans(PLANS_ATTR), sources, config)
+    attention = matrix_attention.attention_kernels(plans(matrix_attention.PLANS_ATTR), sources, config)
+    kernels = {**gemms, **attention}
     if not kernels:
         return {}
+    check_matrix_wgsl({k.name: k.code for k in kernels.values()})
     name = f"{path.stem}-matrix.json"
     table = {k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}
     (path.parent / name).write_text(json.dumps(table, sort_keys=True, indent=1) + "\n")
-    log.info("%d GEMM kernels on subgroup matrices in %s", len(kernels), name)
+    log.info("%d GEMM and %d attention kernels on subgroup matrices in %s", len(gemms), len(attention), name)
     return {
         "kernels": name,
         "count": len(kernels),
+        "gemms": len(gemms),
+        "attention": len(attention),
         "config": config.manifest(),
         **workgroup_needs({k.name: k.code for k in kernels.values()}).manifest(),
     }

@@ -73,6 +73,7 @@ from .targets import GpuFacts, gpu_facts, is_gpu_target, sm_version
 from .webgpu import vector_storage
 from .webgpu.flash_attention import fits_webgpu_flash_attention, webgpu_flash_attention_kernel
 from .webgpu.gemm import TILE_TABLE_FILE, WebGPUTile, read_tile_table
+from .webgpu.matrix_attention import PlanMatrixAttention
 from .webgpu.matrix_gemm import MatrixConfig, PlanMatrixGemms
 from .webgpu.widen_gemm_operands import WidenGemmOperands
 
@@ -103,9 +104,10 @@ class PipelineOptions:
     ``vector_loads``: on WebGPU, storage buffers a kernel only reads in aligned 4-wide vectors are declared
     ``array<vec4<T>>`` and read with one load each (``webgpu.vector_storage``, a TIR-level pass: give
     :func:`tir_pipeline`'s name to ``tvm.compile``).
-    ``webgpu_matrix``: on WebGPU, float16 GEMMs also get kernels on subgroup matrices of this
-    configuration (:mod:`~mlcweb_passes.webgpu.matrix_gemm`; planned here, written after compilation by
-    :func:`~mlcweb_passes.webgpu.matrix_gemm.matrix_kernels` for pages to use where the adapter offers it).
+    ``webgpu_matrix``: on WebGPU, float16 GEMMs and flash attentions also get kernels on subgroup matrices
+    of this configuration (:mod:`~mlcweb_passes.webgpu.matrix_gemm`,
+    :mod:`~mlcweb_passes.webgpu.matrix_attention`; planned here, written after compilation by their
+    ``matrix_kernels`` and ``attention_kernels`` for pages to use where the adapter offers it).
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
     WebGPU tile table, ``webgpu_gemm_tiles.json``, gives WebGPU GEMMs its tiles too). ``webgpu_tiles``: a
     tile table (:func:`~mlcweb_passes.webgpu.gemm.read_tile_table`) for WebGPU GEMMs, instead of the
@@ -227,7 +229,7 @@ def kernel_phase(
     if options.wgmma and supports_wgmma(target):
         passes.append(WgmmaGemm(sm_count=_gpu(target, options).sm_count))
     if options.webgpu_matrix is not None and options.dtype == "float16" and target.kind.name == "webgpu":
-        passes.append(PlanMatrixGemms(options.webgpu_matrix))
+        passes += [PlanMatrixGemms(options.webgpu_matrix), PlanMatrixAttention(options.webgpu_matrix)]
     return _sequential("kernels", [*passes, *extra])
 
 

@@ -31,6 +31,8 @@ target does not say, WebGPU's default limit) and thread limit.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,7 @@ from .._tir import HAND_WRITTEN, SOURCE_ATTR
 from ..cuda.flash_kernel import NO_VIEWS, AttentionShape, Views
 
 __all__ = [
+    "ATTENTION_ATTR",
     "COLUMN_GROUPS",
     "MAX_HEAD_DIM",
     "WebGPUFlashTile",
@@ -54,6 +57,9 @@ MAX_HEAD_DIM = 160  # output accumulators in registers: rows_per_thread * 160 / 
 NEG_INF = -1e30
 DTYPES = ("float16", "float32")
 WEBGPU_DEFAULT_SHARED = 16384  # maxComputeWorkgroupStorageSize every WebGPU adapter grants
+# PrimFunc attribute of each kernel: what it computes, as JSON ({batch, q_len, kv_len, heads, head_dim,
+# scale, views, dtype}), for kernels written for the same attention elsewhere (webgpu/matrix_attention)
+ATTENTION_ATTR = "mlcweb.attention"
 
 
 @dataclass(frozen=True)
@@ -278,4 +284,5 @@ def webgpu_flash_attention_kernel(
                 if bx * br + row(r5, ty) < nq and tx + g * j5 < d:
                     o[bb, bx * br + row(r5, ty), hh, tx + g * j5] = T.Cast(dtype, acc[r5 * jd + j5] / l_r[r5])
     # fmt: on
-    return flash.with_attr(SOURCE_ATTR, HAND_WRITTEN)
+    about = {**dataclasses.asdict(shape), "scale": float(scale), "views": [list(v) if v else None for v in views]}
+    return flash.with_attr(SOURCE_ATTR, HAND_WRITTEN).with_attr(ATTENTION_ATTR, json.dumps({**about, "dtype": dtype}))

@@ -49,6 +49,7 @@ __all__ = [
     "MatrixTile",
     "PlanMatrixGemms",
     "WGSLExprPrinter",
+    "bind_helpers",
     "choose_matrix_tile",
     "matrix_kernels",
     "plan_matrix_gemm",
@@ -107,17 +108,22 @@ def choose_matrix_tile(
     m: int, n: int, k: int, config: MatrixConfig, max_shared: int = WEBGPU_DEFAULT_SHARED
 ) -> MatrixTile:
     """The first of :data:`TILE_ORDER` that divides the GEMM with whole subgroup matrices per subgroup,
-    32-deep (16 where ``k`` is not a multiple of 32), within ``max_shared`` bytes; raises
-    :class:`UnsupportedGemmError` where none does."""
+    32-deep (16 where ``k`` is not a multiple of 32), within ``max_shared`` bytes; where no tile's rows
+    divide ``m`` (CLIP's and the cross-attention projections' 2 x 77 tokens), the first whose columns
+    divide ``n``, its last row tile partial. Raises :class:`UnsupportedGemmError` where none fits."""
     depth = 32 if k % 32 == 0 else config.k
     if k % depth or depth % config.k:
         raise UnsupportedGemmError(f"reduction of {k} is not a multiple of {config.k}")
+    fitting = []
     for rows, cols in TILE_ORDER:
         tile = MatrixTile(rows, cols, depth)
         shares = (rows // 4) % config.m == 0 and (cols // 2) % config.n == 0
         copies = all((r * depth // 4) % (SUBGROUPS * config.subgroup_size) == 0 for r in (rows, cols))
-        if m % rows == 0 and n % cols == 0 and shares and copies and tile.shared_bytes(config) <= max_shared:
-            return tile
+        if n % cols == 0 and shares and copies and tile.shared_bytes(config) <= max_shared:
+            fitting.append(tile)
+    whole = [tile for tile in fitting if m % tile.rows == 0]
+    if whole or (fitting and m >= fitting[0].rows):
+        return (whole or fitting)[0]
     raise UnsupportedGemmError(f"no tile divides {m} x {n}")
 
 
@@ -337,9 +343,19 @@ def matrix_kernels(
 
 
 def _kernel(shader: str, plan: MatrixPlan, tvm_source: str, config: MatrixConfig, emulate: bool) -> MatrixKernel:
+    declarations, helpers = bind_helpers(plan.params, plan.helpers, tvm_source)
+    code = _source(shader, plan, config, declarations, helpers, emulate)
+    return MatrixKernel(shader, code, _grid(plan))
+
+
+def bind_helpers(params: tuple[str, ...], helpers: str, tvm_source: str) -> tuple[str, str]:
+    """A planned kernel's storage declarations (TVM's shader's, in binding order) and its ``helpers``
+    with each ``{Pi}`` (parameter ``params[i]``) replaced by the name of TVM's binding for it and the
+    accessors of those bindings (:func:`_accessors`) ahead of them; raises :class:`UnsupportedGemmError`
+    where TVM's shader has no binding for a parameter the helpers read or write."""
     bindings = {m.group(3): m for m in _BINDING.finditer(tvm_source)}
-    helpers, access = plan.helpers, []
-    for i, param in enumerate(plan.params):
+    access = []
+    for i, param in enumerate(params):
         if f"{{P{i}}}" not in helpers:
             continue
         name = next((n for n in (f"{param}_ptr", param) if n in bindings), None)  # TVM's: <buffer>_ptr
@@ -348,8 +364,7 @@ def _kernel(shader: str, plan: MatrixPlan, tvm_source: str, config: MatrixConfig
         helpers = helpers.replace(f"{{P{i}}}", name)
         access.append(_accessors(name, bindings[name].group(4), bindings[name].group(2) == "read_write"))
     declarations = "\n".join(m.group(0) for m in sorted(bindings.values(), key=lambda m: int(m.group(1))))
-    code = _source(shader, plan, config, declarations, "\n".join([*access, helpers]), emulate)
-    return MatrixKernel(shader, code, _grid(plan))
+    return declarations, "\n".join([*access, helpers])
 
 
 def _accessors(name: str, array: str, writable: bool) -> str:
@@ -378,7 +393,7 @@ def _accessors(name: str, array: str, writable: bool) -> str:
 
 
 def _grid(plan: MatrixPlan) -> tuple[int, int, int]:
-    return (plan.n // plan.tile.cols, plan.batch * (plan.m // plan.tile.rows), 1)
+    return (plan.n // plan.tile.cols, plan.batch * -(-plan.m // plan.tile.rows), 1)
 
 
 def _source(
@@ -392,7 +407,8 @@ def _source(
     left = f"subgroup_matrix_left<f16, {sk}, {sm}>"
     right = f"subgroup_matrix_right<f16, {sn}, {sk}>"
     result = f"subgroup_matrix_result<f32, {sn}, {sm}>"
-    row_tiles = plan.m // tile.rows
+    row_tiles = -(-plan.m // tile.rows)
+    partial = plan.m % tile.rows != 0  # the last row tile: A's rows past m read as zeros, not stored
     lines = [f"  var c{i}_{j} = {result}();" for i in range(ti) for j in range(tj)]
     body = ["    workgroupBarrier();"]
     for fn, buf, rows, origin in (
@@ -403,7 +419,12 @@ def _source(
         for copy in range(per):
             quads = tile.depth // 4
             body.append(f"    {{ let e = i32(li) + {copy * threads}i; let r = e / {quads}i; let q = e % {quads}i;")
-            body.append(f"      let v = {fn}(gemm_s, {origin} + r, k0 + 4i * q); let o = r * {lds}i + 4i * q;")
+            if partial and fn == "mlcweb_a":  # a row past m: read row m - 1 (in bounds), keep zeros
+                row = f"min(row0 + r, {plan.m - 1}i)"
+                read = f"select(vec4<f16>(), {fn}(gemm_s, {row}, k0 + 4i * q), row0 + r < {plan.m}i)"
+            else:
+                read = f"{fn}(gemm_s, {origin} + r, k0 + 4i * q)"
+            body.append(f"      let v = {read}; let o = r * {lds}i + 4i * q;")
             body.append(f"      {buf}[o] = v.x; {buf}[o + 1i] = v.y; {buf}[o + 2i] = v.z; {buf}[o + 3i] = v.w; }}")
     body.append("    workgroupBarrier();")
     for kk in range(0, tile.depth, sk):
@@ -431,7 +452,8 @@ def _source(
                 "  workgroupBarrier();",
                 f"  for (var e = lane; e < {size}u; e += {config.subgroup_size}u) {{",
                 f"    let r = row0 + wm + {i * sm}i + i32(e / {sn}u);",
-                f"    mlcweb_out(gemm_s, r, col0 + wn + {j * sn}i + i32(e % {sn}u), mlcweb_cs[sg * {size}u + e]);",
+                f"    {f'if (r < {plan.m}i) ' if partial else ''}"
+                f"{{ mlcweb_out(gemm_s, r, col0 + wn + {j * sn}i + i32(e % {sn}u), mlcweb_cs[sg * {size}u + e]); }}",
                 "  }",
             ]
     if emulate:

@@ -2,8 +2,9 @@
 
 No adapter here has subgroup matrices, so the kernels are run as written except for the matrix
 operations, which ``emulate=True`` has the lanes do on the same workgroup memory (lavapipe, which has
-shader-f16): operand addressing (a padded 3x3 window, a split-K slice), the copies to workgroup memory,
-the epilogue, the bindings TVM's shader declares and the grid are all checked against numpy on the CPU.
+shader-f16): operand addressing (a padded 3x3 window, a split-K slice, a partial row tile), the copies
+to workgroup memory, the epilogue, the bindings TVM's shader declares and the grid are all checked
+against numpy on the CPU.
 The matrix operations themselves run on the GPU machine (benchmarks/webgpu/matrix_gemm.mjs and
 ``sd_webgpu.py run``, which compares the model's outputs with and without them).
 """
@@ -22,7 +23,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import mlcweb_passes as mp
-from mlcweb.wgsl_check import wgsl_sources
+from mlcweb.wgsl_check import check_matrix_wgsl, wgsl_sources
 from mlcweb_passes.gemm_analysis import UnsupportedGemmError
 from mlcweb_passes.webgpu.matrix_gemm import (
     PLANS_ATTR,
@@ -65,8 +66,10 @@ def test_tiles() -> None:
     assert choose_matrix_tile(128, 96, 64, CONFIG, 32768) == MatrixTile(64, 32, 32)
     assert choose_matrix_tile(64, 1280, 48, CONFIG, 32768) == MatrixTile(64, 128, 16)
     assert choose_matrix_tile(8192, 1280, 1280, CONFIG, 16384) == MatrixTile(64, 32, 32)  # WebGPU default limit
+    # CLIP's 2 x 77 tokens: no tile divides, the last row tile is partial
+    assert choose_matrix_tile(154, 768, 768, CONFIG, 32768) == MatrixTile(64, 128, 32)
     with pytest.raises(UnsupportedGemmError):
-        choose_matrix_tile(154, 768, 768, CONFIG, 32768)  # CLIP's 2 x 77 tokens
+        choose_matrix_tile(48, 768, 768, CONFIG, 32768)  # fewer rows than a tile
 
 
 @I.ir_module
@@ -94,6 +97,15 @@ class Layers:
             R.output(out)
         return out
 
+    @R.function
+    def text_proj(e: R.Tensor((2, 77, 64), "float16"), pw: R.Tensor((96, 64), "float16")) -> R.Tensor(
+        (2, 77, 96), "float16"
+    ):
+        with R.dataflow():
+            out = R.astype(R.matmul(e, R.permute_dims(pw), out_dtype="float32"), "float16")
+            R.output(out)
+        return out
+
 
 def _compile(mod: tvm.IRModule) -> tuple[relax.VMExecutable, dict[str, str]]:
     from webgpu_node import WEBGPU
@@ -106,20 +118,24 @@ def _compile(mod: tvm.IRModule) -> tuple[relax.VMExecutable, dict[str, str]]:
     return exe, plans
 
 
-def test_kernels_declare_tvms_bindings() -> None:
+def test_kernels_declare_tvms_bindings(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each kernel replaces TVM's shader of the function: the same storage bindings (TVM's names, read or
-    read_write), its entry point, its own grid (N / cols x batch * M / rows) and 256 invocations."""
+    read_write), its entry point, its own grid (N / cols x batch * M / rows) and 256 invocations; Dawn
+    compiles them."""
+    monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
     exe, plans = _compile(Layers)
     sources = wgsl_sources(exe.mod)
     kernels = matrix_kernels(plans, sources, CONFIG)
-    assert len(kernels) == 2
+    assert len(kernels) == 3
+    assert check_matrix_wgsl({k.name: k.code for k in kernels.values()}) == 3  # Dawn's null backend
     for name, kernel in kernels.items():
         tvm_bindings = [line for line in sources[name].splitlines() if "var<storage" in line]
         assert tvm_bindings and all(line in kernel.code for line in tvm_bindings)
         assert f"fn {name}(" in kernel.code and "@workgroup_size(256, 1, 1)" in kernel.code
         assert "subgroupMatrixMultiplyAccumulate" in kernel.code
-    # conv: 256 rows (2 x 16 x 8 pixels) x 128 channels on 64 x 128 tiles; linear: 256 x 96 on 64 x 32
-    assert sorted(k.grid for k in kernels.values()) == [(1, 4, 1), (3, 4, 1)]
+    # conv: 256 rows (2 x 16 x 8 pixels) x 128 channels on 64 x 128 tiles; linear: 256 x 96 on 64 x 32;
+    # text_proj: 154 rows x 96 on 64 x 32, the third row tile partial
+    assert sorted(k.grid for k in kernels.values()) == [(1, 4, 1), (3, 3, 1), (3, 4, 1)]
 
 
 @pytest.mark.skipif(not Path("/usr/share/vulkan/icd.d/lvp_icd.json").is_file(), reason="needs Mesa's lavapipe")
@@ -130,7 +146,7 @@ def test_emulated_kernels_compute_the_layer() -> None:
 
     exe, plans = _compile(Layers)
     kernels = matrix_kernels(plans, wgsl_sources(exe.mod), CONFIG, emulate=True)
-    assert len(kernels) == 2
+    assert len(kernels) == 3
     table = json.loads(json.dumps({k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 16, 8, 64)).astype(np.float16)
@@ -150,4 +166,8 @@ def test_emulated_kernels_compute_the_layer() -> None:
     lw = (rng.standard_normal((96, 64)) / 8).astype(np.float16)
     got = run_on_webgpu(exe, "linear", [t, lw], icd=LAVAPIPE, matrix=table).astype(np.float32)
     want = t.astype(np.float32) @ lw.astype(np.float32).T
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max()))
+    e = rng.standard_normal((2, 77, 64)).astype(np.float16)  # 154 rows: a partial row tile
+    got = run_on_webgpu(exe, "text_proj", [e, lw], icd=LAVAPIPE, matrix=table).astype(np.float32)
+    want = e.astype(np.float32) @ lw.astype(np.float32).T
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max()))

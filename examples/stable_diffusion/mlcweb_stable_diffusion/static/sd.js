@@ -282,7 +282,7 @@ async function main() {
     return;
   }
   $("gpu").textContent += ` ${model.info.message}`;
-  if (model.info.matrix) $("gpu").textContent += ` ${model.info.matrix} of its matrix multiplications run on the adapter's subgroup matrices (tensor cores).`;
+  if (model.info.matrix) $("gpu").textContent += ` ${model.info.matrixText} run on the adapter's subgroup matrices (tensor cores).`;
   const sd = new StableDiffusion(model, tokenizer, tokenizer2);
   const loadSeconds = (performance.now() - loadStart) / 1000;
   for (const s of sd.schedules()) {

@@ -1,0 +1,450 @@
+"""Float16 flash attention on WebGPU's subgroup matrices (tensor cores), beside the portable kernel.
+
+:func:`~mlcweb_passes.webgpu.flash_attention.webgpu_flash_attention_kernel` multiplies on the scalar lanes;
+in SD1.5's UNet on an H100 through Dawn its 4096-token self-attention became the largest kernel once the
+GEMMs ran on subgroup matrices. Where the adapter offers ``chromium-experimental-subgroup-matrix`` with
+float16 operands and float32 results, this module writes the same attention (FlashAttention-2's online
+softmax, Dao 2023) on them, in WGSL, for each float16 kernel that function made (it records what it
+computes in the PrimFunc attribute :data:`~mlcweb_passes.webgpu.flash_attention.ATTENTION_ATTR`):
+
+- a workgroup of ``subgroups`` subgroups takes ``16 x subgroups`` query rows of one head; the Q tile goes
+  through workgroup memory once (the head dimension zero-padded to a multiple of 16) into left-operand
+  subgroup matrices that stay in registers for the whole walk over the keys;
+- each step copies ``keys`` rows of K and of V to workgroup memory (4-wide, zeros past the sequence);
+  each subgroup computes its 16 rows' scores ``Q @ K^T`` into float32 result matrices and stores them to
+  a per-subgroup scratch;
+- the subgroup's lanes, two a row, take the scores of their row (interleaved columns), combine the row
+  maximum with one ``subgroupShuffleXor``, keep the running maximum in base 2 over raw scores
+  (``exp2(s * scale * log2(e) - m)``), rescale their share of the output and write the probabilities as
+  float16 (as tensor-core kernels feed their second product) to workgroup memory;
+- ``P @ V`` runs on subgroup matrices, ``groups`` output matrices at a time through the scratch, where the
+  same lanes add them to their rows' float32 output accumulators (in registers: result matrices cannot be
+  scaled by rows, so the output is not kept in them);
+- at the end each lane divides by its row's sum and stores its columns in the ``[B, N, H, D]`` layout.
+
+:class:`PlanMatrixAttention` plans a kernel for every such PrimFunc (module attribute :data:`PLANS_ATTR`);
+after compilation :func:`attention_kernels` writes each with the storage bindings TVM's own shader for it
+declares (:func:`~mlcweb_passes.webgpu.matrix_gemm.bind_helpers`) and its grid, for the page to swap in
+as it does the GEMM kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+import tvm
+from tvm import tirx
+
+from .._relax import ModulePassBase
+from ..gemm_analysis import UnsupportedGemmError
+from .flash_attention import ATTENTION_ATTR, WEBGPU_DEFAULT_SHARED
+from .matrix_gemm import MatrixConfig, MatrixKernel, bind_helpers
+
+__all__ = [
+    "PLANS_ATTR",
+    "AttentionPlan",
+    "PlanMatrixAttention",
+    "attention_kernels",
+    "plan_matrix_attention",
+]
+
+log = logging.getLogger(__name__)
+
+PLANS_ATTR = "mlcweb.matrix_attention"  # module attribute: {PrimFunc name: AttentionPlan as JSON}
+ROWS = 16  # query rows a subgroup: one result matrix tall
+PAD = 8  # halves of padding a float16 workgroup-memory row (rows 16-byte aligned, spread over banks)
+SCRATCH_PAD = 4  # floats of padding a scratch row
+NEG = "-1e30f"  # a masked key's score: finite, so exp2(NEG - m) is 0 without inf - inf
+# (subgroups, keys a step), in order of preference: more rows share each K/V tile, then deeper steps
+LAYOUTS = ((4, 32), (4, 16), (2, 16))
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """One attention kernel: ``batch x heads`` products of ``q_len`` queries and ``kv_len`` keys of
+    ``head_dim``; ``views`` where Q, K, V are parts ``(count, index)`` of merged projections; the layout
+    (``subgroups`` of 16 rows, ``keys`` a step, ``groups`` output matrices through the scratch at a time);
+    the PrimFunc's parameter names (q, k, v, o) and the helper WGSL with ``{Pi}`` for their bindings."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+    heads: int
+    head_dim: int
+    scale: float
+    subgroups: int
+    keys: int
+    groups: int
+    params: tuple[str, ...]
+    helpers: str
+
+    @property
+    def padded_dim(self) -> int:
+        return -(-self.head_dim // 16) * 16
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> AttentionPlan:
+        data = json.loads(text)
+        data["params"] = tuple(data["params"])
+        return AttentionPlan(**data)
+
+
+def _shared_bytes(subgroups: int, keys: int, groups: int, dp: int, emulate: bool = False) -> int:
+    """Workgroup memory of a layout: the K and V tiles (whose space first holds the Q tile), the
+    probabilities, the float32 scratch; with ``emulate``, a Q tile of its own too."""
+    rows = ROWS * subgroups
+    kv = max(2 * keys, 0 if emulate else rows) * (dp + PAD) * 2
+    probs = rows * (keys + PAD) * 2
+    scratch = rows * (max(keys, 16 * groups) + SCRATCH_PAD) * 4
+    q = rows * (dp + PAD) * 2 if emulate else 0
+    return kv + probs + scratch + q
+
+
+def choose_layout(head_dim: int, max_shared: int, emulate: bool = False) -> tuple[int, int, int]:
+    """``(subgroups, keys, groups)``: the first of :data:`LAYOUTS` that fits ``max_shared`` bytes with the
+    most output matrices through the scratch at a time; raises :class:`UnsupportedGemmError` where none
+    fits."""
+    dp = -(-head_dim // 16) * 16
+    for subgroups, keys in LAYOUTS:
+        for groups in range(dp // 16, 0, -1):
+            if _shared_bytes(subgroups, keys, groups, dp, emulate) <= max_shared:
+                return subgroups, keys, groups
+    raise UnsupportedGemmError(f"no layout for head dimension {head_dim} fits {max_shared} bytes")
+
+
+def plan_matrix_attention(
+    func: tirx.PrimFunc, config: MatrixConfig, max_shared: int = WEBGPU_DEFAULT_SHARED
+) -> AttentionPlan:
+    """The subgroup-matrix kernel for the flash-attention PrimFunc ``func``; raises
+    :class:`UnsupportedGemmError` where there is none: not float16, a head dimension not a multiple of 4
+    (the copies are 4-wide), a configuration other than 16x16x16 on 32-wide subgroups, no layout that fits."""
+    about = json.loads(str(func.attrs[ATTENTION_ATTR]))
+    if about["dtype"] != "float16":
+        raise UnsupportedGemmError(f"{about['dtype']} attention")
+    if (config.m, config.n, config.k, config.subgroup_size) != (16, 16, 16, 32):
+        raise UnsupportedGemmError(f"configuration {config}: the kernel is written for 16x16x16 on 32 lanes")
+    if about["head_dim"] % 4 or about["scale"] <= 0:
+        raise UnsupportedGemmError(f"head dimension {about['head_dim']} (a multiple of 4) or scale {about['scale']}")
+    subgroups, keys, groups = choose_layout(about["head_dim"], max_shared)
+    params = tuple(str(p.name) for p in func.params)
+    if len(params) != 4:
+        raise UnsupportedGemmError(f"{len(params)} parameters, not q, k, v, o")
+    plan = AttentionPlan(
+        about["batch"], about["q_len"], about["kv_len"], about["heads"], about["head_dim"], about["scale"],
+        subgroups, keys, groups, params, "",
+    )  # fmt: skip
+    return AttentionPlan(**{**asdict(plan), "helpers": _helpers(plan, about["views"])})
+
+
+def _helpers(plan: AttentionPlan, views: list[list[int] | None]) -> str:
+    """``mlcweb_q4/k4/v4(b, n, h, c)``: 4 elements of row ``n``, head ``h`` from column ``c`` on;
+    ``mlcweb_o(b, n, h, c, v)``: store one output element."""
+    lines = []
+    d, heads = plan.head_dim, plan.heads
+    for i, (name, n) in enumerate((("q", plan.q_len), ("k", plan.kv_len), ("v", plan.kv_len))):
+        view = views[i]
+        row = f"(bb * {n}i + n) * {view[0]}i + {view[1]}i" if view else f"bb * {n}i + n"
+        offset = f"({row}) * {heads * d}i + hh * {d}i + c"
+        lines.append(
+            f"fn mlcweb_{name}4(bb : i32, n : i32, hh : i32, c : i32) -> vec4<f16> "
+            f"{{ return mlcweb_get4_{{P{i}}}(({offset}) / 4i); }}"
+        )
+    lines.append(
+        "fn mlcweb_o(bb : i32, n : i32, hh : i32, c : i32, v : f32) "
+        f"{{ mlcweb_set_{{P3}}(((bb * {plan.q_len}i + n) * {heads}i + hh) * {d}i + c, f16(v)); }}"
+    )
+    return "\n".join(lines)
+
+
+@tvm.transform.module_pass(opt_level=0, name="mlcweb.PlanMatrixAttention")
+class PlanMatrixAttention(ModulePassBase):
+    """Plan a subgroup-matrix kernel for every float16 flash-attention PrimFunc (WebGPU only; the module is
+    otherwise unchanged): the plans go to the module attribute :data:`PLANS_ATTR`, for
+    :func:`attention_kernels` after compilation. See the module docstring."""
+
+    def __init__(self, config: MatrixConfig, max_shared: int | None = None) -> None:
+        self.config = config
+        self.max_shared = max_shared  # None: the target's max_shared_memory_per_block
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        target = tvm.target.Target.current(allow_none=True)
+        if target is None or target.kind.name != "webgpu":
+            return mod
+        limit = self.max_shared or int(target.attrs.get("max_shared_memory_per_block", WEBGPU_DEFAULT_SHARED))
+        plans: dict[str, str] = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or func.attrs is None or ATTENTION_ATTR not in func.attrs:
+                continue
+            try:
+                plans[gv.name_hint] = plan_matrix_attention(func, self.config, limit).to_json()
+            except UnsupportedGemmError as why:
+                log.debug("%s keeps its portable kernel only: %s", gv.name_hint, why)
+        log.info("subgroup matrices: %d attention kernels planned", len(plans))
+        return mod.with_attr(PLANS_ATTR, plans) if plans else mod
+
+
+def attention_kernels(
+    plans: dict[str, str], sources: dict[str, str], config: MatrixConfig, emulate: bool = False
+) -> dict[str, MatrixKernel]:
+    """Each planned attention's kernel, by the name of the TVM shader it replaces (``<function>_kernel``),
+    as :func:`~mlcweb_passes.webgpu.matrix_gemm.matrix_kernels` writes the GEMMs' (``emulate`` likewise:
+    the matrix operations done by the lanes, with a Q tile of their own in workgroup memory, which must
+    fit beside the plan's)."""
+    kernels: dict[str, MatrixKernel] = {}
+    for func, text in sorted(plans.items()):
+        shader = f"{func}_kernel"
+        if shader not in sources:
+            log.info("%s: no shader %s to replace", func, shader)
+            continue
+        plan = AttentionPlan.from_json(str(text))
+        try:
+            declarations, helpers = bind_helpers(plan.params, plan.helpers, sources[shader])
+        except UnsupportedGemmError as why:
+            log.info("%s keeps TVM's shader: %s", shader, why)
+            continue
+        code = _source(shader, plan, declarations, helpers, emulate)
+        grid = (-(-plan.q_len // (ROWS * plan.subgroups)), plan.batch * plan.heads, 1)
+        kernels[shader] = MatrixKernel(shader, code, grid)
+    return kernels
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """A planned kernel's sizes in WGSL terms: workgroup-memory row strides (``ld`` for Q/K/V tiles,
+    ``pld`` for the probabilities, ``width`` for the float32 scratch, in elements) and extents."""
+
+    plan: AttentionPlan
+    emulate: bool
+
+    @property
+    def rows(self) -> int:  # query rows a workgroup
+        return ROWS * self.plan.subgroups
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.plan.subgroups
+
+    @property
+    def ld(self) -> int:
+        return self.plan.padded_dim + PAD
+
+    @property
+    def pld(self) -> int:
+        return self.plan.keys + PAD
+
+    @property
+    def width(self) -> int:
+        return max(self.plan.keys, 16 * self.plan.groups) + SCRATCH_PAD
+
+    @property
+    def kv_rows(self) -> int:  # K's and V's tiles; on the GPU the Q tile passes through them first
+        return max(2 * self.plan.keys, 0 if self.emulate else self.rows)
+
+
+LEFT, RIGHT = "subgroup_matrix_left<f16, 16, 16>", "subgroup_matrix_right<f16, 16, 16>"
+RESULT = "subgroup_matrix_result<f32, 16, 16>"
+
+
+def _source(shader: str, plan: AttentionPlan, declarations: str, helpers: str, emulate: bool) -> str:
+    z = _Sizes(plan, emulate)
+    kv = f"{plan.keys}i"  # V's tile follows K's
+    body = _copy(z, "mlcweb_qs" if emulate else "mlcweb_kv", z.rows, "q0", plan.q_len, [("mlcweb_q4", "0i")])
+    body.append("  workgroupBarrier();")
+    if not emulate:  # Q's left operands, kept in registers for the whole walk over the keys
+        for c in range(plan.padded_dim // 16):
+            at = f"u32(sg16 * {z.ld}i + {16 * c}i)"
+            body.append(f"  let qm{c} = subgroupMatrixLoad<{LEFT}>(&mlcweb_kv, {at}, false, {z.ld}u);")
+    body += [
+        f"  var m = {NEG};",
+        "  var l = 0.0f;",
+        f"  var acc : array<f32, {plan.padded_dim // 2}>;",
+        f"  for (var kt = 0i; kt < {-(-plan.kv_len // plan.keys)}i; kt++) {{",
+        "  workgroupBarrier();",
+        *_copy(z, "mlcweb_kv", plan.keys, f"kt * {plan.keys}i", plan.kv_len, [("mlcweb_k4", "0i"), ("mlcweb_v4", kv)]),
+        "  workgroupBarrier();",
+        *_scores(z),
+        "  workgroupBarrier();",
+        *_softmax(z),
+        "  workgroupBarrier();",
+        *_output_products(z),
+        "  }",
+        *_store_output(z),
+    ]  # fmt: skip
+    return _wrap(shader, z, declarations, helpers, body)
+
+
+def _copy(z: _Sizes, dst: str, rows: int, first: str, limit: int, pairs: list[tuple[str, str]]) -> list[str]:
+    """Rows ``first + row`` (``row < rows``) of each (source helper, first destination row) into ``dst``,
+    4 elements a thread at a time; zeros past ``limit`` rows and the head dimension."""
+    quads = z.plan.padded_dim // 4
+    out = [
+        f"  for (var e = i32(li); e < {rows * quads}i; e += {z.threads}i) {{",
+        f"    let row = e / {quads}i; let c = 4i * (e % {quads}i); let n = {first} + row;",
+    ]
+    for fn, at in pairs:
+        out += [
+            f"    var x_{fn} = vec4<f16>();",
+            f"    if (n < {limit}i && c < {z.plan.head_dim}i) {{ x_{fn} = {fn}(bb, n, hh, c); }}",
+            f"    let o_{fn} = ({at} + row) * {z.ld}i + c;",
+            f"    {dst}[o_{fn}] = x_{fn}.x; {dst}[o_{fn} + 1i] = x_{fn}.y; "
+            f"{dst}[o_{fn} + 2i] = x_{fn}.z; {dst}[o_{fn} + 3i] = x_{fn}.w;",
+        ]
+    return [*out, "  }"]
+
+
+def _scores(z: _Sizes) -> list[str]:
+    """The subgroup's 16 rows of ``Q @ K^T`` for this step's keys, into its scratch."""
+    dp, bc, ld = z.plan.padded_dim, z.plan.keys, z.ld
+    if z.emulate:
+        return _emulated_product("mlcweb_qs", "sg16", ld, "mlcweb_kv", "0i", ld, dp, bc, z.width, transposed=True)
+    out = []
+    for j in range(bc // 16):
+        out.append(f"  var s{j} = {RESULT}();")
+        for c in range(dp // 16):
+            at = f"u32({16 * j}i * {ld}i + {16 * c}i)"
+            out.append(
+                f"  s{j} = subgroupMatrixMultiplyAccumulate(qm{c}, "
+                f"subgroupMatrixLoad<{RIGHT}>(&mlcweb_kv, {at}, true, {ld}u), s{j});"
+            )
+        out.append(f"  subgroupMatrixStore(&mlcweb_ss, u32(sbase + {16 * j}i), s{j}, false, {z.width}u);")
+    return out
+
+
+def _softmax(z: _Sizes) -> list[str]:
+    """The online softmax of the lanes' row (two lanes a row, interleaved columns): the running maximum in
+    base 2, the output accumulators rescaled, the probabilities to workgroup memory as float16."""
+    bc, width, pld = z.plan.keys, z.width, z.pld
+    scale2 = float(z.plan.scale) * 1.4426950408889634
+    out = [f"  var sv : array<f32, {bc // 2}>;", f"  var mx = {NEG};"]
+    for t in range(bc // 2):
+        col = f"{2 * t}i + h"
+        out += [
+            f"  sv[{t}] = select({NEG}, mlcweb_ss[sbase + r * {width}i + {col}], "
+            f"kt * {bc}i + {col} < {z.plan.kv_len}i);",
+            f"  mx = max(mx, sv[{t}]);",
+        ]
+    out += [
+        "  mx = max(mx, subgroupShuffleXor(mx, 1u));",
+        f"  let mnew = max(m, mx * {scale2!r}f);",
+        "  let alpha = exp2(m - mnew);",
+        "  m = mnew;",
+        "  var sum = 0.0f;",
+    ]
+    for t in range(bc // 2):
+        out += [
+            f"  {{ let p = exp2(sv[{t}] * {scale2!r}f - m); sum += p;",
+            f"    mlcweb_ps[pbase + r * {pld}i + {2 * t}i + h] = f16(p); }}",
+        ]
+    out.append("  l = l * alpha + sum;")
+    return out + [f"  acc[{i}] *= alpha;" for i in range(z.plan.padded_dim // 2)]
+
+
+def _output_products(z: _Sizes) -> list[str]:
+    """``P @ V`` for this step, ``groups`` output matrices at a time through the scratch, added by the
+    lanes to their rows' accumulators."""
+    plan, bc, ld, width = z.plan, z.plan.keys, z.ld, z.width
+    mats = plan.padded_dim // 16
+    starts = list(range(0, mats, plan.groups))
+    out = []
+    for g0 in starts:
+        group = range(g0, min(g0 + plan.groups, mats))
+        if z.emulate:
+            out += _emulated_product(
+                "mlcweb_ps", "sg16", z.pld, "mlcweb_kv", f"{bc}i * {ld}i + {16 * g0}i", ld, bc, 16 * len(group), width,
+                transposed=False, left_base="pbase",
+            )  # fmt: skip
+        for jo in group if not z.emulate else ():
+            out.append(f"  var o{jo} = {RESULT}();")
+            for kc in range(bc // 16):
+                pa = f"subgroupMatrixLoad<{LEFT}>(&mlcweb_ps, u32(pbase + {16 * kc}i), false, {z.pld}u)"
+                at = f"u32({bc + 16 * kc}i * {ld}i + {16 * jo}i)"
+                vb = f"subgroupMatrixLoad<{RIGHT}>(&mlcweb_kv, {at}, false, {ld}u)"
+                out.append(f"  o{jo} = subgroupMatrixMultiplyAccumulate({pa}, {vb}, o{jo});")
+            out.append(f"  subgroupMatrixStore(&mlcweb_ss, u32(sbase + {16 * (jo - g0)}i), o{jo}, false, {width}u);")
+        out.append("  workgroupBarrier();")
+        for jo in group:
+            for t in range(8):
+                out.append(f"  acc[{8 * jo + t}] += mlcweb_ss[sbase + r * {width}i + {16 * (jo - g0) + 2 * t}i + h];")
+        if g0 != starts[-1]:
+            out.append("  workgroupBarrier();")
+    return out
+
+
+def _store_output(z: _Sizes) -> list[str]:
+    """Each lane's columns of its row, divided by the row's sum (the pair's partial sums added)."""
+    d = z.plan.head_dim
+    out = ["  l += subgroupShuffleXor(l, 1u);", "  let n = q0 + sg16 + r;", f"  if (n < {z.plan.q_len}i) {{"]
+    for jo in range(z.plan.padded_dim // 16):
+        for t in range(8):
+            col = 16 * jo + 2 * t
+            if col < d:  # column col + h: h is 0 or 1
+                guard = "" if col + 1 < d else "if (h == 0i) "
+                out.append(f"    {guard}{{ mlcweb_o(bb, n, hh, {col}i + h, acc[{8 * jo + t}] / l); }}")
+    return [*out, "  }"]
+
+
+def _wrap(shader: str, z: _Sizes, declarations: str, helpers: str, body: list[str]) -> str:
+    plan = z.plan
+    extensions = "enable f16;\nenable subgroups;"
+    if z.emulate:
+        builtins = "@builtin(local_invocation_index) li : u32"
+        lanes = "  let sg = li / 32u;\n  let lane = li % 32u;\n"
+        extra = f"var<workgroup> mlcweb_qs : array<f16, {z.rows * z.ld}>;\n"
+    else:
+        extensions += (
+            "\nenable chromium_experimental_subgroup_matrix;\n"
+            "diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);"
+        )
+        builtins = (
+            "@builtin(local_invocation_index) li : u32,\n"
+            "        @builtin(subgroup_id) sg : u32, @builtin(subgroup_invocation_id) lane : u32"
+        )
+        lanes, extra = "", ""
+    nl, mode = "\n", " (emulated)" if z.emulate else ""
+    return f"""{extensions}
+// mlcweb: flash attention, {plan.batch} x {plan.heads} heads of {plan.q_len} x {plan.kv_len} keys x {plan.head_dim},
+// {plan.subgroups} subgroups of 16 rows, {plan.keys} keys a step, 16x16x16 subgroup matrices{mode}
+{declarations}
+var<workgroup> mlcweb_kv : array<f16, {z.kv_rows * z.ld}>;
+var<workgroup> mlcweb_ps : array<f16, {z.rows * z.pld}>;
+var<workgroup> mlcweb_ss : array<f32, {z.rows * z.width}>;
+{extra}{helpers}
+@compute @workgroup_size({z.threads}, 1, 1)
+fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
+{lanes}  let bb = i32(wg.y) / {plan.heads}i;
+  let hh = i32(wg.y) % {plan.heads}i;
+  let q0 = i32(wg.x) * {z.rows}i;
+  let sg16 = i32(sg) * 16i;
+  let r = i32(lane / 2u);
+  let h = i32(lane % 2u);
+  let sbase = sg16 * {z.width}i;
+  let pbase = sg16 * {z.pld}i;
+{nl.join(body)}
+}}
+"""
+
+
+def _emulated_product(
+    a: str, a_row: str, lda: int, b: str, b_base: str, ldb: int, depth: int, cols: int, width: int, *,
+    transposed: bool, left_base: str | None = None,
+) -> list[str]:  # fmt: skip
+    """The subgroup's 16 x ``cols`` product into its scratch, by its lanes: ``a``'s rows from ``a_row``
+    (or the offset ``left_base``) times ``b`` from ``b_base`` (rows ``[col][x]`` when ``transposed``,
+    else ``[x][col]``), ``depth`` deep."""
+    first = left_base if left_base is not None else f"{a_row} * {lda}i"
+    b_at = f"{b_base} + cc * {ldb}i + x" if transposed else f"{b_base} + x * {ldb}i + cc"
+    return [
+        f"  for (var e = i32(lane); e < {16 * cols}i; e += 32i) {{",
+        f"    let rr = e / {cols}i; let cc = e % {cols}i;",
+        "    var sum = 0.0f;",
+        f"    for (var x = 0i; x < {depth}i; x++) {{",
+        f"      sum += f32({a}[{first} + rr * {lda}i + x]) * f32({b}[{b_at}]);",
+        "    }",
+        f"    mlcweb_ss[sbase + rr * {width}i + cc] = sum;",
+        "  }",
+    ]

@@ -1,0 +1,157 @@
+"""webgpu/matrix_attention: float16 flash attention on subgroup matrices, beside the portable kernel.
+
+As for the GEMMs (test_matrix_gemm.py), no adapter here has subgroup matrices: the kernels run as written
+except for the matrix operations, which ``emulate=True`` has the lanes do on the same workgroup memory
+(lavapipe: shader-f16 and subgroups). The copies, the zero padding of the head and of partial query and
+key tiles, merged-projection views, the online softmax with its subgroup shuffles, the output groups
+through the scratch and the bindings and grid are checked against float64 numpy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from mlcweb.wgsl_check import wgsl_sources
+from mlcweb_passes.cuda.flash_kernel import AttentionShape, Views
+from mlcweb_passes.gemm_analysis import UnsupportedGemmError
+from mlcweb_passes.webgpu.flash_attention import webgpu_flash_attention_kernel
+from mlcweb_passes.webgpu.matrix_attention import (
+    PLANS_ATTR,
+    AttentionPlan,
+    PlanMatrixAttention,
+    attention_kernels,
+    choose_layout,
+)
+from mlcweb_passes.webgpu.matrix_gemm import MatrixConfig
+
+CONFIG = MatrixConfig()
+LAVAPIPE_ICD = Path("/usr/share/vulkan/icd.d/lvp_icd.json")
+
+
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    s = np.einsum("bnhd,bmhd->bhnm", q.astype(np.float64), k.astype(np.float64)) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhnm,bmhd->bnhd", p / p.sum(-1, keepdims=True), v.astype(np.float64))
+
+
+def _module(shape: AttentionShape, views: Views, dtype: str = "float16") -> tvm.IRModule:
+    """``main(q, k, v)`` calling the portable kernel; with views, ``main(qkv)`` of merged projections
+    ``[B, N, 3, H, D]`` (self-attention)."""
+    s = shape
+    bb = relax.BlockBuilder()
+    kernel = webgpu_flash_attention_kernel(s, s.head_dim**-0.5, views, dtype=dtype, max_shared=32768)
+    if views[0] is not None:
+        args = [relax.Var("qkv", relax.TensorType((s.batch, s.q_len, 3, s.heads, s.head_dim), dtype))]
+        inputs = args * 3
+    else:
+        args = [
+            relax.Var(name, relax.TensorType((s.batch, n, s.heads, s.head_dim), dtype))
+            for name, n in (("q", s.q_len), ("k", s.kv_len), ("v", s.kv_len))
+        ]
+        inputs = args
+    with bb.function("main", args):
+        with bb.dataflow():
+            gv = bb.add_func(kernel, "flash_attention")
+            call = relax.call_tir(gv, inputs, relax.TensorType((s.batch, s.q_len, s.heads, s.head_dim), dtype))
+            out = bb.emit_output(bb.emit(call))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _plans(mod: tvm.IRModule, max_shared: int | None = None) -> dict[str, str]:
+    from webgpu_node import WEBGPU
+
+    with WEBGPU:
+        planned = PlanMatrixAttention(CONFIG, max_shared)(mod)
+    return {str(k): str(v) for k, v in (planned.attrs or {}).get(PLANS_ATTR, {}).items()}
+
+
+def test_layouts_fit_the_workgroup_memory() -> None:
+    """SD1.5's head dimensions get four subgroups (64 query rows); 80- and 160-wide heads send their
+    output through the scratch in groups, 160 walks 16 keys a step; 4 KiB is too little."""
+    assert choose_layout(40, 32768) == (4, 32, 3)  # all three output matrices at once
+    assert choose_layout(80, 32768) == (4, 32, 3)  # 5 matrices: 3, then 2
+    assert choose_layout(160, 32768) == (4, 16, 1)
+    assert choose_layout(40, 21504) == (4, 32, 2)  # the 32 keys' scratch holds two: 2, then 1
+    assert choose_layout(40, 8192) == (2, 16, 1)  # 32 query rows, 7.5 KiB
+    with pytest.raises(UnsupportedGemmError, match="fits 4096 bytes"):
+        choose_layout(40, 4096)
+
+
+def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SD1.5's three attention shapes as written for the GPU (not emulated): Dawn (null backend) compiles
+    them; the grid is a workgroup per 64 query rows of each head."""
+    from webgpu_node import WEBGPU
+
+    from mlcweb.wgsl_check import check_matrix_wgsl
+
+    monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
+    shapes = [
+        (AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2))),  # 64x64 latents, merged QKV
+        (AttentionShape(2, 1024, 77, 8, 80), (None, None, None)),  # cross-attention at 32x32
+        (AttentionShape(2, 256, 256, 8, 160), (None, None, None)),  # 16x16: 16 keys a step
+    ]
+    for shape, views in shapes:
+        mod = _module(shape, views)
+        kernels = attention_kernels(_plans(mod), wgsl_sources(tvm.compile(mod, WEBGPU).mod), CONFIG)
+        kernel = kernels["flash_attention_kernel"]
+        assert kernel.grid == (shape.q_len // 64, 16, 1)
+        assert "subgroupMatrixMultiplyAccumulate" in kernel.code and "subgroupShuffleXor" in kernel.code
+        assert check_matrix_wgsl({kernel.name: kernel.code}) == 1
+
+
+def test_plans_float16_kernels_only() -> None:
+    """A float16 kernel is planned with its shape, views in its helpers, its parameters; a float32 one
+    keeps the portable kernel alone."""
+    shape = AttentionShape(2, 70, 70, 2, 40)
+    plans = _plans(_module(shape, ((3, 0), (3, 1), (3, 2))))
+    plan = AttentionPlan.from_json(plans["flash_attention"])
+    assert (plan.batch, plan.q_len, plan.kv_len, plan.heads, plan.head_dim) == (2, 70, 70, 2, 40)
+    assert plan.padded_dim == 48 and plan.params == ("q", "k", "v", "o")
+    assert "* 3i + 1i" in plan.helpers  # K is part 1 of the merged projections
+    assert AttentionPlan.from_json(plan.to_json()) == plan
+    assert _plans(_module(shape, (None, None, None), "float32")) == {}
+
+
+@pytest.mark.skipif(not LAVAPIPE_ICD.is_file(), reason="needs Mesa's lavapipe")
+@pytest.mark.parametrize(
+    ("shape", "views", "max_shared"),
+    [
+        # merged projections, 70 queries and keys (partial tiles), head 40 padded to 48, output at once
+        (AttentionShape(2, 70, 70, 2, 40), ((3, 0), (3, 1), (3, 2)), None),
+        # cross-attention over 7 keys, the output through the scratch two matrices, then one
+        (AttentionShape(1, 33, 7, 3, 40), (None, None, None), 21504),
+    ],
+)
+def test_emulated_kernel_computes_attention(shape: AttentionShape, views: Views, max_shared: int | None) -> None:
+    """The kernel, matrix operations done by lanes, installed in place of TVM's shader as the page does:
+    float64 numpy's attention within 1e-2 of the output's scale (float16 inputs, probabilities and output)."""
+    from webgpu_node import LAVAPIPE, WEBGPU, run_on_webgpu
+
+    mod = _module(shape, views)
+    plans = _plans(mod, max_shared)
+    exe = tvm.compile(mod, WEBGPU)
+    kernels = attention_kernels(plans, wgsl_sources(exe.mod), CONFIG, emulate=True)
+    assert list(kernels) == ["flash_attention_kernel"]
+    kernel = kernels["flash_attention_kernel"]
+    assert kernel.grid == (-(-shape.q_len // 64), shape.batch * shape.heads, 1)
+    table = json.loads(json.dumps({k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}))
+    rng = np.random.default_rng(1)
+    b, h, d = shape.batch, shape.heads, shape.head_dim
+    if views[0] is not None:
+        qkv = rng.standard_normal((b, shape.q_len, 3, h, d)).astype(np.float16)
+        q, k, v, inputs = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], [qkv]
+    else:
+        q, k, v = (
+            rng.standard_normal((b, n, h, d)).astype(np.float16) for n in (shape.q_len, shape.kv_len, shape.kv_len)
+        )
+        inputs = [q, k, v]
+    got = run_on_webgpu(exe, "main", inputs, icd=LAVAPIPE, matrix=table).astype(np.float32)
+    want = _attention(q, k, v, d**-0.5)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max()))
