@@ -277,6 +277,38 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def pipelines(args: argparse.Namespace) -> int:
+    """Pipeline creation alone, for each limit on pipelines compiling at once (``--in-flight``, 0: all
+    at once as tvmjs alone does), ``--repeat`` times each, alternating, on one build's library (its
+    subgroup-matrix kernels too where it has them) into ``pipelines-<build>.json``."""
+    root = _unpack(Path(args.carry))
+    build_dir = root / "builds" / args.build
+    if not (build_dir / "manifest.json").is_file():
+        print(f"sd_webgpu pipelines: no build {args.build!r} in {root / 'builds'}", file=sys.stderr)
+        return 2
+    matrix = "matrix" in json.loads((build_dir / "manifest.json").read_text()).get("webgpu", {})
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, list[float]] = {}
+    scratch = results / "pipelines-run.json"
+    for _ in range(args.repeat):
+        for n in args.in_flight.split(","):
+            cmd = [
+                str(root / "node"), str(root / "runner.mjs"), "--build", str(build_dir),
+                "--tvmjs", str(root / "tvmjs.js"), "--dawn", str(root / "webgpu"),
+                "--toggle", F16_TOGGLE, "--no-subgroups", "--pipelines-only", "--pipelines-in-flight", n,
+                "--out", str(scratch),
+            ]  # fmt: skip
+            cmd += ["--matrix", "--toggle", UNSAFE] if matrix else []
+            subprocess.run(cmd, env=_node_env(), check=True, timeout=args.timeout)
+            seconds.setdefault(n, []).append(json.loads(scratch.read_text())["pipeline_creation_s"])
+    scratch.unlink()
+    out = {"build": args.build, "matrix": matrix, "seconds": seconds}
+    (results / f"pipelines-{args.build}.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out))
+    return 0
+
+
 # ------------------------------------------------------------------------------ cuda (GPU machine)
 def cuda(args: argparse.Namespace) -> int:
     """The CUDA build of the same model (float16, CUDA graphs, shipped database) built and timed in the
@@ -562,6 +594,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--no-matrix", dest="matrix", action="store_false", help="skip the runs on builds' subgroup-matrix kernels"
     )
+    pl = sub.add_parser("pipelines")
+    pl.add_argument("--carry", required=True)
+    pl.add_argument("--results", required=True)
+    pl.add_argument("--build", required=True, help="NAME-DTYPE, as packed")
+    pl.add_argument("--in-flight", default="0,1,2,4,8", help="limits to time, comma-separated (0: no limit)")
+    pl.add_argument("--repeat", type=int, default=2)
+    pl.add_argument("--timeout", type=int, default=300)
     c = sub.add_parser("cuda")
     c.add_argument("--results", required=True)
     c.add_argument("--build-dir", default="/tmp/sd15-cuda")
@@ -580,7 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--top", type=int, default=12)
     rep.add_argument("--peer-build", default="sd15", help="the build (`build --name`) compared with the peers")
     args = parser.parse_args(argv)
-    commands = {"build": build, "pack": pack, "stage": stage, "run": run, "cuda": cuda, "ort": ort, "report": report}
+    commands = {
+        "build": build, "pack": pack, "stage": stage, "run": run, "pipelines": pipelines, "cuda": cuda, "ort": ort,
+        "report": report,
+    }  # fmt: skip
     return commands[args.command](args)
 
 

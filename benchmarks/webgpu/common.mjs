@@ -266,6 +266,15 @@ export async function installMatrixKernels(ctx, table) {
   (await pageModule()).installMatrixKernels(ctx, table);
 }
 
+/** As the page: at most `inFlight` pipelines compiling at once (undefined: the page's PIPELINES_IN_FLIGHT;
+ * 0: all at once, as tvmjs alone does). Returns the number used. */
+export async function limitPipelineCreation(ctx, inFlight) {
+  const page = await pageModule();
+  const n = inFlight === undefined ? page.PIPELINES_IN_FLIGHT : inFlight;
+  if (n > 0) page.limitPipelineCreation(ctx, n);
+  return n;
+}
+
 /** Run a runner's async main: exit 0 when it resolves, print the error and exit 1 when it throws. */
 export function runMain(main) {
   main().then(

@@ -7,11 +7,12 @@
 //
 //   node runner.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 10] [--steps N] [--scheduler NAME]
 //        [--profile [--profile-top 25]] [--stream N] [--no-subgroups] [--matrix] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
-//        [--save-outputs out.bin] [--compare ref.bin] --out result.json
+//        [--save-outputs out.bin] [--compare ref.bin] [--pipelines-in-flight N] [--pipeline-times] [--pipelines-only]
+//        --out result.json
 import fs from "node:fs";
 import path from "node:path";
 import { createRequire } from "node:module";
-import { WeightFiller, chooseLibrary, installDawn, installMatrixKernels, median, openDevice, runMain, streamCommands, summarise } from "./common.mjs";
+import { WeightFiller, chooseLibrary, installDawn, installMatrixKernels, limitPipelineCreation, median, openDevice, runMain, streamCommands, summarise } from "./common.mjs";
 
 const args = parseArgs(process.argv.slice(2));
 const require = createRequire(import.meta.url);
@@ -26,6 +27,7 @@ function parseArgs(argv) {
     else if (key === "noSubgroups") out.noSubgroups = true;
     else if (key === "matrix") out.matrix = true;
     else if (key === "pipelineTimes") out.pipelineTimes = true;
+    else if (key === "pipelinesOnly") out.pipelinesOnly = true;
     else if (key === "toggle") out.toggle.push(argv[++i]);
     else out[key] = argv[++i];
   }
@@ -105,12 +107,20 @@ async function main() {
   const gpu = tvm.webgpu();
   tvm.beginScope();
   const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(gpu));
+  // as the page: at most PIPELINES_IN_FLIGHT pipelines compiling at once (--pipelines-in-flight N; 0: all)
+  const inFlight = args.pipelinesInFlight === undefined ? undefined : Number(args.pipelinesInFlight);
+  result.pipelines_in_flight = await limitPipelineCreation(tvm.lib.webGPUContext, inFlight);
   const timings = args.pipelineTimes ? timePipelines(device) : null;
   let t = performance.now();
   await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
   result.pipeline_creation_s = (performance.now() - t) / 1000;
   if (timings) result.pipeline_times = timings.summary(args.matrix ? Object.keys(JSON.parse(fs.readFileSync(path.join(build, chosen.matrix.kernels), "utf8"))) : []);
   result.wasm_bytes = wasm.length;
+  if (args.pipelinesOnly) {
+    fs.writeFileSync(args.out, JSON.stringify(result, null, 1));
+    console.log(`pipelines ${result.pipeline_creation_s.toFixed(1)} s (${inFlight ?? "default"} in flight)`);
+    return;
+  }
 
   // weights, generated on the GPU
   t = performance.now();

@@ -229,6 +229,48 @@ export function installMatrixKernels(ctx, table) {
   ctx.createShaderAsync = wrap(ctx.createShaderAsync.bind(ctx));
 }
 
+/**
+ * Pipelines compiling at once while a model loads. tvmjs' asyncLoadWebGPUPipelines starts every
+ * createComputePipelineAsync together (about 300 for SD1.5); through Dawn on an H100 that took 4 to 30 s
+ * from run to run, against 5 s for the same pipelines made one at a time
+ * (benchmarks/results/2026-12-06-h100-sd_webgpu-9.md).
+ */
+export const PIPELINES_IN_FLIGHT = 4;
+
+/**
+ * Let at most `inFlight` of tvmjs' asynchronous shader creations (shader module and pipeline) run at a
+ * time; the rest wait their turn in the order tvmjs asked. Install before asyncLoadWebGPUPipelines.
+ */
+export function limitPipelineCreation(ctx, inFlight = PIPELINES_IN_FLIGHT) {
+  if (!(inFlight >= 1)) return;
+  const create = ctx.createShaderAsync.bind(ctx);
+  const waiting = [];
+  let running = 0;
+  const next = () => {
+    while (running < inFlight && waiting.length) {
+      const job = waiting.shift();
+      running += 1;
+      job().finally(() => {
+        running -= 1;
+        next();
+      });
+    }
+  };
+  ctx.createShaderAsync = (finfo, code) =>
+    new Promise((resolve, reject) => {
+      waiting.push(() => Promise.resolve().then(() => create(finfo, code)).then(resolve, reject));
+      next();
+    });
+}
+
+/** "N kernels (G matrix multiplications, A attentions)" for a manifest's matrix entry. */
+export function matrixSummary(entry) {
+  const parts = [];
+  if (entry.gemms) parts.push(`${entry.gemms} matrix multiplication${entry.gemms === 1 ? "" : "s"}`);
+  if (entry.attention) parts.push(`${entry.attention} attention${entry.attention === 1 ? "" : "s"}`);
+  return `${entry.count} kernel${entry.count === 1 ? "" : "s"}${parts.length ? ` (${parts.join(", ")})` : ""}`;
+}
+
 /** The largest buffer the model binds: a weight, or a block of activations its memory plan holds. */
 export function largestBuffer(manifest, cacheMeta) {
   let bytes = 0;
@@ -389,8 +431,9 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   if (tvm.lib.webGPUContext && "pendingEncoder" in tvm.lib.webGPUContext) streamCommands(tvm.lib.webGPUContext);
   if (chosen.matrix) {
     installMatrixKernels(tvm.lib.webGPUContext, parseJSON(await fetchChecked(base, manifest, chosen.matrix.kernels), chosen.matrix.kernels));
-    log(`The adapter offers float16 subgroup matrices: ${chosen.matrix.count} GEMM kernels run on them.`);
+    log(`The adapter offers float16 subgroup matrices: ${matrixSummary(chosen.matrix)} run on them.`);
   }
+  limitPipelineCreation(tvm.lib.webGPUContext);
   const device = tvm.webgpu();
   tvm.beginScope();
   const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(device));
@@ -422,6 +465,6 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   }
   tvm.endScope();
   onProgress({ stage: "weights", loaded: total, total, cached: allCached, text: `${mib(total)} ${allCached ? "(from browser cache)" : "(downloaded)"}` });
-  const info = { adapter: gpu.info, hasF16: gpu.hasF16, dtype, message, library: chosen.library, subgroups: chosen.subgroups, matrix: chosen.matrix ? chosen.matrix.count : 0 };
+  const info = { adapter: gpu.info, hasF16: gpu.hasF16, dtype, message, library: chosen.library, subgroups: chosen.subgroups, matrix: chosen.matrix ? chosen.matrix.count : 0, matrixText: chosen.matrix ? matrixSummary(chosen.matrix) : "" };
   return new Model(tvm, vm, device, manifest, info, base);
 }
