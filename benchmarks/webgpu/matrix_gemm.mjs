@@ -9,6 +9,8 @@
 //                     (BM/4) x (BN/2) share from there; the float32 results go through a per-subgroup
 //                     scratch in workgroup memory to be rounded to float16 and stored
 //   direct-BMxBN      the same tiles loaded straight from the storage buffers (no workgroup copies)
+//   ...-pf            the next slice's vectors loaded into registers while this slice's multiply-adds run
+//                     (one workgroup copy, register double buffering)
 //
 //   node matrix_gemm.mjs --dawn DIR/webgpu --toggle enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia
 //        --toggle disable-dawn-features=timestamp_quantization [--repeat 20] [--shapes MxNxK,...]
@@ -32,12 +34,16 @@ export const VARIANTS = {
   "shared-128x128-k64": { bm: 128, bn: 128, bk: 64 },
   "shared-64x128-k32": { bm: 64, bn: 128, bk: 32 },
   "shared-128x64-k32": { bm: 128, bn: 64, bk: 32 },
+  "shared-64x64-k64": { bm: 64, bn: 64, bk: 64 },
+  "shared-64x128-k32-pf": { bm: 64, bn: 128, bk: 32, prefetch: true },
+  "shared-128x128-k32-pf": { bm: 128, bn: 128, bk: 32, prefetch: true },
+  "shared-64x64-k64-pf": { bm: 64, bn: 64, bk: 64, prefetch: true },
   "direct-128x128": { bm: 128, bn: 128, direct: true },
 };
 
 /** The WGSL of a subgroup-matrix variant for an M x N x K GEMM with an sm x sn x sk configuration. */
 export function matrixShader(name, m, n, k, [sm, sn, sk]) {
-  const { bm, bn, bk = 16, direct = false } = VARIANTS[name];
+  const { bm, bn, bk = 16, direct = false, prefetch = false } = VARIANTS[name];
   const [wm, wn] = [bm / 4, bn / 2]; // a subgroup's share: 8 subgroups as 4 x 2
   const [ti, tj] = [wm / sm, wn / sn]; // result matrices a subgroup holds
   const lds = bk + PAD;
@@ -56,18 +62,30 @@ export function matrixShader(name, m, n, k, [sm, sn, sk]) {
       for (const i of I) for (const j of J) body.push(`    c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${i}, b${j}, c${i}_${j});`);
     }
   } else {
-    body.push("    workgroupBarrier();");
-    // global -> workgroup: vec4 of A and B (bk / 4 a row), 256 threads
+    // global -> workgroup: vec4 of A and B (bk / 4 a row), 256 threads; with prefetch the vectors of the
+    // slice at `next` are loaded into registers v0, v1, ... ahead of the slice's multiply-adds
+    const copies = [];
     for (const [buf, shm, rows, origin] of [["A4", "As", bm, "row0"], ["B4", "Bs", bn, "col0"]]) {
       const per = (rows * bk) / 4 / 256;
       for (let l = 0; l < per; l++) {
         const e = `(li + ${l * 256}u)`;
         const [row, q] = [`(${e} / ${bk / 4}u)`, `(${e} % ${bk / 4}u)`];
-        body.push(`    { let v = ${buf}[(${origin} + ${row}) * ${k / 4}u + k0 / 4u + ${q}]; let dst = ${row} * ${lds}u + 4u * ${q};`);
-        body.push(`      ${shm}[dst] = v.x; ${shm}[dst + 1u] = v.y; ${shm}[dst + 2u] = v.z; ${shm}[dst + 3u] = v.w; }`);
+        copies.push({ load: (at) => `${buf}[(${origin} + ${row}) * ${k / 4}u + ${at} / 4u + ${q}]`, shm, dst: `${row} * ${lds}u + 4u * ${q}` });
       }
     }
-    body.push("    workgroupBarrier();");
+    const store = (c, v) => `    { let dst = ${c.dst}; ${c.shm}[dst] = ${v}.x; ${c.shm}[dst + 1u] = ${v}.y; ${c.shm}[dst + 2u] = ${v}.z; ${c.shm}[dst + 3u] = ${v}.w; }`;
+    if (prefetch) {
+      copies.forEach((c, i) => lines.push(`  var v${i} = ${c.load("0u")};`));
+      body.push("    workgroupBarrier();");
+      copies.forEach((c, i) => body.push(store(c, `v${i}`)));
+      body.push("    workgroupBarrier();");
+      body.push(`    let next = min(k0 + ${bk}u, ${k - bk}u);`);
+      copies.forEach((c, i) => body.push(`    v${i} = ${c.load("next")};`));
+    } else {
+      body.push("    workgroupBarrier();");
+      copies.forEach((c) => body.push(`    { let v = ${c.load("k0")};`, store(c, "v"), "    }"));
+      body.push("    workgroupBarrier();");
+    }
     for (let kk = 0; kk < bk; kk += sk) {
       for (const i of I) body.push(`    let a${i}_${kk} = subgroupMatrixLoad<${left}>(&As, (wm + ${i * sm}u) * ${lds}u + ${kk}u, false, ${lds}u);`);
       for (const j of J) body.push(`    let b${j}_${kk} = subgroupMatrixLoad<${right}>(&Bs, (wn + ${j * sn}u) * ${lds}u + ${kk}u, true, ${lds}u);`);
