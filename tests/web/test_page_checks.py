@@ -276,7 +276,8 @@ def test_pipeline_creation_runs_a_few_at_a_time(page: Path) -> None:
         "  await new Promise((r) => setTimeout(r, 5)); running -= 1;\n"
         '  if (finfo.name === "k3") throw new Error("bad shader"); return finfo.name; } };\n'
         "limitPipelineCreation(ctx, 3);\n"
-        "const made = await Promise.allSettled(Array.from({ length: 10 }, (_, i) => ctx.createShaderAsync({ name: `k${i}` })));\n"
+        "const asks = Array.from({ length: 10 }, (_, i) => ctx.createShaderAsync({ name: `k${i}` }));\n"
+        "const made = await Promise.allSettled(asks);\n"
         "console.log(JSON.stringify([most, order, made.map((m) => m.value || m.reason.message)]));\n",
     )
     most, order, made = json.loads(out)
