@@ -37,10 +37,9 @@ from dataclasses import asdict, dataclass
 import tvm
 from tvm import tirx
 
-from .._relax import ModulePassBase
 from ..gemm_analysis import UnsupportedGemmError
 from .flash_attention import ATTENTION_ATTR, WEBGPU_DEFAULT_SHARED
-from .matrix_gemm import MatrixConfig, MatrixKernel, bind_helpers
+from .matrix_gemm import MatrixConfig, MatrixKernel, PlanMatrixKernels, bind_helpers, write_kernels
 
 __all__ = [
     "PLANS_ATTR",
@@ -162,30 +161,19 @@ def _helpers(plan: AttentionPlan, views: list[list[int] | None]) -> str:
 
 
 @tvm.transform.module_pass(opt_level=0, name="mlcweb.PlanMatrixAttention")
-class PlanMatrixAttention(ModulePassBase):
+class PlanMatrixAttention(PlanMatrixKernels):
     """Plan a subgroup-matrix kernel for every float16 flash-attention PrimFunc (WebGPU only; the module is
     otherwise unchanged): the plans go to the module attribute :data:`PLANS_ATTR`, for
     :func:`attention_kernels` after compilation. See the module docstring."""
 
-    def __init__(self, config: MatrixConfig, max_shared: int | None = None) -> None:
-        self.config = config
-        self.max_shared = max_shared  # None: the target's max_shared_memory_per_block
+    attr = PLANS_ATTR
+    what = "attention kernels"
 
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        target = tvm.target.Target.current(allow_none=True)
-        if target is None or target.kind.name != "webgpu":
-            return mod
-        limit = self.max_shared or int(target.attrs.get("max_shared_memory_per_block", WEBGPU_DEFAULT_SHARED))
-        plans: dict[str, str] = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or func.attrs is None or ATTENTION_ATTR not in func.attrs:
-                continue
-            try:
-                plans[gv.name_hint] = plan_matrix_attention(func, self.config, limit).to_json()
-            except UnsupportedGemmError as why:
-                log.debug("%s keeps its portable kernel only: %s", gv.name_hint, why)
-        log.info("subgroup matrices: %d attention kernels planned", len(plans))
-        return mod.with_attr(PLANS_ATTR, plans) if plans else mod
+    def wants(self, func: tirx.PrimFunc) -> bool:
+        return func.attrs is not None and ATTENTION_ATTR in func.attrs
+
+    def plan(self, func: tirx.PrimFunc, max_shared: int) -> str:
+        return plan_matrix_attention(func, self.config, max_shared).to_json()
 
 
 def attention_kernels(
@@ -194,23 +182,15 @@ def attention_kernels(
     """Each planned attention's kernel, by the name of the TVM shader it replaces (``<function>_kernel``),
     as :func:`~mlcweb_passes.webgpu.matrix_gemm.matrix_kernels` writes the GEMMs' (``emulate`` likewise:
     the matrix operations done by the lanes, with a Q tile of their own in workgroup memory, which must
-    fit beside the plan's)."""
-    kernels: dict[str, MatrixKernel] = {}
-    for func, text in sorted(plans.items()):
-        shader = f"{func}_kernel"
-        if shader not in sources:
-            log.info("%s: no shader %s to replace", func, shader)
-            continue
-        plan = AttentionPlan.from_json(str(text))
-        try:
-            declarations, helpers = bind_helpers(plan.params, plan.helpers, sources[shader])
-        except UnsupportedGemmError as why:
-            log.info("%s keeps TVM's shader: %s", shader, why)
-            continue
-        code = _source(shader, plan, declarations, helpers, emulate)
+    fit beside the plan's). ``config`` is the one the plans were made for."""
+
+    def write(shader: str, text: str, source: str) -> MatrixKernel:
+        plan = AttentionPlan.from_json(text)
+        declarations, helpers = bind_helpers(plan.params, plan.helpers, source)
         grid = (-(-plan.q_len // (ROWS * plan.subgroups)), plan.batch * plan.heads, 1)
-        kernels[shader] = MatrixKernel(shader, code, grid)
-    return kernels
+        return MatrixKernel(shader, _source(shader, plan, declarations, helpers, emulate), grid)
+
+    return write_kernels(plans, sources, write)
 
 
 @dataclass(frozen=True)

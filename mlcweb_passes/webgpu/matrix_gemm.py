@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,11 +49,13 @@ __all__ = [
     "MatrixPlan",
     "MatrixTile",
     "PlanMatrixGemms",
+    "PlanMatrixKernels",
     "WGSLExprPrinter",
     "bind_helpers",
     "choose_matrix_tile",
     "matrix_kernels",
     "plan_matrix_gemm",
+    "write_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -278,15 +281,23 @@ def _operand_fn(name: str, rows: str, operand: Operand, printer: WGSLExprPrinter
     return "\n".join([f"fn {name}(gemm_s : i32, {rows} : i32, gemm_k : i32) -> vec4<f16> {{", *body, "}"])
 
 
-@tvm.transform.module_pass(opt_level=0, name="mlcweb.PlanMatrixGemms")
-class PlanMatrixGemms(ModulePassBase):
-    """Plan a subgroup-matrix kernel for every float16 GEMM PrimFunc (WebGPU only; the module is otherwise
-    unchanged): the plans go to the module attribute :data:`PLANS_ATTR`, for :func:`matrix_kernels` after
-    compilation. See the module docstring."""
+class PlanMatrixKernels(ModulePassBase):
+    """The planning half of a subgroup-matrix kernel family: for each PrimFunc :meth:`wants`, the plan
+    :meth:`plan` makes (as JSON), into the module attribute ``attr``; PrimFuncs it cannot plan keep their
+    portable kernel alone (logged). WebGPU targets only; the module is otherwise unchanged."""
+
+    attr = ""
+    what = "kernels"
 
     def __init__(self, config: MatrixConfig, max_shared: int | None = None) -> None:
         self.config = config
         self.max_shared = max_shared  # None: the target's max_shared_memory_per_block
+
+    def wants(self, func: tirx.PrimFunc) -> bool:
+        raise NotImplementedError
+
+    def plan(self, func: tirx.PrimFunc, max_shared: int) -> str:
+        raise NotImplementedError
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         target = tvm.target.Target.current(allow_none=True)
@@ -295,14 +306,30 @@ class PlanMatrixGemms(ModulePassBase):
         limit = self.max_shared or int(target.attrs.get("max_shared_memory_per_block", WEBGPU_DEFAULT_SHARED))
         plans: dict[str, str] = {}
         for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or SCHEDULED_ATTR in func.attrs:
+            if not isinstance(func, tirx.PrimFunc) or not self.wants(func):
                 continue
             try:
-                plans[gv.name_hint] = plan_matrix_gemm(func, self.config, limit).to_json()
+                plans[gv.name_hint] = self.plan(func, limit)
             except UnsupportedGemmError as why:
                 log.debug("%s keeps its portable kernel only: %s", gv.name_hint, why)
-        log.info("subgroup matrices: %d GEMM kernels planned", len(plans))
-        return mod.with_attr(PLANS_ATTR, plans) if plans else mod
+        log.info("subgroup matrices: %d %s planned", len(plans), self.what)
+        return mod.with_attr(self.attr, plans) if plans else mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="mlcweb.PlanMatrixGemms")
+class PlanMatrixGemms(PlanMatrixKernels):
+    """Plan a subgroup-matrix kernel for every float16 GEMM PrimFunc (WebGPU only; the module is otherwise
+    unchanged): the plans go to the module attribute :data:`PLANS_ATTR`, for :func:`matrix_kernels` after
+    compilation. See the module docstring."""
+
+    attr = PLANS_ATTR
+    what = "GEMM kernels"
+
+    def wants(self, func: tirx.PrimFunc) -> bool:
+        return SCHEDULED_ATTR not in func.attrs
+
+    def plan(self, func: tirx.PrimFunc, max_shared: int) -> str:
+        return plan_matrix_gemm(func, self.config, max_shared).to_json()
 
 
 @dataclass(frozen=True)
@@ -331,15 +358,27 @@ def matrix_kernels(
     subgroup's lanes on the same workgroup memory (subgroups taken as runs of ``subgroup_size``
     invocations): slow, but it runs on any adapter with shader-f16, so the generated addressing, epilogue,
     bindings and grid can be checked where no subgroup matrices are (tests, on lavapipe)."""
+    return write_kernels(
+        plans,
+        sources,
+        lambda shader, text, source: _kernel(shader, MatrixPlan.from_json(text), source, config, emulate),
+    )
+
+
+def write_kernels(
+    plans: dict[str, str], sources: dict[str, str], write: Callable[[str, str, str], MatrixKernel]
+) -> dict[str, MatrixKernel]:
+    """``write(shader, plan, TVM's source of the shader)`` for each planned function whose shader
+    (``<function>_kernel``) is in ``sources``, by shader name; a plan whose shader is missing or that
+    ``write`` refuses (:class:`UnsupportedGemmError`: a binding TVM's shader lacks) is left out (logged)."""
     kernels: dict[str, MatrixKernel] = {}
     for func, text in sorted(plans.items()):
         shader = f"{func}_kernel"
         if shader not in sources:
             log.info("%s: no shader %s to replace", func, shader)
             continue
-        plan = MatrixPlan.from_json(str(text))
         try:
-            kernels[shader] = _kernel(shader, plan, sources[shader], config, emulate)
+            kernels[shader] = write(shader, str(text), sources[shader])
         except UnsupportedGemmError as why:
             log.info("%s keeps TVM's shader: %s", shader, why)
     return kernels
