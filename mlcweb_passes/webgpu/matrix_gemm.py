@@ -90,14 +90,11 @@ class MatrixConfig:
 
 @dataclass(frozen=True)
 class MatrixTile:
-    """A workgroup's share of a GEMM: ``rows x cols`` outputs, walking the reduction ``depth`` at a time;
-    with ``prefetch``, each thread loads its vectors of the next slice into registers while the subgroups
-    multiply the current one (one workgroup copy, the global loads' latency hidden)."""
+    """A workgroup's share of a GEMM: ``rows x cols`` outputs, walking the reduction ``depth`` at a time."""
 
-    rows: int = 64
+    rows: int = 128
     cols: int = 128
     depth: int = 32
-    prefetch: bool = False
 
     def shared_bytes(self, config: MatrixConfig) -> int:
         """Workgroup memory: the two operand slices (float16, padded rows) and the float32 scratch."""
@@ -451,40 +448,24 @@ def _source(
     result = f"subgroup_matrix_result<f32, {sn}, {sm}>"
     row_tiles = -(-plan.m // tile.rows)
     partial = plan.m % tile.rows != 0  # the last row tile: A's rows past m read as zeros, not stored
-    accumulators = [f"  var c{i}_{j} = {result}();" for i in range(ti) for j in range(tj)]
-    lines: list[str] = []
-    copies = []  # (load at reduction offset `at`, workgroup buffer, destination offset): a vec4 each
+    lines = [f"  var c{i}_{j} = {result}();" for i in range(ti) for j in range(tj)]
+    body = ["    workgroupBarrier();"]
     for fn, buf, rows, origin in (
         ("mlcweb_a", "mlcweb_as", tile.rows, "row0"),
         ("mlcweb_b", "mlcweb_bs", tile.cols, "col0"),
     ):
-        quads = tile.depth // 4
-        for copy in range(rows * tile.depth // 4 // threads):
-            e = f"(i32(li) + {copy * threads}i)"
-            r, q = f"({e} / {quads}i)", f"({e} % {quads}i)"
+        per = rows * tile.depth // 4 // threads
+        for copy in range(per):
+            quads = tile.depth // 4
+            body.append(f"    {{ let e = i32(li) + {copy * threads}i; let r = e / {quads}i; let q = e % {quads}i;")
             if partial and fn == "mlcweb_a":  # a row past m: read row m - 1 (in bounds), keep zeros
-                row = f"min(row0 + {r}, {plan.m - 1}i)"
-                read = f"select(vec4<f16>(), {fn}(gemm_s, {row}, {{at}} + 4i * {q}), row0 + {r} < {plan.m}i)"
+                row = f"min(row0 + r, {plan.m - 1}i)"
+                read = f"select(vec4<f16>(), {fn}(gemm_s, {row}, k0 + 4i * q), row0 + r < {plan.m}i)"
             else:
-                read = f"{fn}(gemm_s, {origin} + {r}, {{at}} + 4i * {q})"
-            copies.append((read, buf, f"{r} * {lds}i + 4i * {q}"))
-
-    def store(i: int, buf: str, dst: str, v: str) -> str:
-        return (
-            f"    {{ let o{i} = {dst}; {buf}[o{i}] = {v}.x; {buf}[o{i} + 1i] = {v}.y; "
-            f"{buf}[o{i} + 2i] = {v}.z; {buf}[o{i} + 3i] = {v}.w; }}"
-        )
-
-    body = ["    workgroupBarrier();"]
-    if tile.prefetch:
-        lines += [f"  var v{i} = {read.format(at='0i')};" for i, (read, _, _) in enumerate(copies)]
-        body += [store(i, buf, dst, f"v{i}") for i, (_, buf, dst) in enumerate(copies)]
-        body += ["    workgroupBarrier();", f"    let next = min(k0 + {tile.depth}i, {plan.k - tile.depth}i);"]
-        body += [f"    v{i} = {read.format(at='next')};" for i, (read, _, _) in enumerate(copies)]
-    else:
-        for i, (read, buf, dst) in enumerate(copies):
-            body += [f"    {{ let v{i} = {read.format(at='k0')};", "  " + store(i, buf, dst, f"v{i}"), "    }"]
-        body.append("    workgroupBarrier();")
+                read = f"{fn}(gemm_s, {origin} + r, k0 + 4i * q)"
+            body.append(f"      let v = {read}; let o = r * {lds}i + 4i * q;")
+            body.append(f"      {buf}[o] = v.x; {buf}[o + 1i] = v.y; {buf}[o + 2i] = v.z; {buf}[o + 3i] = v.w; }}")
+    body.append("    workgroupBarrier();")
     for kk in range(0, tile.depth, sk):
         if emulate:
             body += _emulated_mma(ti, tj, kk, lds, config)
@@ -518,9 +499,7 @@ def _source(
         header = "enable f16;"
         builtins = "@builtin(local_invocation_index) li : u32"
         lanes = f"  let sg = li / {config.subgroup_size}u;\n  let lane = li % {config.subgroup_size}u;\n"
-        accumulators = [
-            f"  var c{i}_{j} : array<f32, {size // config.subgroup_size}>;" for i in range(ti) for j in range(tj)
-        ]
+        lines = [f"  var c{i}_{j} : array<f32, {size // config.subgroup_size}>;" for i in range(ti) for j in range(tj)]
     else:
         header = (
             "enable f16;\nenable subgroups;\nenable chromium_experimental_subgroup_matrix;\n"
@@ -546,7 +525,7 @@ fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
   let col0 = i32(wg.x) * {tile.cols}i;
   let wm = i32(sg / 2u) * {wm}i;
   let wn = i32(sg % 2u) * {wn}i;
-{chr(10).join(accumulators + lines)}
+{chr(10).join(lines)}
   for (var k0 = 0i; k0 < {plan.k}i; k0 += {tile.depth}i) {{
 {chr(10).join(body)}
   }}
