@@ -97,6 +97,7 @@ def _build_dtypes(args: argparse.Namespace, host: Any) -> int:
                 dtype=dtype,
                 config={"size": args.size, "variant": args.variant},
                 webgpu_fallback=False,
+                webgpu_matrix_attention=args.matrix_attention,
             )
             result = mlcweb_build(host, "stable-diffusion", options, progress=False)
             print(result.summary().splitlines()[0], "|", f"{result.kernels} kernels")
@@ -535,7 +536,7 @@ def report(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
         library = f", subgroups of {r['subgroups']}" if r.get("subgroups") else ""
-        library += f", {r['matrix_kernels']} GEMMs on subgroup matrices" if r.get("matrix_kernels") else ""
+        library += f", {r['matrix_kernels']} kernels on subgroup matrices" if r.get("matrix_kernels") else ""
         print(_row(f"{name}, {r.get('unet', 'unet')}, {r.get('scheduler', 'dpm')} x{r['steps']}{library}", r))
     _peers(Path(args.dir), runs, args.peer_build)
     for name, r in runs.items():
@@ -557,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtypes", default="float16,float32")
     b.add_argument("--size", default="full", choices=["tiny", "full"])
     b.add_argument("--variant", default="sd1.5", help="the SD family member (sd1.5, sd2.1, sd-turbo)")
+    b.add_argument("--matrix-attention", action="store_true", help="flash attention on subgroup matrices too")
     b.add_argument(
         "--tile",
         action="append",

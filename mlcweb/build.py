@@ -148,7 +148,12 @@ def resolve(host: PluginHost, model: str, options: BuildOptions, *, link: bool =
     gpu = mp.gpu_facts(target) if mp.is_gpu_target(target) else None
     matrix = MatrixConfig() if options.webgpu_matrix and target_info.name == "webgpu" else None
     pipeline = mp.PipelineOptions(
-        dtype=options.dtype, conv_layout=options.conv_layout, database=options.database, gpu=gpu, webgpu_matrix=matrix
+        dtype=options.dtype,
+        conv_layout=options.conv_layout,
+        database=options.database,
+        gpu=gpu,
+        webgpu_matrix=matrix,
+        webgpu_matrix_attention=options.webgpu_matrix_attention,
     )
     return ModelBuild(model, registered, config, options, target_info, pipeline)
 

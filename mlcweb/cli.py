@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         help="webgpu float16: write no subgroup-matrix (tensor core) kernels beside the portable ones",
     )
     b.add_argument(
+        "--matrix-attention",
+        action="store_true",
+        help="webgpu float16: the flash attentions on subgroup matrices too (off: slower than the portable "
+        "kernel on an H100)",
+    )
+    b.add_argument(
         "--conv-layout",
         choices=["auto", "NCHW", "NHWC"],
         default="auto",
@@ -153,6 +159,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         conv_layout=args.conv_layout,
         webgpu_subgroup_size=args.subgroup_size,
         webgpu_matrix=not args.no_matrix,
+        webgpu_matrix_attention=args.matrix_attention,
     )
     if args.db is not None and args.no_db:
         raise MlcwebError("--db and --no-db contradict each other; pass one")

@@ -90,6 +90,9 @@ class BuildOptions:
     # webgpu + float16 only: also write kernels on subgroup matrices (tensor cores) for the GEMMs, which the
     # page uses where the adapter offers chromium-experimental-subgroup-matrix with float16 -> float32
     webgpu_matrix: bool = True
+    # webgpu + float16 with webgpu_matrix: the flash attentions on subgroup matrices too (off: slower than
+    # the portable kernel on an H100, benchmarks/README.md)
+    webgpu_matrix_attention: bool = False
     # cuda only: capture each function's kernel launches once in a CUDA graph and replay it on later calls
     cuda_graph: bool = True
     # layout of 2-D convolutions: "auto" (NHWC for cuda float16, as imported elsewhere), "NCHW" or "NHWC"

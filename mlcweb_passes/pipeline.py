@@ -104,10 +104,11 @@ class PipelineOptions:
     ``vector_loads``: on WebGPU, storage buffers a kernel only reads in aligned 4-wide vectors are declared
     ``array<vec4<T>>`` and read with one load each (``webgpu.vector_storage``, a TIR-level pass: give
     :func:`tir_pipeline`'s name to ``tvm.compile``).
-    ``webgpu_matrix``: on WebGPU, float16 GEMMs and flash attentions also get kernels on subgroup matrices
-    of this configuration (:mod:`~mlcweb_passes.webgpu.matrix_gemm`,
-    :mod:`~mlcweb_passes.webgpu.matrix_attention`; planned here, written after compilation by their
-    ``matrix_kernels`` and ``attention_kernels`` for pages to use where the adapter offers it).
+    ``webgpu_matrix``: on WebGPU, float16 GEMMs also get kernels on subgroup matrices of this
+    configuration (:mod:`~mlcweb_passes.webgpu.matrix_gemm`; planned here, written after compilation by
+    :func:`~mlcweb_passes.webgpu.matrix_gemm.matrix_kernels` for pages to use where the adapter offers it);
+    with ``webgpu_matrix_attention`` the flash attentions too (:mod:`~mlcweb_passes.webgpu.matrix_attention`,
+    off by default: slower than the portable kernel on an H100, benchmarks/README.md).
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
     WebGPU tile table, ``webgpu_gemm_tiles.json``, gives WebGPU GEMMs its tiles too). ``webgpu_tiles``: a
     tile table (:func:`~mlcweb_passes.webgpu.gemm.read_tile_table`) for WebGPU GEMMs, instead of the
@@ -123,6 +124,7 @@ class PipelineOptions:
     widen_gemm_operands: bool = False
     vector_loads: bool = True
     webgpu_matrix: MatrixConfig | None = None
+    webgpu_matrix_attention: bool = False
     database: Database | None = None
     webgpu_tiles: Mapping[str, WebGPUTile] | None = None
     gpu: GpuFacts | None = None
@@ -229,7 +231,9 @@ def kernel_phase(
     if options.wgmma and supports_wgmma(target):
         passes.append(WgmmaGemm(sm_count=_gpu(target, options).sm_count))
     if options.webgpu_matrix is not None and options.dtype == "float16" and target.kind.name == "webgpu":
-        passes += [PlanMatrixGemms(options.webgpu_matrix), PlanMatrixAttention(options.webgpu_matrix)]
+        passes.append(PlanMatrixGemms(options.webgpu_matrix))
+        if options.webgpu_matrix_attention:
+            passes.append(PlanMatrixAttention(options.webgpu_matrix))
     return _sequential("kernels", [*passes, *extra])
 
 

@@ -106,6 +106,21 @@ def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -
         assert check_matrix_wgsl({kernel.name: kernel.code}) == 1
 
 
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_the_pipeline_plans_attention_only_when_asked(opt_in: bool) -> None:
+    """``PipelineOptions.webgpu_matrix_attention`` (off by default: slower than the portable kernel on an
+    H100) adds the planning pass to the kernel phase."""
+    from webgpu_node import WEBGPU
+
+    import mlcweb_passes as mp
+
+    options = mp.PipelineOptions(dtype="float16", webgpu_matrix=CONFIG, webgpu_matrix_attention=opt_in)
+    with WEBGPU:
+        lowered = mp.pipeline(WEBGPU, options)(_module(AttentionShape(1, 64, 64, 2, 40), (None, None, None)))
+    planned = dict((lowered.attrs or {}).get(PLANS_ATTR, {}))
+    assert sorted(planned) == (["flash_attention"] if opt_in else [])
+
+
 def test_plans_float16_kernels_only() -> None:
     """A float16 kernel is planned with its shape, views in its helpers, its parameters; a float32 one
     keeps the portable kernel alone."""
