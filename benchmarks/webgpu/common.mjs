@@ -266,12 +266,11 @@ export async function installMatrixKernels(ctx, table) {
   (await pageModule()).installMatrixKernels(ctx, table);
 }
 
-/** As the page: at most `inFlight` pipelines compiling at once (undefined: the page's PIPELINES_IN_FLIGHT;
- * 0: all at once, as tvmjs alone does). Returns the number used. */
+/** At most `inFlight` pipelines compiling at once (0 or undefined: all at once, as tvmjs and the page do).
+ * Returns the number used. */
 export async function limitPipelineCreation(ctx, inFlight) {
-  const page = await pageModule();
-  const n = inFlight === undefined ? page.PIPELINES_IN_FLIGHT : inFlight;
-  if (n > 0) page.limitPipelineCreation(ctx, n);
+  const n = inFlight || 0;
+  if (n > 0) (await pageModule()).limitPipelineCreation(ctx, n);
   return n;
 }
 

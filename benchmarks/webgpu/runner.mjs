@@ -107,7 +107,7 @@ async function main() {
   const gpu = tvm.webgpu();
   tvm.beginScope();
   const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(gpu));
-  // as the page: at most PIPELINES_IN_FLIGHT pipelines compiling at once (--pipelines-in-flight N; 0: all)
+  // --pipelines-in-flight N: at most N pipelines compiling at once (default 0: all at once, as the page)
   const inFlight = args.pipelinesInFlight === undefined ? undefined : Number(args.pipelinesInFlight);
   result.pipelines_in_flight = await limitPipelineCreation(tvm.lib.webGPUContext, inFlight);
   const timings = args.pipelineTimes ? timePipelines(device) : null;

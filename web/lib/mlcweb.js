@@ -230,18 +230,13 @@ export function installMatrixKernels(ctx, table) {
 }
 
 /**
- * Pipelines compiling at once while a model loads. tvmjs' asyncLoadWebGPUPipelines starts every
- * createComputePipelineAsync together (about 300 for SD1.5); through Dawn on an H100 that took 4 to 30 s
- * from run to run, against 5 s for the same pipelines made one at a time
- * (benchmarks/results/2026-12-06-h100-sd_webgpu-9.md).
- */
-export const PIPELINES_IN_FLIGHT = 4;
-
-/**
  * Let at most `inFlight` of tvmjs' asynchronous shader creations (shader module and pipeline) run at a
- * time; the rest wait their turn in the order tvmjs asked. Install before asyncLoadWebGPUPipelines.
+ * time; the rest wait their turn in the order tvmjs asked. Install before asyncLoadWebGPUPipelines. The
+ * page does not: with the driver's shader cache warm, tvmjs starting them all at once was as fast as 4 at
+ * a time and 3x faster than one at a time through Dawn on an H100
+ * (benchmarks/results/2026-12-06-h100-sd_webgpu-10.md); the benchmarks use it to time creation.
  */
-export function limitPipelineCreation(ctx, inFlight = PIPELINES_IN_FLIGHT) {
+export function limitPipelineCreation(ctx, inFlight) {
   if (!(inFlight >= 1)) return;
   const create = ctx.createShaderAsync.bind(ctx);
   const waiting = [];
@@ -433,7 +428,6 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
     installMatrixKernels(tvm.lib.webGPUContext, parseJSON(await fetchChecked(base, manifest, chosen.matrix.kernels), chosen.matrix.kernels));
     log(`The adapter offers float16 subgroup matrices: ${matrixSummary(chosen.matrix)} run on them.`);
   }
-  limitPipelineCreation(tvm.lib.webGPUContext);
   const device = tvm.webgpu();
   tvm.beginScope();
   const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(device));
