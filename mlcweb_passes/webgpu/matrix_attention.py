@@ -14,13 +14,15 @@ computes in the PrimFunc attribute :data:`~mlcweb_passes.webgpu.flash_attention.
   each subgroup computes its 16 rows' scores ``Q @ K^T`` into float32 result matrices and stores them to
   a per-subgroup scratch;
 - the subgroup's lanes, two a row, take the scores of their row (interleaved columns), combine the row
-  maximum with one ``subgroupShuffleXor``, keep the running maximum in base 2 over raw scores
-  (``exp2(s * scale * log2(e) - m)``), rescale their share of the output and write the probabilities as
-  float16 (as tensor-core kernels feed their second product) to workgroup memory;
-- ``P @ V`` runs on subgroup matrices, ``groups`` output matrices at a time through the scratch, where the
-  same lanes add them to their rows' float32 output accumulators (in registers: result matrices cannot be
-  scaled by rows, so the output is not kept in them);
-- at the end each lane divides by its row's sum and stores its columns in the ``[B, N, H, D]`` layout.
+  maximum with one ``subgroupShuffleXor`` and write the probabilities ``exp2(s * scale * log2(e) - m)``
+  as float16 (as tensor-core kernels feed their second product) to workgroup memory. The running maximum
+  ``m`` moves only when a row's scores pass it by more than :data:`TAU` (probabilities up to ``2**TAU``,
+  exact once divided by the row's sum, which uses the same ``m``), as FlashAttention-4 does: result
+  matrices cannot be scaled by rows, so rescaling the output means a round trip through workgroup memory,
+  which then happens in the first steps only;
+- ``P @ V`` accumulates into float32 result matrices that stay in registers;
+- at the end the output goes through the scratch, where each lane divides its row by the row's sum and
+  stores its columns in the ``[B, N, H, D]`` layout.
 
 :class:`PlanMatrixAttention` plans a kernel for every such PrimFunc (module attribute :data:`PLANS_ATTR`);
 after compilation :func:`attention_kernels` writes each with the storage bindings TVM's own shader for it
@@ -56,16 +58,16 @@ ROWS = 16  # query rows a subgroup: one result matrix tall
 PAD = 8  # halves of padding a float16 workgroup-memory row (rows 16-byte aligned, spread over banks)
 SCRATCH_PAD = 4  # floats of padding a scratch row
 NEG = "-1e30f"  # a masked key's score: finite, so exp2(NEG - m) is 0 without inf - inf
+TAU = 8.0  # how far (base 2) a row's scores may pass its running maximum before the output is rescaled
 # (subgroups, keys a step), in order of preference: more rows share each K/V tile, then deeper steps
-LAYOUTS = ((4, 32), (4, 16), (2, 16))
+LAYOUTS = ((4, 32), (2, 64), (2, 32), (2, 16))
 
 
 @dataclass(frozen=True)
 class AttentionPlan:
     """One attention kernel: ``batch x heads`` products of ``q_len`` queries and ``kv_len`` keys of
-    ``head_dim``; ``views`` where Q, K, V are parts ``(count, index)`` of merged projections; the layout
-    (``subgroups`` of 16 rows, ``keys`` a step, ``groups`` output matrices through the scratch at a time);
-    the PrimFunc's parameter names (q, k, v, o) and the helper WGSL with ``{Pi}`` for their bindings."""
+    ``head_dim``; the layout (``subgroups`` of 16 rows, ``keys`` a step); the PrimFunc's parameter names
+    (q, k, v, o) and the helper WGSL with ``{Pi}`` for their bindings."""
 
     batch: int
     q_len: int
@@ -75,7 +77,6 @@ class AttentionPlan:
     scale: float
     subgroups: int
     keys: int
-    groups: int
     params: tuple[str, ...]
     helpers: str
 
@@ -93,26 +94,25 @@ class AttentionPlan:
         return AttentionPlan(**data)
 
 
-def _shared_bytes(subgroups: int, keys: int, groups: int, dp: int, emulate: bool = False) -> int:
+def _shared_bytes(subgroups: int, keys: int, dp: int, emulate: bool = False) -> int:
     """Workgroup memory of a layout: the K and V tiles (whose space first holds the Q tile), the
-    probabilities, the float32 scratch; with ``emulate``, a Q tile of its own too."""
+    probabilities, the float32 scratch (a step's scores, or the output), the rescale flag; with
+    ``emulate``, a Q tile of its own too."""
     rows = ROWS * subgroups
     kv = max(2 * keys, 0 if emulate else rows) * (dp + PAD) * 2
     probs = rows * (keys + PAD) * 2
-    scratch = rows * (max(keys, 16 * groups) + SCRATCH_PAD) * 4
+    scratch = rows * (max(keys, dp) + SCRATCH_PAD) * 4
     q = rows * (dp + PAD) * 2 if emulate else 0
-    return kv + probs + scratch + q
+    return kv + probs + scratch + q + 16
 
 
-def choose_layout(head_dim: int, max_shared: int, emulate: bool = False) -> tuple[int, int, int]:
-    """``(subgroups, keys, groups)``: the first of :data:`LAYOUTS` that fits ``max_shared`` bytes with the
-    most output matrices through the scratch at a time; raises :class:`UnsupportedGemmError` where none
-    fits."""
+def choose_layout(head_dim: int, max_shared: int, emulate: bool = False) -> tuple[int, int]:
+    """``(subgroups, keys)``: the first of :data:`LAYOUTS` that fits ``max_shared`` bytes of workgroup
+    memory (with ``emulate``, the emulated kernel's); raises :class:`UnsupportedGemmError` where none fits."""
     dp = -(-head_dim // 16) * 16
     for subgroups, keys in LAYOUTS:
-        for groups in range(dp // 16, 0, -1):
-            if _shared_bytes(subgroups, keys, groups, dp, emulate) <= max_shared:
-                return subgroups, keys, groups
+        if _shared_bytes(subgroups, keys, dp, emulate) <= max_shared:
+            return subgroups, keys
     raise UnsupportedGemmError(f"no layout for head dimension {head_dim} fits {max_shared} bytes")
 
 
@@ -129,13 +129,13 @@ def plan_matrix_attention(
         raise UnsupportedGemmError(f"configuration {config}: the kernel is written for 16x16x16 on 32 lanes")
     if about["head_dim"] % 4 or about["scale"] <= 0:
         raise UnsupportedGemmError(f"head dimension {about['head_dim']} (a multiple of 4) or scale {about['scale']}")
-    subgroups, keys, groups = choose_layout(about["head_dim"], max_shared)
+    subgroups, keys = choose_layout(about["head_dim"], max_shared)
     params = tuple(str(p.name) for p in func.params)
     if len(params) != 4:
         raise UnsupportedGemmError(f"{len(params)} parameters, not q, k, v, o")
     plan = AttentionPlan(
         about["batch"], about["q_len"], about["kv_len"], about["heads"], about["head_dim"], about["scale"],
-        subgroups, keys, groups, params, "",
+        subgroups, keys, params, "",
     )  # fmt: skip
     return AttentionPlan(**{**asdict(plan), "helpers": _helpers(plan, about["views"])})
 
@@ -219,7 +219,7 @@ class _Sizes:
 
     @property
     def width(self) -> int:
-        return max(self.plan.keys, 16 * self.plan.groups) + SCRATCH_PAD
+        return max(self.plan.keys, self.plan.padded_dim) + SCRATCH_PAD
 
     @property
     def kv_rows(self) -> int:  # K's and V's tiles; on the GPU the Q tile passes through them first
@@ -233,24 +233,31 @@ RESULT = "subgroup_matrix_result<f32, 16, 16>"
 def _source(shader: str, plan: AttentionPlan, declarations: str, helpers: str, emulate: bool) -> str:
     z = _Sizes(plan, emulate)
     kv = f"{plan.keys}i"  # V's tile follows K's
+    mats = plan.padded_dim // 16
     body = _copy(z, "mlcweb_qs" if emulate else "mlcweb_kv", z.rows, "q0", plan.q_len, [("mlcweb_q4", "0i")])
     body.append("  workgroupBarrier();")
-    if not emulate:  # Q's left operands, kept in registers for the whole walk over the keys
-        for c in range(plan.padded_dim // 16):
+    if emulate:
+        body += [f"  var o{j} : array<f32, 8>;" for j in range(mats)]
+    else:  # Q's left operands, kept in registers for the whole walk over the keys; the output's results
+        for c in range(mats):
             at = f"u32(sg16 * {z.ld}i + {16 * c}i)"
             body.append(f"  let qm{c} = subgroupMatrixLoad<{LEFT}>(&mlcweb_kv, {at}, false, {z.ld}u);")
+        body += [f"  var o{j} = {RESULT}();" for j in range(mats)]
     body += [
         f"  var m = {NEG};",
         "  var l = 0.0f;",
-        f"  var acc : array<f32, {plan.padded_dim // 2}>;",
         f"  for (var kt = 0i; kt < {-(-plan.kv_len // plan.keys)}i; kt++) {{",
         "  workgroupBarrier();",
+        "  if (li == 0u) { mlcweb_flag = 0u; }",
         *_copy(z, "mlcweb_kv", plan.keys, f"kt * {plan.keys}i", plan.kv_len, [("mlcweb_k4", "0i"), ("mlcweb_v4", kv)]),
         "  workgroupBarrier();",
         *_scores(z),
         "  workgroupBarrier();",
         *_softmax(z),
-        "  workgroupBarrier();",
+        "  let rescale = workgroupUniformLoad(&mlcweb_flag);",
+        "  if (rescale == 1u && kt > 0i) {",
+        *_output_through_scratch(z, "alpha"),
+        "  }",
         *_output_products(z),
         "  }",
         *_store_output(z),
@@ -281,7 +288,7 @@ def _scores(z: _Sizes) -> list[str]:
     """The subgroup's 16 rows of ``Q @ K^T`` for this step's keys, into its scratch."""
     dp, bc, ld = z.plan.padded_dim, z.plan.keys, z.ld
     if z.emulate:
-        return _emulated_product("mlcweb_qs", "sg16", ld, "mlcweb_kv", "0i", ld, dp, bc, z.width, transposed=True)
+        return _emulated_scores(z)
     out = []
     for j in range(bc // 16):
         out.append(f"  var s{j} = {RESULT}();")
@@ -296,8 +303,9 @@ def _scores(z: _Sizes) -> list[str]:
 
 
 def _softmax(z: _Sizes) -> list[str]:
-    """The online softmax of the lanes' row (two lanes a row, interleaved columns): the running maximum in
-    base 2, the output accumulators rescaled, the probabilities to workgroup memory as float16."""
+    """The online softmax of the lanes' row (two lanes a row, interleaved columns): the running maximum
+    moved only past :data:`TAU` (then the flag asks for the output to be rescaled by ``alpha``), the
+    probabilities to workgroup memory as float16, the row's partial sum."""
     bc, width, pld = z.plan.keys, z.width, z.pld
     scale2 = float(z.plan.scale) * 1.4426950408889634
     out = [f"  var sv : array<f32, {bc // 2}>;", f"  var mx = {NEG};"]
@@ -310,7 +318,8 @@ def _softmax(z: _Sizes) -> list[str]:
         ]
     out += [
         "  mx = max(mx, subgroupShuffleXor(mx, 1u));",
-        f"  let mnew = max(m, mx * {scale2!r}f);",
+        "  var mnew = m;",
+        f"  if (mx * {scale2!r}f > m + {TAU!r}f) {{ mnew = mx * {scale2!r}f; mlcweb_flag = 1u; }}",
         "  let alpha = exp2(m - mnew);",
         "  m = mnew;",
         "  var sum = 0.0f;",
@@ -320,51 +329,78 @@ def _softmax(z: _Sizes) -> list[str]:
             f"  {{ let p = exp2(sv[{t}] * {scale2!r}f - m); sum += p;",
             f"    mlcweb_ps[pbase + r * {pld}i + {2 * t}i + h] = f16(p); }}",
         ]
-    out.append("  l = l * alpha + sum;")
-    return out + [f"  acc[{i}] *= alpha;" for i in range(z.plan.padded_dim // 2)]
+    return [*out, "  l = l * alpha + sum;"]
 
 
-def _output_products(z: _Sizes) -> list[str]:
-    """``P @ V`` for this step, ``groups`` output matrices at a time through the scratch, added by the
-    lanes to their rows' accumulators."""
-    plan, bc, ld, width = z.plan, z.plan.keys, z.ld, z.width
-    mats = plan.padded_dim // 16
-    starts = list(range(0, mats, plan.groups))
+def _output_through_scratch(z: _Sizes, scale: str | None) -> list[str]:
+    """The output's result matrices to the subgroup's scratch; with ``scale``, each lane's row multiplied
+    by it and the matrices loaded back."""
+    mats, width = z.plan.padded_dim // 16, z.width
     out = []
-    for g0 in starts:
-        group = range(g0, min(g0 + plan.groups, mats))
+    for j in range(mats):
         if z.emulate:
-            out += _emulated_product(
-                "mlcweb_ps", "sg16", z.pld, "mlcweb_kv", f"{bc}i * {ld}i + {16 * g0}i", ld, bc, 16 * len(group), width,
-                transposed=False, left_base="pbase",
-            )  # fmt: skip
-        for jo in group if not z.emulate else ():
-            out.append(f"  var o{jo} = {RESULT}();")
-            for kc in range(bc // 16):
-                pa = f"subgroupMatrixLoad<{LEFT}>(&mlcweb_ps, u32(pbase + {16 * kc}i), false, {z.pld}u)"
-                at = f"u32({bc + 16 * kc}i * {ld}i + {16 * jo}i)"
-                vb = f"subgroupMatrixLoad<{RIGHT}>(&mlcweb_kv, {at}, false, {ld}u)"
-                out.append(f"  o{jo} = subgroupMatrixMultiplyAccumulate({pa}, {vb}, o{jo});")
-            out.append(f"  subgroupMatrixStore(&mlcweb_ss, u32(sbase + {16 * (jo - g0)}i), o{jo}, false, {width}u);")
-        out.append("  workgroupBarrier();")
-        for jo in group:
-            for t in range(8):
-                out.append(f"  acc[{8 * jo + t}] += mlcweb_ss[sbase + r * {width}i + {16 * (jo - g0) + 2 * t}i + h];")
-        if g0 != starts[-1]:
-            out.append("  workgroupBarrier();")
+            out.append(_emulated_elements(f"mlcweb_ss[sbase + rr * {width}i + {16 * j}i + cc] = o{j}[t];"))
+        else:
+            out.append(f"  subgroupMatrixStore(&mlcweb_ss, u32(sbase + {16 * j}i), o{j}, false, {width}u);")
+    out.append("  workgroupBarrier();")
+    if scale is None:
+        return out
+    for j in range(mats):
+        for t in range(8):
+            out.append(f"  mlcweb_ss[sbase + r * {width}i + {16 * j + 2 * t}i + h] *= {scale};")
+    out.append("  workgroupBarrier();")
+    for j in range(mats):
+        if z.emulate:
+            out.append(_emulated_elements(f"o{j}[t] = mlcweb_ss[sbase + rr * {width}i + {16 * j}i + cc];"))
+        else:
+            at = f"u32(sbase + {16 * j}i)"
+            out.append(f"  o{j} = subgroupMatrixLoad<{RESULT}>(&mlcweb_ss, {at}, false, {width}u);")
     return out
 
 
+def _output_products(z: _Sizes) -> list[str]:
+    """``P @ V`` for this step added to the output's result matrices."""
+    bc, ld, pld = z.plan.keys, z.ld, z.pld
+    out = []
+    if z.emulate:
+        for j in range(z.plan.padded_dim // 16):
+            body = (
+                f"var acc = 0.0f; for (var x = 0i; x < {bc}i; x++) {{ acc += f32(mlcweb_ps[pbase + rr * {pld}i + x])"
+                f" * f32(mlcweb_kv[({bc}i + x) * {ld}i + {16 * j}i + cc]); }} o{j}[t] += acc;"
+            )
+            out.append(_emulated_elements(body))
+        return out
+    for kc in range(bc // 16):
+        out.append(f"  let pa{kc} = subgroupMatrixLoad<{LEFT}>(&mlcweb_ps, u32(pbase + {16 * kc}i), false, {pld}u);")
+    for j in range(z.plan.padded_dim // 16):
+        for kc in range(bc // 16):
+            at = f"u32({bc + 16 * kc}i * {ld}i + {16 * j}i)"
+            vb = f"subgroupMatrixLoad<{RIGHT}>(&mlcweb_kv, {at}, false, {ld}u)"
+            out.append(f"  o{j} = subgroupMatrixMultiplyAccumulate(pa{kc}, {vb}, o{j});")
+    return out
+
+
+def _emulated_elements(statement: str) -> str:
+    """``statement`` for each of the lane's 8 elements ``t`` of a 16x16 result (row ``rr``, column
+    ``cc``; element ``lane + 32 t`` in row-major order), as the emulated result matrices hold them."""
+    return (
+        "  for (var t = 0i; t < 8i; t++) { let e = i32(lane) + 32i * t; let rr = e / 16i; let cc = e % 16i; "
+        f"{statement} }}"
+    )
+
+
 def _store_output(z: _Sizes) -> list[str]:
-    """Each lane's columns of its row, divided by the row's sum (the pair's partial sums added)."""
-    d = z.plan.head_dim
-    out = ["  l += subgroupShuffleXor(l, 1u);", "  let n = q0 + sg16 + r;", f"  if (n < {z.plan.q_len}i) {{"]
-    for jo in range(z.plan.padded_dim // 16):
-        for t in range(8):
-            col = 16 * jo + 2 * t
-            if col < d:  # column col + h: h is 0 or 1
-                guard = "" if col + 1 < d else "if (h == 0i) "
-                out.append(f"    {guard}{{ mlcweb_o(bb, n, hh, {col}i + h, acc[{8 * jo + t}] / l); }}")
+    """The output through the scratch: each lane's columns of its row divided by the row's sum (the
+    pair's partial sums added)."""
+    d, width = z.plan.head_dim, z.width
+    out = [
+        *_output_through_scratch(z, None),
+        "  l += subgroupShuffleXor(l, 1u);",
+        "  let n = q0 + sg16 + r;",
+        f"  if (n < {z.plan.q_len}i) {{",
+    ]
+    for col in range(0, d, 2):  # column col + h: h is 0 or 1, d even
+        out.append(f"    mlcweb_o(bb, n, hh, {col}i + h, mlcweb_ss[sbase + r * {width}i + {col}i + h] / l);")
     return [*out, "  }"]
 
 
@@ -393,6 +429,7 @@ def _wrap(shader: str, z: _Sizes, declarations: str, helpers: str, body: list[st
 var<workgroup> mlcweb_kv : array<f16, {z.kv_rows * z.ld}>;
 var<workgroup> mlcweb_ps : array<f16, {z.rows * z.pld}>;
 var<workgroup> mlcweb_ss : array<f32, {z.rows * z.width}>;
+var<workgroup> mlcweb_flag : u32;
 {extra}{helpers}
 @compute @workgroup_size({z.threads}, 1, 1)
 fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
@@ -409,22 +446,17 @@ fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
 """
 
 
-def _emulated_product(
-    a: str, a_row: str, lda: int, b: str, b_base: str, ldb: int, depth: int, cols: int, width: int, *,
-    transposed: bool, left_base: str | None = None,
-) -> list[str]:  # fmt: skip
-    """The subgroup's 16 x ``cols`` product into its scratch, by its lanes: ``a``'s rows from ``a_row``
-    (or the offset ``left_base``) times ``b`` from ``b_base`` (rows ``[col][x]`` when ``transposed``,
-    else ``[x][col]``), ``depth`` deep."""
-    first = left_base if left_base is not None else f"{a_row} * {lda}i"
-    b_at = f"{b_base} + cc * {ldb}i + x" if transposed else f"{b_base} + x * {ldb}i + cc"
+def _emulated_scores(z: _Sizes) -> list[str]:
+    """The subgroup's 16 rows of ``Q @ K^T`` into its scratch, by its lanes, from the same workgroup
+    memory the subgroup-matrix kernel reads (Q from its own tile)."""
+    bc, ld = z.plan.keys, z.ld
     return [
-        f"  for (var e = i32(lane); e < {16 * cols}i; e += 32i) {{",
-        f"    let rr = e / {cols}i; let cc = e % {cols}i;",
+        f"  for (var e = i32(lane); e < {16 * bc}i; e += 32i) {{",
+        f"    let rr = e / {bc}i; let cc = e % {bc}i;",
         "    var sum = 0.0f;",
-        f"    for (var x = 0i; x < {depth}i; x++) {{",
-        f"      sum += f32({a}[{first} + rr * {lda}i + x]) * f32({b}[{b_at}]);",
+        f"    for (var x = 0i; x < {z.plan.padded_dim}i; x++) {{",
+        f"      sum += f32(mlcweb_qs[(sg16 + rr) * {ld}i + x]) * f32(mlcweb_kv[cc * {ld}i + x]);",
         "    }",
-        f"    mlcweb_ss[sbase + rr * {width}i + cc] = sum;",
+        f"    mlcweb_ss[sbase + rr * {z.width}i + cc] = sum;",
         "  }",
     ]

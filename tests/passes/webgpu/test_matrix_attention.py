@@ -73,35 +73,34 @@ def _plans(mod: tvm.IRModule, max_shared: int | None = None) -> dict[str, str]:
 
 
 def test_layouts_fit_the_workgroup_memory() -> None:
-    """SD1.5's head dimensions get four subgroups (64 query rows); 80- and 160-wide heads send their
-    output through the scratch in groups, 160 walks 16 keys a step; 4 KiB is too little."""
-    assert choose_layout(40, 32768) == (4, 32, 3)  # all three output matrices at once
-    assert choose_layout(80, 32768) == (4, 32, 3)  # 5 matrices: 3, then 2
-    assert choose_layout(160, 32768) == (4, 16, 1)
-    assert choose_layout(40, 21504) == (4, 32, 2)  # the 32 keys' scratch holds two: 2, then 1
-    assert choose_layout(40, 8192) == (2, 16, 1)  # 32 query rows, 7.5 KiB
-    with pytest.raises(UnsupportedGemmError, match="fits 4096 bytes"):
-        choose_layout(40, 4096)
+    """The 40-wide heads of SD1.5's 64x64 latents get four subgroups (64 query rows) and 32 keys a step;
+    80-wide ones two subgroups; 160-wide ones no layout within 32 KiB (the output passes through the
+    scratch whole), so they keep the portable kernel."""
+    assert choose_layout(40, 32768) == (4, 32)
+    assert choose_layout(80, 32768) == (2, 32)
+    assert choose_layout(40, 20000) == (2, 32)
+    with pytest.raises(UnsupportedGemmError, match="fits 32768 bytes"):
+        choose_layout(160, 32768)
 
 
 def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -> None:
-    """SD1.5's three attention shapes as written for the GPU (not emulated): Dawn (null backend) compiles
-    them; the grid is a workgroup per 64 query rows of each head."""
+    """SD1.5's attention shapes as written for the GPU (not emulated): Dawn (null backend) compiles them;
+    the grid is a workgroup per 64 (or 32) query rows of each head."""
     from webgpu_node import WEBGPU
 
     from mlcweb.wgsl_check import check_matrix_wgsl
 
     monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
     shapes = [
-        (AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2))),  # 64x64 latents, merged QKV
-        (AttentionShape(2, 1024, 77, 8, 80), (None, None, None)),  # cross-attention at 32x32
-        (AttentionShape(2, 256, 256, 8, 160), (None, None, None)),  # 16x16: 16 keys a step
+        (AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2)), 64),  # 64x64 latents, merged QKV
+        (AttentionShape(2, 4096, 77, 8, 40), (None, None, None), 64),  # cross-attention at 64x64
+        (AttentionShape(2, 1024, 77, 8, 80), (None, None, None), 32),  # cross-attention at 32x32
     ]
-    for shape, views in shapes:
+    for shape, views, rows in shapes:
         mod = _module(shape, views)
         kernels = attention_kernels(_plans(mod), wgsl_sources(tvm.compile(mod, WEBGPU).mod), CONFIG)
         kernel = kernels["flash_attention_kernel"]
-        assert kernel.grid == (shape.q_len // 64, 16, 1)
+        assert kernel.grid == (shape.q_len // rows, 16, 1)
         assert "subgroupMatrixMultiplyAccumulate" in kernel.code and "subgroupShuffleXor" in kernel.code
         assert check_matrix_wgsl({kernel.name: kernel.code}) == 1
 
@@ -136,15 +135,19 @@ def test_plans_float16_kernels_only() -> None:
 
 @pytest.mark.skipif(not LAVAPIPE_ICD.is_file(), reason="needs Mesa's lavapipe")
 @pytest.mark.parametrize(
-    ("shape", "views", "max_shared"),
+    ("shape", "views", "max_shared", "boost"),
     [
-        # merged projections, 70 queries and keys (partial tiles), head 40 padded to 48, output at once
-        (AttentionShape(2, 70, 70, 2, 40), ((3, 0), (3, 1), (3, 2)), None),
-        # cross-attention over 7 keys, the output through the scratch two matrices, then one
-        (AttentionShape(1, 33, 7, 3, 40), (None, None, None), 21504),
+        # merged projections, 70 queries and keys (partial tiles), head 40 padded to 48, 2 subgroups
+        (AttentionShape(2, 70, 70, 2, 40), ((3, 0), (3, 1), (3, 2)), 20000, 1.0),
+        # cross-attention over 7 keys, head 24 padded to 32, 4 subgroups
+        (AttentionShape(1, 33, 7, 3, 24), (None, None, None), 24000, 1.0),
+        # keys past the first step scaled up 6x: rows' maxima jump past TAU, so the output is rescaled
+        (AttentionShape(1, 40, 100, 2, 40), (None, None, None), 20000, 6.0),
     ],
 )
-def test_emulated_kernel_computes_attention(shape: AttentionShape, views: Views, max_shared: int | None) -> None:
+def test_emulated_kernel_computes_attention(
+    shape: AttentionShape, views: Views, max_shared: int | None, boost: float
+) -> None:
     """The kernel, matrix operations done by lanes, installed in place of TVM's shader as the page does:
     float64 numpy's attention within 1e-2 of the output's scale (float16 inputs, probabilities and output)."""
     from webgpu_node import LAVAPIPE, WEBGPU, run_on_webgpu
@@ -155,7 +158,8 @@ def test_emulated_kernel_computes_attention(shape: AttentionShape, views: Views,
     kernels = attention_kernels(plans, wgsl_sources(exe.mod), CONFIG, emulate=True)
     assert list(kernels) == ["flash_attention_kernel"]
     kernel = kernels["flash_attention_kernel"]
-    assert kernel.grid == (-(-shape.q_len // 64), shape.batch * shape.heads, 1)
+    rows = 16 * AttentionPlan.from_json(plans["flash_attention"]).subgroups
+    assert kernel.grid == (-(-shape.q_len // rows), shape.batch * shape.heads, 1)
     table = json.loads(json.dumps({k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}))
     rng = np.random.default_rng(1)
     b, h, d = shape.batch, shape.heads, shape.head_dim
@@ -166,6 +170,7 @@ def test_emulated_kernel_computes_attention(shape: AttentionShape, views: Views,
         q, k, v = (
             rng.standard_normal((b, n, h, d)).astype(np.float16) for n in (shape.q_len, shape.kv_len, shape.kv_len)
         )
+        k[:, 32:] *= np.float16(boost)
         inputs = [q, k, v]
     got = run_on_webgpu(exe, "main", inputs, icd=LAVAPIPE, matrix=table).astype(np.float32)
     want = _attention(q, k, v, d**-0.5)
