@@ -94,24 +94,22 @@ class AttentionPlan:
         return AttentionPlan(**data)
 
 
-def _shared_bytes(subgroups: int, keys: int, dp: int, emulate: bool = False) -> int:
+def _shared_bytes(subgroups: int, keys: int, dp: int) -> int:
     """Workgroup memory of a layout: the K and V tiles (whose space first holds the Q tile), the
-    probabilities, the float32 scratch (a step's scores, or the output), the rescale flag; with
-    ``emulate``, a Q tile of its own too."""
+    probabilities, the float32 scratch (a step's scores, or the output), the rescale flag."""
     rows = ROWS * subgroups
-    kv = max(2 * keys, 0 if emulate else rows) * (dp + PAD) * 2
+    kv = max(2 * keys, rows) * (dp + PAD) * 2
     probs = rows * (keys + PAD) * 2
     scratch = rows * (max(keys, dp) + SCRATCH_PAD) * 4
-    q = rows * (dp + PAD) * 2 if emulate else 0
-    return kv + probs + scratch + q + 16
+    return kv + probs + scratch + 16
 
 
-def choose_layout(head_dim: int, max_shared: int, emulate: bool = False) -> tuple[int, int]:
+def choose_layout(head_dim: int, max_shared: int) -> tuple[int, int]:
     """``(subgroups, keys)``: the first of :data:`LAYOUTS` that fits ``max_shared`` bytes of workgroup
-    memory (with ``emulate``, the emulated kernel's); raises :class:`UnsupportedGemmError` where none fits."""
+    memory; raises :class:`UnsupportedGemmError` where none fits."""
     dp = -(-head_dim // 16) * 16
     for subgroups, keys in LAYOUTS:
-        if _shared_bytes(subgroups, keys, dp, emulate) <= max_shared:
+        if _shared_bytes(subgroups, keys, dp) <= max_shared:
             return subgroups, keys
     raise UnsupportedGemmError(f"no layout for head dimension {head_dim} fits {max_shared} bytes")
 
