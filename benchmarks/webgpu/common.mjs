@@ -266,12 +266,35 @@ export async function installMatrixKernels(ctx, table) {
   (await pageModule()).installMatrixKernels(ctx, table);
 }
 
-/** At most `inFlight` pipelines compiling at once (0 or undefined: all at once, as tvmjs and the page do).
- * Returns the number used. */
-export async function limitPipelineCreation(ctx, inFlight) {
-  const n = inFlight || 0;
-  if (n > 0) (await pageModule()).limitPipelineCreation(ctx, n);
-  return n;
+/**
+ * Let at most `inFlight` of tvmjs' asynchronous shader creations (shader module and pipeline) run at a
+ * time (0 or undefined: no limit, all at once as tvmjs and the page do); the rest wait their turn in the
+ * order tvmjs asked. Install before asyncLoadWebGPUPipelines. Returns the limit used. With the driver's
+ * shader cache warm, all at once was as fast as 4 at a time and 3x faster than one at a time through Dawn
+ * on an H100 (results/2026-12-06-h100-sd_webgpu-10.md).
+ */
+export function limitPipelineCreation(ctx, inFlight) {
+  const limit = inFlight || 0;
+  if (limit < 1) return 0;
+  const create = ctx.createShaderAsync.bind(ctx);
+  const waiting = [];
+  let running = 0;
+  const next = () => {
+    while (running < limit && waiting.length) {
+      const job = waiting.shift();
+      running += 1;
+      job().finally(() => {
+        running -= 1;
+        next();
+      });
+    }
+  };
+  ctx.createShaderAsync = (finfo, code) =>
+    new Promise((resolve, reject) => {
+      waiting.push(() => Promise.resolve().then(() => create(finfo, code)).then(resolve, reject));
+      next();
+    });
+  return limit;
 }
 
 /** Run a runner's async main: exit 0 when it resolves, print the error and exit 1 when it throws. */

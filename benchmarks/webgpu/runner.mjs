@@ -109,7 +109,7 @@ async function main() {
   const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(gpu));
   // --pipelines-in-flight N: at most N pipelines compiling at once (default 0: all at once, as the page)
   const inFlight = args.pipelinesInFlight === undefined ? undefined : Number(args.pipelinesInFlight);
-  result.pipelines_in_flight = await limitPipelineCreation(tvm.lib.webGPUContext, inFlight);
+  result.pipelines_in_flight = limitPipelineCreation(tvm.lib.webGPUContext, inFlight);
   const timings = args.pipelineTimes ? timePipelines(device) : null;
   let t = performance.now();
   await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());

@@ -262,25 +262,3 @@ def test_matrix_kernels_replace_the_library_shaders_of_their_names(page: Path) -
     assert made[0] == ["k_kernel", "MATRIX", ["blockIdx.x", "blockIdx.y", "paramWriteAccess:[0,1]"]]
     assert made[1] == ["other_kernel", "TVM", ["blockIdx.x", "threadIdx.x", "threadIdx.y", "paramWriteAccess:[0,1]"]]
     assert replaced == ["a", "b", 5, 7] and other == ["a", 40, 16, 16]
-
-
-def test_pipeline_creation_runs_a_few_at_a_time(page: Path) -> None:
-    """limitPipelineCreation: of ten shaders tvmjs asks for at once, at most `inFlight` are being created at
-    any moment, all ten are made, in the order asked, and a failed one rejects its own promise only."""
-    out = _node(
-        page,
-        'import { limitPipelineCreation } from "./mlcweb.js";\n'
-        "let running = 0, most = 0; const order = [];\n"
-        "const ctx = { createShaderAsync: async (finfo) => {\n"
-        "  running += 1; most = Math.max(most, running); order.push(finfo.name);\n"
-        "  await new Promise((r) => setTimeout(r, 5)); running -= 1;\n"
-        '  if (finfo.name === "k3") throw new Error("bad shader"); return finfo.name; } };\n'
-        "limitPipelineCreation(ctx, 3);\n"
-        "const asks = Array.from({ length: 10 }, (_, i) => ctx.createShaderAsync({ name: `k${i}` }));\n"
-        "const made = await Promise.allSettled(asks);\n"
-        "console.log(JSON.stringify([most, order, made.map((m) => m.value || m.reason.message)]));\n",
-    )
-    most, order, made = json.loads(out)
-    assert most == 3
-    assert order == [f"k{i}" for i in range(10)]
-    assert made == ["k0", "k1", "k2", "bad shader", *[f"k{i}" for i in range(4, 10)]]

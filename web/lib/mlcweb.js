@@ -229,35 +229,6 @@ export function installMatrixKernels(ctx, table) {
   ctx.createShaderAsync = wrap(ctx.createShaderAsync.bind(ctx));
 }
 
-/**
- * Let at most `inFlight` of tvmjs' asynchronous shader creations (shader module and pipeline) run at a
- * time; the rest wait their turn in the order tvmjs asked. Install before asyncLoadWebGPUPipelines. The
- * page does not: with the driver's shader cache warm, tvmjs starting them all at once was as fast as 4 at
- * a time and 3x faster than one at a time through Dawn on an H100
- * (benchmarks/results/2026-12-06-h100-sd_webgpu-10.md); the benchmarks use it to time creation.
- */
-export function limitPipelineCreation(ctx, inFlight) {
-  if (!(inFlight >= 1)) return;
-  const create = ctx.createShaderAsync.bind(ctx);
-  const waiting = [];
-  let running = 0;
-  const next = () => {
-    while (running < inFlight && waiting.length) {
-      const job = waiting.shift();
-      running += 1;
-      job().finally(() => {
-        running -= 1;
-        next();
-      });
-    }
-  };
-  ctx.createShaderAsync = (finfo, code) =>
-    new Promise((resolve, reject) => {
-      waiting.push(() => Promise.resolve().then(() => create(finfo, code)).then(resolve, reject));
-      next();
-    });
-}
-
 /** "N kernels (G matrix multiplications, A attentions)" for a manifest's matrix entry. */
 export function matrixSummary(entry) {
   const parts = [];
