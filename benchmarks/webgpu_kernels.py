@@ -79,13 +79,22 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, bool, bool]] = {
     "vec4-nhwc-128x64": ({"micro_j": 4, "virtual_j": 4}, "NHWC", True, False),
 }
 SCALAR_LOADS = {"vec4-nhwc-scalarload"}  # variants built with PipelineOptions(vector_loads=False)
+# float16 variants with kernels on subgroup matrices (vec4-nhwc's library plus its matrix.json, which
+# kernels.mjs installs as the page does): the GEMMs, and with attention layouts ((subgroups, keys a
+# step), tried in order, webgpu/matrix_attention.LAYOUTS) the flash attentions too
+MATRIX_VARIANTS: dict[str, tuple[tuple[int, int], ...] | None] = {
+    "matrix": None,
+    "matrix-attn": ((4, 32), (2, 64), (2, 32), (2, 16)),
+    "matrix-attn-2x64": ((2, 64), (2, 32), (2, 16)),
+    "matrix-attn-2x32": ((2, 32), (2, 16)),
+}
 
 
 def _options(variant: str) -> Any:
     """The variant's pipeline options (its layout, flash attention, operand widening and loads)."""
     import mlcweb_passes as mp
 
-    _, layout, flash, wide = VARIANTS[variant]
+    _, layout, flash, wide = VARIANTS.get(variant, VARIANTS["vec4-nhwc"])
     return mp.PipelineOptions(
         conv_layout=layout, flash_attention=flash, widen_gemm_operands=wide, vector_loads=variant not in SCALAR_LOADS
     )
@@ -199,7 +208,51 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
         }
         for name, (kind, xs, ws) in shapes.items()
     ]
-    _write_library(dest, _compile(_module(dtype, shapes), target, options), variant, dtype, functions)
+    module = _module(dtype, shapes)
+    if variant not in MATRIX_VARIANTS:
+        _write_library(dest, _compile(module, target, options), variant, dtype, functions)
+        return
+    exe, table = _compile_matrix(module, target, options, MATRIX_VARIANTS[variant])
+    _write_library(dest, exe, variant, dtype, functions)
+    (dest / "matrix.json").write_text(json.dumps(table, indent=1))
+    specs = json.loads((dest / "specs.json").read_text())
+    (dest / "specs.json").write_text(json.dumps({**specs, "matrix": "matrix.json"}, indent=1))
+
+
+def _compile_matrix(
+    module: Any, target: Any, options: Any, layouts: tuple[tuple[int, int], ...] | None
+) -> tuple[Any, dict[str, Any]]:
+    """``module`` compiled with its GEMMs (and, given ``layouts``, its attentions) planned on subgroup
+    matrices, and the table of those kernels ({shader: {code, grid}}) as builds write it."""
+    import tvm
+
+    import mlcweb_passes as mp
+    from mlcweb.wgsl_check import wgsl_sources
+    from mlcweb_passes.webgpu import matrix_attention, matrix_gemm
+
+    config = matrix_gemm.MatrixConfig()
+    options = dataclasses.replace(
+        options, dtype="float16", webgpu_matrix=config, webgpu_matrix_attention=layouts is not None
+    )
+    saved = matrix_attention.LAYOUTS
+    matrix_attention.LAYOUTS = layouts or saved
+    try:
+        with target:
+            lowered = mp.pipeline(target, options)(module)
+    finally:
+        matrix_attention.LAYOUTS = saved
+    exe = tvm.compile(lowered, target, relax_pipeline=None, tir_pipeline=mp.tir_pipeline(target, options))
+    sources = wgsl_sources(exe.mod)
+    attrs = lowered.attrs or {}
+    plans = {
+        key: {str(k): str(v) for k, v in attrs.get(key, {}).items()}
+        for key in (matrix_gemm.PLANS_ATTR, matrix_attention.PLANS_ATTR)
+    }
+    kernels = {
+        **matrix_gemm.matrix_kernels(plans[matrix_gemm.PLANS_ATTR], sources, config),
+        **matrix_attention.attention_kernels(plans[matrix_attention.PLANS_ATTR], sources, config),
+    }
+    return exe, {k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}
 
 
 def _write_library(dest: Path, exe: Any, variant: str, dtype: str, functions: list[dict[str, Any]]) -> None:
@@ -266,9 +319,14 @@ def build(args: argparse.Namespace) -> int:
     target = _target()
     shapes = TINY if args.tiny else SHAPES
     for variant in args.variants.split(","):
+        if variant not in VARIANTS and variant not in MATRIX_VARIANTS:
+            print(f"webgpu_kernels build: no variant {variant!r}", file=sys.stderr)
+            return 2
         options = _options(variant)
-        with _tiles(gemm, VARIANTS[variant][0]):
+        with _tiles(gemm, VARIANTS.get(variant, ({},))[0]):
             for dtype in args.dtypes.split(","):
+                if variant in MATRIX_VARIANTS and dtype != "float16":
+                    continue  # subgroup matrices: float16 only
                 dest = Path(args.out) / f"{variant}-{dtype}"
                 _build_library(dest, variant, dtype, shapes, target, options)
                 print(f"built {dest}", flush=True)
@@ -277,7 +335,7 @@ def build(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(HERE))
-    from sd_webgpu import F16_TOGGLE, UNROUNDED, _node_env, _unpack
+    from sd_webgpu import F16_TOGGLE, UNROUNDED, UNSAFE, _node_env, _unpack
 
     root = _unpack(Path(args.carry))
     results = Path(args.results)
@@ -295,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
         cmd += ["--dawn", str(root / "webgpu"), "--repeat", str(args.repeat), "--warm-ms", str(args.warm_ms)]
         cmd += ["--toggle", F16_TOGGLE]
         cmd += ["--toggle", UNROUNDED, "--out", str(results / f"kernels-{build_dir.name}.json")]
+        cmd += ["--toggle", UNSAFE] if "matrix" in json.loads((build_dir / "specs.json").read_text()) else []
         failed += subprocess.run(cmd, env=_node_env(), check=False, timeout=args.timeout).returncode != 0
     return 1 if failed else 0
 
@@ -332,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build")
     b.add_argument("--out", required=True)
-    b.add_argument("--variants", default=",".join(VARIANTS))
+    b.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join([*VARIANTS, *MATRIX_VARIANTS])}")
     b.add_argument(
         "--dtypes", default="float32,float16", help="float32, float16, or IN-to-OUT (GEMMs reading IN, writing OUT)"
     )

@@ -8,7 +8,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { createRequire } from "node:module";
-import { WeightFiller, installDawn, median, openDevice, runMain } from "./common.mjs";
+import { WeightFiller, installDawn, installMatrixKernels, median, openDevice, runMain } from "./common.mjs";
 
 const args = { repeat: 20, "warm-ms": 500, toggle: [] };
 const argv = process.argv.slice(2);
@@ -39,10 +39,13 @@ function halfToFloat(bits) {
 async function main() {
   const build = path.resolve(args.build);
   const specs = JSON.parse(fs.readFileSync(path.join(build, "specs.json"), "utf8"));
-  const { device, profiler, info } = await openDevice({ profile: true, needF16: specs.dtype.includes("float16") });
+  const matrix = Boolean(specs.matrix); // kernels on subgroup matrices, installed as the page installs them
+  const { device, profiler, info } = await openDevice({ profile: true, needF16: specs.dtype.includes("float16"), matrix });
+  if (matrix && !info.subgroupMatrix) throw new Error("kernels.mjs: this build's kernels need chromium-experimental-subgroup-matrix (--toggle enable-dawn-features=allow_unsafe_apis)");
   const wasm = fs.readFileSync(path.join(build, specs.library));
   const tvm = await tvmjs.instantiate(new Uint8Array(wasm), tvmjs.createPolyfillWASI(), () => {});
   tvm.initWebGPU(device);
+  if (matrix) await installMatrixKernels(tvm.lib.webGPUContext, JSON.parse(fs.readFileSync(path.join(build, specs.matrix), "utf8")));
   const gpu = tvm.webgpu();
   tvm.beginScope();
   const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(gpu));

@@ -51,3 +51,22 @@ def test_tile_changes_name_fields_of_each_tile() -> None:
     with webgpu_kernels._tiles(gemm, {"virtual_j": "half_micro_j", "step_k": 32}):
         assert (gemm.LARGE.virtual_j, gemm.MEDIUM.virtual_j, gemm.LARGE.step_k) == (4, 2, 32)
     assert before == (gemm.LARGE, gemm.MEDIUM, gemm.SMALL)
+
+
+def test_matrix_variants_write_the_kernels_the_page_would_install() -> None:
+    """webgpu_kernels.py's subgroup-matrix variants: the library plus the table of its kernels on subgroup
+    matrices, the attention written with the variant's layouts first (2 subgroups: 32 query rows a
+    workgroup), the library's own layouts restored afterwards."""
+    import webgpu_kernels
+
+    from mlcweb_passes.webgpu import matrix_attention
+
+    before = matrix_attention.LAYOUTS
+    shapes = {"attention": webgpu_kernels.TINY["attention"]}  # 96 queries, 77 keys, 2 heads of 40
+    module = webgpu_kernels._module("float16", shapes)
+    options = webgpu_kernels._options("matrix-attn-2x32")
+    _, table = webgpu_kernels._compile_matrix(module, webgpu_kernels._target(), options, ((2, 32),))
+    assert list(table) == ["flash_attention_kernel"]
+    assert table["flash_attention_kernel"]["grid"] == [3, 2, 1]
+    assert "2 subgroups of 16 rows, 32 keys a step" in table["flash_attention_kernel"]["code"]
+    assert before == matrix_attention.LAYOUTS
