@@ -242,16 +242,8 @@ def _compile_matrix(
     finally:
         matrix_attention.LAYOUTS = saved
     exe = tvm.compile(lowered, target, relax_pipeline=None, tir_pipeline=mp.tir_pipeline(target, options))
-    sources = wgsl_sources(exe.mod)
-    attrs = lowered.attrs or {}
-    plans = {
-        key: {str(k): str(v) for k, v in attrs.get(key, {}).items()}
-        for key in (matrix_gemm.PLANS_ATTR, matrix_attention.PLANS_ATTR)
-    }
-    kernels = {
-        **matrix_gemm.matrix_kernels(plans[matrix_gemm.PLANS_ATTR], sources, config),
-        **matrix_attention.attention_kernels(plans[matrix_attention.PLANS_ATTR], sources, config),
-    }
+    gemms, attention = matrix_attention.planned_kernels(lowered, wgsl_sources(exe.mod), config)
+    kernels = {**gemms, **attention}
     return exe, {k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}
 
 

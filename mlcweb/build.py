@@ -32,8 +32,8 @@ from tqdm import tqdm
 from tvm import relax
 
 import mlcweb_passes as mp
-from mlcweb_passes.webgpu import matrix_attention
-from mlcweb_passes.webgpu.matrix_gemm import PLANS_ATTR, MatrixConfig, matrix_kernels
+from mlcweb_passes.webgpu.matrix_attention import planned_kernels
+from mlcweb_passes.webgpu.matrix_gemm import MatrixConfig
 
 from .choices import DTYPES
 from .databases import shipped_database
@@ -431,15 +431,9 @@ def _matrix_kernels(lowered: tvm.IRModule, resolved: ModelBuild, sources: dict[s
     ``path`` as ``<library>-matrix.json`` ({shader: {code, grid}}); returns the manifest's ``matrix`` entry
     (file, counts, configuration, what the kernels need of a workgroup), or {} when none."""
     config = resolved.pipeline.webgpu_matrix
-    attrs = lowered.attrs if lowered.attrs is not None else {}
-
-    def plans(key: str) -> dict[str, str]:
-        return {str(k): str(v) for k, v in attrs.get(key, {}).items()}
-
     if config is None:
         return {}
-    gemms = matrix_kernels(plans(PLANS_ATTR), sources, config)
-    attention = matrix_attention.attention_kernels(plans(matrix_attention.PLANS_ATTR), sources, config)
+    gemms, attention = planned_kernels(lowered, sources, config)
     kernels = {**gemms, **attention}
     if not kernels:
         return {}

@@ -41,7 +41,8 @@ from tvm import tirx
 
 from ..gemm_analysis import UnsupportedGemmError
 from .flash_attention import ATTENTION_ATTR, WEBGPU_DEFAULT_SHARED
-from .matrix_gemm import MatrixConfig, MatrixKernel, PlanMatrixKernels, bind_helpers, write_kernels
+from .matrix_gemm import PLANS_ATTR as GEMM_PLANS_ATTR
+from .matrix_gemm import MatrixConfig, MatrixKernel, PlanMatrixKernels, bind_helpers, matrix_kernels, write_kernels
 
 __all__ = [
     "PLANS_ATTR",
@@ -49,6 +50,7 @@ __all__ = [
     "PlanMatrixAttention",
     "attention_kernels",
     "plan_matrix_attention",
+    "planned_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,23 @@ def attention_kernels(
         return MatrixKernel(shader, _source(shader, plan, declarations, helpers, emulate), grid)
 
     return write_kernels(plans, sources, write)
+
+
+def planned_kernels(
+    lowered: tvm.IRModule, sources: dict[str, str], config: MatrixConfig
+) -> tuple[dict[str, MatrixKernel], dict[str, MatrixKernel]]:
+    """The GEMM and the attention kernels on subgroup matrices planned in ``lowered`` (module attributes
+    :data:`~mlcweb_passes.webgpu.matrix_gemm.PLANS_ATTR` and :data:`PLANS_ATTR`), written for TVM's
+    compiled ``sources`` (:func:`~mlcweb_passes.webgpu.matrix_gemm.matrix_kernels`,
+    :func:`attention_kernels`)."""
+    attrs = lowered.attrs if lowered.attrs is not None else {}
+
+    def plans(key: str) -> dict[str, str]:
+        return {str(k): str(v) for k, v in attrs.get(key, {}).items()}
+
+    return matrix_kernels(plans(GEMM_PLANS_ATTR), sources, config), attention_kernels(
+        plans(PLANS_ATTR), sources, config
+    )
 
 
 @dataclass(frozen=True)
