@@ -3,8 +3,9 @@
 As for the GEMMs (test_matrix_gemm.py), no adapter here has subgroup matrices: the kernels run as written
 except for the matrix operations, which ``emulate=True`` has the lanes do on the same workgroup memory
 (lavapipe: shader-f16 and subgroups). The copies, the zero padding of the head and of partial query and
-key tiles, merged-projection views, the online softmax with its subgroup shuffles, the output groups
-through the scratch and the bindings and grid are checked against float64 numpy.
+key tiles, merged-projection views, the online softmax with its subgroup shuffles, the output's rescale
+through the scratch and the bindings and grid are checked against float64 numpy; the kernels as written
+for the GPU are compiled by Dawn's null backend.
 """
 
 from __future__ import annotations
@@ -137,11 +138,10 @@ def test_plans_float16_kernels_only() -> None:
 @pytest.mark.parametrize(
     ("shape", "views", "max_shared", "boost"),
     [
-        # merged projections, 70 queries and keys (partial tiles), head 40 padded to 48, 2 subgroups; keys
-        # past the first step scaled up 6x, so rows' maxima jump past TAU and the output is rescaled
-        (AttentionShape(2, 70, 70, 2, 40), ((3, 0), (3, 1), (3, 2)), 20000, 6.0),
-        # cross-attention over 7 keys, head 24 padded to 32, 4 subgroups
-        (AttentionShape(1, 33, 7, 3, 24), (None, None, None), 24000, 1.0),
+        # merged projections, 70 queries and keys (partial query and key tiles), head 24 padded to 32, four
+        # subgroups; keys past the first step scaled up 6x, so rows' maxima jump past TAU and the output is
+        # rescaled (one case: each emulated kernel costs lavapipe about 30 s to compile cold)
+        (AttentionShape(2, 70, 70, 2, 24), ((3, 0), (3, 1), (3, 2)), 24000, 6.0),
     ],
 )
 def test_emulated_kernel_computes_attention(
