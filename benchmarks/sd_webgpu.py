@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
                 "--repeat", str(args.repeat),
                 "--toggle", F16_TOGGLE,
                 "--toggle", UNROUNDED,
-                "--profile",
+                "--profile", "--profile-top", str(args.profile_top),
                 "--stream", str(args.stream),
                 "--out", str(results / f"webgpu-{name}{suffix}.json"),
             ]  # fmt: skip
@@ -589,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--pipeline-times", action="store_true", help="create pipelines one at a time, timing each (slower to start)"
     )
+    r.add_argument("--profile-top", type=int, default=25, help="kernels kept in each profile, slowest first")
     r.add_argument("--only", help="run only these builds: `build --name` names or NAME-DTYPE, comma-separated")
     r.add_argument(
         "--no-subgroups", dest="subgroups", action="store_false", help="run only the builds' portable libraries"
