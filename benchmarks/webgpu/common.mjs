@@ -58,9 +58,14 @@ export async function openDevice({ profile = false, needF16 = false, matrix = fa
     subgroupMinSize: a.subgroupMinSize, subgroupMaxSize: a.subgroupMaxSize,
     features: [...adapter.features].sort(), subgroupMatrixConfigs: a.subgroupMatrixConfigs ?? [],
     subgroupMatrix: device.features.has(MATRIX_FEATURE),
+    limits: Object.fromEntries(LIMITS_REPORTED.map((k) => [k, lim[k]])),
   };
   return { adapter, device, profiler, info };
 }
+
+const LIMITS_REPORTED = [
+  "maxComputeWorkgroupStorageSize", "maxComputeInvocationsPerWorkgroup", "maxStorageBufferBindingSize", "maxBufferSize",
+];
 
 export const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
