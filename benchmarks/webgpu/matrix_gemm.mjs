@@ -29,22 +29,37 @@ for (let i = 0; i < argv.length; i += 2) {
 }
 const PAD = 8; // halves of padding a workgroup-memory row: 16-byte aligned rows in distinct banks
 
+// bm x bn tiles bk deep; `sg`: the workgroup's subgroups as rows x columns of shares (8 as 4 x 2 unless
+// given); `rounds`: the epilogue's scratch holds 1/rounds of the subgroups' result matrices at a time (less
+// workgroup memory for deeper tiles)
 export const VARIANTS = {
   "shared-128x128-k32": { bm: 128, bn: 128, bk: 32 },
   "shared-128x128-k64": { bm: 128, bn: 128, bk: 64 },
   "shared-64x128-k32": { bm: 64, bn: 128, bk: 32 },
   "shared-128x64-k32": { bm: 128, bn: 64, bk: 32 },
   "shared-64x64-k64": { bm: 64, bn: 64, bk: 64 },
+  "shared-64x128-k64": { bm: 64, bn: 128, bk: 64, rounds: 2 },
+  "shared-64x128-k64-w4": { bm: 64, bn: 128, bk: 64, sg: [2, 2] },
+  "shared-64x128-k32-w4": { bm: 64, bn: 128, bk: 32, sg: [2, 2] },
+  "shared-128x128-k32-w4": { bm: 128, bn: 128, bk: 32, sg: [2, 2] },
+  "shared-64x256-k32": { bm: 64, bn: 256, bk: 32, rounds: 2 },
+  "shared-128x64-k64-w4": { bm: 128, bn: 64, bk: 64, sg: [2, 2] },
   "shared-64x128-k32-pf": { bm: 64, bn: 128, bk: 32, prefetch: true },
-  "shared-128x128-k32-pf": { bm: 128, bn: 128, bk: 32, prefetch: true },
-  "shared-64x64-k64-pf": { bm: 64, bn: 64, bk: 64, prefetch: true },
   "direct-128x128": { bm: 128, bn: 128, direct: true },
 };
 
+/** Workgroup memory of a variant, in bytes (operand tiles and the epilogue's scratch). */
+export function workgroupBytes(name, [sm, sn]) {
+  const { bm, bn, bk = 16, direct = false, sg = [4, 2], rounds = 1 } = VARIANTS[name];
+  const tiles = direct ? 0 : (bm + bn) * (bk + PAD) * 2;
+  return tiles + ((sg[0] * sg[1]) / rounds) * sm * sn * 4;
+}
+
 /** The WGSL of a subgroup-matrix variant for an M x N x K GEMM with an sm x sn x sk configuration. */
 export function matrixShader(name, m, n, k, [sm, sn, sk]) {
-  const { bm, bn, bk = 16, direct = false, prefetch = false } = VARIANTS[name];
-  const [wm, wn] = [bm / 4, bn / 2]; // a subgroup's share: 8 subgroups as 4 x 2
+  const { bm, bn, bk = 16, direct = false, prefetch = false, sg: [gr, gc] = [4, 2], rounds = 1 } = VARIANTS[name];
+  const threads = 32 * gr * gc;
+  const [wm, wn] = [bm / gr, bn / gc]; // a subgroup's share
   const [ti, tj] = [wm / sm, wn / sn]; // result matrices a subgroup holds
   const lds = bk + PAD;
   const left = `subgroup_matrix_left<f16, ${sk}, ${sm}>`;
@@ -66,9 +81,9 @@ export function matrixShader(name, m, n, k, [sm, sn, sk]) {
     // slice at `next` are loaded into registers v0, v1, ... ahead of the slice's multiply-adds
     const copies = [];
     for (const [buf, shm, rows, origin] of [["A4", "As", bm, "row0"], ["B4", "Bs", bn, "col0"]]) {
-      const per = (rows * bk) / 4 / 256;
+      const per = (rows * bk) / 4 / threads;
       for (let l = 0; l < per; l++) {
-        const e = `(li + ${l * 256}u)`;
+        const e = `(li + ${l * threads}u)`;
         const [row, q] = [`(${e} / ${bk / 4}u)`, `(${e} % ${bk / 4}u)`];
         copies.push({ load: (at) => `${buf}[(${origin} + ${row}) * ${k / 4}u + ${at} / 4u + ${q}]`, shm, dst: `${row} * ${lds}u + 4u * ${q}` });
       }
@@ -94,15 +109,20 @@ export function matrixShader(name, m, n, k, [sm, sn, sk]) {
   }
   // epilogue: each result matrix through the subgroup's scratch, rounded to float16 by its lanes
   const tile = sm * sn;
+  const share = (gr * gc) / rounds; // subgroups whose result matrices the scratch holds at once
   const stores = [];
   for (const i of I) {
     for (const j of J) {
-      stores.push("  workgroupBarrier();");
-      stores.push(`  subgroupMatrixStore(&Cs, sg * ${tile}u, c${i}_${j}, false, ${sn}u);`);
-      stores.push("  workgroupBarrier();");
-      stores.push(`  for (var e = lane; e < ${tile}u; e += 32u) {`);
-      stores.push(`    C[(row0 + wm + ${i * sm}u + e / ${sn}u) * ${n}u + col0 + wn + ${j * sn}u + e % ${sn}u] = f16(Cs[sg * ${tile}u + e]);`);
-      stores.push("  }");
+      for (let r = 0; r < rounds; r++) {
+        const mine = rounds === 1 ? "" : `if (sg / ${share}u == ${r}u) `;
+        const slot = rounds === 1 ? "sg" : `(sg % ${share}u)`;
+        stores.push("  workgroupBarrier();");
+        stores.push(`  ${mine}{ subgroupMatrixStore(&Cs, ${slot} * ${tile}u, c${i}_${j}, false, ${sn}u); }`);
+        stores.push("  workgroupBarrier();");
+        stores.push(`  ${mine}{ for (var e = lane; e < ${tile}u; e += 32u) {`);
+        stores.push(`    C[(row0 + wm + ${i * sm}u + e / ${sn}u) * ${n}u + col0 + wn + ${j * sn}u + e % ${sn}u] = f16(Cs[${slot} * ${tile}u + e]);`);
+        stores.push("  } }");
+      }
     }
   }
   const shared = direct
@@ -117,14 +137,14 @@ enable chromium_experimental_subgroup_matrix;
 diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
 ${bindings}
 @group(0) @binding(2) var<storage, read_write> C : array<f16>;
-${shared}var<workgroup> Cs : array<f32, ${8 * tile}>;
-@compute @workgroup_size(256, 1, 1)
+${shared}var<workgroup> Cs : array<f32, ${share * tile}>;
+@compute @workgroup_size(${threads}, 1, 1)
 fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) li : u32,
         @builtin(subgroup_id) sg : u32, @builtin(subgroup_invocation_id) lane : u32) {
   let row0 = wg.y * ${bm}u;
   let col0 = wg.x * ${bn}u;
-  let wm = (sg / 2u) * ${wm}u;
-  let wn = (sg % 2u) * ${wn}u;
+  let wm = (sg / ${gc}u) * ${wm}u;
+  let wn = (sg % ${gc}u) * ${wn}u;
 ${lines.join("\n")}
   for (var k0 = 0u; k0 < ${k}u; k0 += ${bk}u) {
 ${body.join("\n")}
@@ -158,6 +178,10 @@ async function main() {
       for (const name of only) {
         const { bm, bn } = VARIANTS[name];
         if (m % bm || n % bn) continue;
+        if (workgroupBytes(name, config) > device.limits.maxComputeWorkgroupStorageSize) {
+          console.log(`${name}: needs ${workgroupBytes(name, config)} bytes of workgroup memory, the device gives ${device.limits.maxComputeWorkgroupStorageSize}`);
+          continue;
+        }
         kernels.push({ name, code: matrixShader(name, m, n, k, config), grid: [n / bn, m / bm, 1] });
       }
     }
