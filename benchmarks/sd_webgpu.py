@@ -84,6 +84,13 @@ def _vector_loads(on: bool | None) -> Iterator[None]:
         yield
 
 
+def _tiles(specs: str | None) -> Any:
+    """``--matrix-tiles`` (comma-separated MatrixTile specs) as the build option, or None: the default."""
+    from mlcweb_passes.webgpu.matrix_gemm import MatrixTile
+
+    return tuple(MatrixTile.parse(spec) for spec in specs.split(",")) if specs else None
+
+
 def _build_dtypes(args: argparse.Namespace, host: Any) -> int:
     from mlcweb.build import build as mlcweb_build
     from mlcweb.model import BuildOptions
@@ -98,6 +105,7 @@ def _build_dtypes(args: argparse.Namespace, host: Any) -> int:
                 config={"size": args.size, "variant": args.variant},
                 webgpu_fallback=False,
                 webgpu_matrix_attention=args.matrix_attention,
+                webgpu_matrix_tiles=_tiles(args.matrix_tiles),
             )
             result = mlcweb_build(host, "stable-diffusion", options, progress=False)
             print(result.summary().splitlines()[0], "|", f"{result.kernels} kernels")
@@ -559,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--size", default="full", choices=["tiny", "full"])
     b.add_argument("--variant", default="sd1.5", help="the SD family member (sd1.5, sd2.1, sd-turbo)")
     b.add_argument("--matrix-attention", action="store_true", help="flash attention on subgroup matrices too")
+    b.add_argument(
+        "--matrix-tiles",
+        help="the GEMM kernels' tiles in order of preference, e.g. 64x128x64/r2,64x64x32 (MatrixTile.spec)",
+    )
     b.add_argument(
         "--tile",
         action="append",

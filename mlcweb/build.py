@@ -33,7 +33,7 @@ from tvm import relax
 
 import mlcweb_passes as mp
 from mlcweb_passes.webgpu.matrix_attention import planned_kernels
-from mlcweb_passes.webgpu.matrix_gemm import MatrixConfig
+from mlcweb_passes.webgpu.matrix_gemm import TILE_ORDER, MatrixConfig
 
 from .choices import DTYPES
 from .databases import shipped_database
@@ -154,6 +154,7 @@ def resolve(host: PluginHost, model: str, options: BuildOptions, *, link: bool =
         gpu=gpu,
         webgpu_matrix=matrix,
         webgpu_matrix_attention=options.webgpu_matrix_attention,
+        webgpu_matrix_tiles=options.webgpu_matrix_tiles or TILE_ORDER,
     )
     return ModelBuild(model, registered, config, options, target_info, pipeline)
 

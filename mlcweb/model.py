@@ -10,6 +10,7 @@ from typing import Any
 import tvm
 
 import mlcweb_passes as mp
+from mlcweb_passes.webgpu.matrix_gemm import MatrixTile
 
 __all__ = ["BuildOptions", "ImportOptions", "ImportedModel", "ModelSpec", "PhaseContext"]
 
@@ -93,6 +94,9 @@ class BuildOptions:
     # webgpu + float16 with webgpu_matrix: the flash attentions on subgroup matrices too (off: the first form
     # was slower than the portable kernel on an H100, benchmarks/README.md; the second is not yet timed)
     webgpu_matrix_attention: bool = False
+    # webgpu + float16 with webgpu_matrix: the GEMM kernels' tiles in order of preference (None: the pass
+    # library's TILE_ORDER)
+    webgpu_matrix_tiles: tuple[MatrixTile, ...] | None = None
     # cuda only: capture each function's kernel launches once in a CUDA graph and replay it on later calls
     cuda_graph: bool = True
     # layout of 2-D convolutions: "auto" (NHWC for cuda float16, as imported elsewhere), "NCHW" or "NHWC"

@@ -74,7 +74,7 @@ from .webgpu import vector_storage
 from .webgpu.flash_attention import fits_webgpu_flash_attention, webgpu_flash_attention_kernel
 from .webgpu.gemm import TILE_TABLE_FILE, WebGPUTile, read_tile_table
 from .webgpu.matrix_attention import PlanMatrixAttention
-from .webgpu.matrix_gemm import MatrixConfig, PlanMatrixGemms
+from .webgpu.matrix_gemm import TILE_ORDER, MatrixConfig, MatrixTile, PlanMatrixGemms
 from .webgpu.widen_gemm_operands import WidenGemmOperands
 
 __all__ = ["CONV_LAYOUTS", "PHASES", "PipelineOptions", "conv_layout", "phases", "pipeline", "tir_pipeline"]
@@ -107,7 +107,9 @@ class PipelineOptions:
     ``webgpu_matrix``: on WebGPU, float16 GEMMs also get kernels on subgroup matrices of this
     configuration (:mod:`~mlcweb_passes.webgpu.matrix_gemm`; planned here, written after compilation by
     :func:`~mlcweb_passes.webgpu.matrix_gemm.matrix_kernels` for pages to use where the adapter offers it);
-    with ``webgpu_matrix_attention`` the flash attentions too (:mod:`~mlcweb_passes.webgpu.matrix_attention`,
+    ``webgpu_matrix_tiles``: the GEMM kernels' tiles in order of preference (default
+    :data:`~mlcweb_passes.webgpu.matrix_gemm.TILE_ORDER`); with ``webgpu_matrix_attention`` the flash
+    attentions too (:mod:`~mlcweb_passes.webgpu.matrix_attention`,
     off by default: its first form was slower than the portable kernel on an H100, benchmarks/README.md).
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
     WebGPU tile table, ``webgpu_gemm_tiles.json``, gives WebGPU GEMMs its tiles too). ``webgpu_tiles``: a
@@ -125,6 +127,7 @@ class PipelineOptions:
     vector_loads: bool = True
     webgpu_matrix: MatrixConfig | None = None
     webgpu_matrix_attention: bool = False
+    webgpu_matrix_tiles: tuple[MatrixTile, ...] = TILE_ORDER
     database: Database | None = None
     webgpu_tiles: Mapping[str, WebGPUTile] | None = None
     gpu: GpuFacts | None = None
@@ -231,7 +234,7 @@ def kernel_phase(
     if options.wgmma and supports_wgmma(target):
         passes.append(WgmmaGemm(sm_count=_gpu(target, options).sm_count))
     if options.webgpu_matrix is not None and options.dtype == "float16" and target.kind.name == "webgpu":
-        passes.append(PlanMatrixGemms(options.webgpu_matrix))
+        passes.append(PlanMatrixGemms(options.webgpu_matrix, tiles=options.webgpu_matrix_tiles))
         if options.webgpu_matrix_attention:
             passes.append(PlanMatrixAttention(options.webgpu_matrix))
     return _sequential("kernels", [*passes, *extra])

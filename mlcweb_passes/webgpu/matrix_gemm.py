@@ -7,14 +7,15 @@ module writes each float16 GEMM of a webgpu build (a PrimFunc :mod:`~mlcweb_pass
 accepts: a linear layer, an implicit-GEMM NHWC convolution, a split-K slice, with producers and an
 elementwise epilogue) as a WGSL kernel on them:
 
-- a workgroup of 8 subgroups takes a ``rows x cols`` tile of one batch (:class:`MatrixTile`); each
+- a workgroup of subgroups (8 by default) takes a ``rows x cols`` tile of one batch (:class:`MatrixTile`); each
   ``depth``-deep slice of the two operands is copied to workgroup memory in 4-wide vectors (the
   operand's addressing, a convolution's window and zero padding included, printed from the PrimFunc),
   rows padded by 8 halves;
-- each subgroup multiplies a ``rows/4 x cols/2`` share from there, its results in float32 subgroup
-  matrices;
-- at the end each result matrix goes through a per-subgroup scratch in workgroup memory, and the
-  subgroup's lanes apply the PrimFunc's epilogue (casts, bias, scale, residual) and store.
+- each subgroup multiplies its share from there (the tile cut into the tile's ``grid`` of subgroups,
+  4 x 2 by default), its results in float32 subgroup matrices;
+- at the end each result matrix goes through a per-subgroup scratch in workgroup memory (shared by the
+  subgroups in ``rounds`` turns where workgroup memory is short), and the subgroup's lanes apply the
+  PrimFunc's epilogue (casts, bias, scale, residual) and store.
 
 TVM's WebGPU code generator has no subgroup-matrix types, so these kernels do not replace the PrimFunc
 in the module. :class:`PlanMatrixGemms` records a plan per PrimFunc (module attribute
@@ -30,7 +31,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import tvm
@@ -61,7 +62,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PLANS_ATTR = "mlcweb.matrix_gemms"  # module attribute: {PrimFunc name: MatrixPlan as JSON}
-SUBGROUPS = 8  # a workgroup's subgroups, as 4 rows x 2 columns of shares
 PAD = 8  # halves of padding a workgroup-memory row: rows 16-byte aligned, a subgroup's rows in distinct banks
 WGSL_TYPES = {"float16": "f16", "float32": "f32", "int32": "i32", "int64": "i32", "bool": "bool"}
 
@@ -90,40 +90,78 @@ class MatrixConfig:
 
 @dataclass(frozen=True)
 class MatrixTile:
-    """A workgroup's share of a GEMM: ``rows x cols`` outputs, walking the reduction ``depth`` at a time."""
+    """A workgroup's share of a GEMM: ``rows x cols`` outputs, walking the reduction ``depth`` at a time,
+    on ``grid`` subgroups (rows x columns of shares); ``rounds``: the epilogue's scratch holds the result
+    matrices of ``1 / rounds`` of the subgroups at a time (less workgroup memory for deeper tiles)."""
 
-    rows: int = 128
+    rows: int = 64
     cols: int = 128
     depth: int = 32
+    grid: tuple[int, int] = (4, 2)
+    rounds: int = 1
+
+    @property
+    def subgroups(self) -> int:
+        return self.grid[0] * self.grid[1]
 
     def shared_bytes(self, config: MatrixConfig) -> int:
         """Workgroup memory: the two operand slices (float16, padded rows) and the float32 scratch."""
-        return 2 * (self.rows + self.cols) * (self.depth + PAD) + 4 * SUBGROUPS * config.m * config.n
+        scratch = self.subgroups // self.rounds * config.m * config.n
+        return 2 * (self.rows + self.cols) * (self.depth + PAD) + 4 * scratch
+
+    def fits(self, config: MatrixConfig) -> bool:
+        """Whole subgroup matrices in each subgroup's share, whole 4-wide copies for every lane, and the
+        scratch's turns dividing the subgroups."""
+        (gr, gc), lanes = self.grid, self.subgroups * config.subgroup_size
+        shares = self.rows % (gr * config.m) == 0 and self.cols % (gc * config.n) == 0
+        copies = all((r * self.depth // 4) % lanes == 0 for r in (self.rows, self.cols))
+        return shares and copies and self.depth % config.k == 0 and self.subgroups % self.rounds == 0
+
+    def spec(self) -> str:
+        """``ROWSxCOLSxDEPTH[/GRxGC][/rROUNDS]``, as :meth:`parse` reads it."""
+        grid = f"/{self.grid[0]}x{self.grid[1]}" if self.grid != (4, 2) else ""
+        return f"{self.rows}x{self.cols}x{self.depth}{grid}" + (f"/r{self.rounds}" if self.rounds > 1 else "")
+
+    @staticmethod
+    def parse(text: str) -> MatrixTile:
+        """A tile from its :meth:`spec` (``64x128x64/r2``, ``64x128x32/2x2``); raises ValueError."""
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:/(\d+)x(\d+))?(?:/r(\d+))?", text.strip())
+        if match is None:
+            raise ValueError(f"tile {text!r} is not ROWSxCOLSxDEPTH[/GRxGC][/rROUNDS] (e.g. 64x128x32, 64x128x64/r2)")
+        rows, cols, depth, gr, gc, rounds = match.groups()
+        grid = (int(gr), int(gc)) if gr else (4, 2)
+        return MatrixTile(int(rows), int(cols), int(depth), grid, int(rounds or 1))
 
 
 # Tiles in order of preference, 64 rows (each subgroup a 16-row share): in the model on an H100 they beat
 # 128-row tiles (UNet step 47.6 against 50.4 ms, VAE 30.5 against 32.6, same machine session;
 # benchmarks/results/2026-12-06-h100-sd_webgpu-9.md), as matrix_gemm.mjs had timed on single GEMMs.
-TILE_ORDER = ((64, 128), (64, 64), (64, 32))
+TILE_ORDER = (MatrixTile(64, 128, 32), MatrixTile(64, 64, 32), MatrixTile(64, 32, 32))
 
 
 def choose_matrix_tile(
-    m: int, n: int, k: int, config: MatrixConfig, max_shared: int = WEBGPU_DEFAULT_SHARED
+    m: int,
+    n: int,
+    k: int,
+    config: MatrixConfig,
+    max_shared: int = WEBGPU_DEFAULT_SHARED,
+    order: tuple[MatrixTile, ...] = TILE_ORDER,
 ) -> MatrixTile:
-    """The first of :data:`TILE_ORDER` that divides the GEMM with whole subgroup matrices per subgroup,
-    32-deep (16 where ``k`` is not a multiple of 32), within ``max_shared`` bytes; where no tile's rows
-    divide ``m`` (CLIP's and the cross-attention projections' 2 x 77 tokens), the first whose columns
-    divide ``n``, its last row tile partial. Raises :class:`UnsupportedGemmError` where none fits."""
-    depth = 32 if k % 32 == 0 else config.k
-    if k % depth or depth % config.k:
-        raise UnsupportedGemmError(f"reduction of {k} is not a multiple of {config.k}")
+    """The first tile of ``order`` whose columns divide ``n`` with whole subgroup matrices per subgroup,
+    within ``max_shared`` bytes, its depth made shallower (32, then ``config.k``) where ``k`` is not a
+    multiple of it; of those, the first whose rows divide ``m``, else (CLIP's and the cross-attention
+    projections' 2 x 77 tokens) the first, its last row tile partial. Raises
+    :class:`UnsupportedGemmError` where none fits."""
     fitting = []
-    for rows, cols in TILE_ORDER:
-        tile = MatrixTile(rows, cols, depth)
-        shares = (rows // 4) % config.m == 0 and (cols // 2) % config.n == 0
-        copies = all((r * depth // 4) % (SUBGROUPS * config.subgroup_size) == 0 for r in (rows, cols))
-        if n % cols == 0 and shares and copies and tile.shared_bytes(config) <= max_shared:
+    for template in order:
+        depth = next((d for d in (template.depth, 32, config.k) if k % d == 0 and d <= template.depth), None)
+        if depth is None:
+            continue
+        tile = replace(template, depth=depth)
+        if n % tile.cols == 0 and tile.fits(config) and tile.shared_bytes(config) <= max_shared:
             fitting.append(tile)
+    if not fitting and k % config.k:
+        raise UnsupportedGemmError(f"reduction of {k} is not a multiple of {config.k}")
     whole = [tile for tile in fitting if m % tile.rows == 0]
     if whole or (fitting and m >= fitting[0].rows):
         return (whole or fitting)[0]
@@ -212,7 +250,8 @@ class MatrixPlan:
     @staticmethod
     def from_json(text: str) -> MatrixPlan:
         data = json.loads(text)
-        data["tile"] = MatrixTile(**data["tile"])
+        tile = data["tile"]
+        data["tile"] = MatrixTile(**{**tile, "grid": tuple(tile.get("grid", (4, 2)))})
         data["params"] = tuple(data["params"])
         return MatrixPlan(**data)
 
@@ -220,14 +259,20 @@ class MatrixPlan:
 _FLAT = {"s": "gemm_s", "m": "gemm_m", "n": "gemm_n", "k": "gemm_k"}
 
 
-def plan_matrix_gemm(func: tirx.PrimFunc, config: MatrixConfig, max_shared: int = WEBGPU_DEFAULT_SHARED) -> MatrixPlan:
-    """The subgroup-matrix kernel for ``func``; raises :class:`UnsupportedGemmError` when it has none:
+def plan_matrix_gemm(
+    func: tirx.PrimFunc,
+    config: MatrixConfig,
+    max_shared: int = WEBGPU_DEFAULT_SHARED,
+    tiles: tuple[MatrixTile, ...] = TILE_ORDER,
+) -> MatrixPlan:
+    """The subgroup-matrix kernel for ``func``, its tile the first of ``tiles`` that fits; raises
+    :class:`UnsupportedGemmError` when it has none:
     not a float16 GEMM of :mod:`~mlcweb_passes.gemm_analysis`'s kind, sizes no tile divides, an
     epilogue over column pairs or with an operation WGSL lacks (``erf``)."""
     found = analyze_gemm_func(func)
     gemm = found.gemm
     sizes = gemm.sizes
-    tile = choose_matrix_tile(sizes["m"], sizes["n"], sizes["k"], config, max_shared)
+    tile = choose_matrix_tile(sizes["m"], sizes["n"], sizes["k"], config, max_shared, tiles)
     if any(str(p.dtype) not in WGSL_TYPES or str(p.dtype) == "bool" for p in func.params):
         raise UnsupportedGemmError("a parameter of a type the kernel does not take")
     params = tuple(str(p.name) for p in func.params)
@@ -322,11 +367,17 @@ class PlanMatrixGemms(PlanMatrixKernels):
     attr = PLANS_ATTR
     what = "GEMM kernels"
 
+    def __init__(
+        self, config: MatrixConfig, max_shared: int | None = None, tiles: tuple[MatrixTile, ...] = TILE_ORDER
+    ) -> None:
+        super().__init__(config, max_shared)
+        self.tiles = tiles  # in order of preference (choose_matrix_tile)
+
     def wants(self, func: tirx.PrimFunc) -> bool:
         return SCHEDULED_ATTR not in func.attrs
 
     def plan(self, func: tirx.PrimFunc, max_shared: int) -> str:
-        return plan_matrix_gemm(func, self.config, max_shared).to_json()
+        return plan_matrix_gemm(func, self.config, max_shared, self.tiles).to_json()
 
 
 @dataclass(frozen=True)
@@ -439,8 +490,8 @@ def _source(
     shader: str, plan: MatrixPlan, config: MatrixConfig, declarations: str, helpers: str, emulate: bool = False
 ) -> str:
     tile, sm, sn, sk = plan.tile, config.m, config.n, config.k
-    threads = SUBGROUPS * config.subgroup_size
-    wm, wn = tile.rows // 4, tile.cols // 2
+    (gr, gc), threads = tile.grid, tile.subgroups * config.subgroup_size
+    wm, wn = tile.rows // gr, tile.cols // gc
     ti, tj = wm // sm, wn // sn
     lds = tile.depth + PAD
     left = f"subgroup_matrix_left<f16, {sk}, {sm}>"
@@ -480,21 +531,30 @@ def _source(
             for j in range(tj):
                 body.append(f"    c{i}_{j} = subgroupMatrixMultiplyAccumulate(a{i}_{kk}, b{j}_{kk}, c{i}_{j});")
     size = sm * sn
+    share = tile.subgroups // tile.rounds  # subgroups whose result matrices the scratch holds at once
+    slot = "sg" if tile.rounds == 1 else f"(sg % {share}u)"
     stores = []
     for i in range(ti):
         for j in range(tj):
-            stores += [
-                "  workgroupBarrier();",
-                _emulated_store(i, j, config)
-                if emulate
-                else f"  subgroupMatrixStore(&mlcweb_cs, sg * {size}u, c{i}_{j}, false, {sn}u);",
-                "  workgroupBarrier();",
-                f"  for (var e = lane; e < {size}u; e += {config.subgroup_size}u) {{",
-                f"    let r = row0 + wm + {i * sm}i + i32(e / {sn}u);",
-                f"    {f'if (r < {plan.m}i) ' if partial else ''}"
-                f"{{ mlcweb_out(gemm_s, r, col0 + wn + {j * sn}i + i32(e % {sn}u), mlcweb_cs[sg * {size}u + e]); }}",
-                "  }",
-            ]
+            for turn in range(tile.rounds):
+                mine = "" if tile.rounds == 1 else f"if (sg / {share}u == {turn}u) "
+                stores += [
+                    "  workgroupBarrier();",
+                    f"  {mine}{{ "
+                    + (
+                        _emulated_store(i, j, slot, config)
+                        if emulate
+                        else f"subgroupMatrixStore(&mlcweb_cs, {slot} * {size}u, c{i}_{j}, false, {sn}u);"
+                    )
+                    + " }",
+                    "  workgroupBarrier();",
+                    f"  {mine}{{ for (var e = lane; e < {size}u; e += {config.subgroup_size}u) {{",
+                    f"    let r = row0 + wm + {i * sm}i + i32(e / {sn}u);",
+                    f"    {f'if (r < {plan.m}i) ' if partial else ''}"
+                    f"{{ mlcweb_out(gemm_s, r, col0 + wn + {j * sn}i + i32(e % {sn}u),"
+                    f" mlcweb_cs[{slot} * {size}u + e]); }}",
+                    "  } }",
+                ]
     if emulate:
         header = "enable f16;"
         builtins = "@builtin(local_invocation_index) li : u32"
@@ -512,19 +572,19 @@ def _source(
         lanes = ""
     return f"""{header}
 // mlcweb: {plan.batch} x {plan.m} x {plan.n} x {plan.k} on {sm}x{sn}x{sk} subgroup matrices,
-// {tile.rows}x{tile.cols} tiles {tile.depth} deep{" (emulated by lanes)" if emulate else ""}
+// {tile.rows}x{tile.cols} tiles {tile.depth} deep on {gr}x{gc} subgroups{" (emulated by lanes)" if emulate else ""}
 {declarations}
 var<workgroup> mlcweb_as : array<f16, {tile.rows * lds}>;
 var<workgroup> mlcweb_bs : array<f16, {tile.cols * lds}>;
-var<workgroup> mlcweb_cs : array<f32, {SUBGROUPS * size}>;
+var<workgroup> mlcweb_cs : array<f32, {share * size}>;
 {helpers}
 @compute @workgroup_size({threads}, 1, 1)
 fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
 {lanes}  let gemm_s = i32(wg.y / {row_tiles}u);
   let row0 = i32(wg.y % {row_tiles}u) * {tile.rows}i;
   let col0 = i32(wg.x) * {tile.cols}i;
-  let wm = i32(sg / 2u) * {wm}i;
-  let wn = i32(sg % 2u) * {wn}i;
+  let wm = i32(sg / {gc}u) * {wm}i;
+  let wn = i32(sg % {gc}u) * {wn}i;
 {chr(10).join(lines)}
   for (var k0 = 0i; k0 < {plan.k}i; k0 += {tile.depth}i) {{
 {chr(10).join(body)}
@@ -556,9 +616,9 @@ def _emulated_mma(ti: int, tj: int, kk: int, lds: int, config: MatrixConfig) -> 
     return out
 
 
-def _emulated_store(i: int, j: int, config: MatrixConfig) -> str:
+def _emulated_store(i: int, j: int, slot: str, config: MatrixConfig) -> str:
     lanes, size = config.subgroup_size, config.m * config.n
     return (
-        f"  for (var t = 0u; t < {size // lanes}u; t++) {{"
-        f" mlcweb_cs[sg * {size}u + lane + t * {lanes}u] = c{i}_{j}[t]; }}"
+        f"for (var t = 0u; t < {size // lanes}u; t++) {{"
+        f" mlcweb_cs[{slot} * {size}u + lane + t * {lanes}u] = c{i}_{j}[t]; }}"
     )

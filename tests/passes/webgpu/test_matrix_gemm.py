@@ -12,6 +12,7 @@ The matrix operations themselves run on the GPU machine (benchmarks/webgpu/matri
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from mlcweb.wgsl_check import check_matrix_wgsl, wgsl_sources
 from mlcweb_passes.gemm_analysis import UnsupportedGemmError
 from mlcweb_passes.webgpu.matrix_gemm import (
     PLANS_ATTR,
+    TILE_ORDER,
     MatrixConfig,
     MatrixPlan,
     MatrixTile,
@@ -72,6 +74,24 @@ def test_tiles() -> None:
         choose_matrix_tile(48, 768, 768, CONFIG, 32768)  # fewer rows than a tile
 
 
+def test_tile_layouts() -> None:
+    """Deeper tiles, other subgroup grids and the scratch in turns: written and read back as specs, their
+    workgroup memory counted, chosen in the order given (a 64-deep tile made 32 deep where K needs it)."""
+    deep = MatrixTile.parse("64x128x64/r2")
+    assert deep == MatrixTile(64, 128, 64, (4, 2), 2) and deep.spec() == "64x128x64/r2"
+    assert MatrixTile.parse("64x128x32/2x2").grid == (2, 2) and MatrixTile(64, 128, 32).spec() == "64x128x32"
+    # operands 2 x (64 + 128) x (64 + 8) halves; scratch: 4 of 8 subgroups' 16 x 16 floats at a time
+    assert deep.shared_bytes(CONFIG) == 27648 + 4096 <= 32768 < replace(deep, rounds=1).shared_bytes(CONFIG)
+    order = (deep, MatrixTile(64, 32, 64, (2, 2)))
+    assert choose_matrix_tile(2048, 1280, 11520, CONFIG, 32768, order) == deep
+    assert choose_matrix_tile(2048, 1280, 2080, CONFIG, 32768, order) == replace(deep, depth=32)
+    assert choose_matrix_tile(256, 96, 64, CONFIG, 32768, order) == MatrixTile(64, 32, 64, (2, 2))
+    assert not MatrixTile(64, 128, 64, (4, 2), 3).fits(CONFIG)  # turns must divide the subgroups
+    assert not MatrixTile(32, 128, 32, (4, 2)).fits(CONFIG)  # 8-row shares
+    with pytest.raises(ValueError, match="ROWSxCOLSxDEPTH"):
+        MatrixTile.parse("64x128")
+
+
 @I.ir_module
 class Layers:
     @R.function
@@ -107,10 +127,12 @@ class Layers:
         return out
 
 
-def _compile(mod: tvm.IRModule) -> tuple[relax.VMExecutable, dict[str, str]]:
+def _compile(
+    mod: tvm.IRModule, tiles: tuple[MatrixTile, ...] = TILE_ORDER
+) -> tuple[relax.VMExecutable, dict[str, str]]:
     from webgpu_node import WEBGPU
 
-    options = mp.PipelineOptions(dtype="float16", conv_layout="NHWC", webgpu_matrix=CONFIG)
+    options = mp.PipelineOptions(dtype="float16", conv_layout="NHWC", webgpu_matrix=CONFIG, webgpu_matrix_tiles=tiles)
     with WEBGPU:
         lowered = mp.pipeline(WEBGPU, options)(mod)
     exe = tvm.compile(lowered, WEBGPU, relax_pipeline=None, tir_pipeline=mp.tir_pipeline(WEBGPU, options))
@@ -138,15 +160,24 @@ def test_kernels_declare_tvms_bindings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sorted(k.grid for k in kernels.values()) == [(1, 4, 1), (3, 3, 1), (3, 4, 1)]
 
 
+# the default tiles, then (the convolution only) 4 subgroups with the scratch in two turns; 32 deep, as
+# deeper tiles only lengthen the (emulated) multiply-adds, whose unrolled code lavapipe is slow to compile
+LAYOUTS = [TILE_ORDER, (MatrixTile(64, 64, 32, (2, 2), 2),)]
+
+
 @pytest.mark.skipif(not Path("/usr/share/vulkan/icd.d/lvp_icd.json").is_file(), reason="needs Mesa's lavapipe")
-def test_emulated_kernels_compute_the_layer() -> None:
+@pytest.mark.parametrize("tiles", LAYOUTS, ids=["default", "4-subgroups-2-turns"])
+def test_emulated_kernels_compute_the_layer(tiles: tuple[MatrixTile, ...]) -> None:
     """The generated kernels, matrix operations done by lanes, installed in place of TVM's shaders as the
     page installs them: numpy's result on lavapipe, within float16 rounding (1e-2 of the output's scale)."""
     from webgpu_node import LAVAPIPE, run_on_webgpu
 
-    exe, plans = _compile(Layers)
+    exe, plans = _compile(Layers, tiles)
     kernels = matrix_kernels(plans, wgsl_sources(exe.mod), CONFIG, emulate=True)
-    assert len(kernels) == 3
+    assert len(kernels) == (3 if tiles == TILE_ORDER else 1)  # 64x64 tiles: not the 96-column linears
+    if tiles != TILE_ORDER:
+        (conv,) = (k.code for k in kernels.values())
+        assert "64x64 tiles 32 deep on 2x2" in conv and "@workgroup_size(128, 1, 1)" in conv and "sg / 2u == 1u" in conv
     table = json.loads(json.dumps({k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 16, 8, 64)).astype(np.float16)
@@ -162,6 +193,8 @@ def test_emulated_kernels_compute_the_layer() -> None:
     )
     want = (conv + b.astype(np.float32)).astype(np.float16).astype(np.float32) + res.astype(np.float32)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max()))
+    if tiles != TILE_ORDER:
+        return
     t = rng.standard_normal((2, 128, 64)).astype(np.float16)
     lw = (rng.standard_normal((96, 64)) / 8).astype(np.float16)
     got = run_on_webgpu(exe, "linear", [t, lw], icd=LAVAPIPE, matrix=table).astype(np.float32)
