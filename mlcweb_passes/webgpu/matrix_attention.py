@@ -172,7 +172,7 @@ class PlanMatrixAttention(PlanMatrixKernels):
     def wants(self, func: tirx.PrimFunc) -> bool:
         return func.attrs is not None and ATTENTION_ATTR in func.attrs
 
-    def plan(self, func: tirx.PrimFunc, max_shared: int) -> str:
+    def plan(self, func: tirx.PrimFunc, max_shared: int, target: tvm.target.Target) -> str:
         return plan_matrix_attention(func, self.config, max_shared).to_json()
 
 

@@ -41,6 +41,7 @@ from .._relax import ModulePassBase
 from .._tir import SCHEDULED_ATTR, dtype_of
 from ..cuda.c_expr import CExprPrinter, UnsupportedExprError
 from ..gemm_analysis import Gemm, Operand, UnsupportedGemmError, analyze_gemm_func, flatten_axes, output_value
+from ..targets import gpu_facts
 from .flash_attention import WEBGPU_DEFAULT_SHARED
 
 __all__ = [
@@ -137,6 +138,11 @@ class MatrixTile:
 # 128-row tiles (UNet step 47.6 against 50.4 ms, VAE 30.5 against 32.6, same machine session;
 # benchmarks/results/2026-12-06-h100-sd_webgpu-9.md), as matrix_gemm.mjs had timed on single GEMMs.
 TILE_ORDER = (MatrixTile(64, 128, 32), MatrixTile(64, 64, 32), MatrixTile(64, 32, 32))
+# Where a GEMM makes at most a wave of workgroups (one per multiprocessor), its tile walks the reduction
+# this deep: fewer barriers per multiply-add, where no other workgroup hides them. On an H100, 64-deep
+# tiles made such GEMMs 5-26% faster (2 x 512 x 1280 linears, 4 x 128 x 1280 split-K slices) and larger
+# grids 10-50% slower (benchmarks/results/2026-12-06-h100-sd_webgpu-11.md).
+ONE_WAVE_DEPTH = 64
 
 
 def choose_matrix_tile(
@@ -146,12 +152,16 @@ def choose_matrix_tile(
     config: MatrixConfig,
     max_shared: int = WEBGPU_DEFAULT_SHARED,
     order: tuple[MatrixTile, ...] = TILE_ORDER,
+    wave: int = 0,
+    batch: int = 1,
 ) -> MatrixTile:
     """The first tile of ``order`` whose columns divide ``n`` with whole subgroup matrices per subgroup,
     within ``max_shared`` bytes, its depth made shallower (32, then ``config.k``) where ``k`` is not a
     multiple of it; of those, the first whose rows divide ``m``, else (CLIP's and the cross-attention
-    projections' 2 x 77 tokens) the first, its last row tile partial. Raises
-    :class:`UnsupportedGemmError` where none fits."""
+    projections' 2 x 77 tokens) the first, its last row tile partial. Where ``batch`` GEMMs on that tile
+    make at most ``wave`` workgroups, the tile walks :data:`ONE_WAVE_DEPTH` deep if ``k`` allows (the
+    epilogue's scratch in turns where workgroup memory needs it). Raises :class:`UnsupportedGemmError`
+    where none fits."""
     fitting = []
     for template in order:
         depth = next((d for d in (template.depth, 32, config.k) if k % d == 0 and d <= template.depth), None)
@@ -163,9 +173,16 @@ def choose_matrix_tile(
     if not fitting and k % config.k:
         raise UnsupportedGemmError(f"reduction of {k} is not a multiple of {config.k}")
     whole = [tile for tile in fitting if m % tile.rows == 0]
-    if whole or (fitting and m >= fitting[0].rows):
-        return (whole or fitting)[0]
-    raise UnsupportedGemmError(f"no tile divides {m} x {n}")
+    if not (whole or (fitting and m >= fitting[0].rows)):
+        raise UnsupportedGemmError(f"no tile divides {m} x {n}")
+    tile = (whole or fitting)[0]
+    if batch * -(-m // tile.rows) * (n // tile.cols) > wave or tile.depth >= ONE_WAVE_DEPTH or k % ONE_WAVE_DEPTH:
+        return tile
+    for rounds in (tile.rounds, 2 * tile.rounds):
+        deep = replace(tile, depth=ONE_WAVE_DEPTH, rounds=rounds)
+        if deep.fits(config) and deep.shared_bytes(config) <= max_shared:
+            return deep
+    return tile
 
 
 class WGSLExprPrinter(CExprPrinter):
@@ -264,15 +281,17 @@ def plan_matrix_gemm(
     config: MatrixConfig,
     max_shared: int = WEBGPU_DEFAULT_SHARED,
     tiles: tuple[MatrixTile, ...] = TILE_ORDER,
+    wave: int = 0,
 ) -> MatrixPlan:
-    """The subgroup-matrix kernel for ``func``, its tile the first of ``tiles`` that fits; raises
+    """The subgroup-matrix kernel for ``func``, its tile the first of ``tiles`` that fits (deeper for a
+    GEMM of at most ``wave`` workgroups, :func:`choose_matrix_tile`); raises
     :class:`UnsupportedGemmError` when it has none:
     not a float16 GEMM of :mod:`~mlcweb_passes.gemm_analysis`'s kind, sizes no tile divides, an
     epilogue over column pairs or with an operation WGSL lacks (``erf``)."""
     found = analyze_gemm_func(func)
     gemm = found.gemm
     sizes = gemm.sizes
-    tile = choose_matrix_tile(sizes["m"], sizes["n"], sizes["k"], config, max_shared, tiles)
+    tile = choose_matrix_tile(sizes["m"], sizes["n"], sizes["k"], config, max_shared, tiles, wave, sizes["s"])
     if any(str(p.dtype) not in WGSL_TYPES or str(p.dtype) == "bool" for p in func.params):
         raise UnsupportedGemmError("a parameter of a type the kernel does not take")
     params = tuple(str(p.name) for p in func.params)
@@ -338,7 +357,7 @@ class PlanMatrixKernels(ModulePassBase):
     def wants(self, func: tirx.PrimFunc) -> bool:
         raise NotImplementedError
 
-    def plan(self, func: tirx.PrimFunc, max_shared: int) -> str:
+    def plan(self, func: tirx.PrimFunc, max_shared: int, target: tvm.target.Target) -> str:
         raise NotImplementedError
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -351,7 +370,7 @@ class PlanMatrixKernels(ModulePassBase):
             if not isinstance(func, tirx.PrimFunc) or not self.wants(func):
                 continue
             try:
-                plans[gv.name_hint] = self.plan(func, limit)
+                plans[gv.name_hint] = self.plan(func, limit, target)
             except UnsupportedGemmError as why:
                 log.debug("%s keeps its portable kernel only: %s", gv.name_hint, why)
         log.info("subgroup matrices: %d %s planned", len(plans), self.what)
@@ -368,16 +387,22 @@ class PlanMatrixGemms(PlanMatrixKernels):
     what = "GEMM kernels"
 
     def __init__(
-        self, config: MatrixConfig, max_shared: int | None = None, tiles: tuple[MatrixTile, ...] = TILE_ORDER
+        self,
+        config: MatrixConfig,
+        max_shared: int | None = None,
+        tiles: tuple[MatrixTile, ...] = TILE_ORDER,
+        wave: int | None = None,
     ) -> None:
         super().__init__(config, max_shared)
         self.tiles = tiles  # in order of preference (choose_matrix_tile)
+        self.wave = wave  # workgroups a GPU runs at once; None: the target's multiprocessors (gpu_facts)
 
     def wants(self, func: tirx.PrimFunc) -> bool:
         return SCHEDULED_ATTR not in func.attrs
 
-    def plan(self, func: tirx.PrimFunc, max_shared: int) -> str:
-        return plan_matrix_gemm(func, self.config, max_shared, self.tiles).to_json()
+    def plan(self, func: tirx.PrimFunc, max_shared: int, target: tvm.target.Target) -> str:
+        wave = gpu_facts(target).sm_count if self.wave is None else self.wave
+        return plan_matrix_gemm(func, self.config, max_shared, self.tiles, wave).to_json()
 
 
 @dataclass(frozen=True)
@@ -517,10 +542,10 @@ def _source(
             body.append(f"      let v = {read}; let o = r * {lds}i + 4i * q;")
             body.append(f"      {buf}[o] = v.x; {buf}[o + 1i] = v.y; {buf}[o + 2i] = v.z; {buf}[o + 3i] = v.w; }}")
     body.append("    workgroupBarrier();")
-    for kk in range(0, tile.depth, sk):
-        if emulate:
-            body += _emulated_mma(ti, tj, kk, lds, config)
-            continue
+    if emulate:  # one loop over the slice's steps: lavapipe compiles unrolled emulation slowly
+        loop = f"    for (var kk = 0i; kk < {tile.depth}i; kk += {sk}i) {{"
+        body += [loop, *_emulated_mma(ti, tj, lds, config), "    }"]
+    for kk in range(0, 0 if emulate else tile.depth, sk):
         for i in range(ti):
             at = f"u32((wm + {i * sm}i) * {lds}i + {kk}i)"
             body.append(f"    let a{i}_{kk} = subgroupMatrixLoad<{left}>(&mlcweb_as, {at}, false, {lds}u);")
@@ -594,9 +619,9 @@ fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
 """
 
 
-def _emulated_mma(ti: int, tj: int, kk: int, lds: int, config: MatrixConfig) -> list[str]:
-    """Each subgroup's multiply-adds of one ``config.k``-deep step by its lanes: element ``e`` of result
-    matrix ``(i, j)`` (row-major, as ``subgroupMatrixStore`` lays it out) is lane ``e % subgroup_size``'s
+def _emulated_mma(ti: int, tj: int, lds: int, config: MatrixConfig) -> list[str]:
+    """Each subgroup's multiply-adds of the ``config.k``-deep step at ``kk`` by its lanes: element ``e`` of
+    result matrix ``(i, j)`` (row-major, as ``subgroupMatrixStore`` lays it out) is lane ``e % subgroup_size``'s
     ``e / subgroup_size``-th, from the same workgroup-memory rows the subgroup-matrix loads read."""
     sm, sn, sk, lanes = config.m, config.n, config.k, config.subgroup_size
     out = []
@@ -607,8 +632,8 @@ def _emulated_mma(ti: int, tj: int, kk: int, lds: int, config: MatrixConfig) -> 
                 f"      let e = lane + t * {lanes}u; let r = i32(e / {sn}u); let c = i32(e % {sn}u);",
                 f"      var sum = c{i}_{j}[t];",
                 f"      for (var x = 0i; x < {sk}i; x++) {{",
-                f"        sum += f32(mlcweb_as[(wm + {i * sm}i + r) * {lds}i + {kk}i + x])"
-                f" * f32(mlcweb_bs[(wn + {j * sn}i + c) * {lds}i + {kk}i + x]);",
+                f"        sum += f32(mlcweb_as[(wm + {i * sm}i + r) * {lds}i + kk + x])"
+                f" * f32(mlcweb_bs[(wn + {j * sn}i + c) * {lds}i + kk + x]);",
                 "      }",
                 f"      c{i}_{j}[t] = sum;",
                 "    }",

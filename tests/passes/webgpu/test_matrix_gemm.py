@@ -86,6 +86,10 @@ def test_tile_layouts() -> None:
     assert choose_matrix_tile(2048, 1280, 11520, CONFIG, 32768, order) == deep
     assert choose_matrix_tile(2048, 1280, 2080, CONFIG, 32768, order) == replace(deep, depth=32)
     assert choose_matrix_tile(256, 96, 64, CONFIG, 32768, order) == MatrixTile(64, 32, 64, (2, 2))
+    # a GEMM of at most a wave of workgroups walks 64 deep (scratch in turns to fit 32 KiB); more: 32
+    assert choose_matrix_tile(512, 1280, 1280, CONFIG, 32768, wave=128) == deep  # 8 x 10 workgroups
+    assert choose_matrix_tile(512, 1280, 1280, CONFIG, 32768, wave=128, batch=2) == MatrixTile(64, 128, 32)
+    assert choose_matrix_tile(512, 1280, 1312, CONFIG, 32768, wave=128) == MatrixTile(64, 128, 32)  # K: 41 x 32
     assert not MatrixTile(64, 128, 64, (4, 2), 3).fits(CONFIG)  # turns must divide the subgroups
     assert not MatrixTile(32, 128, 32, (4, 2)).fits(CONFIG)  # 8-row shares
     with pytest.raises(ValueError, match="ROWSxCOLSxDEPTH"):
@@ -160,8 +164,8 @@ def test_kernels_declare_tvms_bindings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sorted(k.grid for k in kernels.values()) == [(1, 4, 1), (3, 3, 1), (3, 4, 1)]
 
 
-# the default tiles, then (the convolution only) 4 subgroups with the scratch in two turns; 32 deep, as
-# deeper tiles only lengthen the (emulated) multiply-adds, whose unrolled code lavapipe is slow to compile
+# the default tiles, then (the convolution only) 4 subgroups with the scratch in two turns; every GEMM
+# here makes less than a wave of workgroups, so both walk 64 deep
 LAYOUTS = [TILE_ORDER, (MatrixTile(64, 64, 32, (2, 2), 2),)]
 
 
@@ -177,7 +181,7 @@ def test_emulated_kernels_compute_the_layer(tiles: tuple[MatrixTile, ...]) -> No
     assert len(kernels) == (3 if tiles == TILE_ORDER else 1)  # 64x64 tiles: not the 96-column linears
     if tiles != TILE_ORDER:
         (conv,) = (k.code for k in kernels.values())
-        assert "64x64 tiles 32 deep on 2x2" in conv and "@workgroup_size(128, 1, 1)" in conv and "sg / 2u == 1u" in conv
+        assert "64x64 tiles 64 deep on 2x2" in conv and "@workgroup_size(128, 1, 1)" in conv and "sg / 2u == 1u" in conv
     table = json.loads(json.dumps({k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 16, 8, 64)).astype(np.float16)
