@@ -88,6 +88,14 @@ MATRIX_VARIANTS: dict[str, tuple[tuple[int, int], ...] | None] = {
     "matrix-attn-2x64": ((2, 64), (2, 32), (2, 16)),
     "matrix-attn-2x32": ((2, 32), (2, 16)),
 }
+# vec4-nhwc with other portable flash-attention tiles tried first ((rows, keys, rows a thread), ahead of
+# webgpu/flash_attention.TILES): larger tiles within the same 32 KiB of workgroup memory
+FLASH_VARIANTS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "flash-128x32": ((128, 32, 4),),
+    "flash-64x64": ((64, 64, 4),),
+    "flash-64x32x8": ((64, 32, 8),),
+    "flash-128x32x8": ((128, 32, 8),),
+}
 
 
 def _options(variant: str) -> Any:
@@ -310,12 +318,14 @@ def build(args: argparse.Namespace) -> int:
 
     target = _target()
     shapes = TINY if args.tiny else SHAPES
+    if args.only:
+        shapes = {name: shape for name, shape in shapes.items() if name in args.only.split(",")}
     for variant in args.variants.split(","):
-        if variant not in VARIANTS and variant not in MATRIX_VARIANTS:
+        if variant not in VARIANTS and variant not in MATRIX_VARIANTS and variant not in FLASH_VARIANTS:
             print(f"webgpu_kernels build: no variant {variant!r}", file=sys.stderr)
             return 2
         options = _options(variant)
-        with _tiles(gemm, VARIANTS.get(variant, ({},))[0]):
+        with _tiles(gemm, VARIANTS.get(variant, ({},))[0]), _flash_tiles(FLASH_VARIANTS.get(variant, ())):
             for dtype in args.dtypes.split(","):
                 if variant in MATRIX_VARIANTS and dtype != "float16":
                     continue  # subgroup matrices: float16 only
@@ -323,6 +333,19 @@ def build(args: argparse.Namespace) -> int:
                 _build_library(dest, variant, dtype, shapes, target, options)
                 print(f"built {dest}", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _flash_tiles(tiles: tuple[tuple[int, int, int], ...]) -> Iterator[None]:
+    """The portable flash-attention kernel tries ``tiles`` first while building."""
+    from mlcweb_passes.webgpu import flash_attention
+
+    saved = flash_attention.TILES
+    flash_attention.TILES = (*(flash_attention.WebGPUFlashTile(*t) for t in tiles), *saved)
+    try:
+        yield
+    finally:
+        flash_attention.TILES = saved
 
 
 def run(args: argparse.Namespace) -> int:
@@ -383,11 +406,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build")
     b.add_argument("--out", required=True)
-    b.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join([*VARIANTS, *MATRIX_VARIANTS])}")
+    b.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"of {', '.join([*VARIANTS, *MATRIX_VARIANTS, *FLASH_VARIANTS])}"
+    )
     b.add_argument(
         "--dtypes", default="float32,float16", help="float32, float16, or IN-to-OUT (GEMMs reading IN, writing OUT)"
     )
     b.add_argument("--tiny", action="store_true", help="small shapes, for SwiftShader")
+    b.add_argument("--only", help="build only these shapes (comma-separated names, e.g. unet_attn_64)")
     r = sub.add_parser("run")
     r.add_argument("--carry", required=True)
     r.add_argument("--results", required=True)
