@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--matrix-attention",
         action="store_true",
-        help="webgpu float16: the flash attentions on subgroup matrices too (experimental: not yet faster than "
-        "the portable kernel on the GPUs measured)",
+        help="webgpu float16: the flash attentions on subgroup matrices too (experimental: slower than the "
+        "portable kernel on the GPUs measured)",
     )
     b.add_argument(
         "--conv-layout",

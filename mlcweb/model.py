@@ -91,8 +91,8 @@ class BuildOptions:
     # webgpu + float16 only: also write kernels on subgroup matrices (tensor cores) for the GEMMs, which the
     # page uses where the adapter offers chromium-experimental-subgroup-matrix with float16 -> float32
     webgpu_matrix: bool = True
-    # webgpu + float16 with webgpu_matrix: the flash attentions on subgroup matrices too (off: the first form
-    # was slower than the portable kernel on an H100, benchmarks/README.md; the second is not yet timed)
+    # webgpu + float16 with webgpu_matrix: the flash attentions on subgroup matrices too (off: both forms were
+    # slower than the portable kernel on an H100, benchmarks/README.md)
     webgpu_matrix_attention: bool = False
     # webgpu + float16 with webgpu_matrix: the GEMM kernels' tiles in order of preference (None: the pass
     # library's TILE_ORDER)

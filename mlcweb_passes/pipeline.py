@@ -110,7 +110,7 @@ class PipelineOptions:
     ``webgpu_matrix_tiles``: the GEMM kernels' tiles in order of preference (default
     :data:`~mlcweb_passes.webgpu.matrix_gemm.TILE_ORDER`); with ``webgpu_matrix_attention`` the flash
     attentions too (:mod:`~mlcweb_passes.webgpu.matrix_attention`,
-    off by default: its first form was slower than the portable kernel on an H100, benchmarks/README.md).
+    off by default: both forms were slower than the portable kernel on an H100, benchmarks/README.md).
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
     WebGPU tile table, ``webgpu_gemm_tiles.json``, gives WebGPU GEMMs its tiles too). ``webgpu_tiles``: a
     tile table (:func:`~mlcweb_passes.webgpu.gemm.read_tile_table`) for WebGPU GEMMs, instead of the
