@@ -89,11 +89,11 @@ class WebGPUFlashTile:
 
     def shared_bytes(self, head_dim: int, dtype: str) -> int:
         """Workgroup memory: the Q tile, the K/V tile, the probabilities (all in ``dtype``, rows padded by
-        one element) and two float32 words a thread for the row maxima and sums."""
+        one element) and, for the row maxima and sums, a float32 word each per row and column group."""
         size = 2 if dtype == "float16" else 4
         dp = _padded(head_dim)
         tiles = self.rows * (dp + 1) + self.keys * (dp + 1) + self.rows * (self.keys + 1)
-        return tiles * size + 2 * self.threads * 4
+        return tiles * size + 2 * self.rows * COLUMN_GROUPS * 4
 
 
 # Largest first: more rows share each K/V tile copied; fewer keys a step keep the scores' registers few.
