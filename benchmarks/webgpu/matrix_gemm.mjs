@@ -45,6 +45,8 @@ export const VARIANTS = {
   "shared-64x256-k32": { bm: 64, bn: 256, bk: 32, rounds: 2 },
   "shared-128x64-k64-w4": { bm: 128, bn: 64, bk: 64, sg: [2, 2] },
   "shared-64x128-k32-pf": { bm: 64, bn: 128, bk: 32, prefetch: true },
+  "shared-128x128-k32-pf": { bm: 128, bn: 128, bk: 32, prefetch: true },
+  "shared-64x64-k64-pf": { bm: 64, bn: 64, bk: 64, prefetch: true },
   "direct-128x128": { bm: 128, bn: 128, direct: true },
 };
 

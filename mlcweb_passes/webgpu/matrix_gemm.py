@@ -268,7 +268,7 @@ class MatrixPlan:
     def from_json(text: str) -> MatrixPlan:
         data = json.loads(text)
         tile = data["tile"]
-        data["tile"] = MatrixTile(**{**tile, "grid": tuple(tile.get("grid", (4, 2)))})
+        data["tile"] = MatrixTile(**{**tile, "grid": tuple(tile["grid"])})
         data["params"] = tuple(data["params"])
         return MatrixPlan(**data)
 
@@ -519,8 +519,6 @@ def _source(
     wm, wn = tile.rows // gr, tile.cols // gc
     ti, tj = wm // sm, wn // sn
     lds = tile.depth + PAD
-    left = f"subgroup_matrix_left<f16, {sk}, {sm}>"
-    right = f"subgroup_matrix_right<f16, {sn}, {sk}>"
     result = f"subgroup_matrix_result<f32, {sn}, {sm}>"
     row_tiles = -(-plan.m // tile.rows)
     partial = plan.m % tile.rows != 0  # the last row tile: A's rows past m read as zeros, not stored
@@ -545,16 +543,8 @@ def _source(
     if emulate:  # one loop over the slice's steps: lavapipe compiles unrolled emulation slowly
         loop = f"    for (var kk = 0i; kk < {tile.depth}i; kk += {sk}i) {{"
         body += [loop, *_emulated_mma(ti, tj, lds, config), "    }"]
-    for kk in range(0, 0 if emulate else tile.depth, sk):
-        for i in range(ti):
-            at = f"u32((wm + {i * sm}i) * {lds}i + {kk}i)"
-            body.append(f"    let a{i}_{kk} = subgroupMatrixLoad<{left}>(&mlcweb_as, {at}, false, {lds}u);")
-        for j in range(tj):
-            at = f"u32((wn + {j * sn}i) * {lds}i + {kk}i)"
-            body.append(f"    let b{j}_{kk} = subgroupMatrixLoad<{right}>(&mlcweb_bs, {at}, true, {lds}u);")
-        for i in range(ti):
-            for j in range(tj):
-                body.append(f"    c{i}_{j} = subgroupMatrixMultiplyAccumulate(a{i}_{kk}, b{j}_{kk}, c{i}_{j});")
+    else:
+        body += _matrix_mma(ti, tj, tile.depth, lds, config)
     size = sm * sn
     share = tile.subgroups // tile.rounds  # subgroups whose result matrices the scratch holds at once
     slot = "sg" if tile.rounds == 1 else f"(sg % {share}u)"
@@ -617,6 +607,26 @@ fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
 {chr(10).join(stores)}
 }}
 """
+
+
+def _matrix_mma(ti: int, tj: int, depth: int, lds: int, config: MatrixConfig) -> list[str]:
+    """Each subgroup's loads and multiply-adds of a ``depth``-deep slice, unrolled over its
+    ``config.k``-deep steps: ``ti`` left and ``tj`` right operands from workgroup memory per step."""
+    sm, sn, sk = config.m, config.n, config.k
+    left = f"subgroup_matrix_left<f16, {sk}, {sm}>"
+    right = f"subgroup_matrix_right<f16, {sn}, {sk}>"
+    out = []
+    for kk in range(0, depth, sk):
+        for i in range(ti):
+            at = f"u32((wm + {i * sm}i) * {lds}i + {kk}i)"
+            out.append(f"    let a{i}_{kk} = subgroupMatrixLoad<{left}>(&mlcweb_as, {at}, false, {lds}u);")
+        for j in range(tj):
+            at = f"u32((wn + {j * sn}i) * {lds}i + {kk}i)"
+            out.append(f"    let b{j}_{kk} = subgroupMatrixLoad<{right}>(&mlcweb_bs, {at}, true, {lds}u);")
+        for i in range(ti):
+            for j in range(tj):
+                out.append(f"    c{i}_{j} = subgroupMatrixMultiplyAccumulate(a{i}_{kk}, b{j}_{kk}, c{i}_{j});")
+    return out
 
 
 def _emulated_mma(ti: int, tj: int, lds: int, config: MatrixConfig) -> list[str]:
