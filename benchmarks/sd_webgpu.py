@@ -60,8 +60,26 @@ def build(args: argparse.Namespace) -> int:
 
     changes = dict(tile_change(item, gemm.LARGE) for item in args.tile)
     host = PluginHost()
-    with _tiles(gemm, changes), _vector_loads(args.vector_loads):
+    with _tiles(gemm, changes), _vector_loads(args.vector_loads), _split_policy(args.split_policy):
         return _build_dtypes(args, host)
+
+
+@contextlib.contextmanager
+def _split_policy(spec: str | None) -> Iterator[None]:
+    """The builds' pipeline with ``PipelineOptions.split_k_policy`` from ``--split-policy`` (None: default)."""
+    import functools
+    from unittest import mock
+
+    import mlcweb_passes as mp
+
+    if not spec:
+        yield
+        return
+    tile, waves, min_slice = spec.split(",")
+    rows, cols = (int(v) for v in tile.split("x"))
+    policy = mp.SplitPolicy((rows, cols), float(waves), int(min_slice))
+    with mock.patch.object(mp, "PipelineOptions", functools.partial(mp.PipelineOptions, split_k_policy=policy)):
+        yield
 
 
 @contextlib.contextmanager
@@ -577,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="FIELD=INT: a WebGPUTile field for every tile (prefetch=1); FIELD=FIELD takes another field of each "
         "tile (virtual_i=micro_i), FIELD=half_FIELD half of it",
+    )
+    b.add_argument(
+        "--split-policy",
+        help="ROWSxCOLS,WAVES,MIN_SLICE: PipelineOptions.split_k_policy (mlcweb_passes.SplitPolicy) for the builds",
     )
     b.add_argument(
         "--vector-loads",

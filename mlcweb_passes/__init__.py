@@ -45,7 +45,7 @@ from .rewrites.linear_weight_layout import LinearWeightLayout
 from .rewrites.memory_plan import FunctionMemory, StaticMemoryPlan, memory_report
 from .rewrites.merge_projections import MergeProjections
 from .rewrites.mixed_precision import KEEP_FLOAT32_ATTR, MixedPrecision
-from .rewrites.split_k_conv import SplitKConv
+from .rewrites.split_k_conv import SplitKConv, SplitPolicy
 from .schedules.apply_database import ApplyDatabase, ScheduleReport, load_database, schedule_report
 from .schedules.default_schedule import DefaultSchedule, default_rules, is_scheduled
 from .targets import GpuFacts, async_copy_config, gpu_facts, is_gpu_target
@@ -87,6 +87,7 @@ __all__ = [
     "RemoveUnusedFunctions",
     "ScheduleReport",
     "SplitKConv",
+    "SplitPolicy",
     "StaticMemoryPlan",
     "WgmmaGemm",
     "apply_transform_params",

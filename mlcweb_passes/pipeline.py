@@ -67,7 +67,7 @@ from .rewrites.lift_kernel_scratch import LiftKernelScratch
 from .rewrites.linear_weight_layout import LinearWeightLayout
 from .rewrites.memory_plan import StaticMemoryPlan
 from .rewrites.mixed_precision import MixedPrecision
-from .rewrites.split_k_conv import SplitKConv
+from .rewrites.split_k_conv import SplitKConv, SplitPolicy
 from .schedules.apply_database import ApplyDatabase
 from .targets import GpuFacts, gpu_facts, is_gpu_target, sm_version
 from .webgpu import vector_storage
@@ -97,7 +97,9 @@ class PipelineOptions:
     ``"NHWC"``. ``flash_attention``: attention as one kernel where the target has one (float16 on CUDA
     sm_80+, float16 and float32 on WebGPU).
     ``split_k``: split the reduction of NHWC convolutions with few output tiles (float16 on CUDA sm_70+;
-    float16 and float32 on WebGPU). ``wgmma``: float16 GEMMs as generated Hopper kernels on sm_90.
+    float16 and float32 on WebGPU); ``split_k_policy``: when and how finely (default: the
+    :class:`~mlcweb_passes.rewrites.split_k_conv.SplitPolicy` measured on CUDA).
+    ``wgmma``: float16 GEMMs as generated Hopper kernels on sm_90.
     ``widen_gemm_operands``: on WebGPU, float16 GEMMs with float32 results convert their operands once
     per workgroup copy instead of once per multiply-add (``webgpu.widen_gemm_operands``; off by default,
     as measured in benchmarks/README.md).
@@ -122,6 +124,7 @@ class PipelineOptions:
     conv_layout: str = "auto"
     flash_attention: bool = True
     split_k: bool = True
+    split_k_policy: SplitPolicy | None = None
     wgmma: bool = True
     widen_gemm_operands: bool = False
     vector_loads: bool = True
@@ -169,7 +172,8 @@ def weight_phase(
         webgpu = target.kind.name == "webgpu"
         dtypes = ("float16", "float32") if webgpu else ("float16",)
         widen = webgpu and options.widen_gemm_operands
-        passes.append(SplitKConv(sm_count=_gpu(target, options).sm_count, dtypes=dtypes, widen=widen))
+        sms = _gpu(target, options).sm_count
+        passes.append(SplitKConv(sm_count=sms, dtypes=dtypes, widen=widen, policy=options.split_k_policy))
     return _sequential("weights", passes)
 
 

@@ -23,7 +23,9 @@ The pass rewrites such a float16 ``conv2d`` (float16 or float32 on WebGPU; NHWC 
 The float32 partial sums are written once and read once (10 MiB for 512 x 1280 outputs in 4 splits),
 which costs far less than the idle multiprocessors. Only the order of the float32 additions changes.
 
-:func:`choose_splits` picks the number of slices from the GEMM shape and the multiprocessor count.
+:func:`choose_splits` picks the number of slices from the GEMM shape and the multiprocessor count, by a
+:class:`SplitPolicy` (its defaults measured for CUDA's tensor-core tiles; the WebGPU pipeline gives its
+own for the subgroup-matrix tiles).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import logging
 import math
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import tvm
 from tvm import relax, te, topi
@@ -42,7 +45,7 @@ from .._relax import ModulePassBase, op_name, rewrite_and_clean, static_shape
 from ..targets import gpu_facts
 from ..webgpu.widen_gemm_operands import widened
 
-__all__ = ["SplitKConv", "choose_splits"]
+__all__ = ["SplitKConv", "SplitPolicy", "choose_splits"]
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +56,43 @@ MIN_SLICE_REDUCTION = 2880  # products per output in one slice (3 x 3 x 320)
 VECTOR = 8  # with a fixed split count, channels per slice must still be whole 16-byte float16 vectors
 
 
-def choose_splits(rows: int, cols: int, channels: int, window: int, sms: int) -> int:
+@dataclass(frozen=True)
+class SplitPolicy:
+    """When and how finely :func:`choose_splits` splits: a convolution whose output makes fewer than
+    ``waves`` x the multiprocessors of ``tile`` (rows x columns) output tiles is split into the most
+    slices that keep each slice a multiple of :data:`SLICE_ALIGN` channels and its reduction (window x
+    channels) at least ``min_slice`` long. The defaults are CUDA's (``benchmarks/split_k.py`` on an
+    H100, SD1.5's UNet): 128x128 tiles, one wave, 2880 products (3 x 3 x 320)."""
+
+    tile: tuple[int, int] = (LARGE_TILE, LARGE_TILE)
+    waves: float = 1.0
+    min_slice: int = MIN_SLICE_REDUCTION
+
+    def __post_init__(self) -> None:
+        if min(self.tile) < 1 or self.waves <= 0 or self.min_slice < 1:
+            raise ValueError(f"a split policy needs positive tile edges, waves and slice length, not {self}")
+
+
+def choose_splits(
+    rows: int, cols: int, channels: int, window: int, sms: int, policy: SplitPolicy = SplitPolicy()
+) -> int:
     """How many slices to split a convolution's input ``channels`` into, for an output of ``rows x cols``
     and a kernel ``window`` (``kh * kw``) on a GPU of ``sms`` multiprocessors.
 
-    1 when the output already makes a wave of 128x128 tiles. Otherwise the most slices that keep each
-    slice a multiple of :data:`SLICE_ALIGN` channels and its reduction (``window`` x channels) at least
-    :data:`MIN_SLICE_REDUCTION` long (``benchmarks/split_k.py``, SD1.5's UNet): a slice whose channels
-    are not a multiple of the 64-deep reduction step straddles kernel positions and runs several times
-    slower; shorter slices gain nothing more.
+    1 when the output already makes ``policy.waves`` waves of ``policy.tile`` tiles. Otherwise the most
+    slices that keep each slice a multiple of :data:`SLICE_ALIGN` channels and its reduction (``window``
+    x channels) at least ``policy.min_slice`` long: a slice whose channels are not a multiple of the
+    64-deep reduction step straddles kernel positions and runs several times slower; on CUDA shorter
+    slices than the default gained nothing more.
     """
-    tiles = math.ceil(rows / LARGE_TILE) * math.ceil(cols / LARGE_TILE)
-    if tiles >= sms:
+    tiles = math.ceil(rows / policy.tile[0]) * math.ceil(cols / policy.tile[1])
+    if tiles >= policy.waves * sms:
         return 1
     best = 1
     for splits in range(2, channels // SLICE_ALIGN + 1):
         if channels % (splits * SLICE_ALIGN):
             continue
-        if window * channels // splits < MIN_SLICE_REDUCTION:
+        if window * channels // splits < policy.min_slice:
             break
         best = splits
     return best
@@ -122,9 +144,16 @@ def _sum_splits(partial: te.Tensor, out_dtype: str) -> te.Tensor:
 @mutator
 class _Rewriter(PyExprMutator):
     def __init__(
-        self, mod: tvm.IRModule, splits: int | None, sms: int, dtypes: tuple[str, ...], widen: bool = False
+        self,
+        mod: tvm.IRModule,
+        splits: int | None,
+        sms: int,
+        dtypes: tuple[str, ...],
+        widen: bool = False,
+        policy: SplitPolicy = SplitPolicy(),
     ) -> None:
         super().__init__(mod)
+        self.policy = policy
         self.splits = splits
         self.sms = sms
         self.dtypes = dtypes
@@ -147,7 +176,7 @@ class _Rewriter(PyExprMutator):
         if self.splits is not None:
             return self.splits if channels % (self.splits * VECTOR) == 0 else 1
         rows = out_shape[0] * out_shape[1] * out_shape[2]
-        return choose_splits(rows, out_shape[3], channels, w_shape[1] * w_shape[2], self.sms)
+        return choose_splits(rows, out_shape[3], channels, w_shape[1] * w_shape[2], self.sms, self.policy)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         if op_name(call) != "relax.nn.conv2d":
@@ -194,8 +223,9 @@ class SplitKConv(ModulePassBase):
     the WebGPU pipeline passes float32 too). ``splits`` fixes the slice count for every convolution
     whose channels divide into it (benchmarks, tests); by default :func:`choose_splits` picks one per
     shape for ``sm_count`` multiprocessors (the current target's
-    :func:`~mlcweb_passes.targets.gpu_facts` when not given). ``widen``: float16 partial GEMMs cast
-    their operands to float32 in producer stages (WebGPU; see :func:`_partials`).
+    :func:`~mlcweb_passes.targets.gpu_facts` when not given) and ``policy`` (default: CUDA's
+    :class:`SplitPolicy`). ``widen``: float16 partial GEMMs cast their operands to float32 in producer
+    stages (WebGPU; see :func:`_partials`).
     """
 
     def __init__(
@@ -204,6 +234,7 @@ class SplitKConv(ModulePassBase):
         sm_count: int | None = None,
         dtypes: Sequence[str] = ("float16",),
         widen: bool = False,
+        policy: SplitPolicy | None = None,
     ) -> None:
         if splits is not None and splits < 1:
             raise ValueError(f"splits must be at least 1, not {splits}")
@@ -211,12 +242,13 @@ class SplitKConv(ModulePassBase):
         self.sm_count = sm_count
         self.dtypes = tuple(dtypes)
         self.widen = widen
+        self.policy = policy or SplitPolicy()
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         sms = self.sm_count
         if sms is None and self.splits is None:
             sms = gpu_facts(tvm.target.Target.current(allow_none=False)).sm_count
-        rewriter = _Rewriter(mod, self.splits, sms or 1, self.dtypes, self.widen)
+        rewriter = _Rewriter(mod, self.splits, sms or 1, self.dtypes, self.widen, self.policy)
         result = rewrite_and_clean(mod, rewriter)
         if rewriter.rewritten:
             log.info("%d convolutions split their reduction (%s slices)", len(rewriter.rewritten), rewriter.rewritten)

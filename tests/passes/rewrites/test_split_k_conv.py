@@ -11,7 +11,7 @@ from tvm.script import relax as R
 import mlcweb_passes as mp
 from mlcweb_passes.cuda.tensor_core_matmul import TensorCoreMatmul
 from mlcweb_passes.rewrites import split_k_conv
-from mlcweb_passes.rewrites.split_k_conv import choose_splits
+from mlcweb_passes.rewrites.split_k_conv import SplitPolicy, choose_splits
 from mlcweb_passes.targets import ASYNC_COPY_CONFIG
 
 CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
@@ -142,6 +142,26 @@ def test_split_count_follows_the_h100_measurements() -> None:
     assert choose_splits(8192, 320, 640, 9, H100.sm_count) == 1  # 64x64 latents fill the GPU
     assert choose_splits(512, 1280, 640, 1, H100.sm_count) == 1  # 1x1 shortcut: a short reduction already
     assert choose_splits(128, 1280, 1280, 9, 8) == 1  # a small GPU is full
+
+
+def test_a_policy_sets_the_tiles_waves_and_shortest_slice() -> None:
+    """The tile and waves decide whether to split, the shortest slice how finely (WebGPU's subgroup-matrix
+    tiles: 64x128, slices of 128 channels); the pipeline hands its policy to the pass."""
+    webgpu = SplitPolicy((64, 128), 2.0, 1152)
+    assert choose_splits(128, 1280, 1280, 9, 128, webgpu) == 10  # 20 tiles; slices of 128 channels
+    assert choose_splits(2048, 640, 640, 9, 128, webgpu) == 5  # 160 tiles; CUDA's 80 make 2 slices of 320
+    assert choose_splits(2048, 640, 640, 9, 128) == 2
+    assert choose_splits(8192, 320, 320, 9, 128, webgpu) == 1  # 384 tiles: two waves
+    with pytest.raises(ValueError, match="positive"):
+        SplitPolicy((64, 0))
+    options = mp.PipelineOptions(dtype="float16", split_k_policy=SplitPolicy(min_slice=1152), gpu=H100)
+    with CUDA:
+        after = mp.phases(CUDA, options)["weights"](DeepConv)
+    assert "conv2d_split_k" not in function_names(after)  # one 64-channel slice a step: no split at 1152
+    with CUDA:
+        fine = mp.PipelineOptions(dtype="float16", split_k_policy=SplitPolicy(min_slice=576), gpu=H100)
+        split = mp.phases(CUDA, fine)["weights"](DeepConv)
+    assert "conv2d_split_k" in function_names(split)
 
 
 def _split_kernel(target: tvm.target.Target) -> tvm.IRModule:
