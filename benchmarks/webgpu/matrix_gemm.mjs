@@ -20,7 +20,7 @@ import fs from "node:fs";
 import { installDawn, openDevice, runMain } from "./common.mjs";
 import { gemmGrid, gemmInputs, gemmShader, timeKernel } from "./f16_math.mjs";
 
-const args = { repeat: 20, toggle: [], shapes: "8192x2560x320,512x1280x11520,65536x256x2304", out: "", variants: "" };
+const args = { repeat: 20, toggle: [], shapes: "8192x2560x320,512x1280x11520,65536x256x2304,8192x320x2880,2048x640x5760,16384x512x4608,262144x128x1152", out: "", variants: "" };
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i += 2) {
   const key = argv[i].replace(/^--/, "");
@@ -47,6 +47,14 @@ export const VARIANTS = {
   "shared-64x128-k32-pf": { bm: 64, bn: 128, bk: 32, prefetch: true },
   "shared-128x128-k32-pf": { bm: 128, bn: 128, bk: 32, prefetch: true },
   "shared-64x64-k64-pf": { bm: 64, bn: 64, bk: 64, prefetch: true },
+  // tiles 48 deep or in scratch turns that fit every adapter's 32 KiB (convolutions: K = 9 x channels)
+  "shared-128x128-k48": { bm: 128, bn: 128, bk: 48, rounds: 2 },
+  "shared-128x64-k64": { bm: 128, bn: 64, bk: 64, rounds: 2 },
+  "shared-64x64-k96": { bm: 64, bn: 64, bk: 96, rounds: 2 },
+  "shared-128x128-k64-r8": { bm: 128, bn: 128, bk: 64, rounds: 8 },
+  // 320 columns (SD's first UNet level) in two tiles instead of five
+  "shared-64x160-k32": { bm: 64, bn: 160, bk: 32 },
+  "shared-128x160-k32": { bm: 128, bn: 160, bk: 32 },
   "direct-128x128": { bm: 128, bn: 128, direct: true },
 };
 
@@ -178,8 +186,8 @@ async function main() {
     const only = args.variants ? args.variants.split(",") : Object.keys(VARIANTS);
     if (config && info.subgroupMatrix) {
       for (const name of only) {
-        const { bm, bn } = VARIANTS[name];
-        if (m % bm || n % bn) continue;
+        const { bm, bn, bk = 16 } = VARIANTS[name];
+        if (m % bm || n % bn || k % bk) continue;
         if (workgroupBytes(name, config) > device.limits.maxComputeWorkgroupStorageSize) {
           console.log(`${name}: needs ${workgroupBytes(name, config)} bytes of workgroup memory, the device gives ${device.limits.maxComputeWorkgroupStorageSize}`);
           continue;
