@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 COLUMN_GROUPS = 8  # threads sharing a query row: each takes every 8th key and output column
-VECTOR = 4  # elements a workgroup-memory read of the vector form
 MAX_HEAD_DIM = 160  # output accumulators in registers: rows_per_thread * 160 / 8 floats a thread
 NEG_INF = -1e30
 DTYPES = ("float16", "float32")
@@ -71,8 +70,6 @@ class WebGPUFlashTile:
     rows: int = 64
     keys: int = 32
     rows_per_thread: int = 4
-    wide: bool = False  # vector form: Q, K and V tiles in float32 (no conversions in the inner loops)
-    vector: bool = True  # the vector form where the head allows it (else, and with False, the scalar form)
 
     @property
     def row_groups(self) -> int:
@@ -90,35 +87,18 @@ class WebGPUFlashTile:
             and min(self.rows, self.keys, self.rows_per_thread) > 0
         )
 
-    def vectors(self, head_dim: int) -> bool:
-        """True when this tile runs the vector form for heads of ``head_dim``."""
-        return self.vector and vector_form(head_dim)
-
     def shared_bytes(self, head_dim: int, dtype: str) -> int:
-        """Workgroup memory: the Q, K and V tiles and the probabilities (rows padded), and, for the row
-        maxima and sums, a float32 word each per row and column group. The scalar form (heads not a
-        multiple of 4) keeps all in ``dtype`` with one element of padding, K's tile and V's in one buffer;
-        the vector form pads Q's and K's rows by 4 (16-byte reads) and keeps K and V apart, in float32
-        where the tile is ``wide``."""
+        """Workgroup memory: the Q tile, the K/V tile, the probabilities (all in ``dtype``, rows padded by
+        one element) and, for the row maxima and sums, a float32 word each per row and column group."""
         size = 2 if dtype == "float16" else 4
         dp = _padded(head_dim)
-        reductions = 2 * self.rows * COLUMN_GROUPS * 4
-        if not self.vectors(head_dim):
-            tiles = self.rows * (dp + 1) + self.keys * (dp + 1) + self.rows * (self.keys + 1)
-            return tiles * size + reductions
-        wide = 4 if self.wide else size
-        qk = (self.rows + self.keys) * (dp + VECTOR) * wide
-        return qk + self.keys * (dp + 1) * wide + self.rows * _prob_stride(self.keys) * size + reductions
+        tiles = self.rows * (dp + 1) + self.keys * (dp + 1) + self.rows * (self.keys + 1)
+        return tiles * size + 2 * self.rows * COLUMN_GROUPS * 4
 
 
-# Largest first: more rows share each K/V tile copied; fewer keys a step keep the scores' registers few;
-# the vector form first, its float32 tiles first, where they fit (float32 attention keeps 64-row tiles in
-# the scalar form, whose K and V share a buffer).
+# Largest first: more rows share each K/V tile copied; fewer keys a step keep the scores' registers few.
 TILES = (
-    WebGPUFlashTile(64, 32, 4, wide=True),
     WebGPUFlashTile(64, 32, 4),
-    WebGPUFlashTile(64, 32, 4, vector=False),
-    WebGPUFlashTile(32, 32, 4, wide=True),
     WebGPUFlashTile(32, 32, 4),
     WebGPUFlashTile(32, 16, 4),
     WebGPUFlashTile(16, 16, 4),
@@ -131,29 +111,14 @@ def _padded(head_dim: int) -> int:
     return -(-head_dim // COLUMN_GROUPS) * COLUMN_GROUPS
 
 
-def vector_form(head_dim: int) -> bool:
-    """True when the kernel reads Q, K, V and the probabilities 4 elements at a time (heads a multiple
-    of 4: every row of the inputs starts on a 4-element boundary)."""
-    return head_dim % VECTOR == 0
-
-
-def _prob_stride(keys: int) -> int:
-    """Elements between rows of the probabilities' tile in the vector form: 4-aligned where a thread's
-    keys fill whole vectors."""
-    return keys + (VECTOR if (keys // COLUMN_GROUPS) % VECTOR == 0 else 1)
-
-
 def choose_webgpu_flash_tile(
     shape: AttentionShape, dtype: str, max_shared: int = WEBGPU_DEFAULT_SHARED, max_threads: int = 256
 ) -> WebGPUFlashTile:
     """The first of :data:`TILES` that fits ``max_shared`` bytes of workgroup memory and ``max_threads``
-    threads for ``shape``'s head dimension in ``dtype``, with no more rows than the queries need; failing
-    all, the first whose scalar form fits (wide heads in little workgroup memory)."""
-    scalar = tuple(dataclasses.replace(t, wide=False, vector=False) for t in TILES if t.vectors(shape.head_dim))
-    candidates = (*TILES, *scalar)
-    for tile in candidates:
+    threads for ``shape``'s head dimension in ``dtype``, with no more rows than the queries need."""
+    for tile in TILES:
         fits = tile.shared_bytes(shape.head_dim, dtype) <= max_shared and tile.threads <= max_threads
-        if fits and (tile.rows <= max(16, shape.q_len) or tile == candidates[-1]):
+        if fits and (tile.rows <= max(16, shape.q_len) or tile is TILES[-1]):
             return tile
     raise ValueError(
         f"no flash-attention tile for head dimension {shape.head_dim} in {dtype} fits {max_shared} bytes "
@@ -204,29 +169,10 @@ def webgpu_flash_attention_kernel(
         raise ValueError(
             f"invalid flash-attention tile {tile}: rows a multiple of rows_per_thread, keys of 8 and of the row groups"
         )
-    if tile.vectors(shape.head_dim):
-        func = _vector_kernel(shape, scale, views, dtype, tile)
-    else:
-        func = _scalar_kernel(shape, scale, views, dtype, tile)
-    about = {**dataclasses.asdict(shape), "scale": float(scale), "views": [list(v) if v else None for v in views]}
-    return func.with_attr(SOURCE_ATTR, HAND_WRITTEN).with_attr(ATTENTION_ATTR, json.dumps({**about, "dtype": dtype}))
-
-
-def _io_shapes(shape: AttentionShape, views: Views) -> tuple[tuple[int, ...], ...]:
-    """Q's, K's and V's buffer shapes: ``[B, N, H, D]``, or ``[B, N, count, H, D]`` for a view."""
-    b, h, d = shape.batch, shape.heads, shape.head_dim
-    lengths = (shape.q_len, shape.kv_len, shape.kv_len)
-    return tuple(
-        (b, n, view[0], h, d) if view is not None else (b, n, h, d) for view, n in zip(views, lengths, strict=True)
-    )
-
-
-def _scalar_kernel(
-    shape: AttentionShape, scale: float, views: Views, dtype: str, tile: WebGPUFlashTile
-) -> tirx.PrimFunc:
-    """The kernel reading one element at a time (heads whose rows may start off a 4-element boundary)."""
     b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
-    q_shape, k_shape, v_shape = _io_shapes(shape, views)
+    q_shape, k_shape, v_shape = (
+        (b, n, view[0], h, d) if view is not None else (b, n, h, d) for view, n in zip(views, (nq, nk, nk), strict=True)
+    )
     g = COLUMN_GROUPS
     br, bc, rm, ry = tile.rows, tile.keys, tile.rows_per_thread, tile.row_groups
     dp = _padded(d)
@@ -338,193 +284,5 @@ def _scalar_kernel(
                 if bx * br + row(r5, ty) < nq and tx + g * j5 < d:
                     o[bb, bx * br + row(r5, ty), hh, tx + g * j5] = T.Cast(dtype, acc[r5 * jd + j5] / l_r[r5])
     # fmt: on
-    return flash
-
-
-def _vector_kernel(
-    shape: AttentionShape, scale: float, views: Views, dtype: str, tile: WebGPUFlashTile
-) -> tirx.PrimFunc:
-    """The kernel reading 4 elements at a time (heads a multiple of 4). Against the scalar form:
-
-    - Q's and K's tiles are copied and read as 4-element vectors (rows padded by 4, so a subgroup's
-      8 key rows fall in distinct banks), in float32 where the tile is ``wide`` (converted once, as
-      copied); each score takes a quarter of the workgroup-memory reads;
-    - V has a tile of its own (copied with 4-element global reads, read one element a thread as before);
-    - a thread's probabilities are stored side by side (key ``x + 8 j`` at column ``x * keys / 8 + j``)
-      and read back 4 at a time where a thread holds whole vectors of them, so ``P @ V`` walks the keys in
-      that order.
-    """
-    b, nq, nk, h, d = shape.batch, shape.q_len, shape.kv_len, shape.heads, shape.head_dim
-    q_shape, k_shape, v_shape = _io_shapes(shape, views)
-    g, w = COLUMN_GROUPS, VECTOR
-    br, bc, rm, ry = tile.rows, tile.keys, tile.rows_per_thread, tile.row_groups
-    dp = _padded(d)
-    kvt = "float32" if tile.wide else dtype  # Q's, K's and V's tiles
-    qrow, vrow, prow = dp + w, dp + 1, _prob_stride(bc)
-    jc, jd = bc // g, dp // g  # a thread's key columns of a tile, output columns of the head
-    dv = dp // w  # vectors in a (padded) row
-    jv = -(-dv // g)  # ... a thread copies of each row
-    pw = w if jc % w == 0 else 1  # probabilities a read
-    kv_rows = bc // ry
-    n_qt, n_kt = -(-nq // br), -(-nk // bc)
-    scale2 = float(scale) * 1.4426950408889634
-    neg = NEG_INF
-
-    def at(buf: Any, which: int, bb: Any, r: Any, hh: Any, c: Any) -> Any:
-        view = views[which]
-        return buf[bb, r, view[1], hh, c] if view is not None else buf[bb, r, hh, c]
-
-    def row(i: Any, ty: Any) -> Any:
-        return ty + ry * i
-
-    def tiled(x: Any) -> Any:  # a loaded vector in the tiles' dtype
-        return x if kvt == dtype else T.Cast(f"{kvt}x{w}", x)
-
-    def f32(x: Any, src: str) -> Any:
-        return x if src == "float32" else T.Cast("float32", x)
-
-    def key(s: Any) -> Any:  # the key of the probabilities' stored column s
-        return s // jc + g * (s % jc)
-
-    # fmt: off
-    @T.macro
-    def copy_vectors(dst: Any, src: Any, which: int, first: Any, limit: int, rows: int, bb: Any, hh: Any, ty: Any,
-                     tx: Any) -> None:
-        """Rows ``first + row(i, ty)`` of Q or K into ``dst`` a vector at a time, zero past ``limit``
-        rows and the head dimension."""
-        for i in T.unroll(rows):
-            for j in T.unroll(jv):
-                if tx + g * j < dv:
-                    if first + row(i, ty) < limit and w * (tx + g * j) < d:
-                        dst[T.ramp(row(i, ty) * qrow + w * (tx + g * j), 1, w)] = tiled(
-                            at(src, which, bb, first + row(i, ty), hh, T.ramp(w * (tx + g * j), 1, w)))
-                    else:
-                        dst[T.ramp(row(i, ty) * qrow + w * (tx + g * j), 1, w)] = T.broadcast(T.Cast(kvt, 0), w)
-
-    @T.macro
-    def copy_values(vs: Any, v: Any, vreg: Any, first: Any, bb: Any, hh: Any, ty: Any, tx: Any) -> None:
-        """V's rows ``first + row(i, ty)``, read a vector at a time, stored an element at a time."""
-        for i in T.unroll(kv_rows):
-            for j in T.unroll(jv):
-                if tx + g * j < dv:
-                    if first + row(i, ty) < nk and w * (tx + g * j) < d:
-                        vreg[T.ramp(0, 1, w)] = at(v, 2, bb, first + row(i, ty), hh, T.ramp(w * (tx + g * j), 1, w))
-                    else:
-                        vreg[T.ramp(0, 1, w)] = T.broadcast(T.Cast(dtype, 0), w)
-                    for e in T.unroll(w):
-                        vs[row(i, ty) * vrow + w * (tx + g * j) + e] = T.Cast(kvt, vreg[e])
-
-    if pw == w:
-        @T.macro
-        def store_probs(ps: Any, sc: Any, r: Any, ty: Any, tx: Any) -> None:
-            for u in T.unroll(jc // w):
-                ps[T.ramp(row(r, ty) * prow + tx * jc + w * u, 1, w)] = T.Cast(
-                    f"{dtype}x{w}", sc[T.ramp(r * jc + w * u, 1, w)])
-
-        @T.macro
-        def load_probs(preg: Any, ps: Any, c: Any, ty: Any) -> None:
-            for r in T.unroll(rm):
-                preg[T.ramp(r * w, 1, w)] = ps[T.ramp(row(r, ty) * prow + c * w, 1, w)]
-    else:
-        @T.macro
-        def store_probs(ps: Any, sc: Any, r: Any, ty: Any, tx: Any) -> None:
-            for u in T.unroll(jc):
-                ps[row(r, ty) * prow + tx * jc + u] = T.Cast(dtype, sc[r * jc + u])
-
-        @T.macro
-        def load_probs(preg: Any, ps: Any, c: Any, ty: Any) -> None:
-            for r in T.unroll(rm):
-                preg[r] = ps[row(r, ty) * prow + c]
-
-    @T.prim_func(private=True)
-    def flash(q: T.Buffer(q_shape, dtype), k: T.Buffer(k_shape, dtype),  # type: ignore[valid-type,no-untyped-def]
-              v: T.Buffer(v_shape, dtype), o: T.Buffer((b, nq, h, d), dtype)):  # type: ignore[valid-type]
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        bx = T.launch_thread("blockIdx.x", n_qt)
-        by = T.launch_thread("blockIdx.y", b * h)
-        tx = T.launch_thread("threadIdx.x", g)
-        ty = T.launch_thread("threadIdx.y", ry)
-        qs = T.decl_buffer((br * qrow,), kvt, scope="shared")
-        ks = T.decl_buffer((bc * qrow,), kvt, scope="shared")
-        vs = T.decl_buffer((bc * vrow,), kvt, scope="shared")
-        ps = T.decl_buffer((br * prow,), dtype, scope="shared")
-        red_m = T.decl_buffer((br * g,), "float32", scope="shared")
-        red_l = T.decl_buffer((br * g,), "float32", scope="shared")
-        sc = T.decl_buffer((rm * jc,), "float32", scope="local")
-        acc = T.decl_buffer((rm * jd,), "float32", scope="local")
-        qreg = T.decl_buffer((rm * w,), kvt, scope="local")
-        kreg = T.decl_buffer((jc * w,), kvt, scope="local")
-        preg = T.decl_buffer((rm * pw,), dtype, scope="local")
-        vreg = T.decl_buffer((w,), dtype, scope="local")
-        vcol = T.decl_buffer((jd,), kvt, scope="local")  # a V row's elements of the thread's columns
-        m_r = T.decl_buffer((rm,), "float32", scope="local")
-        l_r = T.decl_buffer((rm,), "float32", scope="local")
-        alpha = T.decl_buffer((rm,), "float32", scope="local")
-        mx = T.decl_buffer((1,), "float32", scope="local")
-        bb = by // h
-        hh = by % h
-        copy_vectors(qs, q, 0, bx * br, nq, rm, bb, hh, ty, tx)
-        for i0 in T.unroll(rm * jd):
-            acc[i0] = T.float32(0)
-        for r0 in T.unroll(rm):
-            m_r[r0] = T.float32(neg)
-            l_r[r0] = T.float32(0)
-        for kt in range(n_kt):
-            T.tvm_storage_sync("shared")  # the last step's reads of K, V and P are done
-            copy_vectors(ks, k, 1, kt * bc, nk, kv_rows, bb, hh, ty, tx)
-            copy_values(vs, v, vreg, kt * bc, bb, hh, ty, tx)
-            T.tvm_storage_sync("shared")
-            for i2 in T.unroll(rm * jc):
-                sc[i2] = T.float32(0)
-            for c in range(dv):
-                for ri in T.unroll(rm):
-                    qreg[T.ramp(ri * w, 1, w)] = qs[T.ramp(row(ri, ty) * qrow + c * w, 1, w)]
-                for j in T.unroll(jc):
-                    kreg[T.ramp(j * w, 1, w)] = ks[T.ramp((tx + g * j) * qrow + c * w, 1, w)]
-                for ri1 in T.unroll(rm):
-                    for j0 in T.unroll(jc):
-                        for e in T.unroll(w):
-                            sc[ri1 * jc + j0] = sc[ri1 * jc + j0] + f32(qreg[ri1 * w + e], kvt) * f32(
-                                kreg[j0 * w + e], kvt)
-            for r1 in T.unroll(rm):
-                mx[0] = T.float32(neg)
-                for j1 in T.unroll(jc):
-                    sc[r1 * jc + j1] = T.if_then_else(kt * bc + tx + g * j1 < nk, sc[r1 * jc + j1], T.float32(neg))
-                    mx[0] = T.max(mx[0], sc[r1 * jc + j1])
-                red_m[row(r1, ty) * g + tx] = mx[0]
-            T.tvm_storage_sync("shared")
-            for r2 in T.unroll(rm):
-                mx[0] = T.float32(neg)
-                for x in T.unroll(g):
-                    mx[0] = T.max(mx[0], red_m[row(r2, ty) * g + x])
-                mx[0] = T.max(m_r[r2], mx[0] * T.float32(scale2))
-                alpha[r2] = T.exp2(m_r[r2] - mx[0])
-                m_r[r2] = mx[0]
-                mx[0] = T.float32(0)
-                for j2 in T.unroll(jc):
-                    sc[r2 * jc + j2] = T.exp2(sc[r2 * jc + j2] * T.float32(scale2) - m_r[r2])
-                    mx[0] = mx[0] + sc[r2 * jc + j2]
-                store_probs(ps, sc, r2, ty, tx)
-                red_l[row(r2, ty) * g + tx] = mx[0]
-            T.tvm_storage_sync("shared")
-            for r3 in T.unroll(rm):
-                mx[0] = T.float32(0)
-                for x1 in T.unroll(g):
-                    mx[0] = mx[0] + red_l[row(r3, ty) * g + x1]
-                l_r[r3] = l_r[r3] * alpha[r3] + mx[0]
-                for j3 in T.unroll(jd):
-                    acc[r3 * jd + j3] = acc[r3 * jd + j3] * alpha[r3]
-            for c1 in range(bc // pw):
-                load_probs(preg, ps, c1, ty)
-                for e1 in T.unroll(pw):
-                    for j6 in T.unroll(jd):
-                        vcol[j6] = vs[key(c1 * pw + e1) * vrow + tx + g * j6]
-                    for r4 in T.unroll(rm):
-                        for j4 in T.unroll(jd):
-                            acc[r4 * jd + j4] = acc[r4 * jd + j4] + f32(preg[r4 * pw + e1], dtype) * f32(vcol[j4], kvt)
-        for r5 in T.unroll(rm):
-            for j5 in T.unroll(jd):
-                if bx * br + row(r5, ty) < nq and tx + g * j5 < d:
-                    o[bb, bx * br + row(r5, ty), hh, tx + g * j5] = T.Cast(dtype, acc[r5 * jd + j5] / l_r[r5])
-    # fmt: on
-    return flash
+    about = {**dataclasses.asdict(shape), "scale": float(scale), "views": [list(v) if v else None for v in views]}
+    return flash.with_attr(SOURCE_ATTR, HAND_WRITTEN).with_attr(ATTENTION_ATTR, json.dumps({**about, "dtype": dtype}))
