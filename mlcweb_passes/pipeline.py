@@ -67,7 +67,7 @@ from .rewrites.lift_kernel_scratch import LiftKernelScratch
 from .rewrites.linear_weight_layout import LinearWeightLayout
 from .rewrites.memory_plan import StaticMemoryPlan
 from .rewrites.mixed_precision import MixedPrecision
-from .rewrites.split_k_conv import SplitKConv, SplitPolicy
+from .rewrites.split_k_conv import SplitKConv, SplitPolicy, webgpu_split_policy
 from .schedules.apply_database import ApplyDatabase
 from .targets import GpuFacts, gpu_facts, is_gpu_target, sm_version
 from .webgpu import vector_storage
@@ -98,7 +98,8 @@ class PipelineOptions:
     sm_80+, float16 and float32 on WebGPU).
     ``split_k``: split the reduction of NHWC convolutions with few output tiles (float16 on CUDA sm_70+;
     float16 and float32 on WebGPU); ``split_k_policy``: when and how finely (default: the
-    :class:`~mlcweb_passes.rewrites.split_k_conv.SplitPolicy` measured on CUDA).
+    :class:`~mlcweb_passes.rewrites.split_k_conv.SplitPolicy` measured on CUDA; on WebGPU,
+    :func:`~mlcweb_passes.rewrites.split_k_conv.webgpu_split_policy` for the first matrix tile).
     ``wgmma``: float16 GEMMs as generated Hopper kernels on sm_90.
     ``widen_gemm_operands``: on WebGPU, float16 GEMMs with float32 results convert their operands once
     per workgroup copy instead of once per multiply-add (``webgpu.widen_gemm_operands``; off by default,
@@ -173,7 +174,11 @@ def weight_phase(
         dtypes = ("float16", "float32") if webgpu else ("float16",)
         widen = webgpu and options.widen_gemm_operands
         sms = _gpu(target, options).sm_count
-        passes.append(SplitKConv(sm_count=sms, dtypes=dtypes, widen=widen, policy=options.split_k_policy))
+        policy = options.split_k_policy
+        if policy is None and webgpu:
+            first = options.webgpu_matrix_tiles[0]
+            policy = webgpu_split_policy((first.rows, first.cols))
+        passes.append(SplitKConv(sm_count=sms, dtypes=dtypes, widen=widen, policy=policy))
     return _sequential("weights", passes)
 
 

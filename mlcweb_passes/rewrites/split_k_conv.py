@@ -45,7 +45,7 @@ from .._relax import ModulePassBase, op_name, rewrite_and_clean, static_shape
 from ..targets import gpu_facts
 from ..webgpu.widen_gemm_operands import widened
 
-__all__ = ["SplitKConv", "SplitPolicy", "choose_splits"]
+__all__ = ["SplitKConv", "SplitPolicy", "choose_splits", "webgpu_split_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,19 @@ class SplitPolicy:
     def __post_init__(self) -> None:
         if min(self.tile) < 1 or self.waves <= 0 or self.min_slice < 1:
             raise ValueError(f"a split policy needs positive tile edges, waves and slice length, not {self}")
+
+
+# WebGPU's subgroup-matrix GEMMs (64x128 tiles, 32 deep, no asynchronous copies) need more workgroups to
+# hide their loads than CUDA's: two waves, slices of 128 channels of a 3x3 window. On an H100 through Dawn,
+# SD1.5's UNet convolutions went from 16.9 to 13.8 ms a step (split sums 0.42 -> 0.55) against CUDA's
+# policy (benchmarks/results/2026-12-07-h100-sd_webgpu-12.md).
+WEBGPU_WAVES = 2.0
+WEBGPU_MIN_SLICE = 1152
+
+
+def webgpu_split_policy(tile: tuple[int, int]) -> SplitPolicy:
+    """The split policy for WebGPU GEMMs of ``tile`` (rows x columns) output tiles."""
+    return SplitPolicy(tile, WEBGPU_WAVES, WEBGPU_MIN_SLICE)
 
 
 def choose_splits(

@@ -11,7 +11,7 @@ from tvm.script import relax as R
 import mlcweb_passes as mp
 from mlcweb_passes.cuda.tensor_core_matmul import TensorCoreMatmul
 from mlcweb_passes.rewrites import split_k_conv
-from mlcweb_passes.rewrites.split_k_conv import SplitPolicy, choose_splits
+from mlcweb_passes.rewrites.split_k_conv import SplitPolicy, choose_splits, webgpu_split_policy
 from mlcweb_passes.targets import ASYNC_COPY_CONFIG
 
 CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
@@ -30,6 +30,22 @@ class DeepConv:
         with R.dataflow():
             y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1], data_layout="NHWC", kernel_layout="OHWI", out_dtype="float32")
             out = R.add(R.astype(y, "float16"), b)
+            R.output(out)
+        return out
+
+
+@I.ir_module
+class WiderConv:
+    """DeepConv with 256 input channels."""
+
+    @R.function
+    def main(x: R.Tensor((2, 8, 8, 256), "float16"), w: R.Tensor((64, 3, 3, 256), "float16")) -> R.Tensor(
+        (2, 8, 8, 64), "float16"
+    ):
+        R.func_attr({"num_input": 1})
+        with R.dataflow():
+            y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1], data_layout="NHWC", kernel_layout="OHWI", out_dtype="float32")
+            out = R.astype(y, "float16")
             R.output(out)
         return out
 
@@ -147,7 +163,8 @@ def test_split_count_follows_the_h100_measurements() -> None:
 def test_a_policy_sets_the_tiles_waves_and_shortest_slice() -> None:
     """The tile and waves decide whether to split, the shortest slice how finely (WebGPU's subgroup-matrix
     tiles: 64x128, slices of 128 channels); the pipeline hands its policy to the pass."""
-    webgpu = SplitPolicy((64, 128), 2.0, 1152)
+    webgpu = webgpu_split_policy((64, 128))
+    assert webgpu == SplitPolicy((64, 128), 2.0, 1152)
     assert choose_splits(128, 1280, 1280, 9, 128, webgpu) == 10  # 20 tiles; slices of 128 channels
     assert choose_splits(2048, 640, 640, 9, 128, webgpu) == 5  # 160 tiles; CUDA's 80 make 2 slices of 320
     assert choose_splits(2048, 640, 640, 9, 128) == 2
@@ -162,6 +179,14 @@ def test_a_policy_sets_the_tiles_waves_and_shortest_slice() -> None:
         fine = mp.PipelineOptions(dtype="float16", split_k_policy=SplitPolicy(min_slice=576), gpu=H100)
         split = mp.phases(CUDA, fine)["weights"](DeepConv)
     assert "conv2d_split_k" in function_names(split)
+    # 256 channels (2304 products): CUDA's default keeps them whole, WebGPU's splits them in two
+    with CUDA:
+        kept = mp.phases(CUDA, mp.PipelineOptions(dtype="float16", gpu=H100))["weights"](WiderConv)
+    assert "conv2d_split_k" not in function_names(kept)
+    webgpu = tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
+    with webgpu:
+        halves = mp.phases(webgpu, mp.PipelineOptions(dtype="float16"))["weights"](WiderConv)
+    assert "conv2d_split_k" in function_names(halves)
 
 
 def _split_kernel(target: tvm.target.Target) -> tvm.IRModule:
