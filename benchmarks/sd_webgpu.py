@@ -65,21 +65,43 @@ def build(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _split_policy(spec: str | None) -> Iterator[None]:
-    """The builds' pipeline with ``PipelineOptions.split_k_policy`` from ``--split-policy`` (None: default)."""
+def _split_policy(policy: Any) -> Iterator[None]:
+    """The builds' pipeline with ``PipelineOptions.split_k_policy`` set to ``policy`` (None: the default)."""
     import functools
     from unittest import mock
 
     import mlcweb_passes as mp
 
-    if not spec:
+    if policy is None:
         yield
         return
-    tile, waves, min_slice = spec.split(",")
-    rows, cols = (int(v) for v in tile.split("x"))
-    policy = mp.SplitPolicy((rows, cols), float(waves), int(min_slice))
     with mock.patch.object(mp, "PipelineOptions", functools.partial(mp.PipelineOptions, split_k_policy=policy)):
         yield
+
+
+def split_policy_arg(text: str) -> Any:
+    """``--split-policy ROWSxCOLS,WAVES,MIN_SLICE`` as a :class:`mlcweb_passes.SplitPolicy`."""
+    sys.path.insert(0, str(ROOT))
+    import mlcweb_passes as mp
+
+    try:
+        tile, waves, min_slice = text.split(",")
+        rows, cols = (int(v) for v in tile.split("x"))
+        return mp.SplitPolicy((rows, cols), float(waves), int(min_slice))
+    except ValueError as err:
+        wanted = "ROWSxCOLS,WAVES,MIN_SLICE (e.g. 64x128,2,1152)"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}: {err}") from None
+
+
+def matrix_tiles_arg(text: str) -> Any:
+    """``--matrix-tiles`` (comma-separated MatrixTile specs) as a tuple of tiles."""
+    sys.path.insert(0, str(ROOT))
+    from mlcweb_passes.webgpu.matrix_gemm import MatrixTile
+
+    try:
+        return tuple(MatrixTile.parse(spec) for spec in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 @contextlib.contextmanager
@@ -102,13 +124,6 @@ def _vector_loads(on: bool | None) -> Iterator[None]:
         yield
 
 
-def _tiles(specs: str | None) -> Any:
-    """``--matrix-tiles`` (comma-separated MatrixTile specs) as the build option, or None: the default."""
-    from mlcweb_passes.webgpu.matrix_gemm import MatrixTile
-
-    return tuple(MatrixTile.parse(spec) for spec in specs.split(",")) if specs else None
-
-
 def _build_dtypes(args: argparse.Namespace, host: Any) -> int:
     from mlcweb.build import build as mlcweb_build
     from mlcweb.model import BuildOptions
@@ -123,7 +138,7 @@ def _build_dtypes(args: argparse.Namespace, host: Any) -> int:
                 config={"size": args.size, "variant": args.variant},
                 webgpu_fallback=False,
                 webgpu_matrix_attention=args.matrix_attention,
-                webgpu_matrix_tiles=_tiles(args.matrix_tiles),
+                webgpu_matrix_tiles=args.matrix_tiles,
             )
             result = mlcweb_build(host, "stable-diffusion", options, progress=False)
             print(result.summary().splitlines()[0], "|", f"{result.kernels} kernels")
@@ -587,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--matrix-attention", action="store_true", help="flash attention on subgroup matrices too")
     b.add_argument(
         "--matrix-tiles",
+        type=matrix_tiles_arg,
         help="the GEMM kernels' tiles in order of preference, e.g. 64x128x64/r2,64x64x32 (MatrixTile.spec)",
     )
     b.add_argument(
@@ -598,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument(
         "--split-policy",
+        type=split_policy_arg,
         help="ROWSxCOLS,WAVES,MIN_SLICE: PipelineOptions.split_k_policy (mlcweb_passes.SplitPolicy) for the builds",
     )
     b.add_argument(

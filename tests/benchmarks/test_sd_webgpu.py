@@ -70,3 +70,26 @@ def test_matrix_variants_write_the_kernels_the_page_would_install() -> None:
     assert table["flash_attention_kernel"]["grid"] == [3, 2, 1]
     assert "2 subgroups of 16 rows, 32 keys a step" in table["flash_attention_kernel"]["code"]
     assert before == matrix_attention.LAYOUTS
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--split-policy", "64x128,2", "is not ROWSxCOLS,WAVES,MIN_SLICE"),
+        ("--split-policy", "64x0,2,1152", "positive tile edges"),
+        ("--matrix-tiles", "64x128x32,64x1", "is not ROWSxCOLSxDEPTH"),
+    ],
+)
+def test_build_options_are_checked_before_building(
+    option: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad ``--split-policy`` or ``--matrix-tiles`` is one argparse line and exit code 2, before any
+    build starts; good ones parse into the pass library's types."""
+    with pytest.raises(SystemExit) as exit_info:
+        sd_webgpu.main(["build", "--out", str(tmp_path), option, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    policy = sd_webgpu.split_policy_arg("64x128,2,1152")
+    assert (policy.tile, policy.waves, policy.min_slice) == ((64, 128), 2.0, 1152)
+    assert [t.spec() for t in sd_webgpu.matrix_tiles_arg("64x128x32,128x160x32")] == ["64x128x32", "128x160x32"]
