@@ -162,12 +162,12 @@ class _Rewriter(PyExprMutator):
         splits: int | None,
         sms: int,
         dtypes: tuple[str, ...],
-        widen: bool = False,
-        policy: SplitPolicy = SplitPolicy(),
+        widen: bool,
+        policy: SplitPolicy,
     ) -> None:
         super().__init__(mod)
-        self.policy = policy
         self.splits = splits
+        self.policy = policy
         self.sms = sms
         self.dtypes = dtypes
         self.widen = widen

@@ -174,7 +174,7 @@ def test_a_policy_sets_the_tiles_waves_and_shortest_slice() -> None:
     options = mp.PipelineOptions(dtype="float16", split_k_policy=SplitPolicy(min_slice=1152), gpu=H100)
     with CUDA:
         after = mp.phases(CUDA, options)["weights"](DeepConv)
-    assert "conv2d_split_k" not in function_names(after)  # one 64-channel slice a step: no split at 1152
+    assert "conv2d_split_k" not in function_names(after)  # 3 x 3 x 128 = 1152 products: halves would be 576
     with CUDA:
         fine = mp.PipelineOptions(dtype="float16", split_k_policy=SplitPolicy(min_slice=576), gpu=H100)
         split = mp.phases(CUDA, fine)["weights"](DeepConv)
@@ -183,9 +183,9 @@ def test_a_policy_sets_the_tiles_waves_and_shortest_slice() -> None:
     with CUDA:
         kept = mp.phases(CUDA, mp.PipelineOptions(dtype="float16", gpu=H100))["weights"](WiderConv)
     assert "conv2d_split_k" not in function_names(kept)
-    webgpu = tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
-    with webgpu:
-        halves = mp.phases(webgpu, mp.PipelineOptions(dtype="float16"))["weights"](WiderConv)
+    target = tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
+    with target:
+        halves = mp.phases(target, mp.PipelineOptions(dtype="float16"))["weights"](WiderConv)
     assert "conv2d_split_k" in function_names(halves)
 
 
