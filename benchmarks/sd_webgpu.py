@@ -60,22 +60,24 @@ def build(args: argparse.Namespace) -> int:
 
     changes = dict(tile_change(item, gemm.LARGE) for item in args.tile)
     host = PluginHost()
-    with _tiles(gemm, changes), _vector_loads(args.vector_loads), _split_policy(args.split_policy):
+    defaults = {"split_k_policy": args.split_policy, "webgpu_matrix_shared": args.matrix_shared}
+    with _tiles(gemm, changes), _vector_loads(args.vector_loads), _pipeline_defaults(defaults):
         return _build_dtypes(args, host)
 
 
 @contextlib.contextmanager
-def _split_policy(policy: Any) -> Iterator[None]:
-    """The builds' pipeline with ``PipelineOptions.split_k_policy`` set to ``policy`` (None: the default)."""
+def _pipeline_defaults(fields: dict[str, Any]) -> Iterator[None]:
+    """The builds' ``PipelineOptions`` with these fields set (those None: the default)."""
     import functools
     from unittest import mock
 
     import mlcweb_passes as mp
 
-    if policy is None:
+    given = {name: value for name, value in fields.items() if value is not None}
+    if not given:
         yield
         return
-    with mock.patch.object(mp, "PipelineOptions", functools.partial(mp.PipelineOptions, split_k_policy=policy)):
+    with mock.patch.object(mp, "PipelineOptions", functools.partial(mp.PipelineOptions, **given)):
         yield
 
 
@@ -267,7 +269,8 @@ def _node_env() -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     """Every build in node + Dawn: its portable library (the float32 build's outputs saved as the
     reference), then, where the build has one, its subgroup library (what the page loads on an adapter
-    whose subgroups fit it), each into ``webgpu-<build>[-subgroups].json``."""
+    whose subgroups fit it), alone and with its subgroup-matrix kernels, and the portable library with
+    them, each into ``webgpu-<build>[-subgroups][-matrix].json``."""
     root = _unpack(Path(args.carry))
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -288,8 +291,14 @@ def run(args: argparse.Namespace) -> int:
         has_subgroups = "subgroups" in manifest
         has_matrix = "matrix" in manifest.get("webgpu", {}) and args.matrix
         own = root / f"{name}-outputs.json"  # the portable library's outputs: what --matrix is checked against
-        runs = [(False, False), *([(True, False)] if has_subgroups and args.subgroups else [])]
-        for subgroups, matrix in runs + ([(False, True)] if has_matrix else []):
+        # (subgroup library, subgroup-matrix kernels): the portable library; the subgroup library alone (the
+        # page's choice where the adapter has subgroups but no subgroup matrices) and with the matrix kernels
+        # (the page's choice where it has both); the portable library with the matrix kernels
+        with_subgroups = has_subgroups and args.subgroups
+        runs = [(False, False), *([(True, False)] if with_subgroups else [])]
+        runs += [(True, True)] if with_subgroups and has_matrix else []
+        runs += [(False, True)] if has_matrix else []
+        for subgroups, matrix in runs:
             suffix = ("-subgroups" if subgroups else "") + ("-matrix" if matrix else "")
             cmd = [
                 str(root / "node"),
@@ -531,14 +540,15 @@ def _row(label: str, r: dict[str, Any]) -> str:
 
 
 def _peers(results: Path, runs: dict[str, dict[str, Any]], build: str) -> None:
-    """The UNet step and VAE of ``build`` as the page runs it (the subgroup library where this adapter
-    took it, streamed submission) beside onnxruntime-web and the CUDA build of the same session, as ratios
-    (mlcweb's time over the peer's: below 1 is faster)."""
+    """The UNet step and VAE of ``build`` as the page runs it (the subgroup library and subgroup-matrix
+    kernels where this adapter took them, streamed submission) beside onnxruntime-web and the CUDA build
+    of the same session, as ratios (mlcweb's time over the peer's: below 1 is faster)."""
     cuda = {r["dtype"]: r for r in (json.loads(p.read_text()) for p in results.glob("cuda-*.json"))}
     ort = {p.stem.removeprefix("ort-"): json.loads(p.read_text()) for p in results.glob("ort-*.json")}
     rows = []
     for dtype in ("float16", "float32"):
-        run = runs.get(f"{build}-{dtype}-subgroups") or runs.get(f"{build}-{dtype}")
+        chosen = (f"{build}-{dtype}{suffix}" for suffix in ("-subgroups-matrix", "-matrix", "-subgroups", ""))
+        run = next((runs[name] for name in chosen if name in runs), None)
         if run is None:
             continue
         for stage in ("unet", "vae"):
@@ -604,6 +614,11 @@ def main(argv: list[str] | None = None) -> int:
         "--matrix-tiles",
         type=matrix_tiles_arg,
         help="the GEMM kernels' tiles in order of preference, e.g. 64x128x64/r2,64x64x32 (MatrixTile.spec)",
+    )
+    b.add_argument(
+        "--matrix-shared",
+        type=int,
+        help="bytes of workgroup memory the subgroup-matrix kernels may declare (default: the target's, 32 KiB)",
     )
     b.add_argument(
         "--tile",

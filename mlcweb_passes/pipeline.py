@@ -111,7 +111,9 @@ class PipelineOptions:
     configuration (:mod:`~mlcweb_passes.webgpu.matrix_gemm`; planned here, written after compilation by
     :func:`~mlcweb_passes.webgpu.matrix_gemm.matrix_kernels` for pages to use where the adapter offers it);
     ``webgpu_matrix_tiles``: the GEMM kernels' tiles in order of preference (default
-    :data:`~mlcweb_passes.webgpu.matrix_gemm.TILE_ORDER`); with ``webgpu_matrix_attention`` the flash
+    :data:`~mlcweb_passes.webgpu.matrix_gemm.TILE_ORDER`), within ``webgpu_matrix_shared`` bytes of
+    workgroup memory (default: the target's ``max_shared_memory_per_block``; the page uses the kernels
+    only where the adapter grants what they declare); with ``webgpu_matrix_attention`` the flash
     attentions too (:mod:`~mlcweb_passes.webgpu.matrix_attention`,
     off by default: both forms were slower than the portable kernel on an H100, benchmarks/README.md).
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
@@ -132,6 +134,7 @@ class PipelineOptions:
     webgpu_matrix: MatrixConfig | None = None
     webgpu_matrix_attention: bool = False
     webgpu_matrix_tiles: tuple[MatrixTile, ...] = TILE_ORDER
+    webgpu_matrix_shared: int | None = None
     database: Database | None = None
     webgpu_tiles: Mapping[str, WebGPUTile] | None = None
     gpu: GpuFacts | None = None
@@ -243,7 +246,8 @@ def kernel_phase(
     if options.wgmma and supports_wgmma(target):
         passes.append(WgmmaGemm(sm_count=_gpu(target, options).sm_count))
     if options.webgpu_matrix is not None and options.dtype == "float16" and target.kind.name == "webgpu":
-        passes.append(PlanMatrixGemms(options.webgpu_matrix, tiles=options.webgpu_matrix_tiles))
+        shared = options.webgpu_matrix_shared
+        passes.append(PlanMatrixGemms(options.webgpu_matrix, shared, options.webgpu_matrix_tiles))
         if options.webgpu_matrix_attention:
             passes.append(PlanMatrixAttention(options.webgpu_matrix))
     return _sequential("kernels", [*passes, *extra])

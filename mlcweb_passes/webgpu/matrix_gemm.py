@@ -93,13 +93,16 @@ class MatrixConfig:
 class MatrixTile:
     """A workgroup's share of a GEMM: ``rows x cols`` outputs, walking the reduction ``depth`` at a time,
     on ``grid`` subgroups (rows x columns of shares); ``rounds``: the epilogue's scratch holds the result
-    matrices of ``1 / rounds`` of the subgroups at a time (less workgroup memory for deeper tiles)."""
+    matrices of ``1 / rounds`` of the subgroups at a time (less workgroup memory for deeper tiles);
+    ``min_waves``: the tile is taken only for GEMMs where it makes at least this many waves of workgroups
+    (large tiles leave small grids with idle multiprocessors)."""
 
     rows: int = 64
     cols: int = 128
     depth: int = 32
     grid: tuple[int, int] = (4, 2)
     rounds: int = 1
+    min_waves: float = 0.0
 
     @property
     def subgroups(self) -> int:
@@ -119,19 +122,23 @@ class MatrixTile:
         return shares and copies and self.depth % config.k == 0 and self.subgroups % self.rounds == 0
 
     def spec(self) -> str:
-        """``ROWSxCOLSxDEPTH[/GRxGC][/rROUNDS]``, as :meth:`parse` reads it."""
+        """``ROWSxCOLSxDEPTH[/GRxGC][/rROUNDS][/wWAVES]``, as :meth:`parse` reads it."""
         grid = f"/{self.grid[0]}x{self.grid[1]}" if self.grid != (4, 2) else ""
-        return f"{self.rows}x{self.cols}x{self.depth}{grid}" + (f"/r{self.rounds}" if self.rounds > 1 else "")
+        rounds = f"/r{self.rounds}" if self.rounds > 1 else ""
+        waves = f"/w{self.min_waves:g}" if self.min_waves else ""
+        return f"{self.rows}x{self.cols}x{self.depth}{grid}{rounds}{waves}"
 
     @staticmethod
     def parse(text: str) -> MatrixTile:
-        """A tile from its :meth:`spec` (``64x128x64/r2``, ``64x128x32/2x2``); raises ValueError."""
-        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:/(\d+)x(\d+))?(?:/r(\d+))?", text.strip())
+        """A tile from its :meth:`spec` (``64x128x64/r2``, ``64x128x32/2x2``, ``128x128x64/w1``); raises
+        ValueError."""
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:/(\d+)x(\d+))?(?:/r(\d+))?(?:/w(\d+(?:\.\d+)?))?", text.strip())
         if match is None:
-            raise ValueError(f"tile {text!r} is not ROWSxCOLSxDEPTH[/GRxGC][/rROUNDS] (e.g. 64x128x32, 64x128x64/r2)")
-        rows, cols, depth, gr, gc, rounds = match.groups()
+            wanted = "ROWSxCOLSxDEPTH[/GRxGC][/rROUNDS][/wWAVES] (e.g. 64x128x32, 64x128x64/r2, 128x128x64/w1)"
+            raise ValueError(f"tile {text!r} is not {wanted}")
+        rows, cols, depth, gr, gc, rounds, waves = match.groups()
         grid = (int(gr), int(gc)) if gr else (4, 2)
-        return MatrixTile(int(rows), int(cols), int(depth), grid, int(rounds or 1))
+        return MatrixTile(int(rows), int(cols), int(depth), grid, int(rounds or 1), float(waves or 0))
 
 
 # Tiles in order of preference, 64 rows (each subgroup a 16-row share): in the model on an H100 they beat
@@ -157,7 +164,8 @@ def choose_matrix_tile(
 ) -> MatrixTile:
     """The first tile of ``order`` whose columns divide ``n`` with whole subgroup matrices per subgroup,
     within ``max_shared`` bytes, its depth made shallower (32, then ``config.k``) where ``k`` is not a
-    multiple of it; of those, the first whose rows divide ``m``, else (CLIP's and the cross-attention
+    multiple of it, and that makes at least its ``min_waves`` waves of ``wave`` workgroups; of those, the
+    first whose rows divide ``m``, else (CLIP's and the cross-attention
     projections' 2 x 77 tokens) the first, its last row tile partial. Where ``batch`` GEMMs on that tile
     make at most ``wave`` workgroups, the tile walks :data:`ONE_WAVE_DEPTH` deep if ``k`` allows (the
     epilogue's scratch in turns where workgroup memory needs it). Raises :class:`UnsupportedGemmError`
@@ -168,6 +176,9 @@ def choose_matrix_tile(
         if depth is None:
             continue
         tile = replace(template, depth=depth)
+        grid = batch * -(-m // tile.rows) * (n // tile.cols)
+        if grid < tile.min_waves * wave:
+            continue
         if n % tile.cols == 0 and tile.fits(config) and tile.shared_bytes(config) <= max_shared:
             fitting.append(tile)
     if not fitting and k % config.k:

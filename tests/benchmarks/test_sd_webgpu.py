@@ -1,6 +1,6 @@
 """benchmarks/sd_webgpu.py's report: the peers table puts the page's library (the subgroup one where the
-adapter took it, streamed) beside onnxruntime-web and the CUDA build of the same session, as mlcweb's time
-over the peer's."""
+adapter took it, with its subgroup-matrix kernels where it took those, streamed) beside onnxruntime-web
+and the CUDA build of the same session, as mlcweb's time over the peer's."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def test_peers_table_uses_the_page_library_and_states_ratios(
     out = capsys.readouterr().out
     assert "| unet float16 | 140.0 | 100.0 | 200.0 | 10.00 | 0.70x / 0.50x | 10.0x |" in out
     assert "| vae float16 | 50.0 | 40.0 | - | 8.00 | - | 5.0x |" in out
+    # with the subgroup-matrix kernels the adapter offers, the page runs the subgroup library with them
+    (tmp_path / "webgpu-sd15-float16-matrix.json").write_text(json.dumps({**_run(60.0, 55.0), "matrix_kernels": 9}))
+    both = {**_run(50.0, 45.0), "subgroups": 32, "matrix_kernels": 9}
+    (tmp_path / "webgpu-sd15-float16-subgroups-matrix.json").write_text(json.dumps(both))
+    assert sd_webgpu.main(["report", str(tmp_path)]) == 0
+    assert "| unet float16 | 50.0 | 45.0 | 200.0 | 10.00 | 0.25x / 0.23x | 4.5x |" in capsys.readouterr().out
 
 
 def test_tile_changes_name_fields_of_each_tile() -> None:

@@ -96,6 +96,22 @@ def test_tile_layouts() -> None:
         MatrixTile.parse("64x128")
 
 
+def test_large_tiles_need_waves_and_memory() -> None:
+    """A tile with ``min_waves`` is taken only where its grid fills that many waves; 128x128 tiles 64 deep
+    need 44 KiB (operands 2 x 256 x 72 halves, scratch 8 x 16 x 16 floats), so only where the workgroup
+    memory given allows."""
+    big = MatrixTile.parse("128x128x64/w1")
+    assert big == MatrixTile(128, 128, 64, min_waves=1.0) and big.spec() == "128x128x64/w1"
+    assert big.shared_bytes(CONFIG) == 36864 + 8192 == 45056
+    order = (big, *TILE_ORDER)
+    assert choose_matrix_tile(512, 256, 320, CONFIG, 49152, order, wave=8) == big  # 4 x 2 workgroups
+    assert choose_matrix_tile(512, 256, 320, CONFIG, 49152, order, wave=8, batch=2) == big
+    # 2 x 2 big tiles under a wave of 8: the 64-row tile, 64 deep (its grid, 4 x 2, is at most a wave)
+    assert choose_matrix_tile(256, 256, 320, CONFIG, 49152, order, wave=8) == MatrixTile(64, 128, 64)
+    assert choose_matrix_tile(512, 256, 320, CONFIG, 32768, order, wave=4) == MatrixTile(64, 128, 32)
+    assert MatrixTile.parse("128x128x64").min_waves == 0 and MatrixTile.parse("64x64x32/2x2/r2/w0.5").min_waves == 0.5
+
+
 @I.ir_module
 class Layers:
     @R.function
@@ -132,11 +148,17 @@ class Layers:
 
 
 def _compile(
-    mod: tvm.IRModule, tiles: tuple[MatrixTile, ...] = TILE_ORDER
+    mod: tvm.IRModule, tiles: tuple[MatrixTile, ...] = TILE_ORDER, shared: int | None = None
 ) -> tuple[relax.VMExecutable, dict[str, str]]:
     from webgpu_node import WEBGPU
 
-    options = mp.PipelineOptions(dtype="float16", conv_layout="NHWC", webgpu_matrix=CONFIG, webgpu_matrix_tiles=tiles)
+    options = mp.PipelineOptions(
+        dtype="float16",
+        conv_layout="NHWC",
+        webgpu_matrix=CONFIG,
+        webgpu_matrix_tiles=tiles,
+        webgpu_matrix_shared=shared,
+    )
     with WEBGPU:
         lowered = mp.pipeline(WEBGPU, options)(mod)
     exe = tvm.compile(lowered, WEBGPU, relax_pipeline=None, tir_pipeline=mp.tir_pipeline(WEBGPU, options))
@@ -164,25 +186,42 @@ def test_kernels_declare_tvms_bindings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sorted(k.grid for k in kernels.values()) == [(1, 4, 1), (3, 3, 1), (3, 4, 1)]
 
 
+def test_workgroup_memory_option_reaches_the_plans() -> None:
+    """``PipelineOptions.webgpu_matrix_shared`` sets the workgroup memory the plans may use instead of the
+    target's 32 KiB: the convolution (256 x 128) takes the 44 KiB 128x128 tile only when it is given."""
+    big = (MatrixTile(128, 128, 64), *TILE_ORDER)
+    tile = {name: json.loads(plan)["tile"] for name, plan in _compile(Layers, big, 49152)[1].items()}
+    conv = next(t for name, t in tile.items() if "conv" in name)
+    assert (conv["rows"], conv["cols"], conv["depth"]) == (128, 128, 64)
+    tile = {name: json.loads(plan)["tile"] for name, plan in _compile(Layers, big)[1].items()}
+    assert next(t for name, t in tile.items() if "conv" in name)["rows"] == 64
+
+
 # the convolution on 4 subgroups with the epilogue's scratch in two turns, the linears (96 columns, which
 # 64x64 tiles do not divide) on the default tiles; every GEMM here makes less than a wave of workgroups,
 # so all walk 64 deep
 TILES = (MatrixTile(64, 64, 32, (2, 2), 2), *TILE_ORDER)
+LAYOUTS = ["// 64x32 tiles 64 deep on 4x2 subgroups (emulated by lanes)"] * 2 + [
+    "// 64x64 tiles 64 deep on 2x2 subgroups (emulated by lanes)"
+]
+# the convolution on 128x128 tiles (two result matrices of rows a subgroup), 32 deep: 64 deep needs more
+# than lavapipe's 32 KiB of workgroup memory
+BIG_TILES = (MatrixTile(128, 128, 32), *TILE_ORDER)
+BIG_LAYOUTS = ["// 128x128 tiles 32 deep on 4x2 subgroups (emulated by lanes)", *LAYOUTS[:2]]
 
 
 @pytest.mark.skipif(not Path("/usr/share/vulkan/icd.d/lvp_icd.json").is_file(), reason="needs Mesa's lavapipe")
-def test_emulated_kernels_compute_the_layer() -> None:
+@pytest.mark.parametrize(("tiles", "layouts"), [(TILES, LAYOUTS), (BIG_TILES, BIG_LAYOUTS)], ids=["64-rows", "128x128"])
+def test_emulated_kernels_compute_the_layer(tiles: tuple[MatrixTile, ...], layouts: list[str]) -> None:
     """The generated kernels, matrix operations done by lanes, installed in place of TVM's shaders as the
     page installs them: numpy's result on lavapipe, within float16 rounding (1e-2 of the output's scale)."""
     from webgpu_node import LAVAPIPE, run_on_webgpu
 
-    exe, plans = _compile(Layers, TILES)
+    exe, plans = _compile(Layers, tiles)
     kernels = matrix_kernels(plans, wgsl_sources(exe.mod), CONFIG, emulate=True)
     assert len(kernels) == 3
-    layouts = sorted(next(line for line in k.code.splitlines() if " tiles " in line) for k in kernels.values())
-    assert layouts == ["// 64x32 tiles 64 deep on 4x2 subgroups (emulated by lanes)"] * 2 + [
-        "// 64x64 tiles 64 deep on 2x2 subgroups (emulated by lanes)"
-    ]
+    written = sorted(next(line for line in k.code.splitlines() if " tiles " in line) for k in kernels.values())
+    assert written == sorted(layouts)
     table = json.loads(json.dumps({k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 16, 8, 64)).astype(np.float16)
