@@ -60,7 +60,11 @@ def build(args: argparse.Namespace) -> int:
 
     changes = dict(tile_change(item, gemm.LARGE) for item in args.tile)
     host = PluginHost()
-    defaults = {"split_k_policy": args.split_policy, "webgpu_matrix_shared": args.matrix_shared}
+    defaults = {
+        "split_k_policy": args.split_policy,
+        "webgpu_matrix_shared": args.matrix_shared,
+        "webgpu_matrix_tuned": args.matrix_tuned,
+    }
     with _tiles(gemm, changes), _vector_loads(args.vector_loads), _pipeline_defaults(defaults):
         return _build_dtypes(args, host)
 
@@ -102,6 +106,17 @@ def matrix_tiles_arg(text: str) -> Any:
 
     try:
         return tuple(MatrixTile.parse(spec) for spec in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def matrix_table_arg(text: str) -> Any:
+    """``--matrix-tuned PATH``: the tiles of a matrix tile table."""
+    sys.path.insert(0, str(ROOT))
+    from mlcweb_passes.webgpu.matrix_tiles import read_matrix_tiles
+
+    try:
+        return read_matrix_tiles(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -619,6 +634,11 @@ def main(argv: list[str] | None = None) -> int:
         "--matrix-shared",
         type=int,
         help="bytes of workgroup memory the subgroup-matrix kernels may declare (default: the target's, 32 KiB)",
+    )
+    b.add_argument(
+        "--matrix-tuned",
+        type=matrix_table_arg,
+        help="a matrix tile table (webgpu_matrix_tiles.json) instead of the shipped database's",
     )
     b.add_argument(
         "--tile",

@@ -75,6 +75,7 @@ from .webgpu.flash_attention import fits_webgpu_flash_attention, webgpu_flash_at
 from .webgpu.gemm import TILE_TABLE_FILE, WebGPUTile, read_tile_table
 from .webgpu.matrix_attention import PlanMatrixAttention
 from .webgpu.matrix_gemm import TILE_ORDER, MatrixConfig, MatrixTile, PlanMatrixGemms
+from .webgpu.matrix_tiles import MATRIX_TILES_FILE, read_matrix_tiles
 from .webgpu.widen_gemm_operands import WidenGemmOperands
 
 __all__ = ["CONV_LAYOUTS", "PHASES", "PipelineOptions", "conv_layout", "phases", "pipeline", "tir_pipeline"]
@@ -113,7 +114,9 @@ class PipelineOptions:
     ``webgpu_matrix_tiles``: the GEMM kernels' tiles in order of preference (default
     :data:`~mlcweb_passes.webgpu.matrix_gemm.TILE_ORDER`), within ``webgpu_matrix_shared`` bytes of
     workgroup memory (default: the target's ``max_shared_memory_per_block``; the page uses the kernels
-    only where the adapter grants what they declare); with ``webgpu_matrix_attention`` the flash
+    only where the adapter grants what they declare); ``webgpu_matrix_tuned``: measured tiles by GEMM
+    size, taken first where they fit (:mod:`~mlcweb_passes.webgpu.matrix_tiles`; default: the database
+    directory's ``webgpu_matrix_tiles.json``, if any); with ``webgpu_matrix_attention`` the flash
     attentions too (:mod:`~mlcweb_passes.webgpu.matrix_attention`,
     off by default: both forms were slower than the portable kernel on an H100, benchmarks/README.md).
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
@@ -135,6 +138,7 @@ class PipelineOptions:
     webgpu_matrix_attention: bool = False
     webgpu_matrix_tiles: tuple[MatrixTile, ...] = TILE_ORDER
     webgpu_matrix_shared: int | None = None
+    webgpu_matrix_tuned: Mapping[str, MatrixTile] | None = None
     database: Database | None = None
     webgpu_tiles: Mapping[str, WebGPUTile] | None = None
     gpu: GpuFacts | None = None
@@ -246,8 +250,8 @@ def kernel_phase(
     if options.wgmma and supports_wgmma(target):
         passes.append(WgmmaGemm(sm_count=_gpu(target, options).sm_count))
     if options.webgpu_matrix is not None and options.dtype == "float16" and target.kind.name == "webgpu":
-        shared = options.webgpu_matrix_shared
-        passes.append(PlanMatrixGemms(options.webgpu_matrix, shared, options.webgpu_matrix_tiles))
+        shared, tuned = options.webgpu_matrix_shared, _matrix_tuned(options)
+        passes.append(PlanMatrixGemms(options.webgpu_matrix, shared, options.webgpu_matrix_tiles, tuned=tuned))
         if options.webgpu_matrix_attention:
             passes.append(PlanMatrixAttention(options.webgpu_matrix))
     return _sequential("kernels", [*passes, *extra])
@@ -263,6 +267,17 @@ def schedule_phase(
     # workspace pool may free and reallocate between calls.
     passes.append(LiftKernelScratch())
     return _sequential("schedule", passes)
+
+
+def _matrix_tuned(options: PipelineOptions) -> Mapping[str, MatrixTile] | None:
+    """``options.webgpu_matrix_tuned``, else the matrix tile table in the database directory (if any)."""
+    if options.webgpu_matrix_tuned is not None:
+        return options.webgpu_matrix_tuned
+    if isinstance(options.database, (str, os.PathLike)):
+        table = Path(options.database) / MATRIX_TILES_FILE
+        if table.is_file():
+            return read_matrix_tiles(table)
+    return None
 
 
 def _webgpu_tiles(target: Target, options: PipelineOptions) -> Mapping[str, WebGPUTile] | None:

@@ -256,11 +256,20 @@ def write_tile_table(
     entries = {
         key: {"tile": dataclasses.asdict(tiles[key]), **dict((notes or {}).get(key, {}))} for key in sorted(tiles)
     }
-    data = {"format": TILE_TABLE_FORMAT, **dict(about or {}), "tiles": entries}
+    write_table(path, {"format": TILE_TABLE_FORMAT, **dict(about or {}), "tiles": entries})
+
+
+def write_table(path: str | os.PathLike[str], data: Mapping[str, object]) -> None:
+    """``data`` as indented JSON at ``path``, written to a temporary file and renamed (a reader never
+    sees half a table; an interrupted write leaves the old one)."""
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=1, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _gemm_extents(block: tirx.SBlock) -> tuple[int, int, int] | None:

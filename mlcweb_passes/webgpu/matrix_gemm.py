@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -55,6 +55,7 @@ __all__ = [
     "WGSLExprPrinter",
     "bind_helpers",
     "choose_matrix_tile",
+    "gemm_key",
     "matrix_kernels",
     "plan_matrix_gemm",
     "write_kernels",
@@ -152,6 +153,17 @@ TILE_ORDER = (MatrixTile(64, 128, 32), MatrixTile(64, 64, 32), MatrixTile(64, 32
 ONE_WAVE_DEPTH = 64
 
 
+def gemm_key(batch: int, m: int, n: int, k: int) -> str:
+    """A GEMM's key in a tuned tile table (:mod:`~mlcweb_passes.webgpu.matrix_tiles`): ``BxMxNxK``."""
+    return f"{batch}x{m}x{n}x{k}"
+
+
+def _usable(tile: MatrixTile, m: int, n: int, k: int, config: MatrixConfig, max_shared: int) -> bool:
+    """``tile`` divides the GEMM (its last row tile may be partial) and fits ``max_shared`` bytes."""
+    divides = n % tile.cols == 0 and k % tile.depth == 0 and m >= tile.rows
+    return divides and tile.fits(config) and tile.shared_bytes(config) <= max_shared
+
+
 def choose_matrix_tile(
     m: int,
     n: int,
@@ -161,15 +173,20 @@ def choose_matrix_tile(
     order: tuple[MatrixTile, ...] = TILE_ORDER,
     wave: int = 0,
     batch: int = 1,
+    tuned: Mapping[str, MatrixTile] | None = None,
 ) -> MatrixTile:
-    """The first tile of ``order`` whose columns divide ``n`` with whole subgroup matrices per subgroup,
-    within ``max_shared`` bytes, its depth made shallower (32, then ``config.k``) where ``k`` is not a
-    multiple of it, and that makes at least its ``min_waves`` waves of ``wave`` workgroups; of those, the
-    first whose rows divide ``m``, else (CLIP's and the cross-attention
-    projections' 2 x 77 tokens) the first, its last row tile partial. Where ``batch`` GEMMs on that tile
-    make at most ``wave`` workgroups, the tile walks :data:`ONE_WAVE_DEPTH` deep if ``k`` allows (the
-    epilogue's scratch in turns where workgroup memory needs it). Raises :class:`UnsupportedGemmError`
-    where none fits."""
+    """The tile ``tuned`` (a tile table, :func:`gemm_key` -> tile) gives this GEMM where it divides it
+    and fits ``max_shared``; else the first tile of ``order`` whose columns divide ``n`` with whole
+    subgroup matrices per subgroup, within ``max_shared`` bytes, its depth made shallower (32, then
+    ``config.k``) where ``k`` is not a multiple of it, and that makes at least its ``min_waves`` waves of
+    ``wave`` workgroups; of those, the first whose rows divide ``m``, else (CLIP's and the
+    cross-attention projections' 2 x 77 tokens) the first, its last row tile partial. Where ``batch``
+    GEMMs on that tile make at most ``wave`` workgroups, the tile walks :data:`ONE_WAVE_DEPTH` deep if
+    ``k`` allows (the epilogue's scratch in turns where workgroup memory needs it). Raises
+    :class:`UnsupportedGemmError` where none fits."""
+    measured = (tuned or {}).get(gemm_key(batch, m, n, k))
+    if measured is not None and _usable(measured, m, n, k, config, max_shared):
+        return measured
     fitting = []
     for template in order:
         depth = next((d for d in (template.depth, 32, config.k) if k % d == 0 and d <= template.depth), None)
@@ -293,6 +310,7 @@ def plan_matrix_gemm(
     max_shared: int = WEBGPU_DEFAULT_SHARED,
     tiles: tuple[MatrixTile, ...] = TILE_ORDER,
     wave: int = 0,
+    tuned: Mapping[str, MatrixTile] | None = None,
 ) -> MatrixPlan:
     """The subgroup-matrix kernel for ``func``, its tile the first of ``tiles`` that fits (deeper for a
     GEMM of at most ``wave`` workgroups, :func:`choose_matrix_tile`); raises
@@ -302,7 +320,7 @@ def plan_matrix_gemm(
     found = analyze_gemm_func(func)
     gemm = found.gemm
     sizes = gemm.sizes
-    tile = choose_matrix_tile(sizes["m"], sizes["n"], sizes["k"], config, max_shared, tiles, wave, sizes["s"])
+    tile = choose_matrix_tile(sizes["m"], sizes["n"], sizes["k"], config, max_shared, tiles, wave, sizes["s"], tuned)
     if any(str(p.dtype) not in WGSL_TYPES or str(p.dtype) == "bool" for p in func.params):
         raise UnsupportedGemmError("a parameter of a type the kernel does not take")
     params = tuple(str(p.name) for p in func.params)
@@ -403,17 +421,19 @@ class PlanMatrixGemms(PlanMatrixKernels):
         max_shared: int | None = None,
         tiles: tuple[MatrixTile, ...] = TILE_ORDER,
         wave: int | None = None,
+        tuned: Mapping[str, MatrixTile] | None = None,
     ) -> None:
         super().__init__(config, max_shared)
         self.tiles = tiles  # in order of preference (choose_matrix_tile)
         self.wave = wave  # workgroups a GPU runs at once; None: the target's multiprocessors (gpu_facts)
+        self.tuned = tuned  # measured tiles by gemm_key (webgpu.matrix_tiles), taken first where they fit
 
     def wants(self, func: tirx.PrimFunc) -> bool:
         return SCHEDULED_ATTR not in func.attrs
 
     def plan(self, func: tirx.PrimFunc, max_shared: int, target: tvm.target.Target) -> str:
         wave = gpu_facts(target).sm_count if self.wave is None else self.wave
-        return plan_matrix_gemm(func, self.config, max_shared, self.tiles, wave).to_json()
+        return plan_matrix_gemm(func, self.config, max_shared, self.tiles, wave, self.tuned).to_json()
 
 
 @dataclass(frozen=True)
@@ -599,6 +619,7 @@ def _source(
     return f"""{header}
 // mlcweb: {plan.batch} x {plan.m} x {plan.n} x {plan.k} on {sm}x{sn}x{sk} subgroup matrices,
 // {tile.rows}x{tile.cols} tiles {tile.depth} deep on {gr}x{gc} subgroups{" (emulated by lanes)" if emulate else ""}
+// tile {replace(tile, min_waves=0.0).spec()}
 {declarations}
 var<workgroup> mlcweb_as : array<f16, {tile.rows * lds}>;
 var<workgroup> mlcweb_bs : array<f16, {tile.cols * lds}>;

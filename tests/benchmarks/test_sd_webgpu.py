@@ -84,13 +84,14 @@ def test_matrix_variants_write_the_kernels_the_page_would_install() -> None:
         ("--split-policy", "64x128,2", "is not ROWSxCOLS,WAVES,MIN_SLICE"),
         ("--split-policy", "64x0,2,1152", "positive tile edges"),
         ("--matrix-tiles", "64x128x32,64x1", "is not ROWSxCOLSxDEPTH"),
+        ("--matrix-tuned", "no-such-table.json", "cannot read the WebGPU matrix tile table"),
     ],
 )
 def test_build_options_are_checked_before_building(
     option: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A bad ``--split-policy`` or ``--matrix-tiles`` is one argparse line and exit code 2, before any
-    build starts; good ones parse into the pass library's types."""
+    """A bad ``--split-policy``, ``--matrix-tiles`` or ``--matrix-tuned`` is one argparse line and exit
+    code 2, before any build starts; good ones parse into the pass library's types."""
     with pytest.raises(SystemExit) as exit_info:
         sd_webgpu.main(["build", "--out", str(tmp_path), option, value])
     assert exit_info.value.code == 2
