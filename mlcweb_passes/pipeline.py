@@ -269,15 +269,20 @@ def schedule_phase(
     return _sequential("schedule", passes)
 
 
+def _database_file(options: PipelineOptions, name: str) -> Path | None:
+    """The file ``name`` in the database directory ``options.database``, where it is one and has it."""
+    if isinstance(options.database, (str, os.PathLike)):
+        path = Path(options.database) / name
+        return path if path.is_file() else None
+    return None
+
+
 def _matrix_tuned(options: PipelineOptions) -> Mapping[str, MatrixTile] | None:
     """``options.webgpu_matrix_tuned``, else the matrix tile table in the database directory (if any)."""
     if options.webgpu_matrix_tuned is not None:
         return options.webgpu_matrix_tuned
-    if isinstance(options.database, (str, os.PathLike)):
-        table = Path(options.database) / MATRIX_TILES_FILE
-        if table.is_file():
-            return read_matrix_tiles(table)
-    return None
+    table = _database_file(options, MATRIX_TILES_FILE)
+    return read_matrix_tiles(table) if table else None
 
 
 def _webgpu_tiles(target: Target, options: PipelineOptions) -> Mapping[str, WebGPUTile] | None:
@@ -286,11 +291,8 @@ def _webgpu_tiles(target: Target, options: PipelineOptions) -> Mapping[str, WebG
         return None
     if options.webgpu_tiles is not None:
         return options.webgpu_tiles
-    if isinstance(options.database, (str, os.PathLike)):
-        table = Path(options.database) / TILE_TABLE_FILE
-        if table.is_file():
-            return read_tile_table(table)
-    return None
+    table = _database_file(options, TILE_TABLE_FILE)
+    return read_tile_table(table) if table else None
 
 
 def memory_phase(
