@@ -169,11 +169,9 @@ def _keep_light(build_dir: Path, dest: Path) -> None:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     libraries = [manifest["library"], *([manifest["subgroups"]["library"]] if "subgroups" in manifest else [])]
-    matrix = [
-        e["webgpu"]["matrix"]["kernels"]
-        for e in (manifest, manifest.get("subgroups", {}))
-        if "matrix" in e.get("webgpu", {})
-    ]
+    entries = (manifest.get("webgpu", {}), manifest.get("subgroups", {}).get("webgpu", {}))
+    tables = [entry["matrix"] for entry in entries if "matrix" in entry]
+    matrix = [table["kernels"] for entry in tables for table in (entry, *entry.get("larger", ()))]
     names = [*KEEP, *libraries, *matrix, *(p.name for p in build_dir.glob("scheduler-*.json"))]
     for name in names:
         shutil.copyfile(build_dir / name, dest / name)

@@ -33,7 +33,7 @@ from tvm import relax
 
 import mlcweb_passes as mp
 from mlcweb_passes.webgpu.matrix_attention import planned_kernels
-from mlcweb_passes.webgpu.matrix_gemm import TILE_ORDER, MatrixConfig
+from mlcweb_passes.webgpu.matrix_gemm import PLANS_ATTR, TILE_ORDER, MatrixConfig, plans_attr
 
 from .choices import DTYPES
 from .databases import shipped_database
@@ -430,21 +430,47 @@ def _matrix_kernels(lowered: tvm.IRModule, resolved: ModelBuild, sources: dict[s
     :class:`mlcweb_passes.webgpu.matrix_gemm.PlanMatrixGemms`, flash attentions by
     :class:`mlcweb_passes.webgpu.matrix_attention.PlanMatrixAttention`), written beside the library
     ``path`` as ``<library>-matrix.json`` ({shader: {code, grid}}); returns the manifest's ``matrix`` entry
-    (file, counts, configuration, what the kernels need of a workgroup), or {} when none."""
+    (file, counts, configuration, what the kernels need of a workgroup), or {} when none. Where the GEMMs
+    were also planned for more workgroup memory (``PipelineOptions.webgpu_matrix_larger``) and those
+    kernels differ, each such table is written too (``<library>-matrix-<bytes>.json``) and listed in the
+    entry's ``larger``, for the page to take on adapters that grant what it declares."""
     config = resolved.pipeline.webgpu_matrix
     if config is None:
         return {}
-    gemms, attention = planned_kernels(lowered, sources, config)
+    entry = _matrix_table(lowered, config, sources, path.parent / f"{path.stem}-matrix.json")
+    if not entry:
+        return {}
+    base = json.loads((path.parent / entry["kernels"]).read_text())
+    larger = []
+    for size in sorted(resolved.pipeline.webgpu_matrix_larger):
+        attr = plans_attr(size)
+        if lowered.attrs is None or attr not in lowered.attrs:
+            continue
+        table = _matrix_table(lowered, config, sources, path.parent / f"{path.stem}-matrix-{size}.json", attr, base)
+        larger += [table] if table else []
+    return {**entry, **({"larger": larger} if larger else {})}
+
+
+def _matrix_table(
+    lowered: tvm.IRModule,
+    config: MatrixConfig,
+    sources: dict[str, str],
+    dest: Path,
+    gemm_attr: str = PLANS_ATTR,
+    unless: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One table of matrix kernels (the GEMMs planned in ``gemm_attr``, the attentions) checked with Dawn
+    and written to ``dest``; its manifest entry, or {} when it has no kernels or equals ``unless``."""
+    gemms, attention = planned_kernels(lowered, sources, config, gemm_attr)
     kernels = {**gemms, **attention}
-    if not kernels:
+    table = {k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}
+    if not kernels or table == unless:
         return {}
     check_matrix_wgsl({k.name: k.code for k in kernels.values()})
-    name = f"{path.stem}-matrix.json"
-    table = {k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}
-    (path.parent / name).write_text(json.dumps(table, sort_keys=True, indent=1) + "\n")
-    log.info("%d GEMM and %d attention kernels on subgroup matrices in %s", len(gemms), len(attention), name)
+    dest.write_text(json.dumps(table, sort_keys=True, indent=1) + "\n")
+    log.info("%d GEMM and %d attention kernels on subgroup matrices in %s", len(gemms), len(attention), dest.name)
     return {
-        "kernels": name,
+        "kernels": dest.name,
         "count": len(kernels),
         "gemms": len(gemms),
         "attention": len(attention),
@@ -585,8 +611,10 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
 
 
 def _matrix_files(*needs: dict[str, Any]) -> list[str]:
-    """The subgroup-matrix kernel files of the libraries whose workgroup needs are ``needs``."""
-    return [entry["matrix"]["kernels"] for entry in needs if "matrix" in entry]
+    """The subgroup-matrix kernel files (each table's) of the libraries whose workgroup needs are
+    ``needs``."""
+    matrices = [entry["matrix"] for entry in needs if "matrix" in entry]
+    return [table["kernels"] for matrix in matrices for table in (matrix, *matrix.get("larger", ()))]
 
 
 def _subgroup_library(host: PluginHost, resolved: ModelBuild, deploy: tvm.IRModule, tmp: Path) -> dict[str, Any]:

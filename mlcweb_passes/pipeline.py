@@ -74,8 +74,8 @@ from .webgpu import vector_storage
 from .webgpu.flash_attention import fits_webgpu_flash_attention, webgpu_flash_attention_kernel
 from .webgpu.gemm import TILE_TABLE_FILE, WebGPUTile, read_tile_table
 from .webgpu.matrix_attention import PlanMatrixAttention
-from .webgpu.matrix_gemm import TILE_ORDER, MatrixConfig, MatrixTile, PlanMatrixGemms
-from .webgpu.matrix_tiles import MATRIX_TILES_FILE, read_matrix_tiles
+from .webgpu.matrix_gemm import TILE_ORDER, MatrixConfig, MatrixTile, PlanMatrixGemms, plans_attr
+from .webgpu.matrix_tiles import matrix_tiles_file, read_matrix_tiles
 from .webgpu.widen_gemm_operands import WidenGemmOperands
 
 __all__ = ["CONV_LAYOUTS", "PHASES", "PipelineOptions", "conv_layout", "phases", "pipeline", "tir_pipeline"]
@@ -116,7 +116,10 @@ class PipelineOptions:
     workgroup memory (default: the target's ``max_shared_memory_per_block``; the page uses the kernels
     only where the adapter grants what they declare); ``webgpu_matrix_tuned``: measured tiles by GEMM
     size, taken first where they fit (:mod:`~mlcweb_passes.webgpu.matrix_tiles`; default: the database
-    directory's ``webgpu_matrix_tiles.json``, if any); with ``webgpu_matrix_attention`` the flash
+    directory's ``webgpu_matrix_tiles.json``, if any); ``webgpu_matrix_larger``: workgroup memory sizes
+    (bytes) past the target's for which the GEMMs are planned again, a table for adapters granting that
+    much (module attribute ``matrix_gemm.plans_attr(bytes)``; tiles from the database directory's
+    ``webgpu_matrix_tiles_<bytes>.json``, if any); with ``webgpu_matrix_attention`` the flash
     attentions too (:mod:`~mlcweb_passes.webgpu.matrix_attention`,
     off by default: both forms were slower than the portable kernel on an H100, benchmarks/README.md).
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
@@ -139,6 +142,7 @@ class PipelineOptions:
     webgpu_matrix_tiles: tuple[MatrixTile, ...] = TILE_ORDER
     webgpu_matrix_shared: int | None = None
     webgpu_matrix_tuned: Mapping[str, MatrixTile] | None = None
+    webgpu_matrix_larger: tuple[int, ...] = (49152,)
     database: Database | None = None
     webgpu_tiles: Mapping[str, WebGPUTile] | None = None
     gpu: GpuFacts | None = None
@@ -250,8 +254,13 @@ def kernel_phase(
     if options.wgmma and supports_wgmma(target):
         passes.append(WgmmaGemm(sm_count=_gpu(target, options).sm_count))
     if options.webgpu_matrix is not None and options.dtype == "float16" and target.kind.name == "webgpu":
-        shared, tuned = options.webgpu_matrix_shared, _matrix_tuned(options)
-        passes.append(PlanMatrixGemms(options.webgpu_matrix, shared, options.webgpu_matrix_tiles, tuned=tuned))
+        shared, tiles = options.webgpu_matrix_shared, options.webgpu_matrix_tiles
+        passes.append(PlanMatrixGemms(options.webgpu_matrix, shared, tiles, tuned=_matrix_tuned(options)))
+        own = shared or int(target.attrs.get("max_shared_memory_per_block", 0))
+        for larger in sorted(size for size in options.webgpu_matrix_larger if size > own):
+            tuned = _matrix_tuned(options, larger)
+            attr = plans_attr(larger)
+            passes.append(PlanMatrixGemms(options.webgpu_matrix, larger, tiles, tuned=tuned, attr=attr))
         if options.webgpu_matrix_attention:
             passes.append(PlanMatrixAttention(options.webgpu_matrix))
     return _sequential("kernels", [*passes, *extra])
@@ -277,11 +286,12 @@ def _database_file(options: PipelineOptions, name: str) -> Path | None:
     return None
 
 
-def _matrix_tuned(options: PipelineOptions) -> Mapping[str, MatrixTile] | None:
-    """``options.webgpu_matrix_tuned``, else the matrix tile table in the database directory (if any)."""
-    if options.webgpu_matrix_tuned is not None:
+def _matrix_tuned(options: PipelineOptions, larger: int | None = None) -> Mapping[str, MatrixTile] | None:
+    """The build's own table: ``options.webgpu_matrix_tuned``, else the matrix tile table in the database
+    directory (if any); for a table within ``larger`` bytes, that directory's table for the size."""
+    if larger is None and options.webgpu_matrix_tuned is not None:
         return options.webgpu_matrix_tuned
-    table = _database_file(options, MATRIX_TILES_FILE)
+    table = _database_file(options, matrix_tiles_file(larger))
     return read_matrix_tiles(table) if table else None
 
 

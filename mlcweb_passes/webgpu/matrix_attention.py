@@ -194,20 +194,18 @@ def attention_kernels(
 
 
 def planned_kernels(
-    lowered: tvm.IRModule, sources: dict[str, str], config: MatrixConfig
+    lowered: tvm.IRModule, sources: dict[str, str], config: MatrixConfig, gemm_attr: str = GEMM_PLANS_ATTR
 ) -> tuple[dict[str, MatrixKernel], dict[str, MatrixKernel]]:
     """The GEMM and the attention kernels on subgroup matrices planned in ``lowered`` (module attributes
-    :data:`~mlcweb_passes.webgpu.matrix_gemm.PLANS_ATTR` and :data:`PLANS_ATTR`), written for TVM's
-    compiled ``sources`` (:func:`~mlcweb_passes.webgpu.matrix_gemm.matrix_kernels`,
-    :func:`attention_kernels`)."""
+    ``gemm_attr``, by default :data:`~mlcweb_passes.webgpu.matrix_gemm.PLANS_ATTR`, and
+    :data:`PLANS_ATTR`), written for TVM's compiled ``sources``
+    (:func:`~mlcweb_passes.webgpu.matrix_gemm.matrix_kernels`, :func:`attention_kernels`)."""
     attrs = lowered.attrs if lowered.attrs is not None else {}
 
     def plans(key: str) -> dict[str, str]:
         return {str(k): str(v) for k, v in attrs.get(key, {}).items()}
 
-    return matrix_kernels(plans(GEMM_PLANS_ATTR), sources, config), attention_kernels(
-        plans(PLANS_ATTR), sources, config
-    )
+    return matrix_kernels(plans(gemm_attr), sources, config), attention_kernels(plans(PLANS_ATTR), sources, config)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ __all__ = [
     "gemm_key",
     "matrix_kernels",
     "plan_matrix_gemm",
+    "plans_attr",
     "write_kernels",
 ]
 
@@ -151,6 +152,13 @@ TILE_ORDER = (MatrixTile(64, 128, 32), MatrixTile(64, 64, 32), MatrixTile(64, 32
 # tiles made such GEMMs 5-26% faster (2 x 512 x 1280 linears, 4 x 128 x 1280 split-K slices) and larger
 # grids 10-50% slower (benchmarks/results/2026-12-06-h100-sd_webgpu-11.md).
 ONE_WAVE_DEPTH = 64
+
+
+def plans_attr(shared: int | None = None) -> str:
+    """The module attribute holding the GEMM plans: :data:`PLANS_ATTR` for the build's own table (the
+    target's workgroup memory), ``PLANS_ATTR@BYTES`` for a table planned within ``shared`` bytes, for
+    adapters that grant that much."""
+    return PLANS_ATTR if shared is None else f"{PLANS_ATTR}@{shared}"
 
 
 def gemm_key(batch: int, m: int, n: int, k: int) -> str:
@@ -422,8 +430,10 @@ class PlanMatrixGemms(PlanMatrixKernels):
         tiles: tuple[MatrixTile, ...] = TILE_ORDER,
         wave: int | None = None,
         tuned: Mapping[str, MatrixTile] | None = None,
+        attr: str = PLANS_ATTR,
     ) -> None:
         super().__init__(config, max_shared)
+        self.attr = attr  # plans_attr(max_shared) for a table beside the build's own (larger workgroup memory)
         self.tiles = tiles  # in order of preference (choose_matrix_tile)
         self.wave = wave  # workgroups a GPU runs at once; None: the target's multiprocessors (gpu_facts)
         self.tuned = tuned  # measured tiles by gemm_key (webgpu.matrix_tiles), taken first where they fit

@@ -22,10 +22,16 @@ from collections.abc import Mapping
 from .gemm import write_table
 from .matrix_gemm import MatrixTile
 
-__all__ = ["MATRIX_TILES_FILE", "MATRIX_TILES_FORMAT", "read_matrix_tiles", "write_matrix_tiles"]
+__all__ = ["MATRIX_TILES_FILE", "MATRIX_TILES_FORMAT", "matrix_tiles_file", "read_matrix_tiles", "write_matrix_tiles"]
 
 MATRIX_TILES_FILE = "webgpu_matrix_tiles.json"  # a matrix tile table's name inside a database directory
 MATRIX_TILES_FORMAT = "mlcweb-webgpu-matrix-tiles/1"
+
+
+def matrix_tiles_file(larger: int | None = None) -> str:
+    """The table's file name in a database directory: :data:`MATRIX_TILES_FILE` for the build's own
+    kernels, ``webgpu_matrix_tiles_<bytes>.json`` for those planned within ``larger`` bytes."""
+    return MATRIX_TILES_FILE if larger is None else f"webgpu_matrix_tiles_{larger}.json"
 
 
 def read_matrix_tiles(path: str | os.PathLike[str]) -> dict[str, MatrixTile]:

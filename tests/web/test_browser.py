@@ -98,6 +98,10 @@ def test_webgpu_bundle_is_complete(sd_webgpu: Path) -> None:
         kernels = json.loads((sd_webgpu / matrix["kernels"]).read_text())
         assert len(kernels) == matrix["count"]
         assert all(f"fn {name}(" in k["code"] and len(k["grid"]) == 3 for name, k in kernels.items())
+        # and again for adapters granting 48 KiB of workgroup memory (one-wave GEMMs' epilogues in one turn)
+        (larger,) = matrix["larger"]
+        assert larger["kernels"] in names and larger["count"] == matrix["count"]
+        assert matrix["workgroup_storage_bytes"] <= 32768 < larger["workgroup_storage_bytes"] <= 49152
     assert "matrix" not in inner["webgpu"]
     # The wasm imports only WASI / emscripten / tvmjs functions: a C++ (mangled) import would be a
     # runtime symbol missing from the link, and the page would fail to instantiate it.

@@ -240,6 +240,33 @@ def test_the_page_runs_matrix_kernels_only_where_the_adapter_offers_their_config
     assert out == ("m-webgpu-matrix.json 28672 true" if used else "none 8192 false")
 
 
+@pytest.mark.parametrize(
+    ("storage", "chosen"), [(49152, "m-webgpu-matrix-49152.json 45568"), (32768, "m-webgpu-matrix.json 28672")]
+)
+def test_the_page_takes_the_largest_matrix_table_the_adapter_grants(page: Path, storage: int, chosen: str) -> None:
+    """chooseMatrix: of the library's matrix tables (its own, and those planned for more workgroup memory
+    in ``larger``), the one declaring the most workgroup memory the adapter grants; the device request
+    asks for that much."""
+    large = {"kernels": "m-webgpu-matrix-49152.json", "count": 3, "config": MATRIX, "workgroup_storage_bytes": 45568}
+    matrix = {"kernels": "m-webgpu-matrix.json", "count": 3, "config": MATRIX, "workgroup_storage_bytes": 28672}
+    manifest = {
+        "library": "m-webgpu.wasm",
+        "webgpu": {"workgroup_storage_bytes": 8192, "matrix": {**matrix, "larger": [large]}},
+    }
+    adapter = (
+        '{ features: new Set(["subgroups", "chromium-experimental-subgroup-matrix"]),'
+        f" limits: {{ maxComputeWorkgroupStorageSize: {storage}, maxComputeInvocationsPerWorkgroup: 1024 }},"
+        f" info: {{ subgroupMinSize: 32, subgroupMaxSize: 32, subgroupMatrixConfigs: {json.dumps([F16_16])} }} }}"
+    )
+    out = _node(
+        page,
+        'import { chooseLibrary } from "./mlcweb.js";\n'
+        f"const c = chooseLibrary({json.dumps(manifest)}, {adapter});\n"
+        "console.log(`${c.matrix.kernels} ${c.needs.workgroupBytes}`);\n",
+    )
+    assert out == chosen
+
+
 def test_matrix_kernels_replace_the_library_shaders_of_their_names(page: Path) -> None:
     """installMatrixKernels: a listed shader is created from the kernel's code, dispatched on the kernel's
     grid in place of the library's launch dimensions (its buffer and POD arguments passed as they are);

@@ -191,7 +191,9 @@ export const MATRIX_FEATURE = "chromium-experimental-subgroup-matrix";
 /**
  * The library's subgroup-matrix kernels (its `webgpu.matrix` entry: float16 GEMMs on tensor cores) when
  * the adapter offers `chromium-experimental-subgroup-matrix` with their configuration, subgroups exactly
- * as wide as they were written for, and the workgroup memory they declare; else null.
+ * as wide as they were written for, and the workgroup memory they declare; else null. Of the entry's
+ * tables (its own and those in `larger`, planned for more workgroup memory), the one declaring the most
+ * that the adapter grants.
  */
 export function chooseMatrix(entry, adapter) {
   const matrix = entry && entry.webgpu && entry.webgpu.matrix;
@@ -203,10 +205,12 @@ export function chooseMatrix(entry, adapter) {
   );
   const size = info.subgroupMinSize === want.subgroup_size && info.subgroupMaxSize === want.subgroup_size;
   const limits = adapter.limits || {};
-  const fits =
-    (matrix.workgroup_storage_bytes || 0) <= limits.maxComputeWorkgroupStorageSize &&
-    (matrix.invocations_per_workgroup || 0) <= limits.maxComputeInvocationsPerWorkgroup;
-  return offered && size && fits ? matrix : null;
+  const fits = (table) =>
+    (table.workgroup_storage_bytes || 0) <= limits.maxComputeWorkgroupStorageSize &&
+    (table.invocations_per_workgroup || 0) <= limits.maxComputeInvocationsPerWorkgroup;
+  const tables = [matrix, ...(matrix.larger || [])].filter(fits);
+  const most = (a, b) => ((b.workgroup_storage_bytes || 0) > (a.workgroup_storage_bytes || 0) ? b : a);
+  return offered && size && tables.length ? tables.reduce(most) : null;
 }
 
 /**

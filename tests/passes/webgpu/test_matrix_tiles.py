@@ -17,8 +17,20 @@ from tvm.script import relax as R
 
 import mlcweb_passes as mp
 from mlcweb_passes.gemm_analysis import UnsupportedGemmError
-from mlcweb_passes.webgpu.matrix_gemm import PLANS_ATTR, TILE_ORDER, MatrixConfig, MatrixTile, choose_matrix_tile
-from mlcweb_passes.webgpu.matrix_tiles import MATRIX_TILES_FILE, read_matrix_tiles, write_matrix_tiles
+from mlcweb_passes.webgpu.matrix_gemm import (
+    PLANS_ATTR,
+    TILE_ORDER,
+    MatrixConfig,
+    MatrixTile,
+    choose_matrix_tile,
+    plans_attr,
+)
+from mlcweb_passes.webgpu.matrix_tiles import (
+    MATRIX_TILES_FILE,
+    matrix_tiles_file,
+    read_matrix_tiles,
+    write_matrix_tiles,
+)
 
 CONFIG = MatrixConfig()
 
@@ -72,12 +84,12 @@ class Conv:
         return out
 
 
-def _planned_tile(options: mp.PipelineOptions) -> dict[str, object]:
+def _planned_tile(options: mp.PipelineOptions, attr: str = PLANS_ATTR) -> dict[str, object]:
     from webgpu_node import WEBGPU
 
     with WEBGPU:
         lowered = mp.pipeline(WEBGPU, options)(Conv)
-    (plan,) = (json.loads(str(v)) for v in lowered.attrs[PLANS_ATTR].values())
+    (plan,) = (json.loads(str(v)) for v in lowered.attrs[attr].values())
     assert (plan["batch"], plan["m"], plan["n"], plan["k"]) == (1, 256, 128, 576)
     return dict(plan["tile"])
 
@@ -96,3 +108,19 @@ def test_pipeline_takes_the_database_directorys_table(tmp_path: Path) -> None:
     assert (from_dir["rows"], from_dir["cols"], from_dir["grid"]) == (64, 64, [2, 2])
     given = _planned_tile(mp.PipelineOptions(**base, webgpu_matrix_tuned={"1x256x128x576": MatrixTile(64, 32, 32)}))  # type: ignore[arg-type]
     assert (given["rows"], given["cols"]) == (64, 32)
+
+
+def test_larger_tables_are_planned_with_their_own_tiles(tmp_path: Path) -> None:
+    """``webgpu_matrix_larger`` (48 KiB by default) plans the GEMMs again within that much workgroup memory
+    (``plans_attr(49152)``), with the database directory's table for the size: the 44 KiB 128x128 tile
+    there, the rule's 64x128 tile in the build's own table."""
+    for empty in ("database_workload.json", "database_tuning_record.json"):
+        (tmp_path / empty).write_text("")
+    write_matrix_tiles(tmp_path / matrix_tiles_file(49152), {"1x256x128x576": MatrixTile(128, 128, 64)})
+    base = {"dtype": "float16", "conv_layout": "NHWC", "webgpu_matrix": CONFIG, "split_k": False}
+    options = mp.PipelineOptions(**base, database=str(tmp_path))  # type: ignore[arg-type]
+    larger = _planned_tile(options, plans_attr(49152))
+    assert (larger["rows"], larger["cols"], larger["depth"]) == (128, 128, 64)
+    assert _planned_tile(options)["rows"] == 64
+    with pytest.raises(KeyError):
+        _planned_tile(mp.PipelineOptions(**base, database=str(tmp_path), webgpu_matrix_larger=()), plans_attr(49152))  # type: ignore[arg-type]
