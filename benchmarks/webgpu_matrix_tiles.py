@@ -19,7 +19,9 @@ The kernels of one build are profiled in the same model call, so each GEMM's til
 (caches, neighbours, clocks); the baseline build is what builds do without a table, and a tile replaces
 its choice only where it is faster by more than ``--margin``. Tiles that need more workgroup memory than
 ``--max-shared`` (default: the 32 KiB every build's target declares) are left out, so the table applies
-to the builds the page runs on any adapter.
+to the builds the page runs on any adapter; with more (``--max-shared 49152``), the table is written as
+the one for the builds' second table of matrix kernels, for adapters granting that much
+(``webgpu_matrix_tiles_49152.json``, ``PipelineOptions.webgpu_matrix_larger``).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def measure(results: list[Path], builds: Path) -> tuple[dict[str, dict[str, list
 def pick(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT))
     from mlcweb_passes.webgpu.matrix_gemm import MatrixConfig, MatrixTile
-    from mlcweb_passes.webgpu.matrix_tiles import MATRIX_TILES_FILE, write_matrix_tiles
+    from mlcweb_passes.webgpu.matrix_tiles import matrix_tiles_file, write_matrix_tiles
 
     times, chosen = measure([Path(r) for r in args.results], Path(args.builds))
     if args.baseline not in chosen:
@@ -128,7 +130,8 @@ def pick(args: argparse.Namespace) -> int:
         notes[key] = {"ms": round(median[tile], 4), "rule": base, "rule_ms": round(median[base], 4)}
         notes[key]["measured"] = {s: round(ms, 4) for s, ms in sorted(median.items())}
     out = Path(args.out)
-    path = out / MATRIX_TILES_FILE if out.is_dir() else out
+    # in a database folder: the build's own table, or the one for adapters granting --max-shared bytes
+    path = out / matrix_tiles_file(None if args.max_shared <= 32768 else args.max_shared) if out.is_dir() else out
     adapter = next((r["adapter"] for _, r in _runs([Path(r) for r in args.results]) if r.get("adapter")), {})
     about = {
         "measured_on": " ".join(str(adapter.get(k, "")) for k in ("vendor", "device", "description")).strip(),

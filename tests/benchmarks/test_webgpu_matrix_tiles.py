@@ -78,5 +78,11 @@ def test_pick_faster_tiles_within_memory_and_margin(tmp_path: Path, capsys: pyte
     assert data["tiles"]["1x8192x320x2880"]["measured"] == {"128x160x32": 0.7, "64x64x32": 1.0}
     assert webgpu_matrix_tiles.main([*argv, "--max-shared", "49152"]) == 0
     assert read_matrix_tiles(out)["1x512x1280x1280"].spec() == "64x128x64"
+    # into a database folder: the build's own table, or the one for adapters granting 48 KiB
+    database = tmp_path / "db"
+    database.mkdir()
+    assert webgpu_matrix_tiles.main([*argv[:-1], str(database), "--max-shared", "49152"]) == 0
+    assert webgpu_matrix_tiles.main([*argv[:-1], str(database)]) == 0
+    assert sorted(p.name for p in database.iterdir()) == ["webgpu_matrix_tiles.json", "webgpu_matrix_tiles_49152.json"]
     with pytest.raises(SystemExit, match="no -matrix run of the baseline 'sd15x'"):
         webgpu_matrix_tiles.main([*argv[:-3], "sd15x", "--out", str(out)])
