@@ -164,14 +164,14 @@ def _build_dtypes(args: argparse.Namespace, host: Any) -> int:
 
 
 def _keep_light(build_dir: Path, dest: Path) -> None:
+    from mlcweb.build import matrix_files
+
     manifest = json.loads((build_dir / "manifest.json").read_text())
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     libraries = [manifest["library"], *([manifest["subgroups"]["library"]] if "subgroups" in manifest else [])]
-    entries = (manifest.get("webgpu", {}), manifest.get("subgroups", {}).get("webgpu", {}))
-    tables = [entry["matrix"] for entry in entries if "matrix" in entry]
-    matrix = [table["kernels"] for entry in tables for table in (entry, *entry.get("larger", ()))]
+    matrix = matrix_files(manifest.get("webgpu", {}), manifest.get("subgroups", {}).get("webgpu", {}))
     names = [*KEEP, *libraries, *matrix, *(p.name for p in build_dir.glob("scheduler-*.json"))]
     for name in names:
         shutil.copyfile(build_dir / name, dest / name)

@@ -84,12 +84,14 @@ def _runs(results: list[Path]) -> list[tuple[str, dict[str, Any]]]:
     return runs
 
 
-def measure(results: list[Path], builds: Path) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, Any]]]:
+def measure(
+    runs: list[tuple[str, dict[str, Any]]], builds: Path
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, Any]]]:
     """GPU ms a model call spends in each GEMM key's kernels, by the tile they ran on (one value per run),
     and each build's tile per key."""
     times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     chosen: dict[str, dict[str, Any]] = {}
-    for build, run in _runs(results):
+    for build, run in runs:
         tiles = kernel_tiles(builds / build)
         chosen[build.rsplit("-", 1)[0]] = {key: tile for key, tile in tiles.values()}
         per_key: dict[tuple[str, str], float] = defaultdict(float)
@@ -108,7 +110,8 @@ def pick(args: argparse.Namespace) -> int:
     from mlcweb_passes.webgpu.matrix_gemm import MatrixConfig, MatrixTile
     from mlcweb_passes.webgpu.matrix_tiles import matrix_tiles_file, write_matrix_tiles
 
-    times, chosen = measure([Path(r) for r in args.results], Path(args.builds))
+    runs = _runs([Path(r) for r in args.results])
+    times, chosen = measure(runs, Path(args.builds))
     if args.baseline not in chosen:
         raise SystemExit(f"webgpu_matrix_tiles: no -matrix run of the baseline {args.baseline!r} ({', '.join(chosen)})")
     rule = chosen[args.baseline]
@@ -132,7 +135,7 @@ def pick(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # in a database folder: the build's own table, or the one for adapters granting --max-shared bytes
     path = out / matrix_tiles_file(None if args.max_shared <= 32768 else args.max_shared) if out.is_dir() else out
-    adapter = next((r["adapter"] for _, r in _runs([Path(r) for r in args.results]) if r.get("adapter")), {})
+    adapter = next((r["adapter"] for _, r in runs if r.get("adapter")), {})
     about = {
         "measured_on": " ".join(str(adapter.get(k, "")) for k in ("vendor", "device", "description")).strip(),
         "models": ["stable-diffusion (full, float16)"],

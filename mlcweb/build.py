@@ -437,17 +437,16 @@ def _matrix_kernels(lowered: tvm.IRModule, resolved: ModelBuild, sources: dict[s
     config = resolved.pipeline.webgpu_matrix
     if config is None:
         return {}
-    entry = _matrix_table(lowered, config, sources, path.parent / f"{path.stem}-matrix.json")
+    entry, base = _matrix_table(lowered, config, sources, path.parent / f"{path.stem}-matrix.json")
     if not entry:
         return {}
-    base = json.loads((path.parent / entry["kernels"]).read_text())
     larger = []
     for size in sorted(resolved.pipeline.webgpu_matrix_larger):
         attr = plans_attr(size)
         if lowered.attrs is None or attr not in lowered.attrs:
             continue
-        table = _matrix_table(lowered, config, sources, path.parent / f"{path.stem}-matrix-{size}.json", attr, base)
-        larger += [table] if table else []
+        dest = path.parent / f"{path.stem}-matrix-{size}.json"
+        larger += [table] if (table := _matrix_table(lowered, config, sources, dest, attr, base)[0]) else []
     return {**entry, **({"larger": larger} if larger else {})}
 
 
@@ -458,18 +457,19 @@ def _matrix_table(
     dest: Path,
     gemm_attr: str = PLANS_ATTR,
     unless: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """One table of matrix kernels (the GEMMs planned in ``gemm_attr``, the attentions) checked with Dawn
-    and written to ``dest``; its manifest entry, or {} when it has no kernels or equals ``unless``."""
+    and written to ``dest``: its manifest entry (or {}, writing nothing, when it has no kernels or equals
+    ``unless``) and the table."""
     gemms, attention = planned_kernels(lowered, sources, config, gemm_attr)
     kernels = {**gemms, **attention}
     table = {k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}
     if not kernels or table == unless:
-        return {}
+        return {}, table
     check_matrix_wgsl({k.name: k.code for k in kernels.values()})
     dest.write_text(json.dumps(table, sort_keys=True, indent=1) + "\n")
     log.info("%d GEMM and %d attention kernels on subgroup matrices in %s", len(gemms), len(attention), dest.name)
-    return {
+    entry = {
         "kernels": dest.name,
         "count": len(kernels),
         "gemms": len(gemms),
@@ -477,6 +477,7 @@ def _matrix_table(
         "config": config.manifest(),
         **workgroup_needs({k.name: k.code for k in kernels.values()}).manifest(),
     }
+    return entry, table
 
 
 def _with_shipped_database(resolved: ModelBuild) -> tuple[ModelBuild, str | None]:
@@ -570,7 +571,7 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
         files = [
             library,
             *([subgroups["library"]] if subgroups else []),
-            *_matrix_files(device_needs, subgroups.get("webgpu", {})),
+            *matrix_files(device_needs, subgroups.get("webgpu", {})),
             *write_tensor_cache(flat, tmp, encoding=options.weight_encoding),
         ]
     with stages.stage("assets"):
@@ -610,9 +611,9 @@ def _build_into(host: PluginHost, resolved: ModelBuild, tmp: Path, stages: _Stag
     return _Built(files, manifest_info, kernels, memory, schedules, from_cache)
 
 
-def _matrix_files(*needs: dict[str, Any]) -> list[str]:
+def matrix_files(*needs: dict[str, Any]) -> list[str]:
     """The subgroup-matrix kernel files (each table's) of the libraries whose workgroup needs are
-    ``needs``."""
+    ``needs`` (the manifest's ``webgpu`` entries)."""
     matrices = [entry["matrix"] for entry in needs if "matrix" in entry]
     return [table["kernels"] for matrix in matrices for table in (matrix, *matrix.get("larger", ()))]
 
