@@ -84,6 +84,12 @@ class Conv:
         return out
 
 
+def _empty_database(path: Path) -> None:
+    """A MetaSchedule database directory with no records, for the tile tables beside it."""
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        (path / name).write_text("")
+
+
 def _planned_tile(options: mp.PipelineOptions, attr: str = PLANS_ATTR) -> dict[str, object]:
     from webgpu_node import WEBGPU
 
@@ -101,8 +107,7 @@ def test_pipeline_takes_the_database_directorys_table(tmp_path: Path) -> None:
     rule = _planned_tile(mp.PipelineOptions(**base))  # type: ignore[arg-type]
     assert (rule["rows"], rule["cols"]) == (TILE_ORDER[0].rows, TILE_ORDER[0].cols)
     tile = MatrixTile(64, 64, 32, (2, 2))
-    for empty in ("database_workload.json", "database_tuning_record.json"):  # a database with no records
-        (tmp_path / empty).write_text("")
+    _empty_database(tmp_path)
     write_matrix_tiles(tmp_path / MATRIX_TILES_FILE, {"1x256x128x576": tile})
     from_dir = _planned_tile(mp.PipelineOptions(**base, database=str(tmp_path)))  # type: ignore[arg-type]
     assert (from_dir["rows"], from_dir["cols"], from_dir["grid"]) == (64, 64, [2, 2])
@@ -114,8 +119,7 @@ def test_larger_tables_are_planned_with_their_own_tiles(tmp_path: Path) -> None:
     """``webgpu_matrix_larger`` (48 KiB by default) plans the GEMMs again within that much workgroup memory
     (``plans_attr(49152)``), with the database directory's table for the size: the 44 KiB 128x128 tile
     there, the rule's 64x128 tile in the build's own table."""
-    for empty in ("database_workload.json", "database_tuning_record.json"):
-        (tmp_path / empty).write_text("")
+    _empty_database(tmp_path)
     write_matrix_tiles(tmp_path / matrix_tiles_file(49152), {"1x256x128x576": MatrixTile(128, 128, 64)})
     base = {"dtype": "float16", "conv_layout": "NHWC", "webgpu_matrix": CONFIG, "split_k": False}
     options = mp.PipelineOptions(**base, database=str(tmp_path))  # type: ignore[arg-type]
