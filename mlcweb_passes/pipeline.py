@@ -74,7 +74,7 @@ from .webgpu import vector_storage
 from .webgpu.flash_attention import fits_webgpu_flash_attention, webgpu_flash_attention_kernel
 from .webgpu.gemm import TILE_TABLE_FILE, WebGPUTile, read_tile_table
 from .webgpu.matrix_attention import PlanMatrixAttention
-from .webgpu.matrix_gemm import TILE_ORDER, MatrixConfig, MatrixTile, PlanMatrixGemms, plans_attr
+from .webgpu.matrix_gemm import TILE_ORDER, MatrixConfig, MatrixTile, PlanMatrixGemms, plans_attr, workgroup_limit
 from .webgpu.matrix_tiles import matrix_tiles_file, read_matrix_tiles
 from .webgpu.widen_gemm_operands import WidenGemmOperands
 
@@ -256,7 +256,7 @@ def kernel_phase(
     if options.webgpu_matrix is not None and options.dtype == "float16" and target.kind.name == "webgpu":
         shared, tiles = options.webgpu_matrix_shared, options.webgpu_matrix_tiles
         passes.append(PlanMatrixGemms(options.webgpu_matrix, shared, tiles, tuned=_matrix_tuned(options)))
-        own = shared or int(target.attrs.get("max_shared_memory_per_block", 0))
+        own = workgroup_limit(target, shared)
         for larger in sorted(size for size in options.webgpu_matrix_larger if size > own):
             tuned = _matrix_tuned(options, larger)
             attr = plans_attr(larger)

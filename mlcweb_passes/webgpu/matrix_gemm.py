@@ -59,6 +59,7 @@ __all__ = [
     "matrix_kernels",
     "plan_matrix_gemm",
     "plans_attr",
+    "workgroup_limit",
     "write_kernels",
 ]
 
@@ -166,10 +167,20 @@ def gemm_key(batch: int, m: int, n: int, k: int) -> str:
     return f"{batch}x{m}x{n}x{k}"
 
 
+def workgroup_limit(target: tvm.target.Target, max_shared: int | None = None) -> int:
+    """The workgroup memory matrix kernels are planned within: ``max_shared`` where given, else the
+    target's ``max_shared_memory_per_block`` (WebGPU's default limit where the target does not say)."""
+    return max_shared or int(target.attrs.get("max_shared_memory_per_block", WEBGPU_DEFAULT_SHARED))
+
+
+def _fits_columns(tile: MatrixTile, n: int, config: MatrixConfig, max_shared: int) -> bool:
+    """``tile``'s columns divide ``n`` with whole subgroup matrices a subgroup, within ``max_shared``."""
+    return n % tile.cols == 0 and tile.fits(config) and tile.shared_bytes(config) <= max_shared
+
+
 def _usable(tile: MatrixTile, m: int, n: int, k: int, config: MatrixConfig, max_shared: int) -> bool:
     """``tile`` divides the GEMM (its last row tile may be partial) and fits ``max_shared`` bytes."""
-    divides = n % tile.cols == 0 and k % tile.depth == 0 and m >= tile.rows
-    return divides and tile.fits(config) and tile.shared_bytes(config) <= max_shared
+    return k % tile.depth == 0 and m >= tile.rows and _fits_columns(tile, n, config, max_shared)
 
 
 def choose_matrix_tile(
@@ -204,7 +215,7 @@ def choose_matrix_tile(
         grid = batch * -(-m // tile.rows) * (n // tile.cols)
         if grid < tile.min_waves * wave:
             continue
-        if n % tile.cols == 0 and tile.fits(config) and tile.shared_bytes(config) <= max_shared:
+        if _fits_columns(tile, n, config, max_shared):
             fitting.append(tile)
     if not fitting and k % config.k:
         raise UnsupportedGemmError(f"reduction of {k} is not a multiple of {config.k}")
@@ -401,7 +412,7 @@ class PlanMatrixKernels(ModulePassBase):
         target = tvm.target.Target.current(allow_none=True)
         if target is None or target.kind.name != "webgpu":
             return mod
-        limit = self.max_shared or int(target.attrs.get("max_shared_memory_per_block", WEBGPU_DEFAULT_SHARED))
+        limit = workgroup_limit(target, self.max_shared)
         plans: dict[str, str] = {}
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or not self.wants(func):
