@@ -37,7 +37,7 @@ def test_the_shipped_llvm_database_applies_by_default(sd_llvm: Path) -> None:
 
 def test_the_plugin_adds_its_rewrites_to_the_weights_phase_where_they_pay() -> None:
     """Float16 norm inputs and residuals with tensor-core layouts; GEGLU pairs and merged projections
-    only where Hopper's wgmma GEMMs run their epilogues."""
+    only where Hopper's wgmma GEMMs run their epilogues; merged projections on WebGPU too."""
     from pathlib import Path
 
     import mlcweb_stable_diffusion.plugin as plugin
@@ -71,9 +71,12 @@ def test_the_plugin_adds_its_rewrites_to_the_weights_phase_where_they_pay() -> N
     assert weights(target="llvm") == []
     # webgpu convolutions are channels last in both dtypes; only the float16 build rounds to float16
     assert "mlcweb.Float16Residuals" in weights(target="webgpu", dtype="float16")
+    # webgpu merges each attention's projections for its flash-attention kernel to read in place
     assert weights(target="webgpu", dtype="float32") == [
         "mlcweb.ConvLayout",
         "mlcweb.LinearWeightLayout",
+        "mlcweb.MergeProjections",
         "mlcweb.SplitKConv",
     ]
+    assert "mlcweb.MergeProjections" in weights(target="webgpu", dtype="float16")
     assert "mlcweb.Float16Residuals" not in weights(target="cuda", arch="sm_90", dtype="float32", conv_layout="NHWC")

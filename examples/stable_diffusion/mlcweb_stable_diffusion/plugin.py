@@ -271,21 +271,27 @@ def mlcweb_import_model(spec: ModelSpec, options: ImportOptions) -> ImportedMode
 
 @hookimpl
 def mlcweb_phase_passes(spec: ModelSpec, phase: str, context: PhaseContext) -> list[tvm.transform.Pass]:
-    """SD's own rewrites, before weight lifting, where a float16 build uses channels-last layouts (NHWC):
+    """SD's own rewrites, before weight lifting, where convolutions are channels last (NHWC):
 
-    - float16 between GEMM epilogues and norms, shortcut branches and upsampler inputs (measured with
-      these layouts, on cuda); the norms' float16 scale and shift are stored;
+    - float16 builds: float16 between GEMM epilogues and norms, shortcut branches and upsampler inputs
+      (measured with these layouts, on cuda); the norms' float16 scale and shift are stored;
     - on Hopper (wgmma GEMMs): GEGLU's value and gate columns interleaved, so the projection's epilogue
-      computes ``a * gelu(g)``, and each attention's projections of one input merged into one GEMM that
-      flash attention reads in place.
+      computes ``a * gelu(g)``;
+    - on Hopper and on WebGPU (both dtypes): each attention's projections of one input merged into one
+      GEMM that flash attention reads in place (the 154-row text K/V projections are 32 GEMMs a step
+      otherwise, each too short to fill the GPU).
     """
-    if phase != "weights" or context.pipeline.dtype != "float16":
-        return []  # a float32 build stays float32 throughout
-    if mp.conv_layout(context.target, context.pipeline) != "NHWC":
+    if phase != "weights" or mp.conv_layout(context.target, context.pipeline) != "NHWC":
         return []
-    passes: list[tvm.transform.Pass] = [mp.Float16NormInputs(), mp.Float16Residuals()]
-    if context.pipeline.wgmma and mp.supports_wgmma(context.target):
-        passes += [mp.GegluPairs(), mp.MergeProjections()]
+    passes: list[tvm.transform.Pass] = []
+    float16 = context.pipeline.dtype == "float16"
+    if float16:
+        passes += [mp.Float16NormInputs(), mp.Float16Residuals()]
+    wgmma = float16 and context.pipeline.wgmma and mp.supports_wgmma(context.target)
+    if wgmma:
+        passes.append(mp.GegluPairs())
+    if wgmma or (context.target.kind.name == "webgpu" and context.pipeline.flash_attention):
+        passes.append(mp.MergeProjections())
     return passes
 
 

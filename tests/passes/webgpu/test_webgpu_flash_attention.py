@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from testutil import DiffusersAttention, import_torch, op_names
+from testutil import DiffusersAttention, import_torch, kernel_launches, op_names
 from tvm import relax
 
 import mlcweb_passes as mp
@@ -136,4 +136,41 @@ def test_the_pipelines_attention_matches_pytorch_on_webgpu() -> None:
     exe = tvm.compile(mod, NODE_TARGET, relax_pipeline=mp.pipeline(NODE_TARGET))
     got = run_on_webgpu(exe, "main", [x.numpy() for x in inputs] + params)
     want = model(*inputs).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_merged_projections_are_read_in_place_on_webgpu() -> None:
+    """diffusers' self-attention and a cross-attention with their projections merged (as the SD plugin
+    does for webgpu builds): the float32 pipeline on Dawn gives one GEMM for Q, K, V, one for the text's K
+    and V, flash kernels reading them as views (no split copies them out), and PyTorch's result within 1e-5."""
+    from diffusers.models.attention_processor import Attention
+    from webgpu_node import WEBGPU as NODE_TARGET
+    from webgpu_node import run_on_webgpu
+
+    class SelfThenCross(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.own = Attention(query_dim=48, heads=2, dim_head=24)
+            self.text = Attention(query_dim=48, cross_attention_dim=32, heads=2, dim_head=24)
+
+        def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            return self.text(self.own(x), text)
+
+    torch.manual_seed(0)
+    model = SelfThenCross().eval()
+    inputs = [torch.randn(2, 40, 48), torch.randn(2, 7, 32)]
+    mod, params = mp.detach_params(import_torch(model, inputs))
+    merge = {"weights": [mp.MergeProjections()]}
+    with NODE_TARGET:
+        graph = mp.pipeline(NODE_TARGET, extra=merge, until="graph")(mod)
+    ops = op_names(graph)
+    assert "relax.split" not in ops and "relax.nn.softmax" not in ops
+    launched = [b.value.args[0].name_hint for b in kernel_launches(graph)]
+    # Q/K/V, Q, text K/V, two output projections: five GEMMs where there were eight
+    assert sum(name.startswith("matmul_nt") for name in launched) == 5
+    assert sum(name.startswith("flash_attention") for name in launched) == 2
+    exe = tvm.compile(mod, NODE_TARGET, relax_pipeline=mp.pipeline(NODE_TARGET, extra=merge))
+    got = run_on_webgpu(exe, "main", [x.numpy() for x in inputs] + [p.numpy() for p in params.values()])
+    with torch.no_grad():
+        want = model(*inputs).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
