@@ -155,6 +155,7 @@ def _build_dtypes(args: argparse.Namespace, host: Any) -> int:
                 config={"size": args.size, "variant": args.variant},
                 webgpu_fallback=False,
                 webgpu_matrix_attention=args.matrix_attention,
+                webgpu_lane_attention=args.lane_attention,
                 webgpu_matrix_tiles=args.matrix_tiles,
             )
             result = mlcweb_build(host, "stable-diffusion", options, progress=False)
@@ -622,7 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtypes", default="float16,float32")
     b.add_argument("--size", default="full", choices=["tiny", "full"])
     b.add_argument("--variant", default="sd1.5", help="the SD family member (sd1.5, sd2.1, sd-turbo)")
-    b.add_argument("--matrix-attention", action="store_true", help="flash attention on subgroup matrices too")
+    attention = b.add_mutually_exclusive_group()
+    attention.add_argument("--matrix-attention", action="store_true", help="flash attention on subgroup matrices too")
+    attention.add_argument("--lane-attention", action="store_true", help="flash attention in WGSL on the lanes too")
     b.add_argument(
         "--matrix-tiles",
         type=matrix_tiles_arg,

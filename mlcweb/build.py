@@ -154,6 +154,7 @@ def resolve(host: PluginHost, model: str, options: BuildOptions, *, link: bool =
         gpu=gpu,
         webgpu_matrix=matrix,
         webgpu_matrix_attention=options.webgpu_matrix_attention,
+        webgpu_lane_attention=options.webgpu_lane_attention,
         webgpu_matrix_tiles=options.webgpu_matrix_tiles or TILE_ORDER,
     )
     return ModelBuild(model, registered, config, options, target_info, pipeline)

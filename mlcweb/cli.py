@@ -67,11 +67,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="webgpu float16: write no subgroup-matrix (tensor core) kernels beside the portable ones",
     )
-    b.add_argument(
+    attention = b.add_mutually_exclusive_group()
+    attention.add_argument(
         "--matrix-attention",
         action="store_true",
         help="webgpu float16: the flash attentions on subgroup matrices too (experimental: slower than the "
         "portable kernel on the GPUs measured)",
+    )
+    attention.add_argument(
+        "--lane-attention",
+        action="store_true",
+        help="webgpu float16: the flash attentions in hand-written WGSL on the lanes, beside the "
+        "subgroup-matrix kernels (experimental)",
     )
     b.add_argument(
         "--conv-layout",
@@ -160,6 +167,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         webgpu_subgroup_size=args.subgroup_size,
         webgpu_matrix=not args.no_matrix,
         webgpu_matrix_attention=args.matrix_attention,
+        webgpu_lane_attention=args.lane_attention,
     )
     if args.db is not None and args.no_db:
         raise MlcwebError("--db and --no-db contradict each other; pass one")

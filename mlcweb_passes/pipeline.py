@@ -121,7 +121,9 @@ class PipelineOptions:
     much (module attribute ``matrix_gemm.plans_attr(bytes)``; tiles from the database directory's
     ``webgpu_matrix_tiles_<bytes>.json``, if any); with ``webgpu_matrix_attention`` the flash
     attentions too (:mod:`~mlcweb_passes.webgpu.matrix_attention`,
-    off by default: both forms were slower than the portable kernel on an H100, benchmarks/README.md).
+    off by default: both forms were slower than the portable kernel on an H100, benchmarks/README.md);
+    with ``webgpu_lane_attention`` the flash attentions in hand-written WGSL on the lanes instead
+    (:mod:`~mlcweb_passes.webgpu.lane_attention`, installed with the subgroup-matrix GEMMs).
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
     WebGPU tile table, ``webgpu_gemm_tiles.json``, gives WebGPU GEMMs its tiles too). ``webgpu_tiles``: a
     tile table (:func:`~mlcweb_passes.webgpu.gemm.read_tile_table`) for WebGPU GEMMs, instead of the
@@ -139,6 +141,7 @@ class PipelineOptions:
     vector_loads: bool = True
     webgpu_matrix: MatrixConfig | None = None
     webgpu_matrix_attention: bool = False
+    webgpu_lane_attention: bool = False
     webgpu_matrix_tiles: tuple[MatrixTile, ...] = TILE_ORDER
     webgpu_matrix_shared: int | None = None
     webgpu_matrix_tuned: Mapping[str, MatrixTile] | None = None
@@ -150,6 +153,8 @@ class PipelineOptions:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.webgpu_matrix_attention and self.webgpu_lane_attention:
+            raise ValueError("webgpu_matrix_attention and webgpu_lane_attention: two kernels for one attention")
         if self.conv_layout not in CONV_LAYOUTS:
             raise ValueError(f"unknown conv layout {self.conv_layout!r}; choose one of {', '.join(CONV_LAYOUTS)}")
 
@@ -261,8 +266,8 @@ def kernel_phase(
             tuned = _matrix_tuned(options, larger)
             attr = plans_attr(larger)
             passes.append(PlanMatrixGemms(options.webgpu_matrix, larger, tiles, tuned=tuned, attr=attr))
-        if options.webgpu_matrix_attention:
-            passes.append(PlanMatrixAttention(options.webgpu_matrix))
+        if options.webgpu_matrix_attention or options.webgpu_lane_attention:
+            passes.append(PlanMatrixAttention(options.webgpu_matrix, lanes=options.webgpu_lane_attention))
     return _sequential("kernels", [*passes, *extra])
 
 

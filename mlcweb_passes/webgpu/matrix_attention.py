@@ -41,6 +41,8 @@ from tvm import tirx
 
 from ..gemm_analysis import UnsupportedGemmError
 from .flash_attention import ATTENTION_ATTR, WEBGPU_DEFAULT_SHARED
+from .lane_attention import FORM as LANES_FORM
+from .lane_attention import LanePlan, choose_lane_layout, lane_attention_source
 from .matrix_gemm import PLANS_ATTR as GEMM_PLANS_ATTR
 from .matrix_gemm import MatrixConfig, MatrixKernel, PlanMatrixKernels, bind_helpers, matrix_kernels, write_kernels
 
@@ -49,6 +51,7 @@ __all__ = [
     "AttentionPlan",
     "PlanMatrixAttention",
     "attention_kernels",
+    "plan_lane_attention",
     "plan_matrix_attention",
     "planned_kernels",
 ]
@@ -140,7 +143,27 @@ def plan_matrix_attention(
     return AttentionPlan(**{**asdict(plan), "helpers": _helpers(plan, about["views"])})
 
 
-def _helpers(plan: AttentionPlan, views: list[list[int] | None]) -> str:
+def plan_lane_attention(func: tirx.PrimFunc, max_shared: int = WEBGPU_DEFAULT_SHARED) -> LanePlan:
+    """The kernel on the lanes (:mod:`~mlcweb_passes.webgpu.lane_attention`) for the flash-attention
+    PrimFunc ``func``; raises :class:`UnsupportedGemmError` where there is none: not float16, a head
+    dimension not a multiple of 4 (the copies are 4-wide), no layout that fits ``max_shared``."""
+    about = json.loads(str(func.attrs[ATTENTION_ATTR]))
+    if about["dtype"] != "float16":
+        raise UnsupportedGemmError(f"{about['dtype']} attention")
+    if about["head_dim"] % 4 or about["scale"] <= 0:
+        raise UnsupportedGemmError(f"head dimension {about['head_dim']} (a multiple of 4) or scale {about['scale']}")
+    rows, keys = choose_lane_layout(about["head_dim"], max_shared)
+    params = tuple(str(p.name) for p in func.params)
+    if len(params) != 4:
+        raise UnsupportedGemmError(f"{len(params)} parameters, not q, k, v, o")
+    plan = LanePlan(
+        about["batch"], about["q_len"], about["kv_len"], about["heads"], about["head_dim"], about["scale"],
+        rows, keys, params, "",
+    )  # fmt: skip
+    return LanePlan(**{**asdict(plan), "helpers": _helpers(plan, about["views"])})
+
+
+def _helpers(plan: AttentionPlan | LanePlan, views: list[list[int] | None]) -> str:
     """``mlcweb_q4/k4/v4(b, n, h, c)``: 4 elements of row ``n``, head ``h`` from column ``c`` on;
     ``mlcweb_o(b, n, h, c, v)``: store one output element."""
     lines = []
@@ -164,15 +187,23 @@ def _helpers(plan: AttentionPlan, views: list[list[int] | None]) -> str:
 class PlanMatrixAttention(PlanMatrixKernels):
     """Plan a subgroup-matrix kernel for every float16 flash-attention PrimFunc (WebGPU only; the module is
     otherwise unchanged): the plans go to the module attribute :data:`PLANS_ATTR`, for
-    :func:`attention_kernels` after compilation. See the module docstring."""
+    :func:`attention_kernels` after compilation. See the module docstring. With ``lanes``, the kernels
+    are :mod:`~mlcweb_passes.webgpu.lane_attention`'s instead (multiply-adds on the lanes, installed the
+    same way, beside the subgroup-matrix GEMMs)."""
 
     attr = PLANS_ATTR
     what = "attention kernels"
+
+    def __init__(self, config: MatrixConfig, max_shared: int | None = None, lanes: bool = False) -> None:
+        super().__init__(config, max_shared)
+        self.lanes = lanes
 
     def wants(self, func: tirx.PrimFunc) -> bool:
         return func.attrs is not None and ATTENTION_ATTR in func.attrs
 
     def plan(self, func: tirx.PrimFunc, max_shared: int, target: tvm.target.Target) -> str:
+        if self.lanes:
+            return plan_lane_attention(func, max_shared).to_json()
         return plan_matrix_attention(func, self.config, max_shared).to_json()
 
 
@@ -185,6 +216,10 @@ def attention_kernels(
     fit beside the plan's). ``config`` is the one the plans were made for."""
 
     def write(shader: str, text: str, source: str) -> MatrixKernel:
+        if json.loads(text).get("form") == LANES_FORM:
+            lanes = LanePlan.from_json(text)
+            declarations, helpers = bind_helpers(lanes.params, lanes.helpers, source)
+            return MatrixKernel(shader, lane_attention_source(shader, lanes, declarations, helpers), lanes.grid)
         plan = AttentionPlan.from_json(text)
         declarations, helpers = bind_helpers(plan.params, plan.helpers, source)
         grid = (-(-plan.q_len // (ROWS * plan.subgroups)), plan.batch * plan.heads, 1)

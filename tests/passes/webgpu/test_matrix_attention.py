@@ -11,66 +11,16 @@ for the GPU are compiled by Dawn's null backend.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tvm
-from tvm import relax
+from attention_fixtures import CONFIG, LAVAPIPE_ICD, attention, attention_module, attention_plans
 
 from mlcweb.wgsl_check import wgsl_sources
 from mlcweb_passes.cuda.flash_kernel import AttentionShape, Views
 from mlcweb_passes.gemm_analysis import UnsupportedGemmError
-from mlcweb_passes.webgpu.flash_attention import webgpu_flash_attention_kernel
-from mlcweb_passes.webgpu.matrix_attention import (
-    PLANS_ATTR,
-    AttentionPlan,
-    PlanMatrixAttention,
-    attention_kernels,
-    choose_layout,
-)
-from mlcweb_passes.webgpu.matrix_gemm import MatrixConfig
-
-CONFIG = MatrixConfig()
-LAVAPIPE_ICD = Path("/usr/share/vulkan/icd.d/lvp_icd.json")
-
-
-def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
-    s = np.einsum("bnhd,bmhd->bhnm", q.astype(np.float64), k.astype(np.float64)) * scale
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("bhnm,bmhd->bnhd", p / p.sum(-1, keepdims=True), v.astype(np.float64))
-
-
-def _module(shape: AttentionShape, views: Views, dtype: str = "float16") -> tvm.IRModule:
-    """``main(q, k, v)`` calling the portable kernel; with views, ``main(qkv)`` of merged projections
-    ``[B, N, 3, H, D]`` (self-attention)."""
-    s = shape
-    bb = relax.BlockBuilder()
-    kernel = webgpu_flash_attention_kernel(s, s.head_dim**-0.5, views, dtype=dtype, max_shared=32768)
-    if views[0] is not None:
-        args = [relax.Var("qkv", relax.TensorType((s.batch, s.q_len, 3, s.heads, s.head_dim), dtype))]
-        inputs = args * 3
-    else:
-        args = [
-            relax.Var(name, relax.TensorType((s.batch, n, s.heads, s.head_dim), dtype))
-            for name, n in (("q", s.q_len), ("k", s.kv_len), ("v", s.kv_len))
-        ]
-        inputs = args
-    with bb.function("main", args):
-        with bb.dataflow():
-            gv = bb.add_func(kernel, "flash_attention")
-            call = relax.call_tir(gv, inputs, relax.TensorType((s.batch, s.q_len, s.heads, s.head_dim), dtype))
-            out = bb.emit_output(bb.emit(call))
-        bb.emit_func_output(out)
-    return bb.get()
-
-
-def _plans(mod: tvm.IRModule, max_shared: int | None = None) -> dict[str, str]:
-    from webgpu_node import WEBGPU
-
-    with WEBGPU:
-        planned = PlanMatrixAttention(CONFIG, max_shared)(mod)
-    return {str(k): str(v) for k, v in (planned.attrs or {}).get(PLANS_ATTR, {}).items()}
+from mlcweb_passes.webgpu.matrix_attention import PLANS_ATTR, AttentionPlan, attention_kernels, choose_layout
 
 
 def test_layouts_fit_the_workgroup_memory() -> None:
@@ -98,8 +48,8 @@ def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -
         (AttentionShape(2, 1024, 77, 8, 80), (None, None, None), 32),  # cross-attention at 32x32
     ]
     for shape, views, rows in shapes:
-        mod = _module(shape, views)
-        kernels = attention_kernels(_plans(mod), wgsl_sources(tvm.compile(mod, WEBGPU).mod), CONFIG)
+        mod = attention_module(shape, views)
+        kernels = attention_kernels(attention_plans(mod), wgsl_sources(tvm.compile(mod, WEBGPU).mod), CONFIG)
         kernel = kernels["flash_attention_kernel"]
         assert kernel.grid == (shape.q_len // rows, 16, 1)
         assert "subgroupMatrixMultiplyAccumulate" in kernel.code and "subgroupShuffleXor" in kernel.code
@@ -116,7 +66,7 @@ def test_the_pipeline_plans_attention_only_when_asked(opt_in: bool) -> None:
 
     options = mp.PipelineOptions(dtype="float16", webgpu_matrix=CONFIG, webgpu_matrix_attention=opt_in)
     with WEBGPU:
-        lowered = mp.pipeline(WEBGPU, options)(_module(AttentionShape(1, 64, 64, 2, 40), (None, None, None)))
+        lowered = mp.pipeline(WEBGPU, options)(attention_module(AttentionShape(1, 64, 64, 2, 40), (None, None, None)))
     planned = dict((lowered.attrs or {}).get(PLANS_ATTR, {}))
     assert sorted(planned) == (["flash_attention"] if opt_in else [])
 
@@ -125,13 +75,13 @@ def test_plans_float16_kernels_only() -> None:
     """A float16 kernel is planned with its shape, views in its helpers, its parameters; a float32 one
     keeps the portable kernel alone."""
     shape = AttentionShape(2, 70, 70, 2, 40)
-    plans = _plans(_module(shape, ((3, 0), (3, 1), (3, 2))))
+    plans = attention_plans(attention_module(shape, ((3, 0), (3, 1), (3, 2))))
     plan = AttentionPlan.from_json(plans["flash_attention"])
     assert (plan.batch, plan.q_len, plan.kv_len, plan.heads, plan.head_dim) == (2, 70, 70, 2, 40)
     assert plan.padded_dim == 48 and plan.params == ("q", "k", "v", "o")
     assert "* 3i + 1i" in plan.helpers  # K is part 1 of the merged projections
     assert AttentionPlan.from_json(plan.to_json()) == plan
-    assert _plans(_module(shape, (None, None, None), "float32")) == {}
+    assert attention_plans(attention_module(shape, (None, None, None), "float32")) == {}
 
 
 @pytest.mark.skipif(not LAVAPIPE_ICD.is_file(), reason="needs Mesa's lavapipe")
@@ -151,8 +101,8 @@ def test_emulated_kernel_computes_attention(
     float64 numpy's attention within 1e-2 of the output's scale (float16 inputs, probabilities and output)."""
     from webgpu_node import LAVAPIPE, WEBGPU, run_on_webgpu
 
-    mod = _module(shape, views)
-    plans = _plans(mod, max_shared)
+    mod = attention_module(shape, views)
+    plans = attention_plans(mod, max_shared)
     exe = tvm.compile(mod, WEBGPU)
     kernels = attention_kernels(plans, wgsl_sources(exe.mod), CONFIG, emulate=True)
     assert list(kernels) == ["flash_attention_kernel"]
@@ -172,5 +122,5 @@ def test_emulated_kernel_computes_attention(
         )
         inputs = [q, k, v]
     got = run_on_webgpu(exe, "main", inputs, icd=LAVAPIPE, matrix=table).astype(np.float32)
-    want = _attention(q, k, v, d**-0.5)
+    want = attention(q, k, v, d**-0.5)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max()))
