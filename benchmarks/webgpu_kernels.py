@@ -88,6 +88,15 @@ MATRIX_VARIANTS: dict[str, tuple[tuple[int, int], ...] | None] = {
     "matrix-attn-2x64": ((2, 64), (2, 32), (2, 16)),
     "matrix-attn-2x32": ((2, 32), (2, 16)),
 }
+# float16 variants with the GEMMs on subgroup matrices and the flash attentions in WGSL on the lanes
+# (webgpu/lane_attention), with these layouts ((rows, keys a step), tried in order) ahead of its LAYOUTS,
+# and K/V tiles read a step ahead into registers or not (lane_attention.PREFETCH)
+LANE_VARIANTS: dict[str, tuple[tuple[tuple[int, int], ...], bool]] = {
+    "lanes": ((), False),
+    "lanes-prefetch": ((), True),
+    "lanes-32x32": (((32, 32),), False),
+    "lanes-64x16": (((64, 16),), False),
+}
 # vec4-nhwc with other portable flash-attention tiles tried first ((rows, keys, rows a thread), ahead of
 # webgpu/flash_attention.TILES): larger tiles within the same 32 KiB of workgroup memory
 FLASH_VARIANTS: dict[str, tuple[tuple[int, int, int], ...]] = {
@@ -217,10 +226,13 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
         for name, (kind, xs, ws) in shapes.items()
     ]
     module = _module(dtype, shapes)
-    if variant not in MATRIX_VARIANTS:
+    if variant not in MATRIX_VARIANTS and variant not in LANE_VARIANTS:
         _write_library(dest, _compile(module, target, options), variant, dtype, functions)
         return
-    exe, table = _compile_matrix(module, target, options, MATRIX_VARIANTS[variant])
+    if variant in LANE_VARIANTS:
+        exe, table = _compile_matrix(module, target, options, None, lanes=LANE_VARIANTS[variant])
+    else:
+        exe, table = _compile_matrix(module, target, options, MATRIX_VARIANTS[variant])
     _write_library(dest, exe, variant, dtype, functions)
     (dest / "matrix.json").write_text(json.dumps(table, indent=1))
     specs = json.loads((dest / "specs.json").read_text())
@@ -228,27 +240,39 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
 
 
 def _compile_matrix(
-    module: Any, target: Any, options: Any, layouts: tuple[tuple[int, int], ...] | None
+    module: Any,
+    target: Any,
+    options: Any,
+    layouts: tuple[tuple[int, int], ...] | None,
+    lanes: tuple[tuple[tuple[int, int], ...], bool] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """``module`` compiled with its GEMMs (and, given ``layouts``, its attentions) planned on subgroup
-    matrices, and the table of those kernels ({shader: {code, grid}}) as builds write it."""
+    matrices, or (given ``lanes``: layouts tried first) its attentions on the lanes, and the table of
+    those kernels ({shader: {code, grid}}) as builds write it."""
     import tvm
 
     import mlcweb_passes as mp
     from mlcweb.wgsl_check import wgsl_sources
-    from mlcweb_passes.webgpu import matrix_attention, matrix_gemm
+    from mlcweb_passes.webgpu import lane_attention, matrix_attention, matrix_gemm
 
     config = matrix_gemm.MatrixConfig()
     options = dataclasses.replace(
-        options, dtype="float16", webgpu_matrix=config, webgpu_matrix_attention=layouts is not None
+        options,
+        dtype="float16",
+        webgpu_matrix=config,
+        webgpu_matrix_attention=layouts is not None,
+        webgpu_lane_attention=lanes is not None,
     )
-    saved = matrix_attention.LAYOUTS
+    saved, saved_lanes, saved_prefetch = matrix_attention.LAYOUTS, lane_attention.LAYOUTS, lane_attention.PREFETCH
     matrix_attention.LAYOUTS = layouts or saved
+    lane_attention.LAYOUTS = (*(lanes[0] if lanes else ()), *saved_lanes)
+    lane_attention.PREFETCH = lanes[1] if lanes else saved_prefetch
     try:
         with target:
             lowered = mp.pipeline(target, options)(module)
     finally:
-        matrix_attention.LAYOUTS = saved
+        matrix_attention.LAYOUTS, lane_attention.LAYOUTS = saved, saved_lanes
+        lane_attention.PREFETCH = saved_prefetch
     exe = tvm.compile(lowered, target, relax_pipeline=None, tir_pipeline=mp.tir_pipeline(target, options))
     gemms, attention = matrix_attention.planned_kernels(lowered, wgsl_sources(exe.mod), config)
     kernels = {**gemms, **attention}
@@ -321,13 +345,13 @@ def build(args: argparse.Namespace) -> int:
     if args.only:
         shapes = {name: shape for name, shape in shapes.items() if name in args.only.split(",")}
     for variant in args.variants.split(","):
-        if variant not in VARIANTS and variant not in MATRIX_VARIANTS and variant not in FLASH_VARIANTS:
+        if not any(variant in table for table in (VARIANTS, MATRIX_VARIANTS, FLASH_VARIANTS, LANE_VARIANTS)):
             print(f"webgpu_kernels build: no variant {variant!r}", file=sys.stderr)
             return 2
         options = _options(variant)
         with _tiles(gemm, VARIANTS.get(variant, ({},))[0]), _flash_tiles(FLASH_VARIANTS.get(variant, ())):
             for dtype in args.dtypes.split(","):
-                if variant in MATRIX_VARIANTS and dtype != "float16":
+                if (variant in MATRIX_VARIANTS or variant in LANE_VARIANTS) and dtype != "float16":
                     continue  # subgroup matrices: float16 only
                 dest = Path(args.out) / f"{variant}-{dtype}"
                 _build_library(dest, variant, dtype, shapes, target, options)
@@ -406,9 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build")
     b.add_argument("--out", required=True)
-    b.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"of {', '.join([*VARIANTS, *MATRIX_VARIANTS, *FLASH_VARIANTS])}"
-    )
+    every = [*VARIANTS, *MATRIX_VARIANTS, *FLASH_VARIANTS, *LANE_VARIANTS]
+    b.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(every)}")
     b.add_argument(
         "--dtypes", default="float32,float16", help="float32, float16, or IN-to-OUT (GEMMs reading IN, writing OUT)"
     )

@@ -42,6 +42,10 @@ LANES = 8  # threads sharing a query row: neighbouring lanes of one subgroup
 NEG = "-1e30f"  # a masked key's score: finite, so exp2(NEG - m) is 0 without inf - inf
 # (rows, keys a step), in order of preference: more rows share each K/V tile copied
 LAYOUTS = ((64, 32), (32, 32), (32, 16), (16, 16), (16, 8))
+# each step's K and V tiles read from storage into registers during the step before (their latency hidden
+# behind its arithmetic), instead of at the step's start
+PREFETCH = False
+STORE_V = "mlcweb_vs[vo] = vx.x; mlcweb_vs[vo + 1i] = vx.y; mlcweb_vs[vo + 2i] = vx.z; mlcweb_vs[vo + 3i] = vx.w;"
 
 
 def _padded(head_dim: int) -> int:
@@ -82,6 +86,7 @@ class LanePlan:
     params: tuple[str, ...]
     helpers: str
     form: str = FORM
+    prefetch: bool = False
 
     @property
     def threads(self) -> int:
@@ -101,6 +106,59 @@ class LanePlan:
         return LanePlan(**data)
 
 
+def _copy(p: LanePlan, d4: int, sq: int, dp: int) -> tuple[list[str], list[str], list[str]]:
+    """Lines before the walk over the keys, at each step's start (between barriers), after its tiles
+    are in workgroup memory: here, each step copies its own K and V tiles, 4 elements a copy."""
+    step = [
+        f"    for (var e = i32(li); e < {p.keys * d4}i; e += {p.threads}i) {{",
+        f"      let row = e / {d4}i; let c4 = e % {d4}i; let n = kt * {p.keys}i + row;",
+        "      var kx = vec4<f32>(); var vx = vec4<f32>();",
+        f"      if (n < {p.kv_len}i && 4i * c4 < {p.head_dim}i) {{",
+        "        kx = vec4<f32>(mlcweb_k4(bb, n, hh, 4i * c4)); vx = vec4<f32>(mlcweb_v4(bb, n, hh, 4i * c4));",
+        "      }",
+        f"      mlcweb_ks[row * {sq}i + c4] = kx;",
+        f"      let vo = row * {dp}i + 4i * c4;",
+        "      " + STORE_V,
+        "    }",
+    ]
+    return [], step, []
+
+
+def _prefetched_copy(p: LanePlan, d4: int, sq: int, dp: int) -> tuple[list[str], list[str], list[str]]:
+    """As :func:`_copy`, but each thread's share of a step's K and V tiles is read into registers during
+    the step before (the first step's before the walk) and only stored at the step's start."""
+    turns = -(-p.keys * d4 // p.threads)
+
+    def fetch(step: str, indent: str) -> list[str]:
+        out = []
+        for t in range(turns):
+            out += [
+                f"{indent}{{ let e = i32(li) + {t * p.threads}i; let n = {step} * {p.keys}i + e / {d4}i;",
+                f"{indent}  let c = 4i * (e % {d4}i); kr{t} = vec4<f16>(); vr{t} = vec4<f16>();",
+                f"{indent}  if (e < {p.keys * d4}i && n < {p.kv_len}i && c < {p.head_dim}i) {{",
+                f"{indent}    kr{t} = mlcweb_k4(bb, n, hh, c); vr{t} = mlcweb_v4(bb, n, hh, c);",
+                f"{indent}  }}",
+                f"{indent}}}",
+            ]
+        return out
+
+    before = [f"  var kr{t} = vec4<f16>(); var vr{t} = vec4<f16>();" for t in range(turns)] + fetch("0i", "  ")
+    store = []
+    for t in range(turns):
+        store += [
+            f"    {{ let e = i32(li) + {t * p.threads}i;",
+            f"      if (e < {p.keys * d4}i) {{",
+            f"        let row = e / {d4}i; let c4 = e % {d4}i; let vx = vec4<f32>(vr{t});",
+            f"        mlcweb_ks[row * {sq}i + c4] = vec4<f32>(kr{t});",
+            f"        let vo = row * {dp}i + 4i * c4;",
+            "        " + STORE_V,
+            "      }",
+            "    }",
+        ]
+    after = [f"    if (kt + 1i < {-(-p.kv_len // p.keys)}i) {{", *fetch("(kt + 1i)", "      "), "    }"]
+    return before, store, after
+
+
 def lane_attention_source(shader: str, plan: LanePlan, declarations: str, helpers: str) -> str:
     """The WGSL of ``plan``'s kernel, named ``shader``, with TVM's storage ``declarations`` and the bound
     ``helpers`` (:func:`~mlcweb_passes.webgpu.matrix_gemm.bind_helpers`)."""
@@ -111,6 +169,7 @@ def lane_attention_source(shader: str, plan: LanePlan, declarations: str, helper
     pst = rg + 1  # words of probabilities a key (padded)
     scale2 = float(p.scale) * 1.4426950408889634
     rows = [f"ty + {rg * i}i" for i in range(ROWS_PER_THREAD)]
+    copy = _prefetched_copy(p, d4, sq, dp) if p.prefetch else _copy(p, d4, sq, dp)
     body = [
         f"  for (var e = i32(li); e < {p.rows * d4}i; e += {p.threads}i) {{",
         f"    let row = e / {d4}i; let c4 = e % {d4}i; let n = q0 + row;",
@@ -121,19 +180,12 @@ def lane_attention_source(shader: str, plan: LanePlan, declarations: str, helper
         *[f"  var m{i} = {NEG}; var l{i} = 0.0f;" for i in range(ROWS_PER_THREAD)],
         f"  var acc : array<f32, {ROWS_PER_THREAD * co}>;",
         f"  var s : array<f32, {ROWS_PER_THREAD * c}>;",
+        *copy[0],
         f"  for (var kt = 0i; kt < {-(-p.kv_len // p.keys)}i; kt++) {{",
         "    workgroupBarrier();",
-        f"    for (var e = i32(li); e < {p.keys * d4}i; e += {p.threads}i) {{",
-        f"      let row = e / {d4}i; let c4 = e % {d4}i; let n = kt * {p.keys}i + row;",
-        "      var kx = vec4<f32>(); var vx = vec4<f32>();",
-        f"      if (n < {p.kv_len}i && 4i * c4 < {d}i) {{",
-        "        kx = vec4<f32>(mlcweb_k4(bb, n, hh, 4i * c4)); vx = vec4<f32>(mlcweb_v4(bb, n, hh, 4i * c4));",
-        "      }",
-        f"      mlcweb_ks[row * {sq}i + c4] = kx;",
-        f"      let vo = row * {dp}i + 4i * c4;",
-        "      mlcweb_vs[vo] = vx.x; mlcweb_vs[vo + 1i] = vx.y; mlcweb_vs[vo + 2i] = vx.z; mlcweb_vs[vo + 3i] = vx.w;",
-        "    }",
+        *copy[1],
         "    workgroupBarrier();",
+        *copy[2],
         *[f"    s[{t}] = 0.0f;" for t in range(ROWS_PER_THREAD * c)],
         f"    for (var w = 0i; w < {d4}i; w++) {{",
         *[f"      let q{i} = mlcweb_qs[({rows[i]}) * {sq}i + w];" for i in range(ROWS_PER_THREAD)],

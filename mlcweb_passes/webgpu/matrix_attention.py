@@ -40,6 +40,7 @@ import tvm
 from tvm import tirx
 
 from ..gemm_analysis import UnsupportedGemmError
+from . import lane_attention
 from .flash_attention import ATTENTION_ATTR, WEBGPU_DEFAULT_SHARED
 from .lane_attention import FORM as LANES_FORM
 from .lane_attention import LanePlan, choose_lane_layout, lane_attention_source
@@ -158,7 +159,7 @@ def plan_lane_attention(func: tirx.PrimFunc, max_shared: int = WEBGPU_DEFAULT_SH
         raise UnsupportedGemmError(f"{len(params)} parameters, not q, k, v, o")
     plan = LanePlan(
         about["batch"], about["q_len"], about["kv_len"], about["heads"], about["head_dim"], about["scale"],
-        rows, keys, params, "",
+        rows, keys, params, "", prefetch=lane_attention.PREFETCH,
     )  # fmt: skip
     return LanePlan(**{**asdict(plan), "helpers": _helpers(plan, about["views"])})
 

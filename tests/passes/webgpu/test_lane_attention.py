@@ -104,3 +104,25 @@ def test_the_pipeline_plans_lanes_when_asked() -> None:
     assert [json.loads(str(p))["form"] for p in planned.values()] == ["lanes"]
     with pytest.raises(ValueError, match="two kernels for one attention"):
         mp.PipelineOptions(webgpu_matrix_attention=True, webgpu_lane_attention=True)
+
+
+def test_prefetched_tiles_compute_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``PREFETCH`` each step's K and V come through registers read during the step before: the same
+    attention on lavapipe (partial key tiles: the last step's reads past the sequence are zeros)."""
+    from webgpu_node import WEBGPU, run_on_webgpu
+
+    from mlcweb_passes.webgpu import lane_attention
+
+    monkeypatch.setattr(lane_attention, "PREFETCH", True)
+    shape = AttentionShape(2, 33, 19, 1, 20)
+    mod = attention_module(shape, NO_VIEWS)
+    exe = tvm.compile(mod, WEBGPU)
+    plans = attention_plans(mod, lanes=True)
+    assert LanePlan.from_json(plans["flash_attention"]).prefetch
+    kernels = attention_kernels(plans, wgsl_sources(exe.mod), CONFIG)
+    table = {k.name: {"code": k.code, "grid": list(k.grid)} for k in kernels.values()}
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((2, n, 1, 20)).astype(np.float16) for n in (33, 19, 19))
+    got = run_on_webgpu(exe, "main", [q, k, v], icd=LAVAPIPE_ICD, matrix=table).astype(np.float32)
+    want = attention(q, k, v, 20**-0.5)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max()))
