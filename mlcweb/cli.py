@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         "--lane-attention",
         action="store_true",
         help="webgpu float16: the flash attentions in hand-written WGSL on the lanes, beside the "
-        "subgroup-matrix kernels (experimental)",
+        "subgroup-matrix kernels (experimental: slower than the portable kernel on the GPUs measured)",
     )
     b.add_argument(
         "--conv-layout",

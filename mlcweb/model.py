@@ -95,7 +95,8 @@ class BuildOptions:
     # slower than the portable kernel on an H100, benchmarks/README.md)
     webgpu_matrix_attention: bool = False
     # webgpu + float16 with webgpu_matrix: the flash attentions in hand-written WGSL on the lanes (4-wide
-    # workgroup-memory reads, subgroup shuffles), installed with the subgroup-matrix kernels
+    # workgroup-memory reads, subgroup shuffles), installed with the subgroup-matrix kernels (off: slower than
+    # the portable kernel on an H100, benchmarks/README.md)
     webgpu_lane_attention: bool = False
     # webgpu + float16 with webgpu_matrix: the GEMM kernels' tiles in order of preference (None: the pass
     # library's TILE_ORDER)
