@@ -42,11 +42,13 @@ _LAYOUT = re.compile(r"^// (\d+)x(\d+) tiles (\d+) deep on (\d+)x(\d+) subgroups
 _SPEC = re.compile(r"^// tile (\S+)$", re.M)
 
 
-def kernel_tiles(build_dir: Path) -> dict[str, tuple[str, Any]]:
+def kernel_tiles(build_dir: Path, granted: int | None = None) -> dict[str, tuple[str, Any]]:
     """Each subgroup-matrix GEMM kernel of a build (``sd_webgpu.py build`` output): its GEMM key and tile,
-    read from the comments the generator writes. Kernels written before the ``// tile`` comment existed
-    get their epilogue's turns back from the build's workgroup memory (the rule's choice: one turn where
-    it fits, else two)."""
+    read from the comments the generator writes, in the table the page runs on an adapter granting
+    ``granted`` bytes of workgroup memory (the build's own table, or a larger one in ``matrix.larger``,
+    as ``mlcweb.js chooseMatrix`` takes it; None: the own table). Kernels written before the ``// tile``
+    comment existed get their epilogue's turns back from the build's workgroup memory (the rule's choice:
+    one turn where it fits, else two)."""
     sys.path.insert(0, str(ROOT))
     from mlcweb_passes.webgpu.matrix_gemm import MatrixConfig, MatrixTile, gemm_key
 
@@ -54,6 +56,9 @@ def kernel_tiles(build_dir: Path) -> dict[str, tuple[str, Any]]:
     matrix = manifest.get("webgpu", {}).get("matrix")
     if not matrix:
         raise SystemExit(f"webgpu_matrix_tiles: {build_dir} has no subgroup-matrix kernels")
+    if granted is not None:
+        fitting = [t for t in [matrix, *matrix.get("larger", [])] if t["workgroup_storage_bytes"] <= granted]
+        matrix = max(fitting, key=lambda t: t["workgroup_storage_bytes"], default=matrix)
     limit = 32768 if matrix["workgroup_storage_bytes"] <= 32768 else 49152
     found: dict[str, tuple[str, Any]] = {}
     for name, kernel in json.loads((build_dir / matrix["kernels"]).read_text()).items():
@@ -92,7 +97,8 @@ def measure(
     times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     chosen: dict[str, dict[str, Any]] = {}
     for build, run in runs:
-        tiles = kernel_tiles(builds / build)
+        granted = ((run.get("adapter") or {}).get("limits") or {}).get("maxComputeWorkgroupStorageSize")
+        tiles = kernel_tiles(builds / build, granted)
         chosen[build.rsplit("-", 1)[0]] = {key: tile for key, tile in tiles.values()}
         per_key: dict[tuple[str, str], float] = defaultdict(float)
         for profile in (run.get("profile") or {}).values():

@@ -86,3 +86,20 @@ def test_pick_faster_tiles_within_memory_and_margin(tmp_path: Path, capsys: pyte
     assert sorted(p.name for p in database.iterdir()) == ["webgpu_matrix_tiles.json", "webgpu_matrix_tiles_49152.json"]
     with pytest.raises(SystemExit, match="no -matrix run of the baseline 'sd15x'"):
         webgpu_matrix_tiles.main([*argv[:-3], "sd15x", "--out", str(out)])
+
+
+def test_kernels_come_from_the_table_the_adapter_ran(tmp_path: Path) -> None:
+    """A build with a second table for 48 KiB (``matrix.larger``): a run on an adapter granting 48 KiB ran
+    that table's kernels (the page's choice), one granting 32 KiB the build's own."""
+    build = tmp_path / "sd15m-float16"
+    build.mkdir()
+    head = "// mlcweb: 1 x 8192 x 320 x 2880 on 16x16x16 subgroup matrices,\n// 64x128 tiles 32 deep on 4x2 subgroups\n"
+    for name, spec in (("own", "64x128x32"), ("big", "128x160x32")):
+        code = f"{head}// tile {spec}\n"
+        (build / f"{name}.json").write_text(json.dumps({"conv_kernel": {"code": code, "grid": [1, 1, 1]}}))
+    larger = [{"kernels": "big.json", "workgroup_storage_bytes": 45568}]
+    matrix = {"kernels": "own.json", "workgroup_storage_bytes": 31744, "larger": larger}
+    (build / "manifest.json").write_text(json.dumps({"webgpu": {"matrix": matrix}}))
+    assert webgpu_matrix_tiles.kernel_tiles(build, 49152)["conv_kernel"][1].spec() == "128x160x32"
+    assert webgpu_matrix_tiles.kernel_tiles(build, 32768)["conv_kernel"][1].spec() == "64x128x32"
+    assert webgpu_matrix_tiles.kernel_tiles(build)["conv_kernel"][1].spec() == "64x128x32"
