@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import tvm
 from tvm import tirx
@@ -120,23 +121,31 @@ def choose_layout(head_dim: int, max_shared: int) -> tuple[int, int]:
     raise UnsupportedGemmError(f"no layout for head dimension {head_dim} fits {max_shared} bytes")
 
 
+def _attention(func: tirx.PrimFunc) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """What the flash-attention PrimFunc ``func`` computes (:data:`ATTENTION_ATTR`) and its parameter names;
+    raises :class:`UnsupportedGemmError` where neither written kernel takes it: not float16, a head
+    dimension not a multiple of 4 (their copies are 4-wide), parameters other than q, k, v, o."""
+    about = json.loads(str(func.attrs[ATTENTION_ATTR]))
+    if about["dtype"] != "float16":
+        raise UnsupportedGemmError(f"{about['dtype']} attention")
+    if about["head_dim"] % 4 or about["scale"] <= 0:
+        raise UnsupportedGemmError(f"head dimension {about['head_dim']} (a multiple of 4) or scale {about['scale']}")
+    params = tuple(str(p.name) for p in func.params)
+    if len(params) != 4:
+        raise UnsupportedGemmError(f"{len(params)} parameters, not q, k, v, o")
+    return about, params
+
+
 def plan_matrix_attention(
     func: tirx.PrimFunc, config: MatrixConfig, max_shared: int = WEBGPU_DEFAULT_SHARED
 ) -> AttentionPlan:
     """The subgroup-matrix kernel for the flash-attention PrimFunc ``func``; raises
     :class:`UnsupportedGemmError` where there is none: not float16, a head dimension not a multiple of 4
     (the copies are 4-wide), a configuration other than 16x16x16 on 32-wide subgroups, no layout that fits."""
-    about = json.loads(str(func.attrs[ATTENTION_ATTR]))
-    if about["dtype"] != "float16":
-        raise UnsupportedGemmError(f"{about['dtype']} attention")
+    about, params = _attention(func)
     if (config.m, config.n, config.k, config.subgroup_size) != (16, 16, 16, 32):
         raise UnsupportedGemmError(f"configuration {config}: the kernel is written for 16x16x16 on 32 lanes")
-    if about["head_dim"] % 4 or about["scale"] <= 0:
-        raise UnsupportedGemmError(f"head dimension {about['head_dim']} (a multiple of 4) or scale {about['scale']}")
     subgroups, keys = choose_layout(about["head_dim"], max_shared)
-    params = tuple(str(p.name) for p in func.params)
-    if len(params) != 4:
-        raise UnsupportedGemmError(f"{len(params)} parameters, not q, k, v, o")
     plan = AttentionPlan(
         about["batch"], about["q_len"], about["kv_len"], about["heads"], about["head_dim"], about["scale"],
         subgroups, keys, params, "",
@@ -148,15 +157,8 @@ def plan_lane_attention(func: tirx.PrimFunc, max_shared: int = WEBGPU_DEFAULT_SH
     """The kernel on the lanes (:mod:`~mlcweb_passes.webgpu.lane_attention`) for the flash-attention
     PrimFunc ``func``; raises :class:`UnsupportedGemmError` where there is none: not float16, a head
     dimension not a multiple of 4 (the copies are 4-wide), no layout that fits ``max_shared``."""
-    about = json.loads(str(func.attrs[ATTENTION_ATTR]))
-    if about["dtype"] != "float16":
-        raise UnsupportedGemmError(f"{about['dtype']} attention")
-    if about["head_dim"] % 4 or about["scale"] <= 0:
-        raise UnsupportedGemmError(f"head dimension {about['head_dim']} (a multiple of 4) or scale {about['scale']}")
+    about, params = _attention(func)
     rows, keys = choose_lane_layout(about["head_dim"], max_shared)
-    params = tuple(str(p.name) for p in func.params)
-    if len(params) != 4:
-        raise UnsupportedGemmError(f"{len(params)} parameters, not q, k, v, o")
     plan = LanePlan(
         about["batch"], about["q_len"], about["kv_len"], about["heads"], about["head_dim"], about["scale"],
         rows, keys, params, "", prefetch=lane_attention.PREFETCH,
