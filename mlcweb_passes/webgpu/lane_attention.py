@@ -31,10 +31,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Self
 
 from ..gemm_analysis import UnsupportedGemmError
 
-__all__ = ["FORM", "LAYOUTS", "LanePlan", "choose_lane_layout", "lane_attention_source", "shared_bytes"]
+__all__ = [
+    "FORM",
+    "LAYOUTS",
+    "AttentionJSON",
+    "LanePlan",
+    "choose_lane_layout",
+    "lane_attention_source",
+    "shared_bytes",
+]
 
 FORM = "lanes"  # the plan's "form": what tells its JSON from a subgroup-matrix attention's
 ROWS_PER_THREAD = 4
@@ -69,8 +78,21 @@ def choose_lane_layout(head_dim: int, max_shared: int, max_threads: int = 256) -
     raise UnsupportedGemmError(f"no lane-attention layout for head dimension {head_dim} fits {max_shared} bytes")
 
 
+class AttentionJSON:
+    """JSON for an attention plan dataclass (module attribute values): its fields, ``params`` a tuple."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        data = json.loads(text)
+        data["params"] = tuple(data["params"])
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class LanePlan:
+class LanePlan(AttentionJSON):
     """One attention kernel on the lanes: ``batch x heads`` products of ``q_len`` queries and ``kv_len``
     keys of ``head_dim``; ``rows`` query rows a workgroup, ``keys`` a step; the PrimFunc's parameter names
     (q, k, v, o) and the helper WGSL (:func:`~mlcweb_passes.webgpu.matrix_attention.attention_helpers`)."""
@@ -95,15 +117,6 @@ class LanePlan:
     @property
     def grid(self) -> tuple[int, int, int]:
         return -(-self.q_len // self.rows), self.batch * self.heads, 1
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @staticmethod
-    def from_json(text: str) -> LanePlan:
-        data = json.loads(text)
-        data["params"] = tuple(data["params"])
-        return LanePlan(**data)
 
 
 def _copy(p: LanePlan, d4: int, sq: int, dp: int) -> tuple[list[str], list[str], list[str]]:

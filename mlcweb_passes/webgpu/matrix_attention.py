@@ -44,7 +44,7 @@ from ..gemm_analysis import UnsupportedGemmError
 from . import lane_attention
 from .flash_attention import ATTENTION_ATTR, WEBGPU_DEFAULT_SHARED
 from .lane_attention import FORM as LANES_FORM
-from .lane_attention import LanePlan, choose_lane_layout, lane_attention_source
+from .lane_attention import AttentionJSON, LanePlan, choose_lane_layout, lane_attention_source
 from .matrix_gemm import PLANS_ATTR as GEMM_PLANS_ATTR
 from .matrix_gemm import MatrixConfig, MatrixKernel, PlanMatrixKernels, bind_helpers, matrix_kernels, write_kernels
 
@@ -71,7 +71,7 @@ LAYOUTS = ((4, 32), (2, 64), (2, 32), (2, 16))
 
 
 @dataclass(frozen=True)
-class AttentionPlan:
+class AttentionPlan(AttentionJSON):
     """One attention kernel: ``batch x heads`` products of ``q_len`` queries and ``kv_len`` keys of
     ``head_dim``; the layout (``subgroups`` of 16 rows, ``keys`` a step); the PrimFunc's parameter names
     (q, k, v, o) and the helper WGSL with ``{Pi}`` for their bindings."""
@@ -90,15 +90,6 @@ class AttentionPlan:
     @property
     def padded_dim(self) -> int:
         return -(-self.head_dim // 16) * 16
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @staticmethod
-    def from_json(text: str) -> AttentionPlan:
-        data = json.loads(text)
-        data["params"] = tuple(data["params"])
-        return AttentionPlan(**data)
 
 
 def _shared_bytes(subgroups: int, keys: int, dp: int) -> int:
