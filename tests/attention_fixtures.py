@@ -11,7 +11,7 @@ import tvm
 from tvm import relax
 
 from mlcweb_passes.cuda.flash_kernel import AttentionShape, Views
-from mlcweb_passes.webgpu.flash_attention import webgpu_flash_attention_kernel
+from mlcweb_passes.webgpu.flash_attention import WebGPUFlashTile, webgpu_flash_attention_kernel
 from mlcweb_passes.webgpu.matrix_attention import PLANS_ATTR, PlanMatrixAttention
 from mlcweb_passes.webgpu.matrix_gemm import MatrixConfig
 
@@ -25,12 +25,22 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.n
     return np.einsum("bhnm,bmhd->bnhd", p / p.sum(-1, keepdims=True), v.astype(np.float64))
 
 
-def attention_module(shape: AttentionShape, views: Views, dtype: str = "float16") -> tvm.IRModule:
-    """``main(q, k, v)`` calling the portable kernel; with views, ``main(qkv)`` of merged projections
+def attention_module(
+    shape: AttentionShape,
+    views: Views = (None, None, None),
+    dtype: str = "float16",
+    *,
+    scale: float | None = None,
+    tile: WebGPUFlashTile | None = None,
+    max_shared: int = 32768,
+) -> tvm.IRModule:
+    """``main(q, k, v)`` calling the portable kernel (scale ``head_dim ** -0.5`` unless given, ``tile`` or
+    the one chosen within ``max_shared``); with views, ``main(qkv)`` of merged projections
     ``[B, N, 3, H, D]`` (self-attention)."""
     s = shape
     bb = relax.BlockBuilder()
-    kernel = webgpu_flash_attention_kernel(s, s.head_dim**-0.5, views, dtype=dtype, max_shared=32768)
+    scale = s.head_dim**-0.5 if scale is None else scale
+    kernel = webgpu_flash_attention_kernel(s, scale, views, dtype=dtype, max_shared=max_shared, tile=tile)
     if views[0] is not None:
         args = [relax.Var("qkv", relax.TensorType((s.batch, s.q_len, 3, s.heads, s.head_dim), dtype))]
         inputs = args * 3

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from attention_fixtures import attention_module
 from testutil import DiffusersAttention, import_torch, kernel_launches, op_names
-from tvm import relax
 
 import mlcweb_passes as mp
 from mlcweb.wgsl_check import check_wgsl, wgsl_sources
@@ -32,25 +32,6 @@ def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.
     return np.einsum("bhnm,bmhd->bnhd", p / p.sum(-1, keepdims=True), v)
 
 
-def _kernel_module(
-    shape: AttentionShape, scale: float, tile: WebGPUFlashTile | None, dtype: str = "float32", max_shared: int = 32768
-) -> tvm.IRModule:
-    bb = relax.BlockBuilder()
-    s = shape
-    args = [
-        relax.Var(name, relax.TensorType((s.batch, n, s.heads, s.head_dim), dtype))
-        for name, n in (("q", s.q_len), ("k", s.kv_len), ("v", s.kv_len))
-    ]
-    kernel = webgpu_flash_attention_kernel(s, scale, dtype=dtype, max_shared=max_shared, tile=tile)
-    with bb.function("main", args):
-        with bb.dataflow():
-            gv = bb.add_func(kernel, "flash_attention")
-            call = relax.call_tir(gv, args, relax.TensorType((s.batch, s.q_len, s.heads, s.head_dim), dtype))
-            out = bb.emit_output(bb.emit(call))
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 def test_tile_choice_fits_the_workgroup_memory() -> None:
     sd = AttentionShape(2, 4096, 4096, 8, 40)
     assert choose_webgpu_flash_tile(sd, "float16", 32768) == TILES[0]  # 64 query rows, 128 threads
@@ -62,7 +43,7 @@ def test_tile_choice_fits_the_workgroup_memory() -> None:
                 assert tile.shared_bytes(d, dtype) <= limit and tile.threads <= 256
                 # TVM's WebGPU code generator, which counts the kernel's workgroup allocations, takes it
                 target = tvm.target.Target({"kind": "webgpu", "max_shared_memory_per_block": limit}, host=WASM)
-                tvm.compile(_kernel_module(shape, 1.0, tile, dtype, limit), target)
+                tvm.compile(attention_module(shape, dtype=dtype, scale=1.0, tile=tile, max_shared=limit), target)
     assert choose_webgpu_flash_tile(AttentionShape(1, 10, 10, 1, 8), "float32").rows == 16  # no idle rows
     with pytest.raises(ValueError, match="fits 1024 bytes"):
         choose_webgpu_flash_tile(sd, "float32", 1024)
@@ -88,7 +69,7 @@ def test_kernel_computes_attention_on_webgpu(shape: AttentionShape, tile: WebGPU
         for n in (shape.q_len, shape.kv_len, shape.kv_len)
     )
     scale = shape.head_dim**-0.5
-    exe = tvm.compile(_kernel_module(shape, scale, tile), NODE_TARGET)
+    exe = tvm.compile(attention_module(shape, dtype="float32", scale=scale, tile=tile), NODE_TARGET)
     got = run_on_webgpu(exe, "main", [q, k, v])
     np.testing.assert_allclose(got, _attention(q, k, v, scale), rtol=0, atol=1e-5)
 
