@@ -115,8 +115,18 @@ class LanePlan(AttentionJSON):
         return self.rows // ROWS_PER_THREAD * LANES
 
     @property
+    def steps(self) -> int:  # key tiles walked
+        return -(-self.kv_len // self.keys)
+
+    @property
     def grid(self) -> tuple[int, int, int]:
         return -(-self.q_len // self.rows), self.batch * self.heads, 1
+
+
+def _store_tiles(k: str, v: str, sq: int, dp: int) -> list[str]:
+    """Row ``row``'s 4 elements from column ``4 * c4`` of K (``k``, float32) and V (``v``, a float32
+    ``vx``) into their workgroup-memory tiles."""
+    return [f"mlcweb_ks[row * {sq}i + c4] = {k};", f"let vx = {v}; let vo = row * {dp}i + 4i * c4;", STORE_V]
 
 
 def _copy(p: LanePlan, d4: int, sq: int, dp: int) -> tuple[list[str], list[str], list[str]]:
@@ -125,13 +135,11 @@ def _copy(p: LanePlan, d4: int, sq: int, dp: int) -> tuple[list[str], list[str],
     step = [
         f"    for (var e = i32(li); e < {p.keys * d4}i; e += {p.threads}i) {{",
         f"      let row = e / {d4}i; let c4 = e % {d4}i; let n = kt * {p.keys}i + row;",
-        "      var kx = vec4<f32>(); var vx = vec4<f32>();",
+        "      var kx = vec4<f32>(); var vv = vec4<f32>();",
         f"      if (n < {p.kv_len}i && 4i * c4 < {p.head_dim}i) {{",
-        "        kx = vec4<f32>(mlcweb_k4(bb, n, hh, 4i * c4)); vx = vec4<f32>(mlcweb_v4(bb, n, hh, 4i * c4));",
+        "        kx = vec4<f32>(mlcweb_k4(bb, n, hh, 4i * c4)); vv = vec4<f32>(mlcweb_v4(bb, n, hh, 4i * c4));",
         "      }",
-        f"      mlcweb_ks[row * {sq}i + c4] = kx;",
-        f"      let vo = row * {dp}i + 4i * c4;",
-        "      " + STORE_V,
+        *("      " + line for line in _store_tiles("kx", "vv", sq, dp)),
         "    }",
     ]
     return [], step, []
@@ -161,14 +169,12 @@ def _prefetched_copy(p: LanePlan, d4: int, sq: int, dp: int) -> tuple[list[str],
         store += [
             f"    {{ let e = i32(li) + {t * p.threads}i;",
             f"      if (e < {p.keys * d4}i) {{",
-            f"        let row = e / {d4}i; let c4 = e % {d4}i; let vx = vec4<f32>(vr{t});",
-            f"        mlcweb_ks[row * {sq}i + c4] = vec4<f32>(kr{t});",
-            f"        let vo = row * {dp}i + 4i * c4;",
-            "        " + STORE_V,
+            f"        let row = e / {d4}i; let c4 = e % {d4}i;",
+            *("        " + line for line in _store_tiles(f"vec4<f32>(kr{t})", f"vec4<f32>(vr{t})", sq, dp)),
             "      }",
             "    }",
         ]
-    after = [f"    if (kt + 1i < {-(-p.kv_len // p.keys)}i) {{", *fetch("(kt + 1i)", "      "), "    }"]
+    after = [f"    if (kt + 1i < {p.steps}i) {{", *fetch("(kt + 1i)", "      "), "    }"]
     return before, store, after
 
 
@@ -194,7 +200,7 @@ def lane_attention_source(shader: str, plan: LanePlan, declarations: str, helper
         f"  var acc : array<f32, {ROWS_PER_THREAD * co}>;",
         f"  var s : array<f32, {ROWS_PER_THREAD * c}>;",
         *copy[0],
-        f"  for (var kt = 0i; kt < {-(-p.kv_len // p.keys)}i; kt++) {{",
+        f"  for (var kt = 0i; kt < {p.steps}i; kt++) {{",
         "    workgroupBarrier();",
         *copy[1],
         "    workgroupBarrier();",
