@@ -154,8 +154,7 @@ def _build_dtypes(args: argparse.Namespace, host: Any) -> int:
                 dtype=dtype,
                 config={"size": args.size, "variant": args.variant},
                 webgpu_fallback=False,
-                webgpu_matrix_attention=args.matrix_attention,
-                webgpu_lane_attention=args.lane_attention,
+                webgpu_attention=args.attention,
                 webgpu_matrix_tiles=args.matrix_tiles,
             )
             result = mlcweb_build(host, "stable-diffusion", options, progress=False)
@@ -221,6 +220,8 @@ def pack(args: argparse.Namespace) -> int:
         "runner.mjs": HERE / "webgpu" / "runner.mjs",
         "common.mjs": HERE / "webgpu" / "common.mjs",
         "kernels.mjs": HERE / "webgpu" / "kernels.mjs",
+        "attention_check.mjs": HERE / "webgpu" / "attention_check.mjs",
+        "f16_math.mjs": HERE / "webgpu" / "f16_math.mjs",
         "mlcweb.js": ROOT / "web" / "lib" / "mlcweb.js",
         "ort_runner.mjs": HERE / "webgpu" / "ort_runner.mjs",
     }
@@ -623,9 +624,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtypes", default="float16,float32")
     b.add_argument("--size", default="full", choices=["tiny", "full"])
     b.add_argument("--variant", default="sd1.5", help="the SD family member (sd1.5, sd2.1, sd-turbo)")
-    attention = b.add_mutually_exclusive_group()
-    attention.add_argument("--matrix-attention", action="store_true", help="flash attention on subgroup matrices too")
-    attention.add_argument("--lane-attention", action="store_true", help="flash attention in WGSL on the lanes too")
+    b.add_argument(
+        "--attention",
+        choices=("matrix", "lanes", "portable"),
+        default="portable",
+        help="the float16 flash attentions' kernel beside the portable one (BuildOptions.webgpu_attention)",
+    )
     b.add_argument(
         "--matrix-tiles",
         type=matrix_tiles_arg,

@@ -14,11 +14,17 @@ transposes).
     # on the GPU machine (carrying .dev/wgpu-a and .dev/wgpu-b; no TVM needed)
     python3 benchmarks/webgpu_kernels.py run --carry .dev --results $OUT
 
+    # on the GPU machine: the written attention kernels (kernel builds' and model builds' tables) on random
+    # inputs against a float64 reference
+    python3 benchmarks/webgpu_kernels.py check --carry .dev --results $OUT
+
     # here
     python benchmarks/webgpu_kernels.py report RESULTS_DIR
 
 Each variant's outputs are sampled and compared with the first variant's (same inputs, filled on the GPU
-from a hash of their names), so a faster schedule that computes something else shows up in the table.
+from a hash of their names), so a faster schedule that computes something else shows up in the table;
+attention inputs are filled at unit scale (at the weights' 1/sqrt(fan-in) their outputs sat below float16's
+normal range and every variant compared equal, right or wrong). ``check`` is the known-answer test.
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ SHAPES: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {
     "unet_attn_64": ("attention", (2, 4096, 8, 40), (2, 4096, 8, 40)),
     "unet_attn_32": ("attention", (2, 1024, 8, 80), (2, 1024, 8, 80)),
     "unet_xattn_64": ("attention", (2, 4096, 8, 40), (2, 77, 8, 40)),
+    "sd21_attn_64": ("attention", (2, 4096, 5, 64), (2, 4096, 5, 64)),  # SD2.1's heads of 64 at 512x512
+    "unet_xattn_32": ("attention", (2, 1024, 8, 80), (2, 77, 8, 80)),
+    "unet_attn_16": ("attention", (2, 256, 8, 160), (2, 256, 8, 160)),
+    "unet_xattn_16": ("attention", (2, 256, 8, 160), (2, 77, 8, 160)),
 }
 # the same kinds at a size SwiftShader runs in seconds (to check the runner and the numbers without a GPU)
 TINY: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {
@@ -80,13 +90,19 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, bool, bool]] = {
 }
 SCALAR_LOADS = {"vec4-nhwc-scalarload"}  # variants built with PipelineOptions(vector_loads=False)
 # float16 variants with kernels on subgroup matrices (vec4-nhwc's library plus its matrix.json, which
-# kernels.mjs installs as the page does): the GEMMs, and with attention layouts ((subgroups, keys a
-# step), tried in order, webgpu/matrix_attention.LAYOUTS) the flash attentions too
+# kernels.mjs installs as the page does): the GEMMs (`matrix`, attention on TVM's kernel), and the flash
+# attentions too with these layouts ((subgroups, keys a step), tried in order; () the library's
+# webgpu/matrix_attention.LAYOUTS); `-no-pf`: K/V not read a step ahead (matrix_attention.PREFETCH off);
+# `-48k`: planned within 48 KiB of workgroup memory instead of 32
 MATRIX_VARIANTS: dict[str, tuple[tuple[int, int], ...] | None] = {
     "matrix": None,
-    "matrix-attn": ((4, 32), (2, 64), (2, 32), (2, 16)),
-    "matrix-attn-2x64": ((2, 64), (2, 32), (2, 16)),
-    "matrix-attn-2x32": ((2, 32), (2, 16)),
+    "matrix-attn": (),
+    "matrix-attn-no-pf": (),
+    "matrix-attn-4x32": ((4, 32), (2, 32), (2, 16)),
+    "matrix-attn-4x32-48k": ((4, 32), (2, 32), (2, 16)),
+    "matrix-attn-4x64-48k": ((4, 64), (4, 32), (2, 32), (2, 16)),
+    "matrix-attn-8x16": ((8, 16), (4, 16), (2, 16)),
+    "matrix-attn-2x16": ((2, 16),),
 }
 # float16 variants with the GEMMs on subgroup matrices and the flash attentions in WGSL on the lanes
 # (webgpu/lane_attention), with these layouts ((rows, keys a step), tried in order) ahead of its LAYOUTS,
@@ -232,7 +248,7 @@ def _build_library(dest: Path, variant: str, dtype: str, shapes: dict[str, Any],
     if variant in LANE_VARIANTS:
         exe, table = _compile_matrix(module, target, options, None, lanes=LANE_VARIANTS[variant])
     else:
-        exe, table = _compile_matrix(module, target, options, MATRIX_VARIANTS[variant])
+        exe, table = _compile_matrix(module, target, options, MATRIX_VARIANTS[variant], variant)
     _write_library(dest, exe, variant, dtype, functions)
     (dest / "matrix.json").write_text(json.dumps(table, indent=1))
     specs = json.loads((dest / "specs.json").read_text())
@@ -244,6 +260,7 @@ def _compile_matrix(
     target: Any,
     options: Any,
     layouts: tuple[tuple[int, int], ...] | None,
+    variant: str = "",
     lanes: tuple[tuple[tuple[int, int], ...], bool] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """``module`` compiled with its GEMMs (and, given ``layouts``, its attentions) planned on subgroup
@@ -260,10 +277,12 @@ def _compile_matrix(
         options,
         dtype="float16",
         webgpu_matrix=config,
-        webgpu_matrix_attention=layouts is not None,
-        webgpu_lane_attention=lanes is not None,
+        webgpu_attention="lanes" if lanes is not None else "matrix" if layouts is not None else "portable",
+        webgpu_matrix_shared=49152 if variant.endswith("-48k") else None,
     )
     saved, saved_lanes, saved_prefetch = matrix_attention.LAYOUTS, lane_attention.LAYOUTS, lane_attention.PREFETCH
+    saved_pf = matrix_attention.PREFETCH
+    matrix_attention.PREFETCH = saved_pf and not variant.endswith("-no-pf")
     matrix_attention.LAYOUTS = layouts or saved
     lane_attention.LAYOUTS = (*(lanes[0] if lanes else ()), *saved_lanes)
     lane_attention.PREFETCH = lanes[1] if lanes else saved_prefetch
@@ -272,6 +291,7 @@ def _compile_matrix(
             lowered = mp.pipeline(target, options)(module)
     finally:
         matrix_attention.LAYOUTS, lane_attention.LAYOUTS = saved, saved_lanes
+        matrix_attention.PREFETCH = saved_pf
         lane_attention.PREFETCH = saved_prefetch
     exe = tvm.compile(lowered, target, relax_pipeline=None, tir_pipeline=mp.tir_pipeline(target, options))
     gemms, attention = matrix_attention.planned_kernels(lowered, wgsl_sources(exe.mod), config)
@@ -397,6 +417,32 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def check(args: argparse.Namespace) -> int:
+    """Known answers on the GPU machine: every written flash-attention kernel of the carried kernel builds'
+    and model builds' subgroup-matrix tables, alone on random inputs, against a float64 reference
+    (``webgpu/attention_check.mjs``), into ``attention-check.json``; exit 1 where one is off by more than
+    float16 rounding (relative RMS 1e-2)."""
+    sys.path.insert(0, str(HERE))
+    from sd_webgpu import F16_TOGGLE, UNSAFE, _node_env, _unpack
+
+    root = _unpack(Path(args.carry))
+    tables = sorted(root.glob("kernels/*/matrix.json")) + sorted(root.glob("builds/*/*-matrix.json"))
+    if not tables:
+        print(f"webgpu_kernels check: no subgroup-matrix tables under {root}", file=sys.stderr)
+        return 2
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / "attention-check.json"
+    cmd = [str(root / "node"), str(root / "attention_check.mjs"), "--dawn", str(root / "webgpu")]
+    cmd += ["--toggle", F16_TOGGLE, "--toggle", UNSAFE, "--tables", ",".join(map(str, tables)), "--out", str(out)]
+    if subprocess.run(cmd, env=_node_env(), check=False, timeout=args.timeout).returncode != 0:
+        return 1
+    bad = {name: r for name, r in json.loads(out.read_text()).items() if r["rel_rms"] > 1e-2}
+    for name, r in bad.items():
+        print(f"webgpu_kernels check: {name} is off: relative RMS {r['rel_rms']:.2g}", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def _rel_rms(a: list[float], b: list[float]) -> float:
     num = sum((x - y) ** 2 for x, y in zip(a, b, strict=True))
     den = sum(y * y for y in b) or 1.0
@@ -443,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--repeat", type=int, default=20)
     r.add_argument("--timeout", type=int, default=300)
     r.add_argument("--warm-ms", type=int, default=500, help="GPU kept busy before each function's timing")
+    c = sub.add_parser("check", help="the written attention kernels against a float64 reference, on the GPU")
+    c.add_argument("--carry", required=True)
+    c.add_argument("--results", required=True)
+    c.add_argument("--timeout", type=int, default=300)
     rep = sub.add_parser("report")
     rep.add_argument("dir")
     d = sub.add_parser("dump", help="float16 WGSL of a linear GEMM's kernel per variant, for webgpu/f16_math.mjs")
@@ -450,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--shape", default="unet_ff_64")
     d.add_argument("--variants", default="vec4-nhwc,vec4-nhwc-pairs,vec4-nhwc-scalarload")
     args = parser.parse_args(argv)
-    return {"build": build, "run": run, "report": report, "dump": dump}[args.command](args)
+    return {"build": build, "run": run, "check": check, "report": report, "dump": dump}[args.command](args)
 
 
 if __name__ == "__main__":

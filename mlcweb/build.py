@@ -139,6 +139,9 @@ def resolve(host: PluginHost, model: str, options: BuildOptions, *, link: bool =
         raise MlcwebError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
     if options.conv_layout not in mp.CONV_LAYOUTS:
         raise MlcwebError(f"unknown conv layout {options.conv_layout!r}; choose one of {', '.join(mp.CONV_LAYOUTS)}")
+    if options.webgpu_attention not in mp.WEBGPU_ATTENTION:
+        choices = ", ".join(mp.WEBGPU_ATTENTION)
+        raise MlcwebError(f"unknown webgpu attention kernel {options.webgpu_attention!r}; choose one of {choices}")
     registered = host.model(model)
     config = {**registered.spec.default_config, **options.config}
     target_info = resolve_target(options.target, arch=options.arch, link=link)
@@ -153,8 +156,7 @@ def resolve(host: PluginHost, model: str, options: BuildOptions, *, link: bool =
         database=options.database,
         gpu=gpu,
         webgpu_matrix=matrix,
-        webgpu_matrix_attention=options.webgpu_matrix_attention,
-        webgpu_lane_attention=options.webgpu_lane_attention,
+        webgpu_attention=options.webgpu_attention,
         webgpu_matrix_tiles=options.webgpu_matrix_tiles or TILE_ORDER,
     )
     return ModelBuild(model, registered, config, options, target_info, pipeline)

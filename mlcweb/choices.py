@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
-__all__ = ["DTYPES", "ENCODINGS", "TARGET_NAMES"]
+__all__ = ["DTYPES", "ENCODINGS", "TARGET_NAMES", "WEBGPU_ATTENTION"]
 
 DTYPES = ("float32", "float16")
 ENCODINGS = ("raw", "f32-to-bf16")
 TARGET_NAMES = ("llvm", "cuda", "vulkan", "metal", "webgpu")
+# mlcweb_passes.WEBGPU_ATTENTION: the float16 flash attentions' kernel beside the portable one on WebGPU
+WEBGPU_ATTENTION = ("matrix", "lanes", "portable")

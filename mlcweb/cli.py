@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .choices import DTYPES, ENCODINGS, TARGET_NAMES
+from .choices import DTYPES, ENCODINGS, TARGET_NAMES, WEBGPU_ATTENTION
 from .errors import MlcwebError
 
 if TYPE_CHECKING:
@@ -67,18 +67,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="webgpu float16: write no subgroup-matrix (tensor core) kernels beside the portable ones",
     )
-    attention = b.add_mutually_exclusive_group()
-    attention.add_argument(
-        "--matrix-attention",
-        action="store_true",
-        help="webgpu float16: the flash attentions on subgroup matrices too (experimental: slower than the "
-        "portable kernel on the GPUs measured)",
-    )
-    attention.add_argument(
-        "--lane-attention",
-        action="store_true",
-        help="webgpu float16: the flash attentions in hand-written WGSL on the lanes, beside the "
-        "subgroup-matrix kernels (experimental: slower than the portable kernel on the GPUs measured)",
+    b.add_argument(
+        "--attention",
+        choices=WEBGPU_ATTENTION,
+        default="portable",
+        help="webgpu float16: the flash attentions' kernel beside the portable one, installed with the "
+        "subgroup-matrix GEMMs: portable (none, the default), matrix (subgroup matrices; experimental: "
+        "checked on an H100, not yet timed), lanes (WGSL on the lanes; slower on the GPUs measured)",
     )
     b.add_argument(
         "--conv-layout",
@@ -166,8 +161,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         conv_layout=args.conv_layout,
         webgpu_subgroup_size=args.subgroup_size,
         webgpu_matrix=not args.no_matrix,
-        webgpu_matrix_attention=args.matrix_attention,
-        webgpu_lane_attention=args.lane_attention,
+        webgpu_attention=args.attention,
     )
     if args.db is not None and args.no_db:
         raise MlcwebError("--db and --no-db contradict each other; pass one")

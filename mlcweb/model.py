@@ -91,13 +91,11 @@ class BuildOptions:
     # webgpu + float16 only: also write kernels on subgroup matrices (tensor cores) for the GEMMs, which the
     # page uses where the adapter offers chromium-experimental-subgroup-matrix with float16 -> float32
     webgpu_matrix: bool = True
-    # webgpu + float16 with webgpu_matrix: the flash attentions on subgroup matrices too (off: both forms were
-    # slower than the portable kernel on an H100, benchmarks/README.md)
-    webgpu_matrix_attention: bool = False
-    # webgpu + float16 with webgpu_matrix: the flash attentions in hand-written WGSL on the lanes (4-wide
-    # workgroup-memory reads, subgroup shuffles), installed with the subgroup-matrix kernels (off: slower than
-    # the portable kernel on an H100, benchmarks/README.md)
-    webgpu_lane_attention: bool = False
+    # webgpu + float16 with webgpu_matrix: the flash attentions' kernel beside the portable one (the page
+    # installs it with the GEMMs' where the adapter offers subgroup matrices): "portable" none, "matrix" on
+    # subgroup matrices (checked on an H100, not yet timed in that form), "lanes" in hand-written WGSL on the
+    # lanes (slower on the GPUs measured); mlcweb_passes.WEBGPU_ATTENTION
+    webgpu_attention: str = "portable"
     # webgpu + float16 with webgpu_matrix: the GEMM kernels' tiles in order of preference (None: the pass
     # library's TILE_ORDER)
     webgpu_matrix_tiles: tuple[MatrixTile, ...] | None = None

@@ -24,7 +24,16 @@ from .cuda.wgmma_gemm import WgmmaGemm, supports_wgmma
 from .detach_params import ParamNameError, detach_params, param_names, unique_param_names
 from .lift_transform_params import LiftedModules, apply_transform_params, compile_transform, split_transform_params
 from .module_utils import FunctionNameClashError, RemoveUnusedFunctions, merge_modules, reachable_functions
-from .pipeline import CONV_LAYOUTS, PHASES, PipelineOptions, conv_layout, phases, pipeline, tir_pipeline
+from .pipeline import (
+    CONV_LAYOUTS,
+    PHASES,
+    WEBGPU_ATTENTION,
+    PipelineOptions,
+    conv_layout,
+    phases,
+    pipeline,
+    tir_pipeline,
+)
 from .rewrites.chunk_attention import ChunkAttentionRows
 from .rewrites.clamp_gather_indices import ClampGatherIndices
 from .rewrites.conv_layout import ConvLayout
@@ -56,6 +65,7 @@ __all__ = [
     "CONV_LAYOUTS",
     "KEEP_FLOAT32_ATTR",
     "PHASES",
+    "WEBGPU_ATTENTION",
     "ApplyDatabase",
     "ChunkAttentionRows",
     "ClampGatherIndices",

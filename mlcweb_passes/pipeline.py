@@ -78,10 +78,21 @@ from .webgpu.matrix_gemm import TILE_ORDER, MatrixConfig, MatrixTile, PlanMatrix
 from .webgpu.matrix_tiles import matrix_tiles_file, read_matrix_tiles
 from .webgpu.widen_gemm_operands import WidenGemmOperands
 
-__all__ = ["CONV_LAYOUTS", "PHASES", "PipelineOptions", "conv_layout", "phases", "pipeline", "tir_pipeline"]
+__all__ = [
+    "CONV_LAYOUTS",
+    "PHASES",
+    "WEBGPU_ATTENTION",
+    "PipelineOptions",
+    "conv_layout",
+    "phases",
+    "pipeline",
+    "tir_pipeline",
+]
 
 PHASES = ("weights", "graph", "fuse", "kernels", "schedule", "memory", "finalize")
 CONV_LAYOUTS = ("auto", "NCHW", "NHWC")
+# the float16 flash attentions' kernel beside the portable one, where subgroup matrices are planned
+WEBGPU_ATTENTION = ("matrix", "lanes", "portable")
 DTYPES = ("float32", "float16")
 
 Database: TypeAlias = "ms.Database | str | os.PathLike[str]"
@@ -119,11 +130,12 @@ class PipelineOptions:
     directory's ``webgpu_matrix_tiles.json``, if any); ``webgpu_matrix_larger``: workgroup memory sizes
     (bytes) past the target's for which the GEMMs are planned again, a table for adapters granting that
     much (module attribute ``matrix_gemm.plans_attr(bytes)``; tiles from the database directory's
-    ``webgpu_matrix_tiles_<bytes>.json``, if any); with ``webgpu_matrix_attention`` the flash
-    attentions too (:mod:`~mlcweb_passes.webgpu.matrix_attention`,
-    off by default: both forms were slower than the portable kernel on an H100, benchmarks/README.md);
-    with ``webgpu_lane_attention`` the flash attentions in hand-written WGSL on the lanes instead
-    (:mod:`~mlcweb_passes.webgpu.lane_attention`, installed with the subgroup-matrix GEMMs).
+    ``webgpu_matrix_tiles_<bytes>.json``, if any). ``webgpu_attention`` (one of
+    :data:`WEBGPU_ATTENTION`): with ``webgpu_matrix``, the float16 flash attentions' kernel beside the
+    portable one: ``"portable"`` none (TVM's kernel everywhere, the default), ``"matrix"`` on subgroup
+    matrices (:mod:`~mlcweb_passes.webgpu.matrix_attention`: checked against a float64 reference on an
+    H100, not yet timed in its checked form, benchmarks/README.md), ``"lanes"`` in hand-written WGSL on the
+    lanes (:mod:`~mlcweb_passes.webgpu.lane_attention`, slower than the portable kernel on the GPUs measured).
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
     WebGPU tile table, ``webgpu_gemm_tiles.json``, gives WebGPU GEMMs its tiles too). ``webgpu_tiles``: a
     tile table (:func:`~mlcweb_passes.webgpu.gemm.read_tile_table`) for WebGPU GEMMs, instead of the
@@ -140,8 +152,7 @@ class PipelineOptions:
     widen_gemm_operands: bool = False
     vector_loads: bool = True
     webgpu_matrix: MatrixConfig | None = None
-    webgpu_matrix_attention: bool = False
-    webgpu_lane_attention: bool = False
+    webgpu_attention: str = "portable"
     webgpu_matrix_tiles: tuple[MatrixTile, ...] = TILE_ORDER
     webgpu_matrix_shared: int | None = None
     webgpu_matrix_tuned: Mapping[str, MatrixTile] | None = None
@@ -153,8 +164,9 @@ class PipelineOptions:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.webgpu_matrix_attention and self.webgpu_lane_attention:
-            raise ValueError("webgpu_matrix_attention and webgpu_lane_attention: two kernels for one attention")
+        if self.webgpu_attention not in WEBGPU_ATTENTION:
+            choices = ", ".join(WEBGPU_ATTENTION)
+            raise ValueError(f"unknown webgpu_attention {self.webgpu_attention!r}; choose one of {choices}")
         if self.conv_layout not in CONV_LAYOUTS:
             raise ValueError(f"unknown conv layout {self.conv_layout!r}; choose one of {', '.join(CONV_LAYOUTS)}")
 
@@ -266,8 +278,9 @@ def kernel_phase(
             tuned = _matrix_tuned(options, larger)
             attr = plans_attr(larger)
             passes.append(PlanMatrixGemms(options.webgpu_matrix, larger, tiles, tuned=tuned, attr=attr))
-        if options.webgpu_matrix_attention or options.webgpu_lane_attention:
-            passes.append(PlanMatrixAttention(options.webgpu_matrix, lanes=options.webgpu_lane_attention))
+        if options.webgpu_attention != "portable":
+            lanes = options.webgpu_attention == "lanes"
+            passes.append(PlanMatrixAttention(options.webgpu_matrix, shared, lanes=lanes))
     return _sequential("kernels", [*passes, *extra])
 
 

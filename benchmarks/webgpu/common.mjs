@@ -131,7 +131,7 @@ export class WeightFiller {
 
   fill(buffer, rec) {
     const count = rec.shape.reduce((a, b) => a * b, 1);
-    const [center, halfwidth] = fillRange(rec);
+    const [center, halfwidth] = rec.range ?? fillRange(rec);
     const params = new ArrayBuffer(32);
     const u32 = new Uint32Array(params);
     const f32 = new Float32Array(params);

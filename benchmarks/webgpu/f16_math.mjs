@@ -169,7 +169,7 @@ function toHalf(x) {
   if (mant & 0x1000 && (mant & 0x2fff)) h += 1; // round half to even
   return h;
 }
-function fromHalf(h) {
+export function fromHalf(h) {
   const exp = (h >>> 10) & 0x1f;
   const mant = h & 0x3ff;
   const v = exp === 0 ? mant * 2 ** -24 : (1 + mant / 1024) * 2 ** (exp - 15);

@@ -9,9 +9,14 @@ computes in the PrimFunc attribute :data:`~mlcweb_passes.webgpu.flash_attention.
 
 - a workgroup of ``subgroups`` subgroups takes ``16 x subgroups`` query rows of one head; the Q tile goes
   through workgroup memory once (the head dimension zero-padded to a multiple of 16) into left-operand
-  subgroup matrices that stay in registers for the whole walk over the keys;
-- each step copies ``keys`` rows of K and of V to workgroup memory (4-wide, zeros past the sequence);
-  each subgroup computes its 16 rows' scores ``Q @ K^T`` into float32 result matrices and stores them to
+  subgroup matrices that stay in registers for the whole walk over the keys. Each operand (Q, K, V, the
+  probabilities, the scratch) has a workgroup array of its own: with Q's tile and the K/V tiles sharing
+  one array, the products came out wrong through Dawn on NVIDIA's Vulkan driver (numerics checked with
+  ``benchmarks/webgpu/attention_check.mjs``; emulation on the lanes cannot show it);
+- each step copies ``keys`` rows of K, and of V transposed, to workgroup memory (4-wide reads, zeros past
+  the sequence; with :data:`PREFETCH` the next step's are read into registers before this step's
+  products). V is transposed so that both right operands are read column-major, as the GEMMs read theirs;
+- each subgroup computes its 16 rows' scores ``Q @ K^T`` into float32 result matrices and stores them to
   a per-subgroup scratch;
 - the subgroup's lanes, two a row, take the scores of their row (interleaved columns), combine the row
   maximum with one ``subgroupShuffleXor`` and write the probabilities ``exp2(s * scale * log2(e) - m)``
@@ -21,8 +26,13 @@ computes in the PrimFunc attribute :data:`~mlcweb_passes.webgpu.flash_attention.
   matrices cannot be scaled by rows, so rescaling the output means a round trip through workgroup memory,
   which then happens in the first steps only;
 - ``P @ V`` accumulates into float32 result matrices that stay in registers;
-- at the end the output goes through the scratch, where each lane divides its row by the row's sum and
-  stores its columns in the ``[B, N, H, D]`` layout.
+- at the end the output goes through the scratch, 16 columns at a time, where each lane divides its row
+  by the row's sum and stores its columns in the ``[B, N, H, D]`` layout.
+
+The scratch holds a step's scores (or one 16-column output matrix), never the whole output, and steps are
+16 keys: workgroup memory decided the speed more than any other change timed (on kernels with these
+instructions whose products were wrong, before the operands got arrays of their own; benchmarks/README.md),
+and 64 rows of 40- or 80-wide heads take 19-26 KiB.
 
 :class:`PlanMatrixAttention` plans a kernel for every such PrimFunc (module attribute :data:`PLANS_ATTR`);
 after compilation :func:`attention_kernels` writes each with the storage bindings TVM's own shader for it
@@ -66,8 +76,10 @@ PAD = 8  # halves of padding a float16 workgroup-memory row (rows 16-byte aligne
 SCRATCH_PAD = 4  # floats of padding a scratch row
 NEG = "-1e30f"  # a masked key's score: finite, so exp2(NEG - m) is 0 without inf - inf
 TAU = 8.0  # how far (base 2) a row's scores may pass its running maximum before the output is rescaled
-# (subgroups, keys a step), in order of preference: more rows share each K/V tile, then deeper steps
-LAYOUTS = ((4, 32), (2, 64), (2, 32), (2, 16))
+# (subgroups, keys a step), in order of preference: 64 rows share each K/V tile, in short steps (little
+# workgroup memory and few registers a lane: more workgroups resident)
+LAYOUTS: tuple[tuple[int, int], ...] = ((4, 16), (2, 16))
+PREFETCH = True  # the next step's K/V read into registers while this step's products run
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,7 @@ class AttentionPlan(AttentionJSON):
     keys: int
     params: tuple[str, ...]
     helpers: str
+    prefetch: bool = False  # the next step's K/V read into registers during this step
 
     @property
     def padded_dim(self) -> int:
@@ -93,12 +106,12 @@ class AttentionPlan(AttentionJSON):
 
 
 def _shared_bytes(subgroups: int, keys: int, dp: int) -> int:
-    """Workgroup memory of a layout: the K and V tiles (whose space first holds the Q tile), the
-    probabilities, the float32 scratch (a step's scores, or the output), the rescale flag."""
+    """Workgroup memory of a layout: the Q, K and (transposed) V tiles, each its own array, the
+    probabilities, the float32 scratch (a step's scores, or 16 columns of the output), the rescale flag."""
     rows = ROWS * subgroups
-    kv = max(2 * keys, rows) * (dp + PAD) * 2
+    kv = 2 * (rows * (dp + PAD) + keys * (dp + PAD) + dp * (keys + PAD))
     probs = rows * (keys + PAD) * 2
-    scratch = rows * (max(keys, dp) + SCRATCH_PAD) * 4
+    scratch = rows * (max(keys, 16) + SCRATCH_PAD) * 4
     return kv + probs + scratch + 16
 
 
@@ -139,7 +152,7 @@ def plan_matrix_attention(
     subgroups, keys = choose_layout(about["head_dim"], max_shared)
     plan = AttentionPlan(
         about["batch"], about["q_len"], about["kv_len"], about["heads"], about["head_dim"], about["scale"],
-        subgroups, keys, params, "",
+        subgroups, keys, params, "", PREFETCH,
     )  # fmt: skip
     return AttentionPlan(**{**asdict(plan), "helpers": _helpers(plan, about["views"])})
 
@@ -239,8 +252,9 @@ def planned_kernels(
 
 @dataclass(frozen=True)
 class _Sizes:
-    """A planned kernel's sizes in WGSL terms: workgroup-memory row strides (``ld`` for Q/K/V tiles,
-    ``pld`` for the probabilities, ``width`` for the float32 scratch, in elements) and extents."""
+    """A planned kernel's sizes in WGSL terms: workgroup-memory row strides (``ld`` for the Q and K tiles,
+    ``vld`` for V's transposed tile, ``pld`` for the probabilities, ``width`` for the float32 scratch, in
+    elements) and extents."""
 
     plan: AttentionPlan
     emulate: bool
@@ -258,16 +272,20 @@ class _Sizes:
         return self.plan.padded_dim + PAD
 
     @property
+    def vld(self) -> int:
+        return self.plan.keys + PAD
+
+    @property
     def pld(self) -> int:
         return self.plan.keys + PAD
 
     @property
-    def width(self) -> int:
-        return max(self.plan.keys, self.plan.padded_dim) + SCRATCH_PAD
+    def width(self) -> int:  # a step's scores, or 16 columns of the output
+        return max(self.plan.keys, 16) + SCRATCH_PAD
 
     @property
-    def kv_rows(self) -> int:  # K's and V's tiles; on the GPU the Q tile passes through them first
-        return max(2 * self.plan.keys, 0 if self.emulate else self.rows)
+    def reads(self) -> int:  # 4-element reads of K (and of V) a thread a step
+        return -(-self.plan.keys * self.plan.padded_dim // 4 // self.threads)
 
 
 LEFT, RIGHT = "subgroup_matrix_left<f16, 16, 16>", "subgroup_matrix_right<f16, 16, 16>"
@@ -276,31 +294,35 @@ RESULT = "subgroup_matrix_result<f32, 16, 16>"
 
 def _source(shader: str, plan: AttentionPlan, declarations: str, helpers: str, emulate: bool) -> str:
     z = _Sizes(plan, emulate)
-    kv = f"{plan.keys}i"  # V's tile follows K's
     mats = plan.padded_dim // 16
-    body = _copy(z, "mlcweb_qs" if emulate else "mlcweb_kv", z.rows, "q0", plan.q_len, [("mlcweb_q4", "0i")])
+    body = _copy_q(z)
     body.append("  workgroupBarrier();")
     if emulate:
         body += [f"  var o{j} : array<f32, 8>;" for j in range(mats)]
     else:  # Q's left operands, kept in registers for the whole walk over the keys; the output's results
         for c in range(mats):
             at = f"u32(sg16 * {z.ld}i + {16 * c}i)"
-            body.append(f"  let qm{c} = subgroupMatrixLoad<{LEFT}>(&mlcweb_kv, {at}, false, {z.ld}u);")
+            body.append(f"  let qm{c} = subgroupMatrixLoad<{LEFT}>(&mlcweb_qs, {at}, false, {z.ld}u);")
         body += [f"  var o{j} = {RESULT}();" for j in range(mats)]
+    body += [f"  var xk{i} : vec4<f16>; var xv{i} : vec4<f16>;" for i in range(z.reads)]
+    if plan.prefetch:
+        body += _read_kv(z, "0i")
     body += [
         f"  var m = {NEG};",
         "  var l = 0.0f;",
         f"  for (var kt = 0i; kt < {-(-plan.kv_len // plan.keys)}i; kt++) {{",
         "  workgroupBarrier();",
         "  if (li == 0u) { mlcweb_flag = 0u; }",
-        *_copy(z, "mlcweb_kv", plan.keys, f"kt * {plan.keys}i", plan.kv_len, [("mlcweb_k4", "0i"), ("mlcweb_v4", kv)]),
+        *([] if plan.prefetch else _read_kv(z, f"kt * {plan.keys}i")),
+        *_store_kv(z),
+        *(_read_kv(z, f"(kt + 1i) * {plan.keys}i") if plan.prefetch else []),
         "  workgroupBarrier();",
         *_scores(z),
         "  workgroupBarrier();",
         *_softmax(z),
         "  let rescale = workgroupUniformLoad(&mlcweb_flag);",
         "  if (rescale == 1u && kt > 0i) {",
-        *_output_through_scratch(z, "alpha"),
+        *_rescale(z),
         "  }",
         *_output_products(z),
         "  }",
@@ -309,23 +331,57 @@ def _source(shader: str, plan: AttentionPlan, declarations: str, helpers: str, e
     return _wrap(shader, z, declarations, helpers, body)
 
 
-def _copy(z: _Sizes, dst: str, rows: int, first: str, limit: int, pairs: list[tuple[str, str]]) -> list[str]:
-    """Rows ``first + row`` (``row < rows``) of each (source helper, first destination row) into ``dst``,
-    4 elements a thread at a time; zeros past ``limit`` rows and the head dimension."""
+def _copy_q(z: _Sizes) -> list[str]:
+    """The workgroup's Q rows into their workgroup array, 4 elements a thread at a time; zeros past the
+    sequence and the head dimension."""
     quads = z.plan.padded_dim // 4
-    out = [
-        f"  for (var e = i32(li); e < {rows * quads}i; e += {z.threads}i) {{",
-        f"    let row = e / {quads}i; let c = 4i * (e % {quads}i); let n = {first} + row;",
+    dst = "mlcweb_qs"
+    return [
+        f"  for (var e = i32(li); e < {z.rows * quads}i; e += {z.threads}i) {{",
+        f"    let row = e / {quads}i; let c = 4i * (e % {quads}i); let n = q0 + row;",
+        "    var x = vec4<f16>();",
+        f"    if (n < {z.plan.q_len}i && c < {z.plan.head_dim}i) {{ x = mlcweb_q4(bb, n, hh, c); }}",
+        f"    let o = row * {z.ld}i + c;",
+        f"    {dst}[o] = x.x; {dst}[o + 1i] = x.y; {dst}[o + 2i] = x.z; {dst}[o + 3i] = x.w;",
+        "  }",
     ]
-    for fn, at in pairs:
+
+
+def _kv_element(z: _Sizes, i: int) -> str:
+    """The thread's ``i``-th 4-element piece of a K/V tile: its index ``e<i>``, row and first column."""
+    quads = z.plan.padded_dim // 4
+    return f"let e{i} = i32(li) + {i * z.threads}i; let row{i} = e{i} / {quads}i; let c{i} = 4i * (e{i} % {quads}i);"
+
+
+def _read_kv(z: _Sizes, first: str) -> list[str]:
+    """The thread's pieces of the K and V rows from ``first`` on into registers ``xk<i>``, ``xv<i>``,
+    every read issued before any is stored; zeros past the sequence and the head dimension."""
+    p, out = z.plan, []
+    total = p.keys * p.padded_dim // 4
+    for i in range(z.reads):
+        inside = f"e{i} < {total}i && " if total % z.threads else ""
         out += [
-            f"    var x_{fn} = vec4<f16>();",
-            f"    if (n < {limit}i && c < {z.plan.head_dim}i) {{ x_{fn} = {fn}(bb, n, hh, c); }}",
-            f"    let o_{fn} = ({at} + row) * {z.ld}i + c;",
-            f"    {dst}[o_{fn}] = x_{fn}.x; {dst}[o_{fn} + 1i] = x_{fn}.y; "
-            f"{dst}[o_{fn} + 2i] = x_{fn}.z; {dst}[o_{fn} + 3i] = x_{fn}.w;",
+            f"  {{ {_kv_element(z, i)} let n = {first} + row{i};",
+            f"    xk{i} = vec4<f16>(); xv{i} = vec4<f16>();",
+            f"    if ({inside}n < {p.kv_len}i && c{i} < {p.head_dim}i) {{",
+            f"      xk{i} = mlcweb_k4(bb, n, hh, c{i}); xv{i} = mlcweb_v4(bb, n, hh, c{i}); }} }}",
         ]
-    return [*out, "  }"]
+    return out
+
+
+def _store_kv(z: _Sizes) -> list[str]:
+    """The registers ``xk<i>``, ``xv<i>`` into the K tile and V's transposed tile: ``P @ V`` reads V as a
+    column-major right operand, as the GEMMs read theirs."""
+    total, out = z.plan.keys * z.plan.padded_dim // 4, []
+    for i in range(z.reads):
+        inside = f"if (e{i} < {total}i) " if total % z.threads else ""
+        k = f"row{i} * {z.ld}i + c{i} + "
+        stores = " ".join(
+            [f"mlcweb_ks[{k}{x}i] = xk{i}.{comp};" for x, comp in enumerate("xyzw")]
+            + [f"mlcweb_vs[(c{i} + {x}i) * {z.vld}i + row{i}] = xv{i}.{comp};" for x, comp in enumerate("xyzw")]
+        )
+        out.append(f"  {{ {_kv_element(z, i)} {inside}{{ {stores} }} }}")
+    return out
 
 
 def _scores(z: _Sizes) -> list[str]:
@@ -340,7 +396,7 @@ def _scores(z: _Sizes) -> list[str]:
             at = f"u32({16 * j}i * {ld}i + {16 * c}i)"
             out.append(
                 f"  s{j} = subgroupMatrixMultiplyAccumulate(qm{c}, "
-                f"subgroupMatrixLoad<{RIGHT}>(&mlcweb_kv, {at}, true, {ld}u), s{j});"
+                f"subgroupMatrixLoad<{RIGHT}>(&mlcweb_ks, {at}, true, {ld}u), s{j});"
             )
         out.append(f"  subgroupMatrixStore(&mlcweb_ss, u32(sbase + {16 * j}i), s{j}, false, {z.width}u);")
     return out
@@ -376,41 +432,41 @@ def _softmax(z: _Sizes) -> list[str]:
     return [*out, "  l = l * alpha + sum;"]
 
 
-def _output_through_scratch(z: _Sizes, scale: str | None) -> list[str]:
-    """The output's result matrices to the subgroup's scratch; with ``scale``, each lane's row multiplied
-    by it and the matrices loaded back."""
-    mats, width = z.plan.padded_dim // 16, z.width
-    out = []
-    for j in range(mats):
+def _output_to_scratch(z: _Sizes, j: int) -> list[str]:
+    """Columns ``16 j`` to ``16 j + 15`` of the output (result matrix ``j``) into the subgroup's
+    scratch, where each lane's row starts at ``sbase + r * width``."""
+    width = z.width
+    if z.emulate:
+        store = _emulated_elements(f"mlcweb_ss[sbase + rr * {width}i + cc] = o{j}[t];")
+    else:
+        store = f"  subgroupMatrixStore(&mlcweb_ss, u32(sbase), o{j}, false, {width}u);"
+    return ["  workgroupBarrier();", store, "  workgroupBarrier();"]
+
+
+def _rescale(z: _Sizes) -> list[str]:
+    """The output's rows multiplied by their ``alpha``, 16 columns at a time through the scratch (the
+    scratch holds a step's scores, not the whole output: less workgroup memory, more workgroups resident)."""
+    width, out = z.width, []
+    for j in range(z.plan.padded_dim // 16):
+        out += _output_to_scratch(z, j)
+        out += [f"  mlcweb_ss[sbase + r * {width}i + {c}i + h] *= alpha;" for c in range(0, 16, 2)]
+        out.append("  workgroupBarrier();")
         if z.emulate:
-            out.append(_emulated_elements(f"mlcweb_ss[sbase + rr * {width}i + {16 * j}i + cc] = o{j}[t];"))
+            out.append(_emulated_elements(f"o{j}[t] = mlcweb_ss[sbase + rr * {width}i + cc];"))
         else:
-            out.append(f"  subgroupMatrixStore(&mlcweb_ss, u32(sbase + {16 * j}i), o{j}, false, {width}u);")
-    out.append("  workgroupBarrier();")
-    if scale is None:
-        return out
-    for j in range(mats):
-        for t in range(8):
-            out.append(f"  mlcweb_ss[sbase + r * {width}i + {16 * j + 2 * t}i + h] *= {scale};")
-    out.append("  workgroupBarrier();")
-    for j in range(mats):
-        if z.emulate:
-            out.append(_emulated_elements(f"o{j}[t] = mlcweb_ss[sbase + rr * {width}i + {16 * j}i + cc];"))
-        else:
-            at = f"u32(sbase + {16 * j}i)"
-            out.append(f"  o{j} = subgroupMatrixLoad<{RESULT}>(&mlcweb_ss, {at}, false, {width}u);")
+            out.append(f"  o{j} = subgroupMatrixLoad<{RESULT}>(&mlcweb_ss, u32(sbase), false, {width}u);")
     return out
 
 
 def _output_products(z: _Sizes) -> list[str]:
     """``P @ V`` for this step added to the output's result matrices."""
-    bc, ld, pld = z.plan.keys, z.ld, z.pld
+    bc, pld = z.plan.keys, z.pld
     out = []
     if z.emulate:
         for j in range(z.plan.padded_dim // 16):
             body = (
                 f"var acc = 0.0f; for (var x = 0i; x < {bc}i; x++) {{ acc += f32(mlcweb_ps[pbase + rr * {pld}i + x])"
-                f" * f32(mlcweb_kv[({bc}i + x) * {ld}i + {16 * j}i + cc]); }} o{j}[t] += acc;"
+                f" * f32(mlcweb_vs[({16 * j}i + cc) * {z.vld}i + x]); }} o{j}[t] += acc;"
             )
             out.append(_emulated_elements(body))
         return out
@@ -418,8 +474,8 @@ def _output_products(z: _Sizes) -> list[str]:
         out.append(f"  let pa{kc} = subgroupMatrixLoad<{LEFT}>(&mlcweb_ps, u32(pbase + {16 * kc}i), false, {pld}u);")
     for j in range(z.plan.padded_dim // 16):
         for kc in range(bc // 16):
-            at = f"u32({bc + 16 * kc}i * {ld}i + {16 * j}i)"
-            vb = f"subgroupMatrixLoad<{RIGHT}>(&mlcweb_kv, {at}, false, {ld}u)"
+            at = f"u32({16 * j * z.vld + 16 * kc}i)"
+            vb = f"subgroupMatrixLoad<{RIGHT}>(&mlcweb_vs, {at}, true, {z.vld}u)"
             out.append(f"  o{j} = subgroupMatrixMultiplyAccumulate(pa{kc}, {vb}, o{j});")
     return out
 
@@ -434,18 +490,16 @@ def _emulated_elements(statement: str) -> str:
 
 
 def _store_output(z: _Sizes) -> list[str]:
-    """The output through the scratch: each lane's columns of its row divided by the row's sum (the
-    pair's partial sums added)."""
+    """The output through the scratch, 16 columns at a time: each lane's columns of its row divided by
+    the row's sum (the pair's partial sums added)."""
     d, width = z.plan.head_dim, z.width
-    out = [
-        *_output_through_scratch(z, None),
-        "  l += subgroupShuffleXor(l, 1u);",
-        "  let n = q0 + sg16 + r;",
-        f"  if (n < {z.plan.q_len}i) {{",
-    ]
-    for col in range(0, d, 2):  # column col + h: h is 0 or 1, d even
-        out.append(f"    mlcweb_o(bb, n, hh, {col}i + h, mlcweb_ss[sbase + r * {width}i + {col}i + h] / l);")
-    return [*out, "  }"]
+    out = ["  l += subgroupShuffleXor(l, 1u);", "  let n = q0 + sg16 + r;"]
+    for j in range(z.plan.padded_dim // 16):
+        out += [*_output_to_scratch(z, j), f"  if (n < {z.plan.q_len}i) {{"]
+        for c in range(0, min(16, d - 16 * j), 2):  # column 16 j + c + h: h is 0 or 1, d a multiple of 4
+            out.append(f"    mlcweb_o(bb, n, hh, {16 * j + c}i + h, mlcweb_ss[sbase + r * {width}i + {c}i + h] / l);")
+        out.append("  }")
+    return out
 
 
 def _wrap(shader: str, z: _Sizes, declarations: str, helpers: str, body: list[str]) -> str:
@@ -454,7 +508,6 @@ def _wrap(shader: str, z: _Sizes, declarations: str, helpers: str, body: list[st
     if z.emulate:
         builtins = "@builtin(local_invocation_index) li : u32"
         lanes = "  let sg = li / 32u;\n  let lane = li % 32u;\n"
-        extra = f"var<workgroup> mlcweb_qs : array<f16, {z.rows * z.ld}>;\n"
     else:
         extensions += (
             "\nenable chromium_experimental_subgroup_matrix;\n"
@@ -464,17 +517,20 @@ def _wrap(shader: str, z: _Sizes, declarations: str, helpers: str, body: list[st
             "@builtin(local_invocation_index) li : u32,\n"
             "        @builtin(subgroup_id) sg : u32, @builtin(subgroup_invocation_id) lane : u32"
         )
-        lanes, extra = "", ""
+        lanes = ""
     nl, mode = "\n", " (emulated)" if z.emulate else ""
+    extras = ", K/V read a step ahead" if plan.prefetch else ""
     return f"""{extensions}
 // mlcweb: flash attention, {plan.batch} x {plan.heads} heads of {plan.q_len} x {plan.kv_len} keys x {plan.head_dim},
-// {plan.subgroups} subgroups of 16 rows, {plan.keys} keys a step, 16x16x16 subgroup matrices{mode}
+// {plan.subgroups} subgroups of 16 rows, {plan.keys} keys a step{extras}, 16x16x16 subgroup matrices{mode}
 {declarations}
-var<workgroup> mlcweb_kv : array<f16, {z.kv_rows * z.ld}>;
+var<workgroup> mlcweb_qs : array<f16, {z.rows * z.ld}>;
+var<workgroup> mlcweb_ks : array<f16, {plan.keys * z.ld}>;
+var<workgroup> mlcweb_vs : array<f16, {plan.padded_dim * z.vld}>;
 var<workgroup> mlcweb_ps : array<f16, {z.rows * z.pld}>;
 var<workgroup> mlcweb_ss : array<f32, {z.rows * z.width}>;
 var<workgroup> mlcweb_flag : u32;
-{extra}{helpers}
+{helpers}
 @compute @workgroup_size({z.threads}, 1, 1)
 fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
 {lanes}  let bb = i32(wg.y) / {plan.heads}i;
@@ -499,7 +555,7 @@ def _emulated_scores(z: _Sizes) -> list[str]:
         f"    let rr = e / {bc}i; let cc = e % {bc}i;",
         "    var sum = 0.0f;",
         f"    for (var x = 0i; x < {z.plan.padded_dim}i; x++) {{",
-        f"      sum += f32(mlcweb_qs[(sg16 + rr) * {ld}i + x]) * f32(mlcweb_kv[cc * {ld}i + x]);",
+        f"      sum += f32(mlcweb_qs[(sg16 + rr) * {ld}i + x]) * f32(mlcweb_ks[cc * {ld}i + x]);",
         "    }",
         f"    mlcweb_ss[sbase + rr * {z.width}i + cc] = sum;",
         "  }",

@@ -70,11 +70,12 @@ def test_matrix_variants_write_the_kernels_the_page_would_install() -> None:
     before = matrix_attention.LAYOUTS
     shapes = {"attention": webgpu_kernels.TINY["attention"]}  # 96 queries, 77 keys, 2 heads of 40
     module = webgpu_kernels._module("float16", shapes)
-    options = webgpu_kernels._options("matrix-attn-2x32")
-    _, table = webgpu_kernels._compile_matrix(module, webgpu_kernels._target(), options, ((2, 32),))
+    options = webgpu_kernels._options("matrix-attn-2x16")
+    layouts = webgpu_kernels.MATRIX_VARIANTS["matrix-attn-2x16"]
+    _, table = webgpu_kernels._compile_matrix(module, webgpu_kernels._target(), options, layouts, "matrix-attn-2x16")
     assert list(table) == ["flash_attention_kernel"]
     assert table["flash_attention_kernel"]["grid"] == [3, 2, 1]
-    assert "2 subgroups of 16 rows, 32 keys a step" in table["flash_attention_kernel"]["code"]
+    assert "2 subgroups of 16 rows, 16 keys a step, K/V read a step ahead" in table["flash_attention_kernel"]["code"]
     assert before == matrix_attention.LAYOUTS
 
 

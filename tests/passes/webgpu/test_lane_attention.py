@@ -90,20 +90,17 @@ def test_kernel_computes_attention() -> None:
 
 
 def test_the_pipeline_plans_lanes_when_asked() -> None:
-    """``PipelineOptions.webgpu_lane_attention`` plans the attentions on the lanes; asking for both kernel
-    forms of one attention is refused."""
+    """``PipelineOptions(webgpu_attention="lanes")`` plans the attentions on the lanes."""
     from webgpu_node import WEBGPU
 
     import mlcweb_passes as mp
     from mlcweb_passes.webgpu.matrix_attention import PLANS_ATTR
 
-    options = mp.PipelineOptions(dtype="float16", webgpu_matrix=CONFIG, webgpu_lane_attention=True)
+    options = mp.PipelineOptions(dtype="float16", webgpu_matrix=CONFIG, webgpu_attention="lanes")
     with WEBGPU:
         lowered = mp.pipeline(WEBGPU, options)(attention_module(AttentionShape(1, 64, 64, 2, 40), NO_VIEWS))
     planned = dict((lowered.attrs or {}).get(PLANS_ATTR, {}))
     assert [json.loads(str(p))["form"] for p in planned.values()] == ["lanes"]
-    with pytest.raises(ValueError, match="two kernels for one attention"):
-        mp.PipelineOptions(webgpu_matrix_attention=True, webgpu_lane_attention=True)
 
 
 def test_prefetched_tiles_compute_attention(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ for the GPU are compiled by Dawn's null backend.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -24,19 +25,20 @@ from mlcweb_passes.webgpu.matrix_attention import PLANS_ATTR, AttentionPlan, att
 
 
 def test_layouts_fit_the_workgroup_memory() -> None:
-    """The 40-wide heads of SD1.5's 64x64 latents get four subgroups (64 query rows) and 32 keys a step;
-    80-wide ones two subgroups; 160-wide ones no layout within 32 KiB (the output passes through the
-    scratch whole), so they keep the portable kernel."""
-    assert choose_layout(40, 32768) == (4, 32)
-    assert choose_layout(80, 32768) == (2, 32)
-    assert choose_layout(40, 20000) == (2, 32)
-    with pytest.raises(UnsupportedGemmError, match="fits 32768 bytes"):
-        choose_layout(160, 32768)
+    """Heads of 40 and 80 (SD1.5's 64x64 and 32x32 latents) get four subgroups (64 query rows) and 16 keys
+    a step within 32 KiB (19 and 25.5 KiB: the scratch holds a step's scores and 16 columns of the output
+    at a time), 160-wide heads two subgroups (27 KiB); less memory, two subgroups; too little, none (the
+    portable kernel stays)."""
+    assert choose_layout(40, 32768) == choose_layout(80, 32768) == (4, 16)
+    assert choose_layout(160, 32768) == choose_layout(40, 12000) == (2, 16)
+    with pytest.raises(UnsupportedGemmError, match="fits 12000 bytes"):
+        choose_layout(160, 12000)
 
 
 def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -> None:
     """SD1.5's attention shapes as written for the GPU (not emulated): Dawn (null backend) compiles them;
-    the grid is a workgroup per 64 (or 32) query rows of each head."""
+    the grid is a workgroup per 64 (160-wide heads: 32) query rows of each head; every right operand is read
+    column-major, and each operand from a workgroup array of its own."""
     from webgpu_node import WEBGPU
 
     from mlcweb.wgsl_check import check_matrix_wgsl
@@ -45,7 +47,8 @@ def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -
     shapes = [
         (AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2)), 64),  # 64x64 latents, merged QKV
         (AttentionShape(2, 4096, 77, 8, 40), (None, None, None), 64),  # cross-attention at 64x64
-        (AttentionShape(2, 1024, 77, 8, 80), (None, None, None), 32),  # cross-attention at 32x32
+        (AttentionShape(2, 1024, 77, 8, 80), (None, None, None), 64),  # cross-attention at 32x32
+        (AttentionShape(2, 256, 256, 8, 160), ((3, 0), (3, 1), (3, 2)), 32),  # self-attention at 16x16
     ]
     for shape, views, rows in shapes:
         mod = attention_module(shape, views)
@@ -53,22 +56,32 @@ def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -
         kernel = kernels["flash_attention_kernel"]
         assert kernel.grid == (shape.q_len // rows, 16, 1)
         assert "subgroupMatrixMultiplyAccumulate" in kernel.code and "subgroupShuffleXor" in kernel.code
+        # right operands only column-major, as the GEMMs read theirs (the forms checked on the GPU)
+        right = re.findall(r"Load<subgroup_matrix_right<f16, 16, 16>>\([^;]*, (true|false), \d+u\)", kernel.code)
+        assert right and set(right) == {"true"}
+        # and each workgroup array is read as one operand (kind and stride): with Q's tile and the K/V tiles
+        # in one array, the products came out wrong on the GPU (benchmarks/webgpu/attention_check.mjs)
+        uses: dict[str, set[tuple[str, str]]] = {}
+        pattern = r"Load<subgroup_matrix_(\w+)<[^>]*>>\(&(\w+), [^;]*, (\d+)u\)"
+        for kind, array, stride in re.findall(pattern, kernel.code):
+            uses.setdefault(array, set()).add((kind, stride))
+        assert len(uses) == 5 and all(len(u) == 1 for u in uses.values()), uses
         assert check_matrix_wgsl({kernel.name: kernel.code}) == 1
 
 
-@pytest.mark.parametrize("opt_in", [False, True])
-def test_the_pipeline_plans_attention_only_when_asked(opt_in: bool) -> None:
-    """``PipelineOptions.webgpu_matrix_attention`` (off by default: slower than the portable kernel on an
-    H100) adds the planning pass to the kernel phase."""
+@pytest.mark.parametrize("kernel", ["matrix", "portable"])
+def test_the_pipeline_plans_attention_unless_told_not_to(kernel: str) -> None:
+    """``PipelineOptions(webgpu_attention="matrix")`` adds the planning pass to the kernel phase;
+    ``"portable"`` (the default) leaves TVM's kernel alone."""
     from webgpu_node import WEBGPU
 
     import mlcweb_passes as mp
 
-    options = mp.PipelineOptions(dtype="float16", webgpu_matrix=CONFIG, webgpu_matrix_attention=opt_in)
+    options = mp.PipelineOptions(dtype="float16", webgpu_matrix=CONFIG, webgpu_attention=kernel)
     with WEBGPU:
         lowered = mp.pipeline(WEBGPU, options)(attention_module(AttentionShape(1, 64, 64, 2, 40), (None, None, None)))
     planned = dict((lowered.attrs or {}).get(PLANS_ATTR, {}))
-    assert sorted(planned) == (["flash_attention"] if opt_in else [])
+    assert sorted(planned) == (["flash_attention"] if kernel == "matrix" else [])
 
 
 def test_plans_float16_kernels_only() -> None:
@@ -89,8 +102,9 @@ def test_plans_float16_kernels_only() -> None:
     ("shape", "views", "max_shared", "boost"),
     [
         # merged projections, 70 queries and keys (partial query and key tiles), head 24 padded to 32, four
-        # subgroups; keys past the first step scaled up 6x, so rows' maxima jump past TAU and the output is
-        # rescaled (one case: each emulated kernel costs lavapipe about 30 s to compile cold)
+        # subgroups, K/V read a step ahead; keys past the second step scaled up 6x, so rows' maxima jump
+        # past TAU and the output is rescaled, 16 columns at a time (one case: each emulated kernel costs
+        # lavapipe about 30 s to compile cold)
         (AttentionShape(2, 70, 70, 2, 24), ((3, 0), (3, 1), (3, 2)), 24000, 6.0),
     ],
 )
