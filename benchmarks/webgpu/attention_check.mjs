@@ -1,7 +1,7 @@
 // Known answers for the written flash-attention kernels of a subgroup-matrix table (webgpu_kernels.py
 // builds' matrix.json, or a build's <library>-matrix.json): each kernel alone on random float16 q, k, v
-// (separate [B, N, H, D] tensors; kernels reading merged projections are left out), its output checked
-// against a float64 softmax(q k^T scale) v on sampled rows. The timing benches only compare variants with
+// ([B, N, H, D] tensors, or [B, N, parts, H, D] merged projections read as the kernel's helpers say), its
+// output checked against a float64 softmax(q k^T scale) v on sampled rows. The timing benches only compare variants with
 // each other; this is the check that a kernel computes attention on this adapter (emulation on lavapipe
 // cannot show how the driver's subgroup-matrix operations behave).
 //
@@ -19,42 +19,48 @@ for (let i = 0; i < argv.length; i += 2) {
   else args[key] = argv[i + 1];
 }
 
-/** What a written kernel's header and softmax say: sizes, the base-2 score scale, its bindings by name. */
+/** What a written kernel's header, helpers and softmax say: sizes, each input's view (parts of a merged
+ * projection and which part; 1 and 0 for its own tensor), the base-2 score scale, bindings by name. */
 function describe(code) {
   const head = code.match(/flash attention, (\d+) x (\d+) heads of (\d+) x (\d+) keys x (\d+)/);
   const scale2 = code.match(/mx \* ([0-9.e+-]+)f >/);
-  // not attention, or reading merged projections (a row's offset taken through the view's part count)
-  if (!head || !scale2 || /\(bb \* \d+i \+ n\) \* \d+i \+ \d+i\)/.test(code)) return null;
+  if (!head || !scale2) return null; // not an attention kernel
   const [b, h, n, nk, d] = head.slice(1).map(Number);
+  const views = {};
+  for (const x of "qkv") {
+    const helper = code.match(new RegExp(`fn mlcweb_${x}4\\(.*`))?.[0] ?? "";
+    const view = helper.match(/\(bb \* \d+i \+ n\) \* (\d+)i \+ (\d+)i\)/);
+    views[x] = view ? { parts: Number(view[1]), part: Number(view[2]) } : { parts: 1, part: 0 };
+  }
   const bindings = {};
   for (const m of code.matchAll(/@binding\((\d+)\) var<storage, [a-z_, ]+> (\w)\w* :/g)) bindings[m[2]] = Number(m[1]);
-  return { b, h, n, nk, d, scale: Number(scale2[1]) / Math.LOG2E, bindings };
+  return { b, h, n, nk, d, views, scale: Number(scale2[1]) / Math.LOG2E, bindings };
 }
 
 function reference(a, q, k, v, bi, ni, hi) {
-  const { h, n, nk, d, scale } = a;
-  const at = (x, len, bb, row, c) => fromHalf(x[((bb * len + row) * h + hi) * d + c]);
+  const { h, n, nk, d, scale, views } = a;
+  const at = (x, view, len, bb, row, c) => fromHalf(x[(((bb * len + row) * view.parts + view.part) * h + hi) * d + c]);
   const s = new Float64Array(nk);
   let mx = -Infinity;
   for (let j = 0; j < nk; j++) {
     let dot = 0;
-    for (let c = 0; c < d; c++) dot += at(q, n, bi, ni, c) * at(k, nk, bi, j, c);
+    for (let c = 0; c < d; c++) dot += at(q, views.q, n, bi, ni, c) * at(k, views.k, nk, bi, j, c);
     s[j] = dot * scale;
     mx = Math.max(mx, s[j]);
   }
   let sum = 0;
   for (let j = 0; j < nk; j++) sum += (s[j] = Math.exp(s[j] - mx));
   const out = new Float64Array(d);
-  for (let j = 0; j < nk; j++) for (let c = 0; c < d; c++) out[c] += (s[j] / sum) * at(v, nk, bi, j, c);
+  for (let j = 0; j < nk; j++) for (let c = 0; c < d; c++) out[c] += (s[j] / sum) * at(v, views.v, nk, bi, j, c);
   return out;
 }
 
 async function check(device, name, entry) {
   const a = describe(entry.code);
   if (!a) return null;
-  const q = randomHalves(a.b * a.n * a.h * a.d, 1, 11);
-  const k = randomHalves(a.b * a.nk * a.h * a.d, 1, 12);
-  const v = randomHalves(a.b * a.nk * a.h * a.d, 1, 13);
+  const q = randomHalves(a.b * a.n * a.views.q.parts * a.h * a.d, 1, 11);
+  const k = randomHalves(a.b * a.nk * a.views.k.parts * a.h * a.d, 1, 12);
+  const v = randomHalves(a.b * a.nk * a.views.v.parts * a.h * a.d, 1, 13);
   const o = new Uint16Array(a.b * a.n * a.h * a.d);
   const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC;
   const data = { q, k, v, o };

@@ -334,8 +334,7 @@ def _source(shader: str, plan: AttentionPlan, declarations: str, helpers: str, e
 def _copy_q(z: _Sizes) -> list[str]:
     """The workgroup's Q rows into their workgroup array, 4 elements a thread at a time; zeros past the
     sequence and the head dimension."""
-    quads = z.plan.padded_dim // 4
-    dst = "mlcweb_qs"
+    quads, dst = z.plan.padded_dim // 4, "mlcweb_qs"
     return [
         f"  for (var e = i32(li); e < {z.rows * quads}i; e += {z.threads}i) {{",
         f"    let row = e / {quads}i; let c = 4i * (e % {quads}i); let n = q0 + row;",
