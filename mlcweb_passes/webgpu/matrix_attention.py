@@ -105,14 +105,23 @@ class AttentionPlan(AttentionJSON):
         return -(-self.head_dim // 16) * 16
 
 
+def _arrays(rows: int, keys: int, dp: int) -> dict[str, tuple[str, int]]:
+    """A layout's workgroup arrays, each one operand (name: element type, elements): the Q, K and
+    transposed V tiles, the probabilities, the float32 scratch (a step's scores, or 16 columns of the
+    output)."""
+    return {
+        "mlcweb_qs": ("f16", rows * (dp + PAD)),
+        "mlcweb_ks": ("f16", keys * (dp + PAD)),
+        "mlcweb_vs": ("f16", dp * (keys + PAD)),
+        "mlcweb_ps": ("f16", rows * (keys + PAD)),
+        "mlcweb_ss": ("f32", rows * (max(keys, 16) + SCRATCH_PAD)),
+    }
+
+
 def _shared_bytes(subgroups: int, keys: int, dp: int) -> int:
-    """Workgroup memory of a layout: the Q, K and (transposed) V tiles, each its own array, the
-    probabilities, the float32 scratch (a step's scores, or 16 columns of the output), the rescale flag."""
-    rows = ROWS * subgroups
-    kv = 2 * (rows * (dp + PAD) + keys * (dp + PAD) + dp * (keys + PAD))
-    probs = rows * (keys + PAD) * 2
-    scratch = rows * (max(keys, 16) + SCRATCH_PAD) * 4
-    return kv + probs + scratch + 16
+    """Workgroup memory of a layout: its arrays (:func:`_arrays`) and the rescale flag."""
+    arrays = _arrays(ROWS * subgroups, keys, dp).values()
+    return sum(count * (2 if kind == "f16" else 4) for kind, count in arrays) + 16
 
 
 def choose_layout(head_dim: int, max_shared: int) -> tuple[int, int]:
@@ -284,8 +293,12 @@ class _Sizes:
         return max(self.plan.keys, 16) + SCRATCH_PAD
 
     @property
+    def pieces(self) -> int:  # 4-element pieces of a K (or V) tile
+        return self.plan.keys * self.plan.padded_dim // 4
+
+    @property
     def reads(self) -> int:  # 4-element reads of K (and of V) a thread a step
-        return -(-self.plan.keys * self.plan.padded_dim // 4 // self.threads)
+        return -(-self.pieces // self.threads)
 
 
 LEFT, RIGHT = "subgroup_matrix_left<f16, 16, 16>", "subgroup_matrix_right<f16, 16, 16>"
@@ -356,7 +369,7 @@ def _read_kv(z: _Sizes, first: str) -> list[str]:
     """The thread's pieces of the K and V rows from ``first`` on into registers ``xk<i>``, ``xv<i>``,
     every read issued before any is stored; zeros past the sequence and the head dimension."""
     p, out = z.plan, []
-    total = p.keys * p.padded_dim // 4
+    total = z.pieces
     for i in range(z.reads):
         inside = f"e{i} < {total}i && " if total % z.threads else ""
         out += [
@@ -371,7 +384,7 @@ def _read_kv(z: _Sizes, first: str) -> list[str]:
 def _store_kv(z: _Sizes) -> list[str]:
     """The registers ``xk<i>``, ``xv<i>`` into the K tile and V's transposed tile: ``P @ V`` reads V as a
     column-major right operand, as the GEMMs read theirs."""
-    total, out = z.plan.keys * z.plan.padded_dim // 4, []
+    total, out = z.pieces, []
     for i in range(z.reads):
         inside = f"if (e{i} < {total}i) " if total % z.threads else ""
         k = f"row{i} * {z.ld}i + c{i} + "
@@ -519,15 +532,15 @@ def _wrap(shader: str, z: _Sizes, declarations: str, helpers: str, body: list[st
         lanes = ""
     nl, mode = "\n", " (emulated)" if z.emulate else ""
     extras = ", K/V read a step ahead" if plan.prefetch else ""
+    arrays = "\n".join(
+        f"var<workgroup> {name} : array<{kind}, {count}>;"
+        for name, (kind, count) in _arrays(z.rows, plan.keys, plan.padded_dim).items()
+    )
     return f"""{extensions}
 // mlcweb: flash attention, {plan.batch} x {plan.heads} heads of {plan.q_len} x {plan.kv_len} keys x {plan.head_dim},
 // {plan.subgroups} subgroups of 16 rows, {plan.keys} keys a step{extras}, 16x16x16 subgroup matrices{mode}
 {declarations}
-var<workgroup> mlcweb_qs : array<f16, {z.rows * z.ld}>;
-var<workgroup> mlcweb_ks : array<f16, {plan.keys * z.ld}>;
-var<workgroup> mlcweb_vs : array<f16, {plan.padded_dim * z.vld}>;
-var<workgroup> mlcweb_ps : array<f16, {z.rows * z.pld}>;
-var<workgroup> mlcweb_ss : array<f32, {z.rows * z.width}>;
+{arrays}
 var<workgroup> mlcweb_flag : u32;
 {helpers}
 @compute @workgroup_size({z.threads}, 1, 1)
