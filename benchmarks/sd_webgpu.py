@@ -616,6 +616,9 @@ def report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(ROOT))
+    from mlcweb.choices import WEBGPU_ATTENTION  # imports nothing heavy: the GPU machine has no TVM
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build")
@@ -626,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--variant", default="sd1.5", help="the SD family member (sd1.5, sd2.1, sd-turbo)")
     b.add_argument(
         "--attention",
-        choices=("matrix", "lanes", "portable"),
+        choices=WEBGPU_ATTENTION,
         default="portable",
         help="the float16 flash attentions' kernel beside the portable one (BuildOptions.webgpu_attention)",
     )
