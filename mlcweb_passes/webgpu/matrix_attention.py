@@ -10,9 +10,10 @@ computes in the PrimFunc attribute :data:`~mlcweb_passes.webgpu.flash_attention.
 - a workgroup of ``subgroups`` subgroups takes ``16 x subgroups`` query rows of one head; the Q tile goes
   through workgroup memory once (the head dimension zero-padded to a multiple of 16) into left-operand
   subgroup matrices that stay in registers for the whole walk over the keys. Each operand (Q, K, V, the
-  probabilities, the scratch) has a workgroup array of its own: with Q's tile and the K/V tiles sharing
-  one array, the products came out wrong through Dawn on NVIDIA's Vulkan driver (numerics checked with
-  ``benchmarks/webgpu/attention_check.mjs``; emulation on the lanes cannot show it);
+  probabilities, the scratch) has a workgroup array of its own, and the rescale flag is declared before
+  them: through Dawn on NVIDIA's Vulkan driver every form with the flag declared after the arrays holding
+  K and V computed wrong products, every form with it before them right (why is not known; numerics
+  checked with ``benchmarks/webgpu/attention_check.mjs``; emulation on the lanes cannot show it);
 - each step copies ``keys`` rows of K, and of V transposed, to workgroup memory (4-wide reads, zeros past
   the sequence; with :data:`PREFETCH` the next step's are read into registers before this step's
   products). V is transposed so that both right operands are read column-major, as the GEMMs read theirs;
@@ -30,9 +31,9 @@ computes in the PrimFunc attribute :data:`~mlcweb_passes.webgpu.flash_attention.
   by the row's sum and stores its columns in the ``[B, N, H, D]`` layout.
 
 The scratch holds a step's scores (or one 16-column output matrix), never the whole output, and steps are
-16 keys: workgroup memory decided the speed more than any other change timed (on kernels with these
-instructions whose products were wrong, before the operands got arrays of their own; benchmarks/README.md),
-and 64 rows of 40- or 80-wide heads take 19-26 KiB.
+16 keys: workgroup memory decided the speed more than any other change timed (first on kernels with these
+instructions whose products were wrong; benchmarks/README.md), and 64 rows of 40- or 80-wide heads take
+19-26 KiB.
 
 :class:`PlanMatrixAttention` plans a kernel for every such PrimFunc (module attribute :data:`PLANS_ATTR`);
 after compilation :func:`attention_kernels` writes each with the storage bindings TVM's own shader for it
@@ -540,8 +541,8 @@ def _wrap(shader: str, z: _Sizes, declarations: str, helpers: str, body: list[st
 // mlcweb: flash attention, {plan.batch} x {plan.heads} heads of {plan.q_len} x {plan.kv_len} keys x {plan.head_dim},
 // {plan.subgroups} subgroups of 16 rows, {plan.keys} keys a step{extras}, 16x16x16 subgroup matrices{mode}
 {declarations}
-{arrays}
 var<workgroup> mlcweb_flag : u32;
+{arrays}
 {helpers}
 @compute @workgroup_size({z.threads}, 1, 1)
 fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{

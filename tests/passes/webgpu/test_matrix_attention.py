@@ -37,8 +37,10 @@ def test_layouts_fit_the_workgroup_memory() -> None:
 
 def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -> None:
     """SD1.5's attention shapes as written for the GPU (not emulated): Dawn (null backend) compiles them;
-    the grid is a workgroup per 64 (160-wide heads: 32) query rows of each head; every right operand is read
-    column-major, and each operand from a workgroup array of its own."""
+    the grid is a workgroup per 64 (160-wide heads: 32) query rows of each head; the kernel keeps the form
+    that matched a float64 reference on the GPU (``benchmarks/webgpu/attention_check.mjs``, sixteenth run):
+    every right operand read column-major, each operand from a workgroup array of its own, and the rescale
+    flag declared before those arrays (declared after them, the products came out wrong)."""
     from webgpu_node import WEBGPU
 
     from mlcweb.wgsl_check import check_matrix_wgsl
@@ -59,13 +61,15 @@ def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -
         # right operands only column-major, as the GEMMs read theirs (the forms checked on the GPU)
         right = re.findall(r"Load<subgroup_matrix_right<f16, 16, 16>>\([^;]*, (true|false), \d+u\)", kernel.code)
         assert right and set(right) == {"true"}
-        # and each workgroup array is read as one operand (kind and stride): with Q's tile and the K/V tiles
-        # in one array, the products came out wrong on the GPU (benchmarks/webgpu/attention_check.mjs)
+        # and each workgroup array is read as one operand (kind and stride)
         uses: dict[str, set[tuple[str, str]]] = {}
         pattern = r"Load<subgroup_matrix_(\w+)<[^>]*>>\(&(\w+), [^;]*, (\d+)u\)"
         for kind, array, stride in re.findall(pattern, kernel.code):
             uses.setdefault(array, set()).add((kind, stride))
         assert len(uses) == 5 and all(len(u) == 1 for u in uses.values()), uses
+        # the flag first: every form with it declared after the K/V arrays computed wrong products on an H100
+        declared = re.findall(r"^var<workgroup> (\w+)", kernel.code, re.M)
+        assert declared[0] == "mlcweb_flag" and set(uses) <= set(declared[1:]), declared
         assert check_matrix_wgsl({kernel.name: kernel.code}) == 1
 
 
