@@ -417,6 +417,13 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def matrix_tables(root: Path, only: set[str] | None = None) -> list[Path]:
+    """The subgroup-matrix tables an unpacked carry holds: each kernel build's ``matrix.json`` and each
+    model build's ``*-matrix.json``; with ``only``, those of the builds so named (their folder names)."""
+    tables = sorted(root.glob("kernels/*/matrix.json")) + sorted(root.glob("builds/*/*-matrix.json"))
+    return [t for t in tables if only is None or t.parent.name in only]
+
+
 def check(args: argparse.Namespace) -> int:
     """Known answers on the GPU machine: every written flash-attention kernel of the carried kernel builds'
     and model builds' subgroup-matrix tables, alone on random inputs, against a float64 reference
@@ -426,9 +433,11 @@ def check(args: argparse.Namespace) -> int:
     from sd_webgpu import F16_TOGGLE, UNSAFE, _node_env, _unpack
 
     root = _unpack(Path(args.carry))
-    tables = sorted(root.glob("kernels/*/matrix.json")) + sorted(root.glob("builds/*/*-matrix.json"))
+    only = set(args.only.split(",")) if args.only else None
+    tables = matrix_tables(root, only)
     if not tables:
-        print(f"webgpu_kernels check: no subgroup-matrix tables under {root}", file=sys.stderr)
+        which = f" of {', '.join(sorted(only))}" if only else ""
+        print(f"webgpu_kernels check: no subgroup-matrix tables{which} under {root}", file=sys.stderr)
         return 2
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -493,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--carry", required=True)
     c.add_argument("--results", required=True)
     c.add_argument("--timeout", type=int, default=300)
+    c.add_argument("--only", help="check only these builds (folder names, e.g. sd15c-float16,matrix-attn-float16)")
     rep = sub.add_parser("report")
     rep.add_argument("dir")
     d = sub.add_parser("dump", help="float16 WGSL of a linear GEMM's kernel per variant, for webgpu/f16_math.mjs")

@@ -105,6 +105,10 @@ runMain(async () => {
       results[`${table}:${name}`] = r;
       console.log(`${table} ${name} ${JSON.stringify(r.shape)}: rel. RMS ${r.rel_rms.toExponential(2)}, max |err| ${r.max_abs.toExponential(2)}`);
     }
+    // after every table, so a run cut short keeps what it checked (written aside, then renamed)
+    if (args.out) {
+      fs.writeFileSync(`${args.out}.tmp`, JSON.stringify(results, null, 1));
+      fs.renameSync(`${args.out}.tmp`, args.out);
+    }
   }
-  if (args.out) fs.writeFileSync(args.out, JSON.stringify(results, null, 1));
 });

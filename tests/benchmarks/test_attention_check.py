@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from mlcweb_passes.cuda.flash_kernel import AttentionShape
 from mlcweb_passes.webgpu.matrix_attention import attention_kernels
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from webgpu_kernels import matrix_tables  # noqa: E402
 
 
 @pytest.mark.skipif(not LAVAPIPE_ICD.is_file(), reason="needs Mesa's lavapipe")
@@ -45,3 +49,16 @@ def test_the_check_passes_a_right_kernel_and_flags_a_wrong_one(tmp_path: Path) -
     assert results["flash_attention_kernel"]["shape"] == [2, 70, 70, 2, 24]
     assert results["flash_attention_kernel"]["rel_rms"] < 1e-3
     assert results["halved_kernel"]["rel_rms"] == pytest.approx(0.5, abs=0.01)
+    assert not out.with_name("check.json.tmp").exists()  # written aside after each table, then renamed
+
+
+def test_check_takes_every_matrix_table_or_the_named_builds(tmp_path: Path) -> None:
+    """``webgpu_kernels.py check`` reads each kernel build's ``matrix.json`` and each model build's
+    ``*-matrix.json`` (not its other JSON files); ``--only`` keeps the builds named by folder."""
+    files = ["kernels/a-float16/matrix.json", "kernels/b-float16/matrix.json", "builds/sd15c-float16/x-matrix.json"]
+    for name in [*files, "builds/sd15c-float16/tensor-cache.json", "kernels/a-float16/specs.json"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    assert matrix_tables(tmp_path) == [tmp_path / f for f in files]
+    assert matrix_tables(tmp_path, {"sd15c-float16", "b-float16"}) == [tmp_path / f for f in files[1:]]
+    assert matrix_tables(tmp_path, {"nothing"}) == []
