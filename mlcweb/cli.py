@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         default="portable",
         help="webgpu float16: the flash attentions' kernel beside the portable one, installed with the "
         "subgroup-matrix GEMMs: portable (none, the default), matrix (subgroup matrices; experimental: "
-        "checked on an H100, not yet timed), lanes (WGSL on the lanes; slower on the GPUs measured)",
+        "each kernel checked and timed on an H100, not yet run end to end in a build), lanes (WGSL on the "
+        "lanes; slower on the GPUs measured)",
     )
     b.add_argument(
         "--conv-layout",

@@ -93,8 +93,8 @@ class BuildOptions:
     webgpu_matrix: bool = True
     # webgpu + float16 with webgpu_matrix: the flash attentions' kernel beside the portable one (the page
     # installs it with the GEMMs' where the adapter offers subgroup matrices): "portable" none, "matrix" on
-    # subgroup matrices (checked on an H100, not yet timed in that form), "lanes" in hand-written WGSL on the
-    # lanes (slower on the GPUs measured); mlcweb_passes.WEBGPU_ATTENTION
+    # subgroup matrices (each kernel checked and timed on an H100, not yet run end to end in a build),
+    # "lanes" in hand-written WGSL on the lanes (slower on the GPUs measured); mlcweb_passes.WEBGPU_ATTENTION
     webgpu_attention: str = "portable"
     # webgpu + float16 with webgpu_matrix: the GEMM kernels' tiles in order of preference (None: the pass
     # library's TILE_ORDER)

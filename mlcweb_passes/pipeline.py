@@ -134,8 +134,9 @@ class PipelineOptions:
     :data:`WEBGPU_ATTENTION`): with ``webgpu_matrix``, the float16 flash attentions' kernel beside the
     portable one: ``"portable"`` none (TVM's kernel everywhere, the default), ``"matrix"`` on subgroup
     matrices (:mod:`~mlcweb_passes.webgpu.matrix_attention`: checked against a float64 reference on an
-    H100, not yet timed in its checked form, benchmarks/README.md), ``"lanes"`` in hand-written WGSL on the
-    lanes (:mod:`~mlcweb_passes.webgpu.lane_attention`, slower than the portable kernel on the GPUs measured).
+    H100 and timed alone, not yet run end to end in a build; benchmarks/README.md), ``"lanes"`` in
+    hand-written WGSL on the lanes (:mod:`~mlcweb_passes.webgpu.lane_attention`, slower than the portable
+    kernel on the GPUs measured).
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
     WebGPU tile table, ``webgpu_gemm_tiles.json``, gives WebGPU GEMMs its tiles too). ``webgpu_tiles``: a
     tile table (:func:`~mlcweb_passes.webgpu.gemm.read_tile_table`) for WebGPU GEMMs, instead of the
