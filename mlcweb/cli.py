@@ -70,11 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--attention",
         choices=WEBGPU_ATTENTION,
-        default="portable",
+        default="matrix",
         help="webgpu float16: the flash attentions' kernel beside the portable one, installed with the "
-        "subgroup-matrix GEMMs: portable (none, the default), matrix (subgroup matrices; experimental: "
-        "each kernel checked and timed on an H100, not yet run end to end in a build), lanes (WGSL on the "
-        "lanes; slower on the GPUs measured)",
+        "subgroup-matrix GEMMs: matrix (subgroup matrices, the default), portable (none: TVM's kernel "
+        "everywhere), lanes (WGSL on the lanes; slower on the GPUs measured)",
     )
     b.add_argument(
         "--conv-layout",

@@ -92,10 +92,10 @@ class BuildOptions:
     # page uses where the adapter offers chromium-experimental-subgroup-matrix with float16 -> float32
     webgpu_matrix: bool = True
     # webgpu + float16 with webgpu_matrix: the flash attentions' kernel beside the portable one (the page
-    # installs it with the GEMMs' where the adapter offers subgroup matrices): "portable" none, "matrix" on
-    # subgroup matrices (each kernel checked and timed on an H100, not yet run end to end in a build),
-    # "lanes" in hand-written WGSL on the lanes (slower on the GPUs measured); mlcweb_passes.WEBGPU_ATTENTION
-    webgpu_attention: str = "portable"
+    # installs it with the GEMMs' where the adapter offers subgroup matrices): "matrix" on subgroup
+    # matrices (the default), "portable" none (TVM's kernel everywhere), "lanes" in hand-written WGSL on the
+    # lanes (slower on the GPUs measured); mlcweb_passes.WEBGPU_ATTENTION
+    webgpu_attention: str = "matrix"
     # webgpu + float16 with webgpu_matrix: the GEMM kernels' tiles in order of preference (None: the pass
     # library's TILE_ORDER)
     webgpu_matrix_tiles: tuple[MatrixTile, ...] | None = None

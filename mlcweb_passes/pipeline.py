@@ -132,9 +132,8 @@ class PipelineOptions:
     much (module attribute ``matrix_gemm.plans_attr(bytes)``; tiles from the database directory's
     ``webgpu_matrix_tiles_<bytes>.json``, if any). ``webgpu_attention`` (one of
     :data:`WEBGPU_ATTENTION`): with ``webgpu_matrix``, the float16 flash attentions' kernel beside the
-    portable one: ``"portable"`` none (TVM's kernel everywhere, the default), ``"matrix"`` on subgroup
-    matrices (:mod:`~mlcweb_passes.webgpu.matrix_attention`: checked against a float64 reference on an
-    H100 and timed alone, not yet run end to end in a build; benchmarks/README.md), ``"lanes"`` in
+    portable one: ``"matrix"`` on subgroup matrices (the default; :mod:`~mlcweb_passes.webgpu.matrix_attention`),
+    ``"portable"`` none (TVM's kernel everywhere), ``"lanes"`` in
     hand-written WGSL on the lanes (:mod:`~mlcweb_passes.webgpu.lane_attention`, slower than the portable
     kernel on the GPUs measured).
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
@@ -153,7 +152,7 @@ class PipelineOptions:
     widen_gemm_operands: bool = False
     vector_loads: bool = True
     webgpu_matrix: MatrixConfig | None = None
-    webgpu_attention: str = "portable"
+    webgpu_attention: str = "matrix"
     webgpu_matrix_tiles: tuple[MatrixTile, ...] = TILE_ORDER
     webgpu_matrix_shared: int | None = None
     webgpu_matrix_tuned: Mapping[str, MatrixTile] | None = None

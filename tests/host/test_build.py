@@ -238,12 +238,12 @@ def test_the_cli_offers_every_target_there_is() -> None:
 
 def test_the_cli_offers_every_webgpu_attention_kernel_there_is() -> None:
     """The command line's light list of attention kernels (no TVM import) is the pass library's, and
-    builds keep TVM's portable kernel unless told otherwise."""
+    builds write the subgroup-matrix kernel unless told otherwise."""
     import mlcweb_passes as mp
     from mlcweb.choices import WEBGPU_ATTENTION
 
     assert mp.WEBGPU_ATTENTION == WEBGPU_ATTENTION
-    assert BuildOptions(target="webgpu", out=Path("web")).webgpu_attention == "portable"
-    assert mp.PipelineOptions().webgpu_attention == "portable"
+    assert BuildOptions(target="webgpu", out=Path("web")).webgpu_attention == "matrix"
+    assert mp.PipelineOptions().webgpu_attention == "matrix"
     with pytest.raises(ValueError, match="unknown webgpu_attention 'tensor'; choose one of matrix, lanes, portable"):
         mp.PipelineOptions(webgpu_attention="tensor")

@@ -75,8 +75,8 @@ def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.mark.parametrize("kernel", ["matrix", "portable"])
 def test_the_pipeline_plans_attention_unless_told_not_to(kernel: str) -> None:
-    """``PipelineOptions(webgpu_attention="matrix")`` adds the planning pass to the kernel phase;
-    ``"portable"`` (the default) leaves TVM's kernel alone."""
+    """``PipelineOptions(webgpu_attention="matrix")`` (the default) adds the planning pass to the kernel
+    phase; ``"portable"`` leaves TVM's kernel alone."""
     from webgpu_node import WEBGPU
 
     import mlcweb_passes as mp
