@@ -1,4 +1,4 @@
-"""A CUDA schedule rule: GEMMs with a handful of rows, as one warp per output column.
+"""A GPU schedule rule (CUDA and WebGPU): GEMMs with a handful of rows, as one warp per output column.
 
 The UNet's time embedding goes through a linear layer in every resnet (``time_emb_proj``): the batch's
 two embedding rows times a 320-1280 x 1280 weight, 24 kernels per guided step. dlight's ``Matmul`` rule
@@ -16,6 +16,13 @@ batched GEMV:
 - the lanes' partial sums meet in a warp reduction (``rfactor`` and a cross-thread reduction), and the
   fused epilogue (casts, bias, activation) runs on the result in registers;
 - a thread block holds ``warps`` warps, so an N-column GEMM launches N / ``warps`` blocks.
+
+On WebGPU the same schedule takes float16 and float32 GEMMs, each lane reading 4-element vectors (WGSL's
+widest; :class:`~mlcweb_passes.webgpu.vector_storage.WebGPUVectorStorage` declares such buffers as
+``array<vec4<T>>``). A "warp" is the target's ``thread_warp_size`` invocations where the library is built
+for subgroups (the lanes' sums meet in subgroup shuffles), else 32 invocations whose sums meet in
+workgroup memory. dlight's ``Matmul`` rule gave the float16 UNet's 24 time-embedding GEMMs a step 16
+workgroups of 32 columns at most, each walking the whole reduction with a barrier every 8 elements.
 """
 
 from __future__ import annotations
@@ -30,37 +37,45 @@ from ..cuda.tensor_core_matmul import WARP, gemm_shape
 __all__ = ["SkinnyMatmul"]
 
 
-class SkinnyMatmul(dl.ScheduleRule):
-    """Warp-per-column schedule for float16 CUDA GEMMs of at most ``max_rows`` rows whose inputs are
-    stored with the reduction axis innermost and whose reduction is a multiple of 32 x ``vector`` (see
-    the module docstring)."""
+# per target kind: the input dtypes taken, and the elements each lane loads at once (16 bytes of float16
+# in CUDA; WGSL's widest vector, 4, in WebGPU)
+_DTYPES = {"cuda": ("float16",), "webgpu": ("float16", "float32")}
+_VECTOR = {"cuda": 8, "webgpu": 4}
 
-    def __init__(self, max_rows: int = 8, warps: int = 4, vector: int = 8) -> None:
+
+class SkinnyMatmul(dl.ScheduleRule):
+    """Warp-per-column schedule for CUDA (float16) and WebGPU (float16, float32) GEMMs of at most
+    ``max_rows`` rows whose inputs are stored with the reduction axis innermost and whose reduction is a
+    multiple of the warp's width x the lanes' vector (see the module docstring)."""
+
+    def __init__(self, max_rows: int = 8, warps: int = 4) -> None:
         self.max_rows = max_rows
         self.warps = warps
-        self.vector = vector  # float16 elements per lane and step: one 16-byte load
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
+        kind = target.kind.name
+        if not isinstance(func, tirx.PrimFunc) or kind not in _DTYPES:
             return None
         sch = s_tir.Schedule(func)
-        main = _gemm_block(sch)
+        main = _gemm_block(sch, _DTYPES[kind])
         if main is None:
             return None
         shape = gemm_shape(sch.get(main))
-        step = WARP * self.vector
-        if shape is None or shape.m > self.max_rows or shape.n % self.warps != 0 or shape.k % step != 0:
+        lanes, vector = _lanes(target), _VECTOR[kind]
+        if lanes * self.warps > int(target.attrs.get("max_num_threads", 1024)):
+            return None
+        if shape is None or shape.m > self.max_rows or shape.n % self.warps != 0 or shape.k % (lanes * vector):
             return None
         try:
-            return self._schedule(sch, main)
+            return self._schedule(sch, main, lanes, vector)
         except (AssertionError, s_tir.ScheduleError):
             return None
 
-    def _schedule(self, sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV) -> s_tir.Schedule:
+    def _schedule(self, sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV, lanes: int, vector: int) -> s_tir.Schedule:
         epilogue = _inline_epilogue(sch, main)
         i, j, k = sch.get_loops(main)
         j_block, j_warp = sch.split(j, [None, self.warps])
-        k_outer, lane, vec = sch.split(k, [None, WARP, self.vector])
+        k_outer, lane, vec = sch.split(k, [None, lanes, vector])
         sch.reorder(j_block, j_warp, lane, k_outer, i, vec)
         partial = sch.rfactor(lane, factor_axis=0)
         j_block, j_warp, lane, k_outer, _, _ = sch.get_loops(partial)
@@ -68,26 +83,34 @@ class SkinnyMatmul(dl.ScheduleRule):
         sch.bind(j_warp, "threadIdx.y")
         sch.bind(lane, "threadIdx.x")
         sch.set_scope(partial, 0, "local")
-        # 16-byte vector loads of B's row and A's rows, once per reduction step
+        # vector loads of B's row and A's rows, once per reduction step
         for index in (0, 1):
             cached = sch.cache_read(partial, index, "local")
             sch.compute_at(cached, k_outer)
             sch.vectorize(sch.get_loops(cached)[-1])
-        # the lanes' partial sums: one cross-thread reduction per row, result in registers
+        # the lanes' partial sums: one cross-thread reduction per row, result in registers where an
+        # epilogue follows (else it is the function's output)
         sch.reverse_compute_at(main, j_warp)
-        rows, lanes = sorted(sch.get_loops(main)[-2:], key=lambda loop: int(sch.get(loop).extent) == WARP)
-        sch.reorder(rows, lanes)
-        sch.bind(lanes, "threadIdx.x")
-        sch.set_scope(main, 0, "local")
+        rows, across = sorted(sch.get_loops(main)[-2:], key=lambda loop: int(sch.get(loop).extent) == lanes)
+        sch.reorder(rows, across)
+        sch.bind(across, "threadIdx.x")
         if epilogue is not None:
+            sch.set_scope(main, 0, "local")
             sch.reverse_compute_at(epilogue, j_warp)
         sch.decompose_reduction(partial, k_outer)
         return sch
 
 
-def _gemm_block(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
+def _lanes(target: Target) -> int:
+    """The invocations that share one output column: the target's warp (CUDA) or subgroup (a WebGPU
+    library built for subgroups), else 32 that reduce through workgroup memory."""
+    width = int(target.attrs.get("thread_warp_size", 1))
+    return width if width > 1 else WARP
+
+
+def _gemm_block(sch: s_tir.Schedule, dtypes: tuple[str, ...]) -> s_tir.schedule.SBlockRV | None:
     """The function's one reduction block when it is ``C[i, j] += A[i, k] * B[j, k]`` with its loops
-    in that order and both inputs indexed by ``k`` innermost, else None."""
+    in that order, both inputs of one of ``dtypes`` and indexed by ``k`` innermost, else None."""
     blocks = get_reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
     if not blocks or len(blocks) != 1:
         return None
@@ -96,7 +119,7 @@ def _gemm_block(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
     block = sch.get(blocks[0])
     if len(block.iter_vars) != 3 or len(block.reads) < 2:
         return None
-    if any(str(r.source.dtype) != "float16" for r in block.reads[:2]):  # 16-byte loads of 8 elements
+    if any(str(r.source.dtype) not in dtypes for r in block.reads[:2]):  # loads sized per dtype and target
         return None
     i, j, k = (iv.var for iv in block.iter_vars)
     spatial, reduce = tirx.IterVar.DataPar, tirx.IterVar.CommReduce

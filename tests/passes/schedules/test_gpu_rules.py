@@ -269,12 +269,47 @@ def test_few_row_gemm_gets_a_warp_per_column() -> None:
 
 def test_skinny_matmul_leaves_tall_gemms_and_other_targets() -> None:
     assert SkinnyMatmul().apply(_kernel(ConvNHWC, CUDA), CUDA, False) is None  # 2048 rows
-    webgpu = tvm.target.Target("webgpu")
     linear = _kernel(mp.LinearWeightLayout()(TimeEmbeddingLinear), CUDA)
     assert SkinnyMatmul().apply(linear, CUDA, False) is not None
-    assert SkinnyMatmul().apply(linear, webgpu, False) is None
+    assert SkinnyMatmul().apply(linear, tvm.target.Target("vulkan"), False) is None
     float32 = _kernel(mp.LinearWeightLayout()(TimeEmbeddingLinearF32), CUDA)
     assert SkinnyMatmul().apply(float32, CUDA, False) is None  # its loads are sized for float16
+    assert SkinnyMatmul().apply(float32, tvm.target.Target("webgpu"), False) is not None  # 4 wide there
+    narrow = tvm.target.Target({"kind": "webgpu", "max_num_threads": 64})
+    assert SkinnyMatmul().apply(linear, narrow, False) is None  # four 32-lane columns do not fit
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_few_row_gemm_on_webgpu_gets_32_lanes_a_column_and_matches_numpy(dtype: str) -> None:
+    """WebGPU: 32 invocations a column that read 4-wide vectors; their sums meet in workgroup memory, or
+    in subgroup shuffles in a library built for subgroups (compiled here; lavapipe's subgroups are not 32
+    wide). The portable kernel, with its bias and SiLU epilogue, on lavapipe (float16) or SwiftShader
+    (float32), against numpy in float64: within float16 rounding of the output (or 1e-5)."""
+    from webgpu_node import LAVAPIPE, WEBGPU, run_on_webgpu
+
+    from mlcweb.wgsl_check import SWIFTSHADER
+
+    mod = mp.LinearWeightLayout()(TimeEmbeddingLinear if dtype == "float16" else TimeEmbeddingLinearSiLU32)
+    func = _kernel(mod, WEBGPU).with_attr("global_symbol", "linear")
+    sch = SkinnyMatmul().apply(func, WEBGPU, False)
+    assert sch is not None and _launches(sch.mod["main"]) == [640 // 4]
+    subgroups = tvm.target.Target({"kind": "webgpu", "supports_subgroups": True, "thread_warp_size": 32})
+    sch32 = SkinnyMatmul().apply(func, subgroups, False)
+    assert sch32 is not None
+    assert "subgroupShuffle" in tvm.compile(sch32.mod, subgroups).mod.imports[0].inspect_source()
+
+    exe = tvm.compile(mod, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU))  # the default rules take it first
+    source = exe.mod.imports[0].imports[0].inspect_source()
+    assert "@workgroup_size(32, 4, 1)" in source and "subgroup" not in source
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((2, 1280)).astype(dtype)
+    w = (rng.standard_normal((640, 1280)) / 36).astype(dtype)
+    b = rng.standard_normal(640).astype(np.float32)
+    got = run_on_webgpu(exe, "main", [t, w, b], icd=LAVAPIPE if dtype == "float16" else SWIFTSHADER)
+    h = t.astype(np.float64) @ w.astype(np.float64).T + b
+    want = h / (1 + np.exp(-h))
+    tolerance = 2**-10 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=0, atol=tolerance * float(np.abs(want).max()))
 
 
 @I.ir_module
@@ -283,6 +318,19 @@ class TimeEmbeddingLinearF32:
     def main(t: R.Tensor((2, 1280), "float32"), w: R.Tensor((640, 1280), "float32")) -> R.Tensor((2, 640), "float32"):
         with R.dataflow():
             out = R.matmul(t, R.permute_dims(w))
+            R.output(out)
+        return out
+
+
+@I.ir_module
+class TimeEmbeddingLinearSiLU32:
+    @R.function
+    def main(
+        t: R.Tensor((2, 1280), "float32"), w: R.Tensor((640, 1280), "float32"), b: R.Tensor((640,), "float32")
+    ) -> R.Tensor((2, 640), "float32"):
+        with R.dataflow():
+            h = R.add(R.matmul(t, R.permute_dims(w)), b)
+            out = R.multiply(h, R.sigmoid(h))
             R.output(out)
         return out
 
