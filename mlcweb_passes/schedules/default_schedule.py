@@ -10,7 +10,9 @@ that is not already scheduled (``tirx.is_scheduled``) with
   :class:`~.short_row_reduction.ShortRowReduction` (layer norm and other norms over many short rows, a
   warp per row, on CUDA), :class:`~mlcweb_passes.cuda.tensor_core_matmul.TensorCoreMatmul` (float16
   GEMMs, matmuls and convolutions, on tensor cores, CUDA sm_70+) and
-  :class:`~.skinny_matmul.SkinnyMatmul` (GEMMs of at most 8 rows, a warp per output column, on CUDA),
+  :class:`~.skinny_matmul.SkinnyMatmul` (GEMMs of at most 8 rows, a warp per output column, on CUDA
+  and WebGPU), :class:`~.narrow_output.NarrowOutput` (GEMMs and convolutions of at most 8 output
+  columns, a warp per output row, on WebGPU),
   :class:`~mlcweb_passes.webgpu.gemm.WebGPUMatmul` (GEMMs and convolutions in large tiles, on WebGPU),
   then the ``tvm.s_tir.dlight`` default GPU rules (Matmul, GEMV, Reduction, GeneralReduction,
   Fallback), as ``relax.get_default_pipeline`` would;
@@ -38,6 +40,7 @@ from ..targets import GpuFacts, gpu_facts, is_gpu_target
 from ..webgpu.gemm import WebGPUMatmul, WebGPUTile
 from .channels_last_norm import ChannelsLastNorm
 from .cpu import CPUParallel
+from .narrow_output import NarrowOutput
 from .row_reduction import RowReduction
 from .short_row_reduction import ShortRowReduction
 from .skinny_matmul import SkinnyMatmul
@@ -61,6 +64,7 @@ def default_rules(
             ShortRowReduction(),
             TensorCoreMatmul(gpu=facts),
             SkinnyMatmul(),
+            NarrowOutput(),
             WebGPUMatmul(tiles=tiles),
             dl.gpu.Matmul(),
             dl.gpu.GEMV(),
