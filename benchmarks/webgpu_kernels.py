@@ -419,8 +419,10 @@ def run(args: argparse.Namespace) -> int:
 
 def matrix_tables(root: Path, only: set[str] | None = None) -> list[Path]:
     """The subgroup-matrix tables an unpacked carry holds: each kernel build's ``matrix.json`` and each
-    model build's ``*-matrix.json``; with ``only``, those of the builds so named (their folder names)."""
-    tables = sorted(root.glob("kernels/*/matrix.json")) + sorted(root.glob("builds/*/*-matrix.json"))
+    model build's ``*-matrix.json`` and ``*-matrix-<bytes>.json`` (the tables for adapters granting more
+    workgroup memory); with ``only``, those of the builds so named (their folder names)."""
+    builds = [*root.glob("builds/*/*-matrix.json"), *root.glob("builds/*/*-matrix-[0-9]*.json")]
+    tables = sorted(root.glob("kernels/*/matrix.json")) + sorted(builds)
     return [t for t in tables if only is None or t.parent.name in only]
 
 

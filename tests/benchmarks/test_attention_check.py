@@ -54,8 +54,10 @@ def test_the_check_passes_a_right_kernel_and_flags_a_wrong_one(tmp_path: Path) -
 
 def test_check_takes_every_matrix_table_or_the_named_builds(tmp_path: Path) -> None:
     """``webgpu_kernels.py check`` reads each kernel build's ``matrix.json`` and each model build's
-    ``*-matrix.json`` (not its other JSON files); ``--only`` keeps the builds named by folder."""
-    files = ["kernels/a-float16/matrix.json", "kernels/b-float16/matrix.json", "builds/sd15c-float16/x-matrix.json"]
+    ``*-matrix.json`` and ``*-matrix-<bytes>.json`` (not its other JSON files); ``--only`` keeps the
+    builds named by folder."""
+    files = ["kernels/a-float16/matrix.json", "kernels/b-float16/matrix.json"]
+    files += ["builds/sd15c-float16/x-matrix-49152.json", "builds/sd15c-float16/x-matrix.json"]
     for name in [*files, "builds/sd15c-float16/tensor-cache.json", "kernels/a-float16/specs.json"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
