@@ -330,6 +330,7 @@ def run(args: argparse.Namespace) -> int:
             ]  # fmt: skip
             cmd += [] if subgroups else ["--no-subgroups"]
             cmd += ["--pipeline-times"] if args.pipeline_times else []
+            cmd += ["--share-passes"] if args.share_passes and args.stream > 0 else []
             if matrix:
                 cmd += ["--matrix", "--compare", str(own), "--toggle", UNSAFE]
             elif name.endswith("float32") and not subgroups:
@@ -630,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--attention",
         choices=WEBGPU_ATTENTION,
-        default="portable",
+        default="matrix",
         help="the float16 flash attentions' kernel beside the portable one (BuildOptions.webgpu_attention)",
     )
     b.add_argument(
@@ -684,6 +685,12 @@ def main(argv: list[str] | None = None) -> int:
         "--pipeline-times", action="store_true", help="create pipelines one at a time, timing each (slower to start)"
     )
     r.add_argument("--profile-top", type=int, default=25, help="kernels kept in each profile, slowest first")
+    r.add_argument(
+        "--share-passes",
+        action="store_true",
+        help="also time streamed with one compute pass across dispatches (mlcweb.js sharingPasses; the outputs "
+        "are then checked that way)",
+    )
     r.add_argument("--only", help="run only these builds: `build --name` names or NAME-DTYPE, comma-separated")
     r.add_argument(
         "--no-subgroups", dest="subgroups", action="store_false", help="run only the builds' portable libraries"

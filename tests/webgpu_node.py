@@ -42,6 +42,10 @@ if (fs.existsSync(dir + "/matrix.json")) {
   const { installMatrixKernels } = await import(page);
   installMatrixKernels(tvm.lib.webGPUContext, JSON.parse(fs.readFileSync(dir + "/matrix.json", "utf8")));
 }
+if (spec.sharePasses) {
+  const { streamCommands } = await import(page);
+  streamCommands(tvm.lib.webGPUContext, 2, { sharePasses: true });
+}
 const gpu = tvm.webgpu();
 tvm.beginScope();
 const vm = tvm.createVirtualMachine(gpu);
@@ -74,10 +78,13 @@ def run_on_webgpu(
     *,
     icd: Path = SWIFTSHADER,
     matrix: dict[str, Any] | None = None,
+    share_passes: bool = False,
 ) -> np.ndarray:
     """``func`` of ``exe`` (compiled for :data:`WEBGPU`) on ``inputs``, run in node on the Vulkan driver
     ``icd`` (SwiftShader; :data:`LAVAPIPE` for float16), with ``matrix``'s shaders installed in place of
-    the library's (mlcweb.js ``installMatrixKernels``, as the page does) when given."""
+    the library's (mlcweb.js ``installMatrixKernels``, as the page does) when given; with
+    ``share_passes``, commands streamed every 2 dispatches through one compute pass (mlcweb.js
+    ``streamCommands(ctx, 2, { sharePasses: true })``)."""
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         exe.export_library(str(d / "lib.wasm"), fcompile=link_wasm)
@@ -87,7 +94,7 @@ def run_on_webgpu(
         for i, a in enumerate(inputs):
             (d / f"in{i}.bin").write_bytes(np.ascontiguousarray(a).tobytes())
             specs.append({"shape": list(a.shape), "dtype": str(a.dtype)})
-        (d / "spec.json").write_text(json.dumps({"func": func, "inputs": specs}))
+        (d / "spec.json").write_text(json.dumps({"func": func, "inputs": specs, "sharePasses": share_passes}))
         (d / "run.mjs").write_text(RUN)
         modules = web_dir() / "node_modules"
         tvmjs = modules / "@mlc-ai" / "web-runtime" / "lib" / "index.js"

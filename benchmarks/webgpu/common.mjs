@@ -255,8 +255,8 @@ async function pageModule() {
   return import(found);
 }
 
-export async function streamCommands(ctx, every) {
-  (await pageModule()).streamCommands(ctx, every);
+export async function streamCommands(ctx, every, options = {}) {
+  (await pageModule()).streamCommands(ctx, every, options);
 }
 
 /** The library the page would load on this adapter ({ library, needs, subgroups, matrix }); `portable`

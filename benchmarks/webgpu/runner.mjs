@@ -6,7 +6,7 @@
 // Euler-ancestral step (noise from a fixed pattern). SD1.x and SD2.x builds (one text encoder).
 //
 //   node runner.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 10] [--steps N] [--scheduler NAME]
-//        [--profile [--profile-top 25]] [--stream N] [--no-subgroups] [--matrix] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
+//        [--profile [--profile-top 25]] [--stream N [--share-passes]] [--no-subgroups] [--matrix] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
 //        [--save-outputs out.bin] [--compare ref.bin] [--pipelines-in-flight N] [--pipeline-times] [--pipelines-only]
 //        --out result.json
 import fs from "node:fs";
@@ -28,6 +28,7 @@ function parseArgs(argv) {
     else if (key === "matrix") out.matrix = true;
     else if (key === "pipelineTimes") out.pipelineTimes = true;
     else if (key === "pipelinesOnly") out.pipelinesOnly = true;
+    else if (key === "sharePasses") out.sharePasses = true;
     else if (key === "toggle") out.toggle.push(argv[++i]);
     else out[key] = argv[++i];
   }
@@ -245,6 +246,13 @@ async function main() {
     [result.ms_streamed] = await timeStages(["unet", "vae"]);
     result.ms_streamed.image = await timeImage();
     result.stream_every = args.stream;
+    if (args.sharePasses) {
+      // and with one compute pass across dispatches (tvmjs opens one per dispatch); the outputs below are
+      // computed this way too
+      await streamCommands(tvm.lib.webGPUContext, args.stream, { sharePasses: true });
+      [result.ms_shared_passes] = await timeStages(["unet", "vae"]);
+      result.ms_shared_passes.image = await timeImage();
+    }
   }
 
   // outputs: finite, and against a reference run of another build on the same weights
@@ -278,6 +286,8 @@ async function main() {
   }
 
   if (prof) {
+    // a pass per dispatch again: the profiler stamps each pass
+    if (args.sharePasses) await streamCommands(tvm.lib.webGPUContext, args.stream);
     result.profile = {};
     for (const name of ["unet", "vae", "clip"]) {
       tvm.beginScope();

@@ -282,8 +282,9 @@ export async function requestDevice(adapter, needBytes, needs = {}) {
  * kernels meanwhile (benchmarks/README.md: 18% off a float16 UNet step on an H200). It works through
  * tvmjs' `pendingEncoder` field, which tvmjs reads before it opens each compute pass.
  */
-export function streamCommands(ctx, every = 32) {
-  let encoder = ctx.pendingEncoder;
+export function streamCommands(ctx, every = 32, { sharePasses = false } = {}) {
+  const wrap = (value) => (value && sharePasses ? sharingPasses(value) : value);
+  let encoder = wrap(ctx.pendingEncoder);
   let flushing = false;
   Object.defineProperty(ctx, "pendingEncoder", {
     configurable: true,
@@ -299,7 +300,46 @@ export function streamCommands(ctx, every = 32) {
       return encoder;
     },
     set(value) {
-      encoder = value;
+      encoder = wrap(value);
+    },
+  });
+}
+
+/**
+ * A command encoder whose plain compute passes are one: tvmjs opens and ends a compute pass for every
+ * dispatch; this keeps one open across dispatches (WebGPU still makes each dispatch's writes visible to
+ * the next) and ends it before any other use of the encoder (copies, finish) or a pass with a
+ * descriptor (timestamp writes). `streamCommands(ctx, every, { sharePasses: true })` installs it.
+ */
+export function sharingPasses(encoder) {
+  let open = null;
+  const close = () => {
+    if (open) open.end();
+    open = null;
+  };
+  const shared = () =>
+    new Proxy(open, {
+      get(pass, key) {
+        if (key === "end") return () => {};
+        const value = pass[key];
+        return typeof value === "function" ? value.bind(pass) : value;
+      },
+    });
+  return new Proxy(encoder, {
+    get(target, key) {
+      if (key === "beginComputePass") {
+        return (descriptor) => {
+          if (descriptor) {
+            close();
+            return target.beginComputePass(descriptor);
+          }
+          if (!open) open = target.beginComputePass();
+          return shared();
+        };
+      }
+      close();
+      const value = target[key];
+      return typeof value === "function" ? value.bind(target) : value;
     },
   });
 }
