@@ -214,7 +214,10 @@ async function main() {
   };
   // a whole image: CLIP (twice when guided), the UNet and the scheduler per step, the VAE
   let pixels = null;
-  const timeImage = async () => {
+  // one step in flight, as the page runs it (sd.js: step i+1 encoded while the GPU runs step i), or with
+  // `stepSync` a sync after every step (as the page did until the seventeenth run)
+  const ctx = tvm.lib.webGPUContext;
+  const timeImage = async (stepSync = false) => {
     const images = [];
     for (let r = 0; r < Math.max(1, Math.floor(args.repeat / 5)); ++r) {
       tvm.beginScope();
@@ -224,14 +227,23 @@ async function main() {
       let x = upload(noise.map((v) => v * (sched.init_noise_sigma || 1)), latentShape, "float32");
       let input = sched.input_scales ? upload(noise.map((v) => v * (sched.init_noise_sigma || 1) * sched.input_scales[0]), latentShape, "float32") : x;
       let prev = zeros;
+      let inFlight = null;
       for (let i = 0; i < sched.timesteps.length; ++i) {
         const e = unet(input, upload(Int32Array.of(sched.timesteps[i]), [], "int32"), emb);
         const out = schedulerStep(i, x, e, prev);
         prev = out.get(1);
         x = out.get(0);
         input = sched.function === "ancestral_step" ? out.get(1) : x;
-        await gpu.sync();
+        if (stepSync) {
+          await gpu.sync();
+          continue;
+        }
+        ctx.flushCommands();
+        const done = device.queue.onSubmittedWorkDone();
+        if (inFlight) await inFlight;
+        inFlight = done;
       }
+      if (inFlight) await inFlight;
       pixels = await read(call("vae", x));
       images.push(performance.now() - s);
       tvm.endScope();
@@ -245,6 +257,7 @@ async function main() {
     await streamCommands(tvm.lib.webGPUContext, args.stream);
     [result.ms_streamed] = await timeStages(["unet", "vae"]);
     result.ms_streamed.image = await timeImage();
+    result.ms_streamed.image_step_sync = await timeImage(true);
     result.stream_every = args.stream;
     if (args.sharePasses) {
       // and with one compute pass across dispatches (tvmjs opens one per dispatch); the outputs below are

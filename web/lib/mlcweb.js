@@ -396,6 +396,17 @@ export class Model {
   sync() {
     return this.device.sync();
   }
+
+  /**
+   * Submit the commands encoded so far and return a promise that resolves once the GPU has run them (and
+   * all before them), without waiting: a caller can encode the next step meanwhile, so the GPU does not
+   * idle while the JS side encodes.
+   */
+  submitted() {
+    const ctx = this.tvm.lib.webGPUContext;
+    ctx.flushCommands();
+    return ctx.device.queue.onSubmittedWorkDone();
+  }
 }
 
 /**

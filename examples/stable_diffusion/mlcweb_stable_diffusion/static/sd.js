@@ -190,8 +190,23 @@ class StableDiffusion {
       let saved = null;
       start = performance.now();
       const stepTimes = [];
+      const total = consts.timesteps.length - first;
+      // One step in flight: step i+1 is encoded while the GPU runs step i (the scheduler's inputs stay on
+      // the GPU), and step i is reported once the GPU has finished it.
+      let inFlight = null;
+      let lastDone = start;
+      const finish = async ({ done, index, latest }) => {
+        await done;
+        const now = performance.now();
+        stepTimes.push((now - lastDone) / 1000);
+        lastDone = now;
+        const count = index + 1 - first;
+        if (previewEvery > 0 && count % previewEvery === 0 && count < total) {
+          this.drawImage(await this.readImage(m.call("vae", latest)));
+        }
+        onStep(count, total, stepTimes[stepTimes.length - 1]);
+      };
       for (let i = first; i < consts.timesteps.length; ++i) {
-        const stepStart = performance.now();
         const t = m.tensor(Int32Array.of(consts.timesteps[i]), [], "int32");
         const eps = m.call(unet, modelInput, t, ...embeddings, ...scale);
         // image-to-image's first DPM step has no history: first order there
@@ -216,15 +231,11 @@ class StableDiffusion {
           if (flags.push_eps) history = [...history.slice(-3), eps];
           sample = modelInput = out;
         }
-        await m.sync();
-        stepTimes.push((performance.now() - stepStart) / 1000);
-        const done = i + 1 - first;
-        const total = consts.timesteps.length - first;
-        if (previewEvery > 0 && done % previewEvery === 0 && done < total) {
-          this.drawImage(await this.readImage(m.call("vae", sample)));
-        }
-        onStep(done, total, stepTimes[stepTimes.length - 1]);
+        const step = { done: m.submitted(), index: i, latest: sample };
+        if (inFlight) await finish(inFlight);
+        inFlight = step;
       }
+      if (inFlight) await finish(inFlight);
       seconds["unet+scheduler"] = (performance.now() - start) / 1000;
       seconds["per step"] = seconds["unet+scheduler"] / (consts.timesteps.length - first);
       start = performance.now();
