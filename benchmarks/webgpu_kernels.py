@@ -93,7 +93,8 @@ SCALAR_LOADS = {"vec4-nhwc-scalarload"}  # variants built with PipelineOptions(v
 # kernels.mjs installs as the page does): the GEMMs (`matrix`, attention on TVM's kernel), and the flash
 # attentions too with these layouts ((subgroups, keys a step), tried in order; () the library's
 # webgpu/matrix_attention.LAYOUTS); `-no-pf`: K/V not read a step ahead (matrix_attention.PREFETCH off);
-# `-48k`: planned within 48 KiB of workgroup memory instead of 32
+# `-48k`: planned within 48 KiB of workgroup memory instead of 32; `-union`: Q's tile sharing one array
+# with the K, V and probability tiles (matrix_attention.UNION on)
 MATRIX_VARIANTS: dict[str, tuple[tuple[int, int], ...] | None] = {
     "matrix": None,
     "matrix-attn": (),
@@ -103,6 +104,7 @@ MATRIX_VARIANTS: dict[str, tuple[tuple[int, int], ...] | None] = {
     "matrix-attn-4x64-48k": ((4, 64), (4, 32), (2, 32), (2, 16)),
     "matrix-attn-8x16": ((8, 16), (4, 16), (2, 16)),
     "matrix-attn-2x16": ((2, 16),),
+    "matrix-attn-union": (),
 }
 # float16 variants with the GEMMs on subgroup matrices and the flash attentions in WGSL on the lanes
 # (webgpu/lane_attention), with these layouts ((rows, keys a step), tried in order) ahead of its LAYOUTS,
@@ -281,8 +283,9 @@ def _compile_matrix(
         webgpu_matrix_shared=49152 if variant.endswith("-48k") else None,
     )
     saved, saved_lanes, saved_prefetch = matrix_attention.LAYOUTS, lane_attention.LAYOUTS, lane_attention.PREFETCH
-    saved_pf = matrix_attention.PREFETCH
+    saved_pf, saved_union = matrix_attention.PREFETCH, matrix_attention.UNION
     matrix_attention.PREFETCH = saved_pf and not variant.endswith("-no-pf")
+    matrix_attention.UNION = saved_union or variant.endswith("-union")
     matrix_attention.LAYOUTS = layouts or saved
     lane_attention.LAYOUTS = (*(lanes[0] if lanes else ()), *saved_lanes)
     lane_attention.PREFETCH = lanes[1] if lanes else saved_prefetch
@@ -291,7 +294,7 @@ def _compile_matrix(
             lowered = mp.pipeline(target, options)(module)
     finally:
         matrix_attention.LAYOUTS, lane_attention.LAYOUTS = saved, saved_lanes
-        matrix_attention.PREFETCH = saved_pf
+        matrix_attention.PREFETCH, matrix_attention.UNION = saved_pf, saved_union
         lane_attention.PREFETCH = saved_prefetch
     exe = tvm.compile(lowered, target, relax_pipeline=None, tir_pipeline=mp.tir_pipeline(target, options))
     gemms, attention = matrix_attention.planned_kernels(lowered, wgsl_sources(exe.mod), config)

@@ -81,6 +81,9 @@ TAU = 8.0  # how far (base 2) a row's scores may pass its running maximum before
 # workgroup memory and few registers a lane: more workgroups resident)
 LAYOUTS: tuple[tuple[int, int], ...] = ((4, 16), (2, 16))
 PREFETCH = True  # the next step's K/V read into registers while this step's products run
+# Q's tile in one float16 array with the K, V and probability tiles, which need it only once Q is in
+# registers (less workgroup memory: more workgroups resident); not in emulation, which reads Q every step
+UNION = False
 
 
 @dataclass(frozen=True)
@@ -100,37 +103,57 @@ class AttentionPlan(AttentionJSON):
     params: tuple[str, ...]
     helpers: str
     prefetch: bool = False  # the next step's K/V read into registers during this step
+    union: bool = False  # Q's tile shares one array with the K, V and probability tiles (:data:`UNION`)
 
     @property
     def padded_dim(self) -> int:
         return -(-self.head_dim // 16) * 16
 
 
-def _arrays(rows: int, keys: int, dp: int) -> dict[str, tuple[str, int]]:
+def _arrays(rows: int, keys: int, dp: int, union: bool = False) -> dict[str, tuple[str, int]]:
     """A layout's workgroup arrays, each one operand (name: element type, elements): the Q, K and
     transposed V tiles, the probabilities, the float32 scratch (a step's scores, or 16 columns of the
-    output)."""
-    return {
+    output); with ``union``, Q's tile and the K, V and probability tiles in one array, ``mlcweb_hs``
+    (:func:`_unite`)."""
+    arrays = {
         "mlcweb_qs": ("f16", rows * (dp + PAD)),
         "mlcweb_ks": ("f16", keys * (dp + PAD)),
         "mlcweb_vs": ("f16", dp * (keys + PAD)),
         "mlcweb_ps": ("f16", rows * (keys + PAD)),
         "mlcweb_ss": ("f32", rows * (max(keys, 16) + SCRATCH_PAD)),
     }
+    if not union:
+        return arrays
+    steps = sum(arrays[name][1] for name in ("mlcweb_ks", "mlcweb_vs", "mlcweb_ps"))
+    return {"mlcweb_hs": ("f16", max(arrays["mlcweb_qs"][1], steps)), "mlcweb_ss": arrays["mlcweb_ss"]}
 
 
-def _shared_bytes(subgroups: int, keys: int, dp: int) -> int:
+def _union_offsets(rows: int, keys: int, dp: int) -> dict[str, int]:
+    """Where each float16 tile starts in the union array: Q's and K's at 0, then V's, then P's."""
+    arrays = _arrays(rows, keys, dp)
+    k, v = arrays["mlcweb_ks"][1], arrays["mlcweb_vs"][1]
+    return {"mlcweb_qs": 0, "mlcweb_ks": 0, "mlcweb_vs": k, "mlcweb_ps": k + v}
+
+
+def _unite(body: str, offsets: dict[str, int]) -> str:
+    """``body`` with each float16 tile's accesses moved into the union array at its offset."""
+    for name, at in offsets.items():
+        body = body.replace(f"&{name}, ", f"&mlcweb_hs, {at}u + ").replace(f"{name}[", f"mlcweb_hs[{at}i + ")
+    return body
+
+
+def _shared_bytes(subgroups: int, keys: int, dp: int, union: bool = False) -> int:
     """Workgroup memory of a layout: its arrays (:func:`_arrays`) and the rescale flag."""
-    arrays = _arrays(ROWS * subgroups, keys, dp).values()
+    arrays = _arrays(ROWS * subgroups, keys, dp, union).values()
     return sum(count * (2 if kind == "f16" else 4) for kind, count in arrays) + 16
 
 
-def choose_layout(head_dim: int, max_shared: int) -> tuple[int, int]:
+def choose_layout(head_dim: int, max_shared: int, union: bool = False) -> tuple[int, int]:
     """``(subgroups, keys)``: the first of :data:`LAYOUTS` that fits ``max_shared`` bytes of workgroup
-    memory; raises :class:`UnsupportedGemmError` where none fits."""
+    memory (with ``union``, Q's tile sharing an array); raises :class:`UnsupportedGemmError` where none fits."""
     dp = -(-head_dim // 16) * 16
     for subgroups, keys in LAYOUTS:
-        if _shared_bytes(subgroups, keys, dp) <= max_shared:
+        if _shared_bytes(subgroups, keys, dp, union) <= max_shared:
             return subgroups, keys
     raise UnsupportedGemmError(f"no layout for head dimension {head_dim} fits {max_shared} bytes")
 
@@ -159,10 +182,10 @@ def plan_matrix_attention(
     about, params = _attention(func)
     if (config.m, config.n, config.k, config.subgroup_size) != (16, 16, 16, 32):
         raise UnsupportedGemmError(f"configuration {config}: the kernel is written for 16x16x16 on 32 lanes")
-    subgroups, keys = choose_layout(about["head_dim"], max_shared)
+    subgroups, keys = choose_layout(about["head_dim"], max_shared, UNION)
     plan = AttentionPlan(
         about["batch"], about["q_len"], about["kv_len"], about["heads"], about["head_dim"], about["scale"],
-        subgroups, keys, params, "", PREFETCH,
+        subgroups, keys, params, "", PREFETCH, UNION,
     )  # fmt: skip
     return AttentionPlan(**{**asdict(plan), "helpers": _helpers(plan, about["views"])})
 
@@ -533,9 +556,13 @@ def _wrap(shader: str, z: _Sizes, declarations: str, helpers: str, body: list[st
         lanes = ""
     nl, mode = "\n", " (emulated)" if z.emulate else ""
     extras = ", K/V read a step ahead" if plan.prefetch else ""
+    union = plan.union and not z.emulate  # emulation reads Q's tile every step
+    if union:
+        extras += ", Q's tile sharing one array with K, V and P"
+        body = _unite(nl.join(body), _union_offsets(z.rows, plan.keys, plan.padded_dim)).split(nl)
     arrays = "\n".join(
         f"var<workgroup> {name} : array<{kind}, {count}>;"
-        for name, (kind, count) in _arrays(z.rows, plan.keys, plan.padded_dim).items()
+        for name, (kind, count) in _arrays(z.rows, plan.keys, plan.padded_dim, union).items()
     )
     return f"""{extensions}
 // mlcweb: flash attention, {plan.batch} x {plan.heads} heads of {plan.q_len} x {plan.kv_len} keys x {plan.head_dim},

@@ -142,3 +142,40 @@ def test_emulated_kernel_computes_attention(
     got = run_on_webgpu(exe, "main", inputs, icd=LAVAPIPE, matrix=table).astype(np.float32)
     want = attention(q, k, v, d**-0.5)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max()))
+
+
+def test_the_union_form_shares_q_tile_with_the_step_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``UNION``: Q's tile and the K, V and probability tiles in one float16 array (Q is in registers
+    before the first K/V tile is stored), the flag still declared first. Heads of 40 take 12 KiB of
+    workgroup memory instead of 19, and 160-wide heads fit four subgroups (64 rows) within 32 KiB.
+    Dawn (null backend) compiles each; the emulated form keeps its arrays apart (it reads Q every step)."""
+    from webgpu_node import WEBGPU
+
+    from mlcweb.wgsl_check import check_matrix_wgsl
+    from mlcweb_passes.webgpu import matrix_attention
+
+    monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
+    monkeypatch.setattr(matrix_attention, "UNION", True)
+    assert matrix_attention._shared_bytes(4, 16, 48, union=True) == 3584 * 2 + 1280 * 4 + 16
+    assert matrix_attention._shared_bytes(4, 16, 48) == (3584 + 896 + 1152 + 1536) * 2 + 1280 * 4 + 16
+    for shape, views in [
+        (AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2))),
+        (AttentionShape(2, 256, 256, 8, 160), ((3, 0), (3, 1), (3, 2))),
+    ]:
+        mod = attention_module(shape, views)
+        plans = attention_plans(mod)
+        plan = AttentionPlan.from_json(plans["flash_attention"])
+        assert plan.union and plan.subgroups == 4  # 160-wide heads too (27 KiB apart, 2 subgroups)
+        sources = wgsl_sources(tvm.compile(mod, WEBGPU).mod)
+        kernel = attention_kernels(plans, sources, CONFIG)["flash_attention_kernel"]
+        declared = re.findall(r"^var<workgroup> (\w+) : array<(\w+), (\d+)>;", kernel.code, re.M)
+        assert kernel.code.index("var<workgroup> mlcweb_flag") < kernel.code.index("var<workgroup> mlcweb_hs")
+        assert [(name, kind) for name, kind, _ in declared] == [("mlcweb_hs", "f16"), ("mlcweb_ss", "f32")]
+        assert not re.search(r"mlcweb_(qs|ks|vs|ps)\b", kernel.code)
+        dp = -(-shape.head_dim // 16) * 16
+        rows = 64
+        q, step = rows * (dp + 8), 16 * (dp + 8) + dp * 24 + rows * 24
+        assert int(declared[0][2]) == max(q, step)
+        assert check_matrix_wgsl({kernel.name: kernel.code}) == 1
+        emulated = attention_kernels(plans, sources, CONFIG, True)["flash_attention_kernel"]
+        assert "mlcweb_hs" not in emulated.code and "mlcweb_qs" in emulated.code
