@@ -35,22 +35,27 @@ def test_layouts_fit_the_workgroup_memory() -> None:
         choose_layout(160, 12000)
 
 
-def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("union", [True, False])
+def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch, union: bool) -> None:
     """SD1.5's attention shapes as written for the GPU (not emulated): Dawn (null backend) compiles them;
-    the grid is a workgroup per 64 (160-wide heads: 32) query rows of each head; the kernel keeps the form
-    that matched a float64 reference on the GPU (``benchmarks/webgpu/attention_check.mjs``, sixteenth run):
-    every right operand read column-major, each operand from a workgroup array of its own, and the rescale
-    flag declared before those arrays (declared after them, the products came out wrong)."""
+    the grid is a workgroup per 64 query rows of each head (apart, 160-wide heads: 32); the kernel keeps
+    the forms that matched a float64 reference on the GPU (``benchmarks/webgpu/attention_check.mjs``,
+    sixteenth and seventeenth runs): every right operand read column-major, the rescale flag declared
+    before the arrays (declared after them, the products came out wrong), and either Q's tile sharing one
+    float16 array with the K, V and probability tiles (``UNION``, the default) or each operand in an array
+    of its own."""
     from webgpu_node import WEBGPU
 
     from mlcweb.wgsl_check import check_matrix_wgsl
+    from mlcweb_passes.webgpu import matrix_attention
 
     monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
+    monkeypatch.setattr(matrix_attention, "UNION", union)
     shapes = [
         (AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2)), 64),  # 64x64 latents, merged QKV
         (AttentionShape(2, 4096, 77, 8, 40), (None, None, None), 64),  # cross-attention at 64x64
         (AttentionShape(2, 1024, 77, 8, 80), (None, None, None), 64),  # cross-attention at 32x32
-        (AttentionShape(2, 256, 256, 8, 160), ((3, 0), (3, 1), (3, 2)), 32),  # self-attention at 16x16
+        (AttentionShape(2, 256, 256, 8, 160), ((3, 0), (3, 1), (3, 2)), 64 if union else 32),  # 16x16 self
     ]
     for shape, views, rows in shapes:
         mod = attention_module(shape, views)
@@ -61,15 +66,17 @@ def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch) -
         # right operands only column-major, as the GEMMs read theirs (the forms checked on the GPU)
         right = re.findall(r"Load<subgroup_matrix_right<f16, 16, 16>>\([^;]*, (true|false), \d+u\)", kernel.code)
         assert right and set(right) == {"true"}
-        # and each workgroup array is read as one operand (kind and stride)
         uses: dict[str, set[tuple[str, str]]] = {}
         pattern = r"Load<subgroup_matrix_(\w+)<[^>]*>>\(&(\w+), [^;]*, (\d+)u\)"
         for kind, array, stride in re.findall(pattern, kernel.code):
             uses.setdefault(array, set()).add((kind, stride))
-        assert len(uses) == 5 and all(len(u) == 1 for u in uses.values()), uses
+        if union:  # Q, K, V and P in one float16 array, the float32 scratch apart
+            assert set(uses) == {"mlcweb_hs", "mlcweb_ss"}, uses
+        else:  # each workgroup array read as one operand (kind and stride)
+            assert len(uses) == 5 and all(len(u) == 1 for u in uses.values()), uses
         # the flag first: every form with it declared after the K/V arrays computed wrong products on an H100
         declared = re.findall(r"^var<workgroup> (\w+)", kernel.code, re.M)
-        assert declared[0] == "mlcweb_flag" and set(uses) <= set(declared[1:]), declared
+        assert declared[0] == "mlcweb_flag" and set(uses) == set(declared[1:]), declared
         assert check_matrix_wgsl({kernel.name: kernel.code}) == 1
 
 
