@@ -195,22 +195,26 @@ async function main() {
     scheduler: () => schedulerStep(0, sample, eps, zeros, coeffs),
     vae: () => call("vae", sample),
   };
+  // medians of each stage's wall time (encoding and the GPU's work, to the sync) and of its encoding alone
+  // (the JS side: tvmjs' calls into WebGPU, until the call returns)
   const timeStages = async (names) => {
-    const ms = {}, firstMs = {};
+    const ms = {}, firstMs = {}, encodeMs = {};
     for (const name of names) {
-      const times = [];
+      const times = [], encoding = [];
       for (let i = 0; i < args.repeat + 1; ++i) {
         tvm.beginScope();
         const s = performance.now();
         stages[name]();
+        encoding.push(performance.now() - s);
         await gpu.sync();
         times.push(performance.now() - s);
         tvm.endScope();
       }
       firstMs[name] = times[0];
       ms[name] = median(times.slice(1));
+      encodeMs[name] = median(encoding.slice(1));
     }
-    return [ms, firstMs];
+    return [ms, firstMs, encodeMs];
   };
   // a whole image: CLIP (twice when guided), the UNet and the scheduler per step, the VAE
   let pixels = null;
@@ -250,7 +254,7 @@ async function main() {
     }
     return median(images);
   };
-  [result.ms, result.first_call_ms] = await timeStages(Object.keys(stages));
+  [result.ms, result.first_call_ms, result.encode_ms] = await timeStages(Object.keys(stages));
   result.ms.image = await timeImage();
   if (args.stream > 0) {
     // the same calls with tvmjs' commands submitted every `stream` dispatches, as web/lib/mlcweb.js does
