@@ -8,16 +8,10 @@
 //   node attention_check.mjs --dawn DIR/webgpu --toggle enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia
 //        --tables a/matrix.json,b/matrix.json [--rows 64] [--out result.json]
 import fs from "node:fs";
-import { installDawn, openDevice, runMain } from "./common.mjs";
+import { installDawn, openDevice, parseFlags, runMain } from "./common.mjs";
 import { buffer, fromHalf, randomHalves, readHalves } from "./f16_math.mjs";
 
-const args = { toggle: [], rows: 64, out: "" };
-const argv = process.argv.slice(2);
-for (let i = 0; i < argv.length; i += 2) {
-  const key = argv[i].replace(/^--/, "");
-  if (key === "toggle") args.toggle.push(argv[i + 1]);
-  else args[key] = argv[i + 1];
-}
+const args = parseFlags({ toggle: [], rows: 64, out: "" });
 
 /** What a written kernel's header, helpers and softmax say: sizes, each input's view (parts of a merged
  * projection and which part; 1 and 0 for its own tensor), the base-2 score scale, bindings by name. */

@@ -4,6 +4,18 @@ import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
+/** The runners' `--key value` flags over a copy of `defaults` (values as strings); `--toggle` may repeat
+ * and collects into an array. */
+export function parseFlags(defaults, argv = process.argv.slice(2)) {
+  const args = { ...defaults, toggle: [...(defaults.toggle ?? [])] };
+  for (let i = 0; i < argv.length; i += 2) {
+    const key = argv[i].replace(/^--/, "");
+    if (key === "toggle") args.toggle.push(argv[i + 1]);
+    else args[key] = argv[i + 1];
+  }
+  return args;
+}
+
 /** Dawn (npm `webgpu`, loaded from `dawnDir`) as `navigator.gpu`, with Dawn toggles. */
 export async function installDawn(dawnDir, toggles) {
   const { create, globals } = await import(path.resolve(dawnDir, "index.js"));

@@ -14,15 +14,9 @@
 //
 //   node dispatch_floor.mjs --dawn DIR/webgpu [--toggle T ...] [--count 512] [--repeat 9] [--out result.json]
 import fs from "node:fs";
-import { installDawn, median, openDevice, runMain } from "./common.mjs";
+import { installDawn, median, openDevice, parseFlags, runMain } from "./common.mjs";
 
-const args = { count: 512, repeat: 9, toggle: [], out: "" };
-const argv = process.argv.slice(2);
-for (let i = 0; i < argv.length; i += 2) {
-  const key = argv[i].replace(/^--/, "");
-  if (key === "toggle") args.toggle.push(argv[i + 1]);
-  else args[key] = argv[i + 1];
-}
+const args = parseFlags({ count: 512, repeat: 9, toggle: [], out: "" });
 
 const SHADER = `
 @group(0) @binding(0) var<storage, read> src: array<f32>;

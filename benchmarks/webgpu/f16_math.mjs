@@ -22,17 +22,11 @@
 //   node f16_math.mjs --dawn DIR/webgpu [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia]
 //        [--repeat 20] [--shapes MxNxK,...] [--variants NAME,...] [--tvm DIR] [--out result.json]
 import fs from "node:fs";
-import { installDawn, median, openDevice, runMain } from "./common.mjs";
+import { installDawn, median, openDevice, parseFlags, runMain } from "./common.mjs";
 
 // SD1.5's feed-forward linear (64x64 latents, batch 2), a 3x3 convolution at 16x16 (1280 channels) and
 // one of the VAE's at 256x256 (256 channels), as GEMMs; M and N multiples of 128, K of 16
-const args = { repeat: 20, toggle: [], shapes: "8192x2560x320,512x1280x11520,65536x256x2304", out: "", variants: "" };
-const argv = process.argv.slice(2);
-for (let i = 0; i < argv.length; i += 2) {
-  const key = argv[i].replace(/^--/, "");
-  if (key === "toggle") args.toggle.push(argv[i + 1]);
-  else args[key] = argv[i + 1];
-}
+const args = parseFlags({ repeat: 20, toggle: [], shapes: "8192x2560x320,512x1280x11520,65536x256x2304", out: "", variants: "" });
 
 const STEP = 16; // default reduction depth of a workgroup-memory step: 4 vec4 per row
 // pairs: a thread's rows (and columns) in pairs of adjacent ones 32 apart, as TVM's schedule had them with

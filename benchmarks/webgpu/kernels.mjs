@@ -8,15 +8,9 @@
 import fs from "node:fs";
 import path from "node:path";
 import { createRequire } from "node:module";
-import { WeightFiller, installDawn, installMatrixKernels, median, openDevice, runMain } from "./common.mjs";
+import { installDawn, installMatrixKernels, median, openDevice, parseFlags, runMain, WeightFiller } from "./common.mjs";
 
-const args = { repeat: 20, "warm-ms": 500, toggle: [] };
-const argv = process.argv.slice(2);
-for (let i = 0; i < argv.length; ++i) {
-  const key = argv[i].replace(/^--/, "");
-  if (key === "toggle") args.toggle.push(argv[++i]);
-  else args[key] = argv[++i];
-}
+const args = parseFlags({ repeat: 20, "warm-ms": 500, toggle: [] });
 args.repeat = Number(args.repeat);
 const WARM_MS = Number(args["warm-ms"]);
 for (const need of ["build", "tvmjs", "dawn", "out"]) {

@@ -17,16 +17,10 @@
 //        [--variants NAME,...] [--out result.json]
 // (without the second toggle Dawn rounds timestamps: 65.5 us steps on the H100 of 2026-12-06)
 import fs from "node:fs";
-import { installDawn, openDevice, runMain } from "./common.mjs";
+import { installDawn, openDevice, parseFlags, runMain } from "./common.mjs";
 import { gemmGrid, gemmInputs, gemmShader, timeKernel } from "./f16_math.mjs";
 
-const args = { repeat: 20, toggle: [], shapes: "8192x2560x320,512x1280x11520,65536x256x2304,8192x320x2880,2048x640x5760,16384x512x4608,262144x128x1152", out: "", variants: "" };
-const argv = process.argv.slice(2);
-for (let i = 0; i < argv.length; i += 2) {
-  const key = argv[i].replace(/^--/, "");
-  if (key === "toggle") args.toggle.push(argv[i + 1]);
-  else args[key] = argv[i + 1];
-}
+const args = parseFlags({ repeat: 20, toggle: [], shapes: "8192x2560x320,512x1280x11520,65536x256x2304,8192x320x2880,2048x640x5760,16384x512x4608,262144x128x1152", out: "", variants: "" });
 const PAD = 8; // halves of padding a workgroup-memory row: 16-byte aligned rows in distinct banks
 
 // bm x bn tiles bk deep; `sg`: the workgroup's subgroups as rows x columns of shares (8 as 4 x 2 unless
