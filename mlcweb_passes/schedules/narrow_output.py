@@ -28,7 +28,7 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
 from tvm.target import Target
 
-from .skinny_matmul import _inline_epilogue, _lanes
+from .skinny_matmul import _inline_epilogue, _lanes, _sum_across_lanes
 
 __all__ = ["NarrowOutput"]
 
@@ -87,16 +87,7 @@ class NarrowOutput(dl.ScheduleRule):
                 sch.vectorize(sch.get_loops(cached)[-1])
         for producer in producers:
             sch.compute_inline(producer)
-        # the lanes' partial sums: one cross-lane reduction per column, in registers where an epilogue follows
-        sch.reverse_compute_at(main, row_warp)
-        cols, across = sch.get_loops(main)[-2:]
-        if int(sch.get(cols).extent) == lanes and int(sch.get(across).extent) != lanes:
-            cols, across = across, cols
-        sch.reorder(cols, across)
-        sch.bind(across, "threadIdx.x")
-        if epilogue is not None:
-            sch.set_scope(main, 0, "local")
-            sch.reverse_compute_at(epilogue, row_warp)
+        _sum_across_lanes(sch, main, epilogue, row_warp, lanes)  # one cross-lane reduction per column
         sch.decompose_reduction(partial, sch.get_loops(partial)[3])
         return sch
 

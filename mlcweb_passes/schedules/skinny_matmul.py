@@ -88,17 +88,28 @@ class SkinnyMatmul(dl.ScheduleRule):
             cached = sch.cache_read(partial, index, "local")
             sch.compute_at(cached, k_outer)
             sch.vectorize(sch.get_loops(cached)[-1])
-        # the lanes' partial sums: one cross-thread reduction per row, result in registers where an
-        # epilogue follows (else it is the function's output)
-        sch.reverse_compute_at(main, j_warp)
-        rows, across = sorted(sch.get_loops(main)[-2:], key=lambda loop: int(sch.get(loop).extent) == lanes)
-        sch.reorder(rows, across)
-        sch.bind(across, "threadIdx.x")
-        if epilogue is not None:
-            sch.set_scope(main, 0, "local")
-            sch.reverse_compute_at(epilogue, j_warp)
+        _sum_across_lanes(sch, main, epilogue, j_warp, lanes)  # one cross-thread reduction per row
         sch.decompose_reduction(partial, k_outer)
         return sch
+
+
+def _sum_across_lanes(
+    sch: s_tir.Schedule,
+    main: s_tir.schedule.SBlockRV,
+    epilogue: s_tir.schedule.SBlockRV | None,
+    warp: s_tir.schedule.LoopRV,
+    lanes: int,
+) -> None:
+    """After ``rfactor`` over the lanes: ``main`` sums the lanes' partial sums of each of the warp's
+    outputs across ``threadIdx.x``, in registers where an epilogue follows (else into the function's
+    output), and the epilogue runs after it, both under the ``warp`` loop."""
+    sch.reverse_compute_at(main, warp)
+    outputs, across = sorted(sch.get_loops(main)[-2:], key=lambda loop: int(sch.get(loop).extent) == lanes)
+    sch.reorder(outputs, across)
+    sch.bind(across, "threadIdx.x")
+    if epilogue is not None:
+        sch.set_scope(main, 0, "local")
+        sch.reverse_compute_at(epilogue, warp)
 
 
 def _lanes(target: Target) -> int:
