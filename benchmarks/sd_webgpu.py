@@ -331,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
             cmd += [] if subgroups else ["--no-subgroups"]
             cmd += ["--pipeline-times"] if args.pipeline_times else []
             cmd += ["--share-passes"] if args.share_passes and args.stream > 0 else []
+            cmd += ["--cache-bindings"] if args.cache_bindings and args.stream > 0 else []
             if matrix:
                 cmd += ["--matrix", "--compare", str(own), "--toggle", UNSAFE]
             elif name.endswith("float32") and not subgroups:
@@ -690,6 +691,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time streamed with one compute pass across dispatches (mlcweb.js sharingPasses; the outputs "
         "are then checked that way)",
+    )
+    r.add_argument(
+        "--cache-bindings",
+        action="store_true",
+        help="also time streamed with tvmjs's bind groups and uniforms reused (mlcweb.js cacheBindings; the "
+        "outputs are then checked that way)",
     )
     r.add_argument("--only", help="run only these builds: `build --name` names or NAME-DTYPE, comma-separated")
     r.add_argument(

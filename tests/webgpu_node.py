@@ -46,6 +46,11 @@ if (spec.sharePasses) {
   const { streamCommands } = await import(page);
   streamCommands(tvm.lib.webGPUContext, 2, { sharePasses: true });
 }
+let bindings = null;
+if (spec.cacheBindings) {
+  const { cacheBindings } = await import(page);
+  bindings = cacheBindings(tvm.lib.webGPUContext);
+}
 const gpu = tvm.webgpu();
 tvm.beginScope();
 const vm = tvm.createVirtualMachine(gpu);
@@ -57,12 +62,16 @@ const args = spec.inputs.map((t, i) => {
   dev.copyFrom(cpu);
   return dev;
 });
+if (spec.cacheBindings) {  // a first call fills the caches; the second reuses the uniforms it can
+  vm.getFunction(spec.func)(...args);
+  await gpu.sync();
+}
 const out = vm.getFunction(spec.func)(...args);
 const cpu = tvm.empty(out.shape, out.dtype, tvm.cpu());
 cpu.copyFrom(out);
 await gpu.sync();
 fs.writeFileSync(dir + "/out.bin", cpu.toRawBytes());
-fs.writeFileSync(dir + "/out.json", JSON.stringify({ shape: out.shape, dtype: out.dtype }));
+fs.writeFileSync(dir + "/out.json", JSON.stringify({ shape: out.shape, dtype: out.dtype, bindings }));
 tvm.endScope();
 process.exit(0);
 """
@@ -79,12 +88,16 @@ def run_on_webgpu(
     icd: Path = SWIFTSHADER,
     matrix: dict[str, Any] | None = None,
     share_passes: bool = False,
+    cache_bindings: bool = False,
 ) -> np.ndarray:
     """``func`` of ``exe`` (compiled for :data:`WEBGPU`) on ``inputs``, run in node on the Vulkan driver
     ``icd`` (SwiftShader; :data:`LAVAPIPE` for float16), with ``matrix``'s shaders installed in place of
     the library's (mlcweb.js ``installMatrixKernels``, as the page does) when given; with
     ``share_passes``, commands streamed every 2 dispatches through one compute pass (mlcweb.js
-    ``streamCommands(ctx, 2, { sharePasses: true })``)."""
+    ``streamCommands(ctx, 2, { sharePasses: true })``); with ``cache_bindings``, ``func`` called twice with
+    mlcweb.js ``cacheBindings`` (each dispatch's arguments in a cached uniform buffer, asserted) and the
+    second call's output returned. (Bind groups are reused only where a dispatch's buffers repeat, as in a
+    model's repeated steps: ``benchmarks/sd_webgpu.py run --cache-bindings`` checks outputs that way.)"""
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         exe.export_library(str(d / "lib.wasm"), fcompile=link_wasm)
@@ -94,7 +107,8 @@ def run_on_webgpu(
         for i, a in enumerate(inputs):
             (d / f"in{i}.bin").write_bytes(np.ascontiguousarray(a).tobytes())
             specs.append({"shape": list(a.shape), "dtype": str(a.dtype)})
-        (d / "spec.json").write_text(json.dumps({"func": func, "inputs": specs, "sharePasses": share_passes}))
+        spec = {"func": func, "inputs": specs, "sharePasses": share_passes, "cacheBindings": cache_bindings}
+        (d / "spec.json").write_text(json.dumps(spec))
         (d / "run.mjs").write_text(RUN)
         modules = web_dir() / "node_modules"
         tvmjs = modules / "@mlc-ai" / "web-runtime" / "lib" / "index.js"
@@ -106,4 +120,5 @@ def run_on_webgpu(
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         meta = json.loads((d / "out.json").read_text())
+        assert not cache_bindings or (meta["bindings"]["groups"] > 0 and meta["bindings"]["uniforms"] > 0), meta
         return np.frombuffer((d / "out.bin").read_bytes(), dtype=meta["dtype"]).reshape(meta["shape"])

@@ -271,6 +271,10 @@ export async function streamCommands(ctx, every, options = {}) {
   (await pageModule()).streamCommands(ctx, every, options);
 }
 
+export async function cacheBindings(ctx) {
+  return (await pageModule()).cacheBindings(ctx);
+}
+
 /** The library the page would load on this adapter ({ library, needs, subgroups, matrix }); `portable`
  * forces the build's portable one (with its subgroup-matrix kernels where the adapter runs them). */
 export async function chooseLibrary(manifest, adapter, portable = false) {

@@ -6,13 +6,13 @@
 // Euler-ancestral step (noise from a fixed pattern). SD1.x and SD2.x builds (one text encoder).
 //
 //   node runner.mjs --build DIR --tvmjs tvmjs.js --dawn DIR/webgpu [--repeat 10] [--steps N] [--scheduler NAME]
-//        [--profile [--profile-top 25]] [--stream N [--share-passes]] [--no-subgroups] [--matrix] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
+//        [--profile [--profile-top 25]] [--stream N [--share-passes] [--cache-bindings]] [--no-subgroups] [--matrix] [--toggle enable-dawn-features=vulkan_enable_f16_on_nvidia ...]
 //        [--save-outputs out.bin] [--compare ref.bin] [--pipelines-in-flight N] [--pipeline-times] [--pipelines-only]
 //        --out result.json
 import fs from "node:fs";
 import path from "node:path";
 import { createRequire } from "node:module";
-import { WeightFiller, chooseLibrary, installDawn, installMatrixKernels, limitPipelineCreation, median, openDevice, runMain, streamCommands, summarise } from "./common.mjs";
+import { WeightFiller, cacheBindings, chooseLibrary, installDawn, installMatrixKernels, limitPipelineCreation, median, openDevice, runMain, streamCommands, summarise } from "./common.mjs";
 
 const args = parseArgs(process.argv.slice(2));
 const require = createRequire(import.meta.url);
@@ -29,6 +29,7 @@ function parseArgs(argv) {
     else if (key === "pipelineTimes") out.pipelineTimes = true;
     else if (key === "pipelinesOnly") out.pipelinesOnly = true;
     else if (key === "sharePasses") out.sharePasses = true;
+    else if (key === "cacheBindings") out.cacheBindings = true;
     else if (key === "toggle") out.toggle.push(argv[++i]);
     else out[key] = argv[++i];
   }
@@ -263,6 +264,14 @@ async function main() {
     result.ms_streamed.image = await timeImage();
     result.ms_streamed.image_step_sync = await timeImage(true);
     result.stream_every = args.stream;
+    if (args.cacheBindings) {
+      // and with tvmjs's bind groups and uniforms reused (mlcweb.js cacheBindings); the outputs below are
+      // computed this way too
+      const stats = await cacheBindings(tvm.lib.webGPUContext);
+      [result.ms_cached_bindings, , result.encode_ms_cached_bindings] = await timeStages(["unet", "vae"]);
+      result.ms_cached_bindings.image = await timeImage();
+      result.cached_bindings = { ...stats };
+    }
     if (args.sharePasses) {
       // and with one compute pass across dispatches (tvmjs opens one per dispatch); the outputs below are
       // computed this way too

@@ -306,6 +306,74 @@ export function streamCommands(ctx, every = 32, { sharePasses = false } = {}) {
 }
 
 /**
+ * Reuse tvmjs's per-dispatch bindings. For every dispatch tvmjs writes the kernel's scalar arguments into
+ * a pooled uniform buffer (`queue.writeBuffer`) and makes a new bind group; a UNet step repeats the same
+ * few hundred (kernel, buffers, arguments) each time. This keeps one uniform buffer per distinct argument
+ * bytes, written once, puts it in the bind group in place of the pooled one (whose write is then
+ * skipped), and keeps each bind group by its layout and buffers. At most `limit` bind groups are kept
+ * (all are dropped past it: a new scope's tensors are new buffers). Returns the counts
+ * { groups, hits, uniforms } for measurements.
+ */
+export function cacheBindings(ctx, limit = 8192) {
+  const device = ctx.device;
+  const pooled = new WeakSet();
+  const pending = new WeakMap(); // pooled buffer -> the bytes tvmjs meant to write into it
+  const uniforms = new Map(); // argument bytes as a string -> a uniform buffer holding them
+  const ids = new WeakMap();
+  let nextId = 0;
+  const id = (object) => {
+    if (!ids.has(object)) ids.set(object, ++nextId);
+    return ids.get(object);
+  };
+  const groups = new Map();
+  const stats = { groups: 0, hits: 0, uniforms: 0 };
+
+  const fromPool = ctx.getUniformFromPool.bind(ctx);
+  ctx.getUniformFromPool = (nbytes) => {
+    const buffer = fromPool(nbytes);
+    pooled.add(buffer);
+    return buffer;
+  };
+  const write = device.queue.writeBuffer.bind(device.queue);
+  device.queue.writeBuffer = (buffer, offset, data, ...rest) => {
+    if (!pooled.has(buffer) || offset !== 0 || rest.length) return write(buffer, offset, data, ...rest);
+    pending.set(buffer, new Uint8Array(ArrayBuffer.isView(data) ? data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength) : data.slice(0)));
+  };
+  const uniformFor = (bytes) => {
+    const key = bytes.join(",");
+    let buffer = uniforms.get(key);
+    if (!buffer) {
+      buffer = device.createBuffer({ size: Math.max(16, Math.ceil(bytes.length / 16) * 16), usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
+      write(buffer, 0, bytes);
+      uniforms.set(key, buffer);
+      stats.uniforms = uniforms.size;
+    }
+    return buffer;
+  };
+  const create = device.createBindGroup.bind(device);
+  device.createBindGroup = (descriptor) => {
+    if (!descriptor.entries.every((entry) => entry.resource?.buffer)) return create(descriptor);
+    const entries = descriptor.entries.map((entry) => {
+      const buffer = entry.resource?.buffer;
+      if (!buffer || !pending.has(buffer)) return entry;
+      return { ...entry, resource: { ...entry.resource, buffer: uniformFor(pending.get(buffer)) } };
+    });
+    const key = [id(descriptor.layout), ...entries.map((e) => `${e.binding}:${id(e.resource.buffer)}:${e.resource.offset ?? 0}:${e.resource.size ?? ""}`)].join("|");
+    let group = groups.get(key);
+    if (group) {
+      stats.hits += 1;
+      return group;
+    }
+    if (groups.size >= limit) groups.clear();
+    group = create({ ...descriptor, entries });
+    groups.set(key, group);
+    stats.groups += 1;
+    return group;
+  };
+  return stats;
+}
+
+/**
  * A command encoder whose plain compute passes are one: tvmjs opens and ends a compute pass for every
  * dispatch; this keeps one open across dispatches (WebGPU still makes each dispatch's writes visible to
  * the next) and ends it before any other use of the encoder (copies, finish) or a pass with a
