@@ -354,9 +354,8 @@ export function cacheBindings(ctx, limit = 8192) {
   device.createBindGroup = (descriptor) => {
     if (!descriptor.entries.every((entry) => entry.resource?.buffer)) return create(descriptor);
     const entries = descriptor.entries.map((entry) => {
-      const buffer = entry.resource?.buffer;
-      if (!buffer || !pending.has(buffer)) return entry;
-      return { ...entry, resource: { ...entry.resource, buffer: uniformFor(pending.get(buffer)) } };
+      const pooledBytes = pending.get(entry.resource.buffer);
+      return pooledBytes ? { ...entry, resource: { ...entry.resource, buffer: uniformFor(pooledBytes) } } : entry;
     });
     const key = [id(descriptor.layout), ...entries.map((e) => `${e.binding}:${id(e.resource.buffer)}:${e.resource.offset ?? 0}:${e.resource.size ?? ""}`)].join("|");
     let group = groups.get(key);
