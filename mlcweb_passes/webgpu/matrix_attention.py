@@ -34,7 +34,7 @@ computes in the PrimFunc attribute :data:`~mlcweb_passes.webgpu.flash_attention.
 The scratch holds a step's scores (or one 16-column output matrix), never the whole output, and steps are
 16 keys: workgroup memory decided the speed more than any other change timed (first on kernels with these
 instructions whose products were wrong; benchmarks/README.md), and 64 rows of 40- or 80-wide heads take
-19-26 KiB.
+12-16 KiB with Q's tile shared (19-26 KiB apart).
 
 :class:`PlanMatrixAttention` plans a kernel for every such PrimFunc (module attribute :data:`PLANS_ATTR`);
 after compilation :func:`attention_kernels` writes each with the storage bindings TVM's own shader for it
