@@ -153,6 +153,10 @@ TILE_ORDER = (MatrixTile(64, 128, 32), MatrixTile(64, 64, 32), MatrixTile(64, 32
 # tiles made such GEMMs 5-26% faster (2 x 512 x 1280 linears, 4 x 128 x 1280 split-K slices) and larger
 # grids 10-50% slower (benchmarks/results/2026-12-06-h100-sd_webgpu-11.md).
 ONE_WAVE_DEPTH = 64
+# Each slice's operands read into registers while the slice before is multiplied (then copied to workgroup
+# memory after the next barrier), so a workgroup's global loads overlap its own multiply-adds instead of
+# waiting for other resident workgroups to hide them; costs a register per two halves a lane copies.
+PREFETCH = True
 
 
 def plans_attr(shared: int | None = None) -> str:
@@ -298,7 +302,8 @@ class MatrixPlan:
     with ``{P0}``, ``{P1}``... for parameter ``i``'s binding (elements read through ``mlcweb_get_{Pi}``
     and ``mlcweb_get4_{Pi}``, defined with the binding): ``mlcweb_a(s, m, k)`` and
     ``mlcweb_b(s, n, k)`` returning 4 operand elements from ``k`` on, ``mlcweb_out(s, m, n, acc)``
-    applying the epilogue to the accumulator ``acc`` and storing."""
+    applying the epilogue to the accumulator ``acc`` and storing. ``prefetch``: each slice's operands are
+    read a slice ahead, into registers (:data:`PREFETCH`)."""
 
     batch: int
     m: int
@@ -307,6 +312,7 @@ class MatrixPlan:
     tile: MatrixTile
     params: tuple[str, ...]
     helpers: str
+    prefetch: bool = False  # the next slice's operands read into registers during this one's products
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -349,7 +355,7 @@ def plan_matrix_gemm(
         helpers = _helpers(func, gemm, found.last)
     except UnsupportedExprError as err:
         raise UnsupportedGemmError(str(err)) from err
-    return MatrixPlan(sizes["s"], sizes["m"], sizes["n"], sizes["k"], tile, params, helpers)
+    return MatrixPlan(sizes["s"], sizes["m"], sizes["n"], sizes["k"], tile, params, helpers, PREFETCH)
 
 
 def _helpers(func: tirx.PrimFunc, gemm: Gemm, last: Any) -> str:
@@ -575,23 +581,10 @@ def _source(
     row_tiles = -(-plan.m // tile.rows)
     partial = plan.m % tile.rows != 0  # the last row tile: A's rows past m read as zeros, not stored
     lines = [f"  var c{i}_{j} = {result}();" for i in range(ti) for j in range(tj)]
-    body = ["    workgroupBarrier();"]
-    for fn, buf, rows, origin in (
-        ("mlcweb_a", "mlcweb_as", tile.rows, "row0"),
-        ("mlcweb_b", "mlcweb_bs", tile.cols, "col0"),
-    ):
-        per = rows * tile.depth // 4 // threads
-        for copy in range(per):
-            quads = tile.depth // 4
-            body.append(f"    {{ let e = i32(li) + {copy * threads}i; let r = e / {quads}i; let q = e % {quads}i;")
-            if partial and fn == "mlcweb_a":  # a row past m: read row m - 1 (in bounds), keep zeros
-                row = f"min(row0 + r, {plan.m - 1}i)"
-                read = f"select(vec4<f16>(), {fn}(gemm_s, {row}, k0 + 4i * q), row0 + r < {plan.m}i)"
-            else:
-                read = f"{fn}(gemm_s, {origin} + r, k0 + 4i * q)"
-            body.append(f"      let v = {read}; let o = r * {lds}i + 4i * q;")
-            body.append(f"      {buf}[o] = v.x; {buf}[o + 1i] = v.y; {buf}[o + 2i] = v.z; {buf}[o + 3i] = v.w; }}")
-    body.append("    workgroupBarrier();")
+    if plan.prefetch:
+        prefetch, body = _prefetched_copies(plan, threads)
+    else:
+        prefetch, body = [], ["    workgroupBarrier();", *_copies(plan, threads), "    workgroupBarrier();"]
     if emulate:  # one loop over the slice's steps: lavapipe compiles unrolled emulation slowly
         loop = f"    for (var kk = 0i; kk < {tile.depth}i; kk += {sk}i) {{"
         body += [loop, *_emulated_mma(ti, tj, lds, config), "    }"]
@@ -653,13 +646,68 @@ fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
   let col0 = i32(wg.x) * {tile.cols}i;
   let wm = i32(sg / {gc}u) * {wm}i;
   let wn = i32(sg % {gc}u) * {wn}i;
-{chr(10).join(lines)}
+{chr(10).join(lines + prefetch)}
   for (var k0 = 0i; k0 < {plan.k}i; k0 += {tile.depth}i) {{
 {chr(10).join(body)}
   }}
 {chr(10).join(stores)}
 }}
 """
+
+
+def _operand_reads(plan: MatrixPlan, threads: int, k0: str) -> list[tuple[str, str, str]]:
+    """Each 4-wide copy a lane makes of the ``depth``-deep slice from ``k0`` (a WGSL expression) on:
+    (workgroup array, WGSL offset in it, WGSL reading the 4 halves), A's copies then B's; where the last
+    row tile is partial, A's rows past ``m`` read row ``m - 1`` (in bounds) and keep zeros."""
+    tile, quads, lds = plan.tile, plan.tile.depth // 4, plan.tile.depth + PAD
+    partial = plan.m % tile.rows != 0
+    out = []
+    for fn, buf, rows, origin in (
+        ("mlcweb_a", "mlcweb_as", tile.rows, "row0"),
+        ("mlcweb_b", "mlcweb_bs", tile.cols, "col0"),
+    ):
+        for copy in range(rows * tile.depth // 4 // threads):
+            e = copy * threads  # the lane's copy: element li + e of the slice's 4-wide pieces
+            r, q = f"((i32(li) + {e}i) / {quads}i)", f"((i32(li) + {e}i) % {quads}i)"
+            if partial and fn == "mlcweb_a":
+                row = f"min(row0 + {r}, {plan.m - 1}i)"
+                read = f"select(vec4<f16>(), {fn}(gemm_s, {row}, {k0} + 4i * {q}), row0 + {r} < {plan.m}i)"
+            else:
+                read = f"{fn}(gemm_s, {origin} + {r}, {k0} + 4i * {q})"
+            out.append((buf, f"{r} * {lds}i + 4i * {q}", read))
+    return out
+
+
+def _store4(buf: str, offset: str, value: str) -> str:
+    """WGSL storing the 4 halves ``value`` to ``buf`` from ``offset`` on."""
+    parts = " ".join(f"{buf}[o + {i}i] = {value}.{c};" for i, c in enumerate("xyzw"))
+    return f"{{ let o = {offset}; {parts} }}"
+
+
+def _copies(plan: MatrixPlan, threads: int) -> list[str]:
+    """A slice's copies to workgroup memory, each read and stored in place (no prefetch)."""
+    return [
+        f"    {{ let v = {read}; {_store4(buf, offset, 'v')} }}"
+        for buf, offset, read in _operand_reads(plan, threads, "k0")
+    ]
+
+
+def _prefetched_copies(plan: MatrixPlan, threads: int) -> tuple[list[str], list[str]]:
+    """The prefetching copies: registers ``mlcweb_p<i>`` read from the first slice before the loop (first
+    list); in the loop (second list) stored to workgroup memory between two barriers, then read from
+    the next slice (where there is one) before this slice's products."""
+    reads = _operand_reads(plan, threads, "0i")
+    before = [f"  var mlcweb_p{i} = {read};" for i, (_, _, read) in enumerate(reads)]
+    body = ["    workgroupBarrier();"]
+    body += [f"    {_store4(buf, offset, f'mlcweb_p{i}')}" for i, (buf, offset, _) in enumerate(reads)]
+    body += [
+        "    workgroupBarrier();",
+        f"    if (k0 + {plan.tile.depth}i < {plan.k}i) {{",
+        f"      let k1 = k0 + {plan.tile.depth}i;",
+    ]
+    body += [f"      mlcweb_p{i} = {read};" for i, (_, _, read) in enumerate(_operand_reads(plan, threads, "k1"))]
+    body.append("    }")
+    return before, body
 
 
 def _matrix_mma(ti: int, tj: int, depth: int, lds: int, config: MatrixConfig) -> list[str]:

@@ -26,6 +26,7 @@ from tvm.script import relax as R
 import mlcweb_passes as mp
 from mlcweb.wgsl_check import check_matrix_wgsl, wgsl_sources
 from mlcweb_passes.gemm_analysis import UnsupportedGemmError
+from mlcweb_passes.webgpu import matrix_gemm
 from mlcweb_passes.webgpu.matrix_gemm import (
     PLANS_ATTR,
     TILE_ORDER,
@@ -210,13 +211,44 @@ BIG_TILES = (MatrixTile(128, 128, 32), *TILE_ORDER)
 BIG_LAYOUTS = ["// 128x128 tiles 32 deep on 4x2 subgroups (emulated by lanes)", *LAYOUTS[:2]]
 
 
+def test_prefetch_reads_the_next_slice_during_the_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``PREFETCH`` (the default) each lane's copies of the first slice are read into registers before
+    the loop; in the loop they are stored between the two barriers and the next slice's read (where there
+    is one: the convolution's 576-deep reduction in 64-deep slices) before the products. Without it, each
+    copy is read and stored between the barriers, as before."""
+    monkeypatch.setattr(matrix_gemm, "PREFETCH", True)
+    exe, plans = _compile(Layers)
+    assert all(json.loads(plan)["prefetch"] for plan in plans.values())
+    conv = next(k for name, k in matrix_kernels(plans, wgsl_sources(exe.mod), CONFIG).items() if "conv" in name)
+    loop = conv.code[conv.code.index("for (var k0") :]
+    # 64 x 128 tile, 64 deep, 256 lanes: 4 copies of A and 8 of B a lane, 4 halves each
+    assert conv.code.count("  var mlcweb_p") == 12 and "var mlcweb_p11 = mlcweb_b(gemm_s, col0" in conv.code
+    stored, guard = loop.index("= mlcweb_p11.w;"), loop.index("if (k0 + 64i < 576i)")
+    second_barrier = loop.index("workgroupBarrier();", stored)
+    assert loop.index("workgroupBarrier();") < stored < second_barrier < guard
+    assert guard < loop.index("mlcweb_p11 = mlcweb_b(gemm_s, col0") < loop.index("subgroupMatrixMultiplyAccumulate")
+    assert "let k1 = k0 + 64i;" in loop[guard:]
+    monkeypatch.setattr(matrix_gemm, "PREFETCH", False)
+    exe, plans = _compile(Layers)
+    conv = next(k for name, k in matrix_kernels(plans, wgsl_sources(exe.mod), CONFIG).items() if "conv" in name)
+    assert "mlcweb_p" not in conv.code and "let v = mlcweb_a(gemm_s, row0" in conv.code
+
+
 @pytest.mark.skipif(not Path("/usr/share/vulkan/icd.d/lvp_icd.json").is_file(), reason="needs Mesa's lavapipe")
-@pytest.mark.parametrize(("tiles", "layouts"), [(TILES, LAYOUTS), (BIG_TILES, BIG_LAYOUTS)], ids=["64-rows", "128x128"])
-def test_emulated_kernels_compute_the_layer(tiles: tuple[MatrixTile, ...], layouts: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("tiles", "layouts", "prefetch"),
+    [(TILES, LAYOUTS, True), (BIG_TILES, BIG_LAYOUTS, True), (TILES, LAYOUTS, False)],
+    ids=["64-rows", "128x128", "64-rows-no-prefetch"],
+)
+def test_emulated_kernels_compute_the_layer(
+    tiles: tuple[MatrixTile, ...], layouts: list[str], prefetch: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The generated kernels, matrix operations done by lanes, installed in place of TVM's shaders as the
-    page installs them: numpy's result on lavapipe, within float16 rounding (1e-2 of the output's scale)."""
+    page installs them: numpy's result on lavapipe, within float16 rounding (1e-2 of the output's scale),
+    with the operands read a slice ahead (``PREFETCH``, the default) and without."""
     from webgpu_node import LAVAPIPE, run_on_webgpu
 
+    monkeypatch.setattr(matrix_gemm, "PREFETCH", prefetch)
     exe, plans = _compile(Layers, tiles)
     kernels = matrix_kernels(plans, wgsl_sources(exe.mod), CONFIG, emulate=True)
     assert len(kernels) == 3
