@@ -10,7 +10,8 @@ elementwise epilogue) as a WGSL kernel on them:
 - a workgroup of subgroups (8 by default) takes a ``rows x cols`` tile of one batch (:class:`MatrixTile`); each
   ``depth``-deep slice of the two operands is copied to workgroup memory in 4-wide vectors (the
   operand's addressing, a convolution's window and zero padding included, printed from the PrimFunc),
-  rows padded by 8 halves;
+  rows padded by 8 halves; with :data:`PREFETCH` (the default) each slice is read into registers while
+  the slice before is multiplied, and stored after the next barrier;
 - each subgroup multiplies its share from there (the tile cut into the tile's ``grid`` of subgroups,
   4 x 2 by default), its results in float32 subgroup matrices;
 - at the end each result matrix goes through a per-subgroup scratch in workgroup memory (shared by the
