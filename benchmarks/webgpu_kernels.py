@@ -283,10 +283,15 @@ def _compile_matrix(
         webgpu_matrix_shared=49152 if variant.endswith("-48k") else None,
     )
     saved, saved_lanes, saved_prefetch = matrix_attention.LAYOUTS, lane_attention.LAYOUTS, lane_attention.PREFETCH
-    saved_pf, saved_union = matrix_attention.PREFETCH, matrix_attention.UNION
+    saved_pf, saved_union, saved_narrow = (
+        matrix_attention.PREFETCH,
+        matrix_attention.UNION,
+        matrix_attention.NARROW_LAYOUTS,
+    )
     matrix_attention.PREFETCH = saved_pf and not variant.endswith("-no-pf")
     matrix_attention.UNION = saved_union or variant.endswith("-union")
     matrix_attention.LAYOUTS = layouts or saved
+    matrix_attention.NARROW_LAYOUTS = () if layouts else saved_narrow  # a variant's layouts alone
     lane_attention.LAYOUTS = (*(lanes[0] if lanes else ()), *saved_lanes)
     lane_attention.PREFETCH = lanes[1] if lanes else saved_prefetch
     try:
@@ -295,6 +300,7 @@ def _compile_matrix(
     finally:
         matrix_attention.LAYOUTS, lane_attention.LAYOUTS = saved, saved_lanes
         matrix_attention.PREFETCH, matrix_attention.UNION = saved_pf, saved_union
+        matrix_attention.NARROW_LAYOUTS = saved_narrow
         lane_attention.PREFETCH = saved_prefetch
     exe = tvm.compile(lowered, target, relax_pipeline=None, tir_pipeline=mp.tir_pipeline(target, options))
     gemms, attention = matrix_attention.planned_kernels(lowered, wgsl_sources(exe.mod), config)

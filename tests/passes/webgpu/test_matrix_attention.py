@@ -28,8 +28,11 @@ def test_layouts_fit_the_workgroup_memory() -> None:
     """Heads of 40 and 80 (SD1.5's 64x64 and 32x32 latents) get four subgroups (64 query rows) and 16 keys
     a step within 32 KiB (19 and 25.5 KiB: the scratch holds a step's scores and 16 columns of the output
     at a time), 160-wide heads two subgroups (27 KiB); less memory, two subgroups; too little, none (the
-    portable kernel stays)."""
+    portable kernel stays). With Q's tile sharing an array, heads of 40 (at most ``NARROW_HEAD`` wide)
+    take eight subgroups (128 rows, 24 KiB); wider ones keep four."""
     assert choose_layout(40, 32768) == choose_layout(80, 32768) == (4, 16)
+    assert choose_layout(40, 32768, union=True) == (8, 16)
+    assert choose_layout(64, 49152, union=True) == choose_layout(80, 49152, union=True) == (4, 16)
     assert choose_layout(160, 32768) == choose_layout(40, 12000) == (2, 16)
     with pytest.raises(UnsupportedGemmError, match="fits 12000 bytes"):
         choose_layout(160, 12000)
@@ -38,7 +41,8 @@ def test_layouts_fit_the_workgroup_memory() -> None:
 @pytest.mark.parametrize("union", [True, False])
 def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch, union: bool) -> None:
     """SD1.5's attention shapes as written for the GPU (not emulated): Dawn (null backend) compiles them;
-    the grid is a workgroup per 64 query rows of each head (apart, 160-wide heads: 32); the kernel keeps
+    the grid is a workgroup per 64 query rows of each head (heads of 40 with Q's tile shared: 128; apart,
+    160-wide heads: 32); the kernel keeps
     the forms that matched a float64 reference on the GPU (``benchmarks/webgpu/attention_check.mjs``,
     sixteenth and seventeenth runs): every right operand read column-major, the rescale flag declared
     before the arrays (declared after them, the products came out wrong), and either Q's tile sharing one
@@ -52,8 +56,8 @@ def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch, u
     monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
     monkeypatch.setattr(matrix_attention, "UNION", union)
     shapes = [
-        (AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2)), 64),  # 64x64 latents, merged QKV
-        (AttentionShape(2, 4096, 77, 8, 40), (None, None, None), 64),  # cross-attention at 64x64
+        (AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2)), 128 if union else 64),  # 64x64, QKV
+        (AttentionShape(2, 4096, 77, 8, 40), (None, None, None), 128 if union else 64),  # cross at 64x64
         (AttentionShape(2, 1024, 77, 8, 80), (None, None, None), 64),  # cross-attention at 32x32
         (AttentionShape(2, 256, 256, 8, 160), ((3, 0), (3, 1), (3, 2)), 64 if union else 32),  # 16x16 self
     ]
@@ -113,10 +117,10 @@ def test_plans_float16_kernels_only() -> None:
     ("shape", "views", "max_shared", "boost"),
     [
         # merged projections, 70 queries and keys (partial query and key tiles), head 24 padded to 32, four
-        # subgroups, K/V read a step ahead; keys past the second step scaled up 6x, so rows' maxima jump
-        # past TAU and the output is rescaled, 16 columns at a time (one case: each emulated kernel costs
-        # lavapipe about 30 s to compile cold)
-        (AttentionShape(2, 70, 70, 2, 24), ((3, 0), (3, 1), (3, 2)), 24000, 6.0),
+        # subgroups (eight need 20 KiB), K/V read a step ahead; keys past the second step scaled up 6x, so
+        # rows' maxima jump past TAU and the output is rescaled, 16 columns at a time (one case: each
+        # emulated kernel costs lavapipe about 30 s to compile cold)
+        (AttentionShape(2, 70, 70, 2, 24), ((3, 0), (3, 1), (3, 2)), 20000, 6.0),
     ],
 )
 def test_emulated_kernel_computes_attention(
@@ -165,14 +169,14 @@ def test_the_union_form_shares_q_tile_with_the_step_tiles(monkeypatch: pytest.Mo
     monkeypatch.setattr(matrix_attention, "UNION", True)
     assert matrix_attention._shared_bytes(4, 16, 48, union=True) == 3584 * 2 + 1280 * 4 + 16
     assert matrix_attention._shared_bytes(4, 16, 48) == (3584 + 896 + 1152 + 1536) * 2 + 1280 * 4 + 16
-    for shape, views in [
-        (AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2))),
-        (AttentionShape(2, 256, 256, 8, 160), ((3, 0), (3, 1), (3, 2))),
+    for shape, views, subgroups in [
+        (AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2)), 8),  # NARROW_LAYOUTS
+        (AttentionShape(2, 256, 256, 8, 160), ((3, 0), (3, 1), (3, 2)), 4),  # 27 KiB apart: 2 subgroups
     ]:
         mod = attention_module(shape, views)
         plans = attention_plans(mod)
         plan = AttentionPlan.from_json(plans["flash_attention"])
-        assert plan.union and plan.subgroups == 4  # 160-wide heads too (27 KiB apart, 2 subgroups)
+        assert plan.union and plan.subgroups == subgroups
         sources = wgsl_sources(tvm.compile(mod, WEBGPU).mod)
         kernel = attention_kernels(plans, sources, CONFIG)["flash_attention_kernel"]
         declared = re.findall(r"^var<workgroup> (\w+) : array<(\w+), (\d+)>;", kernel.code, re.M)
@@ -180,7 +184,7 @@ def test_the_union_form_shares_q_tile_with_the_step_tiles(monkeypatch: pytest.Mo
         assert [(name, kind) for name, kind, _ in declared] == [("mlcweb_hs", "f16"), ("mlcweb_ss", "f32")]
         assert not re.search(r"mlcweb_(qs|ks|vs|ps)\b", kernel.code)
         dp = -(-shape.head_dim // 16) * 16
-        rows = 64
+        rows = 16 * subgroups
         q, step = rows * (dp + 8), 16 * (dp + 8) + dp * 24 + rows * 24
         assert int(declared[0][2]) == max(q, step)
         assert check_matrix_wgsl({kernel.name: kernel.code}) == 1
