@@ -310,8 +310,8 @@ export function streamCommands(ctx, every = 32, { sharePasses = false } = {}) {
  * a pooled uniform buffer (`queue.writeBuffer`) and makes a new bind group; a UNet step repeats the same
  * few hundred (kernel, buffers, arguments) each time. This keeps one uniform buffer per distinct argument
  * bytes, written once, puts it in the bind group in place of the pooled one (whose write is then
- * skipped), and keeps each bind group by its layout and buffers. At most `limit` bind groups are kept
- * (all are dropped past it: a new scope's tensors are new buffers). Returns the counts
+ * skipped), and keeps each bind group by its layout and buffers. At most `limit` bind groups and as many
+ * uniform buffers are kept (all are dropped past it: a new scope's tensors are new buffers). Returns the counts
  * { groups, hits, uniforms } for measurements.
  */
 export function cacheBindings(ctx, limit = 8192) {
@@ -343,6 +343,7 @@ export function cacheBindings(ctx, limit = 8192) {
     const key = bytes.join(",");
     let buffer = uniforms.get(key);
     if (!buffer) {
+      if (uniforms.size >= limit) uniforms.clear(); // arguments that vary call to call (a dynamic shape)
       buffer = device.createBuffer({ size: Math.max(16, Math.ceil(bytes.length / 16) * 16), usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
       write(buffer, 0, bytes);
       uniforms.set(key, buffer);
