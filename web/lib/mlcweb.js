@@ -517,9 +517,13 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   const wasm = await fetchChecked(base, manifest, chosen.library);
   const tvm = await tvmjs.instantiate(wasm.bytes, tvmjs.createPolyfillWASI(), log);
   tvm.initWebGPU(await requestDevice(gpu.adapter, needBytes, chosen.needs));
-  if (tvm.lib.webGPUContext && "pendingEncoder" in tvm.lib.webGPUContext) streamCommands(tvm.lib.webGPUContext);
+  const ctx = tvm.lib.webGPUContext;
+  if (ctx && "pendingEncoder" in ctx) streamCommands(ctx);
+  // tvmjs writes a uniform and makes a bind group for every dispatch: reusing them halves the JS time a
+  // UNet step takes to encode (benchmarks/README.md, eighteenth run)
+  if (ctx && typeof ctx.getUniformFromPool === "function") cacheBindings(ctx);
   if (chosen.matrix) {
-    installMatrixKernels(tvm.lib.webGPUContext, parseJSON(await fetchChecked(base, manifest, chosen.matrix.kernels), chosen.matrix.kernels));
+    installMatrixKernels(ctx, parseJSON(await fetchChecked(base, manifest, chosen.matrix.kernels), chosen.matrix.kernels));
     log(`The adapter offers float16 subgroup matrices: ${matrixSummary(chosen.matrix)} run on them.`);
   }
   const device = tvm.webgpu();
