@@ -593,6 +593,31 @@ def _peers(results: Path, runs: dict[str, dict[str, Any]], build: str) -> None:
     print("\n".join(rows))
 
 
+def _js_side(runs: dict[str, dict[str, Any]]) -> None:
+    """For runs that timed it (``run --cache-bindings``): the UNet step's GPU time, its streamed wall time
+    and the JS time to encode it, with tvmjs's bindings as they are and reused (mlcweb.js cacheBindings, as
+    the page runs), and the 20-step image both ways (ms; image in s)."""
+    timed = {name: r for name, r in runs.items() if r.get("encode_ms_cached_bindings")}
+    if not timed:
+        return
+    print(
+        "\n| build | UNet GPU | UNet streamed | JS encoding | UNet, bindings reused | JS encoding"
+        " | image, streamed | image, bindings reused |\n|---|---|---|---|---|---|---|---|"
+    )
+    for name, r in timed.items():
+        gpu = ((r.get("profile") or {}).get("unet") or {}).get("total_ms")
+        cells = [
+            f"{gpu:.2f}" if gpu else "-",
+            f"{r['ms_streamed']['unet']:.1f}",
+            f"{r['encode_ms']['unet']:.1f}",
+            f"{r['ms_cached_bindings']['unet']:.1f}",
+            f"{r['encode_ms_cached_bindings']['unet']:.1f}",
+            f"{r['ms_streamed']['image'] / 1000:.3f}",
+            f"{r['ms_cached_bindings']['image'] / 1000:.3f}",
+        ]
+        print(f"| {name} | {' | '.join(cells)} |")
+
+
 def report(args: argparse.Namespace) -> int:
     files = sorted(Path(args.dir).glob("webgpu-*.json"))
     runs = {p.stem.removeprefix("webgpu-"): json.loads(p.read_text()) for p in files}
@@ -607,6 +632,7 @@ def report(args: argparse.Namespace) -> int:
         library += f", {r['matrix_kernels']} kernels on subgroup matrices" if r.get("matrix_kernels") else ""
         print(_row(f"{name}, {r.get('unet', 'unet')}, {r.get('scheduler', 'dpm')} x{r['steps']}{library}", r))
     _peers(Path(args.dir), runs, args.peer_build)
+    _js_side(runs)
     for name, r in runs.items():
         for stage, prof in (r.get("profile") or {}).items():
             where = f"{prof['dispatches']} dispatches of {prof['kernels']} kernels"

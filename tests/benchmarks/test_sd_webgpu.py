@@ -44,6 +44,25 @@ def test_peers_table_uses_the_page_library_and_states_ratios(
     assert "| unet float16 | 50.0 | 45.0 | 200.0 | 10.00 | 0.25x / 0.23x | 4.5x |" in capsys.readouterr().out
 
 
+def test_js_side_table_for_runs_that_reused_bindings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs made with ``--cache-bindings`` get a row of the JS-side table: GPU time, streamed wall time and
+    JS encoding of a UNet step with tvmjs's bindings as they are and reused, and the image both ways."""
+    cached = {
+        **_run(70.0, 40.9),
+        "encode_ms": {"unet": 33.5},
+        "ms_cached_bindings": {"unet": 29.7, "vae": 26.2, "image": 660.0},
+        "encode_ms_cached_bindings": {"unet": 20.0},
+        "profile": {"unet": {"total_ms": 31.7, "dispatches": 534, "kernels": 185, "top": []}},
+    }
+    (tmp_path / "webgpu-sd15-float16-matrix.json").write_text(json.dumps({**cached, "matrix_kernels": 9}))
+    (tmp_path / "webgpu-sd15-float16.json").write_text(json.dumps(_run(150.0, 120.0)))
+    assert sd_webgpu.main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| sd15-float16-matrix | 31.70 | 40.9 | 33.5 | 29.7 | 20.0 | 1.500 | 0.660 |" in out
+    table = out[out.index("| build | UNet GPU") :].split("\n\n")[0]
+    assert len(table.splitlines()) == 3  # header, rule, the one run that timed it
+
+
 def test_tile_changes_name_fields_of_each_tile() -> None:
     """The benchmarks' tile knob: an integer for every tile, or a field (or half of it) of each tile, as the
     pairs layout the library had before (``virtual = micro / 2``) is rebuilt; restored afterwards."""
