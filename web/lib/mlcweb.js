@@ -519,8 +519,8 @@ export async function loadModel(base, { onProgress = () => {}, log = () => {} } 
   tvm.initWebGPU(await requestDevice(gpu.adapter, needBytes, chosen.needs));
   const ctx = tvm.lib.webGPUContext;
   if (ctx && "pendingEncoder" in ctx) streamCommands(ctx);
-  // tvmjs writes a uniform and makes a bind group for every dispatch: reusing them halves the JS time a
-  // UNet step takes to encode (benchmarks/README.md, eighteenth run)
+  // tvmjs writes a uniform and makes a bind group for every dispatch: reusing them cuts the JS time a
+  // UNet step takes to encode by a third or more (benchmarks/README.md, eighteenth run)
   if (ctx && typeof ctx.getUniformFromPool === "function") cacheBindings(ctx);
   if (chosen.matrix) {
     installMatrixKernels(ctx, parseJSON(await fetchChecked(base, manifest, chosen.matrix.kernels), chosen.matrix.kernels));
