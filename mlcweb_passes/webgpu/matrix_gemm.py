@@ -580,7 +580,7 @@ def _source(
     lds = tile.depth + PAD
     result = f"subgroup_matrix_result<f32, {sn}, {sm}>"
     row_tiles = -(-plan.m // tile.rows)
-    partial = plan.m % tile.rows != 0  # the last row tile: A's rows past m read as zeros, not stored
+    partial = plan.m % tile.rows != 0  # the last row tile: rows past m not stored (_operand_reads zeroes them)
     lines = [f"  var c{i}_{j} = {result}();" for i in range(ti) for j in range(tj)]
     if plan.prefetch:
         prefetch, body = _prefetched_copies(plan, threads)

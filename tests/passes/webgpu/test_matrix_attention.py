@@ -42,12 +42,11 @@ def test_layouts_fit_the_workgroup_memory() -> None:
 def test_kernels_compile_on_subgroup_matrices(monkeypatch: pytest.MonkeyPatch, union: bool) -> None:
     """SD1.5's attention shapes as written for the GPU (not emulated): Dawn (null backend) compiles them;
     the grid is a workgroup per 64 query rows of each head (heads of 40 with Q's tile shared: 128; apart,
-    160-wide heads: 32); the kernel keeps
-    the forms that matched a float64 reference on the GPU (``benchmarks/webgpu/attention_check.mjs``,
-    sixteenth and seventeenth runs): every right operand read column-major, the rescale flag declared
-    before the arrays (declared after them, the products came out wrong), and either Q's tile sharing one
-    float16 array with the K, V and probability tiles (``UNION``, the default) or each operand in an array
-    of its own."""
+    160-wide heads: 32); the kernel keeps the forms that matched a float64 reference on the GPU
+    (``benchmarks/webgpu/attention_check.mjs``, sixteenth and seventeenth runs): every right operand read
+    column-major, the rescale flag declared before the arrays (declared after them, the products came out
+    wrong), and either Q's tile sharing one float16 array with the K, V and probability tiles (``UNION``,
+    the default) or each operand in an array of its own."""
     from webgpu_node import WEBGPU
 
     from mlcweb.wgsl_check import check_matrix_wgsl
