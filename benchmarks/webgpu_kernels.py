@@ -40,6 +40,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -282,26 +283,22 @@ def _compile_matrix(
         webgpu_attention="lanes" if lanes is not None else "matrix" if layouts is not None else "portable",
         webgpu_matrix_shared=49152 if variant.endswith("-48k") else None,
     )
-    saved, saved_lanes, saved_prefetch = matrix_attention.LAYOUTS, lane_attention.LAYOUTS, lane_attention.PREFETCH
-    saved_pf, saved_union, saved_narrow = (
-        matrix_attention.PREFETCH,
-        matrix_attention.UNION,
-        matrix_attention.NARROW_LAYOUTS,
-    )
-    matrix_attention.PREFETCH = saved_pf and not variant.endswith("-no-pf")
-    matrix_attention.UNION = saved_union or variant.endswith("-union")
-    matrix_attention.LAYOUTS = layouts or saved
-    matrix_attention.NARROW_LAYOUTS = () if layouts else saved_narrow  # a variant's layouts alone
-    lane_attention.LAYOUTS = (*(lanes[0] if lanes else ()), *saved_lanes)
-    lane_attention.PREFETCH = lanes[1] if lanes else saved_prefetch
-    try:
-        with target:
-            lowered = mp.pipeline(target, options)(module)
-    finally:
-        matrix_attention.LAYOUTS, lane_attention.LAYOUTS = saved, saved_lanes
-        matrix_attention.PREFETCH, matrix_attention.UNION = saved_pf, saved_union
-        matrix_attention.NARROW_LAYOUTS = saved_narrow
-        lane_attention.PREFETCH = saved_prefetch
+    attention_flags: dict[str, Any] = {
+        "PREFETCH": matrix_attention.PREFETCH and not variant.endswith("-no-pf"),
+        "UNION": matrix_attention.UNION or variant.endswith("-union"),
+        "LAYOUTS": layouts or matrix_attention.LAYOUTS,
+        "NARROW_LAYOUTS": () if layouts else matrix_attention.NARROW_LAYOUTS,  # a variant's layouts alone
+    }
+    lane_flags: dict[str, Any] = {
+        "LAYOUTS": (*(lanes[0] if lanes else ()), *lane_attention.LAYOUTS),
+        "PREFETCH": lanes[1] if lanes else lane_attention.PREFETCH,
+    }
+    with (
+        mock.patch.multiple(matrix_attention, **attention_flags),
+        mock.patch.multiple(lane_attention, **lane_flags),
+        target,
+    ):
+        lowered = mp.pipeline(target, options)(module)
     exe = tvm.compile(lowered, target, relax_pipeline=None, tir_pipeline=mp.tir_pipeline(target, options))
     gemms, attention = matrix_attention.planned_kernels(lowered, wgsl_sources(exe.mod), config)
     kernels = {**gemms, **attention}
