@@ -95,7 +95,8 @@ SCALAR_LOADS = {"vec4-nhwc-scalarload"}  # variants built with PipelineOptions(v
 # attentions too with these layouts ((subgroups, keys a step), tried in order; () the library's
 # webgpu/matrix_attention.LAYOUTS); `-no-pf`: K/V not read a step ahead (matrix_attention.PREFETCH off);
 # `-48k`: planned within 48 KiB of workgroup memory instead of 32; `-union`: Q's tile sharing one array
-# with the K, V and probability tiles (matrix_attention.UNION on)
+# with the K, V and probability tiles (matrix_attention.UNION on); `-single`: one K/V tile, five barriers
+# a step (matrix_attention.DOUBLE_BUFFER off)
 MATRIX_VARIANTS: dict[str, tuple[tuple[int, int], ...] | None] = {
     "matrix": None,
     "matrix-attn": (),
@@ -106,6 +107,7 @@ MATRIX_VARIANTS: dict[str, tuple[tuple[int, int], ...] | None] = {
     "matrix-attn-8x16": ((8, 16), (4, 16), (2, 16)),
     "matrix-attn-2x16": ((2, 16),),
     "matrix-attn-union": (),
+    "matrix-attn-single": (),
 }
 # float16 variants with the GEMMs on subgroup matrices and the flash attentions in WGSL on the lanes
 # (webgpu/lane_attention), with these layouts ((rows, keys a step), tried in order) ahead of its LAYOUTS,
@@ -286,6 +288,7 @@ def _compile_matrix(
     attention_flags: dict[str, Any] = {
         "PREFETCH": matrix_attention.PREFETCH and not variant.endswith("-no-pf"),
         "UNION": matrix_attention.UNION or variant.endswith("-union"),
+        "DOUBLE_BUFFER": matrix_attention.DOUBLE_BUFFER and not variant.endswith("-single"),
         "LAYOUTS": layouts or matrix_attention.LAYOUTS,
         "NARROW_LAYOUTS": () if layouts else matrix_attention.NARROW_LAYOUTS,  # a variant's layouts alone
     }

@@ -17,7 +17,9 @@ computes in the PrimFunc attribute :data:`~mlcweb_passes.webgpu.flash_attention.
   ``benchmarks/webgpu/attention_check.mjs``; emulation on the lanes cannot show it);
 - each step copies ``keys`` rows of K, and of V transposed, to workgroup memory (4-wide reads, zeros past
   the sequence; with :data:`PREFETCH` the next step's are read into registers before this step's
-  products). V is transposed so that both right operands are read column-major, as the GEMMs read theirs;
+  products). V is transposed so that both right operands are read column-major, as the GEMMs read theirs.
+  With :data:`DOUBLE_BUFFER` (long walks of narrow heads), two K/V tiles take turns and the next one is
+  stored behind the barrier after this step's scores: three barriers a step instead of five;
 - each subgroup computes its 16 rows' scores ``Q @ K^T`` into float32 result matrices and stores them to
   a per-subgroup scratch;
 - the subgroup's lanes, two a row, take the scores of their row (interleaved columns), combine the row
@@ -91,6 +93,14 @@ PREFETCH = True  # the next step's K/V read into registers while this step's pro
 # registers: less workgroup memory, more workgroups resident (heads of 40: 12 KiB instead of 19; one
 # 64x64 self-attention 1.29 -> 1.08 ms on an H100). Not in emulation, which reads Q's tile every step.
 UNION = True
+# two K/V tiles taking turns (:func:`_double_buffered_loop`): a step's next tile is stored right after
+# its scores, behind the barrier that already separates them from the softmax, and becomes visible at
+# the flag's barriers, so a step has 3 workgroup barriers instead of 5 (workgroupUniformLoad is two).
+# Only for the narrow heads' layouts (:data:`NARROW_LAYOUTS`) walking at least DOUBLE_MIN_STEPS steps:
+# on an H100, SD1.5's 64x64 self-attention 5.38 -> 5.00 ms a UNet step, but its cross-attentions (5
+# steps) 2-5% slower, 80-wide heads on 4 subgroups no faster and SD2.1's 64-wide ones 0.77 -> 1.04 ms
+DOUBLE_BUFFER = True
+DOUBLE_MIN_STEPS = 64
 
 
 @dataclass(frozen=True)
@@ -111,21 +121,22 @@ class AttentionPlan(AttentionJSON):
     helpers: str
     prefetch: bool = False  # the next step's K/V read into registers during this step
     union: bool = False  # Q's tile shares one array with the K, V and probability tiles (:data:`UNION`)
+    buffers: int = 1  # K/V tiles taking turns (:data:`DOUBLE_BUFFER`: 2)
 
     @property
     def padded_dim(self) -> int:
         return -(-self.head_dim // 16) * 16
 
 
-def _arrays(rows: int, keys: int, dp: int, union: bool = False) -> dict[str, tuple[str, int]]:
+def _arrays(rows: int, keys: int, dp: int, union: bool = False, buffers: int = 1) -> dict[str, tuple[str, int]]:
     """A layout's workgroup arrays, each one operand (name: element type, elements): the Q, K and
-    transposed V tiles, the probabilities, the float32 scratch (a step's scores, or 16 columns of the
-    output); with ``union``, Q's tile and the K, V and probability tiles in one array, ``mlcweb_hs``
-    (:func:`_unite`)."""
+    transposed V tiles (``buffers`` of each), the probabilities, the float32 scratch (a step's scores, or
+    16 columns of the output); with ``union``, Q's tile and the K, V and probability tiles in one array,
+    ``mlcweb_hs`` (:func:`_unite`)."""
     arrays = {
         "mlcweb_qs": ("f16", rows * (dp + PAD)),
-        "mlcweb_ks": ("f16", keys * (dp + PAD)),
-        "mlcweb_vs": ("f16", dp * (keys + PAD)),
+        "mlcweb_ks": ("f16", buffers * keys * (dp + PAD)),
+        "mlcweb_vs": ("f16", buffers * dp * (keys + PAD)),
         "mlcweb_ps": ("f16", rows * (keys + PAD)),
         "mlcweb_ss": ("f32", rows * (max(keys, 16) + SCRATCH_PAD)),
     }
@@ -135,9 +146,9 @@ def _arrays(rows: int, keys: int, dp: int, union: bool = False) -> dict[str, tup
     return {"mlcweb_hs": ("f16", max(arrays["mlcweb_qs"][1], steps)), "mlcweb_ss": arrays["mlcweb_ss"]}
 
 
-def _union_offsets(rows: int, keys: int, dp: int) -> dict[str, int]:
+def _union_offsets(rows: int, keys: int, dp: int, buffers: int = 1) -> dict[str, int]:
     """Where each float16 tile starts in the union array: Q's and K's at 0, then V's, then P's."""
-    arrays = _arrays(rows, keys, dp)
+    arrays = _arrays(rows, keys, dp, buffers=buffers)
     k, v = arrays["mlcweb_ks"][1], arrays["mlcweb_vs"][1]
     return {"mlcweb_qs": 0, "mlcweb_ks": 0, "mlcweb_vs": k, "mlcweb_ps": k + v}
 
@@ -149,19 +160,33 @@ def _unite(body: str, offsets: dict[str, int]) -> str:
     return body
 
 
-def _shared_bytes(subgroups: int, keys: int, dp: int, union: bool = False) -> int:
+def _shared_bytes(subgroups: int, keys: int, dp: int, union: bool = False, buffers: int = 1) -> int:
     """Workgroup memory of a layout: its arrays (:func:`_arrays`) and the rescale flag."""
-    arrays = _arrays(ROWS * subgroups, keys, dp, union).values()
+    arrays = _arrays(ROWS * subgroups, keys, dp, union, buffers).values()
     return sum(count * (2 if kind == "f16" else 4) for kind, count in arrays) + 16
 
 
-def choose_layout(head_dim: int, max_shared: int, union: bool = False) -> tuple[int, int]:
+def _padded(head_dim: int) -> int:
+    return -(-head_dim // 16) * 16
+
+
+def _buffers(about: dict[str, Any], subgroups: int, keys: int, max_shared: int) -> int:
+    """K/V tiles of the planned layout: two (:data:`DOUBLE_BUFFER`) for a narrow head's layout walking at
+    least :data:`DOUBLE_MIN_STEPS` steps where both fit ``max_shared``, else one."""
+    dp = _padded(about["head_dim"])
+    narrow = dp <= NARROW_HEAD and (subgroups, keys) in NARROW_LAYOUTS
+    long = -(-about["kv_len"] // keys) >= DOUBLE_MIN_STEPS
+    fits = _shared_bytes(subgroups, keys, dp, UNION, 2) <= max_shared
+    return 2 if DOUBLE_BUFFER and narrow and long and fits else 1
+
+
+def choose_layout(head_dim: int, max_shared: int, union: bool = False, buffers: int = 1) -> tuple[int, int]:
     """``(subgroups, keys)``: the first of :data:`LAYOUTS` (after :data:`NARROW_LAYOUTS` for heads at most
     :data:`NARROW_HEAD` wide) that fits ``max_shared`` bytes of workgroup memory (with ``union``, Q's
-    tile sharing an array); raises :class:`UnsupportedGemmError` where none fits."""
+    tile sharing an array; ``buffers`` K/V tiles); raises :class:`UnsupportedGemmError` where none fits."""
     dp = -(-head_dim // 16) * 16
     for subgroups, keys in (*(NARROW_LAYOUTS if dp <= NARROW_HEAD else ()), *LAYOUTS):
-        if _shared_bytes(subgroups, keys, dp, union) <= max_shared:
+        if _shared_bytes(subgroups, keys, dp, union, buffers) <= max_shared:
             return subgroups, keys
     raise UnsupportedGemmError(f"no layout for head dimension {head_dim} fits {max_shared} bytes")
 
@@ -191,9 +216,10 @@ def plan_matrix_attention(
     if (config.m, config.n, config.k, config.subgroup_size) != (16, 16, 16, 32):
         raise UnsupportedGemmError(f"configuration {config}: the kernel is written for 16x16x16 on 32 lanes")
     subgroups, keys = choose_layout(about["head_dim"], max_shared, UNION)
+    buffers = _buffers(about, subgroups, keys, max_shared)
     plan = AttentionPlan(
         about["batch"], about["q_len"], about["kv_len"], about["heads"], about["head_dim"], about["scale"],
-        subgroups, keys, params, "", PREFETCH, UNION,
+        subgroups, keys, params, "", PREFETCH, UNION, buffers,
     )  # fmt: skip
     return AttentionPlan(**{**asdict(plan), "helpers": _helpers(plan, about["views"])})
 
@@ -325,6 +351,14 @@ class _Sizes:
         return max(self.plan.keys, 16) + SCRATCH_PAD
 
     @property
+    def k_tile(self) -> int:  # elements of one K tile (the next one starts there)
+        return self.plan.keys * self.ld
+
+    @property
+    def v_tile(self) -> int:  # elements of one transposed V tile
+        return self.plan.padded_dim * self.vld
+
+    @property
     def pieces(self) -> int:  # 4-element pieces of a K (or V) tile
         return self.plan.keys * self.plan.padded_dim // 4
 
@@ -350,6 +384,9 @@ def _source(shader: str, plan: AttentionPlan, declarations: str, helpers: str, e
             body.append(f"  let qm{c} = subgroupMatrixLoad<{LEFT}>(&mlcweb_qs, {at}, false, {z.ld}u);")
         body += [f"  var o{j} = {RESULT}();" for j in range(mats)]
     body += [f"  var xk{i} : vec4<f16>; var xv{i} : vec4<f16>;" for i in range(z.reads)]
+    if plan.buffers == 2:
+        body += _double_buffered_loop(z)
+        return _wrap(shader, z, declarations, helpers, body)
     if plan.prefetch:
         body += _read_kv(z, "0i")
     body += [
@@ -374,6 +411,48 @@ def _source(shader: str, plan: AttentionPlan, declarations: str, helpers: str, e
         *_store_output(z),
     ]  # fmt: skip
     return _wrap(shader, z, declarations, helpers, body)
+
+
+def _double_buffered_loop(z: _Sizes) -> list[str]:
+    """The walk over the keys with two K/V tiles taking turns (:data:`DOUBLE_BUFFER`), from after Q's
+    left operands are loaded. Step ``kt`` reads tile ``kt % 2``; the next tile is stored into the other
+    one right after the barrier that ends this step's scores (every read of that tile, by step
+    ``kt - 1``'s products, was before it) and is visible to step ``kt + 1`` after the flag's barriers, so
+    a step has three barriers: after the scores, and the two of ``workgroupUniformLoad``. A rescale ends
+    with a barrier of its own (the next step's scores overwrite the scratch it read last)."""
+    p = z.plan
+    step = f"{p.keys}i"
+    turn = [f"  let kb = (kt & 1i) * {z.k_tile}i; let vb = (kt & 1i) * {z.v_tile}i;"]
+    other = f"  let nkb = {z.k_tile}i - kb; let nvb = {z.v_tile}i - vb;"
+    if p.prefetch:  # registers hold tile kt + 1, read during step kt - 1
+        refill = [*_store_kv(z, "nkb", "nvb"), *_read_kv(z, f"(kt + 2i) * {step}")]
+    else:
+        refill = [*_read_kv(z, f"(kt + 1i) * {step}"), *_store_kv(z, "nkb", "nvb")]
+    return [
+        *_read_kv(z, "0i"),
+        "  workgroupBarrier();",  # every subgroup has Q's operands before tile 0 overwrites a shared array
+        *_store_kv(z, "0i", "0i"),
+        *(_read_kv(z, step) if p.prefetch else []),
+        "  workgroupBarrier();",
+        f"  var m = {NEG};",
+        "  var l = 0.0f;",
+        f"  for (var kt = 0i; kt < {-(-p.kv_len // p.keys)}i; kt++) {{",
+        "  if (li == 0u) { mlcweb_flag = 0u; }",
+        *turn,
+        *_scores(z, "kb"),
+        "  workgroupBarrier();",
+        other,
+        *refill,
+        *_softmax(z),
+        "  let rescale = workgroupUniformLoad(&mlcweb_flag);",
+        "  if (rescale == 1u && kt > 0i) {",
+        *_rescale(z),
+        "  workgroupBarrier();",
+        "  }",
+        *_output_products(z, "vb"),
+        "  }",
+        *_store_output(z),
+    ]  # fmt: skip
 
 
 def _copy_q(z: _Sizes) -> list[str]:
@@ -413,31 +492,34 @@ def _read_kv(z: _Sizes, first: str) -> list[str]:
     return out
 
 
-def _store_kv(z: _Sizes) -> list[str]:
-    """The registers ``xk<i>``, ``xv<i>`` into the K tile and V's transposed tile: ``P @ V`` reads V as a
-    column-major right operand, as the GEMMs read theirs."""
+def _store_kv(z: _Sizes, kb: str = "", vb: str = "") -> list[str]:
+    """The registers ``xk<i>``, ``xv<i>`` into the K tile and V's transposed tile (those starting at
+    elements ``kb`` and ``vb``, WGSL expressions; empty: the first): ``P @ V`` reads V as a column-major
+    right operand, as the GEMMs read theirs."""
     total, out = z.pieces, []
+    kb, vb = (f"{b} + " if b else "" for b in (kb, vb))
     for i in range(z.reads):
         inside = f"if (e{i} < {total}i) " if total % z.threads else ""
-        k = f"row{i} * {z.ld}i + c{i} + "
+        k = f"{kb}row{i} * {z.ld}i + c{i} + "
         stores = " ".join(
             [f"mlcweb_ks[{k}{x}i] = xk{i}.{comp};" for x, comp in enumerate("xyzw")]
-            + [f"mlcweb_vs[(c{i} + {x}i) * {z.vld}i + row{i}] = xv{i}.{comp};" for x, comp in enumerate("xyzw")]
+            + [f"mlcweb_vs[{vb}(c{i} + {x}i) * {z.vld}i + row{i}] = xv{i}.{comp};" for x, comp in enumerate("xyzw")]
         )
         out.append(f"  {{ {_kv_element(z, i)} {inside}{{ {stores} }} }}")
     return out
 
 
-def _scores(z: _Sizes) -> list[str]:
-    """The subgroup's 16 rows of ``Q @ K^T`` for this step's keys, into its scratch."""
+def _scores(z: _Sizes, kb: str = "") -> list[str]:
+    """The subgroup's 16 rows of ``Q @ K^T`` for this step's keys (the K tile at element ``kb``), into
+    its scratch."""
     dp, bc, ld = z.plan.padded_dim, z.plan.keys, z.ld
     if z.emulate:
-        return _emulated_scores(z)
-    out = []
+        return _emulated_scores(z, kb)
+    out, kb = [], f"{kb} + " if kb else ""
     for j in range(bc // 16):
         out.append(f"  var s{j} = {RESULT}();")
         for c in range(dp // 16):
-            at = f"u32({16 * j}i * {ld}i + {16 * c}i)"
+            at = f"u32({kb}{16 * j}i * {ld}i + {16 * c}i)"
             out.append(
                 f"  s{j} = subgroupMatrixMultiplyAccumulate(qm{c}, "
                 f"subgroupMatrixLoad<{RIGHT}>(&mlcweb_ks, {at}, true, {ld}u), s{j});"
@@ -453,11 +535,14 @@ def _softmax(z: _Sizes) -> list[str]:
     bc, width, pld = z.plan.keys, z.width, z.pld
     scale2 = float(z.plan.scale) * 1.4426950408889634
     out = [f"  var sv : array<f32, {bc // 2}>;", f"  var mx = {NEG};"]
+    whole = z.plan.kv_len % bc == 0  # no key past the sequence in any step: nothing to mask
     for t in range(bc // 2):
         col = f"{2 * t}i + h"
+        score = f"mlcweb_ss[sbase + r * {width}i + {col}]"
+        if not whole:
+            score = f"select({NEG}, {score}, kt * {bc}i + {col} < {z.plan.kv_len}i)"
         out += [
-            f"  sv[{t}] = select({NEG}, mlcweb_ss[sbase + r * {width}i + {col}], "
-            f"kt * {bc}i + {col} < {z.plan.kv_len}i);",
+            f"  sv[{t}] = {score};",
             f"  mx = max(mx, sv[{t}]);",
         ]
     out += [
@@ -502,15 +587,15 @@ def _rescale(z: _Sizes) -> list[str]:
     return out
 
 
-def _output_products(z: _Sizes) -> list[str]:
-    """``P @ V`` for this step added to the output's result matrices."""
+def _output_products(z: _Sizes, vb: str = "") -> list[str]:
+    """``P @ V`` for this step (the V tile at element ``vb``) added to the output's result matrices."""
     bc, pld = z.plan.keys, z.pld
-    out = []
+    out, vbase = [], f"{vb} + " if vb else ""
     if z.emulate:
         for j in range(z.plan.padded_dim // 16):
             body = (
                 f"var acc = 0.0f; for (var x = 0i; x < {bc}i; x++) {{ acc += f32(mlcweb_ps[pbase + rr * {pld}i + x])"
-                f" * f32(mlcweb_vs[({16 * j}i + cc) * {z.vld}i + x]); }} o{j}[t] += acc;"
+                f" * f32(mlcweb_vs[{vbase}({16 * j}i + cc) * {z.vld}i + x]); }} o{j}[t] += acc;"
             )
             out.append(_emulated_elements(body))
         return out
@@ -518,7 +603,7 @@ def _output_products(z: _Sizes) -> list[str]:
         out.append(f"  let pa{kc} = subgroupMatrixLoad<{LEFT}>(&mlcweb_ps, u32(pbase + {16 * kc}i), false, {pld}u);")
     for j in range(z.plan.padded_dim // 16):
         for kc in range(bc // 16):
-            at = f"u32({16 * j * z.vld + 16 * kc}i)"
+            at = f"u32({vbase}{16 * j * z.vld + 16 * kc}i)"
             vb = f"subgroupMatrixLoad<{RIGHT}>(&mlcweb_vs, {at}, true, {z.vld}u)"
             out.append(f"  o{j} = subgroupMatrixMultiplyAccumulate(pa{kc}, {vb}, o{j});")
     return out
@@ -564,13 +649,15 @@ def _wrap(shader: str, z: _Sizes, declarations: str, helpers: str, body: list[st
         lanes = ""
     nl, mode = "\n", " (emulated)" if z.emulate else ""
     extras = ", K/V read a step ahead" if plan.prefetch else ""
+    if plan.buffers == 2:
+        extras += ", two K/V tiles taking turns"
     union = plan.union and not z.emulate  # emulation reads Q's tile every step
     if union:
         extras += ", Q's tile sharing one array with K, V and P"
-        body = _unite(nl.join(body), _union_offsets(z.rows, plan.keys, plan.padded_dim)).split(nl)
+        body = _unite(nl.join(body), _union_offsets(z.rows, plan.keys, plan.padded_dim, plan.buffers)).split(nl)
     arrays = "\n".join(
         f"var<workgroup> {name} : array<{kind}, {count}>;"
-        for name, (kind, count) in _arrays(z.rows, plan.keys, plan.padded_dim, union).items()
+        for name, (kind, count) in _arrays(z.rows, plan.keys, plan.padded_dim, union, plan.buffers).items()
     )
     return f"""{extensions}
 // mlcweb: flash attention, {plan.batch} x {plan.heads} heads of {plan.q_len} x {plan.kv_len} keys x {plan.head_dim},
@@ -594,16 +681,16 @@ fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
 """
 
 
-def _emulated_scores(z: _Sizes) -> list[str]:
+def _emulated_scores(z: _Sizes, kb: str = "") -> list[str]:
     """The subgroup's 16 rows of ``Q @ K^T`` into its scratch, by its lanes, from the same workgroup
-    memory the subgroup-matrix kernel reads (Q from its own tile)."""
-    bc, ld = z.plan.keys, z.ld
+    memory the subgroup-matrix kernel reads (Q from its own tile, K from the tile at element ``kb``)."""
+    bc, ld, kb = z.plan.keys, z.ld, f"{kb} + " if kb else ""
     return [
         f"  for (var e = i32(lane); e < {16 * bc}i; e += 32i) {{",
         f"    let rr = e / {bc}i; let cc = e % {bc}i;",
         "    var sum = 0.0f;",
         f"    for (var x = 0i; x < {z.plan.padded_dim}i; x++) {{",
-        f"      sum += f32(mlcweb_qs[(sg16 + rr) * {ld}i + x]) * f32(mlcweb_ks[cc * {ld}i + x]);",
+        f"      sum += f32(mlcweb_qs[(sg16 + rr) * {ld}i + x]) * f32(mlcweb_ks[{kb}cc * {ld}i + x]);",
         "    }",
         f"    mlcweb_ss[sbase + rr * {z.width}i + cc] = sum;",
         "  }",

@@ -113,24 +113,40 @@ def test_plans_float16_kernels_only() -> None:
 
 @pytest.mark.skipif(not LAVAPIPE_ICD.is_file(), reason="needs Mesa's lavapipe")
 @pytest.mark.parametrize(
-    ("shape", "views", "max_shared", "boost"),
+    ("shape", "views", "max_shared", "boost", "double"),
     [
         # merged projections, 70 queries and keys (partial query and key tiles), head 24 padded to 32, four
         # subgroups (eight need 20 KiB), K/V read a step ahead; keys past the second step scaled up 6x, so
-        # rows' maxima jump past TAU and the output is rescaled, 16 columns at a time (one case: each
-        # emulated kernel costs lavapipe about 30 s to compile cold)
-        (AttentionShape(2, 70, 70, 2, 24), ((3, 0), (3, 1), (3, 2)), 20000, 6.0),
+        # rows' maxima jump past TAU and the output is rescaled, 16 columns at a time; two K/V tiles
+        # taking turns (DOUBLE_BUFFER) and one
+        (AttentionShape(2, 70, 70, 2, 24), ((3, 0), (3, 1), (3, 2)), 20000, 6.0, True),
+        (AttentionShape(2, 70, 70, 2, 24), ((3, 0), (3, 1), (3, 2)), 20000, 6.0, False),
+        # whole steps of keys (48: no score masked), separate inputs, 40-wide heads padded to 48
+        (AttentionShape(1, 40, 48, 2, 40), (None, None, None), 20000, 1.0, True),
     ],
 )
 def test_emulated_kernel_computes_attention(
-    shape: AttentionShape, views: Views, max_shared: int | None, boost: float
+    monkeypatch: pytest.MonkeyPatch,
+    shape: AttentionShape,
+    views: Views,
+    max_shared: int | None,
+    boost: float,
+    double: bool,
 ) -> None:
     """The kernel, matrix operations done by lanes, installed in place of TVM's shader as the page does:
     float64 numpy's attention within 1e-2 of the output's scale (float16 inputs, probabilities and output)."""
     from webgpu_node import LAVAPIPE, WEBGPU, run_on_webgpu
 
+    from mlcweb_passes.webgpu import matrix_attention
+
+    # the same layout either way, two K/V tiles however short the walk (the builds keep them to narrow
+    # heads' layouts walking DOUBLE_MIN_STEPS steps or more)
+    monkeypatch.setattr(matrix_attention, "NARROW_LAYOUTS", ((4, 16),))
+    monkeypatch.setattr(matrix_attention, "DOUBLE_MIN_STEPS", 1)
+    monkeypatch.setattr(matrix_attention, "DOUBLE_BUFFER", double)
     mod = attention_module(shape, views)
     plans = attention_plans(mod, max_shared)
+    assert AttentionPlan.from_json(plans["flash_attention"]).buffers == (2 if double else 1)
     exe = tvm.compile(mod, WEBGPU)
     kernels = attention_kernels(plans, wgsl_sources(exe.mod), CONFIG, emulate=True)
     assert list(kernels) == ["flash_attention_kernel"]
@@ -148,6 +164,7 @@ def test_emulated_kernel_computes_attention(
         q, k, v = (
             rng.standard_normal((b, n, h, d)).astype(np.float16) for n in (shape.q_len, shape.kv_len, shape.kv_len)
         )
+        k[:, 32:] *= np.float16(boost)
         inputs = [q, k, v]
     got = run_on_webgpu(exe, "main", inputs, icd=LAVAPIPE, matrix=table).astype(np.float32)
     want = attention(q, k, v, d**-0.5)
@@ -176,6 +193,7 @@ def test_the_union_form_shares_q_tile_with_the_step_tiles(monkeypatch: pytest.Mo
         plans = attention_plans(mod)
         plan = AttentionPlan.from_json(plans["flash_attention"])
         assert plan.union and plan.subgroups == subgroups
+        assert plan.buffers == (2 if subgroups == 8 else 1)  # two K/V tiles where they fit
         sources = wgsl_sources(tvm.compile(mod, WEBGPU).mod)
         kernel = attention_kernels(plans, sources, CONFIG)["flash_attention_kernel"]
         declared = re.findall(r"^var<workgroup> (\w+) : array<(\w+), (\d+)>;", kernel.code, re.M)
@@ -184,8 +202,52 @@ def test_the_union_form_shares_q_tile_with_the_step_tiles(monkeypatch: pytest.Mo
         assert not re.search(r"mlcweb_(qs|ks|vs|ps)\b", kernel.code)
         dp = -(-shape.head_dim // 16) * 16
         rows = 16 * subgroups
-        q, step = rows * (dp + 8), 16 * (dp + 8) + dp * 24 + rows * 24
+        q, step = rows * (dp + 8), plan.buffers * (16 * (dp + 8) + dp * 24) + rows * 24
         assert int(declared[0][2]) == max(q, step)
         assert check_matrix_wgsl({kernel.name: kernel.code}) == 1
         emulated = attention_kernels(plans, sources, CONFIG, True)["flash_attention_kernel"]
         assert "mlcweb_hs" not in emulated.code and "mlcweb_qs" in emulated.code
+
+
+@pytest.mark.parametrize(("double", "barriers"), [(True, 3), (False, 5)])
+def test_double_buffered_steps_have_three_barriers(
+    monkeypatch: pytest.MonkeyPatch, double: bool, barriers: int
+) -> None:
+    """SD1.5's 64x64 self-attention walks 256 steps of 16 keys; with two K/V tiles taking turns
+    (``DOUBLE_BUFFER``), a step's next tile is stored behind the barrier after its scores, so a step
+    (the rescale aside) waits at 3 workgroup barriers instead of 5 (``workgroupUniformLoad`` is two:
+    Tint puts a barrier before and after the load). The two tiles fit the same 24 KiB + 4 KiB, and only
+    whole steps leave the scores unmasked (4096 keys: no ``select`` a score)."""
+    from webgpu_node import WEBGPU
+
+    from mlcweb.wgsl_check import check_matrix_wgsl
+    from mlcweb_passes.webgpu import matrix_attention
+
+    monkeypatch.setenv("MLCWEB_WGSL_CHECK", "require")
+    monkeypatch.setattr(matrix_attention, "DOUBLE_BUFFER", double)
+    mod = attention_module(AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2)))
+    plans = attention_plans(mod)
+    assert AttentionPlan.from_json(plans["flash_attention"]).buffers == (2 if double else 1)
+    kernel = attention_kernels(plans, wgsl_sources(tvm.compile(mod, WEBGPU).mod), CONFIG)["flash_attention_kernel"]
+    loop = kernel.code.split("for (var kt = 0i; kt < 256i; kt++) {", 1)[1]
+    rescale_at = loop.index("if (rescale == 1u")
+    step = loop[:rescale_at] + loop[loop.index("let pa0", rescale_at) :].split("l += subgroupShuffleXor", 1)[0]
+    assert step.count("workgroupBarrier();") + 2 * step.count("workgroupUniformLoad(") == barriers
+    assert "select(" not in step
+    assert check_matrix_wgsl({kernel.name: kernel.code}) == 1
+
+
+def test_two_kv_tiles_only_where_they_measured_faster() -> None:
+    """On an H100, two K/V tiles made SD1.5's 64x64 self-attention (heads of 40 on 8 subgroups, 256
+    steps) 7% faster in the UNet, but its cross-attentions (5 steps) slower, 80-wide heads on 4 subgroups
+    no faster and SD2.1's 64-wide heads 35% slower; so builds take them for narrow heads' layouts walking
+    at least ``DOUBLE_MIN_STEPS`` steps."""
+    cases = [
+        (AttentionShape(2, 4096, 4096, 8, 40), ((3, 0), (3, 1), (3, 2)), 2),  # SD1.5 64x64 self-attention
+        (AttentionShape(2, 4096, 77, 8, 40), (None, None, None), 1),  # its cross-attention
+        (AttentionShape(2, 1024, 1024, 8, 80), ((3, 0), (3, 1), (3, 2)), 1),  # 32x32 self-attention
+        (AttentionShape(2, 4096, 4096, 5, 64), ((3, 0), (3, 1), (3, 2)), 1),  # SD2.1's heads of 64
+    ]
+    for shape, views, buffers in cases:
+        plan = AttentionPlan.from_json(attention_plans(attention_module(shape, views))["flash_attention"])
+        assert plan.buffers == buffers, shape
