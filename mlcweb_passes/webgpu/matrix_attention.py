@@ -125,7 +125,17 @@ class AttentionPlan(AttentionJSON):
 
     @property
     def padded_dim(self) -> int:
-        return -(-self.head_dim // 16) * 16
+        return _padded(self.head_dim)
+
+
+def _padded(head_dim: int) -> int:
+    """The head dimension zero-padded to whole 16-wide matrices."""
+    return -(-head_dim // 16) * 16
+
+
+def _plus(offset: str) -> str:
+    """``offset + `` for a WGSL index expression (a tile's first element), or nothing for the first tile."""
+    return f"{offset} + " if offset else ""
 
 
 def _arrays(rows: int, keys: int, dp: int, union: bool = False, buffers: int = 1) -> dict[str, tuple[str, int]]:
@@ -166,10 +176,6 @@ def _shared_bytes(subgroups: int, keys: int, dp: int, union: bool = False, buffe
     return sum(count * (2 if kind == "f16" else 4) for kind, count in arrays) + 16
 
 
-def _padded(head_dim: int) -> int:
-    return -(-head_dim // 16) * 16
-
-
 def _buffers(about: dict[str, Any], subgroups: int, keys: int, max_shared: int) -> int:
     """K/V tiles of the planned layout: two (:data:`DOUBLE_BUFFER`) for a narrow head's layout walking at
     least :data:`DOUBLE_MIN_STEPS` steps where both fit ``max_shared``, else one."""
@@ -180,13 +186,13 @@ def _buffers(about: dict[str, Any], subgroups: int, keys: int, max_shared: int) 
     return 2 if DOUBLE_BUFFER and narrow and long and fits else 1
 
 
-def choose_layout(head_dim: int, max_shared: int, union: bool = False, buffers: int = 1) -> tuple[int, int]:
+def choose_layout(head_dim: int, max_shared: int, union: bool = False) -> tuple[int, int]:
     """``(subgroups, keys)``: the first of :data:`LAYOUTS` (after :data:`NARROW_LAYOUTS` for heads at most
     :data:`NARROW_HEAD` wide) that fits ``max_shared`` bytes of workgroup memory (with ``union``, Q's
-    tile sharing an array; ``buffers`` K/V tiles); raises :class:`UnsupportedGemmError` where none fits."""
-    dp = -(-head_dim // 16) * 16
+    tile sharing an array); raises :class:`UnsupportedGemmError` where none fits."""
+    dp = _padded(head_dim)
     for subgroups, keys in (*(NARROW_LAYOUTS if dp <= NARROW_HEAD else ()), *LAYOUTS):
-        if _shared_bytes(subgroups, keys, dp, union, buffers) <= max_shared:
+        if _shared_bytes(subgroups, keys, dp, union) <= max_shared:
             return subgroups, keys
     raise UnsupportedGemmError(f"no layout for head dimension {head_dim} fits {max_shared} bytes")
 
@@ -497,7 +503,7 @@ def _store_kv(z: _Sizes, kb: str = "", vb: str = "") -> list[str]:
     elements ``kb`` and ``vb``, WGSL expressions; empty: the first): ``P @ V`` reads V as a column-major
     right operand, as the GEMMs read theirs."""
     total, out = z.pieces, []
-    kb, vb = (f"{b} + " if b else "" for b in (kb, vb))
+    kb, vb = _plus(kb), _plus(vb)
     for i in range(z.reads):
         inside = f"if (e{i} < {total}i) " if total % z.threads else ""
         k = f"{kb}row{i} * {z.ld}i + c{i} + "
@@ -515,7 +521,7 @@ def _scores(z: _Sizes, kb: str = "") -> list[str]:
     dp, bc, ld = z.plan.padded_dim, z.plan.keys, z.ld
     if z.emulate:
         return _emulated_scores(z, kb)
-    out, kb = [], f"{kb} + " if kb else ""
+    out, kb = [], _plus(kb)
     for j in range(bc // 16):
         out.append(f"  var s{j} = {RESULT}();")
         for c in range(dp // 16):
@@ -590,7 +596,7 @@ def _rescale(z: _Sizes) -> list[str]:
 def _output_products(z: _Sizes, vb: str = "") -> list[str]:
     """``P @ V`` for this step (the V tile at element ``vb``) added to the output's result matrices."""
     bc, pld = z.plan.keys, z.pld
-    out, vbase = [], f"{vb} + " if vb else ""
+    out, vbase = [], _plus(vb)
     if z.emulate:
         for j in range(z.plan.padded_dim // 16):
             body = (
@@ -684,7 +690,7 @@ fn {shader}(@builtin(workgroup_id) wg : vec3<u32>, {builtins}) {{
 def _emulated_scores(z: _Sizes, kb: str = "") -> list[str]:
     """The subgroup's 16 rows of ``Q @ K^T`` into its scratch, by its lanes, from the same workgroup
     memory the subgroup-matrix kernel reads (Q from its own tile, K from the tile at element ``kb``)."""
-    bc, ld, kb = z.plan.keys, z.ld, f"{kb} + " if kb else ""
+    bc, ld, kb = z.plan.keys, z.ld, _plus(kb)
     return [
         f"  for (var e = i32(lane); e < {16 * bc}i; e += 32i) {{",
         f"    let rr = e / {bc}i; let cc = e % {bc}i;",
