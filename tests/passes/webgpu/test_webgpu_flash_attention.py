@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from attention_fixtures import attention_module
+from attention_fixtures import LAVAPIPE_ICD, attention_module
 from testutil import DiffusersAttention, import_torch, kernel_launches, op_names
 
 import mlcweb_passes as mp
@@ -71,6 +71,24 @@ def test_kernel_computes_attention_on_webgpu(shape: AttentionShape, tile: WebGPU
     scale = shape.head_dim**-0.5
     exe = tvm.compile(attention_module(shape, dtype="float32", scale=scale, tile=tile), NODE_TARGET)
     got = run_on_webgpu(exe, "main", [q, k, v])
+    np.testing.assert_allclose(got, _attention(q, k, v, scale), rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not LAVAPIPE_ICD.is_file(), reason="needs Mesa's lavapipe")
+def test_eight_rows_a_thread_with_a_partial_key_tile() -> None:
+    """A tile of 8 rows a thread (``WebGPUFlashTile(64, 32, 8)``, a candidate for float32's heads of 40:
+    more multiply-adds per workgroup-memory read) over 45 keys, a partial second key tile. SwiftShader
+    did not finish this shader in 400 s (the same tile over 64 keys takes 34 s, 4 rows a thread over 45
+    keys 35 s), which had looked like a fault of the kernel; on lavapipe it computes attention within
+    1e-5 of float64 numpy, so the stall is SwiftShader's."""
+    from webgpu_node import LAVAPIPE, run_on_webgpu
+
+    shape = AttentionShape(1, 64, 45, 1, 40)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, n, 1, 40)).astype(np.float32) for n in (64, 45, 45))
+    scale = 40**-0.5
+    exe = tvm.compile(attention_module(shape, dtype="float32", scale=scale, tile=WebGPUFlashTile(64, 32, 8)), WEBGPU)
+    got = run_on_webgpu(exe, "main", [q, k, v], icd=LAVAPIPE)
     np.testing.assert_allclose(got, _attention(q, k, v, scale), rtol=0, atol=1e-5)
 
 
