@@ -93,7 +93,7 @@ PREFETCH = True  # the next step's K/V read into registers while this step's pro
 # registers: less workgroup memory, more workgroups resident (heads of 40: 12 KiB instead of 19; one
 # 64x64 self-attention 1.29 -> 1.08 ms on an H100). Not in emulation, which reads Q's tile every step.
 UNION = True
-# two K/V tiles taking turns (:func:`_double_buffered_loop`): a step's next tile is stored right after
+# two K/V tiles taking turns (:func:`_walk`): a step's next tile is stored right after
 # its scores, behind the barrier that already separates them from the softmax, and becomes visible at
 # the flag's barriers, so a step has 3 workgroup barriers instead of 5 (workgroupUniformLoad is two).
 # Only for the narrow heads' layouts (:data:`NARROW_LAYOUTS`) walking at least DOUBLE_MIN_STEPS steps:
@@ -390,72 +390,63 @@ def _source(shader: str, plan: AttentionPlan, declarations: str, helpers: str, e
             body.append(f"  let qm{c} = subgroupMatrixLoad<{LEFT}>(&mlcweb_qs, {at}, false, {z.ld}u);")
         body += [f"  var o{j} = {RESULT}();" for j in range(mats)]
     body += [f"  var xk{i} : vec4<f16>; var xv{i} : vec4<f16>;" for i in range(z.reads)]
-    if plan.buffers == 2:
-        body += _double_buffered_loop(z)
-        return _wrap(shader, z, declarations, helpers, body)
-    if plan.prefetch:
-        body += _read_kv(z, "0i")
-    body += [
-        f"  var m = {NEG};",
-        "  var l = 0.0f;",
-        f"  for (var kt = 0i; kt < {-(-plan.kv_len // plan.keys)}i; kt++) {{",
-        "  workgroupBarrier();",
-        "  if (li == 0u) { mlcweb_flag = 0u; }",
-        *([] if plan.prefetch else _read_kv(z, f"kt * {plan.keys}i")),
-        *_store_kv(z),
-        *(_read_kv(z, f"(kt + 1i) * {plan.keys}i") if plan.prefetch else []),
-        "  workgroupBarrier();",
-        *_scores(z),
-        "  workgroupBarrier();",
-        *_softmax(z),
-        "  let rescale = workgroupUniformLoad(&mlcweb_flag);",
-        "  if (rescale == 1u && kt > 0i) {",
-        *_rescale(z),
-        "  }",
-        *_output_products(z),
-        "  }",
-        *_store_output(z),
-    ]  # fmt: skip
+    body += _walk(z)
     return _wrap(shader, z, declarations, helpers, body)
 
 
-def _double_buffered_loop(z: _Sizes) -> list[str]:
-    """The walk over the keys with two K/V tiles taking turns (:data:`DOUBLE_BUFFER`), from after Q's
-    left operands are loaded. Step ``kt`` reads tile ``kt % 2``; the next tile is stored into the other
-    one right after the barrier that ends this step's scores (every read of that tile, by step
-    ``kt - 1``'s products, was before it) and is visible to step ``kt + 1`` after the flag's barriers, so
-    a step has three barriers: after the scores, and the two of ``workgroupUniformLoad``. A rescale ends
-    with a barrier of its own (the next step's scores overwrite the scratch it read last)."""
-    p = z.plan
-    step = f"{p.keys}i"
-    turn = [f"  let kb = (kt & 1i) * {z.k_tile}i; let vb = (kt & 1i) * {z.v_tile}i;"]
-    other = f"  let nkb = {z.k_tile}i - kb; let nvb = {z.v_tile}i - vb;"
-    if p.prefetch:  # registers hold tile kt + 1, read during step kt - 1
-        refill = [*_store_kv(z, "nkb", "nvb"), *_read_kv(z, f"(kt + 2i) * {step}")]
+def _walk(z: _Sizes) -> list[str]:
+    """The walk over the keys, from after Q's left operands are loaded, and the output's store.
+
+    With one K/V tile, a step stores its tile between two barriers (the last step's products are done
+    with the tile; the stores are visible to the scores), then a barrier before the softmax reads the
+    scores and the two of ``workgroupUniformLoad``: five. With two (:data:`DOUBLE_BUFFER`), step ``kt``
+    reads tile ``kt % 2`` and stores the next into the other right after the barrier that ends its scores
+    (every read of that tile, by step ``kt - 1``'s products, was before it), visible to step ``kt + 1``
+    after the flag's barriers: three; a rescale then ends with a barrier of its own (the next step's
+    scores overwrite the scratch it read last)."""
+    p, step = z.plan, f"{z.plan.keys}i"
+    if p.buffers == 2:
+        prologue = [
+            *_read_kv(z, "0i"),
+            "  workgroupBarrier();",  # every subgroup has Q's operands before tile 0 overwrites a shared array
+            *_store_kv(z, "0i", "0i"),
+            *(_read_kv(z, step) if p.prefetch else []),
+            "  workgroupBarrier();",
+        ]
+        tile = [f"  let kb = (kt & 1i) * {z.k_tile}i; let vb = (kt & 1i) * {z.v_tile}i;"]
+        if p.prefetch:  # registers hold tile kt + 1, read during step kt - 1
+            refill = [*_store_kv(z, "nkb", "nvb"), *_read_kv(z, f"(kt + 2i) * {step}")]
+        else:
+            refill = [*_read_kv(z, f"(kt + 1i) * {step}"), *_store_kv(z, "nkb", "nvb")]
+        after_scores = [f"  let nkb = {z.k_tile}i - kb; let nvb = {z.v_tile}i - vb;", *refill]
+        kb, vb, rescaled = "kb", "vb", ["  workgroupBarrier();"]
     else:
-        refill = [*_read_kv(z, f"(kt + 1i) * {step}"), *_store_kv(z, "nkb", "nvb")]
+        prologue = _read_kv(z, "0i") if p.prefetch else []
+        tile = [
+            *([] if p.prefetch else _read_kv(z, f"kt * {step}")),
+            *_store_kv(z),
+            *(_read_kv(z, f"(kt + 1i) * {step}") if p.prefetch else []),
+            "  workgroupBarrier();",
+        ]
+        after_scores, kb, vb, rescaled = [], "", "", []
     return [
-        *_read_kv(z, "0i"),
-        "  workgroupBarrier();",  # every subgroup has Q's operands before tile 0 overwrites a shared array
-        *_store_kv(z, "0i", "0i"),
-        *(_read_kv(z, step) if p.prefetch else []),
-        "  workgroupBarrier();",
+        *prologue,
         f"  var m = {NEG};",
         "  var l = 0.0f;",
         f"  for (var kt = 0i; kt < {-(-p.kv_len // p.keys)}i; kt++) {{",
+        *([] if p.buffers == 2 else ["  workgroupBarrier();"]),
         "  if (li == 0u) { mlcweb_flag = 0u; }",
-        *turn,
-        *_scores(z, "kb"),
+        *tile,
+        *_scores(z, kb),
         "  workgroupBarrier();",
-        other,
-        *refill,
+        *after_scores,
         *_softmax(z),
         "  let rescale = workgroupUniformLoad(&mlcweb_flag);",
         "  if (rescale == 1u && kt > 0i) {",
         *_rescale(z),
-        "  workgroupBarrier();",
+        *rescaled,
         "  }",
-        *_output_products(z, "vb"),
+        *_output_products(z, vb),
         "  }",
         *_store_output(z),
     ]  # fmt: skip
