@@ -193,7 +193,7 @@ def test_the_union_form_shares_q_tile_with_the_step_tiles(monkeypatch: pytest.Mo
         plans = attention_plans(mod)
         plan = AttentionPlan.from_json(plans["flash_attention"])
         assert plan.union and plan.subgroups == subgroups
-        assert plan.buffers == (2 if subgroups == 8 else 1)  # two K/V tiles where they fit
+        assert plan.buffers == (2 if subgroups == 8 else 1)  # two K/V tiles: the narrow layout's long walk
         sources = wgsl_sources(tvm.compile(mod, WEBGPU).mod)
         kernel = attention_kernels(plans, sources, CONFIG)["flash_attention_kernel"]
         declared = re.findall(r"^var<workgroup> (\w+) : array<(\w+), (\d+)>;", kernel.code, re.M)
@@ -216,8 +216,9 @@ def test_double_buffered_steps_have_three_barriers(
     """SD1.5's 64x64 self-attention walks 256 steps of 16 keys; with two K/V tiles taking turns
     (``DOUBLE_BUFFER``), a step's next tile is stored behind the barrier after its scores, so a step
     (the rescale aside) waits at 3 workgroup barriers instead of 5 (``workgroupUniformLoad`` is two:
-    Tint puts a barrier before and after the load). The two tiles fit the same 24 KiB + 4 KiB, and only
-    whole steps leave the scores unmasked (4096 keys: no ``select`` a score)."""
+    Tint puts a barrier before and after the load). The two tiles take Q's tile's place in the shared
+    array (14 KiB either way, 24 KiB with the scratch), and whole steps leave the scores unmasked (4096
+    keys: no ``select`` a score)."""
     from webgpu_node import WEBGPU
 
     from mlcweb.wgsl_check import check_matrix_wgsl
