@@ -16,6 +16,10 @@ times slower than reading the activations twice (``benchmarks/group_norm.py``).
    reduction;
 3. **normalise** and the fused epilogue (activation, casts): a thread per ``vector`` channels of a pixel.
 
+Where a pixel's channels need more threads than a block holds (WebGPU's 256 against the 320 and 480
+channel pairs of SD's 640- and 960-channel levels at 64x64), they are cut into ``runs``: each partial-sum
+block takes ``1 / runs`` of the groups, and each normalising thread ``runs`` pieces ``C / runs`` apart.
+
 It takes functions with one reduction whose loops are (batch..., group | pixels..., channel in group),
 whose one input is indexed ``[..., group * C/G + channel]`` in its last axis, with at least
 ``min_pixels`` pixels, and only elementwise blocks besides. Everything else falls through to the next
@@ -70,9 +74,12 @@ class ChannelsLastNorm(dl.ScheduleRule):
         # A thread's channels stay inside one group (10 channels in SD's 320-channel levels: 2 divides it,
         # 4 does not), so the normalising kernel reads one group's statistics per thread.
         vector = self.vector if group_size % self.vector == 0 else 1
-        tx = channels // vector
-        if pixels < self.min_pixels or tx > self.gpu.max_threads:
+        # Channels wider than the target's threads (WebGPU's 256 against SD's 640- and 960-channel
+        # levels) give each thread `runs` of `vector` channels, `tx` runs apart.
+        runs = _runs(channels // vector, self.gpu.max_threads)
+        if pixels < self.min_pixels or runs is None:
             return None
+        tx = channels // vector // runs
         per_thread = self.pixels
         while per_thread * 2 <= pixels and batch * pixels * tx // per_thread > self.gpu.resident_threads:
             per_thread *= 2
@@ -83,13 +90,13 @@ class ChannelsLastNorm(dl.ScheduleRule):
         while tx * ty * 2 <= self.threads and chunks % (ty * 2) == 0:
             ty *= 2
         try:
-            self._partials(sch, red.block_rv, n_batch, chunks, group_size, vector, ty)
+            self._partials(sch, red.block_rv, n_batch, chunks, group_size, vector, runs, ty)
             self._totals(sch, red.block_rv)
         except s_tir.ScheduleError:
             return None
         for info in infos:
             if info is not red:
-                self._elementwise(sch, info.block_rv, channels, vector)
+                self._elementwise(sch, info.block_rv, channels, vector, runs)
         return sch
 
     def _partials(
@@ -100,9 +107,11 @@ class ChannelsLastNorm(dl.ScheduleRule):
         chunks: int,
         group_size: int,
         vector: int,
+        runs: int,
         ty: int,
     ) -> None:
-        """rfactor the reduction over (chunk, channel in group) and schedule the partial-sum kernel."""
+        """rfactor the reduction over (chunk, channel in group) and schedule the partial-sum kernel: with
+        ``runs`` > 1 a thread block takes ``1 / runs`` of the groups (their channels contiguous)."""
         loops = sch.get_loops(block)
         pixel_loops, channel = loops[n_batch + 1 : -1], loops[-1]
         pixel = sch.fuse(*pixel_loops) if len(pixel_loops) > 1 else pixel_loops[0]
@@ -124,11 +133,12 @@ class ChannelsLastNorm(dl.ScheduleRule):
         batch, group, q, inner = rf_loops[:n_batch], rf_loops[n_batch], rf_loops[n_batch + 1], rf_loops[-1]
         chunk, channel = sch.split(q, factors=[chunks, group_size])
         chunk_o, chunk_i = sch.split(chunk, factors=[None, ty])
-        sch.reorder(*batch, chunk_o, chunk_i, group, channel, inner)
+        run, group = sch.split(group, factors=[runs, None])
+        sch.reorder(*batch, run, chunk_o, chunk_i, group, channel, inner)
         lanes, vec = sch.split(sch.fuse(group, channel), factors=[None, vector])
         step, unrolled = sch.split(inner, factors=[None, self.unroll])
         sch.reorder(step, unrolled, vec)
-        sch.bind(sch.fuse(*batch, chunk_o), "blockIdx.x")
+        sch.bind(sch.fuse(*batch, run, chunk_o), "blockIdx.x")
         sch.bind(chunk_i, "threadIdx.y")
         sch.bind(lanes, "threadIdx.x")
         sch.unroll(unrolled)
@@ -138,8 +148,11 @@ class ChannelsLastNorm(dl.ScheduleRule):
             sch.reverse_compute_at(cache, lanes)
         sch.decompose_reduction(rf, step)
 
-    def _elementwise(self, sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, channels: int, vector: int) -> None:
-        """A thread per ``vector`` channels of a pixel: one load and store of each input and output, and
+    def _elementwise(
+        self, sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, channels: int, vector: int, runs: int
+    ) -> None:
+        """A thread per ``runs`` x ``vector`` channels of a pixel (runs ``channels / runs`` apart): one load
+        and store of each input and output a run, and
         the group of the statistics read a thread-invariant index. Blocks of another shape: a thread per
         element."""
         loops = sch.get_loops(block)
@@ -152,13 +165,16 @@ class ChannelsLastNorm(dl.ScheduleRule):
             return
         pixels = reduce(lambda a, b: a * b, (int(e) for e in extents[:-1]), 1)
         lanes, vec = sch.split(loops[-1], factors=[None, vector])
+        run, lanes = sch.split(lanes, factors=[runs, None])
         ty = 1
-        while channels // vector * ty * 2 <= self.threads and pixels % (ty * 2) == 0:
+        while channels // vector // runs * ty * 2 <= self.threads and pixels % (ty * 2) == 0:
             ty *= 2
         bx, t = sch.split(sch.fuse(*loops[:-1]), factors=[None, ty])
+        sch.reorder(lanes, run)
         sch.bind(bx, "blockIdx.x")
         sch.bind(t, "threadIdx.y")
         sch.bind(lanes, "threadIdx.x")
+        sch.unroll(run)
         sch.vectorize(vec)
 
     def _totals(self, sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> None:
@@ -169,6 +185,16 @@ class ChannelsLastNorm(dl.ScheduleRule):
         sch.reorder(row, lane, outer)
         sch.bind(row, "blockIdx.x")
         sch.bind(lane, "threadIdx.x")
+
+
+def _runs(lanes: int, max_threads: int) -> int | None:
+    """The fewest runs a thread takes so that ``lanes`` split into runs of at most ``max_threads`` threads
+    (a divisor of ``lanes``), None where only runs of one lane fit (thousands of channels: not a group norm
+    this rule serves)."""
+    for runs in range(1, min(lanes, 8) + 1):
+        if lanes % runs == 0 and lanes // runs <= max_threads:
+            return runs
+    return None
 
 
 def _channels_last(sch: s_tir.Schedule, red: dl.SBlockInfo) -> tuple[int, int, int, int, int] | None:

@@ -91,7 +91,7 @@ def test_short_group_norm_rows_keep_their_consumer_in_one_kernel() -> None:
     assert default.fuse_below == 10240
     webgpu = tvm.target.Target({"kind": "webgpu"})
     on_webgpu = RowReduction(fuse_below=2048).apply(_kernel(GroupNormSiLU, webgpu), webgpu, False)
-    assert len(_launches(on_webgpu.mod["main"])) == 2  # measured on CUDA only
+    assert _launches(on_webgpu.mod["main"]) == [2 * 32]  # WebGPU too: one dispatch instead of two
 
 
 @I.ir_module
@@ -386,21 +386,59 @@ class GroupNormNHWC32:
         return out
 
 
-def test_channels_last_group_norm_on_webgpu_matches_pytorch() -> None:
+def _group_norm_silu(channels: int, size: int) -> tvm.IRModule:
+    """A float32 NHWC group norm (32 groups) and SiLU of one ``size`` x ``size`` image of ``channels``."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, size, size, channels), "float32"))
+    g, b = (relax.Var(n, relax.TensorType((channels,), "float32")) for n in ("g", "b"))
+    with bb.function("main", [x, g, b]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.group_norm(x, g, b, num_groups=32, channel_axis=3, axes=[1, 2]))
+            out = bb.emit_output(bb.emit(relax.op.multiply(y, relax.op.sigmoid(y))))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("channels", [128, 960], ids=["vae-128", "unet-960"])
+def test_channels_last_group_norm_on_webgpu_matches_pytorch(channels: int) -> None:
     """The same three kernels on WebGPU (Dawn on SwiftShader, float32): PyTorch's group norm and SiLU
-    within 1e-5."""
+    within 1e-5; for the VAE's 128 channels at 64x64, and for the UNet's 960 (its last level's first
+    norm), whose 480 two-channel threads exceed WebGPU's 256 a workgroup: each partial-sum workgroup
+    takes half the groups, each normalising thread two runs of two channels."""
     import torch
     from webgpu_node import WEBGPU, run_on_webgpu
 
-    func = _kernel(GroupNormNHWC32, WEBGPU)
+    mod = GroupNormNHWC32 if channels == 128 else _group_norm_silu(channels, 64)
+    func = _kernel(mod, WEBGPU)
     assert ChannelsLastNorm(gpu_facts(WEBGPU)).apply(func, WEBGPU, False) is not None
-    exe = tvm.compile(GroupNormNHWC32, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU))
+    exe = tvm.compile(mod, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU))
     rng = np.random.default_rng(0)
-    x = (3 * rng.standard_normal((1, 64, 64, 128)) + 1).astype(np.float32)
-    g, b = (1 + 0.1 * rng.standard_normal(128)).astype(np.float32), (0.1 * rng.standard_normal(128)).astype(np.float32)
+    x = (3 * rng.standard_normal((1, 64, 64, channels)) + 1).astype(np.float32)
+    g = (1 + 0.1 * rng.standard_normal(channels)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(channels)).astype(np.float32)
     got = run_on_webgpu(exe, "main", [x, g, b])
     y = torch.nn.functional.group_norm(
         torch.from_numpy(x).permute(0, 3, 1, 2), 32, torch.from_numpy(g), torch.from_numpy(b)
     )
     want = torch.nn.functional.silu(y).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize(("channels", "runs"), [(640, 2), (960, 2), (320, 1)])
+def test_channels_wider_than_a_workgroup_split_into_runs(channels: int, runs: int) -> None:
+    """WebGPU workgroups hold 256 threads: SD's 640- and 960-channel levels at 64x64 (320 and 480 pairs of
+    channels) took RowReduction's 64 row blocks before. Now the partial sums' grid has a workgroup per
+    (image, chunk, half of the groups) and each normalising thread two runs of channels, half the
+    channels apart; 320 channels fit one run. CUDA's 1024 threads keep one run."""
+    webgpu = tvm.target.Target({"kind": "webgpu"})
+    func = _kernel(_group_norm_silu(channels, 64), webgpu).with_attr("global_symbol", "norm")
+    sch = ChannelsLastNorm(gpu_facts(webgpu)).apply(func, webgpu, False)
+    assert sch is not None
+    partials, totals, pixels = _launches(sch.mod["main"])
+    assert partials == runs * 128 and totals == 32 and pixels == 64 * 64  # 128 chunks of 32 pixels
+    threads = re.findall(r'T\.thread_binding\(T\.int64\((\d+)\), thread="threadIdx\.x"\)', sch.mod["main"].script())
+    assert int(threads[0]) == channels // 2 // runs and int(threads[-1]) == channels // 2 // runs
+    cuda = ChannelsLastNorm(H100).apply(_kernel(_group_norm_silu(channels, 64), CUDA), CUDA, False)
+    assert cuda is not None and _launches(cuda.mod["main"])[0] == 128
