@@ -64,6 +64,7 @@ def build(args: argparse.Namespace) -> int:
         "split_k_policy": args.split_policy,
         "webgpu_matrix_shared": args.matrix_shared,
         "webgpu_matrix_tuned": args.matrix_tuned,
+        "webgpu_flash_tiles": args.flash_tiles,
     }
     with _tiles(gemm, changes), _vector_loads(args.vector_loads), _pipeline_defaults(defaults):
         return _build_dtypes(args, host)
@@ -106,6 +107,17 @@ def matrix_tiles_arg(text: str) -> Any:
 
     try:
         return tuple(MatrixTile.parse(spec) for spec in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def flash_tiles_arg(text: str) -> Any:
+    """``--flash-tiles`` (comma-separated WebGPUFlashTile specs) as a tuple of tiles."""
+    sys.path.insert(0, str(ROOT))
+    from mlcweb_passes.webgpu.flash_attention import WebGPUFlashTile
+
+    try:
+        return tuple(WebGPUFlashTile.parse(spec) for spec in text.split(","))
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -675,6 +687,11 @@ def main(argv: list[str] | None = None) -> int:
         "--matrix-tuned",
         type=matrix_table_arg,
         help="a matrix tile table (webgpu_matrix_tiles.json) instead of the shipped database's",
+    )
+    b.add_argument(
+        "--flash-tiles",
+        type=flash_tiles_arg,
+        help="portable flash-attention tiles tried first, e.g. 128x32x4,64x32x8 (PipelineOptions.webgpu_flash_tiles)",
     )
     b.add_argument(
         "--tile",

@@ -131,10 +131,15 @@ FLASH_VARIANTS: dict[str, tuple[tuple[int, int, int], ...]] = {
 def _options(variant: str) -> Any:
     """The variant's pipeline options (its layout, flash attention, operand widening and loads)."""
     import mlcweb_passes as mp
+    from mlcweb_passes.webgpu.flash_attention import WebGPUFlashTile
 
     _, layout, flash, wide = VARIANTS.get(variant, VARIANTS["vec4-nhwc"])
     return mp.PipelineOptions(
-        conv_layout=layout, flash_attention=flash, widen_gemm_operands=wide, vector_loads=variant not in SCALAR_LOADS
+        conv_layout=layout,
+        flash_attention=flash,
+        widen_gemm_operands=wide,
+        vector_loads=variant not in SCALAR_LOADS,
+        webgpu_flash_tiles=tuple(WebGPUFlashTile(*t) for t in FLASH_VARIANTS.get(variant, ())),
     )
 
 
@@ -378,7 +383,7 @@ def build(args: argparse.Namespace) -> int:
             print(f"webgpu_kernels build: no variant {variant!r}", file=sys.stderr)
             return 2
         options = _options(variant)
-        with _tiles(gemm, VARIANTS.get(variant, ({},))[0]), _flash_tiles(FLASH_VARIANTS.get(variant, ())):
+        with _tiles(gemm, VARIANTS.get(variant, ({},))[0]):
             for dtype in args.dtypes.split(","):
                 if (variant in MATRIX_VARIANTS or variant in LANE_VARIANTS) and dtype != "float16":
                     continue  # subgroup matrices: float16 only
@@ -386,19 +391,6 @@ def build(args: argparse.Namespace) -> int:
                 _build_library(dest, variant, dtype, shapes, target, options)
                 print(f"built {dest}", flush=True)
     return 0
-
-
-@contextlib.contextmanager
-def _flash_tiles(tiles: tuple[tuple[int, int, int], ...]) -> Iterator[None]:
-    """The portable flash-attention kernel tries ``tiles`` first while building."""
-    from mlcweb_passes.webgpu import flash_attention
-
-    saved = flash_attention.TILES
-    flash_attention.TILES = (*(flash_attention.WebGPUFlashTile(*t) for t in tiles), *saved)
-    try:
-        yield
-    finally:
-        flash_attention.TILES = saved
 
 
 def run(args: argparse.Namespace) -> int:

@@ -71,7 +71,7 @@ from .rewrites.split_k_conv import SplitKConv, SplitPolicy, webgpu_split_policy
 from .schedules.apply_database import ApplyDatabase
 from .targets import GpuFacts, gpu_facts, is_gpu_target, sm_version
 from .webgpu import vector_storage
-from .webgpu.flash_attention import fits_webgpu_flash_attention, webgpu_flash_attention_kernel
+from .webgpu.flash_attention import WebGPUFlashTile, fits_webgpu_flash_attention, webgpu_flash_attention_kernel
 from .webgpu.gemm import TILE_TABLE_FILE, WebGPUTile, read_tile_table
 from .webgpu.matrix_attention import PlanMatrixAttention
 from .webgpu.matrix_gemm import TILE_ORDER, MatrixConfig, MatrixTile, PlanMatrixGemms, plans_attr, workgroup_limit
@@ -135,7 +135,8 @@ class PipelineOptions:
     portable one: ``"matrix"`` on subgroup matrices (the default; :mod:`~mlcweb_passes.webgpu.matrix_attention`),
     ``"portable"`` none (TVM's kernel everywhere), ``"lanes"`` in
     hand-written WGSL on the lanes (:mod:`~mlcweb_passes.webgpu.lane_attention`, slower than the portable
-    kernel on the GPUs measured).
+    kernel on the GPUs measured). ``webgpu_flash_tiles``: tiles the portable flash attention tries before
+    its own (:data:`~mlcweb_passes.webgpu.flash_attention.TILES`), each where it fits the target.
     ``database``: a MetaSchedule database to take tuned schedules from (a directory that also holds a
     WebGPU tile table, ``webgpu_gemm_tiles.json``, gives WebGPU GEMMs its tiles too). ``webgpu_tiles``: a
     tile table (:func:`~mlcweb_passes.webgpu.gemm.read_tile_table`) for WebGPU GEMMs, instead of the
@@ -157,6 +158,7 @@ class PipelineOptions:
     webgpu_matrix_shared: int | None = None
     webgpu_matrix_tuned: Mapping[str, MatrixTile] | None = None
     webgpu_matrix_larger: tuple[int, ...] = (49152,)
+    webgpu_flash_tiles: tuple[WebGPUFlashTile, ...] = ()
     database: Database | None = None
     webgpu_tiles: Mapping[str, WebGPUTile] | None = None
     gpu: GpuFacts | None = None
@@ -233,7 +235,8 @@ def graph_phase(
 
 def _flash_attention(target: Target, options: PipelineOptions) -> list[tvm.transform.Pass]:
     """The target's flash-attention rewrite: tensor-core kernels on CUDA sm_80+ (float16), the portable
-    kernel on WebGPU sized by the target's workgroup limits (float16 and float32); else none."""
+    kernel on WebGPU sized by the target's workgroup limits (float16 and float32), preferring
+    ``options.webgpu_flash_tiles``; else none."""
     if not options.flash_attention:
         return []
     if supports_flash_attention(target):
@@ -241,8 +244,9 @@ def _flash_attention(target: Target, options: PipelineOptions) -> list[tvm.trans
     if target.kind.name == "webgpu":
         gpu = _gpu(target, options)
         shared, threads = gpu.max_shared_bytes, gpu.max_threads
-        kernel = functools.partial(webgpu_flash_attention_kernel, max_shared=shared, max_threads=threads)
-        supports = functools.partial(fits_webgpu_flash_attention, max_shared=shared, max_threads=threads)
+        first = options.webgpu_flash_tiles
+        kernel = functools.partial(webgpu_flash_attention_kernel, max_shared=shared, max_threads=threads, first=first)
+        supports = functools.partial(fits_webgpu_flash_attention, max_shared=shared, max_threads=threads, first=first)
         return [FlashAttention(kernel, dtypes=("float16", "float32"), supports=supports)]
     return []
 

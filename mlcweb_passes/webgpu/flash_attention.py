@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,29 @@ class WebGPUFlashTile:
         return self.rows // self.rows_per_thread
 
     @property
+    def spec(self) -> str:
+        """``ROWSxKEYSxROWS_PER_THREAD``, as :meth:`parse` reads it."""
+        return f"{self.rows}x{self.keys}x{self.rows_per_thread}"
+
+    @classmethod
+    def parse(cls, spec: str) -> WebGPUFlashTile:
+        """A tile from ``ROWSxKEYS`` (4 rows a thread) or ``ROWSxKEYSxROWS_PER_THREAD``; ValueError for
+        anything else or a tile that is not :meth:`valid`."""
+        try:
+            sizes = [int(v) for v in spec.lower().split("x")]
+        except ValueError:
+            sizes = []
+        if len(sizes) not in (2, 3):
+            raise ValueError(f"a flash-attention tile is ROWSxKEYS or ROWSxKEYSxROWS_PER_THREAD, not {spec!r}")
+        tile = cls(*sizes)
+        if not tile.valid():
+            raise ValueError(
+                f"flash-attention tile {spec!r}: rows a multiple of rows per thread, keys of "
+                f"{COLUMN_GROUPS} and of rows / rows per thread"
+            )
+        return tile
+
+    @property
     def threads(self) -> int:
         return self.row_groups * COLUMN_GROUPS
 
@@ -112,11 +136,16 @@ def _padded(head_dim: int) -> int:
 
 
 def choose_webgpu_flash_tile(
-    shape: AttentionShape, dtype: str, max_shared: int = WEBGPU_DEFAULT_SHARED, max_threads: int = 256
+    shape: AttentionShape,
+    dtype: str,
+    max_shared: int = WEBGPU_DEFAULT_SHARED,
+    max_threads: int = 256,
+    first: Sequence[WebGPUFlashTile] = (),
 ) -> WebGPUFlashTile:
-    """The first of :data:`TILES` that fits ``max_shared`` bytes of workgroup memory and ``max_threads``
-    threads for ``shape``'s head dimension in ``dtype``, with no more rows than the queries need."""
-    for tile in TILES:
+    """The first of ``first`` (tiles a build prefers, e.g. measured ones) then :data:`TILES` that fits
+    ``max_shared`` bytes of workgroup memory and ``max_threads`` threads for ``shape``'s head dimension in
+    ``dtype``, with no more rows than the queries need."""
+    for tile in (*first, *TILES):
         fits = tile.shared_bytes(shape.head_dim, dtype) <= max_shared and tile.threads <= max_threads
         if fits and (tile.rows <= max(16, shape.q_len) or tile is TILES[-1]):
             return tile
@@ -132,13 +161,17 @@ def supported(shape: AttentionShape, dtype: str) -> bool:
 
 
 def fits_webgpu_flash_attention(
-    shape: AttentionShape, dtype: str, max_shared: int = WEBGPU_DEFAULT_SHARED, max_threads: int = 256
+    shape: AttentionShape,
+    dtype: str,
+    max_shared: int = WEBGPU_DEFAULT_SHARED,
+    max_threads: int = 256,
+    first: Sequence[WebGPUFlashTile] = (),
 ) -> bool:
     """True when :func:`webgpu_flash_attention_kernel` handles ``shape`` in ``dtype`` within these limits."""
     if not supported(shape, dtype):
         return False
     try:
-        choose_webgpu_flash_tile(shape, dtype, max_shared, max_threads)
+        choose_webgpu_flash_tile(shape, dtype, max_shared, max_threads, first)
     except ValueError:
         return False
     return True
@@ -152,11 +185,13 @@ def webgpu_flash_attention_kernel(
     max_shared: int = WEBGPU_DEFAULT_SHARED,
     max_threads: int = 256,
     tile: WebGPUFlashTile | None = None,
+    first: Sequence[WebGPUFlashTile] = (),
 ) -> tirx.PrimFunc:
     """The WebGPU kernel ``o = softmax(q @ k^T * scale) @ v`` for ``shape`` (``dtype`` in and out,
     float32 inside), marked ``tirx.is_scheduled`` so schedule rules leave it alone. ``views`` as for
     :func:`~mlcweb_passes.cuda.flash_kernel.flash_attention_kernel`; ``tile`` by default
-    :func:`choose_webgpu_flash_tile`'s for ``max_shared`` and ``max_threads`` (the target's limits)."""
+    :func:`choose_webgpu_flash_tile`'s for ``max_shared`` and ``max_threads`` (the target's limits),
+    trying ``first`` before :data:`TILES`."""
     if not supported(shape, dtype):
         raise ValueError(
             f"WebGPU flash attention does not support {shape} in {dtype} "
@@ -164,7 +199,7 @@ def webgpu_flash_attention_kernel(
         )
     if len(views) != 3 or any(view is not None and not 0 <= view[1] < view[0] for view in views):
         raise ValueError(f"views must be three None or (count, index) with index < count, not {views}")
-    tile = tile or choose_webgpu_flash_tile(shape, dtype, max_shared, max_threads)
+    tile = tile or choose_webgpu_flash_tile(shape, dtype, max_shared, max_threads, first)
     if not tile.valid():
         raise ValueError(
             f"invalid flash-attention tile {tile}: rows a multiple of rows_per_thread, keys of 8 and of the row groups"

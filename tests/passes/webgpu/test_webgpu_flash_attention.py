@@ -5,6 +5,8 @@ build on the same weights)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,27 @@ def test_the_pipeline_rewrites_attention_for_both_dtypes(dtype: str, monkeypatch
     sources = wgsl_sources(exe.mod)
     assert any(name.startswith("flash_attention") for name in sources)
     assert check_wgsl(exe.mod, float16=dtype == "float16") == len(sources)
+
+
+def test_a_build_can_prefer_its_own_tiles() -> None:
+    """``PipelineOptions.webgpu_flash_tiles``: a build's tiles (measured ones, or candidates to time) come
+    before :data:`TILES` where they fit: 128 query rows of 4 a thread make a 256-thread workgroup, where
+    the default tile has 128 threads (and only 16 rows here: 24 queries); one past the workgroup memory
+    is passed over."""
+    _, _, mod, _ = _imported()
+    tile = WebGPUFlashTile.parse("16x16x1")
+    assert tile == WebGPUFlashTile(16, 16, 1) and tile.spec == "16x16x1"
+    assert WebGPUFlashTile.parse("128x32").threads == 256
+    for bad in ("128", "64x30", "axb", "64x32x3"):
+        with pytest.raises(ValueError, match="flash-attention tile"):
+            WebGPUFlashTile.parse(bad)
+    too_large = WebGPUFlashTile(512, 512, 8)  # 1 MiB of scores alone
+    for first, threads in (((), 16 // 4 * 8), ((too_large, tile), 16 * 8)):
+        options = mp.PipelineOptions(webgpu_flash_tiles=first)
+        exe = tvm.compile(mod, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU, options))
+        (code,) = [c for name, c in wgsl_sources(exe.mod).items() if name.startswith("flash_attention")]
+        sizes = re.search(r"@workgroup_size\((\d+), (\d+), (\d+)\)", code)
+        assert sizes is not None and np.prod([int(n) for n in sizes.groups()]) == threads
 
 
 def test_without_flash_attention_the_scores_are_materialised() -> None:
