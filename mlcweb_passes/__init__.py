@@ -34,6 +34,7 @@ from .pipeline import (
     pipeline,
     tir_pipeline,
 )
+from .rewrites.cancel_transposes import CancelTransposes
 from .rewrites.chunk_attention import ChunkAttentionRows
 from .rewrites.clamp_gather_indices import ClampGatherIndices
 from .rewrites.conv_layout import ConvLayout
@@ -67,6 +68,7 @@ __all__ = [
     "PHASES",
     "WEBGPU_ATTENTION",
     "ApplyDatabase",
+    "CancelTransposes",
     "ChunkAttentionRows",
     "ClampGatherIndices",
     "ConvLayout",

@@ -51,6 +51,7 @@ from tvm.target import Target
 from .cuda.flash_attention import FlashAttention
 from .cuda.flash_kernel import supports_flash_attention
 from .cuda.wgmma_gemm import WgmmaGemm, supports_wgmma
+from .rewrites.cancel_transposes import CancelTransposes
 from .rewrites.chunk_attention import ChunkAttentionRows
 from .rewrites.clamp_gather_indices import ClampGatherIndices
 from .rewrites.conv_layout import ConvLayout
@@ -220,6 +221,7 @@ def graph_phase(
         ClampGatherIndices(),
         IntegerCumsum(),
         FoldBoolIdentities(),
+        CancelTransposes(),
         FoldPadIntoConv(),
     ]
     if target.kind.name == "webgpu":
