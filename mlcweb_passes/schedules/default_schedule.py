@@ -44,6 +44,7 @@ from .narrow_output import NarrowOutput
 from .row_reduction import RowReduction
 from .short_row_reduction import ShortRowReduction
 from .skinny_matmul import SkinnyMatmul
+from .vector_elementwise import VectorElementwise
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def default_rules(
             dl.gpu.GEMV(),
             dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(),
+            VectorElementwise(),
             dl.gpu.Fallback(),
         ]
     if target.kind.name == "llvm":
