@@ -1,4 +1,4 @@
-"""A CUDA schedule rule for norms over many short rows: one warp per row (layer norm above all).
+"""A GPU schedule rule (CUDA, WebGPU) for norms over many short rows: one warp per row (layer norm above all).
 
 A transformer's layer norm reduces every token's channels: 8192 rows of 320 elements in SD's UNet at
 64x64 latents. dlight's ``GeneralReduction`` gives each row a thread block of 256 threads, so each of the
@@ -11,9 +11,13 @@ half the threads idle in the second pass over 320 elements: far below memory ban
 whose result every lane keeps in a register (no shared memory, no barrier), and the elementwise block
 after them (normalise, scale, shift, cast) runs on the same warp, reading the row again from L1.
 
-It applies only to CUDA functions whose blocks are reductions over the same leading row axes and one
-elementwise block after them, with at least ``min_rows`` rows of at most ``max_row_length`` elements.
-Everything else falls through to the next rule.
+On WebGPU a "warp" is 32 invocations along ``threadIdx.x``: with subgroups of 32 (the subgroup library)
+each reduction is subgroup operations; without, a tree in workgroup memory over the row's 32 invocations,
+still a small fraction of the 256-invocation block-wide trees dlight gives every row.
+
+It applies only to CUDA and WebGPU functions whose blocks are reductions over the same leading row axes
+and one elementwise block after them, with at least ``min_rows`` rows of at most ``max_row_length``
+elements. Everything else falls through to the next rule.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class ShortRowReduction(dl.ScheduleRule):
         self.rows_per_block = rows_per_block
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "webgpu"):
             return None
         normalized = inlined_blocks(func)
         if normalized is None:

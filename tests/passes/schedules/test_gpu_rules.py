@@ -14,6 +14,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import mlcweb_passes as mp
+from mlcweb.wgsl_check import wgsl_sources
 from mlcweb_passes.cuda.tensor_core_matmul import GemmShape, TensorCoreMatmul, TensorCoreTile, choose_tile
 from mlcweb_passes.schedules.apply_database import preload_tensor_intrinsics
 from mlcweb_passes.schedules.channels_last_norm import ChannelsLastNorm
@@ -177,8 +178,45 @@ def test_short_row_reduction_leaves_long_or_few_rows_and_other_targets() -> None
     assert ShortRowReduction().apply(_kernel(GroupNormSiLU, CUDA), CUDA, False) is None  # 64 rows
     assert ShortRowReduction(max_row_length=256).apply(_kernel(LayerNorm, CUDA), CUDA, False) is None
     assert ShortRowReduction().apply(_kernel(Attention, CUDA), CUDA, False) is None  # a matmul
+    llvm = tvm.target.Target("llvm")
+    assert ShortRowReduction().apply(_kernel(LayerNorm, llvm), llvm, False) is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_layer_norm_on_webgpu_takes_a_row_per_32_lanes_and_matches_numpy(dtype: str) -> None:
+    """On WebGPU the same rule: 4 rows of 32 invocations a workgroup (without subgroups each reduction
+    is a tree in workgroup memory), dlight's 256 invocations a row before. 2 x 1024 rows of 320 on Dawn:
+    float32 on SwiftShader within 2e-6 of float64 numpy, float16 on lavapipe within its rounding."""
+    from attention_fixtures import LAVAPIPE_ICD
+    from tvm import relax
+    from webgpu_node import LAVAPIPE, SWIFTSHADER, run_on_webgpu
+    from webgpu_node import WEBGPU as NODE_TARGET
+
     webgpu = tvm.target.Target({"kind": "webgpu"})
-    assert ShortRowReduction().apply(_kernel(LayerNorm, webgpu), webgpu, False) is None
+    sch = ShortRowReduction().apply(_kernel(LayerNorm, webgpu).with_attr("global_symbol", "norm"), webgpu, False)
+    assert sch is not None and _launches(sch.mod["main"]) == [2 * 4096 // 4]
+    if dtype == "float16" and not LAVAPIPE_ICD.is_file():
+        pytest.skip("float16 needs Mesa's lavapipe")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 1024, 320), dtype))
+    g, b = (relax.Var(n, relax.TensorType((320,), dtype)) for n in ("g", "b"))
+    with bb.function("main", [x, g, b]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.layer_norm(x, g, b, axes=[-1])))
+        bb.emit_func_output(out)
+    options = mp.PipelineOptions(dtype=dtype)
+    relax_pipeline, tir_pipeline = mp.pipeline(NODE_TARGET, options), mp.tir_pipeline(NODE_TARGET, options)
+    exe = tvm.compile(bb.get(), NODE_TARGET, relax_pipeline=relax_pipeline, tir_pipeline=tir_pipeline)
+    (code,) = [c for name, c in wgsl_sources(exe.mod).items() if "layer_norm" in name]
+    assert "@workgroup_size(32, 4, 1)" in code
+    rng = np.random.default_rng(0)
+    xa = (2 * rng.standard_normal((2, 1024, 320)) + 0.5).astype(dtype)
+    ga, ba = (1 + 0.1 * rng.standard_normal(320)).astype(dtype), (0.1 * rng.standard_normal(320)).astype(dtype)
+    got = run_on_webgpu(exe, "main", [xa, ga, ba], icd=LAVAPIPE if dtype == "float16" else SWIFTSHADER)
+    x64 = xa.astype(np.float64)
+    want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * ga + ba
+    tol = 2e-6 if dtype == "float32" else 8e-3
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=0, atol=tol)
 
 
 def test_head_dim_40_matmul_goes_to_tensor_cores() -> None:
