@@ -116,6 +116,8 @@ class RowReduction(dl.ScheduleRule):
         slots: list[list[s_tir.schedule.LoopRV]] = [[lp] for lp in loops]  # each consumer loop, as split
         rows = []
         for index in reads[0].indices:
+            if isinstance(index, tirx.IntImm):  # a unit axis (one image): no loop to take
+                continue
             var, factor = (index, None) if isinstance(index, tirx.Var) else (getattr(index, "a", None), index)
             position = next((i for i, v in enumerate(iter_vars) if var is not None and v.same_as(var)), None)
             if position is None or len(slots[position]) != 1:
@@ -125,6 +127,8 @@ class RowReduction(dl.ScheduleRule):
                     return None
                 slots[position] = list(sch.split(slots[position][0], factors=[None, int(factor.b.value)]))
             rows.append(slots[position][0])
+        if not rows:
+            return None
         rest = [lp for slot in slots for lp in slot if not any(lp.same_as(r) for r in rows)]
         try:
             sch.reorder(*rows, *rest)

@@ -95,6 +95,32 @@ def test_short_group_norm_rows_keep_their_consumer_in_one_kernel() -> None:
     assert _launches(on_webgpu.mod["main"]) == [2 * 32]  # WebGPU too: one dispatch instead of two
 
 
+def test_one_image_short_rows_keep_their_consumer_in_one_kernel_and_match_pytorch() -> None:
+    """One image (SD-Turbo's unguided UNet, the VAE): the norm's statistics are indexed ``[0, group]``, a
+    unit axis with no loop, which had sent RowReduction back to two kernels. The 8x8 level's 1280-channel
+    norm and SiLU in one WebGPU kernel of a workgroup per group, on SwiftShader within 1e-5 of PyTorch."""
+    import torch
+    from webgpu_node import WEBGPU, run_on_webgpu
+
+    mod = _group_norm_silu(1280, 8)
+    sch = RowReduction(fuse_below=10240).apply(_kernel(mod, WEBGPU).with_attr("global_symbol", "norm"), WEBGPU, False)
+    assert sch is not None and _launches(sch.mod["main"]) == [32]
+    exe = tvm.compile(mod, WEBGPU, relax_pipeline=mp.pipeline(WEBGPU))
+    assert len([name for name in wgsl_sources(exe.mod) if "group_norm" in name]) == 1
+    rng = np.random.default_rng(0)
+    x = (3 * rng.standard_normal((1, 8, 8, 1280)) + 1).astype(np.float32)
+    g, b = (
+        (1 + 0.1 * rng.standard_normal(1280)).astype(np.float32),
+        (0.1 * rng.standard_normal(1280)).astype(np.float32),
+    )
+    got = run_on_webgpu(exe, "main", [x, g, b])
+    y = torch.nn.functional.group_norm(
+        torch.from_numpy(x).permute(0, 3, 1, 2), 32, torch.from_numpy(g), torch.from_numpy(b)
+    )
+    want = torch.nn.functional.silu(y).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
 @I.ir_module
 class GroupNormNHWC:
     """A resnet's norm and SiLU at the UNet's 64x64 level as ConvLayout leaves it: channels last, groups of
