@@ -100,15 +100,20 @@ def split_policy_arg(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}: {err}") from None
 
 
+def _tiles_arg(text: str, parse: Any) -> Any:
+    """Comma-separated tile specs as a tuple of ``parse``'s tiles (an argparse error for a bad one)."""
+    try:
+        return tuple(parse(spec) for spec in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def matrix_tiles_arg(text: str) -> Any:
     """``--matrix-tiles`` (comma-separated MatrixTile specs) as a tuple of tiles."""
     sys.path.insert(0, str(ROOT))
     from mlcweb_passes.webgpu.matrix_gemm import MatrixTile
 
-    try:
-        return tuple(MatrixTile.parse(spec) for spec in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return _tiles_arg(text, MatrixTile.parse)
 
 
 def flash_tiles_arg(text: str) -> Any:
@@ -116,10 +121,7 @@ def flash_tiles_arg(text: str) -> Any:
     sys.path.insert(0, str(ROOT))
     from mlcweb_passes.webgpu.flash_attention import WebGPUFlashTile
 
-    try:
-        return tuple(WebGPUFlashTile.parse(spec) for spec in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return _tiles_arg(text, WebGPUFlashTile.parse)
 
 
 def matrix_table_arg(text: str) -> Any:
