@@ -43,6 +43,7 @@ from .rewrites.finite_literals import FiniteFloatLiterals
 from .rewrites.float16_norm_inputs import Float16NormInputs
 from .rewrites.float16_residuals import Float16Residuals
 from .rewrites.fold_bool_identities import FoldBoolIdentities
+from .rewrites.fold_linear_reshapes import FoldLinearReshapes
 from .rewrites.fold_pad_into_conv import FoldPadIntoConv
 from .rewrites.fuse_ops import FuseOperators, count_kernels
 from .rewrites.fuse_softmax import FuseSoftmax
@@ -79,6 +80,7 @@ __all__ = [
     "Float16NormInputs",
     "Float16Residuals",
     "FoldBoolIdentities",
+    "FoldLinearReshapes",
     "FoldPadIntoConv",
     "FunctionMemory",
     "FunctionNameClashError",

@@ -58,6 +58,7 @@ from .rewrites.conv_layout import ConvLayout
 from .rewrites.drop_softmax_guard import DropSoftmaxGuard
 from .rewrites.finite_literals import FiniteFloatLiterals
 from .rewrites.fold_bool_identities import FoldBoolIdentities
+from .rewrites.fold_linear_reshapes import FoldLinearReshapes
 from .rewrites.fold_pad_into_conv import FoldPadIntoConv
 from .rewrites.fuse_ops import FuseOperators
 from .rewrites.fuse_softmax import FuseSoftmax
@@ -190,7 +191,7 @@ def _sequential(name: str, passes: Sequence[tvm.transform.Pass]) -> tvm.transfor
 def weight_phase(
     target: Target, options: PipelineOptions, extra: Sequence[tvm.transform.Pass] = ()
 ) -> tvm.transform.Sequential:
-    passes: list[tvm.transform.Pass] = []
+    passes: list[tvm.transform.Pass] = [FoldLinearReshapes()]
     if options.dtype == "float16":
         passes.append(MixedPrecision("float32"))
     nhwc = conv_layout(target, options) == "NHWC"

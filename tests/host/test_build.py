@@ -219,10 +219,16 @@ def test_weight_layout_passes_follow_the_target(host: PluginHost) -> None:
         phases = build_phases(host, resolve(host, "tiny-bert", opts, link=False))
         return [p.info.name for p in phases["weights"].passes]
 
-    assert names("llvm") == []
-    assert names("llvm", dtype="float16") == ["mlcweb.MixedPrecision"]
+    assert names("llvm") == ["mlcweb.FoldLinearReshapes"]
+    assert names("llvm", dtype="float16") == ["mlcweb.FoldLinearReshapes", "mlcweb.MixedPrecision"]
     cuda = names("cuda", dtype="float16")
-    assert cuda == ["mlcweb.MixedPrecision", "mlcweb.ConvLayout", "mlcweb.LinearWeightLayout", "mlcweb.SplitKConv"]
+    assert cuda == [
+        "mlcweb.FoldLinearReshapes",
+        "mlcweb.MixedPrecision",
+        "mlcweb.ConvLayout",
+        "mlcweb.LinearWeightLayout",
+        "mlcweb.SplitKConv",
+    ]
     # NHWC asked for on the CPU: the layouts, but no split-K (its tiles are CUDA's)
     cpu_nhwc = names("llvm", dtype="float16", conv_layout="NHWC")
     assert "mlcweb.ConvLayout" in cpu_nhwc and "mlcweb.SplitKConv" not in cpu_nhwc

@@ -68,6 +68,7 @@ def test_phases_in_order_each_pass_once() -> None:
     phases = mp.phases(cuda, mp.PipelineOptions(dtype="float16", gpu=H100))
     assert list(phases) == list(mp.PHASES)
     assert _names(phases["weights"]) == [
+        "mlcweb.FoldLinearReshapes",
         "mlcweb.MixedPrecision",
         "mlcweb.ConvLayout",
         "mlcweb.LinearWeightLayout",
@@ -87,7 +88,7 @@ def test_phases_in_order_each_pass_once() -> None:
 
 def test_phases_follow_the_target_and_options() -> None:
     llvm = mp.phases("llvm")
-    assert _names(llvm["weights"]) == [] and _names(llvm["kernels"]) == []
+    assert _names(llvm["weights"]) == ["mlcweb.FoldLinearReshapes"] and _names(llvm["kernels"]) == []
     webgpu = _names(mp.phases({"kind": "webgpu"})["graph"])
     # the portable flash kernel first, then chunks for the attention it does not take
     assert "mlcweb.Int32Tensors" in webgpu and webgpu[-2:] == ["mlcweb.FlashAttention", "mlcweb.ChunkAttentionRows"]
@@ -98,7 +99,7 @@ def test_phases_follow_the_target_and_options() -> None:
     off = mp.phases(cuda, mp.PipelineOptions(dtype="float16", split_k=False, wgmma=False, gpu=H100))
     assert "mlcweb.SplitKConv" not in _names(off["weights"]) and _names(off["kernels"]) == []
     nchw = mp.phases(cuda, mp.PipelineOptions(dtype="float16", conv_layout="NCHW", gpu=H100))
-    assert _names(nchw["weights"]) == ["mlcweb.MixedPrecision"]
+    assert _names(nchw["weights"]) == ["mlcweb.FoldLinearReshapes", "mlcweb.MixedPrecision"]
 
 
 def test_tir_pipeline_adds_vector_loads_on_webgpu_only() -> None:

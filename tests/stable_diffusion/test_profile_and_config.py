@@ -57,6 +57,7 @@ def test_the_plugin_adds_its_rewrites_to_the_weights_phase_where_they_pay() -> N
 
     sm90 = weights(target="cuda", arch="sm_90", dtype="float16")
     assert sm90 == [
+        "mlcweb.FoldLinearReshapes",
         "mlcweb.MixedPrecision",
         "mlcweb.ConvLayout",
         "mlcweb.LinearWeightLayout",
@@ -68,11 +69,12 @@ def test_the_plugin_adds_its_rewrites_to_the_weights_phase_where_they_pay() -> N
     ]
     sm80 = weights(target="cuda", arch="sm_80", dtype="float16")
     assert "mlcweb.Float16Residuals" in sm80 and "mlcweb.GegluPairs" not in sm80
-    assert weights(target="llvm") == []
+    assert weights(target="llvm") == ["mlcweb.FoldLinearReshapes"]
     # webgpu convolutions are channels last in both dtypes; only the float16 build rounds to float16
     assert "mlcweb.Float16Residuals" in weights(target="webgpu", dtype="float16")
     # webgpu merges each attention's projections for its flash-attention kernel to read in place
     assert weights(target="webgpu", dtype="float32") == [
+        "mlcweb.FoldLinearReshapes",
         "mlcweb.ConvLayout",
         "mlcweb.LinearWeightLayout",
         "mlcweb.MergeProjections",
