@@ -75,7 +75,8 @@ class ChannelsLastNorm(dl.ScheduleRule):
         # 4 does not), so the normalising kernel reads one group's statistics per thread.
         vector = self.vector if group_size % self.vector == 0 else 1
         # Channels wider than the target's threads (WebGPU's 256 against SD's 640- and 960-channel
-        # levels) give each thread `runs` of `vector` channels, `tx` runs apart.
+        # levels) are cut into `runs` of `tx` threads: a partial-sum block per run of groups, each
+        # normalising thread `vector` channels of every run.
         runs = _runs(channels // vector, self.gpu.max_threads)
         if pixels < self.min_pixels or runs is None:
             return None
@@ -188,9 +189,9 @@ class ChannelsLastNorm(dl.ScheduleRule):
 
 
 def _runs(lanes: int, max_threads: int) -> int | None:
-    """The fewest runs a thread takes so that ``lanes`` split into runs of at most ``max_threads`` threads
-    (a divisor of ``lanes``), None where only runs of one lane fit (thousands of channels: not a group norm
-    this rule serves)."""
+    """The fewest runs (at most 8, a divisor of ``lanes``) that cut ``lanes`` threads' worth of channels
+    into runs of at most ``max_threads``, or None (thousands of channels: not a group norm this rule
+    serves)."""
     for runs in range(1, min(lanes, 8) + 1):
         if lanes % runs == 0 and lanes // runs <= max_threads:
             return runs

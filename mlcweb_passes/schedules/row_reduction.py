@@ -14,8 +14,8 @@ thread blocks to the loops the two share: the batch axis, so 2 thread blocks do 
 With ``fuse_below``, rows up to that length keep the consumer in the reduction's kernel instead (a
 thread block per row reduces, then normalises the same elements from L1): one launch, not two. That
 is faster up to 10240-element rows and slower beyond (``benchmarks/group_norm.py``; the numbers are in
-benchmarks/README.md), so the default rules use 10240. CUDA and WebGPU builds take it (other GPU
-targets keep two kernels: not measured there).
+benchmarks/README.md), so the default rules use 10240. CUDA and WebGPU builds take it (WebGPU for the
+dispatch it saves; not yet timed there), other GPU targets keep two kernels.
 
 It applies only where dlight's rules do badly: one reduction block with at most ``max_rows`` rows of at
 least ``min_row_length`` elements, reading one tensor (so it is not a matmul), with only spatial blocks
@@ -75,7 +75,7 @@ class RowReduction(dl.ScheduleRule):
         if rows > self.max_rows or length < self.min_row_length or len(inputs) != 1:
             return None
 
-        if length <= self.fuse_below and target.kind.name in ("cuda", "webgpu"):  # measured on both
+        if length <= self.fuse_below and target.kind.name in ("cuda", "webgpu"):  # measured on CUDA
             fused = self._one_kernel(func)
             if fused is not None:
                 return fused
