@@ -64,7 +64,7 @@ class VectorElementwise(dl.ScheduleRule):
         total = reduce(lambda a, b: a * b, sizes, 1)
         if sizes[-1] % self.vector or total < self.min_elements or total % (self.vector * threads):
             return None
-        if not _writes_along(sch.get(block), sch.get(loops[-1]).loop_var) or not _vectorises(sch.get(block)):
+        if not _writes_along(sch.get(block)) or not _vectorises(sch.get(block)):
             return None
         try:
             outer, vec = sch.split(loops[-1], factors=[None, self.vector])
@@ -77,13 +77,13 @@ class VectorElementwise(dl.ScheduleRule):
         return sch
 
 
-def _writes_along(block: tirx.SBlock, inner: tirx.Var) -> bool:
-    """Whether ``block`` stores once, its last index the variable of the innermost loop ``inner`` (the
-    normalised block's last iteration variable): adjacent invocations' vectors are adjacent in memory."""
+def _writes_along(block: tirx.SBlock) -> bool:
+    """Whether ``block`` stores once, its last index its last iteration variable (the innermost loop's,
+    in dlight's normalised form): adjacent invocations' vectors are adjacent in memory."""
     if len(block.writes) != 1 or not isinstance(block.body, tirx.BufferStore):
         return False
     last = block.body.indices[-1]
-    return isinstance(last, tirx.Var) and block.iter_vars[-1].var.same_as(last) and inner is not None
+    return isinstance(last, tirx.Var) and block.iter_vars[-1].var.same_as(last)
 
 
 def _vectorises(block: tirx.SBlock) -> bool:
