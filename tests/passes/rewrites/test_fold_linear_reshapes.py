@@ -42,6 +42,24 @@ class Shared:
         return out
 
 
+@I.ir_module
+class Plain:
+    """A matmul with no output dtype, its bias second, the residual first: still folded."""
+
+    @R.function
+    def main(
+        x: R.Tensor((2, 8, 16), "float32"), w: R.Tensor((16, 16), "float32"), b: R.Tensor((16,), "float32")
+    ) -> R.Tensor((2, 8, 16), "float32"):
+        with R.dataflow():
+            flat = R.reshape(x, R.shape([16, 16]))
+            y = R.matmul(flat, w)
+            z = R.add(y, b)
+            back = R.reshape(z, R.shape([2, 8, 16]))
+            out = R.add(x, back)
+            R.output(out)
+        return out
+
+
 def _imported() -> tuple[torch.nn.Module, torch.Tensor, tvm.IRModule, list[np.ndarray]]:
     torch.manual_seed(0)
     block = FeedForwardBlock().eval()
@@ -77,3 +95,12 @@ def test_the_residual_add_is_the_gemms_epilogue() -> None:
 
 def test_a_gemm_with_another_use_is_left() -> None:
     assert tvm_ffi.structural_equal(mp.FoldLinearReshapes()(Shared), Shared)
+
+
+def test_any_operand_order_and_a_matmul_without_an_output_dtype_fold() -> None:
+    after = mp.FoldLinearReshapes()(Plain)
+    assert op_names(after) == ["relax.matmul", "relax.add", "relax.add"]
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(shape).astype(np.float32) for shape in ((2, 8, 16), (16, 16), (16,)))
+    got = as_numpy(build(after)["main"](*to_tvm(x, w, b)))[0]
+    np.testing.assert_array_equal(got, as_numpy(build(Plain)["main"](*to_tvm(x, w, b)))[0])
