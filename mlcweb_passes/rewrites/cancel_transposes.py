@@ -67,22 +67,16 @@ class _Cancel(FunctionMutator):
         call = super().visit_call_(op)
         if op_name(call) != "relax.permute_dims" or self.bindings is None:
             return call
-        casts: list[str] = []
-        value = self.bindings.value(call.args[0])
-        while op_name(value) == "relax.astype":
-            casts.append(str(value.attrs.dtype))
-            value = self.bindings.value(value.args[0])
+        inside, casts = self._casts(call.args[0])
+        value = self.bindings.value(inside)
         if op_name(value) != "relax.permute_dims":
             return call
         outer, inner = _axes(call), _axes(value)
         if outer is None or inner is None or any(inner[q] != i for i, q in enumerate(outer)):
             return call
-        source, casts = value.args[0], casts[::-1]
+        source = value.args[0]
         # casts before the first transpose may make a round trip with those after the second
-        root, before = source, list[str]()
-        while op_name(self.bindings.value(root)) == "relax.astype":
-            before.insert(0, str(self.bindings.value(root).attrs.dtype))
-            root = self.bindings.value(root).args[0]
+        root, before = self._casts(source)
         from_root = _without_round_trips(str(root.ty.dtype), before + casts)
         from_source = _without_round_trips(str(source.ty.dtype), casts)
         result: Any = root if len(from_root) <= len(from_source) else source
@@ -90,6 +84,16 @@ class _Cancel(FunctionMutator):
             result = self.builder_.emit(relax.op.astype(result, dtype))
         self.rewritten += 1
         return result
+
+    def _casts(self, expr: Any) -> tuple[Any, list[str]]:
+        """``(what expr casts, the dtypes of its chain of astype in the order they apply)``."""
+        assert self.bindings is not None
+        dtypes: list[str] = []
+        value = self.bindings.value(expr)
+        while op_name(value) == "relax.astype":
+            dtypes.insert(0, str(value.attrs.dtype))
+            expr, value = value.args[0], self.bindings.value(value.args[0])
+        return expr, dtypes
 
 
 @tvm.transform.module_pass(opt_level=0, name="mlcweb.CancelTransposes")

@@ -74,10 +74,7 @@ class _Fold(FunctionMutator):
         shape = static_shape(tokens.ty.shape)
         if shape is None or shape[:-1] != want[:-1] or len(static_shape(lhs.ty.shape) or []) != 2:
             return None
-        out_dtype = value.attrs.out_dtype  # None (or void) where the matmul left it to its inputs
-        unset = out_dtype is None or str(out_dtype) in ("", "void")
-        product = relax.op.matmul(tokens, weight, out_dtype=None if unset else out_dtype)
-        result: relax.Expr = self.builder_.emit(product)
+        result: relax.Expr = self.builder_.emit(relax.Call(value.op, [tokens, weight], value.attrs))
         if bias is not None:
             result = self.builder_.emit(relax.op.add(bias, result) if bias_first else relax.op.add(result, bias))
         return result
